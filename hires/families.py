@@ -1,0 +1,218 @@
+"""Facts about the supported model families: data, not logic.
+
+A `Family` says how to recognise a pipeline and where to read its facts; `ModelInfo` is those facts
+read from one pipeline's own model configs (base size, latent factor, patch size, prediction type),
+never assumed from the family's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    # diffusers pipeline classes (by name) of this family; subclasses are recognised too.
+    pipeline_classes: tuple[str, ...]
+    denoiser_attr: str  # "unet" or "transformer"
+    architecture: str  # "unet" or "dit"
+    # Where the base latent side is read: ("denoiser_config", "sample_size") or ("pipeline", "default_sample_size").
+    base_size_source: tuple[str, str]
+    # Patch side in latent pixels: an int, or the denoiser config key that holds it.
+    patch_size: int | str
+    # "scheduler" (eps / v from scheduler.config.prediction_type) or "flow" (velocity).
+    prediction_source: str
+    # How the denoiser receives latents: "spatial" (B, C, h, w) or "packed" (B, h/2*w/2, 4C) with img_ids.
+    latent_layout: str
+    # The denoiser gets `timestep * timestep_input_scale` for a scheduler timestep (Flux divides by 1000).
+    timestep_input_scale: float
+    # How image positions are encoded: "none", "sincos_interpolated", "sincos_cropped_table", "rope".
+    position_encoding: str
+    # Extra recognition rule on the denoiser config (sd15 vs sd21 share pipeline classes).
+    denoiser_config_match: tuple[tuple[str, Any], ...] = ()
+
+
+_SD_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionControlNetImg2ImgPipeline",
+)
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="sd15",
+        pipeline_classes=_SD_PIPELINES,
+        denoiser_attr="unet",
+        architecture="unet",
+        base_size_source=("denoiser_config", "sample_size"),
+        patch_size=1,
+        prediction_source="scheduler",
+        latent_layout="spatial",
+        timestep_input_scale=1.0,
+        position_encoding="none",
+        denoiser_config_match=(("use_linear_projection", False),),
+    ),
+    # SD 2.x UNets use linear projections in their transformer blocks; SD 1.x use 1x1 convs.
+    Family(
+        name="sd21",
+        pipeline_classes=_SD_PIPELINES,
+        denoiser_attr="unet",
+        architecture="unet",
+        base_size_source=("denoiser_config", "sample_size"),
+        patch_size=1,
+        prediction_source="scheduler",
+        latent_layout="spatial",
+        timestep_input_scale=1.0,
+        position_encoding="none",
+        denoiser_config_match=(("use_linear_projection", True),),
+    ),
+    Family(
+        name="sdxl",
+        pipeline_classes=(
+            "StableDiffusionXLPipeline",
+            "StableDiffusionXLImg2ImgPipeline",
+            "StableDiffusionXLControlNetPipeline",
+            "StableDiffusionXLControlNetImg2ImgPipeline",
+        ),
+        denoiser_attr="unet",
+        architecture="unet",
+        base_size_source=("denoiser_config", "sample_size"),
+        patch_size=1,
+        prediction_source="scheduler",
+        latent_layout="spatial",
+        timestep_input_scale=1.0,
+        position_encoding="none",
+    ),
+    Family(
+        name="pixart",
+        pipeline_classes=("PixArtSigmaPipeline",),
+        denoiser_attr="transformer",
+        architecture="dit",
+        base_size_source=("denoiser_config", "sample_size"),
+        patch_size="patch_size",
+        prediction_source="scheduler",
+        latent_layout="spatial",
+        timestep_input_scale=1.0,
+        position_encoding="sincos_interpolated",
+    ),
+    Family(
+        name="sd3",
+        pipeline_classes=(
+            "StableDiffusion3Pipeline",
+            "StableDiffusion3Img2ImgPipeline",
+            "StableDiffusion3ControlNetPipeline",
+        ),
+        denoiser_attr="transformer",
+        architecture="dit",
+        base_size_source=("denoiser_config", "sample_size"),
+        patch_size="patch_size",
+        prediction_source="flow",
+        latent_layout="spatial",
+        timestep_input_scale=1.0,
+        position_encoding="sincos_cropped_table",
+    ),
+    # Flux's transformer config has no image size; the pipeline's default_sample_size is what
+    # diffusers itself uses. Latents are packed 2x2 by the pipeline, hence patch 2.
+    Family(
+        name="flux",
+        pipeline_classes=(
+            "FluxPipeline",
+            "FluxImg2ImgPipeline",
+            "FluxControlNetPipeline",
+            "FluxControlNetImg2ImgPipeline",
+        ),
+        denoiser_attr="transformer",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        patch_size=2,
+        prediction_source="flow",
+        latent_layout="packed",
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope",
+    ),
+)
+
+SUPPORTED_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.pipeline_classes))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """A family plus the facts read from one pipeline's configs."""
+
+    family: Family
+    base_height: int  # pixels
+    base_width: int
+    latent_factor: int  # VAE downsampling
+    patch_size: int  # latent pixels per token side (1 for UNets)
+    prediction_type: str  # "epsilon", "v_prediction" or "flow"
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def size_multiple(self) -> int:
+        """Requested heights and widths must be multiples of this (pixels)."""
+        return self.latent_factor * self.patch_size
+
+    @property
+    def base_tokens(self) -> int:
+        """Image tokens (latent pixels for UNets) at the base size."""
+        unit = self.size_multiple
+        return (self.base_height // unit) * (self.base_width // unit)
+
+
+def _pipeline_class_names(pipe) -> set[str]:
+    return {cls.__name__ for cls in type(pipe).__mro__ if cls.__module__.startswith("diffusers")}
+
+
+def _config_value(config, key: str):
+    return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+
+def detect_family(pipe) -> Family:
+    """The family of `pipe`; any other pipeline raises `TypeError` listing the supported classes."""
+    names = _pipeline_class_names(pipe)
+    candidates = [f for f in FAMILIES if names & set(f.pipeline_classes)]
+    for family in candidates:
+        denoiser = getattr(pipe, family.denoiser_attr, None)
+        if denoiser is None:
+            continue
+        if all(bool(_config_value(denoiser.config, k)) == v for k, v in family.denoiser_config_match):
+            return family
+    raise TypeError(
+        f"pipe={type(pipe).__name__} is not supported by hires; supported pipeline classes (and their "
+        f"subclasses): {', '.join(SUPPORTED_PIPELINES)}"
+    )
+
+
+def read_model_info(pipe) -> ModelInfo:
+    family = detect_family(pipe)
+    denoiser = getattr(pipe, family.denoiser_attr)
+    latent_factor = int(pipe.vae_scale_factor)
+
+    source, key = family.base_size_source
+    side = _config_value(denoiser.config, key) if source == "denoiser_config" else getattr(pipe, key)
+    if side is None:
+        raise ValueError(f"cannot read the base size of {type(pipe).__name__}: {source}.{key} is not set")
+    base_h, base_w = (side, side) if isinstance(side, int) else tuple(side)
+
+    patch = family.patch_size
+    patch = int(_config_value(denoiser.config, patch)) if isinstance(patch, str) else patch
+
+    if family.prediction_source == "flow":
+        prediction = "flow"
+    else:
+        prediction = _config_value(pipe.scheduler.config, "prediction_type") or "epsilon"
+
+    return ModelInfo(
+        family=family,
+        base_height=int(base_h) * latent_factor,
+        base_width=int(base_w) * latent_factor,
+        latent_factor=latent_factor,
+        patch_size=patch,
+        prediction_type=prediction,
+    )

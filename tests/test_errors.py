@@ -1,0 +1,43 @@
+"""Bad input gets an error naming the parameter, the value and what would work."""
+
+import pytest
+
+import hires
+from tiny_models import build, generate
+
+
+@pytest.mark.parametrize(
+    "family, size, message",
+    [
+        ("sd15", (100, 64), r"height=100 is not a multiple of 8.*use 96 or 104"),
+        ("sdxl", (64, 60), r"width=60 is not a multiple of 8.*use 56 or 64"),
+        ("flux", (64, 72), r"width=72 is not a multiple of 16.*flux.*use 64 or 80"),
+        ("sd3", (88, 64), r"height=88 is not a multiple of 16.*sd3.*use 80 or 96"),
+        ("pixart", (64, 40), r"width=40 is not a multiple of 16.*pixart.*use 32 or 48"),
+        ("sd21", (-64, 64), r"height=-64 must be positive"),
+    ],
+)
+def test_sizes_the_family_cannot_do(family, size, message):
+    pipe = hires.apply(build(family))
+    with pytest.raises(ValueError, match=message):
+        generate(pipe, family, size)
+
+
+def test_unknown_call_arguments_are_errors_even_where_the_pipeline_swallows_them():
+    pipe = hires.apply(build("pixart"))
+    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) callback_on_step_end=.*valid arguments are:.*callback"):
+        generate(pipe, "pixart", 64, callback_on_step_end=lambda *a: {})
+    pipe = hires.apply(build("sd15"))
+    with pytest.raises(TypeError, match="sharpness_factor"):
+        generate(pipe, "sd15", 64, sharpness_factor=1.0)
+
+
+def test_unknown_config_options_and_wrong_config_types():
+    with pytest.raises(TypeError, match=r"unknown option HiresConfig\.sharpness_factor=1.0"):
+        hires.HiresConfig.from_dict({"sharpness_factor": 1.0})
+    with pytest.raises(TypeError, match="must be a mapping"):
+        hires.HiresConfig.from_dict([("a", 1)])
+    with pytest.raises(TypeError, match=r"config='fast' must be a hires.HiresConfig"):
+        hires.apply(build("sd15"), "fast")
+    with pytest.raises(TypeError):
+        hires.HiresConfig(sharpness_factor=1.0)

@@ -1,0 +1,322 @@
+"""Tiny pipelines of every supported family, built from configs in code with random weights.
+
+Each one has the real classes of its family (UNet / DiT, VAE with latent factor 8, CLIP and T5 text
+encoders, a word-level tokenizer built in code) at a size that generates 64-128 px in well under a
+second on a CPU. Base sizes are 64 px (latent 8x8) so 2x and 4x runs stay cheap.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
+
+WORDS = "a an the red green blue yellow circle square triangle photo of on white black background big small cat dog".split()
+BASE_LATENT = 8  # latent side at the base size; x8 VAE factor -> 64 px
+TEXT_LEN = 16
+
+
+def make_tokenizer(max_length: int = TEXT_LEN) -> PreTrainedTokenizerFast:
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=max_length,
+    )
+
+
+def _clip_config(hidden: int, projection: int = 0) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(WORDS) + 4,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=TEXT_LEN,
+        projection_dim=projection or hidden,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
+
+
+def make_clip(hidden: int = 32, with_projection: bool = False, projection: int = 0):
+    config = _clip_config(hidden, projection)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def make_t5(d_model: int = 32) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=len(WORDS) + 4,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=3,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def make_vae(latent_channels: int = 4, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=BASE_LATENT * 8,
+        **extra,
+    ).eval()
+
+
+def _unet(linear_projection: bool, cross_dim: int, **extra):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=BASE_LATENT,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_dim,
+        attention_head_dim=(2, 4) if linear_projection else 8,
+        use_linear_projection=linear_projection,
+        norm_num_groups=8,
+        **extra,
+    ).eval()
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def sd_pipeline(linear_projection: bool = False, prediction_type: str = "epsilon"):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    _seed(0)
+    return StableDiffusionPipeline(
+        vae=make_vae(),
+        text_encoder=make_clip(32),
+        tokenizer=make_tokenizer(),
+        unet=_unet(linear_projection, 32),
+        scheduler=DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type=prediction_type,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def sdxl_pipeline():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    _seed(0)
+    time_dim = 8
+    unet = _unet(
+        True,
+        64,  # text_encoder (32) + text_encoder_2 (32) hidden states concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + 32,
+        transformer_layers_per_block=(1, 2),
+    )
+    return StableDiffusionXLPipeline(
+        vae=make_vae(),
+        text_encoder=make_clip(32),
+        text_encoder_2=make_clip(32, with_projection=True),
+        tokenizer=make_tokenizer(),
+        tokenizer_2=make_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading"
+        ),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def pixart_pipeline():
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    _seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=BASE_LATENT,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=32,
+        in_channels=4,
+        out_channels=8,  # learned sigma
+        cross_attention_dim=16,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    ).eval()
+    return PixArtSigmaPipeline(
+        tokenizer=make_tokenizer(),
+        text_encoder=make_t5(32),
+        vae=make_vae(),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    )
+
+
+def sd3_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    _seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=BASE_LATENT,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5 width; the two CLIPs (16 + 16) are padded to it
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        out_channels=4,
+        # Like SD3's 192 for a 128 base: 1.5x the base grid, so 4x-side requests exceed the table.
+        pos_embed_max_size=BASE_LATENT * 3 // 2,
+    ).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=make_vae(shift_factor=0.0609, scaling_factor=1.5035),
+        text_encoder=make_clip(16, with_projection=True),
+        tokenizer=make_tokenizer(),
+        text_encoder_2=make_clip(16, with_projection=True),
+        tokenizer_2=make_tokenizer(),
+        text_encoder_3=make_t5(32),
+        tokenizer_3=make_tokenizer(),
+    )
+
+
+def flux_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    _seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=1.15
+        ),
+        vae=make_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=make_clip(32),
+        tokenizer=make_tokenizer(),
+        text_encoder_2=make_t5(32),
+        tokenizer_2=make_tokenizer(),
+        transformer=transformer,
+    )
+    # FluxPipeline hard-codes 128 (1024 px); this tiny model's base is 64 px.
+    pipe.default_sample_size = BASE_LATENT
+    return pipe
+
+
+BUILDERS = {
+    "sd15": lambda: sd_pipeline(linear_projection=False),
+    "sd21": lambda: sd_pipeline(linear_projection=True, prediction_type="v_prediction"),
+    "sdxl": sdxl_pipeline,
+    "pixart": pixart_pipeline,
+    "sd3": sd3_pipeline,
+    "flux": flux_pipeline,
+}
+
+# Call arguments each family needs on top of prompt/size/steps (text lengths kept tiny).
+CALL_KWARGS = {
+    "sd15": {"guidance_scale": 5.0},
+    "sd21": {"guidance_scale": 5.0},
+    "sdxl": {"guidance_scale": 5.0},
+    "pixart": {"guidance_scale": 4.5, "use_resolution_binning": False, "max_sequence_length": TEXT_LEN},
+    "sd3": {"guidance_scale": 5.0, "max_sequence_length": TEXT_LEN},
+    "flux": {"guidance_scale": 3.5, "max_sequence_length": TEXT_LEN},
+}
+
+FAMILY_NAMES = tuple(BUILDERS)
+
+
+def build(family: str):
+    pipe = BUILDERS[family]()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, family: str, size: int | tuple[int, int] = 64, steps: int = 3, seed: int = 0, **overrides):
+    """Run `pipe` once and return the latent output (deterministic for a seed)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    kwargs = dict(CALL_KWARGS[family])
+    kwargs.update(overrides)
+    bind = kwargs.pop("_bind", None)
+    if bind is not None:
+        bind["pipe"] = pipe
+    return pipe(
+        "a red circle",
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        output_type="pt",
+        **kwargs,
+    ).images
+
+
+def step_callback(family: str, fn) -> dict:
+    """Call arguments that run `fn(pipe, step)` after every step (PixArt-Sigma has the legacy API)."""
+    if family == "pixart":
+        pipe_ref = {}
+
+        def legacy(step, timestep, latents):
+            fn(pipe_ref["pipe"], step)
+
+        return {"callback": legacy, "callback_steps": 1, "_bind": pipe_ref}
+
+    def modern(pipe, step, timestep, kwargs):
+        fn(pipe, step)
+        return {}
+
+    return {"callback_on_step_end": modern}
