@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Mapping
+import math
+from typing import Any, ClassVar, Mapping
 
 
 def closest_names(name: str, valid: list[str] | tuple[str, ...], n: int = 3) -> str:
@@ -42,8 +43,26 @@ class HiresConfig:
 
     The default turns every technique off: `hires.apply(pipe, HiresConfig())` only validates
     requested sizes and records the per-call state, and the pipeline's output is bit-identical
-    to plain diffusers.
+    to plain diffusers. Installers run in field order.
     """
+
+    redilation: RedilationConfig = dataclasses.field(default_factory=lambda: RedilationConfig())
+    entropy_scaling: EntropyScalingConfig = dataclasses.field(default_factory=lambda: EntropyScalingConfig())
+    window_attention: WindowAttentionConfig = dataclasses.field(default_factory=lambda: WindowAttentionConfig())
+    attention_backend: AttentionBackendConfig = dataclasses.field(default_factory=lambda: AttentionBackendConfig())
+    apg: APGConfig = dataclasses.field(default_factory=lambda: APGConfig())
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            expected = _SUBCONFIG_TYPES[f.type]
+            value = getattr(self, f.name)
+            if not isinstance(value, expected):
+                raise TypeError(f"HiresConfig.{f.name}={value!r} must be a hires.{expected.__name__}")
+
+    def enabled_subconfigs(self) -> list:
+        """Enabled technique sub-configs, in field order (the order their installers run)."""
+        subs = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return [sub for sub in subs if getattr(sub, "enabled", False)]
 
     def enabled_techniques(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self) if getattr(getattr(self, f.name), "enabled", False)]
@@ -69,6 +88,189 @@ class HiresConfig:
 
 # Type names of sub-config fields (as written in annotations) -> class, for `from_dict`.
 _SUBCONFIG_TYPES: dict[str, type] = {}
+
+
+def _choice(owner: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+def _fraction(owner: str, name: str, value: Any, low_open: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0 < value <= 1 if low_open else 0 <= value <= 1)
+    if not ok:
+        raise ValueError(f"{owner}.{name}={value!r} must be a fraction of the schedule in {'(0, 1]' if low_open else '[0, 1]'}")
+
+
+def _step_range(owner: str, start: float, stop: float) -> None:
+    _fraction(owner, "start", start)
+    _fraction(owner, "stop", stop)
+    if start >= stop:
+        raise ValueError(f"{owner}.start={start} must be below {owner}.stop={stop} (fractions of the schedule)")
+
+
+def _factor_map(owner: str, name: str, value: Any, minimum: float) -> tuple[tuple[str, float], ...] | None:
+    """Accept a dict or pairs of module name -> factor; store as sorted pairs (hashable, frozen)."""
+    if value is None:
+        return None
+    items = value.items() if isinstance(value, Mapping) else value
+    pairs = []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(f"{owner}.{name} must map module names to factors, got item {item!r}")
+        module, factor = item
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= minimum:
+            raise ValueError(f"{owner}.{name}[{module!r}]={factor!r} must be a number >= {minimum}")
+        pairs.append((module, float(factor)))
+    return tuple(sorted(pairs))
+
+
+def _require_unet(owner: str, info, instead: str) -> None:
+    if info.family.architecture != "unet":
+        raise ValueError(
+            f"{owner} acts on UNet convolutions; family {info.name!r} is a diffusion transformer "
+            f"without them. For {info.name!r} use {instead}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RedilationConfig:
+    """Re-dilated / dispersed convolutions and noise-damped guidance (ScaleCrafter), UNets only.
+
+    `None` fields take the family's preset for the requested size (see hires.techniques.redilation).
+    """
+
+    installer: ClassVar[str] = "hires.techniques.redilation:install"
+    enabled: bool = False
+    # module name (or block prefix such as "mid_block") -> dilation factor (fractional allowed, >= 1)
+    dilations: Any = None
+    # dilation is active while the step's fraction of the schedule is below this...
+    stop_fraction: float | None = None
+    # ...or, instead, while the scheduler timestep is at least this (give one or the other)
+    min_timestep: float | None = None
+    progressive: bool | None = None  # decay the factor over the active steps, never below 2
+    # dispersed convolution: 3x3 kernels mapped to 5x5 by the least-squares map, on these modules
+    dispersion_modules: tuple[str, ...] | None = None
+    dispersion_stop_fraction: float | None = None
+    dispersion_eta: float = 0.05  # weight of the pixel-level term
+    # noise-damped guidance: weak-dilation uncond + w * (strong cond - strong uncond)
+    noise_damped_guidance: bool | None = None
+    ndcfg_dilations: Any = None
+    ndcfg_stop_fraction: float | None = None
+
+    def __post_init__(self):
+        owner = "RedilationConfig"
+        object.__setattr__(self, "dilations", _factor_map(owner, "dilations", self.dilations, 1.0))
+        object.__setattr__(self, "ndcfg_dilations", _factor_map(owner, "ndcfg_dilations", self.ndcfg_dilations, 1.0))
+        _fraction(owner, "stop_fraction", self.stop_fraction, low_open=True)
+        _fraction(owner, "dispersion_stop_fraction", self.dispersion_stop_fraction)
+        _fraction(owner, "ndcfg_stop_fraction", self.ndcfg_stop_fraction)
+        if self.stop_fraction is not None and self.min_timestep is not None:
+            raise ValueError(
+                f"{owner}: stop_fraction={self.stop_fraction} and min_timestep={self.min_timestep} conflict; "
+                "give one (fraction of the schedule) or the other (timestep threshold)"
+            )
+        if self.dispersion_modules is not None:
+            object.__setattr__(self, "dispersion_modules", tuple(self.dispersion_modules))
+        if not (isinstance(self.dispersion_eta, (int, float)) and self.dispersion_eta >= 0):
+            raise ValueError(f"{owner}.dispersion_eta={self.dispersion_eta!r} must be a number >= 0")
+
+    def validate_for(self, info) -> None:
+        _require_unet("RedilationConfig", info, "EntropyScalingConfig, PositionConfig or progressive structure guidance")
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropyScalingConfig:
+    """Scale each attention layer's softmax temperature by sqrt(ln N / ln T) (Jin et al. 2023).
+
+    N is the layer's key count in this call, T its key count at the base size, both clamped >= 2.
+    """
+
+    installer: ClassVar[str] = "hires.techniques.attention:install_entropy_scaling"
+    enabled: bool = False
+    # "self": image self-attention only (cross-attention keys are text tokens, factor 1); "all": every layer
+    layers: str = "self"
+    # joint text-image attention (SD3, Flux): "exclude" counts image keys only in N and T; "include" counts
+    # the text keys in both
+    text_tokens: str = "exclude"
+
+    def __post_init__(self):
+        _choice("EntropyScalingConfig", "layers", self.layers, ("self", "all"))
+        _choice("EntropyScalingConfig", "text_tokens", self.text_tokens, ("exclude", "include"))
+
+    def validate_for(self, info) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowAttentionConfig:
+    """Image self-attention in windows of the base-size token grid, shifted per step."""
+
+    installer: ClassVar[str] = "hires.techniques.attention:install_window_attention"
+    enabled: bool = False
+    window: int | None = None  # window side in tokens; None: the layer's grid side at the base size
+    shift: bool = True  # shift windows every step by offsets drawn from the call's generator
+
+    def __post_init__(self):
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"WindowAttentionConfig.window={self.window!r} must be a positive int (tokens) or None")
+
+    def validate_for(self, info) -> None:
+        return None
+
+
+ATTENTION_BACKENDS = ("native", "flash", "_native_flash", "_native_efficient", "_native_math", "xformers", "sage", "flex")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackendConfig:
+    """Which attention kernel runs, through diffusers' own attention dispatcher / SDPA backends."""
+
+    installer: ClassVar[str] = "hires.techniques.attention:install_attention_backend"
+    enabled: bool = False
+    backend: str = "native"
+
+    def __post_init__(self):
+        _choice("AttentionBackendConfig", "backend", self.backend, ATTENTION_BACKENDS)
+
+    def validate_for(self, info) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class APGConfig:
+    """Adaptive projected guidance (Sadat et al., ICLR 2025) for pipelines running CFG.
+
+    `None` fields take the family preset (see hires.techniques.apg).
+    """
+
+    installer: ClassVar[str] = "hires.techniques.apg:install"
+    enabled: bool = False
+    eta: float | None = None  # weight of the guidance part parallel to the conditional prediction
+    norm_threshold: float | None = None  # r: the guidance update's norm is clipped to this (math.inf: off)
+    momentum: float | None = None  # beta, negative for the paper's reverse momentum; 0: off
+    space: str = "x0"  # "x0": on the denoised prediction as in the paper; "output": on the raw model output
+    start: float = 0.0  # active for steps whose schedule fraction is in [start, stop)
+    stop: float = 1.0
+
+    def __post_init__(self):
+        owner = "APGConfig"
+        _choice(owner, "space", self.space, ("x0", "output"))
+        _step_range(owner, self.start, self.stop)
+        if self.norm_threshold is not None and not (self.norm_threshold > 0):
+            raise ValueError(f"{owner}.norm_threshold={self.norm_threshold!r} must be > 0 (math.inf turns clipping off)")
+        if self.momentum is not None and not (-1 < self.momentum < 1):
+            raise ValueError(f"{owner}.momentum={self.momentum!r} must be in (-1, 1); the paper uses negative values")
+        if self.eta is not None and not (self.eta >= 0 and math.isfinite(self.eta)):
+            raise ValueError(f"{owner}.eta={self.eta!r} must be a finite number >= 0")
+
+    def validate_for(self, info) -> None:
+        return None
+
+
+for _cls in (RedilationConfig, EntropyScalingConfig, WindowAttentionConfig, AttentionBackendConfig, APGConfig):
+    _SUBCONFIG_TYPES[_cls.__name__] = _cls
 
 
 def validate_size(name: str, value: Any, multiple: int, family_name: str) -> None:

@@ -30,6 +30,11 @@ class Family:
     timestep_input_scale: float
     # How image positions are encoded: "none", "sincos_interpolated", "sincos_cropped_table", "rope".
     position_encoding: str
+    # How the pipeline runs classifier-free guidance: "batched" (one denoiser call on [uncond, cond],
+    # combined as uncond + w*(cond - uncond)) or "separate" (Flux's true CFG: a cond call, then an
+    # uncond call, combined the same way). The scale is the __call__ local named guidance_scale_name.
+    guidance_layout: str = "batched"
+    guidance_scale_name: str = "guidance_scale"
     # Extra recognition rule on the denoiser config (sd15 vs sd21 share pipeline classes).
     denoiser_config_match: tuple[tuple[str, Any], ...] = ()
 
@@ -132,6 +137,9 @@ FAMILIES: tuple[Family, ...] = (
         latent_layout="packed",
         timestep_input_scale=1.0 / 1000.0,
         position_encoding="rope",
+        # FluxPipeline's guidance_scale feeds the distilled guidance embedding; true CFG is separate.
+        guidance_layout="separate",
+        guidance_scale_name="true_cfg_scale",
     ),
 )
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 import sys
+import zlib
 from typing import Any
 
 import torch
@@ -31,7 +33,8 @@ from .families import ModelInfo, read_model_info
 HOOK_PREFIX = "hires."
 CALL_STATE_HOOK = HOOK_PREFIX + "call_state"
 _ATTACHMENT_ATTR = "_hires_attachment"
-_PIPELINE_WRAPPED_METHODS = ("check_inputs", "progress_bar")
+# Values of the pipeline's __call__ that techniques read, as the pipeline resolved them.
+_CALL_LOCALS = ("generator", "guidance_scale", "true_cfg_scale", "do_true_cfg", "num_inference_steps")
 
 
 @dataclasses.dataclass
@@ -44,7 +47,10 @@ class CallState:
     timesteps: torch.Tensor  # the scheduler's timesteps for this call (float64, CPU)
     step_index: int = -1  # index into `timesteps` of the current denoiser call
     steps_seen: list[int] = dataclasses.field(default_factory=list)
-    # Technique-owned per-call values (e.g. guidance momentum), dropped with the call.
+    # The pipeline __call__'s own values of _CALL_LOCALS (those it has), read when the loop starts.
+    call_locals: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Technique-owned per-call values (e.g. guidance momentum), dropped with the call. Keys starting
+    # with "log." are kept in `hires.last_call(pipe).notes` for inspection.
     scratch: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -80,6 +86,29 @@ class CallState:
     def step_fraction(self) -> float:
         """Position of the current step in the schedule: 0 at the first step, 1 past the last."""
         return max(self.step_index, 0) / max(self.num_steps, 1)
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The classifier-free guidance scale the pipeline combines with (None if not running CFG)."""
+        family = self.info.family
+        if family.guidance_layout == "separate" and not self.call_locals.get("do_true_cfg", False):
+            return None
+        scale = self.call_locals.get(family.guidance_scale_name)
+        return None if scale is None or scale <= 1 else float(scale)
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """A generator for `purpose` (e.g. "windows") derived from the call's own generator.
+
+        It is seeded from the call generator's seed without drawing from it, so the pipeline's own
+        random numbers are unchanged and the same seed gives the same image.
+        """
+        call_generator = self.call_locals.get("generator")
+        if isinstance(call_generator, (list, tuple)):
+            call_generator = call_generator[0] if call_generator else None
+        seed = call_generator.initial_seed() if call_generator is not None else torch.initial_seed()
+        derived = torch.Generator("cpu")
+        derived.manual_seed((seed * 1_000_003 + zlib.crc32(purpose.encode())) % (2**63))
+        return derived
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,12 +165,13 @@ class _CallStateHook(ModelHook):
 class _CallScope:
     """Wraps the pipeline's own progress bar: entering starts a call, exiting ends it."""
 
-    def __init__(self, attachment: "Attachment", bar):
+    def __init__(self, attachment: "Attachment", bar, call_locals: dict[str, Any]):
         self.attachment = attachment
         self.bar = bar
+        self.call_locals = call_locals
 
     def __enter__(self):
-        self.attachment.begin_call()
+        self.attachment.begin_call(self.call_locals)
         return self.bar.__enter__()
 
     def __exit__(self, exc_type, exc, tb):
@@ -163,6 +193,7 @@ class Attachment:
         self.last_call: CallRecord | None = None
         self._in_call = False
         self._call_timesteps: torch.Tensor | None = None
+        self._call_locals: dict[str, Any] = {}
         self._hooks: list[_ModuleHookRecord] = []
         self._saved_processors: list[tuple[torch.nn.Module, dict]] = []
         self._saved_pipe_attrs: dict[str, tuple[bool, Any]] = {}
@@ -190,6 +221,10 @@ class Attachment:
         pipe.__dict__[name] = functools.update_wrapper(make_wrapper(original), original)
 
     def attach(self) -> None:
+        for technique in self.config.enabled_subconfigs():
+            module_name, _, function = technique.installer.partition(":")
+            getattr(importlib.import_module(module_name), function)(self, technique)
+        # Registered last, so it is the outermost hook: the state is current before technique hooks run.
         self.add_hook(self.denoiser, _CallStateHook(self), CALL_STATE_HOOK)
         self._wrap_pipe_method("check_inputs", self._make_check_inputs)
         self._wrap_pipe_method("progress_bar", self._make_progress_bar)
@@ -238,15 +273,23 @@ class Attachment:
         return check_inputs
 
     def _make_progress_bar(self, original):
+        call_code = inspect.unwrap(type(self.pipe).__call__).__code__
+
         def progress_bar(iterable=None, total=None):
             bar = original(iterable=iterable, total=total)
-            return bar if iterable is not None else _CallScope(self, bar)
+            if iterable is not None:
+                return bar
+            # The denoising loop of __call__ opens the bar: its frame holds the resolved arguments.
+            caller = sys._getframe(1)
+            values = caller.f_locals if caller.f_code is call_code else {}
+            return _CallScope(self, bar, {k: values[k] for k in _CALL_LOCALS if k in values})
 
         return progress_bar
 
-    def begin_call(self) -> None:
+    def begin_call(self, call_locals: dict[str, Any] | None = None) -> None:
         self._in_call = True
         self.state = None
+        self._call_locals = dict(call_locals or {})
         timesteps = getattr(self.pipe.scheduler, "timesteps", None)
         self._call_timesteps = None if timesteps is None else torch.as_tensor(timesteps).detach().cpu().double()
 
@@ -263,6 +306,7 @@ class Attachment:
         self._in_call = False
         self.state = None
         self._call_timesteps = None
+        self._call_locals = {}
 
     def on_denoiser_call(self, module, args, kwargs) -> None:
         if not self._in_call:
@@ -292,7 +336,7 @@ class Attachment:
         validate_size("height", height, info.size_multiple, info.name)
         validate_size("width", width, info.size_multiple, info.name)
         timesteps = self._call_timesteps if self._call_timesteps is not None else torch.zeros(0, dtype=torch.float64)
-        return CallState(info=info, height=height, width=width, timesteps=timesteps)
+        return CallState(info=info, height=height, width=width, timesteps=timesteps, call_locals=self._call_locals)
 
     def _step_index(self, timestep) -> int:
         t = torch.as_tensor(timestep).detach().flatten()[0].double().cpu() / self.info.family.timestep_input_scale
