@@ -6,13 +6,31 @@
     hires.remove(pipe)  # the pipeline is exactly as before
 """
 
-from .config import HiresConfig
+from .config import (
+    APGConfig,
+    AttentionBackendConfig,
+    EntropyScalingConfig,
+    HiresConfig,
+    MemoryConfig,
+    PositionConfig,
+    RedilationConfig,
+    VAETilingConfig,
+    WindowAttentionConfig,
+)
 from .families import FAMILIES, SUPPORTED_PIPELINES, ModelInfo
 from .runtime import CallRecord, CallState, apply, is_applied, last_call, model_info, remove
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "APGConfig",
+    "AttentionBackendConfig",
+    "EntropyScalingConfig",
+    "MemoryConfig",
+    "PositionConfig",
+    "RedilationConfig",
+    "VAETilingConfig",
+    "WindowAttentionConfig",
     "FAMILIES",
     "SUPPORTED_PIPELINES",
     "CallRecord",

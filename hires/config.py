@@ -51,6 +51,9 @@ class HiresConfig:
     window_attention: WindowAttentionConfig = dataclasses.field(default_factory=lambda: WindowAttentionConfig())
     attention_backend: AttentionBackendConfig = dataclasses.field(default_factory=lambda: AttentionBackendConfig())
     apg: APGConfig = dataclasses.field(default_factory=lambda: APGConfig())
+    positions: PositionConfig = dataclasses.field(default_factory=lambda: PositionConfig())
+    memory: MemoryConfig = dataclasses.field(default_factory=lambda: MemoryConfig())
+    vae_tiling: VAETilingConfig = dataclasses.field(default_factory=lambda: VAETilingConfig())
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -269,7 +272,119 @@ class APGConfig:
         return None
 
 
-for _cls in (RedilationConfig, EntropyScalingConfig, WindowAttentionConfig, AttentionBackendConfig, APGConfig):
+@dataclasses.dataclass(frozen=True)
+class PositionConfig:
+    """Positional extrapolation for diffusion transformers (PixArt-Sigma, SD3, Flux).
+
+    `None` fields take the family default (see hires.techniques.positions).
+    """
+
+    installer: ClassVar[str] = "hires.techniques.positions:install"
+    enabled: bool = False
+    # Flux RoPE: "none" (plain integer positions), "interpolation" (PI), "ntk" (NTK-aware base), "yarn"
+    rope: str | None = None
+    yarn_beta_fast: float | None = None  # YaRN ramp ends, in rotations over the base grid
+    yarn_beta_slow: float | None = None
+    # SD3's learned table past pos_embed_max_size: "interpolate" (resize the table) or "extrapolate"
+    table: str | None = None
+    # PixArt-Sigma's sin-cos interpolation scale (positions are i * base / N / scale)
+    interpolation_scale: float | None = None
+    # flow families' timestep shift at high token counts: "dynamic" (diffusers' own, unbounded),
+    # "clamp" (dynamic mu clamped to its value at the base size), "static" (a fixed shift)
+    timestep_shift: str | None = None
+    shift: float | None = None  # for timestep_shift="static"
+
+    def __post_init__(self):
+        owner = "PositionConfig"
+        if self.rope is not None:
+            _choice(owner, "rope", self.rope, ("none", "interpolation", "ntk", "yarn"))
+        if self.table is not None:
+            _choice(owner, "table", self.table, ("interpolate", "extrapolate"))
+        if self.timestep_shift is not None:
+            _choice(owner, "timestep_shift", self.timestep_shift, ("dynamic", "clamp", "static"))
+        if self.shift is not None and not self.shift > 0:
+            raise ValueError(f"{owner}.shift={self.shift!r} must be > 0")
+        if self.shift is not None and self.timestep_shift not in (None, "static"):
+            raise ValueError(f"{owner}.shift={self.shift} conflicts with timestep_shift={self.timestep_shift!r}; "
+                             "a fixed shift needs timestep_shift='static'")
+        if self.interpolation_scale is not None and not self.interpolation_scale > 0:
+            raise ValueError(f"{owner}.interpolation_scale={self.interpolation_scale!r} must be > 0")
+
+    def validate_for(self, info) -> None:
+        if info.family.architecture != "dit":
+            raise ValueError(
+                f"PositionConfig changes a diffusion transformer's positional encoding; family {info.name!r} "
+                "is a UNet and has none. For UNets use RedilationConfig, EntropyScalingConfig or progressive "
+                "structure guidance"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class VAETilingConfig:
+    """Tiled VAE decode/encode with whole-image GroupNorm statistics (no seams, no tone shifts)."""
+
+    installer: ClassVar[str] = "hires.techniques.tiled_vae:install"
+    enabled: bool = False
+    mode: str = "auto"  # "auto": tile when the memory planner says so; "always"; "never"
+    tile_size: int | None = None  # tile side in latent pixels; None: chosen by the planner
+    halo: int | None = None  # context around each tile in latent pixels; None: enough for exact results
+
+    def __post_init__(self):
+        owner = "VAETilingConfig"
+        _choice(owner, "mode", self.mode, ("auto", "always", "never"))
+        for name in ("tile_size", "halo"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "tile_size" else 0)):
+                raise ValueError(f"{owner}.{name}={value!r} must be a {'positive' if name == 'tile_size' else 'non-negative'} int (latent pixels) or None")
+
+    def validate_for(self, info) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """The memory planner: estimate peak memory up front, choose tiling / chunking, refuse what cannot fit."""
+
+    installer: ClassVar[str] = "hires.techniques.memory:install"
+    enabled: bool = False
+    max_memory: int | str | None = None  # bytes or "24GiB"; None: the device's free memory
+    feed_forward_chunks: int | None = None  # None: chosen by the planner; 1: no chunking
+    sequential_cfg: bool | None = None  # run the uncond/cond halves one after the other; None: planner
+
+    def __post_init__(self):
+        owner = "MemoryConfig"
+        if self.max_memory is not None:
+            object.__setattr__(self, "max_memory", parse_bytes(self.max_memory, f"{owner}.max_memory"))
+        if self.feed_forward_chunks is not None and (not isinstance(self.feed_forward_chunks, int) or self.feed_forward_chunks < 1):
+            raise ValueError(f"{owner}.feed_forward_chunks={self.feed_forward_chunks!r} must be a positive int or None")
+
+    def validate_for(self, info) -> None:
+        return None
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str, name: str) -> int:
+    """24 * 2**30, "24GiB", "24 GB" -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abgikmtB")
+        unit = text[len(number):]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = -1
+        if unit in _UNITS and amount > 0:
+            return int(amount * _UNITS[unit])
+    raise ValueError(f"{name}={value!r} must be a positive number of bytes or a string like '24GiB' or '80GB'")
+
+
+for _cls in (RedilationConfig, EntropyScalingConfig, WindowAttentionConfig, AttentionBackendConfig, APGConfig,
+             PositionConfig, VAETilingConfig, MemoryConfig):
     _SUBCONFIG_TYPES[_cls.__name__] = _cls
 
 
