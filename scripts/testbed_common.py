@@ -1,0 +1,176 @@
+"""Shared pieces of the coherence testbed: the synthetic data set and the object-count metric.
+
+One implementation used by train_testbed.py, eval_coherence.py and tests/test_testbed.py, so the
+data a model is trained on and the metric that judges it cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+IMAGE_SIZE = 64
+SHAPES = ("circle", "square", "triangle")
+# Saturated, hue-separated colours (>= 60 degrees apart) so hue alone tells them apart, while the
+# backgrounds stay low-saturation and never segment as an object colour.
+COLOURS = {
+    "red": (220, 40, 40),
+    "yellow": (225, 200, 30),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+}
+HUE_CENTRES = {"red": 0.0, "yellow": 55.0, "green": 128.0, "blue": 226.0}
+HUE_HALF_WIDTH = 28.0
+MIN_SATURATION = 0.40
+MIN_VALUE = 0.25
+
+# Vocabulary for the word-level tokenizers: every caption word plus specials.
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+CAPTION_WORDS = ("a",) + tuple(COLOURS) + SHAPES
+
+
+def caption(colour: str, shape: str) -> str:
+    return f"a {colour} {shape}"
+
+
+def all_prompts() -> list[tuple[str, str, str]]:
+    """(caption, colour, shape) for every colour/shape combination, in a fixed order."""
+    return [(caption(c, s), c, s) for s in SHAPES for c in COLOURS]
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: np.ndarray  # uint8 HxWx3
+    colour: str
+    shape: str
+    caption: str
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Plain or softly textured low-saturation background, float in [0, 255]."""
+    grey = rng.uniform(150, 235)
+    tint = rng.uniform(-8, 8, size=3)  # slight warm/cool cast, still far below MIN_SATURATION
+    base = np.clip(grey + tint, 0, 255)
+    img = np.broadcast_to(base, (size, size, 3)).astype(np.float32).copy()
+    if rng.random() < 0.5:
+        # Low-frequency texture: coarse noise upsampled smoothly; amplitude small and grey.
+        coarse = rng.normal(0, 1, size=(5, 5)).astype(np.float32)
+        tex = ndimage.zoom(coarse, size / 5, order=3)[:size, :size]
+        img += (rng.uniform(6, 14) * tex)[..., None]
+    return np.clip(img, 0, 255)
+
+
+def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of a shape of half-extent r centred at (cx, cy)."""
+    ss = 4  # supersampling for soft, anti-aliased edges
+    coords = (np.arange(size * ss) + 0.5) / ss
+    x, y = np.meshgrid(coords, coords)
+    if shape == "circle":
+        m = (x - cx) ** 2 + (y - cy) ** 2 <= r**2
+    elif shape == "square":
+        m = (np.abs(x - cx) <= r) & (np.abs(y - cy) <= r)
+    elif shape == "triangle":
+        # Upright triangle filling the box [cx-r, cx+r] x [cy-r, cy+r].
+        top, bottom = cy - r, cy + r
+        t = np.clip((y - top) / (2 * r), 0, 1)
+        m = (y >= top) & (y <= bottom) & (np.abs(x - cx) <= r * t)
+    else:
+        raise ValueError(f"shape={shape!r} is not one of {SHAPES}")
+    return m.reshape(size, ss, size, ss).mean(axis=(1, 3)).astype(np.float32)
+
+
+def make_sample(seed: int, index: int, size: int = IMAGE_SIZE) -> Sample:
+    """Deterministic sample `index` of the data set with base seed `seed`."""
+    rng = np.random.default_rng([seed, index])
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    img = _background(rng, size)
+    r = rng.uniform(0.12, 0.24) * size  # half-extent: objects span 24%..48% of the side
+    cx = rng.uniform(r + 1, size - r - 1)
+    cy = rng.uniform(r + 1, size - r - 1)
+    cov = _shape_mask(shape, size, cx, cy, r)[..., None]
+    col = np.array(COLOURS[colour], np.float32) + rng.uniform(-12, 12, size=3)
+    img = img * (1 - cov) + np.clip(col, 0, 255) * cov
+    return Sample(img.round().astype(np.uint8), colour, shape, caption(colour, shape))
+
+
+def make_dataset(seed: int, n: int, size: int = IMAGE_SIZE):
+    """Images (n, size, size, 3) uint8 and their captions."""
+    samples = [make_sample(seed, i, size) for i in range(n)]
+    return np.stack([s.image for s in samples]), [s.caption for s in samples]
+
+
+# ---------------------------------------------------------------- metric
+
+
+def colour_mask(image: np.ndarray, colour: str) -> np.ndarray:
+    """Boolean mask of pixels whose hue is within the band of `colour` and that are saturated."""
+    if colour not in HUE_CENTRES:
+        raise ValueError(f"colour={colour!r} is not one of {tuple(HUE_CENTRES)}")
+    rgb = np.asarray(image, np.float32)[..., :3] / 255.0
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    delta = mx - mn
+    sat = np.where(mx > 0, delta / np.maximum(mx, 1e-6), 0.0)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    d = np.maximum(delta, 1e-6)
+    hue = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) * 60.0
+    diff = np.abs((hue - HUE_CENTRES[colour] + 180.0) % 360.0 - 180.0)
+    return (diff <= HUE_HALF_WIDTH) & (sat >= MIN_SATURATION) & (mx >= MIN_VALUE)
+
+
+def min_object_area(height: int, width: int) -> int:
+    """Smallest component counted as an object: drops speckle but keeps training-scale copies.
+
+    The smallest training object (half-extent 0.12 * 64 px, a triangle) covers ~115 px; a quarter
+    of that still counts, so a small duplicate at any output size is never missed.
+    """
+    return max(24, int(round(0.0005 * height * width)))
+
+
+@dataclass(frozen=True)
+class Count:
+    n_objects: int
+    areas: tuple[float, ...]  # each counted object's area / image area
+
+
+def count_objects(image: np.ndarray, colour: str, min_area: int | None = None) -> Count:
+    """Connected components (8-connected) of the prompted colour with area >= min_area."""
+    h, w = image.shape[:2]
+    if min_area is None:
+        min_area = min_object_area(h, w)
+    mask = colour_mask(image, colour)
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return Count(0, ())
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    kept = sizes[sizes >= min_area]
+    return Count(int(kept.size), tuple(float(s) / (h * w) for s in kept))
+
+
+@dataclass(frozen=True)
+class CellStats:
+    k: int
+    share_exactly_one: float
+    mean_count: float
+    mean_area: float  # mean per-object area / image area over all counted objects (nan if none)
+
+
+def summarise(counts: list[Count]) -> CellStats:
+    if not counts:
+        raise ValueError("counts is empty; need at least one image to summarise")
+    areas = [a for c in counts for a in c.areas]
+    return CellStats(
+        k=len(counts),
+        share_exactly_one=float(np.mean([c.n_objects == 1 for c in counts])),
+        mean_count=float(np.mean([c.n_objects for c in counts])),
+        mean_area=float(np.mean(areas)) if areas else float("nan"),
+    )
+
+
+def rgb_to_hue_degrees(rgb) -> float:
+    """Reference hue via colorsys, used by tests to cross-check colour_mask."""
+    h, _, _ = colorsys.rgb_to_hsv(*(np.asarray(rgb, float) / 255.0))
+    return h * 360.0

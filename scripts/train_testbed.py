@@ -1,0 +1,452 @@
+"""Train the coherence testbed: a tiny VAE, a tiny SD1.5-style UNet and a tiny Flux transformer.
+
+All three learn one synthetic data set (64x64, one coloured shape, caption "a red circle"; see
+testbed_common.py) so that, sampled above 64x64, they show the repetition hires exists to fix.
+
+    python scripts/train_testbed.py vae  --out /tmp/hires_testbed/vae
+    python scripts/train_testbed.py sd15 --vae /tmp/hires_testbed/vae --out hires/assets/testbed_sd15
+    python scripts/train_testbed.py flux --vae /tmp/hires_testbed/vae --out hires/assets/testbed_flux
+
+Deterministic: every random draw of step `s` comes from a generator seeded with (seed, s), so a
+run resumed from a checkpoint draws exactly what an uninterrupted run would. Arguments, final
+losses and a loss curve go to `training.json` next to the weights; rerun the first N steps with
+`--reproduce <training.json> --stop-after N` to compare against the recorded curve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import testbed_common as tc  # noqa: E402
+
+LOSS_WINDOW = 25  # steps per logged mean loss
+
+
+# ---------------------------------------------------------------- builders (all in code)
+
+
+def build_tokenizer(max_length: int):
+    """Word-level tokenizer over the caption vocabulary; appends </s>, pads with <pad>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(tc.SPECIAL_TOKENS + tc.CAPTION_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+        padding_side="right",
+    )
+
+
+def build_clip(seed: int, vocab_size: int, max_length: int, hidden: int = 64):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
+        pad_token_id=0, bos_token_id=1, eos_token_id=1, projection_dim=hidden,
+    )
+    return CLIPTextModel(cfg).eval().requires_grad_(False)
+
+
+def build_t5(seed: int, vocab_size: int, d_model: int = 64):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, dropout_rate=0.0,
+    )
+    return T5EncoderModel(cfg).eval().requires_grad_(False)
+
+
+def build_vae(args):
+    from diffusers import AutoencoderKL
+
+    n = len(args.vae_channels)
+    torch.manual_seed(args.seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(args.vae_channels), layers_per_block=1, norm_num_groups=16,
+        sample_size=tc.IMAGE_SIZE,
+    )
+
+
+def build_unet(args, cross_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(args.seed)
+    ch = tuple(args.unet_channels)
+    # SD1.5 layout in miniature, except no attention at the full-resolution level: 16x there
+    # would mean 4096-token attention, too slow for the CPU eval. Mid block keeps attention.
+    n = len(ch)
+    down = ["CrossAttnDownBlock2D"] * n
+    down[0] = down[-1] = "DownBlock2D"
+    up = ["CrossAttnUpBlock2D"] * n
+    up[0] = up[-1] = "UpBlock2D"
+    return UNet2DConditionModel(
+        sample_size=args.latent_size, in_channels=4, out_channels=4, block_out_channels=ch,
+        down_block_types=tuple(down), up_block_types=tuple(up),
+        layers_per_block=args.layers_per_block, cross_attention_dim=cross_dim,
+        attention_head_dim=args.unet_heads, norm_num_groups=16,
+    )
+
+
+def build_flux(args, joint_dim: int, pooled_dim: int):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(args.seed)
+    head = args.flux_head_dim
+    rope = (head // 4, 3 * head // 8, 3 * head // 8)  # (text/time axis, y, x) sums to head dim
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=args.flux_double, num_single_layers=args.flux_single,
+        attention_head_dim=head, num_attention_heads=args.flux_heads, joint_attention_dim=joint_dim,
+        pooled_projection_dim=pooled_dim, guidance_embeds=False, axes_dims_rope=rope,
+    )
+
+
+# ---------------------------------------------------------------- training loop plumbing
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class Trainer:
+    """AdamW + EMA + checkpoints; draws nothing itself, so determinism lives in step_generator."""
+
+    def __init__(self, model, args, work: Path):
+        self.model, self.args, self.work = model, args, work
+        self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        self.step, self.losses, self.window = 0, [], []
+        work.mkdir(parents=True, exist_ok=True)
+        ckpt = work / "checkpoint.pt"
+        if ckpt.exists() and not args.no_resume:
+            state = torch.load(ckpt, weights_only=False)
+            if state["args"] != vars_for_record(args):
+                raise ValueError(f"checkpoint {ckpt} was made with other arguments; use --no-resume")
+            model.load_state_dict(state["model"])
+            self.ema = state["ema"]
+            self.opt.load_state_dict(state["opt"])
+            self.step, self.losses = state["step"], state["losses"]
+            print(f"resumed from {ckpt} at step {self.step}", flush=True)
+
+    def lr_at(self, step: int) -> float:
+        warm = self.args.warmup
+        if step < warm:
+            return self.args.lr * (step + 1) / warm
+        frac = (step - warm) / max(1, self.args.steps - warm)
+        return self.args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))  # cosine to 10%
+
+    def update(self, loss: torch.Tensor):
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        # EMA with warm-up so early steps are not frozen at initialisation.
+        decay = min(self.args.ema, (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                if v.dtype.is_floating_point:
+                    self.ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                else:
+                    self.ema[k].copy_(v)
+        self.step += 1
+        self.window.append(float(loss.detach()))
+        if len(self.window) == LOSS_WINDOW:
+            self.losses.append(float(np.mean(self.window)))
+            self.window = []
+            print(f"step {self.step} loss {self.losses[-1]:.5f} lr {self.lr_at(self.step - 1):.2e}", flush=True)
+        if self.step % self.args.ckpt_every == 0:
+            self.save_checkpoint()
+
+    def save_checkpoint(self):
+        if self.window:  # checkpoint only at window boundaries so the curve resumes exactly
+            return
+        tmp = self.work / "checkpoint.pt.tmp"
+        torch.save(
+            {"model": self.model.state_dict(), "ema": self.ema, "opt": self.opt.state_dict(),
+             "step": self.step, "losses": self.losses, "args": vars_for_record(self.args)},
+            tmp,
+        )
+        os.replace(tmp, self.work / "checkpoint.pt")
+
+    def ema_model(self):
+        self.model.load_state_dict(self.ema)
+        return self.model.eval()
+
+
+def vars_for_record(args) -> dict:
+    skip = {"out", "work_dir", "no_resume", "reproduce", "stop_after", "threads"}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+
+
+def write_record(out: Path, args, trainer: Trainer, seconds: float, extra: dict):
+    rec = {
+        "stage": args.stage,
+        "args": vars_for_record(args),
+        "steps_done": trainer.step,
+        "loss_window_steps": LOSS_WINDOW,
+        "loss_curve": trainer.losses,
+        "final_loss": float(np.mean(trainer.losses[-4:])) if trainer.losses else None,
+        "train_seconds_this_run": round(seconds, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        **extra,
+    }
+    (out / "training.json").write_text(json.dumps(rec, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in rec.items() if k != "loss_curve"}, indent=1))
+
+
+def finished(trainer, args) -> bool:
+    return trainer.step >= (args.stop_after or args.steps)
+
+
+# ---------------------------------------------------------------- stages
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_vae(args, out: Path, work: Path):
+    images, _ = tc.make_dataset(args.seed, args.n_data)
+    x_all = images_to_tensor(images)
+    vae = build_vae(args).train()
+    tr = Trainer(vae, args, work)
+    t0 = time.time()
+    while not finished(tr, args):
+        g = step_generator(args.seed, tr.step)
+        idx = torch.randint(0, len(x_all), (args.batch_size,), generator=g)
+        x = x_all[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.kl_weight * kl
+        tr.update(loss)
+    tr.save_checkpoint()
+    vae = tr.ema_model()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x_all[i : i + 256]).latent_dist.mean for i in range(0, min(2048, len(x_all)), 256)])
+        recon = vae.decode(z[:256]).sample
+    # Latent normalisation in the config, as SD/Flux VAEs carry it.
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=float(z.mean()))
+    out.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(out, safe_serialization=True)
+    write_record(out, args, tr, time.time() - t0, {
+        "recon_mse_first256": float(F.mse_loss(recon, x_all[:256])),
+        "latent_mean": float(z.mean()), "latent_std": float(z.std()),
+    })
+
+
+def encode_dataset(vae, args):
+    """Latent means of the training images, normalised as the pipeline family expects."""
+    images, caps = tc.make_dataset(args.seed + 1, args.n_data)  # data seed differs from the VAE's
+    x_all = images_to_tensor(images)
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x_all[i : i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
+    prompts = [p for p, _, _ in tc.all_prompts()]
+    cap_idx = torch.tensor([prompts.index(c) for c in caps])
+    return z, cap_idx, prompts
+
+
+def train_sd15(args, out: Path, work: Path):
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+
+    vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
+    tok = build_tokenizer(args.max_length)
+    te = build_clip(args.seed + 7, len(tok), args.max_length)
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    unet = build_unet(args, te.config.hidden_size)
+    sched = DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    z_all, cap_idx, prompts = encode_dataset(vae, args)
+    z_all = z_all * vae.config.scaling_factor  # SD pipelines divide by scaling_factor, no shift
+    with torch.no_grad():
+        cond, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+        uncond, _ = pipe.encode_prompt([""], "cpu", 1, False)
+    noise_sched = DDPMScheduler(**betas)
+    unet.train()
+    tr = Trainer(unet, args, work)
+    print(f"unet params {sum(p.numel() for p in unet.parameters())/1e6:.2f}M", flush=True)
+    t0 = time.time()
+    while not finished(tr, args):
+        g = step_generator(args.seed, tr.step)
+        idx = torch.randint(0, len(z_all), (args.batch_size,), generator=g)
+        x0 = z_all[idx]
+        drop = torch.rand(args.batch_size, generator=g) < args.cond_dropout
+        ctx = torch.where(drop[:, None, None], uncond.expand(args.batch_size, -1, -1), cond[cap_idx[idx]])
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (args.batch_size,), generator=g)
+        xt = noise_sched.add_noise(x0, noise, t)
+        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=ctx).sample, noise)
+        tr.update(loss)
+    tr.save_checkpoint()
+    pipe.unet = tr.ema_model()
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    write_record(out, args, tr, time.time() - t0, {"params_unet": sum(p.numel() for p in unet.parameters())})
+
+
+def train_flux(args, out: Path, work: Path):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
+    tok, tok2 = build_tokenizer(args.max_length), build_tokenizer(args.max_length)
+    te = build_clip(args.seed + 7, len(tok), args.max_length)
+    te2 = build_t5(args.seed + 11, len(tok2))
+    tf = build_flux(args, te2.config.d_model, te.config.hidden_size)
+    n_tok = (args.latent_size // 2) ** 2
+    # Real Flux shifts sigmas by image size; the same rule here, anchored at the training size.
+    sched = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=n_tok, max_image_seq_len=16 * n_tok,
+    )
+    pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok,
+                        text_encoder_2=te2, tokenizer_2=tok2, transformer=tf)
+    z_all, cap_idx, prompts = encode_dataset(vae, args)
+    z_all = (z_all - vae.config.shift_factor) * vae.config.scaling_factor
+    with torch.no_grad():
+        cond, pooled, txt_ids = pipe.encode_prompt(prompts, None, max_sequence_length=args.max_length)
+        uncond, upooled, _ = pipe.encode_prompt([""], None, max_sequence_length=args.max_length)
+    h = w = args.latent_size
+    img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
+    tf.train()
+    tr = Trainer(tf, args, work)
+    print(f"flux params {sum(p.numel() for p in tf.parameters())/1e6:.2f}M", flush=True)
+    t0 = time.time()
+    B = args.batch_size
+    while not finished(tr, args):
+        g = step_generator(args.seed, tr.step)
+        idx = torch.randint(0, len(z_all), (B,), generator=g)
+        x0 = z_all[idx]
+        drop = torch.rand(B, generator=g) < args.cond_dropout
+        ctx = torch.where(drop[:, None, None], uncond.expand(B, -1, -1), cond[cap_idx[idx]])
+        pool = torch.where(drop[:, None], upooled.expand(B, -1), pooled[cap_idx[idx]])
+        noise = torch.randn(x0.shape, generator=g)
+        # Half uniform, half logit-normal sigmas: the ends stay covered, the middle gets more.
+        u = torch.rand(B, generator=g)
+        ln = torch.sigmoid(torch.randn(B, generator=g))
+        sigma = torch.where(torch.rand(B, generator=g) < 0.5, u, ln)
+        s = sigma[:, None, None, None]
+        xt = (1 - s) * x0 + s * noise
+        packed = FluxPipeline._pack_latents(xt, B, 4, h, w)
+        target = FluxPipeline._pack_latents(noise - x0, B, 4, h, w)
+        pred = tf(hidden_states=packed, timestep=sigma, pooled_projections=pool, encoder_hidden_states=ctx,
+                  txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        tr.update(F.mse_loss(pred, target))
+    tr.save_checkpoint()
+    pipe.transformer = tr.ema_model()
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    write_record(out, args, tr, time.time() - t0, {
+        "params_transformer": sum(p.numel() for p in tf.parameters()),
+        "max_sequence_length": args.max_length,
+    })
+
+
+# ---------------------------------------------------------------- CLI
+
+DEFAULTS = {
+    "vae": dict(steps=800, batch_size=32, lr=1e-3, warmup=50, n_data=8192),
+    "sd15": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, n_data=24576),
+    "flux": dict(steps=4000, batch_size=64, lr=5e-4, warmup=100, n_data=24576),
+}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=sorted(DEFAULTS))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--vae", type=str, help="trained VAE folder (sd15, flux)")
+    p.add_argument("--work-dir", type=Path, help="checkpoints; default /tmp/hires_testbed/work_<stage>")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--n-data", type=int)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--kl-weight", type=float, default=1e-4)
+    p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 32])
+    p.add_argument("--latent-size", type=int, default=16)
+    p.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 64])
+    p.add_argument("--layers-per-block", type=int, default=1)
+    p.add_argument("--unet-heads", type=int, default=4, help="diffusers' attention_head_dim: head count")
+    p.add_argument("--flux-head-dim", type=int, default=32)
+    p.add_argument("--flux-heads", type=int, default=4)
+    p.add_argument("--flux-double", type=int, default=2)
+    p.add_argument("--flux-single", type=int, default=4)
+    p.add_argument("--cond-dropout", type=float, default=0.1)
+    p.add_argument("--max-length", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--reproduce", type=Path, help="training.json whose args to rerun and compare")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps (for --reproduce)")
+    args = p.parse_args(argv)
+    if args.reproduce:
+        rec = json.loads(args.reproduce.read_text())
+        for k, v in rec["args"].items():
+            setattr(args, k, v)
+        args.no_resume = True
+    for k, v in DEFAULTS[args.stage].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.stage != "vae" and not args.vae:
+        p.error(f"--vae is required for stage {args.stage}")
+    if args.work_dir is None:
+        args.work_dir = Path(f"/tmp/hires_testbed/work_{args.stage}")
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out, work = args.out, args.work_dir
+    if args.reproduce:
+        work = work.with_name(work.name + "_reproduce")
+        for f in work.glob("checkpoint.pt*"):
+            f.unlink()
+    {"vae": train_vae, "sd15": train_sd15, "flux": train_flux}[args.stage](args, out, work)
+    if args.reproduce:
+        rec = json.loads(args.reproduce.read_text())
+        mine = json.loads((out / "training.json").read_text())["loss_curve"]
+        ref = rec["loss_curve"][: len(mine)]
+        diff = float(np.max(np.abs(np.array(mine) - np.array(ref)))) if mine else float("nan")
+        print(json.dumps({"windows_compared": len(mine), "recorded": ref, "rerun": mine, "max_abs_diff": diff}))
+
+
+if __name__ == "__main__":
+    main()
