@@ -14,6 +14,7 @@ from .config import (
     MemoryConfig,
     PositionConfig,
     RedilationConfig,
+    StructureGuidanceConfig,
     VAETilingConfig,
     WindowAttentionConfig,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "MemoryConfig",
     "PositionConfig",
     "RedilationConfig",
+    "StructureGuidanceConfig",
     "VAETilingConfig",
     "WindowAttentionConfig",
     "FAMILIES",

@@ -46,6 +46,7 @@ class HiresConfig:
     to plain diffusers. Installers run in field order.
     """
 
+    structure_guidance: StructureGuidanceConfig = dataclasses.field(default_factory=lambda: StructureGuidanceConfig())
     redilation: RedilationConfig = dataclasses.field(default_factory=lambda: RedilationConfig())
     entropy_scaling: EntropyScalingConfig = dataclasses.field(default_factory=lambda: EntropyScalingConfig())
     window_attention: WindowAttentionConfig = dataclasses.field(default_factory=lambda: WindowAttentionConfig())
@@ -383,7 +384,71 @@ def parse_bytes(value: int | str, name: str) -> int:
     raise ValueError(f"{name}={value!r} must be a positive number of bytes or a string like '24GiB' or '80GB'")
 
 
-for _cls in (RedilationConfig, EntropyScalingConfig, WindowAttentionConfig, AttentionBackendConfig, APGConfig,
+def _per_stage(owner: str, name: str, value: Any, check) -> Any:
+    """A value for every stage, or a tuple with one value per stage; each checked by `check`."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+        if v is not None and not check(v):
+            raise ValueError(f"{owner}.{name}={value!r} is not valid (see the field's comment in hires/config.py)")
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class StructureGuidanceConfig:
+    """Progressive structure guidance (DiffuseHigh): base size -> upscale -> re-noise -> guided denoise.
+
+    Each stage's guide is the low-frequency wavelet band of the upscaled previous result. `None`
+    fields take the family preset (see hires.sampling.progressive). Per-stage fields accept one
+    value for every stage or a tuple with one value per stage after the base generation.
+    """
+
+    installer: ClassVar[str] = "hires.sampling.progressive:install"
+    enabled: bool = False
+    # intermediate stages between the base size and the requested size: pixel sides (int: square, or
+    # (height, width)) or factors of the base side (float); the requested size is always the last stage
+    stages: tuple | None = None
+    renoise: Any = None  # fraction of the schedule re-run at each stage, in (0, 1] (DiffuseHigh: 15/50)
+    guided_steps: Any = None  # steps at the start of each stage that get the low-band swap (DiffuseHigh: 5)
+    wavelet: str = "db4"
+    wavelet_level: int = 1
+    sharpen_alpha: float = 1.0  # unsharp mask (1 + a) x - a blur(x) of the upscaled guide; 0: off
+    sharpen_sigma: tuple[float, float] = (0.1, 2.0)  # blur sigma drawn per stage from the call's generator
+    guidance_scale: Any = None  # CFG scale per stage; None: the call's own
+    space: str = "latent"  # "latent": swap the latent's low band; "pixel": decode/encode round trip (paper)
+    upscale: str = "bicubic"
+
+    def __post_init__(self):
+        owner = "StructureGuidanceConfig"
+        if self.stages is not None:
+            stages = tuple(self.stages)
+            for stage in stages:
+                ok = (isinstance(stage, float) and stage > 1) or (isinstance(stage, int) and not isinstance(stage, bool) and stage > 0) or (
+                    isinstance(stage, (tuple, list)) and len(stage) == 2 and all(isinstance(v, int) and v > 0 for v in stage))
+                if not ok:
+                    raise ValueError(f"{owner}.stages entry {stage!r} must be a pixel side (int), (height, width), "
+                                     "or a float factor > 1 of the base side")
+            object.__setattr__(self, "stages", stages)
+        object.__setattr__(self, "renoise", _per_stage(owner, "renoise", self.renoise,
+                                                        lambda v: isinstance(v, (int, float)) and 0 < v <= 1))
+        object.__setattr__(self, "guided_steps", _per_stage(owner, "guided_steps", self.guided_steps,
+                                                             lambda v: isinstance(v, int) and v >= 0))
+        object.__setattr__(self, "guidance_scale", _per_stage(owner, "guidance_scale", self.guidance_scale,
+                                                               lambda v: isinstance(v, (int, float)) and v >= 0))
+        _choice(owner, "space", self.space, ("latent", "pixel"))
+        _choice(owner, "upscale", self.upscale, ("bicubic", "bilinear", "lanczos"))
+        if not (isinstance(self.wavelet_level, int) and self.wavelet_level >= 1):
+            raise ValueError(f"{owner}.wavelet_level={self.wavelet_level!r} must be an int >= 1")
+        if not (isinstance(self.sharpen_alpha, (int, float)) and self.sharpen_alpha >= 0):
+            raise ValueError(f"{owner}.sharpen_alpha={self.sharpen_alpha!r} must be a number >= 0")
+        low, high = self.sharpen_sigma
+        if not (0 < low <= high):
+            raise ValueError(f"{owner}.sharpen_sigma={self.sharpen_sigma!r} must be (low, high) with 0 < low <= high")
+
+    def validate_for(self, info) -> None:
+        return None
+
+
+for _cls in (StructureGuidanceConfig, RedilationConfig, EntropyScalingConfig, WindowAttentionConfig, AttentionBackendConfig, APGConfig,
              PositionConfig, VAETilingConfig, MemoryConfig):
     _SUBCONFIG_TYPES[_cls.__name__] = _cls
 
