@@ -384,12 +384,12 @@ def parse_bytes(value: int | str, name: str) -> int:
     raise ValueError(f"{name}={value!r} must be a positive number of bytes or a string like '24GiB' or '80GB'")
 
 
-def _per_stage(owner: str, name: str, value: Any, check) -> Any:
+def _per_stage(owner: str, name: str, value: Any, check, expected: str) -> Any:
     """A value for every stage, or a tuple with one value per stage; each checked by `check`."""
     values = value if isinstance(value, (tuple, list)) else (value,)
     for v in values:
-        if v is not None and not check(v):
-            raise ValueError(f"{owner}.{name}={value!r} is not valid (see the field's comment in hires/config.py)")
+        if v is not None and (isinstance(v, bool) or not check(v)):
+            raise ValueError(f"{owner}.{name}={value!r}: each value must be {expected} (one for all stages, or a tuple per stage)")
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -429,11 +429,11 @@ class StructureGuidanceConfig:
                                      "or a float factor > 1 of the base side")
             object.__setattr__(self, "stages", stages)
         object.__setattr__(self, "renoise", _per_stage(owner, "renoise", self.renoise,
-                                                        lambda v: isinstance(v, (int, float)) and 0 < v <= 1))
+                                                        lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "a fraction of the schedule in (0, 1]"))
         object.__setattr__(self, "guided_steps", _per_stage(owner, "guided_steps", self.guided_steps,
-                                                             lambda v: isinstance(v, int) and v >= 0))
+                                                             lambda v: isinstance(v, int) and v >= 0, "a whole number of steps >= 0"))
         object.__setattr__(self, "guidance_scale", _per_stage(owner, "guidance_scale", self.guidance_scale,
-                                                               lambda v: isinstance(v, (int, float)) and v >= 0))
+                                                               lambda v: isinstance(v, (int, float)) and v >= 0, "a guidance scale >= 0"))
         _choice(owner, "space", self.space, ("latent", "pixel"))
         _choice(owner, "upscale", self.upscale, ("bicubic", "bilinear", "lanczos"))
         if not (isinstance(self.wavelet_level, int) and self.wavelet_level >= 1):
