@@ -163,3 +163,43 @@ def test_sequential_cpu_offload_with_apply():
     assert torch.equal(generate(pipe, family, SIZE), plain)
     hires.remove(pipe)
     assert torch.equal(generate(pipe, family, SIZE), plain)
+
+
+@pytest.mark.parametrize(
+    "family, overrides, expected",
+    [
+        ("sd15", {"guidance_scale": 5.0}, 5.0),
+        ("sd15", {"guidance_scale": 1.0}, None),
+        ("pixart", {}, 4.5),
+        ("sd3", {}, 5.0),
+        ("flux", {}, None),  # guidance-distilled: guidance_scale feeds the embedding, no CFG
+        ("flux", {"true_cfg_scale": 2.5, "negative_prompt": "a blue square"}, 2.5),
+    ],
+)
+def test_call_state_knows_the_guidance_scale_the_pipeline_combines_with(family, overrides, expected):
+    pipe = build(family)
+    hires.apply(pipe)
+    seen = []
+    generate(pipe, family, 64, steps=2, **overrides,
+             **step_callback(family, lambda p, step: seen.append(get_attachment(p).state.guidance_scale)))
+    assert seen == [expected, expected]
+
+
+def test_derived_generators_follow_the_call_seed_without_consuming_it():
+    pipe = build("sd15")
+    hires.apply(pipe)
+    draws = {}
+
+    def record(seed):
+        def callback(p, step):
+            if step == 0:
+                draws[seed] = torch.rand(4, generator=get_attachment(p).state.generator("windows"))
+        return callback
+
+    a = generate(pipe, "sd15", 64, seed=1, **step_callback("sd15", record(1)))
+    generate(pipe, "sd15", 64, seed=2, **step_callback("sd15", record(2)))
+    again = generate(pipe, "sd15", 64, seed=1, **step_callback("sd15", record("1b")))
+    assert torch.equal(draws[1], draws["1b"]) and not torch.equal(draws[1], draws[2])
+    assert torch.equal(a, again)
+    hires.remove(pipe)
+    assert torch.equal(generate(pipe, "sd15", 64, seed=1), a)
