@@ -1,1 +1,1 @@
-"""Techniques: each module holds its math as pure functions and the hooks that apply it (see DESIGN.md)."""
+"""Techniques: each one is pure math plus the module patch that uses it, installed by hires.apply."""
