@@ -1,0 +1,40 @@
+"""Atomic file writes: a temporary file in the same folder, fsync, then rename over the final name.
+
+A reader never sees a truncated file under the final name, even if the writer is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, IO
+
+
+def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def write_png_atomically(image, path: Path, text: dict[str, str] | None = None) -> None:
+    """Save a PIL image as PNG with text chunks (written before the image data)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    write_atomically(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
