@@ -39,6 +39,7 @@ from diffusers.hooks import ModelHook
 from ..config import RedilationConfig, closest_names
 from ..presets_redilation import family_presets, map_to_depth, preset_for
 from .dispersion import disperse_kernel
+from .guidance import ensure_guidance_hook, pipeline_runs_cfg
 
 HOOK_NAME = "hires.redilation"
 NDCFG_OFFSET = "noise_damped_guidance"
@@ -165,6 +166,23 @@ def resolve_names(pairs, conv_names, where: str, family: str) -> dict[str, Any]:
     return {conv: value for conv, (_, value) in resolved.items()}
 
 
+def resolve_preset_names(pairs, family: str, conv_names: list[str], unet_depth: int) -> tuple[dict[str, Any], list[str]]:
+    """A preset's (full-size name, value) pairs resolved on a UNet of `unet_depth` levels.
+
+    Returns {conv name: value} and the preset names left out because this UNet lacks their level
+    (none for a UNet of the family's full depth, where every name must exist).
+    """
+    table_depth = family_presets(family).depth
+    mapped, left_out = [], []
+    for name, value in pairs:
+        target = map_to_depth(name, table_depth, unet_depth)
+        if target is None:
+            left_out.append(name)
+        else:
+            mapped.append((target, value))
+    return resolve_names(mapped, conv_names, f"{family} re-dilation preset", family), left_out
+
+
 # -- per-call settings -----------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +237,7 @@ class Redilation:
                                     else frozenset(resolve_names([(n, True) for n in config.dispersion_modules], names,
                                                                  f"{where}.dispersion_modules", self.info.name)))
         self.weak_pass = False
+        self.hooked: dict[str, torch.nn.Module] = {}
 
     # which convs can ever be touched: hook only those
     def hooked_names(self) -> list[str]:
@@ -239,15 +258,7 @@ class Redilation:
         return any(p.noise_damped_guidance for p in self.table.presets)
 
     def _resolve_preset(self, pairs) -> tuple[dict[str, Any], list[str]]:
-        mapped, left_out = [], []
-        for name, value in pairs:
-            target = map_to_depth(name, self.table.depth, self.depth)
-            if target is None:
-                left_out.append(name)
-            else:
-                mapped.append((target, value))
-        where = f"{self.info.name} re-dilation preset"
-        return resolve_names(mapped, list(self.convs), where, self.info.name), left_out
+        return resolve_preset_names(pairs, self.info.name, list(self.convs), self.depth)
 
     def plan(self, state) -> CallPlan:
         """The call's plan, built once per call (kept in the call state's scratch)."""
@@ -346,7 +357,7 @@ class Redilation:
                     f"the UNet's module {name!r} was replaced after hires.apply (for example by loading or unloading "
                     "a LoRA); call hires.apply(pipe, config) again so re-dilation hooks the current modules"
                 )
-        if plan.noise_damped_guidance and state.guidance_scale is None:
+        if plan.noise_damped_guidance and pipeline_runs_cfg(self.attachment, state) is None:
             if plan.ndcfg_explicit:
                 scale_name = self.info.family.guidance_scale_name
                 raise ValueError(
@@ -464,7 +475,5 @@ def install(attachment, config: RedilationConfig) -> Redilation:
         attachment.add_hook(module, RedilatedConvHook(controller, name), HOOK_NAME)
     attachment.add_hook(attachment.denoiser, _DenoiserHook(controller), HOOK_NAME)
     if controller.may_use_ndcfg():
-        from .guidance import ensure_guidance_hook
-
         ensure_guidance_hook(attachment).add_offset(NDCFG_OFFSET, controller.ndcfg_offset)
     return controller
