@@ -1,0 +1,585 @@
+"""Positional extrapolation for diffusion transformers, and the timestep-shift policy of flow models.
+
+Each family encodes positions differently (shared/references/dit_positions.md):
+
+- PixArt-Sigma (`sincos_interpolated`): a 2D sin-cos table rebuilt for every grid, positions
+  `i * base / N / interpolation_scale`, so every size spans the same range (built-in position
+  interpolation). hires exposes the scale used off the native grid. The pipeline's
+  `use_resolution_binning=True` (its default) snaps a large request to a bin near the base size and
+  resizes afterwards; hires cannot change a call's defaults, so a call that was snapped raises a
+  ValueError asking for `use_resolution_binning=False` instead of silently denoising at the bin.
+- SD3 (`sincos_cropped_table`): a stored max x max table cropped around its centre, which refuses
+  grids past `pos_embed_max_size`. Past it, "interpolate" (default) resamples the table bilinearly
+  so the grid spans the whole table at a finer step: it works for any stored table (learned or not),
+  never leaves the values the model was trained with, and meets diffusers' crop exactly at the table
+  edge. "extrapolate" continues the sin-cos formula past the table's ends at the table's own step;
+  it needs a table that is that formula, which is checked when hires is applied.
+- Flux (`rope`): 3-axis RoPE on integer ids. The row and column axes are rescaled per call by the
+  call's scale on that side, s = size / base size; axis 0 (zero for text and image) is untouched.
+  "interpolation" divides positions by s (PI); "ntk" raises the base to theta * s^(d/(d-2));
+  "yarn" (default, DyPE's default method) interpolates the frequencies that turn less than
+  `yarn_beta_slow` times over the base grid, keeps those turning more than `yarn_beta_fast` times,
+  ramps linearly in between (YaRN's NTK-by-parts, linear in rotations as in its paper), and
+  multiplies cos and sin by mscale = 0.1 ln s + 1. Because both queries and keys pass through
+  RoPE, the attention logits of those dimensions grow by mscale^2, which is YaRN's 1/t. Default ramp
+  ends (1.25, 0.75) rotations, DyPE's values for Flux's 64-position grid (LLM YaRN's (32, 1) would
+  interpolate every Flux frequency: 32 rotations over 64 positions is the Nyquist limit). Note that
+  EntropyScalingConfig also sharpens attention; with both, the two factors multiply.
+- Flow families' timestep shift (`timestep_shift`): "dynamic" keeps diffusers' mu, linear in the
+  token count and unbounded (at 4096 px Flux sits at sigma > 0.9 for all but the last step);
+  "clamp" (default) caps mu at its value for the base size's token count, as DyPE does; "static"
+  uses a fixed shift (`shift`; None: the scheduler's own shift at the base size). With a scheduler
+  that shifts statically (SD3's default) nothing grows with size, so "clamp" changes nothing there.
+  FluxPipeline has no `mu` argument: the policy wraps the scheduler's `set_timesteps` through an
+  instance attribute saved and restored by a hook, so `hires.remove` takes it out.
+
+Every change acts only inside a pipeline call and only above the base size (per side for positions,
+by token count for the shift): at the base size, and with the technique off or removed, outputs are
+bit-identical to plain diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+import sys
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+from diffusers.models.embeddings import PatchEmbed, get_1d_rotary_pos_embed
+
+from ..config import PositionConfig
+
+HOOK = "hires.positions"
+
+# Family defaults of PositionConfig's `None` fields (documented in the module docstring).
+DEFAULTS = {
+    "rope": "yarn",
+    "yarn_beta_fast": 1.25,
+    "yarn_beta_slow": 0.75,
+    "table": "interpolate",
+    "timestep_shift": "clamp",
+}
+
+# Which PositionConfig options act on which position encoding (the family's `position_encoding`).
+_ENCODING_OPTIONS = {
+    "sincos_interpolated": ("interpolation_scale",),
+    "sincos_cropped_table": ("table",),
+    "rope": ("rope", "yarn_beta_fast", "yarn_beta_slow"),
+}
+_FLOW_OPTIONS = ("timestep_shift", "shift")
+
+# Flux's image ids (FluxPipeline._prepare_latent_image_ids): axis 0 is zero for text and image,
+# axis 1 the row, axis 2 the column of the packed latent grid.
+ROPE_AXIS_SIDES = (None, "height", "width")
+
+
+# -- math: sin-cos tables ------------------------------------------------------------------------
+
+def sincos_positions(count: int, base: int, scale: float) -> torch.Tensor:
+    """Positions of a grid axis of `count` tokens as diffusers builds them: i * base / count / scale."""
+    return torch.arange(count, dtype=torch.float64) / (count / base) / scale
+
+
+def table_window_positions(side: int, base: int, scale: float, count: int) -> torch.Tensor:
+    """Positions of a centred window of `count` indices of a `side`-long sin-cos table (index j sits at
+    j * base / side / scale); indices run below 0 and past side - 1 when count > side."""
+    start = table_crop_start(side, count)
+    return torch.arange(start, start + count, dtype=torch.float64) / (side / base) / scale
+
+
+def sincos_2d_embedding(dim: int, row_positions: torch.Tensor, col_positions: torch.Tensor) -> torch.Tensor:
+    """(rows * cols, dim) float32 table in diffusers' layout: [sin, cos of the column; sin, cos of the row].
+
+    Frequencies 10000^(-k / (dim/4)) for k < dim/4; tokens in row-major order.
+    """
+    if dim % 4:
+        raise ValueError(f"dim={dim} must be divisible by 4 for a 2D sin-cos table")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def axis(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.double()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    rows, cols = axis(row_positions), axis(col_positions)
+    table = torch.cat(
+        [cols[None, :, :].expand(len(rows), -1, -1), rows[:, None, :].expand(-1, len(cols), -1)], dim=-1
+    )
+    return table.reshape(-1, dim).float()
+
+
+def table_crop_start(table_side: int, count: int) -> int:
+    """First table index of a centred window of `count` (negative past the table), as diffusers crops."""
+    return (table_side - count) // 2
+
+
+def interpolate_table(table: torch.Tensor, side: int, rows: int, cols: int) -> torch.Tensor:
+    """(1, rows*cols, D) from a (1, side*side, D) table: a centred crop on sides that fit, bilinear
+    resampling over the whole table (align_corners=False) on sides that do not."""
+    dim = table.shape[-1]
+    grid = table.reshape(side, side, dim)
+    if rows <= side:
+        top = table_crop_start(side, rows)
+        grid = grid[top : top + rows]
+    if cols <= side:
+        left = table_crop_start(side, cols)
+        grid = grid[:, left : left + cols]
+    work = grid.permute(2, 0, 1)[None].float()
+    out = F.interpolate(work, size=(rows, cols), mode="bilinear", align_corners=False)
+    return out[0].permute(1, 2, 0).reshape(1, rows * cols, dim).to(table.dtype)
+
+
+def extrapolate_table(dim: int, side: int, base: int, scale: float, rows: int, cols: int) -> torch.Tensor:
+    """(1, rows*cols, D): the sin-cos table of a side x side grid, continued past its ends at its own step."""
+    return sincos_2d_embedding(dim, table_window_positions(side, base, scale, rows),
+                               table_window_positions(side, base, scale, cols))[None]
+
+
+# -- math: RoPE ----------------------------------------------------------------------------------
+
+def rope_frequencies(dim: int, theta: float) -> torch.Tensor:
+    """The dim/2 angular frequencies theta^(-2k/dim) of one RoPE axis (float64)."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+
+def ntk_base(theta: float, scale: float, dim: int) -> float:
+    """NTK-aware base theta * s^(d/(d-2)). With d = 2 the only frequency is theta^0 = 1: base unchanged."""
+    return theta if dim <= 2 else theta * scale ** (dim / (dim - 2))
+
+
+def yarn_ramp(rotations: torch.Tensor, beta_fast: float, beta_slow: float) -> torch.Tensor:
+    """Share kept at the original frequency: 0 below beta_slow rotations, 1 above beta_fast, linear between."""
+    return ((rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0.0, 1.0)
+
+
+def yarn_frequencies(dim: int, theta: float, scale: float, base_length: int, beta_fast: float, beta_slow: float) -> torch.Tensor:
+    """NTK-by-parts: f * (ramp + (1 - ramp) / s), ramp over the rotations L f / 2pi in the base grid."""
+    freqs = rope_frequencies(dim, theta)
+    keep = yarn_ramp(base_length * freqs / (2 * math.pi), beta_fast, beta_slow)
+    return freqs * (keep + (1 - keep) / scale)
+
+
+def yarn_attention_factor(scale: float) -> float:
+    """YaRN's mscale = 0.1 ln s + 1 on queries and keys (logits x mscale^2); 1 at s <= 1."""
+    return 0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+
+def axis_frequencies(method: str, dim: int, theta: float, scale: float, base_length: int,
+                     beta_fast: float, beta_slow: float) -> tuple[torch.Tensor, float]:
+    """(frequencies, cos/sin multiplier) of one RoPE axis whose extent grew by `scale`."""
+    if method == "interpolation":
+        return rope_frequencies(dim, theta) / scale, 1.0
+    if method == "ntk":
+        return rope_frequencies(dim, ntk_base(theta, scale, dim)), 1.0
+    if method == "yarn":
+        return yarn_frequencies(dim, theta, scale, base_length, beta_fast, beta_slow), yarn_attention_factor(scale)
+    raise ValueError(f"rope method={method!r}; use 'interpolation', 'ntk' or 'yarn'")
+
+
+def rotary_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, mscale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, dim) float32 cos and sin, each frequency repeated for its pair of channels (Flux's layout)."""
+    angles = torch.outer(positions.to(freqs.dtype), freqs.to(positions.device))
+    cos = angles.cos().repeat_interleave(2, dim=1) * mscale
+    sin = angles.sin().repeat_interleave(2, dim=1) * mscale
+    return cos.float(), sin.float()
+
+
+# -- math: timestep shift ------------------------------------------------------------------------
+
+def dynamic_shift_mu(tokens: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
+    """diffusers' resolution-dependent mu: linear in the token count, same float operations."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return tokens * m + b
+
+
+def scheduler_shift_mu(scheduler_config, tokens: int) -> float:
+    """mu the flow pipelines compute for `tokens` from the scheduler's config."""
+    get = scheduler_config.get
+    return dynamic_shift_mu(tokens, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
+                            get("base_shift", 0.5), get("max_shift", 1.15))
+
+
+def mu_for_shift(shift: float, time_shift_type: str) -> float:
+    """The mu whose time shift equals the static shift s*sigma / (1 + (s-1) sigma)."""
+    return math.log(shift) if time_shift_type == "exponential" else float(shift)
+
+
+def shift_for_mu(mu: float, time_shift_type: str) -> float:
+    return math.exp(mu) if time_shift_type == "exponential" else float(mu)
+
+
+def shifted_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """A static timestep shift: s*sigma / (1 + (s-1) sigma)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+# -- resolving a config for one model --------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedPositions:
+    """PositionConfig with family defaults filled in, for one model."""
+
+    rope: str | None
+    yarn_beta_fast: float | None
+    yarn_beta_slow: float | None
+    table: str | None
+    interpolation_scale: float | None  # None: the model's own
+    timestep_shift: str | None
+    shift: float | None
+
+
+def resolve(config: PositionConfig, info) -> ResolvedPositions:
+    """Fill `None` fields with the family defaults; options that do nothing on this family are errors."""
+    encoding = info.family.position_encoding
+    if encoding not in _ENCODING_OPTIONS:
+        raise ValueError(f"PositionConfig: family {info.name!r} has position encoding {encoding!r}, which hires "
+                         f"cannot rescale; supported encodings: {', '.join(_ENCODING_OPTIONS)}")
+    valid = _ENCODING_OPTIONS[encoding] + (_FLOW_OPTIONS if info.prediction_type == "flow" else ())
+    for field in dataclasses.fields(PositionConfig):
+        if field.name == "enabled" or getattr(config, field.name) is None or field.name in valid:
+            continue
+        users = [name for name, options in _ENCODING_OPTIONS.items() if field.name in options]
+        where = f"families encoding positions as {users[0]!r}" if users else "flow-matching families (SD3, Flux)"
+        raise ValueError(f"PositionConfig.{field.name}={getattr(config, field.name)!r} does not apply to family "
+                         f"{info.name!r}; it acts on {where}. Options for {info.name!r}: {', '.join(valid)}")
+
+    def pick(name):
+        if name not in valid:
+            return None
+        value = getattr(config, name)
+        return DEFAULTS.get(name) if value is None else value
+
+    resolved = ResolvedPositions(
+        rope=pick("rope"), yarn_beta_fast=pick("yarn_beta_fast"), yarn_beta_slow=pick("yarn_beta_slow"),
+        table=pick("table"), interpolation_scale=pick("interpolation_scale"),
+        timestep_shift=pick("timestep_shift") if config.shift is None else "static", shift=pick("shift"),
+    )
+    if resolved.rope is not None and resolved.rope != "yarn" and (config.yarn_beta_fast, config.yarn_beta_slow) != (None, None):
+        raise ValueError(f"PositionConfig.yarn_beta_fast/yarn_beta_slow=({config.yarn_beta_fast}, {config.yarn_beta_slow}) "
+                         f"set with rope={resolved.rope!r}; the ramp ends act only with rope='yarn'")
+    if resolved.rope == "yarn":
+        fast, slow = resolved.yarn_beta_fast, resolved.yarn_beta_slow
+        if not (isinstance(fast, (int, float)) and isinstance(slow, (int, float)) and fast > slow > 0):
+            raise ValueError(f"PositionConfig.yarn_beta_fast={fast!r}, yarn_beta_slow={slow!r}: need "
+                             "yarn_beta_fast > yarn_beta_slow > 0 (rotations over the base grid), e.g. 1.25 and 0.75")
+    return resolved
+
+
+def position_variants(info) -> dict[str, PositionConfig]:
+    """Named PositionConfigs a testbed row can compare on this family (the first is plain diffusers)."""
+    variants = {"plain": PositionConfig(enabled=False)}
+    encoding = info.family.position_encoding
+    if encoding == "rope":
+        for method in ("none", "interpolation", "ntk", "yarn"):
+            variants[f"rope_{method}"] = PositionConfig(enabled=True, rope=method)
+    elif encoding == "sincos_cropped_table":
+        for mode in ("interpolate", "extrapolate"):
+            variants[f"table_{mode}"] = PositionConfig(enabled=True, table=mode)
+    elif encoding == "sincos_interpolated":
+        variants["model_scale"] = PositionConfig(enabled=True)
+        variants["extrapolated_step_2x"] = PositionConfig(enabled=True, interpolation_scale=0.5)
+    if info.prediction_type == "flow":
+        for policy in ("dynamic", "clamp", "static"):
+            variants[f"shift_{policy}"] = PositionConfig(enabled=True, timestep_shift=policy)
+    return variants
+
+
+# -- hooks -----------------------------------------------------------------------------------------
+
+def _pipeline_call_locals(pipe) -> dict[str, Any] | None:
+    """Locals of the running `pipe.__call__` (its resolved arguments), or None outside a call."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe:
+            return frame.f_locals
+        frame = frame.f_back
+    return None
+
+
+def _find_module(denoiser: torch.nn.Module, kind: type, what: str) -> torch.nn.Module:
+    found = [m for m in denoiser.modules() if isinstance(m, kind)]
+    if len(found) != 1:
+        raise ValueError(f"PositionConfig: expected one {what} ({kind.__name__}) in {type(denoiser).__name__}, "
+                         f"found {len(found)}; hires cannot place positions in this model")
+    return found[0]
+
+
+class _ResolutionBinningCheck(ModelHook):
+    """Refuses a call the pipeline snapped to a resolution bin: it would denoise at the bin size."""
+
+    def __init__(self, attachment):
+        super().__init__()
+        self.attachment = attachment
+
+    def pre_forward(self, module, *args, **kwargs):
+        state = self.attachment.state
+        if state is not None and not state.scratch.get("positions.binning_checked"):
+            state.scratch["positions.binning_checked"] = True
+            values = _pipeline_call_locals(self.attachment.pipe) or {}
+            requested = (values.get("orig_height"), values.get("orig_width"))
+            if values.get("use_resolution_binning") and requested != (state.height, state.width):
+                raise ValueError(
+                    f"use_resolution_binning=True (the {type(self.attachment.pipe).__name__} default) snapped the "
+                    f"requested {requested[0]}x{requested[1]} to the bin {state.height}x{state.width}, so the model "
+                    f"would denoise near its base size and resize the result. Pass use_resolution_binning=False to "
+                    f"denoise at {requested[0]}x{requested[1]} with hires"
+                )
+        return args, kwargs
+
+
+class _SincosScaleHook(ModelHook):
+    """PixArt's PatchEmbed: the sin-cos scale used off the native grid, set only for the forward call."""
+
+    def __init__(self, attachment, scale: float):
+        super().__init__()
+        self.attachment = attachment
+        self.scale = scale
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.attachment.state is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        saved = module.interpolation_scale
+        module.interpolation_scale = self.scale
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            module.interpolation_scale = saved
+
+
+class _TableExtensionHook(ModelHook):
+    """SD3's PatchEmbed: `cropped_pos_embed` extended past the table, shadowed only during the forward call."""
+
+    def __init__(self, attachment, mode: str):
+        super().__init__()
+        self.attachment = attachment
+        self.mode = mode
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.attachment.state is None:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        original = module.cropped_pos_embed
+
+        def cropped_pos_embed(height, width):
+            rows, cols = height // module.patch_size, width // module.patch_size
+            side = module.pos_embed_max_size
+            if rows <= side and cols <= side:
+                return original(height, width)
+            if self.mode == "interpolate":
+                table = interpolate_table(module.pos_embed, side, rows, cols)
+            else:
+                table = extrapolate_table(module.pos_embed.shape[-1], side, module.base_size,
+                                          module.interpolation_scale, rows, cols)
+            self.attachment.state.scratch["log.positions.table"] = (self.mode, rows, cols, side)
+            return table.to(device=module.pos_embed.device, dtype=module.pos_embed.dtype)
+
+        module.__dict__["cropped_pos_embed"] = cropped_pos_embed
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            del module.__dict__["cropped_pos_embed"]
+
+
+def check_sincos_table(module: PatchEmbed) -> None:
+    """`table='extrapolate'` continues a formula: the stored table must be it (checked on a row, a column
+    and the diagonal of the grid, which covers both halves of every table entry's channels)."""
+    side, dim = module.pos_embed_max_size, module.pos_embed.shape[-1]
+    table = module.pos_embed.detach().float().cpu().reshape(side, side, dim)
+    positions = sincos_positions(side, module.base_size, module.interpolation_scale)
+    index = torch.arange(side)
+    samples = {"first row": (torch.zeros_like(index), index), "first column": (index, torch.zeros_like(index)),
+               "diagonal": (index, index)}
+    tolerance = 1e-4 if module.pos_embed.dtype == torch.float32 else 1e-2
+    for name, (rows, cols) in samples.items():
+        expected = torch.stack([sincos_2d_embedding(dim, positions[r : r + 1], positions[c : c + 1])[0]
+                                for r, c in zip(rows.tolist(), cols.tolist())])
+        error = (table[rows, cols] - expected).abs().max().item()
+        if error > tolerance:
+            raise ValueError(
+                f"PositionConfig.table='extrapolate' continues the sin-cos formula past the table, but this "
+                f"model's stored pos_embed differs from it (max error {error:.3g} on the {name}); use "
+                f"table='interpolate', which resamples any stored table"
+            )
+
+
+class _RopeHook(ModelHook):
+    """Flux's FluxPosEmbed: row and column axes rescaled by the call's scale on that side."""
+
+    def __init__(self, attachment, settings: ResolvedPositions):
+        super().__init__()
+        self.attachment = attachment
+        self.settings = settings
+        unit = attachment.info.size_multiple
+        self.base_lengths = {"height": attachment.info.base_height // unit, "width": attachment.info.base_width // unit}
+
+    def axis_scales(self, state) -> list[float | None]:
+        side_scale = {"height": state.scale_height, "width": state.scale_width}
+        scales = []
+        for side in ROPE_AXIS_SIDES:
+            scale = side_scale.get(side) if side else None
+            scales.append(scale if scale is not None and scale > 1 else None)
+        return scales
+
+    def new_forward(self, module, ids, *args, **kwargs):
+        state = self.attachment.state
+        scales = self.axis_scales(state) if state is not None else []
+        if not any(scales):
+            return self.fn_ref.original_forward(ids, *args, **kwargs)
+        positions = ids.float()
+        freqs_dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
+        cos_parts, sin_parts, used = [], [], []
+        for axis, dim in enumerate(module.axes_dim):
+            scale = scales[axis] if axis < len(scales) else None
+            if scale is None:
+                cos, sin = get_1d_rotary_pos_embed(dim, positions[:, axis], theta=module.theta,
+                                                   repeat_interleave_real=True, use_real=True, freqs_dtype=freqs_dtype)
+            else:
+                side = ROPE_AXIS_SIDES[axis]
+                freqs, mscale = axis_frequencies(self.settings.rope, dim, module.theta, scale, self.base_lengths[side],
+                                                 self.settings.yarn_beta_fast, self.settings.yarn_beta_slow)
+                cos, sin = rotary_cos_sin(positions[:, axis], freqs.to(freqs_dtype), mscale)
+                used.append((axis, scale, mscale))
+            cos_parts.append(cos)
+            sin_parts.append(sin)
+        state.scratch["log.positions.rope"] = (self.settings.rope, tuple(used))
+        return torch.cat(cos_parts, dim=-1).to(ids.device), torch.cat(sin_parts, dim=-1).to(ids.device)
+
+
+class _TimestepShiftHook(ModelHook):
+    """Owns the wrapper on the scheduler's `set_timesteps` (installed at registration, restored at removal)."""
+
+    def __init__(self, attachment, policy: str, shift: float | None):
+        super().__init__()
+        self.attachment = attachment
+        self.policy = policy
+        self.shift = shift
+        self.scheduler = attachment.pipe.scheduler
+        self.saved: tuple[bool, Any] = (False, None)
+        self.decision: dict[str, Any] | None = None
+        config = self.scheduler.config
+        self.dynamic = bool(config.get("use_dynamic_shifting", False))
+        if self.dynamic and "mu" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            raise ValueError(f"PositionConfig.timestep_shift={policy!r} needs a scheduler whose set_timesteps takes "
+                             f"mu; {type(self.scheduler).__name__} does not (FlowMatchEulerDiscreteScheduler does)")
+        if not self.dynamic and policy == "static" and shift is not None and not hasattr(self.scheduler, "set_shift"):
+            raise ValueError(f"PositionConfig.timestep_shift='static' needs a scheduler with set_shift; "
+                             f"{type(self.scheduler).__name__} has none (FlowMatchEulerDiscreteScheduler has)")
+
+    def initialize_hook(self, module):
+        scheduler = self.scheduler
+        self.saved = ("set_timesteps" in scheduler.__dict__, scheduler.__dict__.get("set_timesteps"))
+        original = scheduler.set_timesteps
+        scheduler.__dict__["set_timesteps"] = functools.update_wrapper(self._wrap(original), original)
+        return module
+
+    def deinitalize_hook(self, module):
+        had, value = self.saved
+        if had:
+            self.scheduler.__dict__["set_timesteps"] = value
+        else:
+            self.scheduler.__dict__.pop("set_timesteps", None)
+        return module
+
+    def _wrap(self, original: Callable) -> Callable:
+        signature = inspect.signature(original)
+        info = self.attachment.info
+
+        def set_timesteps(*args, **kwargs):
+            self.decision = None
+            values = _pipeline_call_locals(self.attachment.pipe)
+            if values is None or values.get("height") is None or values.get("width") is None:
+                return original(*args, **kwargs)
+            unit = info.size_multiple
+            tokens = (int(values["height"]) // unit) * (int(values["width"]) // unit)
+            if tokens <= info.base_tokens:
+                return original(*args, **kwargs)
+            scheduler = self.scheduler
+            if self.dynamic:
+                bound = signature.bind(*args, **kwargs)
+                mu = bound.arguments.get("mu")
+                base_mu = scheduler_shift_mu(scheduler.config, info.base_tokens)
+                if mu is None:
+                    return original(*args, **kwargs)
+                if self.policy == "clamp":
+                    new_mu = min(mu, base_mu)
+                else:
+                    shift_type = scheduler.config.get("time_shift_type", "exponential")
+                    new_mu = base_mu if self.shift is None else mu_for_shift(self.shift, shift_type)
+                bound.arguments["mu"] = new_mu
+                self.decision = {"policy": self.policy, "tokens": tokens, "mu": mu, "applied_mu": new_mu}
+                return original(*bound.args, **bound.kwargs)
+            if self.policy == "static" and self.shift is not None:
+                saved_shift = scheduler.shift
+                scheduler.set_shift(self.shift)
+                try:
+                    result = original(*args, **kwargs)
+                finally:
+                    scheduler.set_shift(saved_shift)
+                self.decision = {"policy": "static", "tokens": tokens, "shift": saved_shift, "applied_shift": self.shift}
+                return result
+            return original(*args, **kwargs)
+
+        return set_timesteps
+
+    def pre_forward(self, module, *args, **kwargs):
+        state = self.attachment.state
+        if state is not None and "positions.shift_checked" not in state.scratch:
+            state.scratch["positions.shift_checked"] = True
+            if self.attachment.pipe.scheduler is not self.scheduler:
+                raise RuntimeError(
+                    f"pipe.scheduler was replaced after hires.apply, so PositionConfig.timestep_shift="
+                    f"{self.policy!r} is attached to the old one; call hires.apply(pipe, config) again after "
+                    "changing the scheduler"
+                )
+            if self.decision is not None:
+                state.scratch["log.positions.timestep_shift"] = dict(self.decision)
+        return args, kwargs
+
+
+# -- installer --------------------------------------------------------------------------------------
+
+def _install_sincos_interpolated(attachment, settings: ResolvedPositions) -> None:
+    module = _find_module(attachment.denoiser, PatchEmbed, "patch embedding")
+    if settings.interpolation_scale is not None and settings.interpolation_scale != module.interpolation_scale:
+        attachment.add_hook(module, _SincosScaleHook(attachment, float(settings.interpolation_scale)), HOOK + ".sincos_scale")
+
+
+def _install_cropped_table(attachment, settings: ResolvedPositions) -> None:
+    module = _find_module(attachment.denoiser, PatchEmbed, "patch embedding")
+    if not module.pos_embed_max_size:
+        raise ValueError(f"PositionConfig.table={settings.table!r}: {type(attachment.denoiser).__name__}'s patch "
+                         "embedding has no pos_embed_max_size table to extend")
+    if settings.table == "extrapolate":
+        check_sincos_table(module)
+    attachment.add_hook(module, _TableExtensionHook(attachment, settings.table), HOOK + ".table")
+
+
+def _install_rope(attachment, settings: ResolvedPositions) -> None:
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    module = _find_module(attachment.denoiser, FluxPosEmbed, "rotary position embedding")
+    if settings.rope != "none":
+        attachment.add_hook(module, _RopeHook(attachment, settings), HOOK + ".rope")
+
+
+_INSTALLERS = {
+    "sincos_interpolated": _install_sincos_interpolated,
+    "sincos_cropped_table": _install_cropped_table,
+    "rope": _install_rope,
+}
+
+
+def install(attachment, config: PositionConfig) -> None:
+    """Hook the denoiser's position module (and the flow scheduler's shift) for `config`."""
+    settings = resolve(config, attachment.info)
+    if "use_resolution_binning" in inspect.signature(type(attachment.pipe).__call__).parameters:
+        attachment.add_hook(attachment.denoiser, _ResolutionBinningCheck(attachment), HOOK + ".binning_check")
+    _INSTALLERS[attachment.info.family.position_encoding](attachment, settings)
+    if settings.timestep_shift is not None and settings.timestep_shift != "dynamic":
+        attachment.add_hook(attachment.denoiser, _TimestepShiftHook(attachment, settings.timestep_shift, settings.shift),
+                            HOOK + ".timestep_shift")
