@@ -23,6 +23,23 @@ from .runtime import CallRecord, CallState, apply, is_applied, last_call, model_
 
 __version__ = "0.1.0"
 
+_READY_PIPELINES = (
+    "HiresFluxPipeline",
+    "HiresPixArtSigmaPipeline",
+    "HiresStableDiffusion3Pipeline",
+    "HiresStableDiffusionPipeline",
+    "HiresStableDiffusionXLPipeline",
+)
+
+
+def __getattr__(name):
+    # The ready pipelines import five diffusers pipeline modules: load them only when asked for.
+    if name in _READY_PIPELINES:
+        from . import pipelines
+
+        return getattr(pipelines, name)
+    raise AttributeError(f"module 'hires' has no attribute {name!r}")
+
 __all__ = [
     "APGConfig",
     "AttentionBackendConfig",
@@ -38,6 +55,11 @@ __all__ = [
     "CallRecord",
     "CallState",
     "HiresConfig",
+    "HiresFluxPipeline",
+    "HiresPixArtSigmaPipeline",
+    "HiresStableDiffusion3Pipeline",
+    "HiresStableDiffusionPipeline",
+    "HiresStableDiffusionXLPipeline",
     "ModelInfo",
     "apply",
     "is_applied",

@@ -245,24 +245,31 @@ class Attachment:
         self.state = None
 
     # -- the call boundary -----------------------------------------------------------------
+    def _pipeline_call_frame(self, frame):
+        """The pipeline's own __call__ (any class of its MRO) if `frame` runs it, else None."""
+        for cls in type(self.pipe).__mro__:
+            function = cls.__dict__.get("__call__")
+            if function is not None and inspect.unwrap(function).__code__ is frame.f_code:
+                return inspect.unwrap(function)
+        return None
+
     def _make_check_inputs(self, original):
         signature = inspect.signature(original)
-        call = inspect.unwrap(type(self.pipe).__call__)
-        var_keyword = next(
-            (p.name for p in inspect.signature(call).parameters.values() if p.kind is p.VAR_KEYWORD), None
-        )
 
         def check_inputs(*args, **kwargs):
-            if var_keyword is not None:
+            caller = sys._getframe(1)
+            call = self._pipeline_call_frame(caller)
+            if call is not None:
                 # Some pipelines (PixArt-Sigma) accept **kwargs and drop them silently; a misspelt
                 # argument would then be ignored. Their __call__ is the frame that called us.
-                caller = sys._getframe(1)
-                swallowed = caller.f_locals.get(var_keyword) if caller.f_code is call.__code__ else None
+                parameters = inspect.signature(call).parameters.values()
+                var_keyword = next((p.name for p in parameters if p.kind is p.VAR_KEYWORD), None)
+                swallowed = caller.f_locals.get(var_keyword) if var_keyword else None
                 if swallowed:
                     raise TypeError(
                         f"{type(self.pipe).__name__}.__call__ got unknown keyword argument(s) "
                         f"{', '.join(f'{k}={v!r}' for k, v in swallowed.items())}; valid arguments are: "
-                        f"{', '.join(n for n in inspect.signature(call).parameters if n not in ('self', var_keyword))}"
+                        f"{', '.join(p.name for p in parameters if p.name not in ('self', var_keyword))}"
                     )
             bound = signature.bind_partial(*args, **kwargs).arguments
             for side in ("height", "width"):
@@ -273,15 +280,13 @@ class Attachment:
         return check_inputs
 
     def _make_progress_bar(self, original):
-        call_code = inspect.unwrap(type(self.pipe).__call__).__code__
-
         def progress_bar(iterable=None, total=None):
             bar = original(iterable=iterable, total=total)
             if iterable is not None:
                 return bar
             # The denoising loop of __call__ opens the bar: its frame holds the resolved arguments.
             caller = sys._getframe(1)
-            values = caller.f_locals if caller.f_code is call_code else {}
+            values = caller.f_locals if self._pipeline_call_frame(caller) is not None else {}
             return _CallScope(self, bar, {k: values[k] for k in _CALL_LOCALS if k in values})
 
         return progress_bar

@@ -1,0 +1,65 @@
+"""Ready pipelines: diffusers pipeline classes with hires built in.
+
+    pipe = hires.HiresStableDiffusionXLPipeline.from_pretrained(path)   # or .from_pipe(existing)
+    image = pipe(prompt, height=4096, width=4096, hires_config=hires.HiresConfig(...)).images[0]
+
+Each class is its diffusers base class plus one call argument, `hires_config`. Without it, the
+config of the last call stays (the first call uses `HiresConfig()`). Being their own `__call__`,
+they also reject sizes diffusers would silently replace (0 means "default" to diffusers).
+"""
+
+from __future__ import annotations
+
+from diffusers import (
+    FluxPipeline,
+    PixArtSigmaPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from .config import HiresConfig, validate_size
+from .runtime import apply, get_attachment
+
+
+class HiresPipelineMixin:
+    def __call__(self, *args, hires_config: HiresConfig | None = None, **kwargs):
+        attachment = get_attachment(self)
+        if hires_config is not None and (attachment is None or attachment.config != hires_config):
+            apply(self, hires_config)
+        elif attachment is None:
+            apply(self, HiresConfig())
+        info = get_attachment(self).info
+        for side in ("height", "width"):
+            if kwargs.get(side) is not None:
+                validate_size(side, kwargs[side], info.size_multiple, info.name)
+        return super().__call__(*args, **kwargs)
+
+
+class HiresStableDiffusionPipeline(HiresPipelineMixin, StableDiffusionPipeline):
+    """StableDiffusionPipeline (SD 1.x and 2.x) with hires."""
+
+
+class HiresStableDiffusionXLPipeline(HiresPipelineMixin, StableDiffusionXLPipeline):
+    """StableDiffusionXLPipeline with hires."""
+
+
+class HiresPixArtSigmaPipeline(HiresPipelineMixin, PixArtSigmaPipeline):
+    """PixArtSigmaPipeline with hires."""
+
+
+class HiresStableDiffusion3Pipeline(HiresPipelineMixin, StableDiffusion3Pipeline):
+    """StableDiffusion3Pipeline with hires."""
+
+
+class HiresFluxPipeline(HiresPipelineMixin, FluxPipeline):
+    """FluxPipeline with hires."""
+
+
+READY_PIPELINES = (
+    HiresStableDiffusionPipeline,
+    HiresStableDiffusionXLPipeline,
+    HiresPixArtSigmaPipeline,
+    HiresStableDiffusion3Pipeline,
+    HiresFluxPipeline,
+)
