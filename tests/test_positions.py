@@ -165,7 +165,7 @@ def test_timestep_shift_math():
 # -- bit-identity ------------------------------------------------------------------------------------
 
 def _variants(family, pipe):
-    variants = dict(P.position_variants(hires.model_info(pipe)))
+    variants = dict(P.position_variants(pipe))
     if family == "flux":
         variants["yarn_wide_ramp"] = PositionConfig(enabled=True, rope="yarn", yarn_beta_fast=32, yarn_beta_slow=1)
     if family in ("flux", "sd3"):
@@ -466,3 +466,50 @@ def test_options_that_do_not_apply_are_errors(family, options, match):
     assert not hires.is_applied(pipe)
     assert not any(n.startswith(HOOK_PREFIX) for m in pipe.transformer.modules()
                    for n in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}))
+
+
+# -- composition with offload, real sizes, testbed variants -----------------------------------------
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("order", ["offload_then_apply", "apply_then_offload"])
+def test_model_cpu_offload_before_or_after_apply(family, order):
+    reference = build(family)
+    _apply(reference)
+    expected = generate(reference, family, 256, steps=2)
+    plain = generate(build(family), family, 128, steps=2)
+    pipe = build(family)
+    if order == "offload_then_apply":
+        pipe.enable_model_cpu_offload(device="cpu")
+        _apply(pipe)
+    else:
+        _apply(pipe)
+        pipe.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(generate(pipe, family, 256, steps=2), expected)
+    hires.remove(pipe)
+    assert torch.equal(generate(pipe, family, 128, steps=2), plain)
+
+
+def test_sd3_tables_at_real_sizes():
+    # SD3-Medium / SD3.5-Large: a 192-patch table, 128-patch base (1024 px), patch 2, VAE 8 -> 16 px a patch.
+    side, base, dim = 192, 64, 8
+    table = P.sincos_2d_embedding(dim, P.sincos_positions(side, base, 1.0), P.sincos_positions(side, base, 1.0))[None]
+    for pixels in (3072, 4096, 8192):
+        patches = pixels // 16
+        for built in (P.interpolate_table(table, side, patches, patches), P.extrapolate_table(dim, side, base, 1.0, patches, patches)):
+            assert built.shape == (1, patches * patches, dim) and torch.isfinite(built).all()
+    # at the table's own size both meet diffusers' crop (the whole table)
+    assert torch.equal(P.interpolate_table(table, side, side, side), table)
+    torch.testing.assert_close(P.extrapolate_table(dim, side, base, 1.0, side, side), table, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family,names", [
+    ("pixart", {"plain", "model_scale", "double_range"}),
+    ("sd3", {"plain", "table_interpolate", "table_extrapolate", "shift_dynamic", "shift_clamp", "shift_static"}),
+    ("flux", {"plain", "rope_none", "rope_interpolation", "rope_ntk", "rope_yarn", "shift_dynamic", "shift_clamp", "shift_static"}),
+])
+def test_position_variants_for_testbed_rows(family, names):
+    pipe = build(family)
+    variants = P.position_variants(pipe)
+    assert set(variants) == names and not variants["plain"].enabled
+    if family == "pixart":
+        assert variants["double_range"].interpolation_scale == pipe.transformer.pos_embed.interpolation_scale / 2

@@ -271,22 +271,28 @@ def resolve(config: PositionConfig, info) -> ResolvedPositions:
     return resolved
 
 
-def position_variants(info) -> dict[str, PositionConfig]:
-    """Named PositionConfigs a testbed row can compare on this family (the first is plain diffusers)."""
-    variants = {"plain": PositionConfig(enabled=False)}
+def position_variants(pipe) -> dict[str, PositionConfig]:
+    """Named PositionConfigs a testbed row can compare on `pipe`'s family; "plain" is diffusers alone.
+
+    PixArt's "double_range" halves the model's own interpolation scale: positions span twice the
+    trained range instead of being squeezed into it.
+    """
+    from ..families import read_model_info
+
+    info = read_model_info(pipe)
     encoding = info.family.position_encoding
-    if encoding == "rope":
-        for method in ("none", "interpolation", "ntk", "yarn"):
-            variants[f"rope_{method}"] = PositionConfig(enabled=True, rope=method)
-    elif encoding == "sincos_cropped_table":
-        for mode in ("interpolate", "extrapolate"):
-            variants[f"table_{mode}"] = PositionConfig(enabled=True, table=mode)
-    elif encoding == "sincos_interpolated":
-        variants["model_scale"] = PositionConfig(enabled=True)
-        variants["extrapolated_step_2x"] = PositionConfig(enabled=True, interpolation_scale=0.5)
+    options: dict[str, dict[str, Any]] = {
+        "rope": {f"rope_{method}": {"rope": method} for method in ("none", "interpolation", "ntk", "yarn")},
+        "sincos_cropped_table": {f"table_{mode}": {"table": mode} for mode in ("interpolate", "extrapolate")},
+        "sincos_interpolated": {"model_scale": {}},
+    }.get(encoding, {})
+    if encoding == "sincos_interpolated":
+        own = _find_module(getattr(pipe, info.family.denoiser_attr), PatchEmbed, "patch embedding").interpolation_scale
+        options["double_range"] = {"interpolation_scale": own / 2}
     if info.prediction_type == "flow":
-        for policy in ("dynamic", "clamp", "static"):
-            variants[f"shift_{policy}"] = PositionConfig(enabled=True, timestep_shift=policy)
+        options.update({f"shift_{policy}": {"timestep_shift": policy} for policy in ("dynamic", "clamp", "static")})
+    variants = {"plain": PositionConfig(enabled=False)}
+    variants.update({name: PositionConfig(enabled=True, **values) for name, values in options.items()})
     return variants
 
 
@@ -370,13 +376,18 @@ class _TableExtensionHook(ModelHook):
             side = module.pos_embed_max_size
             if rows <= side and cols <= side:
                 return original(height, width)
-            if self.mode == "interpolate":
-                table = interpolate_table(module.pos_embed, side, rows, cols)
-            else:
-                table = extrapolate_table(module.pos_embed.shape[-1], side, module.base_size,
-                                          module.interpolation_scale, rows, cols)
-            self.attachment.state.scratch["log.positions.table"] = (self.mode, rows, cols, side)
-            return table.to(device=module.pos_embed.device, dtype=module.pos_embed.dtype)
+            # the same grid every step: build the extended table once per call
+            scratch = self.attachment.state.scratch
+            key = f"positions.table.{rows}x{cols}.{module.pos_embed.device}.{module.pos_embed.dtype}"
+            if key not in scratch:
+                if self.mode == "interpolate":
+                    table = interpolate_table(module.pos_embed, side, rows, cols)
+                else:
+                    table = extrapolate_table(module.pos_embed.shape[-1], side, module.base_size,
+                                              module.interpolation_scale, rows, cols)
+                scratch[key] = table.to(device=module.pos_embed.device, dtype=module.pos_embed.dtype)
+                scratch["log.positions.table"] = (self.mode, rows, cols, side)
+            return scratch[key]
 
         module.__dict__["cropped_pos_embed"] = cropped_pos_embed
         try:
