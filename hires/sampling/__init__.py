@@ -1,0 +1,1 @@
+"""Sampling layer: progressive stages (structure guidance), schedules and re-noising, wavelets."""
