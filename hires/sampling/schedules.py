@@ -1,0 +1,137 @@
+"""Schedules for progressive sampling: which steps a stage re-runs, re-noising, and x0 <-> model output.
+
+Two noise conventions cover every supported family:
+- variance preserving (eps / v / sample prediction; DDIM, Euler, DPM-Solver, ...): the denoiser sees
+  x = sqrt(a) x0 + sqrt(1 - a) eps, with a = alphas_cumprod at the (possibly fractional) timestep.
+  Euler-type schedulers keep x0 + sigma eps internally and scale it by 1 / sqrt(sigma^2 + 1) before
+  the denoiser, which is the same x; so the denoiser-side formulas hold for all of them.
+- flow matching (SD3, Flux): x = (1 - sigma) x0 + sigma eps and the model predicts v = eps - x0.
+The `level` passed around is `a` (alpha-bar) for the first and `sigma` for the second.
+
+A stage re-runs the last `k = round(renoise * N)` steps of the call's own N-step schedule: the
+pipeline builds its schedule as usual and `truncate_schedule` keeps the tail (as diffusers'
+img2img pipelines do with `strength`, but on the scheduler itself, so that any pipeline's loop sees
+only those steps). Re-noising to the tail's first timestep uses the scheduler's own `add_noise`
+(`scale_noise` for flow matching), so each scheduler's convention (VP sample, Euler's x0 + sigma eps)
+is its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
+
+
+def stage_steps(num_steps: int, renoise: float) -> int:
+    """How many of a schedule's `num_steps` steps a stage re-runs (at least 1)."""
+    return max(1, min(num_steps, int(math.floor(renoise * num_steps + 0.5))))
+
+
+def truncate_schedule(scheduler, start: int) -> None:
+    """Keep the scheduler's steps from index `start` on, as if those were its whole schedule.
+
+    Slices `timesteps` and, where the scheduler has one per step (plus the final 0), `sigmas`, and
+    clears the step/begin index so the next step looks its index up in the new schedule.
+    `num_inference_steps` is kept: DDIM-type schedulers derive each step's stride from it.
+    """
+    order = getattr(scheduler, "order", 1)
+    if order != 1:
+        raise ValueError(
+            f"structure guidance re-runs the tail of the schedule and needs a first-order scheduler; "
+            f"{type(scheduler).__name__} has order {order}. Use e.g. EulerDiscreteScheduler, DDIMScheduler, "
+            "DPMSolverMultistepScheduler or FlowMatchEulerDiscreteScheduler"
+        )
+    count = len(scheduler.timesteps)
+    if not 0 <= start < count:
+        raise ValueError(f"start={start} must index the {count}-step schedule")
+    scheduler.timesteps = scheduler.timesteps[start:]
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and sigmas.ndim == 1 and len(sigmas) in (count, count + 1):
+        scheduler.sigmas = sigmas[start:]
+    for name in ("_step_index", "_begin_index"):
+        if hasattr(scheduler, name):
+            setattr(scheduler, name, None)
+    if hasattr(scheduler, "model_outputs"):  # multistep solvers start their history afresh
+        scheduler.model_outputs = [None] * len(scheduler.model_outputs)
+        scheduler.lower_order_nums = 0
+
+
+def renoise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
+    """x0 noised to `timestep` in the scheduler's own sample convention (call after its set_timesteps)."""
+    t = torch.as_tensor(timestep, device=x0.device).reshape(1)
+    if hasattr(scheduler, "scale_noise"):  # flow matching: (1 - sigma) x0 + sigma noise
+        return scheduler.scale_noise(x0, t, noise)
+    return scheduler.add_noise(x0, noise, t)
+
+
+def vp_alpha_bar(scheduler, timestep) -> torch.Tensor:
+    """alpha-bar at a scheduler timestep; fractional timesteps (Karras / Euler interpolation) are
+    interpolated in log sigma, the inverse of diffusers' own sigma -> timestep map."""
+    alphas = scheduler.alphas_cumprod.to(torch.float64)
+    t = float(torch.as_tensor(timestep).flatten()[0])
+    t = min(max(t, 0.0), len(alphas) - 1.0)
+    low = int(math.floor(t))
+    high = min(low + 1, len(alphas) - 1)
+    log_sigma = torch.log(((1 - alphas) / alphas) ** 0.5)
+    w = t - low
+    sigma = torch.exp((1 - w) * log_sigma[low] + w * log_sigma[high])
+    return (1.0 / (1.0 + sigma**2)).to(torch.float32)
+
+
+def flow_sigma(scheduler, timestep) -> torch.Tensor:
+    """sigma of a flow-matching scheduler timestep (timesteps are sigma * num_train_timesteps)."""
+    t = float(torch.as_tensor(timestep).flatten()[0])
+    return torch.tensor(t / scheduler.config.num_train_timesteps, dtype=torch.float32)
+
+
+def noise_level(scheduler, prediction: str, timestep) -> torch.Tensor:
+    """The `level` of the module docstring for this prediction type at a scheduler timestep."""
+    return flow_sigma(scheduler, timestep) if prediction == "flow" else vp_alpha_bar(scheduler, timestep)
+
+
+def predicted_x0(output: torch.Tensor, sample: torch.Tensor, prediction: str, level) -> torch.Tensor:
+    """The clean sample a model output implies, for the denoiser's input `sample` (float32 math)."""
+    out, x = output.float(), sample.float()
+    level = torch.as_tensor(level, dtype=torch.float32, device=out.device)
+    if prediction == "flow":
+        return x - level * out
+    if prediction == "sample":
+        return out
+    a, s = level.sqrt(), (1 - level).sqrt()
+    if prediction == "epsilon":
+        return (x - s * out) / a
+    if prediction == "v_prediction":
+        return a * x - s * out
+    raise ValueError(f"prediction={prediction!r} is not supported; use one of {', '.join(PREDICTIONS)}")
+
+
+def output_from_x0(x0: torch.Tensor, sample: torch.Tensor, prediction: str, level) -> torch.Tensor:
+    """The model output that implies `x0` for the same input `sample` (inverse of `predicted_x0`)."""
+    z, x = x0.float(), sample.float()
+    level = torch.as_tensor(level, dtype=torch.float32, device=z.device)
+    if prediction == "flow":
+        return (x - z) / level
+    if prediction == "sample":
+        return z
+    a, s = level.sqrt(), (1 - level).sqrt()
+    if prediction == "epsilon":
+        return (x - a * z) / s
+    if prediction == "v_prediction":
+        return (a * x - z) / s
+    raise ValueError(f"prediction={prediction!r} is not supported; use one of {', '.join(PREDICTIONS)}")
+
+
+def dynamic_shift_mu(scheduler_config, tokens: int) -> float:
+    """diffusers' resolution-dependent shift mu for `tokens` image tokens (linear in the count).
+
+    The line runs through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift) and is
+    not capped above, so at 4K Flux's schedule sits at sigma > 0.99 for all but the last step.
+    """
+    get = scheduler_config.get if hasattr(scheduler_config, "get") else lambda k, d=None: getattr(scheduler_config, k, d)
+    base_len, max_len = get("base_image_seq_len", 256), get("max_image_seq_len", 4096)
+    base_shift, max_shift = get("base_shift", 0.5), get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return float(tokens * slope + base_shift - slope * base_len)
