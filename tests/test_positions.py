@@ -382,6 +382,7 @@ def test_flux_rotary_positions_are_the_configured_ones(method, size):
                                                 fast=options.get("yarn_beta_fast", 1.25), slow=options.get("yarn_beta_slow", 0.75))
     torch.testing.assert_close(cos, expected_cos, atol=1e-6, rtol=0)
     torch.testing.assert_close(sin, expected_sin, atol=1e-6, rtol=0)
+    assert torch.equal(seen[1][1][0], cos) and torch.equal(seen[1][1][1], sin)  # the second step reuses them
     plain_cos, plain_sin = plain_seen[0][1]
     axis0 = module.axes_dim[0]
     assert torch.equal(cos[:, :axis0], plain_cos[:, :axis0]) and torch.equal(sin[:, :axis0], plain_sin[:, :axis0])

@@ -13,18 +13,20 @@ Each family encodes positions differently (shared/references/dit_positions.md):
   so the grid spans the whole table at a finer step: it works for any stored table (learned or not),
   never leaves the values the model was trained with, and meets diffusers' crop exactly at the table
   edge. "extrapolate" continues the sin-cos formula past the table's ends at the table's own step;
-  it needs a table that is that formula, which is checked when hires is applied.
+  it needs a table that is that formula, which is checked when hires is applied. Either table is
+  built once per call and reused at every step.
 - Flux (`rope`): 3-axis RoPE on integer ids. The row and column axes are rescaled per call by the
   call's scale on that side, s = size / base size; axis 0 (zero for text and image) is untouched.
   "interpolation" divides positions by s (PI); "ntk" raises the base to theta * s^(d/(d-2));
   "yarn" (default, DyPE's default method) interpolates the frequencies that turn less than
   `yarn_beta_slow` times over the base grid, keeps those turning more than `yarn_beta_fast` times,
   ramps linearly in between (YaRN's NTK-by-parts, linear in rotations as in its paper), and
-  multiplies cos and sin by mscale = 0.1 ln s + 1. Because both queries and keys pass through
-  RoPE, the attention logits of those dimensions grow by mscale^2, which is YaRN's 1/t. Default ramp
-  ends (1.25, 0.75) rotations, DyPE's values for Flux's 64-position grid (LLM YaRN's (32, 1) would
-  interpolate every Flux frequency: 32 rotations over 64 positions is the Nyquist limit). Note that
-  EntropyScalingConfig also sharpens attention; with both, the two factors multiply.
+  multiplies cos and sin by mscale = 0.1 ln s + 1. Both queries and keys pass through RoPE, so the
+  logits of those dimensions grow by mscale^2, which is YaRN's 1/t. Default ramp ends: 1.25 and 0.75
+  rotations, the ends DyPE's Flux code uses (LLM YaRN's 32 and 1 would interpolate every Flux
+  frequency: the fastest turns 10.2 times over 64 positions). The rotary tables are computed once
+  per call and reused every step. EntropyScalingConfig also sharpens attention; with both, the two
+  factors multiply.
 - Flow families' timestep shift (`timestep_shift`): "dynamic" keeps diffusers' mu, linear in the
   token count and unbounded (at 4096 px Flux sits at sigma > 0.9 for all but the last step);
   "clamp" (default) caps mu at its value for the base size's token count, as DyPE does; "static"
@@ -48,7 +50,6 @@ import sys
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from diffusers.models.embeddings import PatchEmbed, get_1d_rotary_pos_embed
 
@@ -102,15 +103,15 @@ def sincos_2d_embedding(dim: int, row_positions: torch.Tensor, col_positions: to
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
 
-    def axis(positions: torch.Tensor) -> torch.Tensor:
+    def axis(positions: torch.Tensor) -> torch.Tensor:  # float64 angles, float32 result: the 2D table stays small
         angles = positions.double()[:, None] * omega[None]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
     rows, cols = axis(row_positions), axis(col_positions)
     table = torch.cat(
         [cols[None, :, :].expand(len(rows), -1, -1), rows[:, None, :].expand(-1, len(cols), -1)], dim=-1
     )
-    return table.reshape(-1, dim).float()
+    return table.reshape(-1, dim)
 
 
 def table_crop_start(table_side: int, count: int) -> int:
@@ -118,20 +119,29 @@ def table_crop_start(table_side: int, count: int) -> int:
     return (table_side - count) // 2
 
 
+def _resample_axis(grid: torch.Tensor, axis: int, count: int) -> torch.Tensor:
+    """`count` entries along `axis` of a table side: the centred crop if it fits, else linear resampling
+    of the whole side at (i + 0.5) * side / count - 0.5 (align_corners=False, ends clamped)."""
+    side = grid.shape[axis]
+    if count <= side:
+        return grid.narrow(axis, table_crop_start(side, count), count)
+    coords = ((torch.arange(count, dtype=torch.float64) + 0.5) * side / count - 0.5).clamp(0, side - 1)
+    low = coords.floor().long()
+    high = (low + 1).clamp(max=side - 1)
+    shape = [1] * grid.ndim
+    shape[axis] = count
+    weight = (coords - low).to(grid.dtype).reshape(shape).to(grid.device)
+    low, high = low.to(grid.device), high.to(grid.device)
+    return torch.lerp(grid.index_select(axis, low), grid.index_select(axis, high), weight)
+
+
 def interpolate_table(table: torch.Tensor, side: int, rows: int, cols: int) -> torch.Tensor:
     """(1, rows*cols, D) from a (1, side*side, D) table: a centred crop on sides that fit, bilinear
-    resampling over the whole table (align_corners=False) on sides that do not."""
+    resampling over the whole table on sides that do not (separable, float32)."""
     dim = table.shape[-1]
-    grid = table.reshape(side, side, dim)
-    if rows <= side:
-        top = table_crop_start(side, rows)
-        grid = grid[top : top + rows]
-    if cols <= side:
-        left = table_crop_start(side, cols)
-        grid = grid[:, left : left + cols]
-    work = grid.permute(2, 0, 1)[None].float()
-    out = F.interpolate(work, size=(rows, cols), mode="bilinear", align_corners=False)
-    return out[0].permute(1, 2, 0).reshape(1, rows * cols, dim).to(table.dtype)
+    grid = table.reshape(side, side, dim).float()
+    grid = _resample_axis(_resample_axis(grid, 0, rows), 1, cols)
+    return grid.reshape(1, rows * cols, dim).to(table.dtype)
 
 
 def extrapolate_table(dim: int, side: int, base: int, scale: float, rows: int, cols: int) -> torch.Tensor:
@@ -441,6 +451,10 @@ class _RopeHook(ModelHook):
         scales = self.axis_scales(state) if state is not None else []
         if not any(scales):
             return self.fn_ref.original_forward(ids, *args, **kwargs)
+        # every step of a call passes the same ids: compute once per call
+        cached = state.scratch.get("positions.rope")
+        if cached is not None and cached[0].shape == ids.shape and torch.equal(cached[0], ids):
+            return cached[1]
         positions = ids.float()
         freqs_dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
         cos_parts, sin_parts, used = [], [], []
@@ -458,7 +472,9 @@ class _RopeHook(ModelHook):
             cos_parts.append(cos)
             sin_parts.append(sin)
         state.scratch["log.positions.rope"] = (self.settings.rope, tuple(used))
-        return torch.cat(cos_parts, dim=-1).to(ids.device), torch.cat(sin_parts, dim=-1).to(ids.device)
+        result = torch.cat(cos_parts, dim=-1).to(ids.device), torch.cat(sin_parts, dim=-1).to(ids.device)
+        state.scratch["positions.rope"] = (ids.clone(), result)
+        return result
 
 
 class _TimestepShiftHook(ModelHook):
