@@ -440,3 +440,13 @@ def test_backend_errors_name_the_problem():
         WindowAttentionConfig(enabled=True, window=0)
     with pytest.raises(ValueError, match="text_tokens"):
         EntropyScalingConfig(enabled=True, text_tokens="some")
+
+
+def test_testbed_configs_apply_and_change_a_scaled_call():
+    for family in ("sd15", "flux"):
+        pipe = build(family)
+        plain = generate(pipe, family, 128)
+        for name, config in A.testbed_configs().items():
+            hires.apply(pipe, config)
+            assert not torch.equal(generate(pipe, family, 128), plain), (family, name)
+            hires.remove(pipe)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
-from ..config import AttentionBackendConfig, EntropyScalingConfig, WindowAttentionConfig
+from ..config import AttentionBackendConfig, EntropyScalingConfig, HiresConfig, WindowAttentionConfig
 
 BACKEND_HOOK = "hires.attention_backend"
 LOG_FACTORS = "log.entropy_factors"
@@ -487,3 +487,18 @@ def install_attention_backend(attachment, config: AttentionBackendConfig) -> Non
         )
     model = attachment.denoiser
     attachment.add_hook(model, _BackendHook(backend_context(config.backend, _uses_dispatcher(model))), BACKEND_HOOK)
+
+
+def testbed_configs() -> dict[str, HiresConfig]:
+    """Rows for the coherence testbed (scripts/eval_coherence.py): row name -> HiresConfig.
+
+    Use as `ROWS += [(name, hires_row(config)) for name, config in testbed_configs().items()]`.
+    """
+    entropy = EntropyScalingConfig(enabled=True)
+    windows = WindowAttentionConfig(enabled=True)
+    return {
+        "entropy scaling": HiresConfig(entropy_scaling=entropy),
+        "entropy scaling, text counted": HiresConfig(entropy_scaling=EntropyScalingConfig(enabled=True, text_tokens="include")),
+        "window attention (shifted)": HiresConfig(window_attention=windows),
+        "entropy scaling + window attention": HiresConfig(entropy_scaling=entropy, window_attention=windows),
+    }
