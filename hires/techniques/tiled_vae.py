@@ -1,0 +1,433 @@
+"""Tiled VAE decode and encode with whole-image GroupNorm statistics.
+
+Why: diffusers' `vae.enable_tiling()` normalises every tile with that tile's own GroupNorm
+statistics and blends overlaps, so flat areas change tone from tile to tile and seams show. Here
+every GroupNorm uses the statistics of the whole image, so the tiled result equals the untiled one
+up to float32 rounding.
+
+How:
+- The part of the network that runs at latent resolution (decoder: post-quant conv, conv_in and
+  the mid block with its global attention; encoder: the mid block and what follows) runs on the
+  whole latent. It is small (latent resolution) and its attention goes through diffusers' own
+  processor, i.e. scaled-dot-product attention, so no N x N matrix is materialised.
+- The high-resolution part is a chain of units (resnet blocks, up/downsamplers, the output head),
+  grouped into segments. A segment's input is held whole; the segment runs tile by tile, each tile
+  with a halo as wide as the receptive field of the segment's convolutions, so the tile's core is
+  exact. GroupNorm is intercepted (`F.group_norm`, through a TorchFunctionMode, so no module is
+  touched): a first pass over all tiles gathers float32 count / mean / M2 of the first GroupNorm's
+  input over each tile's core, combined over tiles (Chan's parallel formula); the next pass
+  normalises that GroupNorm with the combined statistics and gathers the next one; the last pass
+  writes each tile's core into the segment's output. The cost is recomputing a segment's prefix
+  once per GroupNorm in it; the memory is the segment's input and output plus one tile.
+
+`install(attachment, config)` shadows `vae._decode` / `vae._encode` with instance attributes set
+by a named hook's initialise step and deleted by its de-initialise step, so `hires.remove` leaves
+the VAE exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from fractions import Fraction
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+from torch.overrides import TorchFunctionMode
+
+HOOK_NAME = "hires.tiled_vae"
+DEFAULT_TILE_LATENT = 64  # tile core side in latent pixels (512 px for a factor-8 VAE)
+
+
+# -- units and segments ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Unit:
+    """One local step of the high-resolution path: y = fn(x); y's side is x's side times `scale`."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    radius: int  # receptive-field radius in this unit's input pixels
+    scale: Fraction
+    store_output: bool = True  # False: fuse with the next unit (never hold this output whole)
+
+
+@dataclasses.dataclass
+class Segment:
+    units: list[Unit]
+
+    @property
+    def scale(self) -> Fraction:
+        return math.prod((u.scale for u in self.units), start=Fraction(1))
+
+    @property
+    def alignment(self) -> int:
+        """Tile borders (segment input px) must be multiples of this so every level maps to whole pixels."""
+        step, scale = 1, Fraction(1)
+        for unit in self.units:
+            scale *= unit.scale
+            step = max(step, scale.denominator)
+        return step
+
+    @property
+    def halo(self) -> int:
+        total, scale = Fraction(0), Fraction(1)
+        for unit in self.units:
+            total += Fraction(unit.radius) / scale
+            scale *= unit.scale
+        align = self.alignment
+        return math.ceil(math.ceil(total) / align) * align
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for unit in self.units:
+            x = unit.fn(x)
+        return x
+
+
+def _conv_radius(conv: torch.nn.Conv2d) -> int:
+    return max((k - 1) // 2 * d for k, d in zip(conv.kernel_size, conv.dilation))
+
+
+def _resnet_unit(name: str, resnet) -> Unit:
+    radius = _conv_radius(resnet.conv1) + _conv_radius(resnet.conv2)
+    if getattr(resnet, "conv_shortcut", None) is not None:
+        radius = max(radius, _conv_radius(resnet.conv_shortcut))
+    return Unit(name, lambda x: resnet(x, None), radius, Fraction(1))
+
+
+def _upsampler_unit(name: str, upsampler) -> Unit:
+    if getattr(upsampler, "use_conv_transpose", False) or not getattr(upsampler, "interpolate", True):
+        raise TypeError(f"{name}: {type(upsampler).__name__} without nearest interpolation is not supported by tiled decode")
+    conv = getattr(upsampler, "conv", None) if getattr(upsampler, "name", "conv") == "conv" else upsampler.Conv2d_0
+    radius = math.ceil(_conv_radius(conv) / 2) if conv is not None else 0
+    return Unit(name, lambda x: upsampler(x), radius, Fraction(2), store_output=False)
+
+
+def _downsampler_unit(name: str, downsampler) -> Unit:
+    conv = downsampler.conv
+    if not isinstance(conv, torch.nn.Conv2d):
+        return Unit(name, lambda x: downsampler(x), 1, Fraction(1, 2))
+    # The stride-2 conv (after diffusers' asymmetric (0, 1) pad when padding == 0) reads up to k-1 px ahead.
+    return Unit(name, lambda x: downsampler(x), conv.kernel_size[0] - 1, Fraction(1, 2))
+
+
+def _check_group_norm_head(coder, what: str) -> None:
+    if not isinstance(coder.conv_norm_out, torch.nn.GroupNorm):
+        raise TypeError(
+            f"tiled {what} supports VAEs whose output norm is GroupNorm (diffusers AutoencoderKL); "
+            f"got {type(coder.conv_norm_out).__name__}"
+        )
+
+
+def decoder_plan(decoder) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[Unit]]:
+    """The decoder as (whole-latent trunk, high-resolution units); together they equal `decoder(z)`."""
+    _check_group_norm_head(decoder, "decode")
+
+    def trunk(z):
+        return decoder.mid_block(decoder.conv_in(z), None)
+
+    units: list[Unit] = []
+    for b, block in enumerate(decoder.up_blocks):
+        if not hasattr(block, "resnets"):
+            raise TypeError(f"decoder.up_blocks[{b}] ({type(block).__name__}) has no resnets; tiled decode needs UpDecoderBlock2D-like blocks")
+        for r, resnet in enumerate(block.resnets):
+            units.append(_resnet_unit(f"up_blocks.{b}.resnets.{r}", resnet))
+        for u, upsampler in enumerate(block.upsamplers or []):
+            units.append(_upsampler_unit(f"up_blocks.{b}.upsamplers.{u}", upsampler))
+
+    def head(x):
+        return decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(x)))
+
+    units.append(Unit("head", head, _conv_radius(decoder.conv_out), Fraction(1)))
+    return trunk, units
+
+
+def encoder_plan(encoder, quant_conv) -> tuple[list[Unit], Callable[[torch.Tensor], torch.Tensor]]:
+    """The encoder as (high-resolution units, whole-latent trunk); together they equal `encoder(x)` (+ quant_conv)."""
+    _check_group_norm_head(encoder, "encode")
+    units = [Unit("conv_in", lambda x: encoder.conv_in(x), _conv_radius(encoder.conv_in), Fraction(1))]
+    for b, block in enumerate(encoder.down_blocks):
+        if not hasattr(block, "resnets"):
+            raise TypeError(f"encoder.down_blocks[{b}] ({type(block).__name__}) has no resnets; tiled encode needs DownEncoderBlock2D-like blocks")
+        for r, resnet in enumerate(block.resnets):
+            units.append(_resnet_unit(f"down_blocks.{b}.resnets.{r}", resnet))
+        for d, downsampler in enumerate(block.downsamplers or []):
+            # Fuse into the previous unit: its full-resolution output is never held whole.
+            units[-1].store_output = False
+            units.append(_downsampler_unit(f"down_blocks.{b}.downsamplers.{d}", downsampler))
+
+    def trunk(h):
+        h = encoder.mid_block(h)
+        h = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(h)))
+        return quant_conv(h) if quant_conv is not None else h
+
+    return units, trunk
+
+
+def group_units(units: list[Unit], grouping: str = "unit") -> list[Segment]:
+    """Segments of units. "unit": store every output except fused ones (least recompute);
+    "level": store only at resolution changes' low side (least memory, more recompute)."""
+    if grouping not in ("unit", "level"):
+        raise ValueError(f"grouping={grouping!r} must be 'unit' or 'level'")
+    segments, current = [], []
+    for unit in units:
+        if grouping == "level" and unit.scale > 1 and current:
+            segments.append(Segment(current))  # store the upsampler's low-resolution input
+            current = []
+        current.append(unit)
+        if (unit.store_output if grouping == "unit" else unit.scale < 1):
+            segments.append(Segment(current))
+            current = []
+    if current:
+        segments.append(Segment(current))
+    return segments
+
+
+# -- whole-image GroupNorm statistics --------------------------------------------------------------
+class _StatisticsGathered(Exception):
+    """Raised to stop a tile's forward once the GroupNorm being measured has been seen."""
+
+
+class _TileStatistics:
+    """count, mean and M2 per (batch, group), combined over tiles with Chan's formula (float64 accumulators)."""
+
+    def __init__(self):
+        self.count = None
+        self.mean = None
+        self.m2 = None
+
+    def add(self, x: torch.Tensor, groups: int) -> None:
+        b = x.shape[0]
+        values = x.reshape(b, groups, -1).float()
+        n = values.shape[-1]
+        mean = values.mean(-1)
+        m2 = ((values - mean[..., None]) ** 2).sum(-1)
+        mean, m2 = mean.double(), m2.double()
+        if self.count is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, variance) float32, variance biased like GroupNorm's."""
+        return self.mean.float(), (self.m2 / self.count).float()
+
+
+def group_norm_with_statistics(x, groups, mean, variance, weight, bias, eps) -> torch.Tensor:
+    """GroupNorm of `x` with given per-(batch, group) mean and variance, in float32, cast back."""
+    shape = x.shape
+    values = x.float().reshape(shape[0], groups, -1) - mean[..., None]  # the one new full-size buffer
+    values.mul_(torch.rsqrt(variance[..., None] + eps))
+    values = values.reshape(shape)
+    if weight is not None:
+        view = (1, -1) + (1,) * (len(shape) - 2)
+        values.mul_(weight.float().reshape(view)).add_(bias.float().reshape(view))
+    return values.to(x.dtype)
+
+
+class _GlobalGroupNorm(TorchFunctionMode):
+    """Inside one tile's forward: the first `len(known)` GroupNorms use whole-image statistics; the
+    next one has its input's core measured into `gather`, then the forward stops."""
+
+    def __init__(self, known, gather: _TileStatistics | None, core, input_size):
+        super().__init__()
+        self.known = known
+        self.gather = gather
+        self.core = core  # (top, left, height, width) of the tile's core in tile-input pixels
+        self.input_size = input_size
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.group_norm:
+            return func(*args, **kwargs)
+        x, groups = args[0], args[1]
+        weight = args[2] if len(args) > 2 else kwargs.get("weight")
+        bias = args[3] if len(args) > 3 else kwargs.get("bias")
+        eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        index, self.calls = self.calls, self.calls + 1
+        if index < len(self.known):
+            mean, variance = self.known[index]
+            return group_norm_with_statistics(x, groups, mean, variance, weight, bias, eps)
+        if self.gather is None:
+            raise RuntimeError("a GroupNorm appeared that the statistics passes did not see")
+        scale_h = Fraction(x.shape[-2], self.input_size[0])
+        scale_w = Fraction(x.shape[-1], self.input_size[1])
+        top, left, height, width = self.core
+        rows = slice(int(top * scale_h), int((top + height) * scale_h))
+        cols = slice(int(left * scale_w), int((left + width) * scale_w))
+        self.gather.add(x[..., rows, cols], groups)
+        raise _StatisticsGathered
+
+
+def _tiles(size: int, tile: int):
+    return [(start, min(tile, size - start)) for start in range(0, size, tile)]
+
+
+_ONE_TILE = contextvars.ContextVar("hires_tiled_vae_one_tile", default=False)
+
+
+@contextlib.contextmanager
+def one_tile_per_pass():
+    """Run only one interior tile per pass (all tiles allocate alike): how the planner measures the
+    tiled peak on the meta device without walking every tile."""
+    token = _ONE_TILE.set(True)
+    try:
+        yield
+    finally:
+        _ONE_TILE.reset(token)
+
+
+def run_segment(segment: Segment, x: torch.Tensor, tile: int, halo: int | None = None) -> torch.Tensor:
+    """`segment(x)` computed tile by tile with whole-image GroupNorm statistics.
+
+    `halo` (pixels of `x`) overrides the exact one, the segment's receptive-field radius."""
+    height, width = x.shape[-2:]
+    align = segment.alignment
+    halo = segment.halo if halo is None else math.ceil(halo / align) * align
+    tile = max(align, tile // align * align)
+    if height % align or width % align:
+        raise ValueError(f"tiled VAE: a {height}x{width} activation cannot be split on a {align}-pixel grid")
+    rows, cols = _tiles(height, tile), _tiles(width, tile)
+    grid = [(rows[len(rows) // 2], cols[len(cols) // 2])] if _ONE_TILE.get() else [(r, c) for r in rows for c in cols]
+    known: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out = None
+    scale = segment.scale
+    while True:
+        gather = _TileStatistics()
+        finished = False
+        for (top, tile_h), (left, tile_w) in grid:
+            r0, r1 = max(0, top - halo), min(height, top + tile_h + halo)
+            c0, c1 = max(0, left - halo), min(width, left + tile_w + halo)
+            piece = x[..., r0:r1, c0:c1]
+            mode = _GlobalGroupNorm(known, gather, (top - r0, left - c0, tile_h, tile_w), (r1 - r0, c1 - c0))
+            try:
+                with mode:
+                    y = segment(piece)
+            except _StatisticsGathered:
+                continue
+            finished = True
+            if out is None:
+                out = y.new_empty(y.shape[:2] + (int(height * scale), int(width * scale)))
+            oy, ox = int((top - r0) * scale), int((left - c0) * scale)
+            oh, ow = int(tile_h * scale), int(tile_w * scale)
+            out[..., int(top * scale): int(top * scale) + oh, int(left * scale): int(left * scale) + ow] = y[..., oy: oy + oh, ox: ox + ow]
+            del y
+        if finished:
+            return out
+        known.append(gather.finish())
+
+
+def _in_pixels_of(x: torch.Tensor, latent_side: int, latent_pixels: int | None) -> int | None:
+    """`latent_pixels` latent px expressed in pixels of activation `x`."""
+    if latent_pixels is None:
+        return None
+    return max(1, math.ceil(latent_pixels * x.shape[-2] / latent_side))
+
+
+def tiled_decode(vae, z: torch.Tensor, tile_size: int | None = None, grouping: str = "unit", halo: int | None = None) -> torch.Tensor:
+    """`vae.decoder(vae.post_quant_conv(z))` with whole-image GroupNorm statistics, tile by tile.
+
+    `z` is what `vae.decode` receives (already unscaled by the pipeline); `tile_size` is the tile
+    core side in latent pixels; `halo` (latent px) overrides the exact halo (for experiments).
+    """
+    tile_latent = tile_size or DEFAULT_TILE_LATENT
+    if getattr(vae, "post_quant_conv", None) is not None:
+        z = vae.post_quant_conv(z)
+    trunk, units = decoder_plan(vae.decoder)
+    h = trunk(z)
+    for segment in group_units(units, grouping):
+        h = run_segment(segment, h, _in_pixels_of(h, z.shape[-2], tile_latent), _in_pixels_of(h, z.shape[-2], halo))
+    return h
+
+
+def tiled_encode(vae, x: torch.Tensor, tile_size: int | None = None, grouping: str = "unit", halo: int | None = None) -> torch.Tensor:
+    """The moments `vae._encode(x)` returns (encoder + quant_conv), tile by tile, whole-image GroupNorm statistics."""
+    tile_latent = tile_size or DEFAULT_TILE_LATENT
+    units, trunk = encoder_plan(vae.encoder, getattr(vae, "quant_conv", None))
+    factor = 2 ** sum(1 for u in units if u.scale < 1)
+    latent_side = x.shape[-2] // factor
+    h = x
+    for segment in group_units(units, grouping):
+        h = run_segment(segment, h, _in_pixels_of(h, latent_side, tile_latent), _in_pixels_of(h, latent_side, halo))
+    return trunk(h)
+
+
+# -- installing on a pipeline's VAE ----------------------------------------------------------------
+class TiledVAEHook(ModelHook):
+    """Shadows `vae._decode` / `vae._encode` while registered; the originals come back on removal."""
+
+    def __init__(self, should_tile: Callable[[str, tuple[int, ...], torch.dtype], int | None], grouping: str = "unit",
+                 halo: int | None = None):
+        super().__init__()
+        self.should_tile = should_tile  # (kind, shape, dtype) -> tile size in latent px, or None: don't tile
+        self.grouping = grouping
+        self.halo = halo
+        self._saved: dict[str, tuple[bool, object]] = {}
+
+    def initialize_hook(self, module):
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        original_decode, original_encode = module._decode, module._encode
+        hook = self
+
+        def _decode(z, return_dict: bool = True):
+            tile = hook.should_tile("decode", tuple(z.shape), z.dtype)
+            if tile is None:
+                return original_decode(z, return_dict=return_dict)
+            sample = tiled_decode(module, z, tile, hook.grouping, hook.halo)
+            return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+        def _encode(x):
+            tile = hook.should_tile("encode", tuple(x.shape), x.dtype)
+            if tile is None:
+                return original_encode(x)
+            return tiled_encode(module, x, tile, hook.grouping, hook.halo)
+
+        for name, fn in (("_decode", _decode), ("_encode", _encode)):
+            self._saved[name] = (name in module.__dict__, module.__dict__.get(name))
+            module.__dict__[name] = fn
+        return module
+
+    def deinitalize_hook(self, module):
+        for name, (had, value) in self._saved.items():
+            if had:
+                module.__dict__[name] = value
+            else:
+                module.__dict__.pop(name, None)
+        self._saved.clear()
+        return module
+
+
+def install_tiling(attachment, mode: str, tile_size: int | None, max_memory: int | None = None,
+                   halo: int | None = None) -> None:
+    """Install the tiled VAE hook on `attachment.pipe.vae` ("auto": tile when the planner says so)."""
+    from .. import memory_planner
+
+    vae = getattr(attachment.pipe, "vae", None)
+    if vae is None:
+        raise ValueError("vae_tiling: the pipeline has no `vae` component to tile")
+    if mode == "never":
+        return
+
+    def should_tile(kind, shape, dtype):
+        if mode == "always":
+            return tile_size or DEFAULT_TILE_LATENT
+        decision = memory_planner.vae_tiling_decision(vae, kind, shape, dtype, max_memory=max_memory, tile_size=tile_size)
+        return decision
+
+    attachment.add_hook(vae, TiledVAEHook(should_tile, halo=halo), HOOK_NAME)
+
+
+def install(attachment, config) -> None:
+    """Installer of `VAETilingConfig`: tiled decode/encode on the pipeline's VAE."""
+    memory = getattr(attachment.config, "memory", None)
+    max_memory = memory.max_memory if memory is not None and memory.enabled else None
+    install_tiling(attachment, config.mode, config.tile_size, max_memory, config.halo)
