@@ -219,6 +219,25 @@ def test_windowed_processor_equals_per_window_reference():
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_windowed_flux_joint_processor_keeps_text_global():
+    """Flux double block: text first in the joint sequence; image windows see all text keys."""
+    attn = _double(build("flux").transformer.transformer_blocks[0].attn)
+    attachment = _attachment("flux", 2, 128, 192)  # 8x12 tokens, base windows 4x4 -> 2x3 windows
+    n_img, n_txt, d = 96, 5, attn.head_dim
+    x = torch.randn(1, n_img, attn.query_dim, dtype=torch.float64)
+    c = torch.randn(1, n_txt, attn.query_dim, dtype=torch.float64)
+    img, txt = _wrapped(attn, attachment, entropy=None, window=WINDOWS)(attn, x, c)
+    record = attachment.state.scratch[A.LOG_WINDOWS]["layer"]
+    assert record["windows"] == 6 and any(record["offset"])
+    q = torch.cat([attn.norm_added_q(attn.add_q_proj(c).unflatten(-1, (-1, d))), attn.norm_q(attn.to_q(x).unflatten(-1, (-1, d)))], 1)
+    k = torch.cat([attn.norm_added_k(attn.add_k_proj(c).unflatten(-1, (-1, d))), attn.norm_k(attn.to_k(x).unflatten(-1, (-1, d)))], 1)
+    v = torch.cat([attn.add_v_proj(c).unflatten(-1, (-1, d)), attn.to_v(x).unflatten(-1, (-1, d))], 1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    ref = _window_reference(q, k, v, (8, 12), (4, 4), record["offset"], n_txt, 1 / math.sqrt(d)).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(img, attn.to_out[0](ref[:, n_txt:]), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(txt, attn.to_add_out(ref[:, :n_txt]), rtol=1e-10, atol=1e-10)
+
+
 def test_processor_that_bypasses_torch_sdpa_is_reported():
     from diffusers.models.attention_processor import AttnProcessor
 
@@ -425,15 +444,35 @@ def test_math_backend_is_the_kernel_that_runs():
         assert flash_native - flash_math == softmax_math - softmax_native, family
 
 
+def test_flux_entropy_scaling_runs_on_any_dispatcher_backend():
+    """Flux's factor goes into its queries, so a non-SDPA dispatcher kernel (flex here) applies it too."""
+    pipe = build("flux")
+    results = {}
+    for backend in ("native", "flex"):
+        hires.apply(pipe, hires.HiresConfig(entropy_scaling=ENTROPY,
+                                            attention_backend=AttentionBackendConfig(enabled=True, backend=backend)))
+        results[backend] = generate(pipe, "flux", 128)
+        assert max(hires.last_call(pipe).notes[A.LOG_FACTORS].values()) > 1
+    hires.remove(pipe)
+    plain = generate(pipe, "flux", 128)
+    torch.testing.assert_close(results["flex"], results["native"], rtol=1e-4, atol=1e-4)
+    assert (results["native"] - plain).abs().max() > 100 * (results["flex"] - results["native"]).abs().max()
+
+
 def test_backend_errors_name_the_problem():
     pipe = build("sd15")
     with pytest.raises(ValueError, match="backend='flash'.*call torch's"):
         hires.apply(pipe, hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="flash")))
-    flux = build("flux")
     with pytest.raises(ValueError, match="conflicts with entropy_scaling"):
-        hires.apply(flux, hires.HiresConfig(entropy_scaling=ENTROPY,
+        hires.apply(pipe, hires.HiresConfig(entropy_scaling=ENTROPY,
+                                            attention_backend=AttentionBackendConfig(enabled=True, backend="flex")))
+    flux = build("flux")
+    with pytest.raises(ValueError, match="conflicts with window_attention"):
+        hires.apply(flux, hires.HiresConfig(window_attention=WINDOWS,
                                             attention_backend=AttentionBackendConfig(enabled=True, backend="flex")))
     assert not hires.is_applied(flux)
+    with pytest.raises(ValueError, match="backend='xformers' cannot run here"):
+        hires.apply(flux, hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="xformers")))
     with pytest.raises(ValueError, match="backend"):
         AttentionBackendConfig(enabled=True, backend="fastest")
     with pytest.raises(ValueError, match="window"):

@@ -3,11 +3,15 @@
 How it attaches. Every attention processor of the denoiser is wrapped (through
 `attachment.set_attn_processors`, so `hires.remove` puts the originals back). The wrapper runs the
 original processor unchanged; only when an image self-attention layer needs a change in the
-current call does it run that processor under a `TorchFunctionMode` that rewrites the layer's one
-call to torch's `scaled_dot_product_attention`: a `scale=` argument for entropy scaling, a split
-into windows for windowed attention. The processors stay the user's own (AttnProcessor2_0 of
-UNets and PixArt, SD3's JointAttnProcessor2_0, Flux's FluxAttnProcessor through diffusers'
-dispatcher with a torch-SDPA backend), and torch SDPA keeps choosing its flash / memory-efficient
+current call does it act, in one of two ways:
+- processors that call torch's `scaled_dot_product_attention` themselves (AttnProcessor2_0 of
+  UNets and PixArt, SD3's JointAttnProcessor2_0) run under a `TorchFunctionMode` that rewrites the
+  layer's one SDPA call: a `scale=` argument for entropy scaling, a split into windows;
+- processors that go through diffusers' attention dispatcher (Flux's FluxAttnProcessor) get the
+  entropy factor in their queries (`ProcessorFacts.query_outputs`), so every dispatcher backend
+  (torch SDPA, flash-attn, xformers, sage, flex) runs it; their windows use the SDPA rewrite, so
+  windowed Flux needs a torch-SDPA backend (the default "native").
+The processors stay the user's own and torch SDPA keeps choosing its flash / memory-efficient
 kernels: no attention matrix is ever built here.
 
 Which tokens count (N and T). In one call a layer attends over image tokens and, for joint
@@ -31,7 +35,7 @@ stride-2 convs); T is the same layer's count on the base-size grid.
   shifted windows do; tokens of opposite edges may share a window at that step). In joint
   attention the text tokens stay global: every window also sees all text keys and text queries see
   every key. Works for UNet self-attention and the DiTs (PixArt self-attention, SD3/Flux joint
-  attention, where the token order of the processor is listed in `_JOINT_TOKEN_ORDER`).
+  attention, where the token order of the processor is listed in `_PROCESSOR_FACTS`).
 """
 
 from __future__ import annotations
@@ -56,14 +60,24 @@ LOG_WINDOWS = "log.windows"
 LOG_WINDOW_OFFSETS = "log.window_offsets"
 _OFFSETS = "attention.window_offsets"
 
-# Where a joint-attention processor puts the image tokens in the sequence it attends over
-# (found in each processor's torch.cat): SD3 appends text after the image, Flux prepends it.
-_JOINT_TOKEN_ORDER = {
-    "JointAttnProcessor2_0": "image_first",
-    "FluxAttnProcessor": "text_first",
-    "FluxAttnProcessor2_0": "text_first",
-}
+@dataclasses.dataclass(frozen=True)
+class ProcessorFacts:
+    """What hires needs to know about a diffusers attention processor class (read from its source)."""
 
+    # Where the image tokens sit in the joint text-image sequence it attends over (its torch.cat).
+    token_order: str  # "image_first" or "text_first"
+    # Processors that hand queries to diffusers' dispatcher, whatever kernel it runs (torch SDPA,
+    # flash-attn, xformers, sage, flex): the entropy factor multiplies the outputs of these
+    # submodules, after which only RoPE (a rotation, which commutes with a scalar) touches the
+    # queries. Empty: the factor goes into torch SDPA's `scale` argument.
+    query_outputs: tuple[str, ...] = ()
+
+
+_PROCESSOR_FACTS = {
+    "JointAttnProcessor2_0": ProcessorFacts("image_first"),
+    "FluxAttnProcessor": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
+    "FluxAttnProcessor2_0": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
+}
 
 # -- math: pure functions of counts and tensors -------------------------------------------------
 
@@ -241,11 +255,17 @@ def _has_added_projections(attn) -> bool:
     return getattr(attn, "add_k_proj", None) is not None
 
 
-def _token_order(processor) -> str | None:
+def _processor_facts(processor) -> ProcessorFacts | None:
     for cls in type(processor).__mro__:
-        if cls.__name__ in _JOINT_TOKEN_ORDER:
-            return _JOINT_TOKEN_ORDER[cls.__name__]
+        if cls.__name__ in _PROCESSOR_FACTS:
+            return _PROCESSOR_FACTS[cls.__name__]
     return None
+
+
+def _scale_output(factor: float):
+    def hook(module, args, output):
+        return output * factor
+    return hook
 
 
 def _sequence_length(hidden_states: torch.Tensor) -> int:
@@ -297,7 +317,7 @@ class HiresAttnProcessor:
         object.__setattr__(self, "attachment", attachment)
         object.__setattr__(self, "entropy", entropy)
         object.__setattr__(self, "window", window)
-        object.__setattr__(self, "token_order", _token_order(inner))
+        object.__setattr__(self, "facts", _processor_facts(inner))
 
     # diffusers' set_attention_backend sets these on processors: they belong to the wrapped one.
     def __getattr__(self, name):
@@ -325,16 +345,24 @@ class HiresAttnProcessor:
         rewrite = self._rewrite(attn, hidden_states, encoder_hidden_states, state)
         if rewrite is None:
             return self.inner(attn, *args, **kwargs)
-        mode = _RewriteSDPA(rewrite, self.layer)
-        with mode:
+        mode = None
+        with contextlib.ExitStack() as stack:
+            query_modules = [getattr(attn, name, None) for name in (self.facts.query_outputs if self.facts else ())]
+            query_modules = [m for m in query_modules if m is not None]
+            if rewrite.factor != 1.0 and query_modules:
+                for module in query_modules:
+                    stack.callback(module.register_forward_hook(_scale_output(rewrite.factor)).remove)
+                rewrite = dataclasses.replace(rewrite, factor=1.0)
+            if rewrite.factor != 1.0 or rewrite.windows is not None:
+                mode = stack.enter_context(_RewriteSDPA(rewrite, self.layer))
             out = self.inner(attn, *args, **kwargs)
-        if not mode.applied:
+        if mode is not None and not mode.applied:
             raise RuntimeError(
                 f"hires could not change attention layer {self.layer!r}: its processor "
                 f"{type(self.inner).__name__} did not call torch's scaled_dot_product_attention with "
                 f"{rewrite.keys} keys (a non-torch attention backend such as flash-attn, xformers or sage?). "
                 "Use a torch SDPA backend (AttentionBackendConfig backend 'native' or '_native_*') or turn "
-                "entropy scaling / window attention off"
+                "window attention (and, for this processor, entropy scaling) off"
             )
         return out
 
@@ -347,7 +375,8 @@ class HiresAttnProcessor:
                 state.scratch.setdefault(LOG_FACTORS, {})[self.layer] = entropy_factor(keys, keys)
                 state.scratch.setdefault(LOG_KEYS, {})[self.layer] = (keys, keys)
             return None
-        call = describe_call(state, hidden_states, encoder_hidden_states, joint, self.token_order)
+        call = describe_call(state, hidden_states, encoder_hidden_states, joint,
+                             self.facts.token_order if self.facts else None)
 
         windows = None
         image_keys, base_image_keys = call.image_tokens, call.base_grid[0] * call.base_grid[1]
@@ -358,7 +387,7 @@ class HiresAttnProcessor:
                     raise ValueError(
                         f"window attention on layer {self.layer!r}: hires does not know where processor "
                         f"{type(self.inner).__name__} puts image tokens among text tokens; known processors: "
-                        f"{', '.join(_JOINT_TOKEN_ORDER)}"
+                        f"{', '.join(_PROCESSOR_FACTS)}"
                     )
                 runs = [window_runs(side, limit) for side, limit in zip(call.grid, size)]
                 largest = tuple(r[0][2] for r in runs)
@@ -458,8 +487,11 @@ def backend_context(backend: str, dispatcher: bool) -> Callable[[], contextlib.A
     if dispatcher:
         from diffusers.models.attention_dispatch import attention_backend
 
-        with attention_backend(backend):  # checks now that the backend's package is installed
-            pass
+        try:
+            with attention_backend(backend):  # checks now that the backend's package is installed
+                pass
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"AttentionBackendConfig.backend={backend!r} cannot run here: {err}") from err
         return lambda: attention_backend(backend)
     if backend not in TORCH_SDPA_BACKENDS:
         raise ValueError(
@@ -478,15 +510,17 @@ def backend_context(backend: str, dispatcher: bool) -> Callable[[], contextlib.A
 
 def install_attention_backend(attachment, config: AttentionBackendConfig) -> None:
     """Select the attention kernel for the denoiser's forward (removed with the hook)."""
-    rewriting = [name for name in ("entropy_scaling", "window_attention")
-                 if getattr(attachment.config, name).enabled]
-    if rewriting and config.backend not in TORCH_SDPA_BACKENDS:
+    model = attachment.denoiser
+    dispatcher = _uses_dispatcher(model)
+    # Windows split torch SDPA calls; entropy scaling needs torch SDPA only where it cannot go into queries.
+    needs_torch_sdpa = [name for name in ("entropy_scaling", "window_attention")
+                        if getattr(attachment.config, name).enabled and not (name == "entropy_scaling" and dispatcher)]
+    if needs_torch_sdpa and config.backend not in TORCH_SDPA_BACKENDS:
         raise ValueError(
-            f"AttentionBackendConfig.backend={config.backend!r} conflicts with {' and '.join(rewriting)}, which "
+            f"AttentionBackendConfig.backend={config.backend!r} conflicts with {' and '.join(needs_torch_sdpa)}, which "
             f"change torch's scaled_dot_product_attention call; use one of {', '.join(map(repr, TORCH_SDPA_BACKENDS))}"
         )
-    model = attachment.denoiser
-    attachment.add_hook(model, _BackendHook(backend_context(config.backend, _uses_dispatcher(model))), BACKEND_HOOK)
+    attachment.add_hook(model, _BackendHook(backend_context(config.backend, dispatcher)), BACKEND_HOOK)
 
 
 def testbed_configs() -> dict[str, HiresConfig]:
