@@ -66,21 +66,124 @@ def config_from_options(config_file: str | None, enable: list[str], disable: lis
     return config.replace(**changes)
 
 
-def load_pipeline(model: str):
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_pipeline(model: str, dtype=None):
     from diffusers import DiffusionPipeline
 
+    options = {} if dtype is None else {"torch_dtype": dtype}
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise CliError(f"--model {model!r} is a path but holds no diffusers pipeline (no model_index.json)")
-        return DiffusionPipeline.from_pretrained(str(path))
+        return DiffusionPipeline.from_pretrained(str(path), **options)
     try:
-        return DiffusionPipeline.from_pretrained(model)
+        return DiffusionPipeline.from_pretrained(model, **options)
     except Exception as err:  # the hub raises many error types; the user needs one message
         raise CliError(
             f"--model {model!r} is not a local folder and could not be fetched from the Hugging Face hub "
             f"({type(err).__name__}); offline, pass the path of a saved diffusers pipeline"
         ) from err
+
+
+def load_pipeline_skeleton(model: str):
+    """The pipeline with its models on the meta device: configs, tokenizers and scheduler, no weights."""
+    import importlib
+
+    import diffusers
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+
+    path = Path(model).expanduser()
+    if not (path / "model_index.json").is_file():
+        raise CliError(f"--dry-run reads configs only from a local pipeline folder; --model {model!r} is not one "
+                       "(no model_index.json)")
+    index = json.loads((path / "model_index.json").read_text())
+    components: dict[str, Any] = {}
+    for name, value in index.items():
+        if name.startswith("_"):
+            continue
+        if not isinstance(value, list):  # plain __init__ arguments such as requires_safety_checker
+            components[name] = value
+            continue
+        library, class_name = value
+        if library is None or class_name is None:
+            components[name] = None
+            continue
+        component_cls = getattr(importlib.import_module(library), class_name)
+        folder = path / name
+        if issubclass(component_cls, torch.nn.Module):
+            with init_empty_weights():
+                if library == "diffusers":
+                    components[name] = component_cls.from_config(component_cls.load_config(folder))
+                else:
+                    components[name] = component_cls(transformers.AutoConfig.from_pretrained(folder))
+        else:
+            components[name] = component_cls.from_pretrained(folder)
+    return getattr(diffusers, index["_class_name"])(**components)
+
+
+def print_plan(model: str, config, height: int, width: int, steps: int, guidance: float | None,
+               dtype_name: str, device: str, image_size: tuple[int, int] | None) -> int:
+    """--dry-run: the stages, steps and memory estimate of a request, without loading weights."""
+    import hires
+
+    from .memory_planner import MemoryBudgetError, format_bytes, plan
+
+    pipe = load_pipeline_skeleton(model)
+    try:
+        info = hires.model_info(pipe)
+        config.validate_for(info)
+    except (TypeError, ValueError) as err:
+        raise CliError(f"--model {model!r}: {err}") from None
+    from .config import validate_size
+
+    for side, value in (("height", height), ("width", width)):
+        try:
+            validate_size(side, value, info.size_multiple, info.name)
+        except ValueError as err:
+            raise CliError(f"--size: {err}") from None
+    dtype = resolve_dtype(dtype_name, device)
+    denoiser = getattr(pipe, info.family.denoiser_attr)
+    print(f"model: {model} ({type(pipe).__name__}, family {info.name}, base {info.base_width}x{info.base_height}, "
+          f"{info.prediction_type} prediction)")
+    print(f"request: {width}x{height}, {steps} steps, dtype {str(dtype).removeprefix('torch.')}, device {device}")
+    print(f"techniques: {', '.join(config.enabled_techniques()) or 'none'}")
+    if config.structure_guidance.enabled:
+        from .sampling import progressive
+
+        sizes = progressive.stage_sizes(info, config.structure_guidance, height, width, start=image_size)
+        renoise = progressive.per_stage(config.structure_guidance, "renoise", len(sizes) - 1)
+        stages = [(sizes[0], None if image_size else steps)] + [
+            (size, max(1, round(steps * (r if r is not None else progressive.DEFAULT_RENOISE))))
+            for size, r in zip(sizes[1:], renoise)]
+    else:
+        stages = [((height, width), steps)]
+    cfg = guidance is None or guidance > 1
+    budget = config.memory.max_memory
+    status = 0
+    for number, ((h, w), stage_steps) in enumerate(stages):
+        label = "input image" if stage_steps is None else f"{stage_steps} steps"
+        try:
+            estimate = plan(denoiser, pipe.vae, height=h, width=w, latent_factor=info.latent_factor, dtype=dtype,
+                            cfg=cfg, budget=budget, name=info.name).summary()
+        except MemoryBudgetError as err:
+            estimate, status = f"DOES NOT FIT: {err}", 2
+        print(f"stage {number}: {w}x{h}, {label}; memory {estimate}")
+    if budget is None:
+        print(f"(budget: free memory of this machine's {'GPU' if device.startswith('cuda') else 'RAM'}; "
+              f"set HiresConfig.memory.max_memory to plan for another device, e.g. {format_bytes(80 * 2**30)})")
+    return status
 
 
 @dataclasses.dataclass
@@ -107,15 +210,15 @@ class Job:
 class Renderer:
     """A loaded pipeline with hires applied, rendering jobs to PNG files."""
 
-    def __init__(self, model: str, config, device: str | None = None, quiet: bool = False):
+    def __init__(self, model: str, config, device: str | None = None, quiet: bool = False, dtype: str = "auto"):
         import torch
 
         import hires
 
         self.model = model
         self.config = config
-        self.pipe = load_pipeline(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.pipe = load_pipeline(model, None if dtype == "auto" and self.device == "cpu" else resolve_dtype(dtype, self.device))
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=quiet, leave=False)
         try:
@@ -146,7 +249,7 @@ class Renderer:
             raise CliError(f"{option} {size_text or ''}: {err}".replace(" : ", ": ")) from None
         return height, width
 
-    def render(self, job: Job, out: Path, extra: dict[str, Any] | None = None) -> None:
+    def render(self, job: Job, out: Path, extra: dict[str, Any] | None = None, image=None) -> None:
         import torch
 
         from .batch import PNG_JSON_KEY
@@ -158,12 +261,28 @@ class Renderer:
             call["negative_prompt"] = job.negative
         if job.guidance is not None:
             call["guidance_scale"] = job.guidance
-        image = self.pipe(**call).images[0]
+        if image is not None:
+            from .sampling import progressive
+
+            result = progressive.generate(self.pipe, image=image, **call)
+        else:
+            result = self.pipe(**call)
+        image = result.images[0]
         record = {**dataclasses.asdict(job), "model": self.model, "family": self.info.name,
                   "hires": {name: dataclasses.asdict(getattr(self.config, name))
                             for name in self.config.enabled_techniques()}, **(extra or {})}
         write_png_atomically(image, out, {"parameters": job.parameters_text(self.model, self.info.name),
                                           PNG_JSON_KEY: json.dumps(record)})
+
+
+def read_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as err:
+        raise CliError(f"--image {path!r} cannot be read as an image: {err}") from None
 
 
 def check_output_dir(path: Path, option: str) -> None:
@@ -184,12 +303,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CliError(f"--out {args.out!r} must end in .png")
     if args.steps <= 0:
         raise CliError(f"--steps {args.steps} must be a positive number of denoising steps")
+    image = None
+    enable = list(args.enable)
+    if args.image is not None:
+        if "structure_guidance" in args.disable:
+            raise CliError("--image upscales with structure guidance; it conflicts with --disable structure_guidance")
+        image = read_image(args.image)
+        enable.append("structure_guidance")
+    config = config_from_options(args.config, enable, args.disable)
+    if args.dry_run:
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.scale is not None or args.size is None:
+            raise CliError("--dry-run needs --size WIDTHxHEIGHT (it reads no weights to resolve --scale)")
+        height, width = parse_size(args.size)
+        image_size = None if image is None else (image.height, image.width)
+        return print_plan(args.model, config, height, width, args.steps, args.guidance, args.dtype, device, image_size)
     check_output_dir(out.parent, "--out")
-    config = config_from_options(args.config, args.enable, args.disable)
-    renderer = Renderer(args.model, config, args.device, args.quiet)
+    renderer = Renderer(args.model, config, args.device, args.quiet, args.dtype)
     height, width = renderer.size(args.size, args.scale)
     job = Job(args.prompt, args.negative, height, width, args.steps, args.guidance, args.seed)
-    renderer.render(job, out)
+    renderer.render(job, out, image=image)
     if not args.quiet:
         print(f"wrote {out} ({width}x{height}, {renderer.info.name}, seed {args.seed})")
     return 0
@@ -218,7 +353,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     device = args.device or (str(state.device) if state.num_processes > 1 or state.device.type != "cpu" else None)
     if state.is_main_process:
         batch.remove_stale_temporaries(out_dir)
-    renderer = Renderer(args.model, config, device, args.quiet)
+    renderer = Renderer(args.model, config, device, args.quiet, args.dtype)
     # Every process splits the whole list the same way, then skips what is already done.
     with state.split_between_processes(items) as mine:
         todo = [item for item in mine if not batch.is_finished(out_dir, item)]
@@ -260,6 +395,8 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
                         help="switch a technique on (a HiresConfig field, e.g. entropy_scaling); repeatable")
     parser.add_argument("--disable", action="append", default=[], metavar="TECHNIQUE", help="switch a technique off")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights and compute dtype (auto: float16 on CUDA, float32 on CPU)")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -269,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="render one prompt to a PNG")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--out", required=True, help="output .png path")
+    gen.add_argument("--image", default=None, help="upscale this picture (structure guidance from it) instead of "
+                                                   "generating the base image")
+    gen.add_argument("--dry-run", action="store_true",
+                     help="print the plan (stages, steps, memory estimate) from the model's configs, load no weights")
     _common_options(gen)
     gen.set_defaults(run=cmd_generate)
 

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,43 @@ def test_generate_errors_name_the_option_and_the_remedy(tmp_path, capsys, args, 
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_dry_run_prints_stages_and_memory_without_weights(tmp_path, capsys, monkeypatch):
+    import diffusers
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("--dry-run must not load weights")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", no_weights)
+    code = main(["generate", "--prompt", "x", "--size", "256x256", "--out", str(tmp_path / "o.png"),
+                 "--enable", "structure_guidance", "--dry-run", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "family sd15, base 64x64" in out
+    assert "stage 0: 64x64, 20 steps" in out and "stage 3: 256x256, 6 steps" in out
+    assert "memory 256x256 float32 batch 1" in out
+    assert not (tmp_path / "o.png").exists()
+
+    config = tmp_path / "c.json"
+    config.write_text('{"memory": {"max_memory": "1MiB"}}')
+    code = main(["generate", "--prompt", "x", "--size", "512x512", "--out", str(tmp_path / "o.png"),
+                 "--config", str(config), "--dry-run"])
+    assert code == 2
+    assert "DOES NOT FIT: 512x512 sd15 float32 batch 1 needs" in capsys.readouterr().out
+
+
+def test_generate_upscales_an_input_image(tmp_path, capsys):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(source)
+    out = tmp_path / "up.png"
+    code = main(["generate", "--prompt", "a red circle", "--image", str(source), "--size", "128x128",
+                 "--steps", "4", "--out", str(out), "--quiet"])
+    assert code == 0
+    assert Image.open(out).size == (128, 128)
+    record = json.loads(Image.open(out).text["hires"])
+    assert "structure_guidance" in record["hires"]
+    (tmp_path / "bad.png").write_text("not an image")
+    code = main(["generate", "--prompt", "x", "--image", str(tmp_path / "bad.png"), "--size", "128x128",
+                 "--out", str(out), "--quiet"])
+    assert code == 2 and "--image" in capsys.readouterr().err
