@@ -54,29 +54,37 @@ def test_interpolated_sincos_table_matches_the_formula_and_diffusers(rows, cols,
     torch.testing.assert_close(theirs, expected.float(), atol=1e-5, rtol=0)
 
 
+def _table_source(n, m):
+    """Index (float) of an m-long table side sampled by each of n tokens, written out."""
+    if n <= m:
+        start = (m - n) // 2
+        return [float(start + i) for i in range(n)]
+    return [min(max((i + 0.5) * m / n - 0.5, 0.0), m - 1.0) for i in range(n)]
+
+
+def _lerp_rows(values, coords):
+    out = []
+    for c in coords:
+        lo = int(math.floor(c))
+        hi = min(lo + 1, values.shape[0] - 1)
+        w = c - lo
+        out.append(values[lo] * (1 - w) + values[hi] * w)
+    return torch.stack(out)
+
+
+def _resampled_table(grid, rows, cols):
+    side = grid.shape[0]
+    out = _lerp_rows(grid, _table_source(rows, side))
+    return _lerp_rows(out.transpose(0, 1), _table_source(cols, side)).transpose(0, 1)
+
+
 def test_interpolated_table_is_a_crop_where_it_fits_and_bilinear_over_the_whole_table_past_it():
     side, dim = 6, 3
     table = torch.randn(1, side * side, dim)
     grid = table.reshape(side, side, dim)
 
-    def source(n, m):  # index (float) of the table sampled by token i, written out
-        if n <= m:
-            start = (m - n) // 2
-            return [float(start + i) for i in range(n)]
-        return [min(max((i + 0.5) * m / n - 0.5, 0.0), m - 1.0) for i in range(n)]
-
-    def lerp_rows(values, coords):
-        out = []
-        for c in coords:
-            lo = int(math.floor(c))
-            hi = min(lo + 1, values.shape[0] - 1)
-            w = c - lo
-            out.append(values[lo] * (1 - w) + values[hi] * w)
-        return torch.stack(out)
-
     for rows, cols in [(4, 4), (6, 6), (9, 4), (4, 10), (15, 8)]:
-        expected = lerp_rows(grid, source(rows, side))  # rows first
-        expected = lerp_rows(expected.transpose(0, 1), source(cols, side)).transpose(0, 1)
+        expected = _resampled_table(grid, rows, cols)
         got = P.interpolate_table(table, side, rows, cols).reshape(rows, cols, dim)
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     # where both sides fit it is exactly diffusers' centred crop
@@ -219,16 +227,16 @@ def _capture_patch_positions(pipe):
     return seen, (h1, h2)
 
 
-@pytest.mark.parametrize("size", [128, 256])
+@pytest.mark.parametrize("size", [(128, 128), (256, 256), (256, 128)])
 def test_pixart_uses_the_configured_interpolation_scale(size):
     pipe = build("pixart")
     module = pipe.transformer.pos_embed
     assert module.interpolation_scale == 1 and module.base_size == 4
     _apply(pipe, interpolation_scale=0.5)
     seen, handles = _capture_patch_positions(pipe)
-    generate(pipe, "pixart", (size, size // 2), steps=2)
+    generate(pipe, "pixart", size, steps=2)
     [h.remove() for h in handles]
-    rows, cols = size // 16, size // 32
+    rows, cols = size[0] // 16, size[1] // 16
     expected = _sincos_table(module.pos_embed.shape[-1], _positions_sincos(rows, 4, 0.5), _positions_sincos(cols, 4, 0.5))
     default = _sincos_table(module.pos_embed.shape[-1], _positions_sincos(rows, 4, 1), _positions_sincos(cols, 4, 1))
     assert len(seen) == 2
@@ -271,12 +279,7 @@ def test_pixart_resolution_binning_is_refused_when_it_would_snap_the_size():
     assert hires.last_call(pipe).height == 256
 
 
-def _sd3_expected_interpolated(module, rows, cols):
-    side = module.pos_embed_max_size
-    return P.interpolate_table(module.pos_embed, side, rows, cols)[0]
-
-
-@pytest.mark.parametrize("size", [256, 512])
+@pytest.mark.parametrize("size", [(256, 256), (512, 128)])
 def test_sd3_runs_past_its_table_with_the_interpolated_table(size):
     pipe = build("sd3")
     module = pipe.transformer.pos_embed
@@ -285,16 +288,15 @@ def test_sd3_runs_past_its_table_with_the_interpolated_table(size):
         generate(pipe, "sd3", size, steps=1)  # plain diffusers refuses
     _apply(pipe)
     seen, handles = _capture_patch_positions(pipe)
-    out = generate(pipe, "sd3", (size, 128), steps=2)
+    out = generate(pipe, "sd3", size, steps=2)
     [h.remove() for h in handles]
-    assert out.shape[-2:] == (size, 128) and torch.isfinite(out).all()
-    rows, cols = size // 16, 8
-    # independent: rows resampled over the full table, columns the centred crop 2..9
-    grid = module.pos_embed.reshape(12, 12, -1)[:, 2:10]
-    coords = [min(max((i + 0.5) * 12 / rows - 0.5, 0.0), 11.0) for i in range(rows)]
-    expected = torch.stack([grid[int(c)] * (1 - (c - int(c))) + grid[min(int(c) + 1, 11)] * (c - int(c)) for c in coords])
+    assert out.shape[-2:] == size and torch.isfinite(out).all()
+    rows, cols = size[0] // 16, size[1] // 16
+    # independent: sides past 12 resampled over the whole table, sides that fit the centred crop
+    expected = _resampled_table(module.pos_embed.reshape(12, 12, -1), rows, cols).reshape(rows * cols, -1)
+    assert len(seen) == 2
     for table in seen:
-        torch.testing.assert_close(table, expected.reshape(rows * cols, -1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(table, expected, atol=1e-5, rtol=0)
     assert hires.last_call(pipe).notes["log.positions.table"] == ("interpolate", rows, cols, 12)
 
 
