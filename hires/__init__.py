@@ -9,6 +9,7 @@
 from .config import (
     APGConfig,
     AttentionBackendConfig,
+    BottleneckConfig,
     EntropyScalingConfig,
     HiresConfig,
     MemoryConfig,
@@ -43,6 +44,7 @@ def __getattr__(name):
 __all__ = [
     "APGConfig",
     "AttentionBackendConfig",
+    "BottleneckConfig",
     "EntropyScalingConfig",
     "MemoryConfig",
     "PositionConfig",
