@@ -13,7 +13,8 @@ below list what those configs actually dilated (reference: shared/references/sca
 
 Dispersion: the official *_disperse configs ship `inflate_tau: 0`, so dispersion never ran there.
 Here the 16x-area presets run it on the official layer lists for the whole re-dilation window (our
-choice of step range; set `dispersion_stop_fraction=0` for the official behaviour).
+choice of step range; `dispersion_modules=()` or `dispersion_stop_fraction=0` gives the official
+behaviour).
 
 Rule for any other size (`preset_for`):
 - area ratio r = (height * width) / (base_height * base_width), aspect a = long / short side;
@@ -45,11 +46,10 @@ class RedilationPreset:
     stop_fraction: float
     progressive: bool
     dilations: tuple[tuple[str, float], ...]
+    # NDCFG and dispersion run in the re-dilation window (every official config has ndcfg_tau = dilate_tau)
     noise_damped_guidance: bool = False
     ndcfg_dilations: tuple[tuple[str, float], ...] = ()
-    ndcfg_stop_fraction: float = 0.0
     dispersion_modules: tuple[str, ...] = ()
-    dispersion_stop_fraction: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +75,8 @@ PRESETS: dict[str, FamilyPresets] = {
     "sd15": FamilyPresets(depth=4, presets=(
         RedilationPreset(4.0, 1.0, "1024x1024", 0.6, False, _blocks(2, *_SD_INNER)),
         RedilationPreset(6.25, 1.0, "1280x1280", 0.7, False, _blocks(2.5, *_SD_INNER)),
-        RedilationPreset(8.0, 2.0, "2048x1024", 0.7, True, _SD15_2048, True, _SD15_2048_NDCFG, 0.7),
-        RedilationPreset(16.0, 1.0, "2048x2048", 0.7, True, _SD15_2048, True, _SD15_2048_NDCFG, 0.7,
-                         _SD_DISPERSION, 0.7),
+        RedilationPreset(8.0, 2.0, "2048x1024", 0.7, True, _SD15_2048, True, _SD15_2048_NDCFG),
+        RedilationPreset(16.0, 1.0, "2048x2048", 0.7, True, _SD15_2048, True, _SD15_2048_NDCFG, _SD_DISPERSION),
     )),
     "sd21": FamilyPresets(depth=4, presets=(
         RedilationPreset(4.0, 1.0, "1024x1024", 0.4, False, _blocks(2, *_SD_INNER)),
@@ -85,8 +84,7 @@ PRESETS: dict[str, FamilyPresets] = {
         # the official file has an NDCFG map for this size but ndcfg_tau 0: off
         RedilationPreset(8.0, 2.0, "2048x1024", 0.74, True, _SD15_2048),
         RedilationPreset(16.0, 1.0, "2048x2048", 0.74, True,
-                         _SD21_2048_NDCFG + (("up_blocks.3.resnets", 2),), True, _SD21_2048_NDCFG, 0.74,
-                         _SD_DISPERSION, 0.74),
+                         _SD21_2048_NDCFG + (("up_blocks.3.resnets", 2),), True, _SD21_2048_NDCFG, _SD_DISPERSION),
     )),
     "sdxl": FamilyPresets(depth=3, presets=(
         RedilationPreset(4.0, 1.0, "2048x2048", 0.6, False, _blocks(2, "mid_block", "up_blocks.0")),
@@ -94,12 +92,11 @@ PRESETS: dict[str, FamilyPresets] = {
         RedilationPreset(8.0, 2.0, "4096x2048", 0.7, True,
                          (("down_blocks.2", 3), ("mid_block", 4), ("up_blocks.0", 4), ("up_blocks.1", 3),
                           ("up_blocks.2", 2)),
-                         True, _blocks(2, "mid_block", "up_blocks.0"), 0.7),
+                         True, _blocks(2, "mid_block", "up_blocks.0")),
         RedilationPreset(16.0, 1.0, "4096x4096", 0.7, True,
                          (("down_blocks.2", 4), ("mid_block", 4), ("up_blocks.0", 4), ("up_blocks.1", 3),
                           ("up_blocks.2", 2)),
-                         True, _blocks(2, "mid_block", "up_blocks.0"), 0.7,
-                         ("down_blocks.2", "mid_block", "up_blocks.0"), 0.7),
+                         True, _blocks(2, "mid_block", "up_blocks.0"), ("down_blocks.2", "mid_block", "up_blocks.0")),
     )),
 }
 

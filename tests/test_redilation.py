@@ -68,6 +68,8 @@ def test_progressive_schedule_reproduces_the_reference_table():
     assert [dilation_for_step(3, i, tau, True) for i in range(35)] == [3] * 12 + [2] * 23
     assert [dilation_for_step(2.5, i, 30, False) for i in (0, 29, 30)] == [2.5, 2.5, 1.0]
     assert dilation_for_step(1.5, 0, 30, True) == 1.5  # nothing to decay below 2
+    # a fractional factor (sizes between presets) starts at itself, then decays in integers
+    assert [dilation_for_step(4.5, i, 10, True) for i in (0, 1, 2, 4, 9)] == [4.5, 4.5, 4.0, 3.0, 2.0]
 
 
 def test_active_steps_from_fraction_or_timestep_threshold():

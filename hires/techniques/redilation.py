@@ -9,7 +9,8 @@ one. Everything goes through named hooks on those conv modules; nothing is swapp
   output back to input size // stride, as the official code does.
 - Active steps: the first tau steps of the call, tau counted from the schedule fraction
   (step / num_steps < stop_fraction) or from a timestep threshold (timestep >= min_timestep).
-- Progressive: at step i < tau the factor is max(ceil(d * (tau - i) / tau), 2); factors <= 2 stay.
+- Progressive: at step i < tau the factor is max(ceil(d * (tau - i) / tau), 2), capped at d (which
+  changes nothing for the official integer factors); factors <= 2 stay.
 - Dispersion: during its steps a listed conv runs a 5x5 kernel R k (hires.techniques.dispersion) at
   dilation max(d_i / 2, 1), where d_i is its re-dilation factor at that step (1 if none), as the
   official runtime does.
@@ -56,7 +57,8 @@ def dilation_for_step(factor: float, step: int, active_steps: int, progressive: 
         return 1.0
     if not progressive or factor <= 2:
         return float(factor)
-    return float(max(math.ceil(factor * (active_steps - step) / active_steps), 2))
+    # capped at the factor itself, which only matters for fractional factors (official ones are integers)
+    return float(min(factor, max(math.ceil(factor * (active_steps - step) / active_steps), 2)))
 
 
 def active_step_count(timesteps: torch.Tensor, stop_fraction: float | None, min_timestep: float | None) -> int:
@@ -70,8 +72,7 @@ def active_step_count(timesteps: torch.Tensor, stop_fraction: float | None, min_
     return sum(1 for i in range(num_steps) if i / num_steps < stop_fraction)
 
 
-def run_dilated(forward, convs: list[torch.nn.Conv2d], x: torch.Tensor, factor: float, stride: int,
-                kernel_size: int = 3, **kwargs) -> torch.Tensor:
+def run_dilated(forward, convs: list[torch.nn.Conv2d], x: torch.Tensor, factor: float, stride: int) -> torch.Tensor:
     """Call `forward(x)` with every conv in `convs` at dilation ceil(factor), padding keeping the size.
 
     A fractional factor resizes the input by ceil(factor) / factor first and the output back to
@@ -88,7 +89,7 @@ def run_dilated(forward, convs: list[torch.nn.Conv2d], x: torch.Tensor, factor: 
         for conv in convs:
             conv.dilation = (dilation, dilation)
             conv.padding = (dilation * (conv.kernel_size[0] - 1) // 2, dilation * (conv.kernel_size[1] - 1) // 2)
-        out = forward(x, **kwargs)
+        out = forward(x)
     finally:
         for conv, (old_dilation, old_padding) in zip(convs, saved):
             conv.dilation, conv.padding = old_dilation, old_padding
@@ -292,12 +293,9 @@ class Redilation:
         tau = active_step_count(timesteps, None if min_timestep is not None else stop, min_timestep)
 
         ndcfg = preset.noise_damped_guidance if config.noise_damped_guidance is None else config.noise_damped_guidance
-        ndcfg_stop = config.ndcfg_stop_fraction
-        if ndcfg_stop is None:
-            ndcfg_stop = preset.ndcfg_stop_fraction if preset.noise_damped_guidance else stop
-        dispersion_stop = config.dispersion_stop_fraction
-        if dispersion_stop is None:
-            dispersion_stop = preset.dispersion_stop_fraction if preset.dispersion_modules else stop
+
+        def steps_for(fraction):  # NDCFG and dispersion default to the re-dilation window
+            return tau if fraction is None else active_step_count(timesteps, fraction, None)
         return CallPlan(
             dilations={k: float(v) for k, v in dilations.items()},
             active_steps=tau,
@@ -305,9 +303,9 @@ class Redilation:
             noise_damped_guidance=bool(ndcfg),
             ndcfg_explicit=config.noise_damped_guidance is not None,
             ndcfg_dilations={k: float(v) for k, v in ndcfg_dilations.items()},
-            ndcfg_steps=active_step_count(timesteps, ndcfg_stop, None) if ndcfg else 0,
+            ndcfg_steps=steps_for(config.ndcfg_stop_fraction) if ndcfg else 0,
             dispersion=frozenset(dispersion),
-            dispersion_steps=active_step_count(timesteps, dispersion_stop, None) if dispersion else 0,
+            dispersion_steps=steps_for(config.dispersion_stop_fraction) if dispersion else 0,
             preset=preset.official_size,
             left_out=tuple(sorted(set(left_out))),
         )
@@ -443,7 +441,9 @@ class RedilatedConvHook(ModelHook):
         kind, factor = action
         base = _base_conv(module)
         if kind == "dilate":
-            return run_dilated(self.fn_ref.original_forward, _kernel_convs(module), x, factor, base.stride[0], **kwargs)
+            forward = self.fn_ref.original_forward
+            return run_dilated(lambda inputs: forward(inputs, *args, **kwargs), _kernel_convs(module), x, factor,
+                               base.stride[0])
         weight, bias = effective_conv_weight(module)
         return dispersed_conv(x, weight, bias, base.stride[0], base.groups, factor,
                               self.controller.config.dispersion_eta)
