@@ -339,3 +339,15 @@ def test_noise_damped_guidance_without_cfg_is_an_error_at_call_time():
     hires.apply(pipe, _config())
     generate(pipe, "sd15", 256, steps=2, guidance_scale=1.0)
     assert "log.redilation.ndcfg_skipped" in hires.last_call(pipe).notes
+
+
+def test_testbed_row_configs_run_and_do_what_their_names_say():
+    pipe = build("sd15")
+    for name, config in redilation.TESTBED_ROWS.items():
+        hires.apply(pipe, hires.HiresConfig(redilation=config))
+        generate(pipe, "sd15", 128, steps=2)
+        notes = hires.last_call(pipe).notes
+        assert notes["log.redilation.dilated_convs_per_step"] or notes["log.redilation.dispersed_convs_per_step"]
+        assert ("log.redilation.dispersed_convs_per_step" in notes) == ("dispersion" in name), name
+        assert ("log.redilation.ndcfg_steps" in notes) == ("noise-damped" in name), name
+    hires.remove(pipe)
