@@ -186,6 +186,7 @@ def test_tiny_pipeline_dilates_in_exactly_the_configured_steps(family, size):
     plain = generate(build(family), family, size, steps=steps)
     pipe = build(family)
     seen, on_step_end = _record_dilations(pipe)
+    before = [(m, sorted(m.__dict__)) for m in pipe.unet.modules()]
     hires.apply(pipe, _config(noise_damped_guidance=False))
     out = generate(pipe, family, size, steps=steps, callback_on_step_end=on_step_end)
     plan = hires.last_call(pipe).notes["log.redilation.plan"]
@@ -199,6 +200,7 @@ def test_tiny_pipeline_dilates_in_exactly_the_configured_steps(family, size):
     assert not torch.allclose(out, plain, atol=1e-3)
 
     hires.remove(pipe)
+    assert all(sorted(m.__dict__) == keys for m, keys in before)  # no trace left on any module
     assert torch.equal(generate(pipe, family, size, steps=steps), plain)
     hires.apply(pipe, hires.HiresConfig(redilation=hires.RedilationConfig(enabled=False)))
     assert torch.equal(generate(pipe, family, size, steps=steps), plain)
