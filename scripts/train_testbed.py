@@ -144,16 +144,20 @@ class Trainer:
         self.ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         self.step, self.losses, self.window = 0, [], []
+        self.start_step = 0
         work.mkdir(parents=True, exist_ok=True)
         ckpt = work / "checkpoint.pt"
         if ckpt.exists() and not args.no_resume:
             state = torch.load(ckpt, weights_only=False)
-            if state["args"] != vars_for_record(args):
+            now = vars_for_record(args)
+            # Options added to the script later are absent from old checkpoints; compare the rest.
+            if {k: now.get(k) for k in state["args"]} != state["args"]:
                 raise ValueError(f"checkpoint {ckpt} was made with other arguments; use --no-resume")
             model.load_state_dict(state["model"])
             self.ema = state["ema"]
             self.opt.load_state_dict(state["opt"])
             self.step, self.losses = state["step"], state["losses"]
+            self.start_step = self.step
             print(f"resumed from {ckpt} at step {self.step}", flush=True)
 
     def lr_at(self, step: int) -> float:
@@ -188,7 +192,10 @@ class Trainer:
             self.save_checkpoint()
 
     def save_checkpoint(self):
-        if self.window:  # checkpoint only at window boundaries so the curve resumes exactly
+        # Only at window boundaries so the curve resumes exactly; and never from a run that made
+        # no step (e.g. exporting a running job's checkpoint with --stop-after), so it cannot
+        # overwrite a newer checkpoint.
+        if self.window or self.step == self.start_step:
             return
         tmp = self.work / "checkpoint.pt.tmp"
         torch.save(
@@ -215,12 +222,15 @@ def write_record(out: Path, args, trainer: Trainer, seconds: float, extra: dict)
         "steps_done": trainer.step,
         "loss_window_steps": LOSS_WINDOW,
         "loss_curve": trainer.losses,
+        "stopped_after": args.stop_after,
         "final_loss": float(np.mean(trainer.losses[-4:])) if trainer.losses else None,
         "train_seconds_this_run": round(seconds, 1),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
         **extra,
     }
+    if args.stage != "vae":  # the shared VAE's own record travels with each pipeline
+        rec["vae_record"] = json.loads((Path(args.vae) / "training.json").read_text())
     (out / "training.json").write_text(json.dumps(rec, indent=1) + "\n")
     print(json.dumps({k: v for k, v in rec.items() if k != "loss_curve"}, indent=1))
 
@@ -268,13 +278,24 @@ def train_vae(args, out: Path, work: Path):
 
 
 def encode_dataset(vae, args):
-    """Latent means of the training images, normalised as the pipeline family expects."""
+    """Latent means of the training images (cached beside the work dir; sd15 and flux share it)."""
+    prompts = [p for p, _, _ in tc.all_prompts()]
+    vae_file = Path(args.vae) / "diffusion_pytorch_model.safetensors"
+    key = {"vae": str(Path(args.vae).resolve()), "vae_bytes": vae_file.stat().st_size,
+           "vae_mtime": vae_file.stat().st_mtime, "seed": args.seed + 1, "n": args.n_data}
+    cache = args.work_dir.parent / f"latents_seed{args.seed + 1}_n{args.n_data}.pt"
+    if cache.exists():
+        c = torch.load(cache, weights_only=False)
+        if c["key"] == key:
+            return c["z"], c["cap_idx"], prompts
     images, caps = tc.make_dataset(args.seed + 1, args.n_data)  # data seed differs from the VAE's
     x_all = images_to_tensor(images)
     with torch.no_grad():
         z = torch.cat([vae.encode(x_all[i : i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
-    prompts = [p for p, _, _ in tc.all_prompts()]
     cap_idx = torch.tensor([prompts.index(c) for c in caps])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "z": z, "cap_idx": cap_idx}, cache.with_suffix(".tmp"))
+    os.replace(cache.with_suffix(".tmp"), cache)
     return z, cap_idx, prompts
 
 
@@ -378,8 +399,8 @@ def train_flux(args, out: Path, work: Path):
 
 DEFAULTS = {
     "vae": dict(steps=800, batch_size=32, lr=1e-3, warmup=50, n_data=8192),
-    "sd15": dict(steps=3000, batch_size=64, lr=1e-3, warmup=100, n_data=24576),
-    "flux": dict(steps=4000, batch_size=64, lr=5e-4, warmup=100, n_data=24576),
+    "sd15": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, n_data=16384),
+    "flux": dict(steps=3000, batch_size=64, lr=5e-4, warmup=100, n_data=16384),
 }
 
 

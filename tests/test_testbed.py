@@ -1,0 +1,129 @@
+"""The coherence testbed: its object-count metric, its data, and the shipped tiny SD1.5 model."""
+
+from __future__ import annotations
+
+import colorsys
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import testbed_common as tc  # noqa: E402
+
+SD15 = REPO / "hires" / "assets" / "testbed_sd15"
+
+
+def _canvas(h, w, grey=200):
+    return np.full((h, w, 3), grey, np.float32)
+
+
+def _paint(img, shape, colour, cx, cy, r):
+    cov = tc._shape_mask(shape, img.shape[0], cx, cy, r)[: img.shape[0], : img.shape[1], None]
+    img[:] = img * (1 - cov) + np.array(tc.COLOURS[colour], np.float32) * cov
+
+
+@pytest.mark.parametrize(
+    "objects, expected",
+    [
+        ([], {"red": 0, "blue": 0}),
+        ([("circle", "red", 20, 20, 8)], {"red": 1, "blue": 0}),
+        ([("circle", "red", 20, 20, 8), ("square", "red", 70, 70, 10)], {"red": 2, "blue": 0}),
+        (
+            [("triangle", "red", 15, 15, 8), ("circle", "red", 75, 20, 8), ("square", "red", 20, 75, 8),
+             ("circle", "blue", 70, 70, 12)],
+            {"red": 3, "blue": 1, "green": 0, "yellow": 0},
+        ),
+    ],
+)
+def test_count_objects_known_counts(objects, expected):
+    img = _canvas(96, 96)
+    for shape, colour, cx, cy, r in objects:
+        _paint(img, shape, colour, cx, cy, r)
+    img = img.round().astype(np.uint8)
+    for colour, n in expected.items():
+        assert tc.count_objects(img, colour).n_objects == n, colour
+
+
+def test_count_objects_ignores_specks_and_reports_area():
+    img = _canvas(64, 64)
+    _paint(img, "square", "green", 32, 32, 8)  # 16x16 = 256 px
+    img = img.round().astype(np.uint8)
+    img[2:5, 2:5] = tc.COLOURS["green"]  # 9 px speck, below min_object_area
+    c = tc.count_objects(img, "green")
+    assert c.n_objects == 1
+    assert c.areas[0] == pytest.approx(256 / 64**2, rel=0.05)
+    assert tc.count_objects(img, "green", min_area=5).n_objects == 2
+
+
+def test_colour_mask_matches_colorsys_hue():
+    # Independent formulation: hue/saturation/value from the standard library.
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, size=(1, 4000, 3)).astype(np.uint8)
+    for colour, centre in tc.HUE_CENTRES.items():
+        got = tc.colour_mask(px, colour)[0]
+        want = []
+        for r, g, b in px[0] / 255.0:
+            h, s, v = colorsys.rgb_to_hsv(r, g, b)
+            d = abs((h * 360 - centre + 180) % 360 - 180)
+            want.append(d <= tc.HUE_HALF_WIDTH and s >= tc.MIN_SATURATION and v >= tc.MIN_VALUE)
+        mismatch = np.mean(got != np.array(want))
+        assert mismatch < 0.002, (colour, mismatch)  # only float ties at band edges may differ
+
+
+def test_dataset_has_exactly_one_object_of_the_captioned_colour():
+    for i in range(150):
+        s = tc.make_sample(123, i)
+        assert s.caption == f"a {s.colour} {s.shape}"
+        counts = {c: tc.count_objects(s.image, c).n_objects for c in tc.COLOURS}
+        assert counts[s.colour] == 1, (i, counts)
+        assert sum(counts.values()) == 1, (i, counts)
+
+
+def test_dataset_is_deterministic():
+    a, b = tc.make_sample(5, 17), tc.make_sample(5, 17)
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption
+    assert not np.array_equal(a.image, tc.make_sample(5, 18).image)
+
+
+def test_summarise():
+    st = tc.summarise([tc.Count(1, (0.1,)), tc.Count(2, (0.02, 0.04)), tc.Count(0, ())])
+    assert st.k == 3
+    assert st.share_exactly_one == pytest.approx(1 / 3)
+    assert st.mean_count == pytest.approx(1.0)
+    assert st.mean_area == pytest.approx(0.16 / 3)
+
+
+@pytest.fixture(scope="module")
+def sd15_pipe():
+    from diffusers import StableDiffusionPipeline
+
+    assert (SD15 / "model_index.json").exists(), f"shipped testbed model missing at {SD15}"
+    pipe = StableDiffusionPipeline.from_pretrained(SD15, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_tokenizer_round_trips(sd15_pipe):
+    tok = sd15_pipe.tokenizer
+    ids = tok("a red circle", padding="max_length", max_length=tok.model_max_length).input_ids
+    vocab = tok.get_vocab()
+    assert ids[:4] == [vocab["a"], vocab["red"], vocab["circle"], tok.eos_token_id]
+    assert set(ids[4:]) == {tok.pad_token_id}
+    assert tok("a purple circle").input_ids[1] == tok.unk_token_id
+
+
+def test_shipped_sd15_draws_one_object_of_the_prompted_colour(sd15_pipe):
+    prompts = tc.all_prompts()
+    gens = [torch.Generator().manual_seed(10_000 + i) for i in range(len(prompts))]
+    images = sd15_pipe(
+        [p for p, _, _ in prompts], height=64, width=64, num_inference_steps=20, guidance_scale=5.0,
+        generator=gens, output_type="np",
+    ).images
+    images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    counts = [tc.count_objects(im, colour).n_objects for im, (_, colour, _) in zip(images, prompts)]
+    bad = [(p, n) for (p, _, _), n in zip(prompts, counts) if n != 1]
+    assert not bad, f"prompts without exactly one object of their colour: {bad}"
