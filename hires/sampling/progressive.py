@@ -164,15 +164,16 @@ def stage_sizes(info, config: StructureGuidanceConfig, height: int, width: int,
         middle = [(base[0] * k, base[1] * k) for k in range(2, math.ceil(factor - 1e-9))]
     sizes = [base] + middle
     if start is not None:
-        sizes = [s for s in sizes if s[0] * s[1] > start[0] * start[1]]
+        sizes = [s for s in sizes if s[0] >= start[0] and s[1] >= start[1] and s[0] * s[1] > start[0] * start[1]]
         if height * width <= start[0] * start[1]:
             raise ValueError(f"height x width = {height}x{width} must be larger than the input image "
                              f"({start[0]}x{start[1]}); structure guidance upscales")
         sizes = [start] + sizes
     if (height, width) != sizes[-1]:
         sizes.append((height, width))
-    _check_increasing(sizes, f"the plan toward the requested {height}x{width}")
-    return sizes if start is None else sizes  # start, when given, stays first as the origin
+    # an input image may have any aspect ratio; the stages after it must grow
+    _check_increasing(sizes[1:] if start is not None else sizes, f"the plan toward the requested {height}x{width}")
+    return sizes
 
 
 def per_stage(config: StructureGuidanceConfig, name: str, later_stages: int) -> list:
@@ -611,6 +612,15 @@ def _controller(pipe) -> _Progressive:
 def last_run(pipe) -> tuple[StageRecord, ...] | None:
     """The stages of the last progressive call on `pipe` (None if none ran)."""
     return _controller(pipe).last_run
+
+
+def testbed_configs():
+    """Rows for the coherence testbed (scripts/eval_coherence.py): structure guidance with the presets
+    (DiffuseHigh ladder, re-noise 0.3, a third of each stage guided), in latent and in pixel space."""
+    from ..config import HiresConfig
+
+    return {f"structure guidance ({space})": HiresConfig(structure_guidance=StructureGuidanceConfig(enabled=True, space=space))
+            for space in ("latent", "pixel")}
 
 
 def generate(pipe, prompt=None, height: int | None = None, width: int | None = None, image=None, **call_kwargs):

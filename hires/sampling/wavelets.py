@@ -181,6 +181,10 @@ def swap_low_band(sample: torch.Tensor, guide_low: torch.Tensor, wavelet: str = 
     """`sample` with its LL band replaced by `guide_low` (the guide's `low_band`), high bands kept.
 
     Runs in float32 (or float64) and casts back to `sample`'s dtype; the output has sample's size.
+    With "periodization" the result's bands are exactly the guide's LL and the sample's details. The
+    "symmetric" mode (the paper's) is redundant, so that holds for coefficients more than
+    taps/2 - 1 (3 for db4) per level from a border; near borders the reconstruction blends both.
+    The swap is affine in `sample`, so it commutes with guidance combinations u + w (c - u).
     """
     work = sample.to(_work_dtype(sample))
     coeffs = wavedec2(work, wavelet, level, mode)
