@@ -123,6 +123,11 @@ def _with_tensor(output, tensor: torch.Tensor):
     return dataclasses.replace(output, sample=tensor)
 
 
+def _sample(arguments: dict) -> torch.Tensor:
+    """The latent argument: the denoiser's first parameter (sample / hidden_states)."""
+    return next(v for k, v in arguments.items() if k != "self")
+
+
 class GuidanceHook(ModelHook):
     """Sees the CFG pair on the denoiser and returns outputs the pipeline combines into G."""
 
@@ -168,9 +173,8 @@ class GuidanceHook(ModelHook):
     def _bound(self, module_args: tuple, kwargs: dict) -> dict:
         return self._signature.bind_partial(self.attachment.denoiser, *module_args, **kwargs).arguments
 
-    def _step(self, args, kwargs, half: slice | None) -> GuidanceStep:
-        arguments = self._bound(args, kwargs)
-        sample = next(v for k, v in arguments.items() if k != "self")
+    def _step(self, args, kwargs, arguments: dict, half: slice | None) -> GuidanceStep:
+        sample = _sample(arguments)
         if half is not None:
             sample = sample[half]
         timestep = arguments.get("timestep")
@@ -202,12 +206,13 @@ class GuidanceHook(ModelHook):
         if batch % 2:
             return output
         half = batch // 2
-        sample = next(v for k, v in self._bound(args, kwargs).items() if k != "self")
+        arguments = self._bound(args, kwargs)
+        sample = _sample(arguments)
         # A CFG call duplicates the latent; any other call (e.g. SD3's skip-layer pass) is not a pair.
         if not torch.equal(sample[:half], sample[half:]):
             return output
         uncond, cond = self._prediction(tensor[:half]), self._prediction(tensor[half:])
-        guided = self._guided(uncond, cond, scale, state, self._step(args, kwargs, slice(0, half)))
+        guided = self._guided(uncond, cond, scale, state, self._step(args, kwargs, arguments, slice(0, half)))
         if guided is None:
             return output
         u = uncond.float()
@@ -226,7 +231,7 @@ class GuidanceHook(ModelHook):
             state.scratch[_PENDING_KEY] = tensor
             return output
         cond, uncond = self._prediction(pending), self._prediction(tensor)
-        guided = self._guided(uncond, cond, scale, state, self._step(args, kwargs, None))
+        guided = self._guided(uncond, cond, scale, state, self._step(args, kwargs, self._bound(args, kwargs), None))
         if guided is None:
             return output
         new_uncond = ((guided - scale * cond.float()) / (1.0 - scale)).to(tensor.dtype)
