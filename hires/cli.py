@@ -17,7 +17,7 @@ from typing import Any
 from .io import write_png_atomically
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_MODEL = ASSETS / "random_sd15"
+DEFAULT_MODEL = ASSETS / "testbed_sd15"  # trained by scripts/train_testbed.py; base 64 px
 
 
 class CliError(Exception):
