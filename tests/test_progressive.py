@@ -366,3 +366,23 @@ def test_input_image_path_and_sdxl_size_conditioning():
         progressive.generate(pipe, "a red circle", 64, 64, image=picture)
     with pytest.raises(ValueError, match="structure guidance is not applied"):
         progressive.generate(build("sd15"), "a red circle", 128, 128)
+
+
+def test_a_call_failing_after_its_stages_leaves_later_calls_plain(monkeypatch):
+    pipe = build("flux")  # Flux prepares its latents before its schedule: the failure lands in between
+    plain = _call(pipe, "flux", 128, output_type="pt")
+    _apply(pipe)
+    real_replace = progressive._Progressive._replace
+
+    def fail_for_the_users_call(result, tensor):
+        if not get_attachment(pipe) or progressive._CONTROLLERS[get_attachment(pipe)].running:
+            return real_replace(result, tensor)
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(progressive._Progressive, "_replace", staticmethod(fail_for_the_users_call))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _call(pipe, "flux", 128, output_type="pt")
+    monkeypatch.undo()
+    hires.remove(pipe)
+    assert torch.equal(_call(pipe, "flux", 128, output_type="pt"), plain)
+    assert "set_timesteps" not in pipe.scheduler.__dict__

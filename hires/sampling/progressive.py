@@ -46,6 +46,7 @@ from diffusers.hooks import ModelHook
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import StructureGuidanceConfig
+from ..runtime import get_attachment
 from . import schedules, wavelets
 
 HOOK_NAME = "hires.structure_guidance"
@@ -291,7 +292,7 @@ class _Progressive:
         self.pending_image: torch.Tensor | None = None
         self.last_run: tuple[StageRecord, ...] | None = None
         self._shadowed_scheduler = None
-        self._empty_schedule = False
+        self._empty_schedule_for = None  # the user's call frame whose schedule is emptied
 
     # -- pipeline entry points ---------------------------------------------------------------
     def wrap_encode_prompt(self, original):
@@ -359,11 +360,11 @@ class _Progressive:
             self.pipe.__dict__.update(saved)  # the user's call set its own state before encode_prompt
         # The user's call only decodes: its prepare_latents returns the result, its schedule is empty.
         self.outer = (frame, latents)
-        self._empty_schedule = True
+        self._empty_schedule_for = frame
 
     def _drop_outer(self) -> None:
         self.outer = None
-        self._empty_schedule = False
+        self._empty_schedule_for = None
         self._unshadow_scheduler()
 
     def _run_stages(self, arguments: dict, sizes: list, image: torch.Tensor | None):
@@ -448,9 +449,13 @@ class _Progressive:
 
         def set_timesteps(*args, **kwargs):
             original(*args, **kwargs)
-            if controller._empty_schedule:  # the user's own call: it only decodes
-                scheduler.timesteps = scheduler.timesteps[:0]
-                controller._empty_schedule = False
+            if get_attachment(controller.pipe) is not controller.attachment:
+                scheduler.__dict__.pop("set_timesteps", None)  # left by a call that raised before removal
+                return
+            if controller._empty_schedule_for is not None:
+                if _called_from(controller._empty_schedule_for):  # the user's own call: it only decodes
+                    scheduler.timesteps = scheduler.timesteps[:0]
+                controller._empty_schedule_for = None
                 controller._unshadow_scheduler()
                 return
             stage = controller.stage
@@ -546,6 +551,18 @@ class _Progressive:
         return x0 + (torch.cat([delta, delta]) if halves else delta)
 
 
+def _called_from(frame, depth: int = 4) -> bool:
+    """Whether `frame` is among the few callers of the caller (set_timesteps <- retrieve_timesteps <- __call__)."""
+    current = sys._getframe(2)
+    for _ in range(depth):
+        if current is None:
+            return False
+        if current is frame:
+            return True
+        current = current.f_back
+    return False
+
+
 def info_batched(info) -> bool:
     return info.family.guidance_layout == "batched"
 
@@ -599,8 +616,6 @@ def install(attachment, config: StructureGuidanceConfig) -> None:
 
 
 def _controller(pipe) -> _Progressive:
-    from ..runtime import get_attachment
-
     attachment = get_attachment(pipe)
     controller = _CONTROLLERS.get(attachment) if attachment is not None else None
     if controller is None:
