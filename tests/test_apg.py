@@ -357,3 +357,47 @@ def test_config_errors_name_the_field():
         hires.APGConfig(space="eps")
     with pytest.raises(ValueError, match="APGConfig.momentum=1.5"):
         hires.APGConfig(momentum=1.5)
+
+
+def test_with_noise_damped_guidance_apg_acts_on_the_strong_pair():
+    # At step 0 both runs see the same latent, so the same strong pair (u, c) and weak uncond; the
+    # scheduler inputs then differ by exactly APG(u, c) - CFG(u, c).
+    family, scale = "sd15", 5.0
+    redilation = hires.RedilationConfig(enabled=True, noise_damped_guidance=True)
+    eta, beta, r = 0.0, -0.5, 1.0
+    received, pairs = {}, {}
+    for name, config in {
+        "redilation": hires.HiresConfig(redilation=redilation),
+        "both": hires.HiresConfig(redilation=redilation,
+                                  apg=hires.APGConfig(enabled=True, eta=eta, momentum=beta, norm_threshold=r)),
+    }.items():
+        pipe = build(family)
+        hires.apply(pipe, config)
+        seen = pairs.setdefault(name, [])
+        ensure_guidance_hook(get_attachment(pipe)).add_offset(
+            "test.spy", lambda run, args, kwargs, u, c, state, seen=seen: seen.append((u.clone(), c.clone())))
+        rec = Recorder(pipe, family)
+        generate(pipe, family, 128, steps=3)
+        rec.close()
+        received[name] = rec.stepped
+        assert 0 in hires.last_call(pipe).notes["log.redilation.ndcfg_steps"]
+    (u, c), (u_b, c_b) = pairs["redilation"][0], pairs["both"][0]
+    assert torch.equal(u, u_b) and torch.equal(c, c_b)
+    sample = _sample(*rec.calls[0])[:1]
+    a, b = _test_coefficients(pipe, family, 0)
+    guided_x0, _ = reference_apg(a * sample + b * c, a * sample + b * u, scale, eta, r, beta, None)
+    apg_minus_cfg = (guided_x0 - a * sample) / b - (u + scale * (c - u))
+    assert apg_minus_cfg.abs().max() > 1e-2
+    torch.testing.assert_close(received["both"][0] - received["redilation"][0], apg_minus_cfg, rtol=1e-4, atol=1e-4)
+
+
+def test_under_model_cpu_offload_apg_gives_the_same_prediction():
+    family = "sd15"
+    config = hires.HiresConfig(apg=hires.APGConfig(enabled=True, norm_threshold=CLIP_AT_SOME_STEPS["sd15", "x0"]))
+    reference = build(family)
+    hires.apply(reference, config)
+    expected = generate(reference, family, 64, steps=3)
+    pipe = build(family)
+    hires.apply(pipe, config)
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(generate(pipe, family, 64, steps=3), expected)
