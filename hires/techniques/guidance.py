@@ -29,6 +29,11 @@ combiner or offset runs, `state.scratch[STEP_KEY]` holds a `GuidanceStep` (the l
 predicted from, and the timestep), e.g. to convert predictions to x0. With nothing active at a
 step the model's outputs pass through untouched, so steps (and calls) without guidance changes
 are bit-identical to plain diffusers.
+
+A pipeline that reads the cond half again after combining sees the returned cond, not the raw one:
+SD3's skip-layer guidance adds (cond - skip-layer cond) * scale, so with a guidance technique on,
+that term uses u + (G - u) / w. Batched calls whose two latent halves differ (SD3's skip-layer pass
+itself) are not CFG pairs and pass through.
 """
 
 from __future__ import annotations
