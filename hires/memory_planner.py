@@ -88,10 +88,12 @@ class _EfficientAttention(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
-            query, value = args[0], args[2] if len(args) > 2 else kwargs["value"]
+            query = args[0] if args else kwargs["query"]
+            value = args[2] if len(args) > 2 else kwargs["value"]
+            output = query.new_empty(query.shape[:-1] + value.shape[-1:])
             # log-sum-exp per query row, float32: the kernel's only extra buffer.
             self.counter.allocate_transient(math.prod(query.shape[:-1]) * 4)
-            return query.new_empty(query.shape[:-1] + value.shape[-1:])
+            return output
         return func(*args, **kwargs)
 
 
@@ -273,7 +275,7 @@ class MemoryPlan:
     weights: int
     denoiser_peak: int  # activations of one denoiser forward, with the chosen chunking / CFG layout
     vae_untiled_peak: int
-    vae_tiled_peak: int
+    vae_tiled_peak: int | None  # None when not tiling (not estimated)
     tile_vae: bool
     tile_size: int | None
     feed_forward_chunks: int
@@ -326,39 +328,44 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
         return denoiser_peak_bytes(denoiser, latent_h, latent_w, dtype, b, chunks)
 
     untiled = vae_peak_bytes(vae, "decode", latent, dtype, tiled=False)
-    tiles = (tile_size,) if tile_size else TILE_CHOICES
-    tiled_costs = {t: vae_peak_bytes(vae, "decode", latent, dtype, tiled=True, tile_size=t) for t in tiles}
     free = budget - weights
-
     if tile_vae is None:
         tile_vae = untiled > free
-    tile = None
-    vae_cost = untiled
+    tile, vae_cost = None, untiled
     if tile_vae:
-        fitting = [t for t in tiles if tiled_costs[t] <= free]
-        tile = fitting[0] if fitting else tiles[-1]
-        vae_cost = tiled_costs[tile]
+        tiles = (tile_size,) if tile_size else TILE_CHOICES
+        tile, vae_cost = _first_fitting(tiles, lambda t: vae_peak_bytes(vae, "decode", latent, dtype, tiled=True, tile_size=t), free)
 
+    # Cheapest first (no chunking, batched CFG); the most frugal choice is tried second, so an
+    # impossible request is refused after two estimates.
     sequential_options = (sequential_cfg,) if sequential_cfg is not None else ((False, True) if cfg and cfg_batched else (False,))
     chunk_options = (feed_forward_chunks,) if feed_forward_chunks is not None else CHUNK_CHOICES
-    best = None
-    for sequential in sequential_options:
-        for chunks in chunk_options:
-            cost = denoiser_cost(chunks, sequential)
-            best = (cost, chunks, sequential) if best is None or cost < best[0] else best
-            if cost <= free:
-                break
-        if best[0] <= free:
-            break
-    denoiser_cost_, chunks, sequential = best
+    options = [(s, c) for s in sequential_options for c in chunk_options]
+    (sequential, chunks), denoiser_cost_ = _first_fitting(options, lambda o: denoiser_cost(o[1], o[0]), free)
 
     result = MemoryPlan(height=height, width=width, dtype=dtype, batch=batch, budget=budget, weights=weights,
                         denoiser_peak=denoiser_cost_, vae_untiled_peak=untiled,
-                        vae_tiled_peak=tiled_costs[tile] if tile else min(tiled_costs.values()),
+                        vae_tiled_peak=vae_cost if tile_vae else None,
                         tile_vae=bool(tile_vae), tile_size=tile, feed_forward_chunks=chunks, sequential_cfg=sequential)
     if result.peak > budget:
         raise MemoryBudgetError(_refusal(result, name, latent_factor))
     return result
+
+
+def _first_fitting(options, cost, free):
+    """(option, cost) of the first option (in preference order) whose cost fits `free`; the last
+    (most frugal) one when none does. Checks the first and the last before searching between."""
+    first = cost(options[0])
+    if first <= free or len(options) == 1:
+        return options[0], first
+    last = cost(options[-1])
+    if last > free:
+        return options[-1], last
+    for option in options[1:-1]:
+        value = cost(option)
+        if value <= free:
+            return option, value
+    return options[-1], last
 
 
 def _refusal(result: MemoryPlan, name: str, latent_factor: int) -> str:
@@ -402,3 +409,34 @@ def vae_tiling_decision(vae, kind: str, shape: tuple[int, ...], dtype: torch.dty
         f"even tiled ({tiles[-1]} latent px tiles), free {format_bytes(free)}; try a smaller size or "
         f"pipe.enable_model_cpu_offload()"
     )
+
+
+# -- planning one pipeline call (used by the memory technique) -------------------------------------
+def pipeline_weights(pipe, device: torch.device) -> int:
+    """Bytes of the pipeline's module weights that live on `device`."""
+    total = 0
+    for component in getattr(pipe, "components", {}).values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in list(component.parameters()) + list(component.buffers())
+                         if t.device == device)
+    return total
+
+
+def plan_for_call(attachment, config, state, args, kwargs, sequential_allowed: bool = True) -> MemoryPlan:
+    """The plan of one running pipeline call, from its state and the denoiser's first inputs."""
+    pipe, denoiser = attachment.pipe, attachment.denoiser
+    parameter = next(iter(denoiser.parameters()))
+    device, dtype = parameter.device, parameter.dtype
+    first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+    cfg = state.guidance_scale is not None
+    batched = attachment.info.family.guidance_layout == "batched"
+    batch = max(1, first.shape[0] // (2 if cfg and batched else 1))
+    weights = pipeline_weights(pipe, device)
+    budget = config.max_memory if config.max_memory is not None else detect_budget(device) + weights
+    sequential = config.sequential_cfg if sequential_allowed else False
+    tiling = attachment.config.vae_tiling
+    tile_vae = None if not tiling.enabled or tiling.mode == "auto" else tiling.mode == "always"
+    return plan(denoiser, pipe.vae, height=state.height, width=state.width, latent_factor=attachment.info.latent_factor,
+                dtype=dtype, batch=batch, cfg=cfg, cfg_batched=batched, budget=budget, weights=weights,
+                feed_forward_chunks=config.feed_forward_chunks, sequential_cfg=sequential, name=attachment.info.name,
+                tile_vae=tile_vae, tile_size=tiling.tile_size if tiling.enabled else None)

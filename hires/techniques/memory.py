@@ -44,12 +44,20 @@ def chunk_size_for(lengths: list[int], chunks: int) -> tuple[int, int]:
     return size, 1
 
 
+@dataclasses.dataclass
+class Choices:
+    """The current call's memory choices, shared by the hooks (set by the plan hook per call)."""
+
+    feed_forward_chunks: int = 1
+    sequential_cfg: bool = False
+
+
 class FeedForwardChunkHook(ModelHook):
     """Sets a block's feed-forward chunking for each call's sequence lengths; restores it on removal."""
 
-    def __init__(self, chunks: int):
+    def __init__(self, choices: Choices | int):
         super().__init__()
-        self.chunks = chunks
+        self.choices = choices if isinstance(choices, Choices) else Choices(feed_forward_chunks=choices)
         self._saved = None
 
     def initialize_hook(self, module):
@@ -61,12 +69,16 @@ class FeedForwardChunkHook(ModelHook):
         return module
 
     def pre_forward(self, module, *args, **kwargs):
+        chunks = self.choices.feed_forward_chunks
+        if chunks <= 1:
+            module._chunk_size, module._chunk_dim = self._saved
+            return args, kwargs
         hidden = args[0] if args else kwargs.get("hidden_states")
         lengths = [hidden.shape[1]]
         context = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if getattr(module, "ff_context", None) is not None and isinstance(context, torch.Tensor):
             lengths.append(context.shape[1])
-        module._chunk_size, module._chunk_dim = chunk_size_for(lengths, self.chunks)
+        module._chunk_size, module._chunk_dim = chunk_size_for(lengths, chunks)
         return args, kwargs
 
 
@@ -113,47 +125,80 @@ def _concat(a, b):
 class SequentialCFGHook(ModelHook):
     """Runs a [uncond, cond] batch as two half-batch calls; identical maths, half the activations."""
 
+    def __init__(self, choices: Choices | None = None):
+        super().__init__()
+        self.choices = choices or Choices(sequential_cfg=True)
+
     def new_forward(self, module, *args, **kwargs):
         first = args[0] if args else next(iter(kwargs.values()))
         n = first.shape[0]
-        if n < 2 or n % 2:
+        if not self.choices.sequential_cfg or n < 2 or n % 2:
             return self.fn_ref.original_forward(*args, **kwargs)
         halves = [self.fn_ref.original_forward(*_split(args, n, h), **_split(kwargs, n, h)) for h in (0, 1)]
         return _concat(*halves)
 
 
-def install(attachment, config) -> None:
-    """Installer of `MemoryConfig`: plan for the pipeline's denoiser/VAE and apply the plan's choices.
+PLAN_HOOK = "hires.memory_plan"
 
-    The size is known per call only, so the planner runs per call for VAE tiling ("auto"); chunking
-    and sequential CFG are applied as configured (None: chunking off, sequential CFG off, unless a
-    call's plan needs them: see `hires.memory_planner.plan`, which refuses what cannot fit).
+
+class MemoryPlanHook(ModelHook):
+    """At a call's first denoiser step: plan for the call's size, refuse what cannot fit, set the choices."""
+
+    def __init__(self, attachment, config, choices: Choices, sequential_allowed: bool):
+        super().__init__()
+        self.attachment = attachment
+        self.config = config
+        self.choices = choices
+        self.sequential_allowed = sequential_allowed
+
+    def pre_forward(self, module, *args, **kwargs):
+        state = self.attachment.state
+        if state is None or "memory.plan" in state.scratch:
+            return args, kwargs
+        from .. import memory_planner
+
+        plan = memory_planner.plan_for_call(self.attachment, self.config, state, args, kwargs,
+                                            sequential_allowed=self.sequential_allowed)
+        state.scratch["memory.plan"] = plan
+        state.scratch["log.memory_plan"] = plan.summary()
+        self.choices.feed_forward_chunks = plan.feed_forward_chunks
+        self.choices.sequential_cfg = plan.sequential_cfg
+        return args, kwargs
+
+
+def install(attachment, config) -> None:
+    """Installer of `MemoryConfig`.
+
+    Per call, at the first denoiser step (the size is known only then), the planner estimates the
+    call's peak and refuses it with the numbers if it cannot fit; otherwise its choices of
+    feed-forward chunks and sequential CFG (those left None in the config) apply to that call. VAE
+    tiling in mode "auto" is decided per decode from the planner's VAE estimate.
     """
     from . import tiled_vae
 
     denoiser = attachment.denoiser
-    chunks = config.feed_forward_chunks or 1
-    if chunks > 1:
-        blocks = chunkable_blocks(denoiser)
-        if not blocks:
-            raise ValueError(
-                f"MemoryConfig.feed_forward_chunks={chunks}: {type(denoiser).__name__} has no blocks with diffusers' "
-                f"feed-forward chunking (set_chunk_feed_forward); use feed_forward_chunks=None or 1"
-            )
-        for i, block in enumerate(blocks):
-            attachment.add_hook(block, FeedForwardChunkHook(chunks), FF_HOOK)
-    if config.sequential_cfg:
-        if attachment.info.family.guidance_layout != "batched":
-            pass  # the pipeline already runs cond and uncond as separate calls
-        else:
-            clashing = [name for name in _WHOLE_BATCH_TECHNIQUES if getattr(getattr(attachment.config, name, None), "enabled", False)]
-            if clashing:
-                raise ValueError(
-                    f"MemoryConfig.sequential_cfg=True cannot be combined with {', '.join(clashing)} (it needs both CFG "
-                    f"halves in one denoiser call); use sequential_cfg=False or None"
-                )
-            attachment.add_hook(denoiser, SequentialCFGHook(), SEQUENTIAL_CFG_HOOK)
-    tiling = attachment.config.vae_tiling
-    if not tiling.enabled:
-        # The explicit VAETilingConfig, when enabled, installs after this and replaces this.
+    choices = Choices()
+    blocks = chunkable_blocks(denoiser)
+    if config.feed_forward_chunks is not None and config.feed_forward_chunks > 1 and not blocks:
+        raise ValueError(
+            f"MemoryConfig.feed_forward_chunks={config.feed_forward_chunks}: {type(denoiser).__name__} has no blocks "
+            f"with diffusers' feed-forward chunking (set_chunk_feed_forward); use feed_forward_chunks=None or 1"
+        )
+    if config.feed_forward_chunks != 1:
+        for block in blocks:
+            attachment.add_hook(block, FeedForwardChunkHook(choices), FF_HOOK)
+    batched = attachment.info.family.guidance_layout == "batched"
+    clashing = [name for name in _WHOLE_BATCH_TECHNIQUES if getattr(getattr(attachment.config, name, None), "enabled", False)]
+    if config.sequential_cfg and batched and clashing:
+        raise ValueError(
+            f"MemoryConfig.sequential_cfg=True cannot be combined with {', '.join(clashing)} (it needs both CFG "
+            f"halves in one denoiser call); use sequential_cfg=False or None"
+        )
+    sequential_allowed = batched and not clashing and config.sequential_cfg is not False
+    if sequential_allowed:
+        attachment.add_hook(denoiser, SequentialCFGHook(choices), SEQUENTIAL_CFG_HOOK)
+    # Registered after the sequential hook, so it sees the whole batch.
+    attachment.add_hook(denoiser, MemoryPlanHook(attachment, config, choices, sequential_allowed), PLAN_HOOK)
+    if not attachment.config.vae_tiling.enabled:
+        # An enabled VAETilingConfig installs its own (after this one) with its mode and sizes.
         tiled_vae.install_tiling(attachment, "auto", None, config.max_memory)

@@ -200,12 +200,15 @@ class _TileStatistics:
         self.m2 = None
 
     def add(self, x: torch.Tensor, groups: int) -> None:
-        b = x.shape[0]
-        values = x.reshape(b, groups, -1).float()
-        n = values.shape[-1]
-        mean = values.mean(-1)
-        m2 = ((values - mean[..., None]) ** 2).sum(-1)
-        mean, m2 = mean.double(), m2.double()
+        # Per-channel var_mean reads the (strided) core crop in place; channels of a group have equal
+        # counts, so the group's mean is their mean and its M2 adds their spread around it.
+        b, channels = x.shape[:2]
+        per_channel = math.prod(x.shape[2:])
+        variance, mean = torch.var_mean(x.float(), dim=tuple(range(2, x.ndim)), correction=0)
+        variance, mean = variance.double().reshape(b, groups, -1), mean.double().reshape(b, groups, -1)
+        group_mean = mean.mean(-1)
+        m2 = (variance.sum(-1) + ((mean - group_mean[..., None]) ** 2).sum(-1)) * per_channel
+        mean, n = group_mean, per_channel * (channels // groups)
         if self.count is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -222,13 +225,13 @@ class _TileStatistics:
 
 def group_norm_with_statistics(x, groups, mean, variance, weight, bias, eps) -> torch.Tensor:
     """GroupNorm of `x` with given per-(batch, group) mean and variance, in float32, cast back."""
-    shape = x.shape
-    values = x.float().reshape(shape[0], groups, -1) - mean[..., None]  # the one new full-size buffer
-    values.mul_(torch.rsqrt(variance[..., None] + eps))
-    values = values.reshape(shape)
-    if weight is not None:
-        view = (1, -1) + (1,) * (len(shape) - 2)
-        values.mul_(weight.float().reshape(view)).add_(bias.float().reshape(view))
+    # As one per-channel affine map x * scale + shift: a single fused pass, no reshaped copy.
+    b, channels = x.shape[:2]
+    rstd = torch.rsqrt(variance + eps).repeat_interleave(channels // groups, dim=1)  # (B, C)
+    scale = rstd * (weight.float() if weight is not None else 1.0)
+    shift = (bias.float() if bias is not None else 0.0) - mean.repeat_interleave(channels // groups, dim=1) * scale
+    view = (b, channels) + (1,) * (x.ndim - 2)
+    values = torch.addcmul(shift.reshape(view), x.float(), scale.reshape(view))
     return values.to(x.dtype)
 
 

@@ -9,6 +9,7 @@ process and its own peak resident set size (ru_maxrss):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -44,6 +47,28 @@ def real_size_vae(seed: int = 0, **overrides):
     return AutoencoderKL(**{**REAL_VAE, **overrides}).eval()
 
 
+class DryConvolutions(TorchFunctionMode):
+    """Convolutions and attention return zero-filled outputs of the right shape (allocated and
+    touched like the real ones); everything else (GroupNorm, SiLU, upsampling, copies) runs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d:
+            x, weight = args[0], args[1]
+            stride, padding, dilation = (kwargs.get(k, args[i] if len(args) > i else d) for k, i, d in
+                                         (("stride", 3, 1), ("padding", 4, 0), ("dilation", 5, 1)))
+            pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+            (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+            kh, kw = weight.shape[-2:]
+            h = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            w = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            return torch.zeros(x.shape[0], weight.shape[0], h, w, dtype=x.dtype)
+        if func is F.scaled_dot_product_attention:
+            query, value = args[0], args[2]
+            return torch.zeros(query.shape[:-1] + value.shape[-1:], dtype=query.dtype)
+        return func(*args, **kwargs)
+
+
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -58,33 +83,53 @@ def main(argv=None) -> int:
     parser.add_argument("--way", choices=WAYS, required=True)
     parser.add_argument("--size", type=int, default=2048, help="output side in pixels")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tile", type=int, default=None, help="our tile side in latent pixels")
+    parser.add_argument("--tile", type=int, default=None, help="tile side in latent pixels (ours, and diffusers' when given)")
+    parser.add_argument("--grouping", default="unit", help="our segment grouping: unit or level")
+    parser.add_argument("--latent", default=None, help="a .pt latent to decode (default: random)")
+    parser.add_argument("--save", default=None, help="write the decoded image here (.pt)")
+    parser.add_argument("--dry-conv", action="store_true",
+                        help="replace convolutions and attention by zero-filled outputs of the same shape: "
+                             "the same allocations, none of the FLOPs (memory measurements on a slow CPU)")
     options = parser.parse_args(argv)
     torch.set_num_threads(options.threads)
 
     vae = real_size_vae()
     latent_side = options.size // 8
-    latent = torch.randn(1, REAL_VAE["latent_channels"], latent_side, latent_side, generator=torch.Generator().manual_seed(1))
+    if options.latent:
+        latent = torch.load(options.latent)
+    else:
+        latent = torch.randn(1, REAL_VAE["latent_channels"], latent_side, latent_side, generator=torch.Generator().manual_seed(1))
     if options.way == "diffusers":
         vae.enable_tiling()
-    decode = vae.decode
+        if options.tile:
+            vae.tile_latent_min_size = options.tile
+            vae.tile_sample_min_size = options.tile * 8
+
+    def decode(z):
+        return vae.decode(z).sample
+
     if options.way == "ours":
         from hires.techniques.tiled_vae import tiled_decode
 
         def decode(z):
-            return (tiled_decode(vae, z, tile_size=options.tile),)
+            return tiled_decode(vae, vae.post_quant_conv(z), tile_size=options.tile, grouping=options.grouping)
+
+    context = DryConvolutions() if options.dry_conv else contextlib.nullcontext()
 
     baseline = current_rss_bytes()
     start = time.perf_counter()
-    with torch.no_grad():
-        image = decode(latent)[0]
+    with torch.no_grad(), context:
+        image = decode(latent)
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
     print(json.dumps({
         "way": options.way, "size": options.size, "threads": options.threads, "seconds": seconds,
         "baseline_rss": baseline, "peak_rss": peak, "peak_above_baseline": peak - baseline,
-        "output_shape": list(image.shape), "output_checksum": float(image.double().abs().sum()),
+        "output_shape": list(image.shape), "dry_conv": options.dry_conv, "tile": options.tile,
+        "grouping": options.grouping,
     }))
+    if options.save:
+        torch.save(image, options.save)
     return 0
 
 

@@ -1,0 +1,161 @@
+"""The memory planner (meta-device estimates, plans and refusals) and the memory technique's hooks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hires
+import tiny_models
+from hires import memory_planner
+from hires.config import HiresConfig, MemoryConfig
+from hires.memory_planner import MemoryBudgetError
+from hires.techniques import memory as memory_technique
+
+
+# -- counting live bytes, against hand-counted allocations ------------------------------------
+def test_peak_counts_live_tensors_only():
+    def fn():
+        a = torch.empty(1000, device="meta")  # 4000 B
+        b = a * 2  # 4000 B, both alive: 8000
+        del a
+        c = b + 1  # b and c alive: 8000
+        del b
+        d = c.view(10, 100)  # a view: no new bytes
+        return d.sum()
+
+    assert memory_planner.meta_peak_bytes(fn) == 8000
+
+
+def test_in_place_ops_allocate_nothing():
+    def fn():
+        a = torch.empty(1000, device="meta")
+        a.mul_(2).add_(1)
+        return a
+
+    assert memory_planner.meta_peak_bytes(fn) == 4000
+
+
+def test_attention_is_counted_as_a_memory_efficient_kernel():
+    q = torch.empty(1, 2, 1024, 16, device="meta")
+    peak = memory_planner.meta_peak_bytes(lambda: F.scaled_dot_product_attention(q, q, q))
+    output, log_sum_exp = 2 * 1024 * 16 * 4, 2 * 1024 * 4
+    assert peak == output + log_sum_exp
+    assert peak < 2 * 1024 * 1024 * 4 / 10  # far below one N x N score matrix
+
+
+def test_meta_estimate_matches_the_same_count_on_real_cpu_tensors():
+    vae = tiny_models.make_vae()
+    z = torch.randn(1, 4, 16, 16)
+    measured = memory_planner.meta_peak_bytes(lambda: vae.decoder(vae.post_quant_conv(z)))
+    estimated = memory_planner.vae_peak_bytes(vae, "decode", tuple(z.shape), torch.float32, tiled=False)
+    assert abs(estimated / measured - 1) < 0.05
+
+
+def test_tiled_estimate_is_below_untiled_and_grows_with_the_tile():
+    vae = tiny_models.make_vae()
+    latent = (1, 4, 64, 64)
+    untiled = memory_planner.vae_peak_bytes(vae, "decode", latent, torch.float32, tiled=False)
+    small = memory_planner.vae_peak_bytes(vae, "decode", latent, torch.float32, tiled=True, tile_size=8)
+    large = memory_planner.vae_peak_bytes(vae, "decode", latent, torch.float32, tiled=True, tile_size=32)
+    assert small < large < untiled
+
+
+# -- plans and refusals ------------------------------------------------------------------------
+def _models(family="sdxl"):
+    pipe = tiny_models.build(family)
+    return pipe, getattr(pipe, "unet", None) or pipe.transformer
+
+
+def test_impossible_budget_is_refused_with_the_numbers():
+    pipe, denoiser = _models()
+    with pytest.raises(MemoryBudgetError) as error:
+        memory_planner.plan(denoiser, pipe.vae, height=256, width=256, dtype=torch.float32, budget=2**20, name="sdxl")
+    message = str(error.value)
+    assert "256x256 sdxl float32" in message and "needs ≈" in message and "budget 1.0 MiB" in message
+    assert "try" in message
+
+
+def test_fitting_budget_plans_without_tiling_and_a_tight_one_tiles_the_vae():
+    pipe, denoiser = _models()
+    roomy = memory_planner.plan(denoiser, pipe.vae, height=512, width=512, dtype=torch.float32, budget=2**34, tile_size=8)
+    assert not roomy.tile_vae and roomy.feed_forward_chunks == 1 and not roomy.sequential_cfg
+    assert roomy.peak <= roomy.budget
+    tiled = memory_planner.vae_peak_bytes(pipe.vae, "decode", (1, 4, 64, 64), torch.float32, tiled=True, tile_size=8)
+    assert roomy.denoiser_peak < tiled < roomy.vae_untiled_peak
+    # The untiled decode does not fit, the denoiser and a tiled decode do.
+    budget = roomy.weights + (tiled + roomy.vae_untiled_peak) // 2
+    tight = memory_planner.plan(denoiser, pipe.vae, height=512, width=512, dtype=torch.float32, budget=budget, tile_size=8)
+    assert tight.tile_vae and tight.tile_size == 8 and tight.vae_peak == tiled and tight.peak <= budget
+
+
+def test_sequential_cfg_is_chosen_when_the_batched_call_does_not_fit(monkeypatch):
+    pipe, denoiser = _models("sd15")
+    # Only the denoiser's choice is under test here: the (tiny, relatively large) VAE costs nothing.
+    monkeypatch.setattr(memory_planner, "vae_peak_bytes", lambda *args, **kwargs: 0)
+    batched = memory_planner.plan(denoiser, pipe.vae, height=256, width=256, dtype=torch.float32, budget=2**34,
+                                  feed_forward_chunks=1, tile_vae=True, tile_size=8)
+    sequential = memory_planner.denoiser_peak_bytes(denoiser, 32, 32, torch.float32, batch=1)
+    assert sequential < batched.denoiser_peak
+    budget = batched.weights + (sequential + batched.denoiser_peak) // 2
+    chosen = memory_planner.plan(denoiser, pipe.vae, height=256, width=256, dtype=torch.float32, budget=budget,
+                                 feed_forward_chunks=1, tile_vae=True, tile_size=8)
+    assert chosen.sequential_cfg
+
+
+def test_every_family_denoiser_has_a_memory_model(family):
+    pipe, denoiser = _models(family)
+    small = memory_planner.denoiser_peak_bytes(denoiser, 8, 8, torch.float32, batch=1)
+    large = memory_planner.denoiser_peak_bytes(denoiser, 16, 16, torch.float32, batch=1)
+    assert 0 < small < large
+
+
+def test_chunk_size_divides_every_sequence():
+    assert memory_technique.chunk_size_for([4096], 4) == (1024, 1)
+    assert memory_technique.chunk_size_for([4096, 256], 4) == (256, 1)
+    # No useful common divisor (SD3: image tokens and 333 text tokens): one sample at a time.
+    assert memory_technique.chunk_size_for([4096, 333], 4) == (1, 0)
+
+
+# -- inside tiny pipelines -----------------------------------------------------------------------
+def test_memory_technique_with_room_is_bit_identical_and_logs_its_plan(family):
+    pipe = tiny_models.build(family)
+    plain = tiny_models.generate(pipe, family, size=64, steps=2)
+    hires.apply(pipe, HiresConfig(memory=MemoryConfig(enabled=True, max_memory="64GiB")))
+    assert torch.equal(tiny_models.generate(pipe, family, size=64, steps=2), plain)
+    assert "64.00 GiB" in hires.last_call(pipe).notes["log.memory_plan"]
+    hires.remove(pipe)
+    assert torch.equal(tiny_models.generate(pipe, family, size=64, steps=2), plain)
+
+
+def test_impossible_budget_stops_the_call_before_the_first_step():
+    pipe = tiny_models.build("sd15")
+    steps = []
+    hires.apply(pipe, HiresConfig(memory=MemoryConfig(enabled=True, max_memory="1MiB")))
+    with pytest.raises(MemoryBudgetError, match="needs"):
+        tiny_models.generate(pipe, "sd15", size=64, steps=2,
+                             **tiny_models.step_callback("sd15", lambda p, s: steps.append(s)))
+    assert steps == []
+    hires.remove(pipe)
+
+
+def test_sequential_cfg_and_chunking_keep_the_output_and_remove_cleanly():
+    pipe = tiny_models.build("sdxl")
+    plain = tiny_models.generate(pipe, "sdxl", size=64, steps=2)
+    blocks = memory_technique.chunkable_blocks(pipe.unet)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]) if a else None)
+    hires.apply(pipe, HiresConfig(memory=MemoryConfig(enabled=True, max_memory="64GiB", sequential_cfg=True,
+                                                      feed_forward_chunks=4)))
+    out = tiny_models.generate(pipe, "sdxl", size=64, steps=2)
+    assert torch.allclose(out, plain, atol=1e-5)
+    hires.remove(pipe)
+    assert all(b._chunk_size is None for b in blocks)
+    assert torch.equal(tiny_models.generate(pipe, "sdxl", size=64, steps=2), plain)
+
+
+def test_sequential_cfg_refuses_guidance_that_needs_both_halves():
+    from hires.config import APGConfig
+
+    pipe = tiny_models.build("sd15")
+    with pytest.raises(ValueError, match="sequential_cfg=True cannot be combined with apg"):
+        hires.apply(pipe, HiresConfig(apg=APGConfig(enabled=True), memory=MemoryConfig(enabled=True, sequential_cfg=True)))
