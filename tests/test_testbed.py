@@ -120,7 +120,7 @@ def test_shipped_sd15_draws_one_object_of_the_prompted_colour(sd15_pipe):
     prompts = tc.all_prompts()
     gens = [torch.Generator().manual_seed(10_000 + i) for i in range(len(prompts))]
     images = sd15_pipe(
-        [p for p, _, _ in prompts], height=64, width=64, num_inference_steps=20, guidance_scale=5.0,
+        [p for p, _, _ in prompts], height=64, width=64, num_inference_steps=15, guidance_scale=5.0,
         generator=gens, output_type="np",
     ).images
     images = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
