@@ -99,7 +99,7 @@ def split_steps(total: int, fractions: tuple[float, ...]) -> list[int]:
         counts[order[i % len(order)]] += 1
         i += 1
     while sum(counts) > total:  # only when the floor of 1 took steps from elsewhere
-        j = max(range(len(counts)), key=lambda k: counts[k] - exact[k])
+        j = max((k for k in range(len(counts)) if counts[k] > 1), key=lambda k: counts[k] - exact[k])
         counts[j] -= 1
     return counts
 
@@ -214,9 +214,9 @@ class _Bottleneck:
     # -- pipeline entry points --------------------------------------------------------------
     def wrap_encode_prompt(self, original):
         def encode_prompt(*args, **kwargs):
-            result = original(*args, **kwargs)  # progressive guidance (inner) decides about its stages first
-            frame = sys._getframe(1)
-            if self.running or frame is self.pending_frame or self.attachment._pipeline_call_frame(frame) is None:
+            result = original(*args, **kwargs)
+            frame = self._caller()
+            if self.running or frame is None or frame is self.pending_frame:
                 return result
             self._abandon()
             if self._eligible(frame):
@@ -231,8 +231,8 @@ class _Bottleneck:
             stage = self.current
             if stage is None or stage.x0 is None or stage.latents_done:
                 return result
-            frame = sys._getframe(1)
-            if not (self.running or frame is self.pending_frame) or self.attachment._pipeline_call_frame(frame) is None:
+            frame = self._caller()
+            if frame is None or not (self.running or frame is self.pending_frame):
                 return result
             current = result[0] if isinstance(result, tuple) else result
             stage.target = torch.empty_like(current)
@@ -244,6 +244,14 @@ class _Bottleneck:
             return out
 
         return prepare_latents
+
+    def _caller(self):
+        """The pipeline __call__ frame that called the wrapped method (through structure guidance's
+        wrapper, which sits outside ours), or None."""
+        frame = sys._getframe(2)
+        if self.attachment._pipeline_call_frame(frame) is None and frame.f_code.co_filename == progressive.__file__:
+            frame = frame.f_back
+        return frame if self.attachment._pipeline_call_frame(frame) is not None else None
 
     def _eligible(self, frame) -> bool:
         guidance = progressive._CONTROLLERS.get(self.attachment)
@@ -432,22 +440,27 @@ def validate(config: BottleneckConfig, info) -> None:
                          f"predicts {info.prediction_type!r}. Leave shifts=None for this family")
 
 
-def _wrap_pipe_method(attachment, name: str, make_wrapper) -> None:
-    """Wrap a pipeline method that another technique may already have wrapped: the attachment saves
-    only the first state of each name (so remove restores the class method, not a wrapper)."""
-    if name not in attachment._saved_pipe_attrs:
-        attachment._wrap_pipe_method(name, make_wrapper)
-        return
-    original = getattr(attachment.pipe, name)
-    attachment.pipe.__dict__[name] = functools.update_wrapper(make_wrapper(original), original)
+def _wrap_beneath(attachment, name: str, make_wrapper, make_outer) -> None:
+    """Put our wrapper of a pipeline method under structure guidance's, which reads its caller's frame
+    and so must stay the one __call__ calls. The attachment keeps its first saved state of the name,
+    so remove() restores the class's method."""
+    pipe = attachment.pipe
+    method = pipe.__dict__[name].__wrapped__  # the pipeline's own bound method
+    ours = functools.update_wrapper(make_wrapper(method), method)
+    pipe.__dict__[name] = functools.update_wrapper(make_outer(ours), method)
 
 
 def install(attachment, config: BottleneckConfig) -> None:
     """hires.apply's installer: validate against the family, wrap encode_prompt and prepare_latents."""
     validate(config, attachment.info)
     controller = _Bottleneck(attachment, config)
-    _wrap_pipe_method(attachment, "encode_prompt", controller.wrap_encode_prompt)
-    _wrap_pipe_method(attachment, "prepare_latents", controller.wrap_prepare_latents)
+    guidance = progressive._CONTROLLERS.get(attachment)  # installed before us (HiresConfig field order)
+    for name in ("encode_prompt", "prepare_latents"):
+        make = getattr(controller, "wrap_" + name)
+        if guidance is not None and name in attachment._saved_pipe_attrs:
+            _wrap_beneath(attachment, name, make, getattr(guidance, "wrap_" + name))
+        else:
+            attachment._wrap_pipe_method(name, make)
     _CONTROLLERS[attachment] = controller
 
 
