@@ -315,3 +315,37 @@ def test_composes_with_attention_techniques_each_stage_at_its_size():
     assert image.shape == (1, 3, 128, 128)
     assert seen.sizes == [(128, 128)] + [(64, 64)] * 7 + [(128, 128)] * 2
     seen.handle.remove()
+
+
+def test_a_call_that_fails_after_its_stages_leaves_nothing_after_the_next_call_or_remove(monkeypatch):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = build("sd3")
+    plain = _call(pipe, "sd3", 64)
+    scheduler_keys = sorted(pipe.scheduler.__dict__)
+    _apply(pipe)
+    real = FlowMatchEulerDiscreteScheduler.set_timesteps
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the user's own call, after the two stage calls
+            raise RuntimeError("scheduler failed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", failing)
+    with pytest.raises(RuntimeError, match="scheduler failed"):
+        _call(pipe, "sd3", 64)
+    assert "set_timesteps" in pipe.scheduler.__dict__  # the last stage never set its schedule
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", real)
+    first = _call(pipe, "sd3", 64)  # the next call starts afresh
+    assert [r.steps for r in bottleneck.last_run(pipe)] == [1, 7, 2]
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", failing)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="scheduler failed"):
+        _call(pipe, "sd3", 64)
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", real)
+    hires.remove(pipe)
+    assert sorted(pipe.scheduler.__dict__) == scheduler_keys
+    assert torch.equal(_call(pipe, "sd3", 64), plain)
+    assert not torch.equal(first, plain)

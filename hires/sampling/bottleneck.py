@@ -54,6 +54,7 @@ import weakref
 from typing import Any
 
 import torch
+from diffusers.hooks import ModelHook
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import BottleneckConfig
@@ -61,6 +62,7 @@ from . import progressive, schedules
 # Shared with progressive structure guidance (private there; see the module docstring).
 from .progressive import _RESIZING_ARGUMENTS, _round_to, _tile, pack, resize, unpack
 
+HOOK_NAME = "hires.bottleneck"
 DEFAULT_STEP_FRACTIONS = (0.1, 0.7, 0.2)
 FIRST_FRACTION, LAST_FRACTION = 0.1, 0.2  # for K != 3: 10% first, 20% last, the rest shared
 
@@ -431,6 +433,19 @@ class _Bottleneck:
         return step
 
 
+class _CleanupHook(ModelHook):
+    """No-op on the denoiser; its removal (hires.remove) drops what a call that raised after its stage
+    calls left on the scheduler."""
+
+    def __init__(self, controller: _Bottleneck):
+        super().__init__()
+        self.controller = controller
+
+    def deinitalize_hook(self, module):  # diffusers' spelling
+        self.controller._abandon()
+        return module
+
+
 _CONTROLLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -461,6 +476,7 @@ def install(attachment, config: BottleneckConfig) -> None:
             _wrap_beneath(attachment, name, make, getattr(guidance, "wrap_" + name))
         else:
             attachment._wrap_pipe_method(name, make)
+    attachment.add_hook(attachment.denoiser, _CleanupHook(controller), HOOK_NAME)
     _CONTROLLERS[attachment] = controller
 
 
