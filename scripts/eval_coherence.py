@@ -136,7 +136,8 @@ def run_model(family: str, args) -> tuple[list[dict], dict]:
 
 def run(args) -> dict:
     prompts = tc.all_prompts()[: args.prompts] if args.prompts else tc.all_prompts()
-    args.sizes = [(lab, h, w, args.k if args.k else k) for lab, h, w, k in SIZES]
+    args.sizes = [(lab, h, w, args.k if args.k else k) for lab, h, w, k in SIZES
+                  if not args.sizes or lab.split()[0] in args.sizes]
     if args.k_1x:
         args.sizes[0] = (*args.sizes[0][:3], args.k_1x)
     t_all = time.time()
@@ -257,6 +258,8 @@ def parse(argv=None):
     p.add_argument("--k", type=int, help="images per prompt at every size (default: per size)")
     p.add_argument("--k-1x", type=int, help="images per prompt at 1x only")
     p.add_argument("--prompts", type=int, help="use only the first N prompts")
+    p.add_argument("--sizes", nargs="+", choices=[lab.split()[0] for lab, *_ in SIZES],
+                   help="evaluate only these sizes (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--guidance-sd15", type=float, default=5.0)
