@@ -111,6 +111,7 @@ def timing_table(runs: int) -> Table:
     import hires
     from tiny_models import CALL_KWARGS, build
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     pipes = {space: build("sd15") for space in ("latent", "pixel")}
     for space, pipe in pipes.items():
@@ -124,6 +125,7 @@ def timing_table(runs: int) -> Table:
 
     times = interleaved_times({"latent": call(pipes["latent"], 192), "pixel": call(pipes["pixel"], 192),
                                "direct": call(plain, 192)}, runs)
+    torch.set_num_threads(threads)
     rows = [[name, fmt(sorted(v)[len(v) // 2], 2), fmt(ratio(times, name, "latent"))] for name, v in times.items()]
     return Table(
         title="Pixel vs latent guidance: wall time on the tiny SD1.5 pipeline",
