@@ -349,3 +349,13 @@ def test_a_call_that_fails_after_its_stages_leaves_nothing_after_the_next_call_o
     assert sorted(pipe.scheduler.__dict__) == scheduler_keys
     assert torch.equal(_call(pipe, "sd3", 64), plain)
     assert not torch.equal(first, plain)
+
+
+def test_five_stages_with_bicubic_resampling():
+    pipe = _apply(build("sd3"), scales=(1.0, 0.5, 0.25, 0.5, 1.0), resample="bicubic")
+    seen = _Denoiser(pipe)
+    image = _call(pipe, "sd3", 64, steps=10)
+    assert image.shape == (1, 3, 64, 64)
+    # 10 steps at 10 / 23.3 / 23.3 / 23.3 / 20 %: 1, 3, 2, 2, 2 (largest remainder, ties to the earlier stage)
+    assert seen.sizes == [(64, 64)] + [(32, 32)] * 3 + [(16, 16)] * 2 + [(32, 32)] * 2 + [(64, 64)] * 2
+    seen.handle.remove()
