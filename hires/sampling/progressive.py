@@ -587,6 +587,10 @@ class _StructureGuidanceHook(ModelHook):
         self.pending = (sample, bound["timestep"], state)
         return args, kwargs
 
+    def deinitalize_hook(self, module):  # diffusers' spelling; runs when hires.remove takes the hook out
+        self.controller._drop_outer()  # a call that raised after its stages may have left a scheduler shadow
+        return module
+
     def post_forward(self, module, output):
         if self.pending is None:
             return output
