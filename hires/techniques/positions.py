@@ -132,7 +132,7 @@ def _resample_axis(grid: torch.Tensor, axis: int, count: int) -> torch.Tensor:
     shape[axis] = count
     weight = (coords - low).to(grid.dtype).reshape(shape).to(grid.device)
     low, high = low.to(grid.device), high.to(grid.device)
-    return torch.lerp(grid.index_select(axis, low), grid.index_select(axis, high), weight)
+    return grid.index_select(axis, low).lerp_(grid.index_select(axis, high), weight)
 
 
 def interpolate_table(table: torch.Tensor, side: int, rows: int, cols: int) -> torch.Tensor:
