@@ -85,7 +85,7 @@ def _denoise(pipe, size: int, steps: int, guidance: float = 5.0):
 def _timing_tables(options) -> list[Table]:
     import hires
 
-    width, steps = 32, 6
+    width, steps = 32, 4
     size = 8 * 8 * 4  # the timing model's base latent is 8: 4x the side, 16x the area (a "2048^2" request)
     plain_pipe, dilated_pipe, ndcfg_pipe = (_timing_pipeline(width) for _ in range(3))
     # Every step dilated, so the ratio is the per-step cost of dilation itself.
@@ -145,7 +145,7 @@ def _dispersion_effect_table() -> Table:
     import hires
     import tiny_models
 
-    family, size, steps = "sd15", 256, 10
+    family, size, steps = "sd15", 256, 6
     outputs = {}
     for name, config in {
         "plain": None,
