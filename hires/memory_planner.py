@@ -278,6 +278,7 @@ class MemoryPlan:
     vae_tiled_peak: int | None  # None when not tiling (not estimated)
     tile_vae: bool
     tile_size: int | None
+    tile_grouping: str | None  # "unit" (less recompute) or "level" (less memory); see tiled_vae.group_units
     feed_forward_chunks: int
     sequential_cfg: bool
 
@@ -297,6 +298,13 @@ class MemoryPlan:
 
 
 TILE_CHOICES = (128, 96, 64, 48, 32)  # latent px, largest first
+GROUPINGS = ("unit", "level")  # tiled VAE: least recompute first, least memory second
+
+
+def tiling_options(tile_size: int | None = None) -> list[tuple[int, str]]:
+    """(tile, grouping) pairs in order of preference (fastest first, least memory last)."""
+    tiles = (tile_size,) if tile_size else TILE_CHOICES
+    return [(t, g) for g in GROUPINGS for t in tiles]
 CHUNK_CHOICES = (1, 2, 4, 8, 16)
 
 
@@ -332,21 +340,26 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
     if tile_vae is None:
         tile_vae = untiled > free
     tile, vae_cost = None, untiled
+    grouping = None
     if tile_vae:
-        tiles = (tile_size,) if tile_size else TILE_CHOICES
-        tile, vae_cost = _first_fitting(tiles, lambda t: vae_peak_bytes(vae, "decode", latent, dtype, tiled=True, tile_size=t), free)
+        (tile, grouping), vae_cost = _first_fitting(
+            tiling_options(tile_size), lambda o: vae_peak_bytes(vae, "decode", latent, dtype, tiled=True, tile_size=o[0], grouping=o[1]), free)
 
     # Cheapest first (no chunking, batched CFG); the most frugal choice is tried second, so an
     # impossible request is refused after two estimates.
     sequential_options = (sequential_cfg,) if sequential_cfg is not None else ((False, True) if cfg and cfg_batched else (False,))
-    chunk_options = (feed_forward_chunks,) if feed_forward_chunks is not None else CHUNK_CHOICES
+    from .techniques.memory import chunkable_blocks
+
+    chunkable = bool(chunkable_blocks(denoiser))
+    chunk_options = (feed_forward_chunks,) if feed_forward_chunks is not None else (CHUNK_CHOICES if chunkable else (1,))
     options = [(s, c) for s in sequential_options for c in chunk_options]
     (sequential, chunks), denoiser_cost_ = _first_fitting(options, lambda o: denoiser_cost(o[1], o[0]), free)
 
     result = MemoryPlan(height=height, width=width, dtype=dtype, batch=batch, budget=budget, weights=weights,
                         denoiser_peak=denoiser_cost_, vae_untiled_peak=untiled,
                         vae_tiled_peak=vae_cost if tile_vae else None,
-                        tile_vae=bool(tile_vae), tile_size=tile, feed_forward_chunks=chunks, sequential_cfg=sequential)
+                        tile_vae=bool(tile_vae), tile_size=tile, tile_grouping=grouping, feed_forward_chunks=chunks,
+                        sequential_cfg=sequential)
     if result.peak > budget:
         raise MemoryBudgetError(_refusal(result, name, latent_factor))
     return result
@@ -391,24 +404,21 @@ def _refusal(result: MemoryPlan, name: str, latent_factor: int) -> str:
 
 # -- the per-call tiling decision of VAETilingConfig(mode="auto") -----------------------------------
 def vae_tiling_decision(vae, kind: str, shape: tuple[int, ...], dtype: torch.dtype, max_memory: int | None = None,
-                        tile_size: int | None = None) -> int | None:
-    """Tile size (latent px) when the untiled pass would not fit the free memory, else None."""
+                        tile_size: int | None = None) -> tuple[int, str] | None:
+    """(tile size in latent px, grouping) when the untiled pass would not fit the free memory, else None."""
     device = next(iter(vae.parameters())).device
-    free = max_memory if max_memory is not None else detect_budget(device)
-    if max_memory is not None:
-        free -= module_bytes(vae)
+    free = max_memory - module_bytes(vae) if max_memory is not None else detect_budget(device)
     if vae_peak_bytes(vae, kind, shape, dtype, tiled=False) <= free:
         return None
-    tiles = (tile_size,) if tile_size else TILE_CHOICES
-    for tile in tiles:
-        if vae_peak_bytes(vae, kind, shape, dtype, tiled=True, tile_size=tile) <= free:
-            return tile
-    needed = vae_peak_bytes(vae, kind, shape, dtype, tiled=True, tile_size=tiles[-1])
-    raise MemoryBudgetError(
-        f"VAE {kind} of a {'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} tensor needs ≈{format_bytes(needed)} "
-        f"even tiled ({tiles[-1]} latent px tiles), free {format_bytes(free)}; try a smaller size or "
-        f"pipe.enable_model_cpu_offload()"
-    )
+    option, needed = _first_fitting(
+        tiling_options(tile_size), lambda o: vae_peak_bytes(vae, kind, shape, dtype, tiled=True, tile_size=o[0], grouping=o[1]), free)
+    if needed > free:
+        raise MemoryBudgetError(
+            f"VAE {kind} of a {'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} tensor needs ≈{format_bytes(needed)} "
+            f"even tiled ({option[0]} latent px tiles, {option[1]} grouping), free {format_bytes(free)}; try a smaller "
+            f"size or pipe.enable_model_cpu_offload()"
+        )
+    return option
 
 
 # -- planning one pipeline call (used by the memory technique) -------------------------------------

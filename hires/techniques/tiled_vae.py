@@ -367,11 +367,11 @@ def tiled_encode(vae, x: torch.Tensor, tile_size: int | None = None, grouping: s
 class TiledVAEHook(ModelHook):
     """Shadows `vae._decode` / `vae._encode` while registered; the originals come back on removal."""
 
-    def __init__(self, should_tile: Callable[[str, tuple[int, ...], torch.dtype], int | None], grouping: str = "unit",
+    def __init__(self, should_tile: Callable[[str, tuple[int, ...], torch.dtype], tuple[int, str] | None],
                  halo: int | None = None):
         super().__init__()
-        self.should_tile = should_tile  # (kind, shape, dtype) -> tile size in latent px, or None: don't tile
-        self.grouping = grouping
+        # (kind, shape, dtype) -> (tile side in latent px, segment grouping), or None: don't tile.
+        self.should_tile = should_tile
         self.halo = halo
         self._saved: dict[str, tuple[bool, object]] = {}
 
@@ -382,17 +382,17 @@ class TiledVAEHook(ModelHook):
         hook = self
 
         def _decode(z, return_dict: bool = True):
-            tile = hook.should_tile("decode", tuple(z.shape), z.dtype)
-            if tile is None:
+            choice = hook.should_tile("decode", tuple(z.shape), z.dtype)
+            if choice is None:
                 return original_decode(z, return_dict=return_dict)
-            sample = tiled_decode(module, z, tile, hook.grouping, hook.halo)
+            sample = tiled_decode(module, z, choice[0], choice[1], hook.halo)
             return DecoderOutput(sample=sample) if return_dict else (sample,)
 
         def _encode(x):
-            tile = hook.should_tile("encode", tuple(x.shape), x.dtype)
-            if tile is None:
+            choice = hook.should_tile("encode", tuple(x.shape), x.dtype)
+            if choice is None:
                 return original_encode(x)
-            return tiled_encode(module, x, tile, hook.grouping, hook.halo)
+            return tiled_encode(module, x, choice[0], choice[1], hook.halo)
 
         for name, fn in (("_decode", _decode), ("_encode", _encode)):
             self._saved[name] = (name in module.__dict__, module.__dict__.get(name))
@@ -422,9 +422,8 @@ def install_tiling(attachment, mode: str, tile_size: int | None, max_memory: int
 
     def should_tile(kind, shape, dtype):
         if mode == "always":
-            return tile_size or DEFAULT_TILE_LATENT
-        decision = memory_planner.vae_tiling_decision(vae, kind, shape, dtype, max_memory=max_memory, tile_size=tile_size)
-        return decision
+            return tile_size or DEFAULT_TILE_LATENT, "unit"
+        return memory_planner.vae_tiling_decision(vae, kind, shape, dtype, max_memory=max_memory, tile_size=tile_size)
 
     attachment.add_hook(vae, TiledVAEHook(should_tile, halo=halo), HOOK_NAME)
 

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         from hires.techniques.tiled_vae import tiled_decode
 
         def decode(z):
-            return tiled_decode(vae, vae.post_quant_conv(z), tile_size=options.tile, grouping=options.grouping)
+            return tiled_decode(vae, z, tile_size=options.tile, grouping=options.grouping)  # z as vae.decode gets it
 
     context = DryConvolutions() if options.dry_conv else contextlib.nullcontext()
 
