@@ -34,36 +34,44 @@ def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
     return height, width
 
 
-def config_from_options(config_file: str | None, enable: list[str], disable: list[str]):
-    """A HiresConfig from an optional JSON file, then --enable / --disable switches."""
+def config_from_options(options: argparse.Namespace, info):
+    """The HiresConfig of a command: the --config file, else the --preset, then --enable / --disable."""
     import hires
 
-    values: dict[str, Any] = {}
-    if config_file:
+    from .presets import automatic_config
+
+    if options.config:
         try:
-            values = json.loads(Path(config_file).read_text(encoding="utf-8"))
+            values = json.loads(Path(options.config).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as err:
-            raise CliError(f"--config {config_file!r} cannot be read: {err}") from None
+            raise CliError(f"--config {options.config!r} cannot be read: {err}") from None
         except json.JSONDecodeError as err:
-            raise CliError(f"--config {config_file!r} is not valid JSON: {err.msg} at line {err.lineno}") from None
-    try:
-        config = hires.HiresConfig.from_dict(values)
-    except (TypeError, ValueError) as err:
-        raise CliError(f"--config {config_file!r}: {err}") from None
+            raise CliError(f"--config {options.config!r} is not valid JSON: {err.msg} at line {err.lineno}") from None
+        try:
+            config = hires.HiresConfig.from_dict(values)
+        except (TypeError, ValueError) as err:
+            raise CliError(f"--config {options.config!r}: {err}") from None
+    else:
+        config = automatic_config(info) if options.preset == "auto" else hires.HiresConfig()
 
     techniques = [f.name for f in dataclasses.fields(config)]
-    both = sorted(set(enable) & set(disable))
+    both = sorted(set(options.enable) & set(options.disable))
     if both:
         raise CliError(f"--enable and --disable both name {', '.join(both)}; choose one")
     changes = {}
-    for name, on in [(n, True) for n in enable] + [(n, False) for n in disable]:
+    for name, on in [(n, True) for n in options.enable] + [(n, False) for n in options.disable]:
         if name not in techniques:
             from .config import closest_names
 
             raise CliError(f"--{'enable' if on else 'disable'} {name!r} is not a technique; techniques are "
                            f"{', '.join(techniques)} (closest: {closest_names(name, techniques)})")
         changes[name] = dataclasses.replace(getattr(config, name), enabled=on)
-    return config.replace(**changes)
+    config = config.replace(**changes)
+    try:
+        config.validate_for(info)
+    except (TypeError, ValueError) as err:
+        raise CliError(f"--model {options.model!r}: {err}") from None
+    return config
 
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -133,19 +141,20 @@ def load_pipeline_skeleton(model: str):
     return getattr(diffusers, index["_class_name"])(**components)
 
 
-def print_plan(model: str, config, height: int, width: int, steps: int, guidance: float | None,
-               dtype_name: str, device: str, image_size: tuple[int, int] | None) -> int:
+def print_plan(options: argparse.Namespace, height: int, width: int, device: str,
+               image_size: tuple[int, int] | None) -> int:
     """--dry-run: the stages, steps and memory estimate of a request, without loading weights."""
     import hires
 
     from .memory_planner import MemoryBudgetError, format_bytes, plan
 
+    model, steps, guidance, dtype_name = options.model, options.steps, options.guidance, options.dtype
     pipe = load_pipeline_skeleton(model)
     try:
         info = hires.model_info(pipe)
-        config.validate_for(info)
     except (TypeError, ValueError) as err:
         raise CliError(f"--model {model!r}: {err}") from None
+    config = config_from_options(options, info)
     from .config import validate_size
 
     for side, value in (("height", height), ("width", width)):
@@ -210,22 +219,23 @@ class Job:
 class Renderer:
     """A loaded pipeline with hires applied, rendering jobs to PNG files."""
 
-    def __init__(self, model: str, config, device: str | None = None, quiet: bool = False, dtype: str = "auto"):
+    def __init__(self, options: argparse.Namespace, device: str | None = None):
         import torch
 
         import hires
 
-        self.model = model
-        self.config = config
+        self.model = options.model
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.pipe = load_pipeline(model, None if dtype == "auto" and self.device == "cpu" else resolve_dtype(dtype, self.device))
+        dtype = None if options.dtype == "auto" and self.device == "cpu" else resolve_dtype(options.dtype, self.device)
+        self.pipe = load_pipeline(self.model, dtype)
         self.pipe.to(self.device)
-        self.pipe.set_progress_bar_config(disable=quiet, leave=False)
+        self.pipe.set_progress_bar_config(disable=options.quiet, leave=False)
         try:
-            hires.apply(self.pipe, config)
-        except (TypeError, ValueError) as err:
-            raise CliError(f"--model {model!r}: {err}") from None
-        self.info = hires.model_info(self.pipe)
+            self.info = hires.model_info(self.pipe)
+        except TypeError as err:
+            raise CliError(f"--model {self.model!r}: {err}") from None
+        self.config = config_from_options(options, self.info)
+        hires.apply(self.pipe, self.config)
 
     def size(self, size_text: str | None, scale: float | None, option: str = "--size") -> tuple[int, int]:
         from .config import validate_size
@@ -304,13 +314,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.steps <= 0:
         raise CliError(f"--steps {args.steps} must be a positive number of denoising steps")
     image = None
-    enable = list(args.enable)
     if args.image is not None:
         if "structure_guidance" in args.disable:
             raise CliError("--image upscales with structure guidance; it conflicts with --disable structure_guidance")
         image = read_image(args.image)
-        enable.append("structure_guidance")
-    config = config_from_options(args.config, enable, args.disable)
+        args.enable = [*args.enable, "structure_guidance"]
     if args.dry_run:
         import torch
 
@@ -318,10 +326,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.scale is not None or args.size is None:
             raise CliError("--dry-run needs --size WIDTHxHEIGHT (it reads no weights to resolve --scale)")
         height, width = parse_size(args.size)
-        image_size = None if image is None else (image.height, image.width)
-        return print_plan(args.model, config, height, width, args.steps, args.guidance, args.dtype, device, image_size)
+        return print_plan(args, height, width, device, None if image is None else (image.height, image.width))
     check_output_dir(out.parent, "--out")
-    renderer = Renderer(args.model, config, args.device, args.quiet, args.dtype)
+    renderer = Renderer(args)
     height, width = renderer.size(args.size, args.scale)
     job = Job(args.prompt, args.negative, height, width, args.steps, args.guidance, args.seed)
     renderer.render(job, out, image=image)
@@ -346,14 +353,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     out_dir = Path(args.out)
     check_output_dir(out_dir, "--out")
-    config = config_from_options(args.config, args.enable, args.disable)
 
     # Without cpu=True accelerate never forms a multi-process CPU group (gloo).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     device = args.device or (str(state.device) if state.num_processes > 1 or state.device.type != "cpu" else None)
     if state.is_main_process:
         batch.remove_stale_temporaries(out_dir)
-    renderer = Renderer(args.model, config, device, args.quiet, args.dtype)
+    renderer = Renderer(args, device)
     # Every process splits the whole list the same way, then skips what is already done.
     with state.split_between_processes(items) as mine:
         todo = [item for item in mine if not batch.is_finished(out_dir, item)]
@@ -390,7 +396,9 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", default=None, help="a JSON file of HiresConfig options")
+    parser.add_argument("--preset", default="auto", choices=("auto", "none"),
+                        help="auto: the family's automatic preset (hires.presets); none: every technique off")
+    parser.add_argument("--config", default=None, help="a JSON file of HiresConfig options (replaces --preset)")
     parser.add_argument("--enable", action="append", default=[], metavar="TECHNIQUE",
                         help="switch a technique on (a HiresConfig field, e.g. entropy_scaling); repeatable")
     parser.add_argument("--disable", action="append", default=[], metavar="TECHNIQUE", help="switch a technique off")

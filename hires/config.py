@@ -516,5 +516,5 @@ def validate_size(name: str, value: Any, multiple: int, family_name: str) -> Non
         lower = max(multiple, value - value % multiple)
         raise ValueError(
             f"{name}={value} is not a multiple of {multiple}, which {family_name} requires "
-            f"(VAE factor x patch size); use {lower} or {lower + multiple}"
+            f"(VAE factor x patch size, and the pipeline's own rule); use {lower} or {lower + multiple}"
         )

@@ -8,6 +8,7 @@ never assumed from the family's name.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 
@@ -35,6 +36,8 @@ class Family:
     # uncond call, combined the same way). The scale is the __call__ local named guidance_scale_name.
     guidance_layout: str = "batched"
     guidance_scale_name: str = "guidance_scale"
+    # A multiple the pipeline's own check_inputs demands whatever the VAE factor (SD/SDXL/PixArt: 8).
+    pipeline_size_multiple: int = 1
     # Extra recognition rule on the denoiser config (sd15 vs sd21 share pipeline classes).
     denoiser_config_match: tuple[tuple[str, Any], ...] = ()
 
@@ -58,6 +61,7 @@ FAMILIES: tuple[Family, ...] = (
         latent_layout="spatial",
         timestep_input_scale=1.0,
         position_encoding="none",
+        pipeline_size_multiple=8,
         denoiser_config_match=(("use_linear_projection", False),),
     ),
     # SD 2.x UNets use linear projections in their transformer blocks; SD 1.x use 1x1 convs.
@@ -72,6 +76,7 @@ FAMILIES: tuple[Family, ...] = (
         latent_layout="spatial",
         timestep_input_scale=1.0,
         position_encoding="none",
+        pipeline_size_multiple=8,
         denoiser_config_match=(("use_linear_projection", True),),
     ),
     Family(
@@ -90,6 +95,7 @@ FAMILIES: tuple[Family, ...] = (
         latent_layout="spatial",
         timestep_input_scale=1.0,
         position_encoding="none",
+        pipeline_size_multiple=8,
     ),
     Family(
         name="pixart",
@@ -102,6 +108,7 @@ FAMILIES: tuple[Family, ...] = (
         latent_layout="spatial",
         timestep_input_scale=1.0,
         position_encoding="sincos_interpolated",
+        pipeline_size_multiple=8,
     ),
     Family(
         name="sd3",
@@ -164,13 +171,17 @@ class ModelInfo:
     @property
     def size_multiple(self) -> int:
         """Requested heights and widths must be multiples of this (pixels)."""
+        return math.lcm(self.latent_factor * self.patch_size, self.family.pipeline_size_multiple)
+
+    @property
+    def token_side(self) -> int:
+        """Pixels per image token side (the VAE factor for UNets, times the patch for DiTs)."""
         return self.latent_factor * self.patch_size
 
     @property
     def base_tokens(self) -> int:
         """Image tokens (latent pixels for UNets) at the base size."""
-        unit = self.size_multiple
-        return (self.base_height // unit) * (self.base_width // unit)
+        return (self.base_height // self.token_side) * (self.base_width // self.token_side)
 
 
 def _pipeline_class_names(pipe) -> set[str]:

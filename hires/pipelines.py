@@ -4,7 +4,8 @@
     image = pipe(prompt, height=4096, width=4096, hires_config=hires.HiresConfig(...)).images[0]
 
 Each class is its diffusers base class plus one call argument, `hires_config`. Without it, the
-config of the last call stays (the first call uses `HiresConfig()`). Being their own `__call__`,
+config of the last call stays (the first call uses the family's automatic preset, hires.presets;
+`hires_config=HiresConfig()` turns every technique off). Being their own `__call__`,
 they also reject sizes diffusers would silently replace (0 means "default" to diffusers).
 """
 
@@ -28,7 +29,7 @@ class HiresPipelineMixin:
         if hires_config is not None and (attachment is None or attachment.config != hires_config):
             apply(self, hires_config)
         elif attachment is None:
-            apply(self, HiresConfig())
+            apply(self)
         info = get_attachment(self).info
         for side in ("height", "width"):
             if kwargs.get(side) is not None:

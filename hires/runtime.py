@@ -80,7 +80,7 @@ class CallState:
     @property
     def tokens(self) -> int:
         """Image tokens (latent pixels for UNets) at this call's size."""
-        unit = self.info.size_multiple
+        unit = self.info.token_side
         return (self.height // unit) * (self.width // unit)
 
     def step_fraction(self) -> float:
@@ -360,13 +360,16 @@ def is_applied(pipe) -> bool:
 def apply(pipe, config: HiresConfig | None = None):
     """Attach hires to a diffusers pipeline and return it. Applying again replaces the old config.
 
-    `config=None` means `HiresConfig()` (every technique off).
+    `config=None` picks the automatic preset for the pipeline's family (hires.presets); an
+    explicit config always wins, and `HiresConfig()` turns every technique off.
     """
-    if config is None:
-        config = HiresConfig()
-    if not isinstance(config, HiresConfig):
-        raise TypeError(f"config={config!r} must be a hires.HiresConfig (or None for the default)")
+    if config is not None and not isinstance(config, HiresConfig):
+        raise TypeError(f"config={config!r} must be a hires.HiresConfig (or None for the automatic preset)")
     info = read_model_info(pipe)  # raises TypeError for unsupported pipelines
+    if config is None:
+        from .presets import automatic_config
+
+        config = automatic_config(info)
     config.validate_for(info)
     remove(pipe)
     attachment = Attachment(pipe, config, info)

@@ -18,13 +18,13 @@ from tiny_models import build, generate
     ],
 )
 def test_sizes_the_family_cannot_do(family, size, message):
-    pipe = hires.apply(build(family))
+    pipe = hires.apply(build(family), hires.HiresConfig())
     with pytest.raises(ValueError, match=message):
         generate(pipe, family, size)
 
 
 def test_unknown_call_arguments_are_errors_even_where_the_pipeline_swallows_them():
-    pipe = hires.apply(build("pixart"))
+    pipe = hires.apply(build("pixart"), hires.HiresConfig())
     with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) callback_on_step_end=.*valid arguments are:.*callback"):
         generate(pipe, "pixart", 64, callback_on_step_end=lambda *a: {})
     pipe = hires.apply(build("sd15"))

@@ -76,3 +76,12 @@ def test_unsupported_pipeline_is_a_type_error_listing_the_supported_classes():
         assert name in message
     with pytest.raises(TypeError):
         hires.apply(torch.nn.Linear(2, 2))
+
+
+def test_the_pipelines_own_size_rule_counts_when_the_vae_factor_is_smaller():
+    # The testbed UNet's VAE downsamples 4x, but StableDiffusionPipeline.check_inputs demands multiples of 8.
+    from hires.cli import DEFAULT_MODEL, load_pipeline_skeleton
+
+    info = hires.model_info(load_pipeline_skeleton(str(DEFAULT_MODEL)))
+    assert (info.latent_factor, info.token_side, info.size_multiple) == (4, 4, 8)
+    assert info.base_tokens == 16 * 16

@@ -51,10 +51,10 @@ def test_default_config_and_removal_are_bit_identical_to_plain(family):
 
 def test_applying_twice_equals_applying_once(family):
     pipe = build(family)
-    hires.apply(pipe)
+    hires.apply(pipe, hires.HiresConfig())
     once = generate(pipe, family, SIZE)
     hooks_once = _hires_hook_names(pipe)
-    hires.apply(pipe)
+    hires.apply(pipe, hires.HiresConfig())
     assert _hires_hook_names(pipe) == hooks_once
     assert torch.equal(generate(pipe, family, SIZE), once)
     hires.remove(pipe)
@@ -70,7 +70,7 @@ def test_remove_on_a_pipeline_never_applied_is_a_no_op():
 
 def test_call_state_is_built_from_the_call_and_dropped_after_it(family):
     pipe = build(family)
-    hires.apply(pipe)
+    hires.apply(pipe, hires.HiresConfig())
     generate(pipe, family, (128, 64), steps=4)
     attachment = get_attachment(pipe)
     assert attachment.state is None
@@ -83,7 +83,7 @@ def test_call_state_is_built_from_the_call_and_dropped_after_it(family):
 
 def test_state_seen_by_hooks_during_the_call(family):
     pipe = build(family)
-    hires.apply(pipe)
+    hires.apply(pipe, hires.HiresConfig())
     seen = []
 
     def record(p, step):
@@ -96,7 +96,7 @@ def test_state_seen_by_hooks_during_the_call(family):
 
 def test_a_call_that_raises_leaves_no_state(family):
     pipe = build(family)
-    hires.apply(pipe)
+    hires.apply(pipe, hires.HiresConfig())
 
     def explode(p, step):
         if step == 1:
@@ -110,13 +110,13 @@ def test_a_call_that_raises_leaves_no_state(family):
 
     after = generate(pipe, family, SIZE)
     fresh = build(family)
-    hires.apply(fresh)
+    hires.apply(fresh, hires.HiresConfig())
     assert torch.equal(after, generate(fresh, family, SIZE))
 
 
 def test_denoiser_called_outside_a_pipeline_call_is_untouched():
     pipe = build("sd15")
-    hires.apply(pipe)
+    hires.apply(pipe, hires.HiresConfig())
     sample = torch.randn(1, 4, 16, 16)
     text = torch.randn(1, 16, 32)
     out = pipe.unet(sample, 10, encoder_hidden_states=text).sample
@@ -134,9 +134,9 @@ def test_model_cpu_offload_before_or_after_apply(order):
     pipe = build(family)
     if order == "offload_then_apply":
         pipe.enable_model_cpu_offload(device="cpu")
-        hires.apply(pipe)
+        hires.apply(pipe, hires.HiresConfig())
     else:
-        hires.apply(pipe)
+        hires.apply(pipe, hires.HiresConfig())
         pipe.enable_model_cpu_offload(device="cpu")
     assert torch.equal(generate(pipe, family, SIZE), plain)
     assert hires.last_call(pipe).steps_seen == (0, 1, 2)
@@ -158,7 +158,7 @@ def test_sequential_cpu_offload_with_apply():
         # plain diffusers fails the same way, before hires is involved at all.
         pytest.skip(f"sequential offload on CPU fails in plain diffusers here: {type(err).__name__}: {str(err)[:80]}")
     pipe = build(family)
-    hires.apply(pipe)
+    hires.apply(pipe, hires.HiresConfig())
     pipe.enable_sequential_cpu_offload(device="cpu")
     assert torch.equal(generate(pipe, family, SIZE), plain)
     hires.remove(pipe)
@@ -178,7 +178,7 @@ def test_sequential_cpu_offload_with_apply():
 )
 def test_call_state_knows_the_guidance_scale_the_pipeline_combines_with(family, overrides, expected):
     pipe = build(family)
-    hires.apply(pipe)
+    hires.apply(pipe, hires.HiresConfig())
     seen = []
     generate(pipe, family, 64, steps=2, **overrides,
              **step_callback(family, lambda p, step: seen.append(get_attachment(p).state.guidance_scale)))
@@ -187,7 +187,7 @@ def test_call_state_knows_the_guidance_scale_the_pipeline_combines_with(family, 
 
 def test_derived_generators_follow_the_call_seed_without_consuming_it():
     pipe = build("sd15")
-    hires.apply(pipe)
+    hires.apply(pipe, hires.HiresConfig())
     draws = {}
 
     def record(seed):
@@ -203,3 +203,18 @@ def test_derived_generators_follow_the_call_seed_without_consuming_it():
     assert torch.equal(a, again)
     hires.remove(pipe)
     assert torch.equal(generate(pipe, "sd15", 64, seed=1), a)
+
+
+def test_apply_without_a_config_uses_the_automatic_preset_which_leaves_the_base_size_alone(family):
+    from hires.presets import automatic_config
+
+    pipe = build(family)
+    plain = generate(pipe, family, 64)
+    hires.apply(pipe)
+    attachment = get_attachment(pipe)
+    assert attachment.config == automatic_config(attachment.info)
+    assert attachment.config.enabled_techniques()
+    assert torch.equal(generate(pipe, family, 64), plain)
+    explicit = hires.HiresConfig()
+    hires.apply(pipe, explicit)
+    assert get_attachment(pipe).config is explicit

@@ -276,7 +276,7 @@ def _sequence_length(hidden_states: torch.Tensor) -> int:
 def describe_call(state, hidden_states, encoder_hidden_states, joint: bool, token_order: str | None) -> LayerCall:
     """Image/text token counts and grids of one self/joint attention call (see the module doc)."""
     info = state.info
-    unit = info.size_multiple
+    unit = info.token_side
     own = _sequence_length(hidden_states)
     image = min(own, state.tokens)
     text = own - image + (encoder_hidden_states.shape[1] if joint else 0)

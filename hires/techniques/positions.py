@@ -435,7 +435,7 @@ class _RopeHook(ModelHook):
         super().__init__()
         self.attachment = attachment
         self.settings = settings
-        unit = attachment.info.size_multiple
+        unit = attachment.info.token_side
         self.base_lengths = {"height": attachment.info.base_height // unit, "width": attachment.info.base_width // unit}
 
     def axis_scales(self, state) -> list[float | None]:
@@ -521,7 +521,7 @@ class _TimestepShiftHook(ModelHook):
             values = _pipeline_call_locals(self.attachment.pipe)
             if values is None or values.get("height") is None or values.get("width") is None:
                 return original(*args, **kwargs)
-            unit = info.size_multiple
+            unit = info.token_side
             tokens = (int(values["height"]) // unit) * (int(values["width"]) // unit)
             if tokens <= info.base_tokens:
                 return original(*args, **kwargs)
