@@ -274,7 +274,7 @@ def test_pixart_resolution_binning_is_refused_when_it_would_snap_the_size():
     assert (hires.last_call(pipe).height, hires.last_call(pipe).width) == (256, 256)
     # what the error prevents: plain diffusers denoising at the bin and resizing
     hires.remove(pipe)
-    hires.apply(pipe)
+    hires.apply(pipe, HiresConfig())
     generate(pipe, "pixart", 512, steps=1, use_resolution_binning=True)
     assert hires.last_call(pipe).height == 256
 

@@ -55,7 +55,7 @@ def _schedule_table() -> Table:
 
 def _fake_attachment(scale: float):
     """What the position hooks read from an attachment, for a call at `scale` times the 1024 px base."""
-    info = types.SimpleNamespace(size_multiple=16, base_height=BASE_PX, base_width=BASE_PX)
+    info = types.SimpleNamespace(size_multiple=16, token_side=16, base_height=BASE_PX, base_width=BASE_PX)
     state = types.SimpleNamespace(scale_height=scale, scale_width=scale, scratch={})
     return types.SimpleNamespace(info=info, state=state)
 
