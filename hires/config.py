@@ -311,6 +311,14 @@ class PositionConfig:
                              "a fixed shift needs timestep_shift='static'")
         if self.interpolation_scale is not None and not self.interpolation_scale > 0:
             raise ValueError(f"{owner}.interpolation_scale={self.interpolation_scale!r} must be > 0")
+        betas = (self.yarn_beta_fast, self.yarn_beta_slow)
+        if any(b is not None for b in betas):
+            if self.rope not in (None, "yarn"):
+                raise ValueError(f"{owner}: yarn_beta_fast/yarn_beta_slow={betas} shape YaRN's ramp but rope={self.rope!r}; "
+                                 "use rope='yarn' or drop them")
+            if None not in betas and not betas[0] > betas[1] > 0:
+                raise ValueError(f"{owner}: yarn_beta_fast={betas[0]!r} must exceed yarn_beta_slow={betas[1]!r}, both > 0 "
+                                 "(rotations over the base grid)")
 
     def validate_for(self, info) -> None:
         if info.family.architecture != "dit":
