@@ -309,7 +309,9 @@ def run_segment(segment: Segment, x: torch.Tensor, tile: int, halo: int | None =
         for (top, tile_h), (left, tile_w) in grid:
             r0, r1 = max(0, top - halo), min(height, top + tile_h + halo)
             c0, c1 = max(0, left - halo), min(width, left + tile_w + halo)
-            piece = x[..., r0:r1, c0:c1]
+            # Contiguous: convolution kernels copy a strided input anyway; done here the copy is
+            # explicit, so the planner's meta-device count sees it too.
+            piece = x[..., r0:r1, c0:c1].contiguous()
             mode = _GlobalGroupNorm(known, gather, (top - r0, left - c0, tile_h, tile_w), (r1 - r0, c1 - c0))
             try:
                 with mode:
