@@ -127,3 +127,22 @@ def test_shipped_sd15_draws_one_object_of_the_prompted_colour(sd15_pipe):
     counts = [tc.count_objects(im, colour).n_objects for im, (_, colour, _) in zip(images, prompts)]
     bad = [(p, n) for (p, _, _), n in zip(prompts, counts) if n != 1]
     assert not bad, f"prompts without exactly one object of their colour: {bad}"
+
+
+def test_shipped_flux_loads_and_samples_native_size():
+    from diffusers import FluxPipeline
+
+    path = REPO / "hires" / "assets" / "testbed_flux"
+    pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    tok = pipe.tokenizer_2
+    assert tok("a blue square").input_ids == [tok.get_vocab()[w] for w in ("a", "blue", "square")] + [
+        tok.eos_token_id
+    ]
+    image = pipe(
+        "a blue square", height=64, width=64, num_inference_steps=15, negative_prompt="", true_cfg_scale=4.0,
+        max_sequence_length=8, generator=torch.Generator().manual_seed(0), output_type="np",
+    ).images[0]
+    assert image.shape == (64, 64, 3)
+    image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    assert tc.count_objects(image, "blue").n_objects == 1
