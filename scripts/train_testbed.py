@@ -438,8 +438,10 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.reproduce:
         rec = json.loads(args.reproduce.read_text())
+        cli_vae = args.vae  # the recorded VAE path may be gone; each pipeline ships a copy in vae/
         for k, v in rec["args"].items():
             setattr(args, k, v)
+        args.vae = cli_vae or args.vae
         args.no_resume = True
     for k, v in DEFAULTS[args.stage].items():
         if getattr(args, k) is None:
