@@ -445,12 +445,14 @@ class _Progressive:
     def _shadow_scheduler(self) -> None:
         scheduler = self.pipe.scheduler
         original = scheduler.set_timesteps
+        # Another technique's instance wrapper (the positions' shift policy) stays beneath ours.
+        self._covered_set_timesteps = scheduler.__dict__.get("set_timesteps")
         controller = self
 
         def set_timesteps(*args, **kwargs):
             original(*args, **kwargs)
             if get_attachment(controller.pipe) is not controller.attachment:
-                scheduler.__dict__.pop("set_timesteps", None)  # left by a call that raised before removal
+                controller._unshadow_scheduler(scheduler)  # left by a call that raised before removal
                 return
             if controller._empty_schedule_for is not None:
                 if _called_from(controller._empty_schedule_for):  # the user's own call: it only decodes
@@ -469,13 +471,19 @@ class _Progressive:
                 stage.timesteps = tuple(float(t) for t in scheduler.timesteps)
 
         set_timesteps.__wrapped__ = original  # retrieve_timesteps inspects the signature
-        scheduler.__dict__["set_timesteps"] = set_timesteps
+        scheduler.__dict__["set_timesteps"] = self._shadow = set_timesteps
         self._shadowed_scheduler = scheduler
 
-    def _unshadow_scheduler(self) -> None:
-        scheduler, self._shadowed_scheduler = self._shadowed_scheduler, None
-        if scheduler is not None:
-            scheduler.__dict__.pop("set_timesteps", None)
+    def _unshadow_scheduler(self, scheduler=None) -> None:
+        scheduler = scheduler or self._shadowed_scheduler
+        self._shadowed_scheduler = None
+        covered, self._covered_set_timesteps = getattr(self, "_covered_set_timesteps", None), None
+        # Only take out our own shadow; whatever another technique set or restored meanwhile stays.
+        if scheduler is not None and scheduler.__dict__.get("set_timesteps") is getattr(self, "_shadow", None):
+            if covered is not None:
+                scheduler.__dict__["set_timesteps"] = covered
+            else:
+                scheduler.__dict__.pop("set_timesteps", None)
 
     def _truncate(self, stage: _Stage, scheduler) -> None:
         total = len(scheduler.timesteps)
