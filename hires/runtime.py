@@ -216,7 +216,8 @@ class Attachment:
 
     def _wrap_pipe_method(self, name: str, make_wrapper) -> None:
         pipe = self.pipe
-        self._saved_pipe_attrs[name] = (name in pipe.__dict__, pipe.__dict__.get(name))
+        if name not in self._saved_pipe_attrs:  # a second wrapper of the same method must not save the first
+            self._saved_pipe_attrs[name] = (name in pipe.__dict__, pipe.__dict__.get(name))
         original = getattr(pipe, name)
         pipe.__dict__[name] = functools.update_wrapper(make_wrapper(original), original)
 
