@@ -173,8 +173,10 @@ def print_plan(options: argparse.Namespace, height: int, width: int, device: str
 
         sizes = progressive.stage_sizes(info, config.structure_guidance, height, width, start=image_size)
         renoise = progressive.per_stage(config.structure_guidance, "renoise", len(sizes) - 1)
+        from .sampling import schedules
+
         stages = [(sizes[0], None if image_size else steps)] + [
-            (size, max(1, round(steps * (r if r is not None else progressive.DEFAULT_RENOISE))))
+            (size, schedules.stage_steps(steps, r if r is not None else progressive.DEFAULT_RENOISE))
             for size, r in zip(sizes[1:], renoise)]
     else:
         stages = [((height, width), steps)]

@@ -423,7 +423,7 @@ class StructureGuidanceConfig:
     sharpen_alpha: float = 1.0  # unsharp mask (1 + a) x - a blur(x) of the upscaled guide; 0: off
     sharpen_sigma: tuple[float, float] = (0.1, 2.0)  # blur sigma drawn per stage from the call's generator
     guidance_scale: Any = None  # CFG scale per stage; None: the call's own
-    space: str = "latent"  # "latent": swap the latent's low band; "pixel": decode/encode round trip (paper)
+    space: str = "pixel"  # "pixel": decode/encode round trip (paper; best on the testbed); "latent": no VAE round trip
     upscale: str = "bicubic"
 
     def __post_init__(self):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from .config import EntropyScalingConfig, HiresConfig, PositionConfig, StructureGuidanceConfig
 
+# Testbed UNet (docs/testbed.md): pixel-space structure guidance keeps one object in 86% of 4x
+# samples and 58% at 16x, against 50% and 0% plain; no other technique helps at 16x.
 _UNET = HiresConfig(
     structure_guidance=StructureGuidanceConfig(enabled=True),
 )
