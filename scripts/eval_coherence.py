@@ -59,6 +59,45 @@ def plain(pipe) -> ContextManager:
 
 ROWS: list[Row] = [("plain diffusers", plain)]
 
+
+def hires_row(config) -> Callable[[object], ContextManager]:
+    @contextlib.contextmanager
+    def use(pipe):
+        import hires
+
+        hires.apply(pipe, config)
+        try:
+            yield
+        finally:
+            hires.remove(pipe)
+
+    return use
+
+
+def technique_rows(family: str) -> list[Row]:
+    """Every technique's testbed configurations (each module names its own), the same at every size."""
+    import hires
+    from hires.sampling import bottleneck, progressive
+    from hires.techniques import attention, redilation
+
+    if family == "sd15":
+        configs = {name: hires.HiresConfig(redilation=c) for name, c in redilation.TESTBED_ROWS.items()}
+        configs.update(attention.testbed_configs())
+        configs.update(progressive.testbed_configs())
+        configs.update(bottleneck.testbed_configs())
+        configs["APG (preset)"] = hires.HiresConfig(apg=hires.APGConfig(enabled=True))
+    else:
+        positions = hires.PositionConfig(enabled=True)
+        pixel = progressive.testbed_configs()["structure guidance (pixel)"]
+        configs = {
+            "positions: default (YaRN RoPE, clamped shift)": hires.HiresConfig(positions=positions),
+            "entropy scaling": attention.testbed_configs()["entropy scaling"],
+            "structure guidance (pixel)": pixel,
+            "structure guidance + positions + entropy scaling": pixel.replace(
+                positions=positions, entropy_scaling=hires.EntropyScalingConfig(enabled=True)),
+        }
+    return [("plain diffusers", plain)] + [(name, hires_row(c)) for name, c in configs.items()]
+
 # (label, height, width, default K per prompt). Larger sizes cost more per image, so fewer images.
 SIZES = [
     ("1x (64x64)", 64, 64, 32),
@@ -76,7 +115,10 @@ def load_pipeline(family: str, path: Path):
     if family == "flux":
         from diffusers import FluxPipeline
 
-        return FluxPipeline.from_pretrained(path, local_files_only=True)
+        pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
+        # FluxPipeline hard-codes a 1024-class default size; this DiT's base (what hires scales from) is 64 px.
+        pipe.default_sample_size = 64 // pipe.vae_scale_factor
+        return pipe
     raise ValueError(f"family={family!r} is not one of {tuple(MODELS)}")
 
 
@@ -111,7 +153,7 @@ def run_model(family: str, args) -> tuple[list[dict], dict]:
     results, grid = [], {}
     pipe = load_pipeline(family, Path(args.model_dir[family]) if args.model_dir else MODELS[family])
     pipe.set_progress_bar_config(disable=True)
-    for row_name, row in ROWS:
+    for row_name, row in (technique_rows(family) if args.rows == "techniques" else ROWS):
         with row(pipe):
             for label, h, w, k in args.sizes:
                 t0 = time.time()
@@ -260,6 +302,8 @@ def parse(argv=None):
     p.add_argument("--prompts", type=int, help="use only the first N prompts")
     p.add_argument("--sizes", nargs="+", choices=[lab.split()[0] for lab, *_ in SIZES],
                    help="evaluate only these sizes (default: all)")
+    p.add_argument("--rows", choices=("plain", "techniques"), default="plain",
+                   help="plain: diffusers alone; techniques: every technique's testbed rows (hires.*.testbed_configs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--guidance-sd15", type=float, default=5.0)
