@@ -314,11 +314,11 @@ class PositionConfig:
         betas = (self.yarn_beta_fast, self.yarn_beta_slow)
         if any(b is not None for b in betas):
             if self.rope not in (None, "yarn"):
-                raise ValueError(f"{owner}: yarn_beta_fast/yarn_beta_slow={betas} shape YaRN's ramp but rope={self.rope!r}; "
-                                 "use rope='yarn' or drop them")
+                raise ValueError(f"{owner}: yarn_beta_fast/yarn_beta_slow={betas} act only with rope='yarn' "
+                                 f"(got rope={self.rope!r}); use rope='yarn' or drop them")
             if None not in betas and not betas[0] > betas[1] > 0:
-                raise ValueError(f"{owner}: yarn_beta_fast={betas[0]!r} must exceed yarn_beta_slow={betas[1]!r}, both > 0 "
-                                 "(rotations over the base grid)")
+                raise ValueError(f"{owner}: needs yarn_beta_fast > yarn_beta_slow > 0 (rotations over the base grid), "
+                                 f"got yarn_beta_fast={betas[0]!r}, yarn_beta_slow={betas[1]!r}")
 
     def validate_for(self, info) -> None:
         if info.family.architecture != "dit":

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -132,7 +133,10 @@ def test_a_batch_killed_mid_image_resumes_to_exactly_one_valid_png_per_item(tmp_
 def test_two_processes_split_a_batch_into_disjoint_complete_shards(tmp_path):
     prompts = write(tmp_path, "p.txt", "".join(f"prompt number {i}\n" for i in range(5)))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as probe:  # a free port: parallel test runs must not meet on a fixed one
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                "-m", "hires", "batch", str(prompts), "--out", str(out), *FAST]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

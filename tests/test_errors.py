@@ -44,8 +44,8 @@ def test_unknown_config_options_and_wrong_config_types():
 
 
 def test_position_options_that_contradict_each_other():
-    with pytest.raises(ValueError, match=r"yarn_beta_fast/yarn_beta_slow=\(2.0, None\) shape YaRN's ramp but rope='ntk'"):
+    with pytest.raises(ValueError, match=r"yarn_beta_fast/yarn_beta_slow=\(2.0, None\) act only with rope='yarn' \(got rope='ntk'\)"):
         hires.PositionConfig(rope="ntk", yarn_beta_fast=2.0)
-    with pytest.raises(ValueError, match=r"yarn_beta_fast=0.5 must exceed yarn_beta_slow=1.0"):
+    with pytest.raises(ValueError, match=r"needs yarn_beta_fast > yarn_beta_slow > 0 .*got yarn_beta_fast=0.5, yarn_beta_slow=1.0"):
         hires.PositionConfig(yarn_beta_fast=0.5, yarn_beta_slow=1.0)
     hires.PositionConfig(rope="yarn", yarn_beta_fast=1.25, yarn_beta_slow=0.75)
