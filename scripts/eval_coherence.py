@@ -74,6 +74,21 @@ def hires_row(config) -> Callable[[object], ContextManager]:
     return use
 
 
+def extra_flux_rows() -> dict:
+    """Flux rows measured in a second run (docs/testbed.md)."""
+    import hires
+    from hires.sampling import bottleneck, progressive
+    from hires.techniques import attention
+
+    return {
+        "positions: NTK RoPE": hires.HiresConfig(positions=hires.PositionConfig(enabled=True, rope="ntk")),
+        "positions: interpolation (PI)": hires.HiresConfig(positions=hires.PositionConfig(enabled=True, rope="interpolation")),
+        "window attention (shifted)": attention.testbed_configs()["window attention (shifted)"],
+        "structure guidance (latent)": progressive.testbed_configs()["structure guidance (latent)"],
+        "bottleneck (default 10/70/20)": bottleneck.testbed_configs()["bottleneck (default 10/70/20)"],
+    }
+
+
 def technique_rows(family: str) -> list[Row]:
     """Every technique's testbed configurations (each module names its own), the same at every size."""
     import hires
@@ -96,6 +111,7 @@ def technique_rows(family: str) -> list[Row]:
             "structure guidance + positions + entropy scaling": pixel.replace(
                 positions=positions, entropy_scaling=hires.EntropyScalingConfig(enabled=True)),
         }
+        configs.update(extra_flux_rows())
     return [("plain diffusers", plain)] + [(name, hires_row(c)) for name, c in configs.items()]
 
 # (label, height, width, default K per prompt). Larger sizes cost more per image, so fewer images.

@@ -99,3 +99,29 @@ def test_controlnet_pipeline_apply_generate_remove_is_bit_identical(family):
     hires.remove(pipe)
     assert not torch.equal(with_hires, plain)
     assert torch.equal(generate(pipe, family, 128, **{key: control}), plain)
+
+
+@pytest.mark.parametrize("family", [
+    "sd15",
+    pytest.param("flux", marks=pytest.mark.xfail(
+        strict=True, raises=RuntimeError,
+        reason="known bug: structure guidance unpacks a FluxControlNetPipeline stage latent with the wrong grid")),
+])
+def test_controlnet_image_follows_each_progressive_stage(family):
+    """Each stage is a pipeline call at its own size; the pipeline resizes the control image to it."""
+    from hires.sampling import progressive
+
+    pipe = controlnet_pipeline(family)
+    seen = []
+    pipe.controlnet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        tuple((kwargs.get("controlnet_cond") if kwargs.get("controlnet_cond") is not None else args[3]).shape[-2:])),
+        with_kwargs=True)
+    control = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    key = "control_image" if family == "flux" else "image"
+    hires.apply(pipe, hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True)))
+    out = generate(pipe, family, 192, steps=6, **{key: control})
+    assert out.shape[-2:] == (192, 192)
+    sizes = [(stage.height, stage.width) for stage in progressive.last_run(pipe)]
+    assert len(sizes) == 3
+    # The control image reaches the ControlNet at every stage's own size (pixels, or packed latents for Flux).
+    assert len(set(seen)) == 3, seen
