@@ -8,19 +8,8 @@ PNG grid of samples.
     python scripts/eval_coherence.py                      # defaults: docs/testbed.md, docs/testbed_grid.png
 
 Rows are (name, function(pipe) -> context manager); the pipeline is configured inside the `with`
-and restored after it. A technique row will look like
-
-    def hires_row(config):
-        @contextlib.contextmanager
-        def use(pipe):
-            hires.apply(pipe, config)
-            try:
-                yield
-            finally:
-                hires.remove(pipe)
-        return use
-
-    ROWS.append(("hires default", hires_row(hires.HiresConfig())))
+and restored after it. `--rows techniques` uses `technique_rows(family)`: each technique module's
+testbed configurations, applied with `hires_row(config)` (hires.apply, then hires.remove).
 
 Determinism: image i of prompt j is drawn from its own generator seeded with seed + 1000*j + i, the
 same at every size and in every row, so rows differ only by what the configuration changes.

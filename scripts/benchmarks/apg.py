@@ -17,6 +17,7 @@ which also reports the share of images with exactly one object (testbed_common) 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -124,21 +125,6 @@ def _with(pipe, config, fn):
     return run
 
 
-def interleaved_cpu_times(functions: dict, runs: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Like common.interleaved_times, but this process's CPU seconds: on a machine shared with other
-    jobs, wall time mostly measures their load, CPU time measures ours."""
-    for _ in range(warmup):
-        for fn in functions.values():
-            fn()
-    times = {name: [] for name in functions}
-    for _ in range(runs):
-        for name, fn in functions.items():
-            start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
-    return times
-
-
 def overhead_table(runs: int, sizes=(128, 256), steps: int = 4) -> Table:
     from tiny_models import build
 
@@ -153,7 +139,7 @@ def overhead_table(runs: int, sizes=(128, 256), steps: int = 4) -> Table:
         loop = _loop(pipe, size, steps)
         # apply/remove is outside the timed loop's cost in practice; here it is a few microseconds.
         functions = {name: _with(pipe, config, loop) for name, config in configs.items()}
-        for clock, measure in (("wall", interleaved_times), ("CPU", interleaved_cpu_times)):
+        for clock, measure in (("wall", interleaved_times), ("CPU", functools.partial(interleaved_times, clock=time.process_time))):
             times = measure(functions, runs)
             hires.remove(pipe)
             rows.append([f"{size}x{size} (latent {size // 8}^2)", clock, fmt(float(np.median(times["CFG"])), 3),
