@@ -27,7 +27,8 @@ import benchmarks  # noqa: E402
 
 
 def sections() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name != "common")
+    # common holds shared code; _-prefixed modules are helpers (e.g. subprocess workers), not sections.
+    return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name != "common" and not m.name.startswith("_"))
 
 
 def machine() -> str:

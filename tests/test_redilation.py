@@ -16,7 +16,7 @@ from hires.techniques.redilation import (active_step_count, dilatable_convs, dil
 from tiny_models import build, generate
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-from benchmarks.redilation import full_size_unet  # noqa: E402
+from benchmarks.common import full_size_unet  # noqa: E402
 
 UNET_FAMILIES = ("sd15", "sd21", "sdxl")
 

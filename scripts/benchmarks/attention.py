@@ -23,26 +23,10 @@ import types
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import Table, fmt, interleaved_times, ratio
+from benchmarks.common import FLUX_DEV, FULL_SIZE_UNETS, Table, fmt, interleaved_times, ratio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Public configs (diffusers config.json of stabilityai/stable-diffusion-xl-base-1.0 unet and
-# black-forest-labs/FLUX.1-dev transformer), written out: no hub access.
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
-)
-FLUX_DEV = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
 FLOP_SIZES = (2048, 4096, 8192)
 
 
@@ -95,7 +79,7 @@ def flop_table() -> Table:
     from hires.techniques.attention import LOG_WINDOWS, install_window_attention
 
     rows = []
-    specs = (("SDXL UNet", "sdxl", 1, lambda: UNet2DConditionModel(**SDXL_UNET), _sdxl_inputs),
+    specs = (("SDXL UNet", "sdxl", 1, lambda: UNet2DConditionModel(**FULL_SIZE_UNETS["sdxl"]), _sdxl_inputs),
              ("Flux.1-dev transformer", "flux", 2, lambda: FluxTransformer2DModel(**FLUX_DEV), _flux_inputs))
     for label, family, patch, make, inputs in specs:
         with torch.device("meta"):

@@ -10,8 +10,8 @@ import functools
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.attention import FLUX_DEV, SDXL_UNET, _flux_inputs, _sdxl_inputs
-from benchmarks.common import Table, fmt
+from benchmarks.attention import _flux_inputs, _sdxl_inputs
+from benchmarks.common import FLUX_DEV, FULL_SIZE_UNETS, Table, fmt
 
 # (label, config options, steps): the default, Pruna's 10/60/30 layout, RALU's reproduced Flux 5x
 # boundaries [4, 16, 21] (stages of 4, 12 and 5 steps).
@@ -40,7 +40,7 @@ def _model(family_name: str):
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     with torch.device("meta"):
-        return FluxTransformer2DModel(**FLUX_DEV) if family_name == "flux" else UNet2DConditionModel(**SDXL_UNET)
+        return FluxTransformer2DModel(**FLUX_DEV) if family_name == "flux" else UNet2DConditionModel(**FULL_SIZE_UNETS["sdxl"])
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,7 +8,7 @@ import functools
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import Table, fmt, interleaved_times, ratio
+from benchmarks.common import FULL_SIZE_UNETS, Table, fmt, interleaved_times, ratio
 
 STEPS = 50
 RENOISE_STEPS = 15  # DiffuseHigh: the last 15 of 50 steps
@@ -21,15 +21,7 @@ TIMING_STEPS = 20
 def sdxl_unet():
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816, norm_num_groups=32,
-    )
+    return UNet2DConditionModel(**FULL_SIZE_UNETS["sdxl"])
 
 
 def sdxl_vae():

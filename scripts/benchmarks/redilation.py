@@ -15,42 +15,7 @@ import time
 
 import torch
 
-from .common import Table, fmt, interleaved_times, ratio
-
-# Full-size UNet configs from the public model cards' config.json values (no hub access).
-FULL_SIZE_UNETS = {
-    "sd15": dict(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8,
-    ),
-    "sd21": dict(
-        sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-    ),
-    "sdxl": dict(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    ),
-}
-
-
-def full_size_unet(family: str, device: str = "meta"):
-    from diffusers import UNet2DConditionModel
-
-    with torch.device(device):
-        return UNet2DConditionModel(**FULL_SIZE_UNETS[family]).eval()
-
+from .common import FULL_SIZE_UNETS, Table, fmt, full_size_unet, interleaved_times, ratio
 
 def _timing_pipeline(width: int):
     """An SD1.5-layout pipeline (4 levels, real classes) narrow enough to time on a CPU."""
