@@ -402,6 +402,13 @@ def _per_stage(owner: str, name: str, value: Any, check, expected: str) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _apg_entries(owner: str, value: Any) -> Any:
+    """Per-stage APG settings read from a config file arrive as mappings: build APGConfigs."""
+    def build(entry):
+        return _from_mapping(APGConfig, entry, f"{owner}.apg") if isinstance(entry, Mapping) else entry
+    return tuple(build(v) for v in value) if isinstance(value, (tuple, list)) else build(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class StructureGuidanceConfig:
     """Progressive structure guidance (DiffuseHigh): base size -> upscale -> re-noise -> guided denoise.
@@ -423,6 +430,9 @@ class StructureGuidanceConfig:
     sharpen_alpha: float = 1.0  # unsharp mask (1 + a) x - a blur(x) of the upscaled guide; 0: off
     sharpen_sigma: tuple[float, float] = (0.1, 2.0)  # blur sigma drawn per stage from the call's generator
     guidance_scale: Any = None  # CFG scale per stage; None: the call's own
+    # APG per stage (an APGConfig); None: HiresConfig.apg, which also rules the base generation;
+    # APGConfig(enabled=False): plain CFG in that stage
+    apg: Any = None
     space: str = "pixel"  # "pixel": decode/encode round trip (paper; best on the testbed); "latent": no VAE round trip
     upscale: str = "bicubic"
 
@@ -443,6 +453,8 @@ class StructureGuidanceConfig:
                                                              lambda v: isinstance(v, int) and v >= 0, "a whole number of steps >= 0"))
         object.__setattr__(self, "guidance_scale", _per_stage(owner, "guidance_scale", self.guidance_scale,
                                                                lambda v: isinstance(v, (int, float)) and v >= 0, "a guidance scale >= 0"))
+        object.__setattr__(self, "apg", _per_stage(owner, "apg", _apg_entries(owner, self.apg),
+                                                    lambda v: isinstance(v, APGConfig), "a hires.APGConfig or None"))
         _choice(owner, "space", self.space, ("latent", "pixel"))
         _choice(owner, "upscale", self.upscale, ("bicubic", "bilinear", "lanczos"))
         if not (isinstance(self.wavelet_level, int) and self.wavelet_level >= 1):

@@ -5,7 +5,8 @@ the denoiser's or VAE's own forward runs on meta tensors while a dispatch mode t
 every live activation; the peak is the estimate. Scaled-dot-product attention is counted as a
 memory-efficient kernel (output plus log-sum-exp), which is what flash / memory-efficient /
 xformers backends allocate; the N x N matrix the meta device's math fallback would build is not
-counted. The tiled VAE estimate runs the tiled algorithm itself on meta with one tile per pass.
+counted. On CPU a convolution also holds oneDNN's copy of its input and weight (`_KernelWorkspaces`).
+The tiled VAE estimate runs the tiled algorithm itself on meta with one tile per pass.
 
 `plan(...)` turns estimates and a budget into a `MemoryPlan` (tile the VAE? chunk feed-forwards?
 sequential CFG?) or raises `MemoryBudgetError` with the numbers and what to try.
@@ -78,12 +79,15 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-class _EfficientAttention(TorchFunctionMode):
-    """Counts scaled-dot-product attention as a memory-efficient kernel would allocate it."""
+class _KernelWorkspaces(TorchFunctionMode):
+    """What kernels allocate besides their outputs: scaled-dot-product attention as a memory-efficient
+    kernel; on CPU, convolutions' copies of input and weight in oneDNN's blocked layout (measured:
+    a conv's peak is its output plus about its input). CUDA convolution workspaces are not modelled."""
 
-    def __init__(self, counter: _LiveBytes):
+    def __init__(self, counter: _LiveBytes, device_type: str):
         super().__init__()
         self.counter = counter
+        self.conv_copies = device_type == "cpu"
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -94,13 +98,23 @@ class _EfficientAttention(TorchFunctionMode):
             # log-sum-exp per query row, float32: the kernel's only extra buffer.
             self.counter.allocate_transient(math.prod(query.shape[:-1]) * 4)
             return output
+        if func is F.conv2d and self.conv_copies:
+            x, weight = (args[0] if args else kwargs["input"]), (args[1] if len(args) > 1 else kwargs["weight"])
+            output = func(*args, **kwargs)
+            self.counter.allocate_transient(x.numel() * x.element_size() + weight.numel() * weight.element_size())
+            return output
         return func(*args, **kwargs)
 
 
-def meta_peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak bytes of activations `fn` allocates (run it on meta tensors/modules), beyond its inputs."""
+def default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def meta_peak_bytes(fn: Callable[[], Any], device_type: str | None = None) -> int:
+    """Peak bytes of activations `fn` allocates (run it on meta tensors/modules), beyond its inputs,
+    when it runs on `device_type` ("cuda" or "cpu"; default: CUDA if available)."""
     counter = _LiveBytes()
-    with torch.no_grad(), counter, _EfficientAttention(counter):
+    with torch.no_grad(), counter, _KernelWorkspaces(counter, device_type or default_device_type()):
         result = fn()
         del result
     return counter.peak
@@ -137,18 +151,17 @@ def _frozen_config(config) -> tuple:
 
 # -- VAE ------------------------------------------------------------------------------------------
 def vae_peak_bytes(vae, kind: str, shape: tuple[int, ...], dtype: torch.dtype, tiled: bool,
-                   tile_size: int | None = None, grouping: str = "unit") -> int:
+                   tile_size: int | None = None, grouping: str = "unit", device_type: str | None = None) -> int:
     """Peak activation bytes of `vae` decoding (kind "decode": shape is the latent's) or encoding
-    (kind "encode": shape is the image's), untiled or with hires' tiled path."""
-    from .techniques import tiled_vae
-
+    (kind "encode": shape is the image's), untiled or with hires' tiled path, on `device_type`."""
     if kind not in ("decode", "encode"):
         raise ValueError(f"kind={kind!r} must be 'decode' or 'encode'")
-    return _vae_peak_cached(type(vae), _frozen_config(vae.config), kind, tuple(shape), dtype, tiled, tile_size, grouping)
+    return _vae_peak_cached(type(vae), _frozen_config(vae.config), kind, tuple(shape), dtype, tiled, tile_size, grouping,
+                            device_type or default_device_type())
 
 
 @functools.lru_cache(maxsize=256)
-def _vae_peak_cached(cls, config_items, kind, shape, dtype, tiled, tile_size, grouping) -> int:
+def _vae_peak_cached(cls, config_items, kind, shape, dtype, tiled, tile_size, grouping, device_type) -> int:
     from .techniques import tiled_vae
 
     vae = _meta_vae(config_items, cls, dtype)
@@ -164,7 +177,7 @@ def _vae_peak_cached(cls, config_items, kind, shape, dtype, tiled, tile_size, gr
         else:
             fn = lambda: vae._encode(x)  # noqa: E731
     with (tiled_vae.one_tile_per_pass() if tiled else contextlib.nullcontext()):
-        return meta_peak_bytes(fn)
+        return meta_peak_bytes(fn, device_type)
 
 
 # -- denoiser -------------------------------------------------------------------------------------
@@ -228,17 +241,17 @@ DENOISER_INPUTS = {
 
 
 def denoiser_peak_bytes(denoiser, latent_h: int, latent_w: int, dtype: torch.dtype, batch: int,
-                        feed_forward_chunks: int = 1) -> int:
-    """Peak activation bytes of one forward of `denoiser`'s architecture at a latent size (meta device)."""
+                        feed_forward_chunks: int = 1, device_type: str | None = None) -> int:
+    """Peak activation bytes of one forward of `denoiser`'s architecture at a latent size on `device_type`."""
     builder = next((DENOISER_INPUTS[c.__name__] for c in type(denoiser).__mro__ if c.__name__ in DENOISER_INPUTS), None)
     if builder is None:
         raise TypeError(f"denoiser={type(denoiser).__name__} has no memory model; known: {', '.join(DENOISER_INPUTS)}")
     return _denoiser_peak_cached(type(denoiser), _frozen_config(denoiser.config), latent_h, latent_w, dtype, batch,
-                                 feed_forward_chunks, builder)
+                                 feed_forward_chunks, builder, device_type or default_device_type())
 
 
 @functools.lru_cache(maxsize=128)
-def _denoiser_peak_cached(cls, config_items, latent_h, latent_w, dtype, batch, chunks, builder) -> int:
+def _denoiser_peak_cached(cls, config_items, latent_h, latent_w, dtype, batch, chunks, builder, device_type) -> int:
     from .techniques import memory as memory_technique
 
     with torch.device("meta"):
@@ -246,7 +259,7 @@ def _denoiser_peak_cached(cls, config_items, latent_h, latent_w, dtype, batch, c
         model = model.to(dtype).eval()
         kwargs = builder(model, batch, latent_h, latent_w, dtype)
     with memory_technique.feed_forward_chunking(model, chunks):
-        return meta_peak_bytes(lambda: model(**kwargs, return_dict=False))
+        return meta_peak_bytes(lambda: model(**kwargs, return_dict=False), device_type)
 
 
 # -- budget and plan ------------------------------------------------------------------------------
@@ -312,19 +325,21 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
          batch: int = 1, cfg: bool = True, cfg_batched: bool = True, budget: int | None = None,
          weights: int | None = None, tile_vae: bool | None = None, tile_size: int | None = None,
          feed_forward_chunks: int | None = None, sequential_cfg: bool | None = None,
-         name: str = "model") -> MemoryPlan:
+         name: str = "model", device_type: str | None = None) -> MemoryPlan:
     """Choose VAE tiling, feed-forward chunks and CFG layout so the request fits `budget`, or raise.
 
     `denoiser` and `vae` are modules (only their classes and configs are read; they may live on
     any device); `weights` defaults to their parameter bytes in `dtype`; `budget` to the free
-    memory of the current device. Choices given (not None) are kept; the others are searched,
-    cheapest first (no tiling, no chunking, batched CFG).
+    memory of `device_type` (default: CUDA if available, else CPU), whose kernels' workspaces are
+    counted. Choices given (not None) are kept; the others are searched, cheapest first (no tiling,
+    no chunking, batched CFG).
     """
+    device_type = device_type or default_device_type()
     for side, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % latent_factor:
             raise ValueError(f"{side}={value!r} must be a positive multiple of the VAE factor {latent_factor}")
     if budget is None:
-        budget = detect_budget()
+        budget = detect_budget(device_type)
     if weights is None:
         weights = module_bytes(denoiser, dtype) + module_bytes(vae, dtype)
     latent_h, latent_w = height // latent_factor, width // latent_factor
@@ -333,9 +348,9 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
 
     def denoiser_cost(chunks, sequential):
         b = batch * (1 if (sequential or not cfg_batched) else cfg_halves)
-        return denoiser_peak_bytes(denoiser, latent_h, latent_w, dtype, b, chunks)
+        return denoiser_peak_bytes(denoiser, latent_h, latent_w, dtype, b, chunks, device_type)
 
-    untiled = vae_peak_bytes(vae, "decode", latent, dtype, tiled=False)
+    untiled = vae_peak_bytes(vae, "decode", latent, dtype, tiled=False, device_type=device_type)
     free = budget - weights
     if tile_vae is None:
         tile_vae = untiled > free
@@ -343,7 +358,9 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
     grouping = None
     if tile_vae:
         (tile, grouping), vae_cost = _first_fitting(
-            tiling_options(tile_size), lambda o: vae_peak_bytes(vae, "decode", latent, dtype, tiled=True, tile_size=o[0], grouping=o[1]), free)
+            tiling_options(tile_size),
+            lambda o: vae_peak_bytes(vae, "decode", latent, dtype, tiled=True, tile_size=o[0], grouping=o[1], device_type=device_type),
+            free)
 
     # Cheapest first (no chunking, batched CFG); the most frugal choice is tried second, so an
     # impossible request is refused after two estimates.
@@ -408,10 +425,12 @@ def vae_tiling_decision(vae, kind: str, shape: tuple[int, ...], dtype: torch.dty
     """(tile size in latent px, grouping) when the untiled pass would not fit the free memory, else None."""
     device = next(iter(vae.parameters())).device
     free = max_memory - module_bytes(vae) if max_memory is not None else detect_budget(device)
-    if vae_peak_bytes(vae, kind, shape, dtype, tiled=False) <= free:
+    if vae_peak_bytes(vae, kind, shape, dtype, tiled=False, device_type=device.type) <= free:
         return None
     option, needed = _first_fitting(
-        tiling_options(tile_size), lambda o: vae_peak_bytes(vae, kind, shape, dtype, tiled=True, tile_size=o[0], grouping=o[1]), free)
+        tiling_options(tile_size),
+        lambda o: vae_peak_bytes(vae, kind, shape, dtype, tiled=True, tile_size=o[0], grouping=o[1], device_type=device.type),
+        free)
     if needed > free:
         raise MemoryBudgetError(
             f"VAE {kind} of a {'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} tensor needs ≈{format_bytes(needed)} "
@@ -449,4 +468,4 @@ def plan_for_call(attachment, config, state, args, kwargs, sequential_allowed: b
     return plan(denoiser, pipe.vae, height=state.height, width=state.width, latent_factor=attachment.info.latent_factor,
                 dtype=dtype, batch=batch, cfg=cfg, cfg_batched=batched, budget=budget, weights=weights,
                 feed_forward_chunks=config.feed_forward_chunks, sequential_cfg=sequential, name=attachment.info.name,
-                tile_vae=tile_vae, tile_size=tiling.tile_size if tiling.enabled else None)
+                tile_vae=tile_vae, tile_size=tiling.tile_size if tiling.enabled else None, device_type=device.type)

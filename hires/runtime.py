@@ -214,7 +214,8 @@ class Attachment:
             self._saved_processors.append((model, dict(model.attn_processors)))
         model.set_attn_processor(dict(processors))
 
-    def _wrap_pipe_method(self, name: str, make_wrapper) -> None:
+    def wrap_pipe_method(self, name: str, make_wrapper) -> None:
+        """Shadow a pipeline method with `make_wrapper(original)` on the instance; `remove` restores it."""
         pipe = self.pipe
         if name not in self._saved_pipe_attrs:  # a second wrapper of the same method must not save the first
             self._saved_pipe_attrs[name] = (name in pipe.__dict__, pipe.__dict__.get(name))
@@ -227,8 +228,8 @@ class Attachment:
             getattr(importlib.import_module(module_name), function)(self, technique)
         # Registered last, so it is the outermost hook: the state is current before technique hooks run.
         self.add_hook(self.denoiser, _CallStateHook(self), CALL_STATE_HOOK)
-        self._wrap_pipe_method("check_inputs", self._make_check_inputs)
-        self._wrap_pipe_method("progress_bar", self._make_progress_bar)
+        self.wrap_pipe_method("check_inputs", self._make_check_inputs)
+        self.wrap_pipe_method("progress_bar", self._make_progress_bar)
 
     def detach(self) -> None:
         for record in reversed(self._hooks):
@@ -246,7 +247,7 @@ class Attachment:
         self.state = None
 
     # -- the call boundary -----------------------------------------------------------------
-    def _pipeline_call_frame(self, frame):
+    def pipeline_call_frame(self, frame):
         """The pipeline's own __call__ (any class of its MRO) if `frame` runs it, else None."""
         for cls in type(self.pipe).__mro__:
             function = cls.__dict__.get("__call__")
@@ -259,7 +260,7 @@ class Attachment:
 
         def check_inputs(*args, **kwargs):
             caller = sys._getframe(1)
-            call = self._pipeline_call_frame(caller)
+            call = self.pipeline_call_frame(caller)
             if call is not None:
                 # Some pipelines (PixArt-Sigma) accept **kwargs and drop them silently; a misspelt
                 # argument would then be ignored. Their __call__ is the frame that called us.
@@ -287,7 +288,7 @@ class Attachment:
                 return bar
             # The denoising loop of __call__ opens the bar: its frame holds the resolved arguments.
             caller = sys._getframe(1)
-            values = caller.f_locals if self._pipeline_call_frame(caller) is not None else {}
+            values = caller.f_locals if self.pipeline_call_frame(caller) is not None else {}
             return _CallScope(self, bar, {k: values[k] for k in _CALL_LOCALS if k in values})
 
         return progress_bar

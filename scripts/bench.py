@@ -53,15 +53,15 @@ def main(argv=None) -> int:
 
     parts = [f"# hires benchmarks\n\nDate: {datetime.date.today()}  \nMachine: {machine()}  \n"
              f"Timed rounds per measurement: {options.runs} (interleaved; ratios of medians within one run)\n"]
+    out = Path(options.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in chosen:
         start = time.perf_counter()
         tables = importlib.import_module(f"benchmarks.{name}").run(options)
         parts.append(f"## {name}\n\n(section wall time {time.perf_counter() - start:.0f} s)\n")
         parts += [t.markdown() for t in tables]
         print(f"[bench] {name}: {len(tables)} table(s) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    out = Path(options.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts))
+        out.write_text("\n".join(parts))  # after every section: a failing section keeps the others' tables
     print(f"wrote {out}")
     return 0
 

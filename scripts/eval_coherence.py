@@ -75,6 +75,12 @@ def extra_flux_rows() -> dict:
         "window attention (shifted)": attention.testbed_configs()["window attention (shifted)"],
         "structure guidance (latent)": progressive.testbed_configs()["structure guidance (latent)"],
         "bottleneck (default 10/70/20)": bottleneck.testbed_configs()["bottleneck (default 10/70/20)"],
+        # the shift policy alone (plain RoPE) and YaRN without it: plain diffusers is rope "none" + "dynamic"
+        "positions: plain RoPE, clamped shift": hires.HiresConfig(positions=hires.PositionConfig(enabled=True, rope="none")),
+        "positions: plain RoPE, static shift 6": hires.HiresConfig(positions=hires.PositionConfig(
+            enabled=True, rope="none", timestep_shift="static", shift=6.0)),
+        "positions: YaRN RoPE, dynamic shift": hires.HiresConfig(positions=hires.PositionConfig(
+            enabled=True, rope="yarn", timestep_shift="dynamic")),
     }
 
 
@@ -158,7 +164,13 @@ def run_model(family: str, args) -> tuple[list[dict], dict]:
     results, grid = [], {}
     pipe = load_pipeline(family, Path(args.model_dir[family]) if args.model_dir else MODELS[family])
     pipe.set_progress_bar_config(disable=True)
-    for row_name, row in (technique_rows(family) if args.rows == "techniques" else ROWS):
+    rows = technique_rows(family) if args.rows == "techniques" else ROWS
+    if args.only_rows:
+        unknown = sorted(set(args.only_rows) - {name for name, _ in rows})
+        if unknown:
+            raise SystemExit(f"--only-rows {unknown}: no such {family} row; rows are: {', '.join(n for n, _ in rows)}")
+        rows = [(name, row) for name, row in rows if name in args.only_rows]
+    for row_name, row in rows:
         with row(pipe):
             for label, h, w, k in args.sizes:
                 t0 = time.time()
@@ -309,6 +321,7 @@ def parse(argv=None):
                    help="evaluate only these sizes (default: all)")
     p.add_argument("--rows", choices=("plain", "techniques"), default="plain",
                    help="plain: diffusers alone; techniques: every technique's testbed rows (hires.*.testbed_configs)")
+    p.add_argument("--only-rows", nargs="+", metavar="ROW", help="evaluate only the rows with these names")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--guidance-sd15", type=float, default=5.0)

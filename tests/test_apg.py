@@ -401,3 +401,59 @@ def test_under_model_cpu_offload_apg_gives_the_same_prediction():
     hires.apply(pipe, config)
     pipe.enable_model_cpu_offload(device="cpu")
     assert torch.equal(generate(pipe, family, 64, steps=3), expected)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_structure_guidance_stages_take_their_own_apg(family):
+    from hires.sampling import progressive
+
+    eta, beta, r = 0.2, -0.5, CLIP_AT_SOME_STEPS[family, "output"]
+    own = hires.APGConfig(enabled=True, eta=eta, momentum=beta, norm_threshold=r, space="output")
+    off = hires.APGConfig(enabled=False)
+    # guided_steps=0: no low-band swap, so the scheduler sees exactly the combined CFG pair
+    cases = [
+        (hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True, guided_steps=0, apg=own)), (False, True)),
+        (hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True, guided_steps=0, apg=off), apg=own), (True, False)),
+    ]
+    scale = _scale(family)
+    for config, apg_in_stage in cases:
+        pipe = build(family)
+        hires.apply(pipe, config)
+        rec = Recorder(pipe, family)
+        generate(pipe, family, 128, steps=6, **cfg_kwargs(family))
+        rec.close()
+        stages = progressive.last_run(pipe)
+        pairs = rec.raw_pairs()
+        assert len(stages) == 2 and len(pairs) == len(rec.stepped) == sum(s.steps for s in stages)
+        start = 0
+        for stage, on in zip(stages, apg_in_stage):
+            previous = None  # every stage is a call of its own: momentum starts afresh
+            for k in range(start, start + stage.steps):
+                uncond, cond = pairs[k]
+                if on:
+                    want, previous = reference_apg(cond, uncond, scale, eta, r, beta, previous)
+                else:
+                    want = uncond + scale * (cond - uncond)
+                torch.testing.assert_close(rec.stepped[k], want.to(rec.stepped[k].dtype), rtol=1e-4, atol=1e-4)
+            start += stage.steps
+        hires.remove(pipe)
+
+
+def test_stage_apg_needs_cfg_only_in_its_stages():
+    pipe = build("sd15")
+    stage_only = hires.StructureGuidanceConfig(enabled=True, apg=hires.APGConfig(enabled=True), guidance_scale=1.0)
+    hires.apply(pipe, hires.HiresConfig(structure_guidance=stage_only))
+    with pytest.raises(ValueError, match=r"APGConfig needs classifier-free guidance.*guidance_scale=1\.0"):
+        generate(pipe, "sd15", 128, steps=4)
+    # off in the later stage: that stage may run without CFG, the base stage keeps the call's APG
+    base_only = hires.StructureGuidanceConfig(enabled=True, apg=hires.APGConfig(enabled=False), guidance_scale=1.0)
+    hires.apply(pipe, hires.HiresConfig(structure_guidance=base_only, apg=hires.APGConfig(enabled=True)))
+    generate(pipe, "sd15", 128, steps=4)
+    with pytest.raises(ValueError, match=r"StructureGuidanceConfig\.apg=.*hires\.APGConfig"):
+        hires.StructureGuidanceConfig(enabled=True, apg=0.5)
+    with pytest.raises(ValueError, match=r"StructureGuidanceConfig\.apg=.*needs one value per stage"):
+        hires.apply(pipe, hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(
+            enabled=True, stages=(96,), apg=(hires.APGConfig(enabled=True),))))
+    config = hires.HiresConfig.from_dict({"structure_guidance": {"enabled": True, "apg": [None, {"enabled": True, "eta": 0.5}]}})
+    assert config.structure_guidance.apg == (None, hires.APGConfig(enabled=True, eta=0.5))
+    assert hires.HiresConfig.from_dict(config.to_dict()) == config

@@ -52,6 +52,8 @@ class _Denoiser:
 def test_default_split_follows_the_documented_fractions():
     assert bottleneck.split_steps(50, (0.1, 0.7, 0.2)) == [5, 35, 10]
     assert bottleneck.split_steps(10, (0.1, 0.7, 0.2)) == [1, 7, 2]
+    # 2.8 / 19.6 / 5.6: the tie between 0.6 and 0.6 goes to the earlier stage, not to float noise
+    assert bottleneck.split_steps(28, (0.1, 0.7, 0.2)) == [3, 20, 5]
     for total in range(3, 60):
         for fractions in [(0.1, 0.7, 0.2), (0.1, 0.6, 0.3), (0.2, 0.2, 0.2, 0.2, 0.2), (0.9, 0.05, 0.05)]:
             if total < len(fractions):

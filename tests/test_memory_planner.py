@@ -43,6 +43,40 @@ def test_attention_is_counted_as_a_memory_efficient_kernel():
     assert peak < 2 * 1024 * 1024 * 4 / 10  # far below one N x N score matrix
 
 
+def test_cpu_convolution_counts_its_input_and_weight_copies():
+    x = torch.empty(1, 8, 32, 32, device="meta")
+    weight = torch.empty(16, 8, 3, 3, device="meta")
+    output, copies = 16 * 32 * 32 * 4, (8 * 32 * 32 + 16 * 8 * 9) * 4
+    assert memory_planner.meta_peak_bytes(lambda: F.conv2d(x, weight, padding=1), "cuda") == output
+    assert memory_planner.meta_peak_bytes(lambda: F.conv2d(x, weight, padding=1), "cpu") == output + copies
+
+
+# Peak RSS from VmHWM after a reset: ru_maxrss would carry over the (large) pytest process's RSS.
+_CONV_RSS = """
+import resource, torch, torch.nn.functional as F
+x, w = torch.randn(1, 64, 512, 512), torch.randn(64, 64, 3, 3)
+open("/proc/self/clear_refs", "w").write("5")
+base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+with torch.no_grad():
+    y = F.conv2d(x, w, padding=1)
+print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")) - base)
+"""
+
+
+def test_cpu_convolution_estimate_matches_its_measured_peak():
+    """A real 64 MiB convolution in a fresh process: peak RSS above the inputs vs the meta estimate."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", OMP_NUM_THREADS="1")
+    measured = int(subprocess.run([sys.executable, "-c", _CONV_RSS], env=env, capture_output=True, text=True,
+                                  check=True).stdout.strip())
+    x, w = torch.empty(1, 64, 512, 512, device="meta"), torch.empty(64, 64, 3, 3, device="meta")
+    estimated = memory_planner.meta_peak_bytes(lambda: F.conv2d(x, w, padding=1), "cpu")
+    assert abs(estimated / measured - 1) < 0.15, (estimated, measured)
+
+
 def test_meta_estimate_matches_the_same_count_on_real_cpu_tensors():
     vae = tiny_models.make_vae()
     z = torch.randn(1, 4, 16, 16)

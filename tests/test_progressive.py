@@ -372,14 +372,14 @@ def test_a_call_failing_after_its_stages_leaves_later_calls_plain(monkeypatch):
     pipe = build("flux")  # Flux prepares its latents before its schedule: the failure lands in between
     plain = _call(pipe, "flux", 128, output_type="pt")
     _apply(pipe)
-    real_replace = progressive._Progressive._replace
+    real_replace = progressive.replace_latents
 
     def fail_for_the_users_call(result, tensor):
-        if not get_attachment(pipe) or progressive._CONTROLLERS[get_attachment(pipe)].running:
+        if not get_attachment(pipe) or progressive.controller_of(get_attachment(pipe)).running:
             return real_replace(result, tensor)
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(progressive._Progressive, "_replace", staticmethod(fail_for_the_users_call))
+    monkeypatch.setattr(progressive, "replace_latents", fail_for_the_users_call)
     with pytest.raises(RuntimeError, match="interrupted"):
         _call(pipe, "flux", 128, output_type="pt")
     monkeypatch.undo()

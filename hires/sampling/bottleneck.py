@@ -52,6 +52,7 @@ import itertools
 import math
 import sys
 import weakref
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -60,8 +61,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import BottleneckConfig
 from . import progressive, schedules
-# Shared with progressive structure guidance (private there; see the module docstring).
-from .progressive import _RESIZING_ARGUMENTS, _round_to, _tile, pack, resize, unpack
+# Shared with progressive structure guidance (see the module docstring).
+from .progressive import RESIZING_ARGUMENTS, pack, resize, round_to, tile_batch, unpack
 
 HOOK_NAME = "hires.bottleneck"
 DEFAULT_STEP_FRACTIONS = (0.1, 0.7, 0.2)
@@ -90,13 +91,16 @@ def default_step_fractions(stages: int) -> tuple[float, ...]:
 
 
 def split_steps(total: int, fractions: tuple[float, ...]) -> list[int]:
-    """Steps per stage: each stage's share of `total`, rounded by largest remainder, at least 1 each."""
+    """Steps per stage: each stage's share of `total`, rounded by largest remainder, at least 1 each.
+
+    Shares are exact fractions, so equal remainders are true ties (0.7 * 28 and 0.2 * 28 both leave
+    0.6, which float arithmetic would order by rounding noise); a tie goes to the earlier stage."""
     if total < len(fractions):
         raise ValueError(f"num_inference_steps={total} is fewer than the {len(fractions)} bottleneck stages; "
                          f"use at least {len(fractions)} steps (the default schedule is meant for 20 or more)")
-    exact = [f * total for f in fractions]
+    exact = [Fraction(f).limit_denominator(10**6) * total for f in fractions]
     counts = [max(1, math.floor(e)) for e in exact]
-    order = sorted(range(len(exact)), key=lambda i: exact[i] - math.floor(exact[i]), reverse=True)
+    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
     i = 0
     while sum(counts) < total:
         counts[order[i % len(order)]] += 1
@@ -122,7 +126,7 @@ def plan_stages(info, config: BottleneckConfig, height: int, width: int, num_ste
     shifts = config.shifts or (None,) * len(scales)
     stages = []
     for i, scale in enumerate(scales):
-        size = (height, width) if scale == 1.0 else (_round_to(height * scale, m), _round_to(width * scale, m))
+        size = (height, width) if scale == 1.0 else (round_to(height * scale, m), round_to(width * scale, m))
         start = 0 if i == 0 else ends[i - 1]
         if i > 0 and config.renoise is not None:
             r = config.renoise[i - 1]
@@ -242,7 +246,7 @@ class _Bottleneck:
             stage.latents_done = True
             if stage.start_timestep is not None:  # the pipeline set its schedule first
                 self._fill(stage)
-            out = progressive._Progressive._replace(result, stage.target)
+            out = progressive.replace_latents(result, stage.target)
             self._maybe_finish()
             return out
 
@@ -252,12 +256,12 @@ class _Bottleneck:
         """The pipeline __call__ frame that called the wrapped method (through structure guidance's
         wrapper, which sits outside ours), or None."""
         frame = sys._getframe(2)
-        if self.attachment._pipeline_call_frame(frame) is None and frame.f_code.co_filename == progressive.__file__:
+        if self.attachment.pipeline_call_frame(frame) is None and frame.f_code.co_filename == progressive.__file__:
             frame = frame.f_back
-        return frame if self.attachment._pipeline_call_frame(frame) is not None else None
+        return frame if self.attachment.pipeline_call_frame(frame) is not None else None
 
     def _eligible(self, frame) -> bool:
-        guidance = progressive._CONTROLLERS.get(self.attachment)
+        guidance = progressive.controller_of(self.attachment)
         if guidance is not None:
             if guidance.outer is not None and guidance.outer[0] is frame:
                 return False  # structure guidance's own call: it only decodes
@@ -281,7 +285,7 @@ class _Bottleneck:
         self.total_steps = steps
         self.records = []
         saved = {k: v for k, v in self.pipe.__dict__.items() if k.startswith("_") and not k.startswith("_hires")}
-        guidance = progressive._CONTROLLERS.get(self.attachment)
+        guidance = progressive.controller_of(self.attachment)
         quiet_guidance = guidance is not None and not guidance.running
         self._shadow("set_timesteps", self._set_timesteps)
         self._shadow("step", self._step)
@@ -296,7 +300,7 @@ class _Bottleneck:
                 kwargs.update(height=stage.plan.height, width=stage.plan.width, output_type="latent", return_dict=False)
                 if stage.x0 is not None:
                     kwargs["latents"] = None
-                kwargs.update({k: v for k, v in _RESIZING_ARGUMENTS.items() if k in self.call_params})
+                kwargs.update({k: v for k, v in RESIZING_ARGUMENTS.items() if k in self.call_params})
                 self.pipe(**kwargs)
                 if stage.captured is None:
                     raise RuntimeError(f"bottleneck stage {stage.plan.height}x{stage.plan.width} ran no step of its schedule")
@@ -327,7 +331,7 @@ class _Bottleneck:
 
     def _fill(self, stage: _Stage) -> None:
         target = stage.target
-        x0 = _tile(stage.x0, target.shape[0]).to(target.device)
+        x0 = tile_batch(stage.x0, target.shape[0]).to(target.device)
         noise = randn_tensor(x0.shape, generator=stage.generator, device=target.device, dtype=torch.float32)
         noisy = schedules.renoise(self.pipe.scheduler, x0, noise, stage.start_timestep)
         if self.info.family.latent_layout == "packed":
@@ -470,13 +474,13 @@ def install(attachment, config: BottleneckConfig) -> None:
     """hires.apply's installer: validate against the family, wrap encode_prompt and prepare_latents."""
     validate(config, attachment.info)
     controller = _Bottleneck(attachment, config)
-    guidance = progressive._CONTROLLERS.get(attachment)  # installed before us (HiresConfig field order)
+    guidance = progressive.controller_of(attachment)  # installed before us (HiresConfig field order)
     for name in ("encode_prompt", "prepare_latents"):
         make = getattr(controller, "wrap_" + name)
         if guidance is not None and name in attachment._saved_pipe_attrs:
             _wrap_beneath(attachment, name, make, getattr(guidance, "wrap_" + name))
         else:
-            attachment._wrap_pipe_method(name, make)
+            attachment.wrap_pipe_method(name, make)
     attachment.add_hook(attachment.denoiser, _CleanupHook(controller), HOOK_NAME)
     _CONTROLLERS[attachment] = controller
 

@@ -18,6 +18,8 @@ size with `output_type="latent"`:
    schedule, so it only decodes and post-processes as it always does.
 Every stage is a pipeline call, so the runtime's call state (and every other technique) sees the
 stage's own size; `hires.last_call(pipe)` describes the last stage, `last_run(pipe)` all stages.
+Per-stage options (renoise, guided_steps, guidance_scale, apg: one value, or one per stage after the
+base) go to the stage's call; `apg` is read by hires.techniques.apg through `current_stage`.
 
 Flow families: a later stage's schedule uses the shift of the base size (dynamic mu clamped to its
 base-size value, as HiFlow does): diffusers' dynamic shift is linear in the token count without a
@@ -56,7 +58,7 @@ DEFAULT_RENOISE = 0.3  # DiffuseHigh: the last 15 of 50 steps
 DEFAULT_GUIDED_FRACTION = 1 / 3  # DiffuseHigh: 5 of those 15 steps
 LANCZOS_TAPS = 3
 # __call__ arguments that resize the request inside the pipeline; stages pass exact sizes instead.
-_RESIZING_ARGUMENTS = {"use_resolution_binning": False}
+RESIZING_ARGUMENTS = {"use_resolution_binning": False}
 _SIZE_CONDITIONING = ("original_size", "target_size")
 
 
@@ -126,7 +128,7 @@ def unpack(tokens: torch.Tensor, height: int, width: int, patch: int) -> torch.T
 
 
 # -- the stage plan ----------------------------------------------------------------------------
-def _round_to(value: float, multiple: int) -> int:
+def round_to(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
@@ -134,12 +136,12 @@ def base_stage_size(info, height: int, width: int) -> tuple[int, int]:
     """The base generation's size for a request: the request's aspect ratio at the base area."""
     shrink = math.sqrt(info.base_height * info.base_width / (height * width))
     m = info.size_multiple
-    return _round_to(height * shrink, m), _round_to(width * shrink, m)
+    return round_to(height * shrink, m), round_to(width * shrink, m)
 
 
 def _explicit_stage(entry, base: tuple[int, int], multiple: int) -> tuple[int, int]:
     if isinstance(entry, float):
-        return _round_to(base[0] * entry, multiple), _round_to(base[1] * entry, multiple)
+        return round_to(base[0] * entry, multiple), round_to(base[1] * entry, multiple)
     return (entry, entry) if isinstance(entry, int) else (int(entry[0]), int(entry[1]))
 
 
@@ -207,7 +209,7 @@ def validate(config: StructureGuidanceConfig, info) -> None:
                                  f"which {info.name} requires; use {lower} or {lower + m}")
     base = (info.base_height, info.base_width)
     _check_increasing([base] + [_explicit_stage(e, base, m) for e in config.stages], "the stage list")
-    for name in ("renoise", "guided_steps", "guidance_scale"):
+    for name in ("renoise", "guided_steps", "guidance_scale", "apg"):
         value = getattr(config, name)
         if isinstance(value, tuple) and len(value) != len(config.stages) + 1:
             raise ValueError(f"StructureGuidanceConfig.{name}={value!r} needs one value per stage after the base: "
@@ -235,6 +237,7 @@ class _Stage:
     renoise: float | None = None  # None: the base stage (full schedule, no guidance)
     guided_steps: int | None = None
     guidance_scale: float | None = None
+    apg: Any = None  # the stage's own APGConfig (None: the call's; read by hires.techniques.apg)
     x0: torch.Tensor | None = None  # upscaled previous result, spatial latent
     guide: torch.Tensor | None = None  # low band of the guide (latent or pixel space)
     sharpen_sigma: float | None = None
@@ -266,12 +269,22 @@ def _draw_uniform(generator, low: float, high: float) -> float:
     return float(low + (high - low) * torch.rand((), generator=g, device=device).item())
 
 
-def _tile(x: torch.Tensor, batch: int) -> torch.Tensor:
+def tile_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
     if x.shape[0] == batch:
         return x
     if batch % x.shape[0]:
         raise ValueError(f"cannot match a batch of {x.shape[0]} guides to a batch of {batch}")
     return x.repeat(batch // x.shape[0], *([1] * (x.ndim - 1)))
+
+
+def replace_latents(result, tensor):
+    """`prepare_latents`' result (a tensor, or a tuple led by one) with `tensor` in the latents' place."""
+    current = result[0] if isinstance(result, tuple) else result
+    if current.shape != tensor.shape:
+        raise RuntimeError(f"a hires stage prepared latents of shape {tuple(tensor.shape)} where the "
+                           f"pipeline expects {tuple(current.shape)}")
+    tensor = tensor.to(device=current.device, dtype=current.dtype)
+    return (tensor, *result[1:]) if isinstance(result, tuple) else tensor
 
 
 class _Progressive:
@@ -313,23 +326,14 @@ class _Progressive:
             if frame.f_code is not self.call_code:
                 return result
             if self.running and self.stage is not None and self.stage.x0 is not None:
-                return self._replace(result, self._stage_target(result))
+                return replace_latents(result, self._stage_target(result))
             if self.outer is not None and self.outer[0] is frame:
                 latents = self.outer[1]
                 self.outer = None
-                return self._replace(result, latents)
+                return replace_latents(result, latents)
             return result
 
         return prepare_latents
-
-    @staticmethod
-    def _replace(result, tensor):
-        current = result[0] if isinstance(result, tuple) else result
-        if current.shape != tensor.shape:
-            raise RuntimeError(f"structure guidance prepared latents of shape {tuple(tensor.shape)} where the "
-                               f"pipeline expects {tuple(current.shape)}")
-        tensor = tensor.to(device=current.device, dtype=current.dtype)
-        return (tensor, *result[1:]) if isinstance(result, tuple) else tensor
 
     # -- the run ------------------------------------------------------------------------------
     def _maybe_run(self, frame) -> None:
@@ -374,6 +378,7 @@ class _Progressive:
         renoise = per_stage(config, "renoise", later)
         guided = per_stage(config, "guided_steps", later)
         scales = per_stage(config, "guidance_scale", later)
+        apgs = per_stage(config, "apg", later)
         requested = sizes[-1]
         conditioning = {name: arguments.get(name) for name in _SIZE_CONDITIONING if name in self.call_params}
         conditioning = {k: (v if v is not None and tuple(v) != requested else base_stage_size(info, *requested))
@@ -389,11 +394,11 @@ class _Progressive:
             else:
                 i = index - 1
                 stage = _Stage(height, width, renoise=renoise[i] if renoise[i] is not None else DEFAULT_RENOISE,
-                               guided_steps=guided[i], guidance_scale=scales[i], generator=generator)
+                               guided_steps=guided[i], guidance_scale=scales[i], apg=apgs[i], generator=generator)
                 self._prepare(stage, previous)
             kwargs = dict(arguments)
             kwargs.update(height=height, width=width, output_type="latent", return_dict=False, latents=None)
-            kwargs.update({k: v for k, v in _RESIZING_ARGUMENTS.items() if k in self.call_params})
+            kwargs.update({k: v for k, v in RESIZING_ARGUMENTS.items() if k in self.call_params})
             kwargs.update(conditioning)
             if stage.guidance_scale is not None:
                 kwargs[info.family.guidance_scale_name] = stage.guidance_scale
@@ -513,7 +518,7 @@ class _Progressive:
         """Write the re-noised upscaled result into the tensor the pipeline's loop will start from."""
         target = stage.target
         batch = target.shape[0]
-        x0 = _tile(stage.x0, batch).to(target.device)
+        x0 = tile_batch(stage.x0, batch).to(target.device)
         noise = randn_tensor(x0.shape, generator=stage.generator, device=target.device, dtype=torch.float32)
         noisy = schedules.renoise(self.pipe.scheduler, x0, noise, stage.start_timestep)
         if self.info.family.latent_layout == "packed":
@@ -544,7 +549,7 @@ class _Progressive:
         config, guide = self.config, self.stage.guide
         level = config.wavelet_level
         if config.space == "latent":  # affine in x0, so swapping each half equals swapping the guided x0
-            return wavelets.swap_low_band(x0, _tile(guide, x0.shape[0]).to(x0.device), config.wavelet, level, WAVELET_MODE)
+            return wavelets.swap_low_band(x0, tile_batch(guide, x0.shape[0]).to(x0.device), config.wavelet, level, WAVELET_MODE)
         # Pixel space: the VAE is not linear, so swap the guided prediction once and move every
         # half by the same amount; the pipeline's combination then yields exactly the swapped x0.
         halves = state.guidance_scale is not None and info_batched(self.info) and x0.shape[0] % 2 == 0
@@ -554,7 +559,7 @@ class _Progressive:
         else:
             guided = x0
         image = self.decode(guided)
-        image = wavelets.swap_low_band(image, _tile(guide, image.shape[0]).to(image.device), config.wavelet, level, WAVELET_MODE)
+        image = wavelets.swap_low_band(image, tile_batch(guide, image.shape[0]).to(image.device), config.wavelet, level, WAVELET_MODE)
         delta = self.encode(image) - guided
         return x0 + (torch.cat([delta, delta]) if halves else delta)
 
@@ -621,15 +626,30 @@ def install(attachment, config: StructureGuidanceConfig) -> None:
     validate(config, attachment.info)
     controller = _Progressive(attachment, config)
     # Instance attributes shadowing the pipeline's own methods, restored by hires.remove.
-    attachment._wrap_pipe_method("encode_prompt", controller.wrap_encode_prompt)
-    attachment._wrap_pipe_method("prepare_latents", controller.wrap_prepare_latents)
+    attachment.wrap_pipe_method("encode_prompt", controller.wrap_encode_prompt)
+    attachment.wrap_pipe_method("prepare_latents", controller.wrap_prepare_latents)
     attachment.add_hook(attachment.denoiser, _StructureGuidanceHook(controller), HOOK_NAME)
     _CONTROLLERS[attachment] = controller
+    stage_apgs = config.apg if isinstance(config.apg, tuple) else (config.apg,)
+    if any(a is not None and a.enabled for a in stage_apgs) and not attachment.config.apg.enabled:
+        from ..techniques import apg  # only stages ask for APG: install it, off for the base generation
+
+        apg.install(attachment, attachment.config.apg)
+
+
+def controller_of(attachment) -> "_Progressive | None":
+    """The structure-guidance driver of an attachment (None when structure guidance is off)."""
+    return _CONTROLLERS.get(attachment) if attachment is not None else None
+
+
+def current_stage(attachment) -> "_Stage | None":
+    """The stage being denoised right now (None outside a progressive run)."""
+    controller = controller_of(attachment)
+    return controller.stage if controller is not None else None
 
 
 def _controller(pipe) -> _Progressive:
-    attachment = get_attachment(pipe)
-    controller = _CONTROLLERS.get(attachment) if attachment is not None else None
+    controller = controller_of(get_attachment(pipe))
     if controller is None:
         raise ValueError("structure guidance is not applied to this pipeline: call hires.apply(pipe, "
                          "HiresConfig(structure_guidance=StructureGuidanceConfig(enabled=True))) first")

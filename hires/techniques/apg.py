@@ -23,6 +23,10 @@ Which pair: APG acts on the pair the pipeline's own denoiser call produced. With
 guidance on as well (hires.techniques.guidance offsets), that is the strong-dilation pair and the
 offset (weak-dilation uncond - uncond) is added to APG's result.
 
+Progressive stages: `StructureGuidanceConfig.apg` gives each stage after the base its own APGConfig
+(or APGConfig(enabled=False) for plain CFG there); HiresConfig.apg rules the base generation and
+every stage left at None. Each stage is a call of its own, so momentum restarts per stage.
+
 Conversion to x0 (x is the latent the denoiser received):
 - eps and v: pipelines give the denoiser the variance-preserving latent x = alpha x0 + sigma eps,
   with alpha^2 = alphas_cumprod and sigma^2 = 1 - alpha^2. DDIM / DPM-Solver pass the latent as
@@ -44,6 +48,7 @@ import math
 
 import torch
 
+from ..sampling import progressive
 from .guidance import STEP_KEY, ensure_guidance_hook
 
 MOMENTUM_KEY = "apg.running_delta"  # state.scratch: the momentum buffer, new for every call
@@ -215,13 +220,29 @@ def resolve(config, info) -> APGSettings:
 class APGCombiner:
     """Combines the CFG pair by APG at active steps; None (plain CFG) elsewhere."""
 
-    def __init__(self, attachment, settings: APGSettings):
+    def __init__(self, attachment, settings: APGSettings | None):
         self.attachment = attachment
-        self.settings = settings
+        self.settings = settings  # the call's own; None: off except in stages that turn it on
+        self._stage_settings: dict = {}
+
+    def settings_for(self, state) -> APGSettings | None:
+        """The running structure-guidance stage's own APG (StructureGuidanceConfig.apg) or the call's."""
+        stage = progressive.current_stage(self.attachment)
+        config = getattr(stage, "apg", None)
+        if config is None:
+            return self.settings
+        if not config.enabled:
+            return None
+        if config not in self._stage_settings:
+            self._stage_settings[config] = resolve(config, self.attachment.info)
+        return self._stage_settings[config]
+
+    def active(self, state) -> bool:
+        return self.settings_for(state) is not None
 
     def __call__(self, uncond: torch.Tensor, cond: torch.Tensor, scale: float, state) -> torch.Tensor | None:
-        s = self.settings
-        if not (s.start <= state.step_fraction() < s.stop) or s.is_plain_cfg:
+        s = self.settings_for(state)
+        if s is None or not (s.start <= state.step_fraction() < s.stop) or s.is_plain_cfg:
             return None
         step = state.scratch[STEP_KEY]
         if s.space == "x0":
@@ -242,6 +263,8 @@ class APGCombiner:
 
 
 def install(attachment, config) -> None:
-    settings = resolve(config, attachment.info)
-    hook = ensure_guidance_hook(attachment)
-    hook.set_combiner(APGCombiner(attachment, settings), owner="APGConfig")
+    """hires.apply's installer; progressive's installer calls it with a disabled `config` when only
+    structure-guidance stages ask for APG (StructureGuidanceConfig.apg)."""
+    settings = resolve(config, attachment.info) if config.enabled else None
+    combiner = APGCombiner(attachment, settings)
+    ensure_guidance_hook(attachment).set_combiner(combiner, owner="APGConfig", active=combiner.active)

@@ -15,8 +15,9 @@ and hands back outputs whose combination *by the pipeline* is exactly G:
   u' + w (c - u') = (1 - w) u' + w c = G.
 
 Techniques plug in through `ensure_guidance_hook(attachment)`:
-- `set_combiner(fn, owner)`: fn(uncond, cond, w, state) -> guided tensor, or None for plain CFG at
-  this step (APG sets it). A combiner needs CFG: a call without it raises, naming `owner`.
+- `set_combiner(fn, owner, active=None)`: fn(uncond, cond, w, state) -> guided tensor, or None for
+  plain CFG at this step (APG sets it). A combiner needs CFG: a call without it raises, naming
+  `owner`, unless `active(state)` says the combiner sits this call out (APG off in one stage).
 - `add_offset(name, fn)`: fn(run, args, kwargs, uncond, cond, state) -> tensor added to G, or None
   when inactive at this step; `run(args, kwargs)` calls everything below this hook (the denoiser's
   own forward) and returns its raw output, so an offset may run an extra pass. Noise-damped
@@ -144,14 +145,16 @@ class GuidanceHook(ModelHook):
         self.channels = prediction_channels(attachment.denoiser.config)
         self.combiner: Combiner | None = None
         self.combiner_owner: str | None = None
+        self.combiner_active: Callable[[Any], bool] = lambda state: True
         self.offsets: dict[str, Offset] = {}
         self._signature = inspect.signature(type(attachment.denoiser).forward)
 
     # -- what techniques call ------------------------------------------------------------------
-    def set_combiner(self, fn: Combiner, owner: str) -> None:
+    def set_combiner(self, fn: Combiner, owner: str, active: Callable[[Any], bool] | None = None) -> None:
         if self.combiner is not None and self.combiner_owner != owner:
             raise ValueError(f"{owner} and {self.combiner_owner} both replace how the CFG pair combines; enable one")
         self.combiner, self.combiner_owner = fn, owner
+        self.combiner_active = active or (lambda state: True)
 
     def add_offset(self, name: str, fn: Offset) -> None:
         self.offsets[name] = fn
@@ -168,7 +171,7 @@ class GuidanceHook(ModelHook):
             return output
         scale = pipeline_runs_cfg(self.attachment, state)
         if scale is None:
-            if self.combiner is not None:
+            if self.combiner is not None and self.combiner_active(state):
                 raise _no_guidance_error(self.combiner_owner, self.attachment, state)
             return output
         if self.layout == "separate":

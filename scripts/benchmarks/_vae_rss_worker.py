@@ -1,7 +1,7 @@
 """Decode one latent with a real-size VAE architecture (random weights) and print peak memory as JSON.
 
 Run as a subprocess by scripts/benchmarks/memory.py so that each way of decoding gets a fresh
-process and its own peak resident set size (ru_maxrss):
+process and its own peak resident set size (VmHWM, reset before decoding):
 
     python scripts/benchmarks/_vae_rss_worker.py --way ours --size 2048 --threads 2
 """
@@ -69,8 +69,20 @@ class DryConvolutions(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def reset_peak_rss() -> None:
+    """Restart the peak count here. ru_maxrss cannot be used: Linux carries it over from the parent
+    across fork and exec, so a worker started by a large process would report the parent's RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak resident set size since the last `reset_peak_rss` (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM line")
 
 
 def current_rss_bytes() -> int:
@@ -116,6 +128,7 @@ def main(argv=None) -> int:
 
     context = DryConvolutions() if options.dry_conv else contextlib.nullcontext()
 
+    reset_peak_rss()
     baseline = current_rss_bytes()
     start = time.perf_counter()
     with torch.no_grad(), context:
