@@ -13,6 +13,7 @@ import torch
 import hires
 from hires.config import HiresConfig, PositionConfig
 from hires.runtime import HOOK_PREFIX
+from hires.sampling import schedules
 from hires.techniques import positions as P
 from tiny_models import build, generate
 
@@ -159,7 +160,7 @@ def test_timestep_shift_math():
 
     # the reference's table for Flux (base 256, max 4096 tokens, shifts 0.5 and 1.15)
     for tokens, mu in [(4096, 1.15), (9216, 2.02), (16384, 3.23), (36864, 6.70), (65536, 11.55)]:
-        got = P.dynamic_shift_mu(tokens, 256, 4096, 0.5, 1.15)
+        got = schedules.dynamic_shift_mu(tokens, 256, 4096, 0.5, 1.15)
         assert got == pytest.approx(mu, abs=0.006)
         assert got == calculate_shift(tokens, 256, 4096, 0.5, 1.15)  # same float operations
     sigma = np.linspace(1.0, 0.05, 7)

@@ -147,7 +147,7 @@ def test_dynamic_shift_equals_diffusers_calculate_shift():
 
     config = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config
     for tokens in (256, 4096, 65536):
-        assert abs(schedules.dynamic_shift_mu(config, tokens) - calculate_shift(tokens)) < 1e-12
+        assert abs(schedules.scheduler_shift_mu(config, tokens) - calculate_shift(tokens)) < 1e-12
 
 
 def test_truncation_refuses_higher_order_schedulers():

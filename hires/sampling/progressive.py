@@ -468,7 +468,7 @@ class _Progressive:
             stage = controller.stage
             if stage is not None and stage.renoise is not None:
                 if kwargs.get("mu") is not None:
-                    capped = min(kwargs["mu"], schedules.dynamic_shift_mu(scheduler.config, controller.info.base_tokens))
+                    capped = min(kwargs["mu"], schedules.scheduler_shift_mu(scheduler.config, controller.info.base_tokens))
                     if capped != kwargs["mu"]:
                         original(*args, **{**kwargs, "mu": capped})
                 controller._truncate(stage, scheduler)

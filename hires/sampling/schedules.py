@@ -124,14 +124,19 @@ def output_from_x0(x0: torch.Tensor, sample: torch.Tensor, prediction: str, leve
     raise ValueError(f"prediction={prediction!r} is not supported; use one of {', '.join(PREDICTIONS)}")
 
 
-def dynamic_shift_mu(scheduler_config, tokens: int) -> float:
-    """diffusers' resolution-dependent shift mu for `tokens` image tokens (linear in the count).
+def dynamic_shift_mu(tokens: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
+    """diffusers' resolution-dependent shift mu (same float operations): linear in the token count.
 
-    The line runs through (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift) and is
-    not capped above, so at 4K Flux's schedule sits at sigma > 0.99 for all but the last step.
+    The line runs through (base_seq_len, base_shift) and (max_seq_len, max_shift) and is not capped
+    above, so at 4K Flux's schedule sits at sigma > 0.99 for all but the last step.
     """
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return tokens * m + b
+
+
+def scheduler_shift_mu(scheduler_config, tokens: int) -> float:
+    """mu the flow pipelines compute for `tokens` image tokens from the scheduler's config."""
     get = scheduler_config.get if hasattr(scheduler_config, "get") else lambda k, d=None: getattr(scheduler_config, k, d)
-    base_len, max_len = get("base_image_seq_len", 256), get("max_image_seq_len", 4096)
-    base_shift, max_shift = get("base_shift", 0.5), get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return float(tokens * slope + base_shift - slope * base_len)
+    return dynamic_shift_mu(tokens, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
+                            get("base_shift", 0.5), get("max_shift", 1.15))

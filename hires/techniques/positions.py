@@ -54,6 +54,7 @@ from diffusers.hooks import ModelHook
 from diffusers.models.embeddings import PatchEmbed, get_1d_rotary_pos_embed
 
 from ..config import PositionConfig
+from ..sampling.schedules import scheduler_shift_mu
 
 HOOK = "hires.positions"
 
@@ -200,20 +201,6 @@ def rotary_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, mscale: float =
 
 
 # -- math: timestep shift ------------------------------------------------------------------------
-
-def dynamic_shift_mu(tokens: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
-    """diffusers' resolution-dependent mu: linear in the token count, same float operations."""
-    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    b = base_shift - m * base_seq_len
-    return tokens * m + b
-
-
-def scheduler_shift_mu(scheduler_config, tokens: int) -> float:
-    """mu the flow pipelines compute for `tokens` from the scheduler's config."""
-    get = scheduler_config.get
-    return dynamic_shift_mu(tokens, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
-                            get("base_shift", 0.5), get("max_shift", 1.15))
-
 
 def mu_for_shift(shift: float, time_shift_type: str) -> float:
     """The mu whose time shift equals the static shift s*sigma / (1 + (s-1) sigma)."""

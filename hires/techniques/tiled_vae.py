@@ -279,8 +279,8 @@ _ONE_TILE = contextvars.ContextVar("hires_tiled_vae_one_tile", default=False)
 
 @contextlib.contextmanager
 def one_tile_per_pass():
-    """Run only one interior tile per pass (all tiles allocate alike): how the planner measures the
-    tiled peak on the meta device without walking every tile."""
+    """Run only the largest tile (twice) per pass: how the planner measures the tiled peak on the
+    meta device without walking every tile."""
     token = _ONE_TILE.set(True)
     try:
         yield
@@ -299,7 +299,14 @@ def run_segment(segment: Segment, x: torch.Tensor, tile: int, halo: int | None =
     if height % align or width % align:
         raise ValueError(f"tiled VAE: a {height}x{width} activation cannot be split on a {align}-pixel grid")
     rows, cols = _tiles(height, tile), _tiles(width, tile)
-    grid = [(rows[len(rows) // 2], cols[len(cols) // 2])] if _ONE_TILE.get() else [(r, c) for r in rows for c in cols]
+    if _ONE_TILE.get():
+        # The tile with the largest haloed extent allocates the most; run twice, because from the
+        # second tile on the segment's whole output is live while a tile runs.
+        def extent(size):
+            return lambda t: min(size, t[0] + t[1] + halo) - max(0, t[0] - halo)
+        grid = [(max(rows, key=extent(height)), max(cols, key=extent(width)))] * 2
+    else:
+        grid = [(r, c) for r in rows for c in cols]
     known: list[tuple[torch.Tensor, torch.Tensor]] = []
     out = None
     scale = segment.scale

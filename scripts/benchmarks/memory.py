@@ -6,11 +6,11 @@ Each decode runs in its own subprocess (_vae_rss_worker.py) so its peak RSS is i
 
 1. Exactness and seams (real computation): scikit-image's astronaut photograph (512x512) encoded by
    the untiled VAE; the latent decoded untiled, with diffusers' tiling and with ours (same tile side).
-2. Peak memory at 2048x2048 (and 1024x1024): convolutions and attention replaced by zero-filled
-   outputs of the same shape (`--dry-conv`: identical allocations, none of the FLOPs; a real-size
-   2048^2 decode is ~48 TFLOP, which this shared 2-core CPU cannot run three times in a session).
-   glibc's mmap threshold is fixed at 1 MiB in the workers so freed large buffers go back to the OS
-   (as a CUDA caching allocator would reuse them); with the default dynamic threshold RSS also
+2. Peak memory at 512x512 and 2048x2048 with real computation (a 2048^2 decode is ~48 TFLOP:
+   about 5-25 minutes per way on 2 CPU cores), against the planner's estimate for a CPU run.
+   Peak RSS is VmHWM after a reset in the worker (ru_maxrss would carry over this process's RSS);
+   glibc's mmap threshold is fixed at 1 MiB in the workers so freed large buffers go back to the
+   OS (as a CUDA caching allocator would reuse them); with the default dynamic threshold RSS also
    keeps freed heap pages.
 """
 
@@ -35,9 +35,10 @@ ROOT = HERE.parents[1]
 WORKER = HERE / "_vae_rss_worker.py"
 EQ_SIZE = 512
 EQ_TILE = 32  # latent px, for ours and diffusers' alike
-MEMORY_CASES = (  # (side, way, tile, grouping)
-    (1024, "untiled", None, "unit"),
-    (1024, "ours", 32, "unit"),
+MEMORY_CASES = (  # (side, way, tile, grouping); diffusers' tiling leaves 512^2 (its own tile) untiled
+    (512, "untiled", None, "unit"),
+    (512, "ours", 32, "unit"),
+    (512, "ours", 32, "level"),
     (2048, "untiled", None, "unit"),
     (2048, "diffusers", None, "unit"),
     (2048, "ours", 64, "unit"),
@@ -124,7 +125,7 @@ def memory_table() -> Table:
         meta_vae = AutoencoderKL(**REAL_VAE)
     measured = {}
     for side, way, tile, grouping in MEMORY_CASES:
-        args = ["--way", way, "--size", str(side), "--dry-conv", "--grouping", grouping]
+        args = ["--way", way, "--size", str(side), "--grouping", grouping]
         if tile:
             args += ["--tile", str(tile)]
         measured[(side, way, tile, grouping)] = worker(args)
@@ -137,16 +138,18 @@ def memory_table() -> Table:
             estimate = "-"
         else:
             bytes_ = memory_planner.vae_peak_bytes(meta_vae, "decode", latent, torch.float32, tiled=way == "ours",
-                                                   tile_size=tile, grouping=grouping)
+                                                   tile_size=tile, grouping=grouping, device_type="cpu")
             estimate = f"{bytes_ / 2**30:.2f} ({100 * (bytes_ / peak - 1):+.0f}%)"
         label = way if way != "ours" else f"ours (tile {tile}, {grouping})"
         rows.append([f"{side}x{side}", label, fmt(peak / 2**30, 2), fmt(peak / untiled, 3), estimate, fmt(result["seconds"], 0)])
     return Table(
         title="Peak memory of a real-size SDXL VAE decode (float32, CPU, peak RSS of a subprocess)",
-        what=("Peak RSS above the process's RSS before decoding (model and latent loaded), 1 run each; "
-              "convolutions/attention replaced by zero-filled outputs of the same shape (same allocations, no FLOPs; "
-              "see module docstring); glibc mmap threshold fixed at 1 MiB. Planner: hires.memory_planner.vae_peak_bytes "
-              "(architecture on the meta device), difference to measured in brackets. Tile in latent px."),
+        what=("Peak RSS (VmHWM) above the process's RSS before decoding (model and latent loaded), real computation, "
+              "random latent, 1 run each, torch threads 2; glibc mmap threshold fixed at 1 MiB. Planner: "
+              "hires.memory_planner.vae_peak_bytes(..., device_type='cpu') (architecture on the meta device; CPU "
+              "convolutions hold oneDNN's copy of their input), difference to measured in brackets; it does not model "
+              "diffusers' own tiling. Tile in latent px. Seconds: wall time of the decode while the exactness "
+              "table's workers shared the CPU."),
         header=["size", "decode", "peak (GiB)", "ratio to untiled", "planner estimate (GiB)", "seconds"],
         rows=rows,
     )

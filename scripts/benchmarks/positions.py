@@ -19,6 +19,7 @@ from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
 from hires.config import PositionConfig
+from hires.sampling import schedules
 from hires.techniques import positions as P
 
 from .common import Table, fmt, interleaved_times, ratio
@@ -30,12 +31,12 @@ BASE_PX = 1024
 
 def _schedule_table() -> Table:
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
-    base_mu = P.scheduler_shift_mu(scheduler.config, (BASE_PX // 16) ** 2)
+    base_mu = schedules.scheduler_shift_mu(scheduler.config, (BASE_PX // 16) ** 2)
     sigmas = np.linspace(1.0, 1 / FLUX_STEPS, FLUX_STEPS)
     rows = []
     for px in (1024, 2048, 3072, 4096, 8192):
         tokens = (px // 16) ** 2
-        mu = P.scheduler_shift_mu(scheduler.config, tokens)
+        mu = schedules.scheduler_shift_mu(scheduler.config, tokens)
         row = [str(px), str(tokens), fmt(mu, 2)]
         for applied in (mu, min(mu, base_mu), P.mu_for_shift(6.0, "exponential")):
             scheduler.set_timesteps(sigmas=sigmas, mu=applied)
