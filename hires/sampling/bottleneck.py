@@ -27,9 +27,10 @@ Defaults and their sources (the paper's own per-stage values were not recoverabl
   `fraction` at low size, then full size) with fraction 0.7, which leaves 20% at full size; RALU's
   reproduced boundaries put 19-24% of the steps in the last stage. Measured denoiser FLOPs against
   full-size sampling at the same step count (scripts/benchmarks/bottleneck.py, which also reports
-  Pruna's 10/60/30 and RALU's Flux 5x boundaries): 2.26x (Flux.1-dev 2048², 28 steps), 2.32x (SDXL
-  2048²), 2.15x (SDXL 1024²), but 1.93x for Flux at 1024², where its 512 text tokens keep the low
-  stage above a quarter of the cost. Other K: 10% first, 20% last, the middle stages share the rest.
+  Pruna's 10/60/30 and RALU's Flux 5x boundaries): Flux.1-dev 28 steps (3 / 20 / 5) 2.03x at 1024²
+  (its 512 text tokens keep the low stage above a quarter of the cost) and 2.42x at 2048²; SDXL 50
+  steps 2.15x (1024²) and 2.32x (2048²). Other K: 10% first, 20% last, the middle stages share the
+  rest.
 - renoise None: stage i+1 starts where stage i stopped in the schedule (index end_i). A value r is the
   fraction of the schedule still ahead where stage i+1 restarts (1 = pure noise): a larger r than
   1 - end_i/N re-runs the steps in between at the new size, as structure guidance's re-noise does.
