@@ -1,5 +1,5 @@
 """Memory: tiled VAE decode with whole-image GroupNorm statistics vs untiled vs diffusers' tiling,
-and the memory planner's estimates against measured peaks.
+and the memory planner's estimates against measured peaks (plans for GPU budgets: planner.py).
 
 Real-size SDXL VAE architecture (config in _vae_rss_worker.py, public values), random weights.
 Each decode runs in its own subprocess (_vae_rss_worker.py) so its peak RSS is its own.
@@ -42,8 +42,7 @@ MEMORY_CASES = (  # (side, way, tile, grouping); diffusers' tiling leaves 512^2 
     (2048, "untiled", None, "unit"),
     (2048, "diffusers", None, "unit"),
     (2048, "ours", 64, "unit"),
-    (2048, "ours", 64, "level"),
-)
+)  # level split at 2048^2 recomputes each level's prefix once per GroupNorm: ~5x untiled's time
 
 
 def worker(args: list[str], threads: int = 2) -> dict:
@@ -173,65 +172,5 @@ def run(options) -> list[Table]:
         thread.join()
     if errors:
         raise errors[0]
-    return [tables["exact"], tables["memory"], planner_table()]
+    return [tables["exact"], tables["memory"]]
 
-
-# Real-size architectures from public config values (no weights): SDXL base and FLUX.1-dev.
-def real_size_models(family: str):
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, UNet2DConditionModel
-
-    vae_common = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                      layers_per_block=2, norm_num_groups=32, sample_size=1024)
-    with torch.device("meta"):
-        if family == "sdxl":
-            denoiser = UNet2DConditionModel(
-                sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-                cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
-                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
-            vae = AutoencoderKL(latent_channels=4, scaling_factor=0.13025, **vae_common)
-        else:
-            denoiser = FluxTransformer2DModel(
-                patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-            vae = AutoencoderKL(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
-                                scaling_factor=0.3611, shift_factor=0.1159, **vae_common)
-    return denoiser, vae
-
-
-PLANNER_CASES = (("sdxl", 4096, True), ("sdxl", 8192, True), ("flux", 4096, False), ("flux", 8192, False))
-PLANNER_BUDGETS = (80 * 2**30, 24 * 2**30)
-
-
-def planner_table() -> Table:
-    sys.path.insert(0, str(ROOT))
-    from hires import memory_planner
-
-    rows = []
-    for family, side, cfg in PLANNER_CASES:
-        denoiser, vae = real_size_models(family)
-        for budget in PLANNER_BUDGETS:
-            try:
-                p = memory_planner.plan(denoiser, vae, height=side, width=side, dtype=torch.bfloat16, cfg=cfg,
-                                        budget=budget, name=family)
-                choice = (f"VAE {'tiled ' + str(p.tile_size) + ' ' + p.tile_grouping if p.tile_vae else 'untiled'}; "
-                          f"FF chunks {p.feed_forward_chunks}; {'sequential' if p.sequential_cfg else 'batched'} CFG" if cfg else
-                          f"VAE {'tiled ' + str(p.tile_size) + ' ' + p.tile_grouping if p.tile_vae else 'untiled'}; FF chunks {p.feed_forward_chunks}")
-                rows.append([family, f"{side}x{side}", f"{budget / 2**30:.0f}", fmt(p.weights / 2**30, 1),
-                             fmt(p.denoiser_peak / 2**30, 1), fmt(p.vae_peak / 2**30, 1), fmt(p.vae_untiled_peak / 2**30, 1),
-                             fmt(p.peak / 2**30, 1), choice])
-            except memory_planner.MemoryBudgetError as error:
-                rows.append([family, f"{side}x{side}", f"{budget / 2**30:.0f}", "-", "-", "-", "-", "-", f"refused: {error}"])
-    return Table(
-        title="Memory planner on real-size architectures (bf16, batch 1; estimates, not measurements)",
-        what=("hires.memory_planner.plan on SDXL base (CFG) and FLUX.1-dev (no true CFG) built on the meta device from "
-              "public config values; weights = denoiser + VAE only (text encoders offloaded or counted by the caller). "
-              "Attention counted as a memory-efficient kernel. GiB."),
-        header=["family", "size", "budget", "weights", "denoiser activations", "VAE (as planned)", "VAE untiled",
-                "peak", "choice"],
-        rows=rows,
-    )
