@@ -187,9 +187,11 @@ def print_plan(options: argparse.Namespace, height: int, width: int, device: str
         label = "input image" if stage_steps is None else f"{stage_steps} steps"
         try:
             estimate = plan(denoiser, pipe.vae, height=h, width=w, latent_factor=info.latent_factor, dtype=dtype,
-                            cfg=cfg, budget=budget, name=info.name).summary()
+                            cfg=cfg, budget=budget, name=info.name, device_type=device.split(":")[0]).summary()
         except MemoryBudgetError as err:
             estimate, status = f"DOES NOT FIT: {err}", 2
+        except ValueError as err:  # e.g. no budget given and no such device to measure
+            raise CliError(f"--dry-run on --device {device}: {err}") from None
         print(f"stage {number}: {w}x{h}, {label}; memory {estimate}")
     if budget is None:
         print(f"(budget: free memory of this machine's {'GPU' if device.startswith('cuda') else 'RAM'}; "

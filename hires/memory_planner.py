@@ -265,8 +265,11 @@ def _denoiser_peak_cached(cls, config_items, latent_h, latent_w, dtype, batch, c
 # -- budget and plan ------------------------------------------------------------------------------
 def detect_budget(device: torch.device | str | None = None) -> int:
     """Free memory of `device`: CUDA's free bytes, or the host's available RAM for CPU."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device if device is not None else default_device_type())
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"cannot read the free memory of {device}: torch sees no CUDA device here; "
+                                    "pass the budget explicitly (plan(budget=...) or MemoryConfig(max_memory=...))")
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     with open("/proc/meminfo") as f:

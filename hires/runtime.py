@@ -222,6 +222,19 @@ class Attachment:
         original = getattr(pipe, name)
         pipe.__dict__[name] = functools.update_wrapper(make_wrapper(original), original)
 
+    def wraps(self, name: str) -> bool:
+        """Whether a technique already shadows pipeline method `name`."""
+        return name in self._saved_pipe_attrs
+
+    def wrap_pipe_method_beneath(self, name: str, make_wrapper, make_outer) -> None:
+        """Put `make_wrapper(original)` under the present shadow of `name`, rebuilt by `make_outer`: a
+        wrapper that reads its caller's frame must stay the one __call__ calls. `remove` still
+        restores the class's method (the first saved state of the name is kept)."""
+        pipe = self.pipe
+        method = pipe.__dict__[name].__wrapped__  # the pipeline's own bound method
+        inner = functools.update_wrapper(make_wrapper(method), method)
+        pipe.__dict__[name] = functools.update_wrapper(make_outer(inner), method)
+
     def attach(self) -> None:
         for technique in self.config.enabled_subconfigs():
             module_name, _, function = technique.installer.partition(":")

@@ -443,7 +443,7 @@ def test_stage_apg_needs_cfg_only_in_its_stages():
     pipe = build("sd15")
     stage_only = hires.StructureGuidanceConfig(enabled=True, apg=hires.APGConfig(enabled=True), guidance_scale=1.0)
     hires.apply(pipe, hires.HiresConfig(structure_guidance=stage_only))
-    with pytest.raises(ValueError, match=r"APGConfig needs classifier-free guidance.*guidance_scale=1\.0"):
+    with pytest.raises(ValueError, match=r"StructureGuidanceConfig\.apg needs classifier-free guidance.*guidance_scale=1\.0"):
         generate(pipe, "sd15", 128, steps=4)
     # off in the later stage: that stage may run without CFG, the base stage keeps the call's APG
     base_only = hires.StructureGuidanceConfig(enabled=True, apg=hires.APGConfig(enabled=False), guidance_scale=1.0)
@@ -457,3 +457,31 @@ def test_stage_apg_needs_cfg_only_in_its_stages():
     config = hires.HiresConfig.from_dict({"structure_guidance": {"enabled": True, "apg": [None, {"enabled": True, "eta": 0.5}]}})
     assert config.structure_guidance.apg == (None, hires.APGConfig(enabled=True, eta=0.5))
     assert hires.HiresConfig.from_dict(config.to_dict()) == config
+
+
+def test_with_structure_guidance_the_guided_steps_keep_the_guides_low_band():
+    """The swap acts on what the scheduler receives: APG's combined x0 carries the guide's low band."""
+    from hires.sampling import progressive, wavelets
+
+    pipe = build("sd15")
+    structure = hires.StructureGuidanceConfig(enabled=True, space="latent", guided_steps=2, renoise=0.5, sharpen_alpha=0.0)
+    hires.apply(pipe, hires.HiresConfig(structure_guidance=structure, apg=hires.APGConfig(enabled=True, eta=0.2, momentum=-0.5)))
+    attachment, seen = get_attachment(pipe), []
+    step = pipe.scheduler.step
+
+    def record(model_output, timestep, sample, *args, **kwargs):
+        stage = progressive.current_stage(attachment)
+        if stage is not None and stage.guide is not None:
+            alpha_bar = float(pipe.scheduler.alphas_cumprod[int(timestep)])
+            x0 = (sample - math.sqrt(1 - alpha_bar) * model_output) / math.sqrt(alpha_bar)  # DDIM, eps prediction
+            seen.append((wavelets.low_band(x0.float(), structure.wavelet, 1, progressive.WAVELET_MODE), stage.guide))
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    pipe.scheduler.step = record
+    generate(pipe, "sd15", 128, steps=6)
+    del pipe.scheduler.step
+    assert hires.last_call(pipe).notes["log.apg.steps"] and len(seen) == 3
+    inner = (..., slice(3, -3), slice(3, -3))  # the symmetric extension blends both near the borders
+    for index, (low, guide) in enumerate(seen):
+        close = torch.allclose(low[inner], guide[inner], atol=1e-4)
+        assert close == (index < 2), (index, float((low - guide)[inner].abs().max()))

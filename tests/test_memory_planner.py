@@ -1,5 +1,7 @@
 """The memory planner (meta-device estimates, plans and refusals) and the memory technique's hooks."""
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,11 +65,11 @@ print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.star
 """
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from Linux's /proc/self")
 def test_cpu_convolution_estimate_matches_its_measured_peak():
     """A real 64 MiB convolution in a fresh process: peak RSS above the inputs vs the meta estimate."""
     import os
     import subprocess
-    import sys
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576", OMP_NUM_THREADS="1")
     measured = int(subprocess.run([sys.executable, "-c", _CONV_RSS], env=env, capture_output=True, text=True,
@@ -193,3 +195,10 @@ def test_sequential_cfg_refuses_guidance_that_needs_both_halves():
     pipe = tiny_models.build("sd15")
     with pytest.raises(ValueError, match="sequential_cfg=True cannot be combined with apg"):
         hires.apply(pipe, HiresConfig(apg=APGConfig(enabled=True), memory=MemoryConfig(enabled=True, sequential_cfg=True)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_cuda_budget_without_cuda_asks_for_an_explicit_budget():
+    pipe, denoiser = _models()
+    with pytest.raises(ValueError, match=r"no CUDA device here; pass the budget explicitly"):
+        memory_planner.plan(denoiser, pipe.vae, height=128, width=128, dtype=torch.float32, device_type="cuda")

@@ -187,9 +187,11 @@ def test_auto_mode_tiles_only_when_the_untiled_decode_does_not_fit(count_tiled):
 
     pipe = tiny_models.build("sd15")
     latent = (1, 4, 16, 16)
-    untiled = memory_planner.vae_peak_bytes(pipe.vae, "decode", latent, torch.float32, tiled=False)
-    tiled = memory_planner.vae_peak_bytes(pipe.vae, "decode", latent, torch.float32, tiled=True, tile_size=4)
-    least = memory_planner.vae_peak_bytes(pipe.vae, "decode", latent, torch.float32, tiled=True, tile_size=4, grouping="level")
+    cpu = dict(device_type="cpu")  # the VAE decodes on the CPU here, as the auto mode plans it
+    untiled = memory_planner.vae_peak_bytes(pipe.vae, "decode", latent, torch.float32, tiled=False, **cpu)
+    tiled = memory_planner.vae_peak_bytes(pipe.vae, "decode", latent, torch.float32, tiled=True, tile_size=4, **cpu)
+    least = memory_planner.vae_peak_bytes(pipe.vae, "decode", latent, torch.float32, tiled=True, tile_size=4,
+                                          grouping="level", **cpu)
     assert least <= tiled < untiled
     weights = memory_planner.module_bytes(pipe.vae)
     z = torch.randn(latent)

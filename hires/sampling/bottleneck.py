@@ -106,8 +106,8 @@ def split_steps(total: int, fractions: tuple[float, ...]) -> list[int]:
     while sum(counts) < total:
         counts[order[i % len(order)]] += 1
         i += 1
-    while sum(counts) > total:  # only when the floor of 1 took steps from elsewhere
-        j = max((k for k in range(len(counts)) if counts[k] > 1), key=lambda k: counts[k] - exact[k])
+    while sum(counts) > total:  # only when the floor of 1 took steps from elsewhere; ties: the later stage gives
+        j = max((k for k in range(len(counts)) if counts[k] > 1), key=lambda k: (counts[k] - exact[k], k))
         counts[j] -= 1
     return counts
 
@@ -461,16 +461,6 @@ def validate(config: BottleneckConfig, info) -> None:
                          f"predicts {info.prediction_type!r}. Leave shifts=None for this family")
 
 
-def _wrap_beneath(attachment, name: str, make_wrapper, make_outer) -> None:
-    """Put our wrapper of a pipeline method under structure guidance's, which reads its caller's frame
-    and so must stay the one __call__ calls. The attachment keeps its first saved state of the name,
-    so remove() restores the class's method."""
-    pipe = attachment.pipe
-    method = pipe.__dict__[name].__wrapped__  # the pipeline's own bound method
-    ours = functools.update_wrapper(make_wrapper(method), method)
-    pipe.__dict__[name] = functools.update_wrapper(make_outer(ours), method)
-
-
 def install(attachment, config: BottleneckConfig) -> None:
     """hires.apply's installer: validate against the family, wrap encode_prompt and prepare_latents."""
     validate(config, attachment.info)
@@ -478,8 +468,8 @@ def install(attachment, config: BottleneckConfig) -> None:
     guidance = progressive.controller_of(attachment)  # installed before us (HiresConfig field order)
     for name in ("encode_prompt", "prepare_latents"):
         make = getattr(controller, "wrap_" + name)
-        if guidance is not None and name in attachment._saved_pipe_attrs:
-            _wrap_beneath(attachment, name, make, getattr(guidance, "wrap_" + name))
+        if guidance is not None and attachment.wraps(name):  # structure guidance's stays outermost
+            attachment.wrap_pipe_method_beneath(name, make, getattr(guidance, "wrap_" + name))
         else:
             attachment.wrap_pipe_method(name, make)
     attachment.add_hook(attachment.denoiser, _CleanupHook(controller), HOOK_NAME)

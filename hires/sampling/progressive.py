@@ -49,6 +49,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import StructureGuidanceConfig
 from ..runtime import get_attachment
+from ..techniques.guidance import ensure_guidance_hook
 from . import schedules, wavelets
 
 HOOK_NAME = "hires.structure_guidance"
@@ -628,6 +629,9 @@ def install(attachment, config: StructureGuidanceConfig) -> None:
     # Instance attributes shadowing the pipeline's own methods, restored by hires.remove.
     attachment.wrap_pipe_method("encode_prompt", controller.wrap_encode_prompt)
     attachment.wrap_pipe_method("prepare_latents", controller.wrap_prepare_latents)
+    # The guidance hook goes in first, beneath ours: the low-band swap then acts on outputs whose
+    # CFG combination already is APG's / noise-damped guidance's result, so the swap stays exact.
+    ensure_guidance_hook(attachment)
     attachment.add_hook(attachment.denoiser, _StructureGuidanceHook(controller), HOOK_NAME)
     _CONTROLLERS[attachment] = controller
     stage_apgs = config.apg if isinstance(config.apg, tuple) else (config.apg,)

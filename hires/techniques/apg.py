@@ -267,4 +267,5 @@ def install(attachment, config) -> None:
     structure-guidance stages ask for APG (StructureGuidanceConfig.apg)."""
     settings = resolve(config, attachment.info) if config.enabled else None
     combiner = APGCombiner(attachment, settings)
-    ensure_guidance_hook(attachment).set_combiner(combiner, owner="APGConfig", active=combiner.active)
+    owner = "APGConfig" if config.enabled else "StructureGuidanceConfig.apg"
+    ensure_guidance_hook(attachment).set_combiner(combiner, owner=owner, active=combiner.active)
