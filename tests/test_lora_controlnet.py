@@ -101,12 +101,8 @@ def test_controlnet_pipeline_apply_generate_remove_is_bit_identical(family):
     assert torch.equal(generate(pipe, family, 128, **{key: control}), plain)
 
 
-@pytest.mark.parametrize("family", [
-    "sd15",
-    pytest.param("flux", marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError,
-        reason="known bug: structure guidance unpacks a FluxControlNetPipeline stage latent with the wrong grid")),
-])
+# Flux: a tensor control image is resized to each stage (FluxControlNetPipeline takes its size from it).
+@pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_controlnet_image_follows_each_progressive_stage(family):
     """Each stage is a pipeline call at its own size; the pipeline resizes the control image to it."""
     from hires.sampling import progressive

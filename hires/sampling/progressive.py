@@ -320,6 +320,22 @@ class _Progressive:
 
         return encode_prompt
 
+    @staticmethod
+    def wrap_prepare_image(original):
+        """Flux and SD3 ControlNet pipelines take a tensor control image as it is and then read the call's
+        height and width from it, so every stage (and the user's call) would run at the control
+        image's size; resize the tensor to the call's size instead, as they do for PIL images."""
+        signature = inspect.signature(original)
+
+        def prepare_image(*args, **kwargs):
+            arguments = signature.bind(*args, **kwargs).arguments
+            image, size = arguments["image"], (arguments["height"], arguments["width"])
+            if isinstance(image, torch.Tensor) and image.ndim == 4 and tuple(image.shape[-2:]) != size:
+                arguments["image"] = F.interpolate(image, size=size, mode="bilinear", antialias=True)
+            return original(**arguments)
+
+        return prepare_image
+
     def wrap_prepare_latents(self, original):
         def prepare_latents(*args, **kwargs):
             result = original(*args, **kwargs)
@@ -629,6 +645,8 @@ def install(attachment, config: StructureGuidanceConfig) -> None:
     # Instance attributes shadowing the pipeline's own methods, restored by hires.remove.
     attachment.wrap_pipe_method("encode_prompt", controller.wrap_encode_prompt)
     attachment.wrap_pipe_method("prepare_latents", controller.wrap_prepare_latents)
+    if "control_image" in controller.call_params and hasattr(attachment.pipe, "prepare_image"):
+        attachment.wrap_pipe_method("prepare_image", controller.wrap_prepare_image)
     # The guidance hook goes in first, beneath ours: the low-band swap then acts on outputs whose
     # CFG combination already is APG's / noise-damped guidance's result, so the swap stays exact.
     ensure_guidance_hook(attachment)
