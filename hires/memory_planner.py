@@ -128,18 +128,23 @@ def module_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> i
     return total
 
 
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    # torch's own `to`: diffusers' warns about float32-kept modules on every cast, here meaningless
+    return torch.nn.Module.to(module, dtype).eval()
+
+
 def meta_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """The same architecture (from its config) on the meta device, in `dtype`; no weights are read."""
     with torch.device("meta"):
         copy = type(module).from_config(module.config)
-    return copy.to(dtype).eval()
+    return _cast(copy, dtype)
 
 
 @functools.lru_cache(maxsize=64)
 def _meta_vae(config_items: tuple, cls: type, dtype: torch.dtype):
     with torch.device("meta"):
         vae = cls.from_config(dict(config_items))
-    return vae.to(dtype).eval()
+    return _cast(vae, dtype)
 
 
 def _frozen_config(config) -> tuple:
@@ -256,7 +261,7 @@ def _denoiser_peak_cached(cls, config_items, latent_h, latent_w, dtype, batch, c
 
     with torch.device("meta"):
         model = cls.from_config(dict(config_items))
-        model = model.to(dtype).eval()
+        model = _cast(model, dtype)
         kwargs = builder(model, batch, latent_h, latent_w, dtype)
     with memory_technique.feed_forward_chunking(model, chunks):
         return meta_peak_bytes(lambda: model(**kwargs, return_dict=False), device_type)
