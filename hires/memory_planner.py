@@ -274,7 +274,7 @@ def detect_budget(device: torch.device | str | None = None) -> int:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"cannot read the free memory of {device}: torch sees no CUDA device here; "
-                                    "pass the budget explicitly (plan(budget=...) or MemoryConfig(max_memory=...))")
+                             "pass the budget explicitly (plan(budget=...) or MemoryConfig(max_memory=...))")
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     with open("/proc/meminfo") as f:
