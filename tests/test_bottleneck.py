@@ -12,17 +12,13 @@ import torch.nn.functional as F
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
 from hires.sampling import bottleneck, progressive
-from tiny_models import CALL_KWARGS, build
+from tiny_models import build, generate
 
 BN = hires.BottleneckConfig
 
 
 def _call(pipe, family, size, steps=10, seed=0, output_type="pt", **extra):
-    height, width = (size, size) if isinstance(size, int) else size
-    kwargs = dict(CALL_KWARGS[family])
-    kwargs.update(extra)
-    return pipe("a red circle", height=height, width=width, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed), output_type=output_type, **kwargs).images
+    return generate(pipe, family, size, steps, seed, output_type=output_type, **extra)
 
 
 def _apply(pipe, **options):

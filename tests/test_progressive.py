@@ -10,17 +10,13 @@ import torch
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
 from hires.sampling import progressive, schedules, wavelets
-from tiny_models import CALL_KWARGS, build
+from tiny_models import build, generate
 
 SG = hires.StructureGuidanceConfig
 
 
 def _call(pipe, family, size, steps=6, seed=0, output_type="latent", **extra):
-    height, width = (size, size) if isinstance(size, int) else size
-    kwargs = dict(CALL_KWARGS[family])
-    kwargs.update(extra)
-    return pipe("a red circle", height=height, width=width, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed), output_type=output_type, **kwargs).images
+    return generate(pipe, family, size, steps, seed, output_type=output_type, **extra)
 
 
 def _spatial(pipe, family, latents, size):

@@ -287,9 +287,10 @@ def build(family: str):
 
 
 def generate(pipe, family: str, size: int | tuple[int, int] = 64, steps: int = 3, seed: int = 0, **overrides):
-    """Run `pipe` once and return the latent output (deterministic for a seed)."""
+    """Run `pipe` once and return its images (a "pt" tensor unless `output_type` says otherwise;
+    deterministic for a seed)."""
     height, width = (size, size) if isinstance(size, int) else size
-    kwargs = dict(CALL_KWARGS[family])
+    kwargs = dict(CALL_KWARGS[family], output_type="pt")
     kwargs.update(overrides)
     bind = kwargs.pop("_bind", None)
     if bind is not None:
@@ -300,7 +301,6 @@ def generate(pipe, family: str, size: int | tuple[int, int] = 64, steps: int = 3
         width=width,
         num_inference_steps=steps,
         generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="pt",
         **kwargs,
     ).images
 
