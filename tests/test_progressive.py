@@ -166,6 +166,16 @@ def test_stage_plans_follow_diffusehigh_and_explicit_lists():
         (64, 64), (96, 96), (160, 160), (256, 256)]
     # Non-square requests keep their aspect ratio from the base stage on.
     assert progressive.stage_sizes(info, SG(enabled=True), 128, 256) == [(48, 88), (96, 176), (128, 256)]
+    # Where the base stage would not be smaller than the request (at or below the base area, as SDXL's
+    # 832x1216 and 1024x768 buckets are, or rounded up to it) there is nothing to guide: a plain call.
+    assert progressive.stage_sizes(info, SG(enabled=True), 56, 80) == [(56, 80)]
+    assert progressive.stage_sizes(info, SG(enabled=True), 64, 48) == [(64, 48)]
+    assert progressive.stage_sizes(info, SG(enabled=True, stages=(96,)), 48, 48) == [(48, 48)]
+    # A ladder rung that would overshoot one side of the request is dropped, not an error.
+    for height, width in ((136, 64), (200, 72), (72, 200), (128, 120)):
+        sizes = progressive.stage_sizes(info, SG(enabled=True), height, width)
+        assert sizes[-1] == (height, width)
+        assert all(b[0] <= a[0] and b[1] <= a[1] and b[0] * b[1] < a[0] * a[1] for b, a in zip(sizes, sizes[1:]))
     # An input image is the origin, not a stage; only larger stages follow it.
     assert progressive.stage_sizes(info, SG(enabled=True), 256, 256, start=(100, 100)) == [
         (100, 100), (128, 128), (192, 192), (256, 256)]
@@ -312,6 +322,15 @@ def test_off_and_removed_are_bit_identical_and_leave_no_trace(family_name):
     for module in pipe.transformer.modules() if hasattr(pipe, "transformer") else pipe.unet.modules():
         registry = getattr(module, "_diffusers_hook", None)
         assert registry is None or not any(n.startswith(HOOK_PREFIX) for n in registry.hooks)
+
+
+@pytest.mark.parametrize("size", [(56, 80), (64, 48), (48, 64)])
+def test_automatic_preset_at_or_below_the_base_area_is_plain_diffusers(size):
+    """Like SDXL's standard buckets (832x1216, 1024x768: below its 1024² area), with the automatic preset."""
+    pipe = build("sdxl")
+    plain = generate(pipe, "sdxl", size, output_type="pt")
+    hires.apply(pipe)
+    assert torch.equal(generate(pipe, "sdxl", size, output_type="pt"), plain)
 
 
 def test_same_seed_same_image_and_randomness_from_the_generator():

@@ -146,9 +146,13 @@ def _explicit_stage(entry, base: tuple[int, int], multiple: int) -> tuple[int, i
     return (entry, entry) if isinstance(entry, int) else (int(entry[0]), int(entry[1]))
 
 
+def _grows(before: tuple[int, int], after: tuple[int, int]) -> bool:
+    return after[0] >= before[0] and after[1] >= before[1] and after[0] * after[1] > before[0] * before[1]
+
+
 def _check_increasing(sizes: list[tuple[int, int]], what: str) -> None:
     for before, after in zip(sizes, sizes[1:]):
-        if not (after[0] >= before[0] and after[1] >= before[1] and after[0] * after[1] > before[0] * before[1]):
+        if not _grows(before, after):
             raise ValueError(
                 f"StructureGuidanceConfig.stages must grow from stage to stage: {what} goes from "
                 f"{before[0]}x{before[1]} to {after[0]}x{after[1]} (height x width); give increasing sizes"
@@ -161,11 +165,15 @@ def stage_sizes(info, config: StructureGuidanceConfig, height: int, width: int,
     which is not itself a stage), then the intermediate stages, then the request."""
     base = base_stage_size(info, height, width)
     m = info.size_multiple
+    if start is None and not _grows(base, (height, width)):
+        return [(height, width)]  # at or below the base area (or no side grows): a plain call
     if config.stages is not None:
         middle = [_explicit_stage(e, base, m) for e in config.stages]
     else:  # DiffuseHigh's ladder: 2x, then one base side more per stage (1024 -> 2048 -> 3072 -> 4096)
         factor = max(height / base[0], width / base[1])
-        middle = [(base[0] * k, base[1] * k) for k in range(2, math.ceil(factor - 1e-9))]
+        ladder = [(base[0] * k, base[1] * k) for k in range(2, math.ceil(factor - 1e-9))]
+        # rounding can put a rung past one side of the request: such a rung would not grow into it
+        middle = [s for s in ladder if _grows(s, (height, width))]
     sizes = [base] + middle
     if start is not None:
         sizes = [s for s in sizes if s[0] >= start[0] and s[1] >= start[1] and s[0] * s[1] > start[0] * start[1]]
