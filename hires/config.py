@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 
 def closest_names(name: str, valid: list[str] | tuple[str, ...], n: int = 3) -> str:
@@ -56,21 +56,41 @@ class HiresConfig:
     positions: PositionConfig = dataclasses.field(default_factory=lambda: PositionConfig())
     memory: MemoryConfig = dataclasses.field(default_factory=lambda: MemoryConfig())
     vae_tiling: VAETilingConfig = dataclasses.field(default_factory=lambda: VAETilingConfig())
+    # Configs of techniques registered from outside hires (hires.registry.register), one per technique.
+    extensions: tuple = ()
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
+        for f in self._technique_fields():
             expected = _SUBCONFIG_TYPES[f.type]
             value = getattr(self, f.name)
             if not isinstance(value, expected):
                 raise TypeError(f"HiresConfig.{f.name}={value!r} must be a hires.{expected.__name__}")
+        from .registry import extension_for
 
-    def enabled_subconfigs(self) -> list:
-        """Enabled technique sub-configs, in field order (the order their installers run)."""
-        subs = [getattr(self, f.name) for f in dataclasses.fields(self)]
-        return [sub for sub in subs if getattr(sub, "enabled", False)]
+        if not isinstance(self.extensions, tuple):
+            raise TypeError(f"HiresConfig.extensions={self.extensions!r} must be a tuple of registered technique configs")
+        seen = set()
+        for value in self.extensions:
+            if extension_for(type(value)) is None:
+                raise TypeError(f"HiresConfig.extensions entry {value!r} is not the config of a registered technique; "
+                                "register it with hires.registry.register(Technique(...)) first")
+            if type(value) in seen:
+                raise ValueError(f"HiresConfig.extensions holds two {type(value).__name__} entries; give one")
+            seen.add(type(value))
+
+    @classmethod
+    def _technique_fields(cls) -> list:
+        return [f for f in dataclasses.fields(cls) if f.name != "extensions"]
+
+    def technique_config(self, technique) -> Any:
+        """This config's sub-config for `technique` (a hires.registry.Technique), or None."""
+        if technique.name in {f.name for f in self._technique_fields()}:
+            return getattr(self, technique.name)
+        return next((v for v in self.extensions if type(v) is technique.config_type), None)
 
     def enabled_techniques(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if getattr(getattr(self, f.name), "enabled", False)]
+        names = [f.name for f in self._technique_fields() if getattr(self, f.name).enabled]
+        return names + [type(v).__name__ for v in self.extensions if v.enabled]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,9 +105,8 @@ class HiresConfig:
 
     def validate_for(self, family) -> None:
         """Raise if an enabled technique does not apply to `family` (a `hires.families.ModelInfo`)."""
-        for f in dataclasses.fields(self):
-            sub = getattr(self, f.name)
-            if getattr(sub, "enabled", False):
+        for sub in [getattr(self, f.name) for f in self._technique_fields()] + list(self.extensions):
+            if sub.enabled and hasattr(sub, "validate_for"):
                 sub.validate_for(family)
 
 
@@ -146,7 +165,6 @@ class RedilationConfig:
     `None` fields take the family's preset for the requested size (see hires.techniques.redilation).
     """
 
-    installer: ClassVar[str] = "hires.techniques.redilation:install"
     enabled: bool = False
     # module name (or block prefix such as "mid_block") -> dilation factor (fractional allowed, >= 1)
     dilations: Any = None
@@ -192,7 +210,6 @@ class EntropyScalingConfig:
     N is the layer's key count in this call, T its key count at the base size, both clamped >= 2.
     """
 
-    installer: ClassVar[str] = "hires.techniques.attention:install_entropy_scaling"
     enabled: bool = False
     # "self": image self-attention only (cross-attention keys are text tokens, factor 1); "all": every layer
     layers: str = "self"
@@ -212,7 +229,6 @@ class EntropyScalingConfig:
 class WindowAttentionConfig:
     """Image self-attention in windows of the base-size token grid, shifted per step."""
 
-    installer: ClassVar[str] = "hires.techniques.attention:install_window_attention"
     enabled: bool = False
     window: int | None = None  # window side in tokens; None: the layer's grid side at the base size
     shift: bool = True  # shift windows every step by offsets drawn from the call's generator
@@ -232,7 +248,6 @@ ATTENTION_BACKENDS = ("native", "flash", "_native_flash", "_native_efficient", "
 class AttentionBackendConfig:
     """Which attention kernel runs, through diffusers' own attention dispatcher / SDPA backends."""
 
-    installer: ClassVar[str] = "hires.techniques.attention:install_attention_backend"
     enabled: bool = False
     backend: str = "native"
 
@@ -250,7 +265,6 @@ class APGConfig:
     `None` fields take the family preset (see hires.techniques.apg).
     """
 
-    installer: ClassVar[str] = "hires.techniques.apg:install"
     enabled: bool = False
     eta: float | None = None  # weight of the guidance part parallel to the conditional prediction
     norm_threshold: float | None = None  # r: the guidance update's norm is clipped to this (math.inf: off)
@@ -281,7 +295,6 @@ class PositionConfig:
     `None` fields take the family default (see hires.techniques.positions).
     """
 
-    installer: ClassVar[str] = "hires.techniques.positions:install"
     enabled: bool = False
     # Flux RoPE: "none" (plain integer positions), "interpolation" (PI), "ntk" (NTK-aware base), "yarn"
     rope: str | None = None
@@ -333,7 +346,6 @@ class PositionConfig:
 class VAETilingConfig:
     """Tiled VAE decode/encode with whole-image GroupNorm statistics (no seams, no tone shifts)."""
 
-    installer: ClassVar[str] = "hires.techniques.tiled_vae:install"
     enabled: bool = False
     mode: str = "auto"  # "auto": tile when the memory planner says so; "always"; "never"
     tile_size: int | None = None  # tile side in latent pixels; None: chosen by the planner
@@ -355,7 +367,6 @@ class VAETilingConfig:
 class MemoryConfig:
     """The memory planner: estimate peak memory up front, choose tiling / chunking, refuse what cannot fit."""
 
-    installer: ClassVar[str] = "hires.techniques.memory:install"
     enabled: bool = False
     max_memory: int | str | None = None  # bytes or "24GiB"; None: the device's free memory
     feed_forward_chunks: int | None = None  # None: chosen by the planner; 1: no chunking
@@ -418,7 +429,6 @@ class StructureGuidanceConfig:
     value for every stage or a tuple with one value per stage after the base generation.
     """
 
-    installer: ClassVar[str] = "hires.sampling.progressive:install"
     enabled: bool = False
     # intermediate stages between the base size and the requested size: pixel sides (int: square, or
     # (height, width)) or factors of the base side (float); the requested size is always the last stage
@@ -476,7 +486,6 @@ class BottleneckConfig:
     `None` fields take the default schedule (see hires.sampling.bottleneck).
     """
 
-    installer: ClassVar[str] = "hires.sampling.bottleneck:install"
     enabled: bool = False
     # each stage's side as a factor of the requested side; must start and end at 1.0 (the request)
     scales: tuple[float, ...] = (1.0, 0.5, 1.0)

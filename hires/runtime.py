@@ -12,6 +12,14 @@ How hires attaches (DESIGN.md's patching rule):
 Per-call state (`CallState`) is built at the first denoiser call inside that boundary, from the
 latent the denoiser actually receives and the scheduler's timesteps, and dropped when the loop
 exits, normally or by an exception.
+
+One owner per question:
+- `PipelineCalls` answers "is this frame the user's call of this pipeline, and what were its
+  arguments" for plain pipelines, subclasses, the ready pipelines and community pipelines;
+- the attachment's ledger (`shadow` / `wrap_method` / `unshadow`) is the only way hires overrides
+  an attribute of the pipeline, its scheduler or a module, so `remove` restores from one list;
+- `TECHNIQUE_MODULES` lists the technique modules; each declares a `hires.registry.Technique`
+  record (config type, installer, order, capabilities) and installers run in record order.
 """
 
 from __future__ import annotations
@@ -27,12 +35,24 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from . import registry
 from .config import HiresConfig, validate_size
 from .families import ModelInfo, read_model_info
 
 HOOK_PREFIX = "hires."
 CALL_STATE_HOOK = HOOK_PREFIX + "call_state"
 _ATTACHMENT_ATTR = "_hires_attachment"
+# Modules declaring the built-in techniques (a `TECHNIQUE` record, or `TECHNIQUES` for several).
+TECHNIQUE_MODULES = (
+    "hires.sampling.progressive",
+    "hires.sampling.bottleneck",
+    "hires.techniques.redilation",
+    "hires.techniques.attention",
+    "hires.techniques.apg",
+    "hires.techniques.positions",
+    "hires.techniques.memory",
+    "hires.techniques.tiled_vae",
+)
 # Values of the pipeline's __call__ that techniques read, as the pipeline resolved them.
 _CALL_LOCALS = ("generator", "guidance_scale", "true_cfg_scale", "do_true_cfg", "num_inference_steps")
 
@@ -49,9 +69,20 @@ class CallState:
     steps_seen: list[int] = dataclasses.field(default_factory=list)
     # The pipeline __call__'s own values of _CALL_LOCALS (those it has), read when the loop starts.
     call_locals: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Technique-owned per-call values (e.g. guidance momentum), dropped with the call. Keys starting
-    # with "log." are kept in `hires.last_call(pipe).notes` for inspection.
-    scratch: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The stage engine's stage this call runs (None for a call that is not a stage), and the per-stage
+    # settings it pushed, keyed by technique name (e.g. {"apg": APGConfig(...)}).
+    stage: Any = None
+    stage_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Notes kept in `hires.last_call(pipe).notes` for inspection (key "log.<technique>...").
+    log: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _slots: dict[type, Any] = dataclasses.field(default_factory=dict)
+
+    def slot(self, kind: type):
+        """This call's instance of a technique's per-call dataclass `kind`, created on first use."""
+        value = self._slots.get(kind)
+        if value is None:
+            value = self._slots[kind] = kind()
+        return value
 
     @property
     def num_steps(self) -> int:
@@ -150,6 +181,84 @@ class _ModuleHookRecord:
             del module._diffusers_hook
 
 
+class PipelineCall:
+    """One running `__call__` of the pipeline: its frame, the function it runs and its arguments."""
+
+    def __init__(self, frame, function):
+        self.frame = frame
+        self.function = function
+        self.parameters = inspect.signature(function).parameters
+
+    @property
+    def locals(self) -> dict[str, Any]:
+        """The frame's locals now: arguments as the pipeline has resolved them so far."""
+        return self.frame.f_locals
+
+    def arguments(self) -> dict[str, Any]:
+        """The named parameters of the call (no self, *args or **kwargs) with their current values."""
+        values = self.frame.f_locals
+        return {name: values[name] for name, p in self.parameters.items()
+                if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name in values}
+
+    def swallowed_keywords(self) -> dict[str, Any]:
+        """What the call's **kwargs caught (pipelines such as PixArt-Sigma accept and drop them)."""
+        name = next((n for n, p in self.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+        return dict(self.frame.f_locals.get(name) or {}) if name else {}
+
+
+class PipelineCalls:
+    """The one answer to "which frame is this pipeline's call": the nearest frame that runs any
+    `__call__` of the pipeline's class hierarchy on this very pipeline object. A ready pipeline's
+    wrapper (`HiresPipelineMixin.__call__`) calls its diffusers base class, whose frame is the nearer
+    one, so plain pipelines, subclasses, ready and community pipelines are found the same way."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self._functions = {}
+        for cls in type(pipe).__mro__:
+            function = cls.__dict__.get("__call__")
+            if function is not None:
+                function = inspect.unwrap(function)
+                self._functions[function.__code__] = function
+
+    @functools.cached_property
+    def parameters(self) -> list[str]:
+        """Named parameters of the pipeline's own __call__: the nearest in the class hierarchy that
+        takes a size (a ready pipeline's wrapper takes only *args, **kwargs)."""
+        for function in self._functions.values():
+            params = inspect.signature(function).parameters
+            names = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+            if "height" in names:
+                return names
+        return []
+
+    def current(self, frame=None) -> PipelineCall | None:
+        """The innermost pipeline call at or above `frame` (default: the caller's frame), or None."""
+        frame = frame if frame is not None else sys._getframe(1)
+        while frame is not None:
+            function = self._functions.get(frame.f_code)
+            if function is not None and frame.f_locals.get("self") is self.pipe:
+                return PipelineCall(frame, function)
+            frame = frame.f_back
+        return None
+
+    def called_by(self, frame) -> PipelineCall | None:
+        """The pipeline call if `frame` itself runs it (a method called directly from `__call__`)."""
+        function = self._functions.get(frame.f_code)
+        if function is not None and frame.f_locals.get("self") is self.pipe:
+            return PipelineCall(frame, function)
+        return None
+
+
+@dataclasses.dataclass
+class _Shadow:
+    owner: Any
+    name: str
+    had: bool  # whether the name was in owner.__dict__ before
+    before: Any
+    value: Any
+
+
 class _CallStateHook(ModelHook):
     """Builds the call's state at the first denoiser call and tracks the current step."""
 
@@ -165,10 +274,11 @@ class _CallStateHook(ModelHook):
 class _CallScope:
     """Wraps the pipeline's own progress bar: entering starts a call, exiting ends it."""
 
-    def __init__(self, attachment: "Attachment", bar, call_locals: dict[str, Any]):
+    def __init__(self, attachment: "Attachment", bar, call_locals: dict[str, Any], frame):
         self.attachment = attachment
         self.bar = bar
         self.call_locals = call_locals
+        self.frame = frame
 
     def __enter__(self):
         self.attachment.begin_call(self.call_locals)
@@ -179,6 +289,19 @@ class _CallScope:
             return self.bar.__exit__(exc_type, exc, tb)
         finally:
             self.attachment.end_call(completed=exc_type is None)
+            if self.attachment.stages is not None:
+                self.attachment.stages.call_ended(self.frame)
+            self.frame = None
+
+
+def technique_records() -> list[registry.Technique]:
+    """Every technique, built-in and registered, in install order."""
+    records = []
+    for name in TECHNIQUE_MODULES:
+        module = importlib.import_module(name)
+        records.extend(getattr(module, "TECHNIQUES", None) or [module.TECHNIQUE])
+    records.extend(registry.extensions())
+    return sorted(records, key=lambda r: r.order)
 
 
 class Attachment:
@@ -189,14 +312,17 @@ class Attachment:
         self.config = config
         self.info = info
         self.denoiser: torch.nn.Module = getattr(pipe, info.family.denoiser_attr)
+        self.calls = PipelineCalls(pipe)
         self.state: CallState | None = None
         self.last_call: CallRecord | None = None
+        self.stages = None  # the stage engine (hires.sampling.stages), when a staged technique is on
+        self.techniques: list[tuple[registry.Technique, Any]] = []  # enabled (record, config), in order
         self._in_call = False
         self._call_timesteps: torch.Tensor | None = None
         self._call_locals: dict[str, Any] = {}
         self._hooks: list[_ModuleHookRecord] = []
         self._saved_processors: list[tuple[torch.nn.Module, dict]] = []
-        self._saved_pipe_attrs: dict[str, tuple[bool, Any]] = {}
+        self._shadows: list[_Shadow] = []
         self._forward_signature = inspect.signature(type(self.denoiser).forward)
 
     # -- attaching -------------------------------------------------------------------------
@@ -214,35 +340,61 @@ class Attachment:
             self._saved_processors.append((model, dict(model.attn_processors)))
         model.set_attn_processor(dict(processors))
 
-    def wrap_pipe_method(self, name: str, make_wrapper) -> None:
-        """Shadow a pipeline method with `make_wrapper(original)` on the instance; `remove` restores it."""
-        pipe = self.pipe
-        if name not in self._saved_pipe_attrs:  # a second wrapper of the same method must not save the first
-            self._saved_pipe_attrs[name] = (name in pipe.__dict__, pipe.__dict__.get(name))
-        original = getattr(pipe, name)
-        pipe.__dict__[name] = functools.update_wrapper(make_wrapper(original), original)
+    # -- the ledger of shadowed attributes -------------------------------------------------
+    def shadow(self, owner, name: str, value) -> _Shadow:
+        """Set `owner.__dict__[name] = value`; `unshadow` or `remove` puts back what was there."""
+        entry = _Shadow(owner, name, name in owner.__dict__, owner.__dict__.get(name), value)
+        owner.__dict__[name] = value
+        self._shadows.append(entry)
+        return entry
 
-    def wraps(self, name: str) -> bool:
-        """Whether a technique already shadows pipeline method `name`."""
-        return name in self._saved_pipe_attrs
+    def wrap_method(self, owner, name: str, make_wrapper) -> _Shadow:
+        """Shadow method `name` of `owner` with `make_wrapper(current method)` on the instance."""
+        original = getattr(owner, name)
+        wrapper = functools.update_wrapper(make_wrapper(original), original)
+        return self.shadow(owner, name, wrapper)
 
-    def wrap_pipe_method_beneath(self, name: str, make_wrapper, make_outer) -> None:
-        """Put `make_wrapper(original)` under the present shadow of `name`, rebuilt by `make_outer`: a
-        wrapper that reads its caller's frame must stay the one __call__ calls. `remove` still
-        restores the class's method (the first saved state of the name is kept)."""
-        pipe = self.pipe
-        method = pipe.__dict__[name].__wrapped__  # the pipeline's own bound method
-        inner = functools.update_wrapper(make_wrapper(method), method)
-        pipe.__dict__[name] = functools.update_wrapper(make_outer(inner), method)
+    def unshadow(self, entry: _Shadow) -> None:
+        """Undo one shadow now (a no-op if it was undone already)."""
+        if entry not in self._shadows:
+            return
+        self._shadows.remove(entry)
+        owner = entry.owner
+        if owner.__dict__.get(entry.name) is not entry.value:
+            return  # replaced meanwhile by someone else: theirs stays
+        # A shadow set later on the same name that is still in place keeps covering ours.
+        if entry.had:
+            owner.__dict__[entry.name] = entry.before
+        else:
+            owner.__dict__.pop(entry.name, None)
+
+    def shadows(self, owner, name: str) -> bool:
+        return any(e.owner is owner and e.name == name for e in self._shadows)
+
+    def enabled_with(self, capability: str) -> list[str]:
+        """Names of the enabled techniques that declare `capability` (hires.registry.CAPABILITIES)."""
+        return [record.name for record, _ in self.techniques if capability in record.capabilities]
 
     def attach(self) -> None:
-        for technique in self.config.enabled_subconfigs():
-            module_name, _, function = technique.installer.partition(":")
-            getattr(importlib.import_module(module_name), function)(self, technique)
+        self._check_denoiser_not_shared()
+        self.techniques = [(record, sub) for record in technique_records()
+                           if (sub := self.config.technique_config(record)) is not None and sub.enabled]
+        for record, sub in self.techniques:
+            record.install(self, sub)
         # Registered last, so it is the outermost hook: the state is current before technique hooks run.
         self.add_hook(self.denoiser, _CallStateHook(self), CALL_STATE_HOOK)
-        self.wrap_pipe_method("check_inputs", self._make_check_inputs)
-        self.wrap_pipe_method("progress_bar", self._make_progress_bar)
+        self.wrap_method(self.pipe, "check_inputs", self._make_check_inputs)
+        self.wrap_method(self.pipe, "progress_bar", self._make_progress_bar)
+
+    def _check_denoiser_not_shared(self) -> None:
+        """Pipelines made with `from_pipe` share their modules; one module can carry one attachment's hooks."""
+        for module in (self.denoiser, getattr(self.pipe, "vae", None)):
+            registry_ = getattr(module, "_diffusers_hook", None) if module is not None else None
+            if registry_ is not None and any(n.startswith(HOOK_PREFIX) for n in registry_.hooks):
+                raise ValueError(
+                    f"{type(module).__name__} of this {type(self.pipe).__name__} already carries hires hooks of another "
+                    "pipeline (pipelines made with from_pipe share their modules); call hires.remove() on the other "
+                    "pipeline first, or give this one its own copy of the module")
 
     def detach(self) -> None:
         for record in reversed(self._hooks):
@@ -251,41 +403,25 @@ class Attachment:
         for model, processors in reversed(self._saved_processors):
             model.set_attn_processor(dict(processors))
         self._saved_processors.clear()
-        for name, (had, value) in self._saved_pipe_attrs.items():
-            if had:
-                self.pipe.__dict__[name] = value
-            else:
-                self.pipe.__dict__.pop(name, None)
-        self._saved_pipe_attrs.clear()
+        for entry in reversed(list(self._shadows)):
+            self.unshadow(entry)
         self.state = None
 
     # -- the call boundary -----------------------------------------------------------------
-    def pipeline_call_frame(self, frame):
-        """The pipeline's own __call__ (any class of its MRO) if `frame` runs it, else None."""
-        for cls in type(self.pipe).__mro__:
-            function = cls.__dict__.get("__call__")
-            if function is not None and inspect.unwrap(function).__code__ is frame.f_code:
-                return inspect.unwrap(function)
-        return None
-
     def _make_check_inputs(self, original):
         signature = inspect.signature(original)
 
         def check_inputs(*args, **kwargs):
-            caller = sys._getframe(1)
-            call = self.pipeline_call_frame(caller)
-            if call is not None:
+            call = self.calls.called_by(sys._getframe(1))
+            swallowed = call.swallowed_keywords() if call is not None else {}
+            if swallowed:
                 # Some pipelines (PixArt-Sigma) accept **kwargs and drop them silently; a misspelt
-                # argument would then be ignored. Their __call__ is the frame that called us.
-                parameters = inspect.signature(call).parameters.values()
-                var_keyword = next((p.name for p in parameters if p.kind is p.VAR_KEYWORD), None)
-                swallowed = caller.f_locals.get(var_keyword) if var_keyword else None
-                if swallowed:
-                    raise TypeError(
-                        f"{type(self.pipe).__name__}.__call__ got unknown keyword argument(s) "
-                        f"{', '.join(f'{k}={v!r}' for k, v in swallowed.items())}; valid arguments are: "
-                        f"{', '.join(p.name for p in parameters if p.name not in ('self', var_keyword))}"
-                    )
+                # argument would then be ignored.
+                valid = [n for n, p in call.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD]
+                raise TypeError(
+                    f"{type(self.pipe).__name__}.__call__ got unknown keyword argument(s) "
+                    f"{', '.join(f'{k}={v!r}' for k, v in swallowed.items())}; valid arguments are: {', '.join(valid)}"
+                )
             bound = signature.bind_partial(*args, **kwargs).arguments
             for side in ("height", "width"):
                 if bound.get(side) is not None:
@@ -296,15 +432,32 @@ class Attachment:
 
     def _make_progress_bar(self, original):
         def progress_bar(iterable=None, total=None):
-            bar = original(iterable=iterable, total=total)
+            call = self.calls.called_by(sys._getframe(1))
+            if iterable is None and call is not None and self.stages is not None and self.stages.decodes_only(call.frame):
+                bar = self._silent(original, total)  # its stages showed the steps; an empty bar would not
+            else:
+                bar = original(iterable=iterable, total=total)
             if iterable is not None:
                 return bar
             # The denoising loop of __call__ opens the bar: its frame holds the resolved arguments.
-            caller = sys._getframe(1)
-            values = caller.f_locals if self.pipeline_call_frame(caller) is not None else {}
-            return _CallScope(self, bar, {k: values[k] for k in _CALL_LOCALS if k in values})
+            values = call.locals if call is not None else {}
+            return _CallScope(self, bar, {k: values[k] for k in _CALL_LOCALS if k in values},
+                              call.frame if call is not None else None)
 
         return progress_bar
+
+    def _silent(self, original, total):
+        """The pipeline's own bar, disabled (its progress-bar config is put back as it was)."""
+        pipe = self.pipe
+        had, before = "_progress_bar_config" in pipe.__dict__, pipe.__dict__.get("_progress_bar_config")
+        pipe._progress_bar_config = {**(before or {}), "disable": True}
+        try:
+            return original(total=total)
+        finally:
+            if had:
+                pipe._progress_bar_config = before
+            else:
+                del pipe._progress_bar_config
 
     def begin_call(self, call_locals: dict[str, Any] | None = None) -> None:
         self._in_call = True
@@ -321,7 +474,7 @@ class Attachment:
                 width=state.width,
                 steps_seen=tuple(state.steps_seen),
                 completed=completed,
-                notes={k: v for k, v in state.scratch.items() if k.startswith("log.")},
+                notes=dict(state.log),
             )
         self._in_call = False
         self.state = None
@@ -356,7 +509,9 @@ class Attachment:
         validate_size("height", height, info.size_multiple, info.name)
         validate_size("width", width, info.size_multiple, info.name)
         timesteps = self._call_timesteps if self._call_timesteps is not None else torch.zeros(0, dtype=torch.float64)
-        return CallState(info=info, height=height, width=width, timesteps=timesteps, call_locals=self._call_locals)
+        stage = self.stages.current if self.stages is not None else None
+        return CallState(info=info, height=height, width=width, timesteps=timesteps, call_locals=self._call_locals,
+                         stage=stage, stage_overrides=dict(stage.overrides) if stage is not None else {})
 
     def _step_index(self, timestep) -> int:
         t = torch.as_tensor(timestep).detach().flatten()[0].double().cpu() / self.info.family.timestep_input_scale

@@ -470,11 +470,12 @@ def test_with_structure_guidance_the_guided_steps_keep_the_guides_low_band():
     step = pipe.scheduler.step
 
     def record(model_output, timestep, sample, *args, **kwargs):
-        stage = progressive.current_stage(attachment)
-        if stage is not None and stage.guide is not None:
+        stage = attachment.stages.current
+        guide = getattr(stage, "data", None)
+        if guide is not None and guide.guide is not None:
             alpha_bar = float(pipe.scheduler.alphas_cumprod[int(timestep)])
             x0 = (sample - math.sqrt(1 - alpha_bar) * model_output) / math.sqrt(alpha_bar)  # DDIM, eps prediction
-            seen.append((wavelets.low_band(x0.float(), structure.wavelet, 1, progressive.WAVELET_MODE), stage.guide))
+            seen.append((wavelets.low_band(x0.float(), structure.wavelet, 1, progressive.WAVELET_MODE), guide.guide))
         return step(model_output, timestep, sample, *args, **kwargs)
 
     pipe.scheduler.step = record

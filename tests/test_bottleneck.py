@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
-from hires.sampling import bottleneck, progressive
+from hires.sampling import bottleneck, progressive, schedules, stages
 from tiny_models import build, generate
 
 BN = hires.BottleneckConfig
@@ -91,7 +91,7 @@ def test_clean_estimate_and_transition_follow_each_convention(name):
     prediction = {"ddim": "epsilon", "ddim-v": "v_prediction", "euler": "epsilon", "flow": "flow"}[name]
     if name == "euler":
         scheduler._init_step_index(t)
-    x0 = bottleneck.clean_estimate(scheduler, prediction, output, t, sample)
+    x0 = schedules.clean_estimate(scheduler, prediction, output, t, sample)
     if name == "flow":
         sigma = float(scheduler.sigmas[index])
         expected = sample - sigma * output
@@ -240,7 +240,7 @@ def _capture_steps(pipe, records):
 def test_each_stage_starts_from_the_resized_clean_estimate_of_the_last(family_name, monkeypatch):
     """With the re-injected noise set to zero, a stage's first sample is the previous stage's last x0,
     resized (Lanczos): x0 = x - sigma v (flow), x - sigma eps (Euler's VP convention)."""
-    monkeypatch.setattr(bottleneck, "randn_tensor", lambda shape, **kw: torch.zeros(shape))
+    monkeypatch.setattr(stages, "randn_tensor", lambda shape, **kw: torch.zeros(shape))
     pipe = _apply(build(family_name))
     records = []
     _capture_steps(pipe, records)
@@ -327,14 +327,14 @@ def test_a_call_that_fails_after_its_stages_leaves_nothing_after_the_next_call_o
 
     def failing(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:  # the user's own call, after the two stage calls
+        if len(calls) == 4:  # the user's own call, after the three stage calls
             raise RuntimeError("scheduler failed")
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", failing)
     with pytest.raises(RuntimeError, match="scheduler failed"):
         _call(pipe, "sd3", 64)
-    assert "set_timesteps" in pipe.scheduler.__dict__  # the last stage never set its schedule
+    assert "set_timesteps" in pipe.scheduler.__dict__  # the user's call never set its schedule
     monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", real)
     first = _call(pipe, "sd3", 64)  # the next call starts afresh
     assert [r.steps for r in bottleneck.last_run(pipe)] == [1, 7, 2]

@@ -5,7 +5,7 @@ import torch
 
 import hires
 from hires.runtime import get_attachment
-from hires.techniques.guidance import GUIDANCE_HOOK, STEP_KEY, ensure_guidance_hook, prediction_channels
+from hires.techniques.guidance import GUIDANCE_HOOK, GuidanceCall, ensure_guidance_hook, prediction_channels
 from tiny_models import FAMILY_NAMES, build, generate
 
 TRUE_CFG = {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}
@@ -98,7 +98,7 @@ def test_offsets_are_added_and_can_run_an_extra_pass(family):
         out = run(args, kwargs)
         tensor = out[0] if isinstance(out, tuple) else out.sample
         extra.append(tensor)
-        assert isinstance(state.scratch[STEP_KEY].timestep, float)
+        assert isinstance(state.slot(GuidanceCall).step.timestep, float)
         return torch.full_like(uncond, 0.25) if state.step_index != 1 else None
 
     hook.add_offset("test.constant", offset)

@@ -285,8 +285,8 @@ def test_the_invertible_stand_in_inverts():
 def test_guidance_pulls_the_low_band_toward_the_upscaled_base(family, space, monkeypatch):
     stand_in = _InvertibleVAE()
     if space == "pixel":
-        monkeypatch.setattr(progressive._Progressive, "decode", lambda self, z: stand_in.decode(z))
-        monkeypatch.setattr(progressive._Progressive, "encode", lambda self, x: stand_in.encode(x))
+        monkeypatch.setattr(progressive.VAECodec, "decode", lambda self, z: stand_in.decode(z))
+        monkeypatch.setattr(progressive.VAECodec, "encode", lambda self, x: stand_in.encode(x))
     pipe = build(family)
     base = _spatial(pipe, family, _call(pipe, family, 64, steps=10), 64)
     distances = {}
@@ -384,17 +384,19 @@ def test_input_image_path_and_sdxl_size_conditioning():
 
 
 def test_a_call_failing_after_its_stages_leaves_later_calls_plain(monkeypatch):
+    from hires.sampling import stages
+
     pipe = build("flux")  # Flux prepares its latents before its schedule: the failure lands in between
     plain = _call(pipe, "flux", 128, output_type="pt")
     _apply(pipe)
-    real_replace = progressive.replace_latents
+    real_replace = stages.replace_latents
 
     def fail_for_the_users_call(result, tensor):
-        if not get_attachment(pipe) or progressive.controller_of(get_attachment(pipe)).running:
+        if not get_attachment(pipe) or get_attachment(pipe).stages.running:
             return real_replace(result, tensor)
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(progressive, "replace_latents", fail_for_the_users_call)
+    monkeypatch.setattr(stages, "replace_latents", fail_for_the_users_call)
     with pytest.raises(RuntimeError, match="interrupted"):
         _call(pipe, "flux", 128, output_type="pt")
     monkeypatch.undo()

@@ -47,23 +47,18 @@ upscaled image and are left as they are. `last_run(pipe)` describes the stages o
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import itertools
 import math
-import sys
-import weakref
 from fractions import Fraction
-from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import BottleneckConfig
-from . import progressive, schedules
-# Shared with progressive structure guidance (see the module docstring).
-from .progressive import RESIZING_ARGUMENTS, pack, resize, round_to, tile_batch, unpack
+from ..registry import Technique
+from ..runtime import get_attachment
+from . import schedules
+from .progressive import resize, round_to
+from .stages import Stage, engine_of, last_run_of
 
 HOOK_NAME = "hires.bottleneck"
 DEFAULT_STEP_FRACTIONS = (0.1, 0.7, 0.2)
@@ -156,18 +151,6 @@ def keep_first(scheduler, count: int) -> None:
         scheduler.sigmas = sigmas[:count + (len(sigmas) - total)]
 
 
-def clean_estimate(scheduler, prediction: str, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
-    """The predicted x0 of one scheduler step's inputs (float32), for any prediction type.
-
-    Euler-type VP schedulers keep x0 + sigma eps; the denoiser saw it scaled by `scale_model_input`,
-    which is the sample `schedules.predicted_x0` expects."""
-    x = sample
-    if prediction != "flow" and hasattr(scheduler, "scale_model_input"):
-        x = scheduler.scale_model_input(sample.clone(), timestep)
-    level = schedules.noise_level(scheduler, prediction, timestep).to(sample.device)
-    return schedules.predicted_x0(model_output, x, prediction, level)
-
-
 def transition(scheduler, x0: torch.Tensor, latent_size: tuple[int, int], mode: str, noise: torch.Tensor,
                timestep) -> torch.Tensor:
     """x0 (B, C, h, w) resized to `latent_size` and noised to `timestep` in the scheduler's convention."""
@@ -187,272 +170,69 @@ class StageRecord:
     shift: float | None
 
 
-@dataclasses.dataclass
-class _Stage:
-    plan: StagePlan
-    final: bool
-    x0: torch.Tensor | None = None  # previous stage's clean estimate, resized to this stage (spatial)
-    generator: Any = None
-    timesteps: tuple = ()
-    start_timestep: Any = None
-    target: torch.Tensor | None = None
-    steps_taken: int = 0
-    captured: torch.Tensor | None = None  # this stage's own clean estimate at its last step
-    latents_done: bool = False
+class Bottleneck:
+    """The planner: every stage that samples from pure noise with its full schedule becomes K slices."""
 
-    def record(self) -> StageRecord:
-        return StageRecord(self.plan.height, self.plan.width, len(self.timesteps), self.timesteps, self.plan.shift)
-
-
-class _Bottleneck:
     def __init__(self, attachment, config: BottleneckConfig):
         self.attachment = attachment
         self.config = config
         self.info = attachment.info
-        self.pipe = attachment.pipe
-        params = inspect.signature(inspect.unwrap(type(self.pipe).__call__)).parameters.values()
-        self.call_params = [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-        self.running = False  # nested stage calls in progress
-        self.current: _Stage | None = None
-        self.pending_frame = None  # the call that runs the last stage
-        self.records: list[StageRecord] = []
-        self.last_run: tuple[StageRecord, ...] | None = None
-        self._saved_scheduler_attrs: dict[str, tuple[bool, Any]] = {}
 
-    # -- pipeline entry points --------------------------------------------------------------
-    def wrap_encode_prompt(self, original):
-        def encode_prompt(*args, **kwargs):
-            result = original(*args, **kwargs)
-            frame = self._caller()
-            if self.running or frame is None or frame is self.pending_frame:
-                return result
-            self._abandon()
-            if self._eligible(frame):
-                self._run(frame)
-            return result
+    def plan(self, arguments: dict, stages: list) -> list:
+        planned = []
+        for stage in stages:
+            planned.extend(self._slices(arguments, stage) if stage.trivial else [stage])
+        return planned
 
-        return encode_prompt
-
-    def wrap_prepare_latents(self, original):
-        def prepare_latents(*args, **kwargs):
-            result = original(*args, **kwargs)
-            stage = self.current
-            if stage is None or stage.x0 is None or stage.latents_done:
-                return result
-            frame = self._caller()
-            if frame is None or not (self.running or frame is self.pending_frame):
-                return result
-            current = result[0] if isinstance(result, tuple) else result
-            stage.target = torch.empty_like(current)
-            stage.latents_done = True
-            if stage.start_timestep is not None:  # the pipeline set its schedule first
-                self._fill(stage)
-            out = progressive.replace_latents(result, stage.target)
-            self._maybe_finish()
-            return out
-
-        return prepare_latents
-
-    def _caller(self):
-        """The pipeline __call__ frame that called the wrapped method (through structure guidance's
-        wrapper, which sits outside ours), or None."""
-        frame = sys._getframe(2)
-        if self.attachment.pipeline_call_frame(frame) is None and frame.f_code.co_filename == progressive.__file__:
-            frame = frame.f_back
-        return frame if self.attachment.pipeline_call_frame(frame) is not None else None
-
-    def _eligible(self, frame) -> bool:
-        guidance = progressive.controller_of(self.attachment)
-        if guidance is not None:
-            if guidance.outer is not None and guidance.outer[0] is frame:
-                return False  # structure guidance's own call: it only decodes
-            if guidance.running and guidance.stage is not None and guidance.stage.x0 is not None:
-                return False  # a later structure-guidance stage re-runs a schedule tail: left as it is
-        values = frame.f_locals
-        return values.get("height") is not None and values.get("width") is not None
-
-    # -- the run ------------------------------------------------------------------------------
-    def _run(self, frame) -> None:
-        values = frame.f_locals
-        arguments = {name: values[name] for name in self.call_params if name in values}
-        height, width = int(arguments["height"]), int(arguments["width"])
+    def _slices(self, arguments: dict, parent: Stage) -> list:
         steps = arguments.get("num_inference_steps")
         if not isinstance(steps, int):
             raise ValueError(f"num_inference_steps={steps!r}: bottleneck sampling splits the call's step count "
                              "between its stages and needs it as an int")
-        plans = plan_stages(self.info, self.config, height, width, steps)
-        generator = arguments.get("generator")
-        stages = [_Stage(p, final=i == len(plans) - 1, generator=generator) for i, p in enumerate(plans)]
-        self.total_steps = steps
-        self.records = []
-        saved = {k: v for k, v in self.pipe.__dict__.items() if k.startswith("_") and not k.startswith("_hires")}
-        guidance = progressive.controller_of(self.attachment)
-        quiet_guidance = guidance is not None and not guidance.running
-        self._shadow("set_timesteps", self._set_timesteps)
-        self._shadow("step", self._step)
-        self.running = True
-        if quiet_guidance:
-            guidance.running = True  # stage calls are not user requests for structure guidance
-        try:
-            previous = None
-            for stage in stages[:-1]:
-                self._enter(stage, previous)
-                kwargs = dict(arguments)
-                kwargs.update(height=stage.plan.height, width=stage.plan.width, output_type="latent", return_dict=False)
-                if stage.x0 is not None:
-                    kwargs["latents"] = None
-                kwargs.update({k: v for k, v in RESIZING_ARGUMENTS.items() if k in self.call_params})
-                self.pipe(**kwargs)
-                if stage.captured is None:
-                    raise RuntimeError(f"bottleneck stage {stage.plan.height}x{stage.plan.width} ran no step of its schedule")
-                self.records.append(stage.record())
-                previous = stage
-            self._enter(stages[-1], previous)
-        except BaseException:
-            self._restore_scheduler()
-            self.current = None
-            raise
-        finally:
-            self.running = False
-            if quiet_guidance:
-                guidance.running = False
-            self._unshadow("step")
-            self.pipe.__dict__.update(saved)
-        self.pending_frame = frame
+        plans = plan_stages(self.info, self.config, parent.height, parent.width, steps)
+        slices = []
+        for i, plan in enumerate(plans):
+            slices.append(Stage(plan.height, plan.width, owner=TECHNIQUE_NAME, generator=parent.generator,
+                                call_arguments=dict(parent.call_arguments), overrides=dict(parent.overrides),
+                                schedule=self._schedule, start=self._start if i else None,
+                                stops_early=i < len(plans) - 1, data=(plan, steps), parent=parent))
+        return slices
 
-    def _enter(self, stage: _Stage, previous: _Stage | None) -> None:
-        if previous is not None:
-            x0 = previous.captured
-            if self.info.family.latent_layout == "packed":
-                f = self.info.latent_factor
-                x0 = unpack(x0, previous.plan.height // f, previous.plan.width // f, self.info.patch_size)
-            f = self.info.latent_factor
-            stage.x0 = resize(x0.float(), (stage.plan.height // f, stage.plan.width // f), self.config.resample)
-        self.current = stage
+    def _start(self, stage: Stage, previous: Stage) -> torch.Tensor:
+        f = self.info.latent_factor
+        return resize(previous.result.float(), (stage.height // f, stage.width // f), self.config.resample)
 
-    def _fill(self, stage: _Stage) -> None:
-        target = stage.target
-        x0 = tile_batch(stage.x0, target.shape[0]).to(target.device)
-        noise = randn_tensor(x0.shape, generator=stage.generator, device=target.device, dtype=torch.float32)
-        noisy = schedules.renoise(self.pipe.scheduler, x0, noise, stage.start_timestep)
-        if self.info.family.latent_layout == "packed":
-            noisy = pack(noisy, self.info.patch_size)
-        target.copy_(noisy.to(target.dtype))
+    def _schedule(self, stage: Stage, scheduler, set_timesteps, args, kwargs) -> None:
+        """The call's own N-step schedule at this stage's size and shift, sliced to the stage's steps."""
+        plan, total_steps = stage.data
+        _with_shift(scheduler, plan.shift, set_timesteps, args, kwargs)
+        total = len(scheduler.timesteps)
+        if total != total_steps:
+            raise ValueError(f"bottleneck sampling slices the call's {total_steps}-step schedule, but "
+                             f"{type(scheduler).__name__} built {total} steps; use a first-order scheduler "
+                             "(e.g. FlowMatchEulerDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler)")
+        if plan.start:
+            schedules.truncate_schedule(scheduler, plan.start)
+        if plan.end < total:
+            keep_first(scheduler, plan.steps)
 
-    def _maybe_finish(self) -> None:
-        stage = self.current
-        if stage is not None and stage.final and not self.running and stage.start_timestep is not None \
-                and (stage.latents_done or stage.x0 is None):
-            self.records.append(stage.record())
-            self.last_run = tuple(self.records)
-            self.current = None
-            self.pending_frame = None
-            self._restore_scheduler()
 
-    def _abandon(self) -> None:
-        """Drop what a call that raised before its last stage left behind."""
-        if self.pending_frame is not None or self._saved_scheduler_attrs:
-            self._restore_scheduler()
-        self.pending_frame = None
-        self.current = None
-
-    # -- scheduler shadows ---------------------------------------------------------------------
-    def _shadow(self, name: str, make) -> None:
-        scheduler = self.pipe.scheduler
-        self._saved_scheduler_attrs[name] = (name in scheduler.__dict__, scheduler.__dict__.get(name))
-        original = getattr(scheduler, name)
-        scheduler.__dict__[name] = functools.update_wrapper(make(original), original)
-
-    def _unshadow(self, name: str) -> None:
-        if name not in self._saved_scheduler_attrs:
-            return
-        had, value = self._saved_scheduler_attrs.pop(name)
-        scheduler = self.pipe.scheduler
-        if had:
-            scheduler.__dict__[name] = value
-        else:
-            scheduler.__dict__.pop(name, None)
-
-    def _restore_scheduler(self) -> None:
-        for name in list(self._saved_scheduler_attrs):
-            self._unshadow(name)
-
-    def _set_timesteps(self, original):
-        controller = self
-
-        def set_timesteps(*args, **kwargs):
-            stage = controller.current
-            if stage is None:
-                return original(*args, **kwargs)
-            scheduler = controller.pipe.scheduler
-            controller._with_shift(stage.plan.shift, original, args, kwargs)
-            total = len(scheduler.timesteps)
-            if total != controller.total_steps:
-                raise ValueError(f"bottleneck sampling slices the call's {controller.total_steps}-step schedule, but "
-                                 f"{type(scheduler).__name__} built {total} steps; use a first-order scheduler "
-                                 "(e.g. FlowMatchEulerDiscreteScheduler, EulerDiscreteScheduler, DDIMScheduler)")
-            plan = stage.plan
-            if plan.start:
-                schedules.truncate_schedule(scheduler, plan.start)
-            if plan.end < total:
-                keep_first(scheduler, plan.steps)
-            stage.timesteps = tuple(float(t) for t in scheduler.timesteps)
-            stage.start_timestep = scheduler.timesteps[0]
-            if stage.target is not None:
-                controller._fill(stage)
-            controller._maybe_finish()
-
-        return set_timesteps
-
-    def _with_shift(self, shift, original, args, kwargs) -> None:
-        scheduler = self.pipe.scheduler
-        if shift is None:
-            original(*args, **kwargs)
-            return
-        if scheduler.config.get("use_dynamic_shifting", False):
-            from ..techniques.positions import mu_for_shift
-
-            original(*args, **{**kwargs, "mu": mu_for_shift(shift, scheduler.config.get("time_shift_type", "exponential"))})
-            return
+def _with_shift(scheduler, shift, set_timesteps, args, kwargs) -> None:
+    if shift is None:
+        set_timesteps(*args, **kwargs)
+    elif scheduler.config.get("use_dynamic_shifting", False):
+        mu = schedules.mu_for_shift(shift, scheduler.config.get("time_shift_type", "exponential"))
+        set_timesteps(*args, **{**kwargs, "mu": mu})
+    else:
         before = scheduler.shift
         scheduler.set_shift(shift)
         try:
-            original(*args, **kwargs)
+            set_timesteps(*args, **kwargs)
         finally:
             scheduler.set_shift(before)
 
-    def _step(self, original):
-        controller = self
-        names = list(inspect.signature(original).parameters)
 
-        def step(*args, **kwargs):
-            stage = controller.current
-            if stage is not None and controller.running and not stage.final:
-                stage.steps_taken += 1
-                if stage.steps_taken == stage.plan.steps:
-                    bound = dict(zip(names, args))
-                    bound.update(kwargs)
-                    stage.captured = clean_estimate(controller.pipe.scheduler, controller.info.prediction_type,
-                                                    bound["model_output"], bound["timestep"], bound["sample"])
-            return original(*args, **kwargs)
-
-        return step
-
-
-class _CleanupHook(ModelHook):
-    """No-op on the denoiser; its removal (hires.remove) drops what a call that raised after its stage
-    calls left on the scheduler."""
-
-    def __init__(self, controller: _Bottleneck):
-        super().__init__()
-        self.controller = controller
-
-    def deinitalize_hook(self, module):  # diffusers' spelling
-        self.controller._abandon()
-        return module
-
-
-_CONTROLLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+TECHNIQUE_NAME = "bottleneck"
 
 
 def validate(config: BottleneckConfig, info) -> None:
@@ -462,42 +242,21 @@ def validate(config: BottleneckConfig, info) -> None:
 
 
 def install(attachment, config: BottleneckConfig) -> None:
-    """hires.apply's installer: validate against the family, wrap encode_prompt and prepare_latents."""
+    """hires.apply's installer: validate against the family, plan slices through the stage engine."""
     validate(config, attachment.info)
-    controller = _Bottleneck(attachment, config)
-    guidance = progressive.controller_of(attachment)  # installed before us (HiresConfig field order)
-    for name in ("encode_prompt", "prepare_latents"):
-        make = getattr(controller, "wrap_" + name)
-        if guidance is not None and attachment.wraps(name):  # structure guidance's stays outermost
-            attachment.wrap_pipe_method_beneath(name, make, getattr(guidance, "wrap_" + name))
-        else:
-            attachment.wrap_pipe_method(name, make)
-    attachment.add_hook(attachment.denoiser, _CleanupHook(controller), HOOK_NAME)
-    _CONTROLLERS[attachment] = controller
-
-
-def _controller(pipe) -> _Bottleneck:
-    from ..runtime import get_attachment
-
-    attachment = get_attachment(pipe)
-    controller = _CONTROLLERS.get(attachment) if attachment is not None else None
-    if controller is None:
-        raise ValueError("bottleneck sampling is not applied to this pipeline: call hires.apply(pipe, "
-                         "HiresConfig(bottleneck=BottleneckConfig(enabled=True))) first")
-    return controller
+    engine_of(attachment).add_planner(TECHNIQUE_NAME, Bottleneck(attachment, config))
 
 
 def last_run(pipe) -> tuple[StageRecord, ...] | None:
     """The stages of the last bottleneck call on `pipe` (None if none finished)."""
-    return _controller(pipe).last_run
+    attachment = get_attachment(pipe)
+    if attachment is None or TECHNIQUE_NAME not in attachment.enabled_with("stages"):
+        raise ValueError("bottleneck sampling is not applied to this pipeline: call hires.apply(pipe, "
+                         "HiresConfig(bottleneck=BottleneckConfig(enabled=True))) first")
+    stages = last_run_of(attachment, TECHNIQUE_NAME)
+    if stages is None:
+        return None
+    return tuple(StageRecord(s.height, s.width, s.steps, s.timesteps, s.data[0].shift) for s in stages)
 
 
-def testbed_configs():
-    """Rows for the coherence testbed (scripts/eval_coherence.py): the default schedule, and Pruna's
-    10/60/30 layout, both at half side in the middle stage."""
-    from ..config import HiresConfig
-
-    return {
-        "bottleneck (default 10/70/20)": HiresConfig(bottleneck=BottleneckConfig(enabled=True)),
-        "bottleneck (Pruna 10/60/30)": HiresConfig(bottleneck=BottleneckConfig(enabled=True, step_fractions=(0.1, 0.6, 0.3))),
-    }
+TECHNIQUE = Technique(TECHNIQUE_NAME, BottleneckConfig, install, order=20, capabilities=frozenset({"stages", "scheduler"}))

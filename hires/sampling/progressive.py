@@ -38,19 +38,18 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import sys
 import weakref
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import StructureGuidanceConfig
+from ..registry import Technique
 from ..runtime import get_attachment
 from ..techniques.guidance import ensure_guidance_hook
 from . import schedules, wavelets
+from .stages import Stage, engine_of, last_run_of, pack, tile_batch, unpack
 
 HOOK_NAME = "hires.structure_guidance"
 WAVELET_MODE = "symmetric"  # as the paper's pytorch_wavelets DWTForward(mode="symmetric")
@@ -58,8 +57,6 @@ SHARPEN_KERNEL = 3  # the paper's torchvision GaussianBlur(kernel_size=3)
 DEFAULT_RENOISE = 0.3  # DiffuseHigh: the last 15 of 50 steps
 DEFAULT_GUIDED_FRACTION = 1 / 3  # DiffuseHigh: 5 of those 15 steps
 LANCZOS_TAPS = 3
-# __call__ arguments that resize the request inside the pipeline; stages pass exact sizes instead.
-RESIZING_ARGUMENTS = {"use_resolution_binning": False}
 _SIZE_CONDITIONING = ("original_size", "target_size")
 
 
@@ -111,21 +108,6 @@ def unsharp_mask(x: torch.Tensor, alpha: float, sigma: float, size: int = SHARPE
     blurred = F.conv2d(blurred, k.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
     blurred = F.conv2d(blurred, k.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
     return ((1 + alpha) * work - alpha * blurred).to(x.dtype)
-
-
-def pack(latents: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/p * w/p, C p p): Flux's packed token layout."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
-
-
-def unpack(tokens: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
-    """Inverse of `pack` for a latent grid of height x width."""
-    b, _, d = tokens.shape
-    c = d // (patch * patch)
-    x = tokens.view(b, height // patch, width // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, height, width)
 
 
 # -- the stage plan ----------------------------------------------------------------------------
@@ -240,36 +222,20 @@ class StageRecord:
 
 
 @dataclasses.dataclass
-class _Stage:
-    height: int
-    width: int
+class _Guide:
+    """Structure guidance's own part of a stage (`Stage.data`)."""
+
     renoise: float | None = None  # None: the base stage (full schedule, no guidance)
     guided_steps: int | None = None
     guidance_scale: float | None = None
-    apg: Any = None  # the stage's own APGConfig (None: the call's; read by hires.techniques.apg)
-    x0: torch.Tensor | None = None  # upscaled previous result, spatial latent
     guide: torch.Tensor | None = None  # low band of the guide (latent or pixel space)
     sharpen_sigma: float | None = None
-    generator: Any = None
-    start_timestep: Any = None
-    steps: int | None = None
-    timesteps: tuple = ()
-    target: torch.Tensor | None = None  # the tensor prepare_latents returned, filled in place
     guided: set = dataclasses.field(default_factory=set)
-
-    def record(self) -> StageRecord:
-        return StageRecord(self.height, self.width, self.steps if self.steps is not None else len(self.timesteps),
-                           self.timesteps, tuple(sorted(self.guided)), self.guidance_scale, self.sharpen_sigma)
-
-
-@dataclasses.dataclass
-class _Latent:
-    z: torch.Tensor  # spatial, in the denoiser's latent space
 
 
 @dataclasses.dataclass
 class _Pixels:
-    image: torch.Tensor  # (B, 3, H, W) in [-1, 1]
+    image: torch.Tensor  # (B, 3, H, W) in [-1, 1]: the user's picture, the origin of the stages
 
 
 def _draw_uniform(generator, low: float, high: float) -> float:
@@ -278,283 +244,97 @@ def _draw_uniform(generator, low: float, high: float) -> float:
     return float(low + (high - low) * torch.rand((), generator=g, device=device).item())
 
 
-def tile_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
-    if x.shape[0] == batch:
-        return x
-    if batch % x.shape[0]:
-        raise ValueError(f"cannot match a batch of {x.shape[0]} guides to a batch of {batch}")
-    return x.repeat(batch // x.shape[0], *([1] * (x.ndim - 1)))
-
-
-def replace_latents(result, tensor):
-    """`prepare_latents`' result (a tensor, or a tuple led by one) with `tensor` in the latents' place."""
-    current = result[0] if isinstance(result, tuple) else result
-    if current.shape != tensor.shape:
-        raise RuntimeError(f"a hires stage prepared latents of shape {tuple(tensor.shape)} where the "
-                           f"pipeline expects {tuple(current.shape)}")
-    tensor = tensor.to(device=current.device, dtype=current.dtype)
-    return (tensor, *result[1:]) if isinstance(result, tuple) else tensor
-
-
-class _Progressive:
-    """The per-attachment driver: wraps encode_prompt / prepare_latents and the scheduler's
-    set_timesteps during a run, and holds the current stage for the denoiser hook."""
+class StructureGuidance:
+    """The planner of structure guidance's stages and its low-band guidance."""
 
     def __init__(self, attachment, config: StructureGuidanceConfig):
         self.attachment = attachment
         self.config = config
         self.info = attachment.info
         self.pipe = attachment.pipe
-        self.call_code = inspect.unwrap(type(self.pipe).__call__).__code__
-        params = inspect.signature(inspect.unwrap(type(self.pipe).__call__)).parameters.values()
-        self.call_params = [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-        self.stage: _Stage | None = None
-        self.running = False
-        self.outer = None  # (frame, latents) of the user's call until its prepare_latents takes them
+        self.vae = VAECodec(attachment.pipe)
         self.pending_image: torch.Tensor | None = None
-        self.last_run: tuple[StageRecord, ...] | None = None
-        self._shadowed_scheduler = None
-        self._empty_schedule_for = None  # the user's call frame whose schedule is emptied
 
-    # -- pipeline entry points ---------------------------------------------------------------
-    def wrap_encode_prompt(self, original):
-        def encode_prompt(*args, **kwargs):
-            frame = sys._getframe(1)
-            if frame.f_code is self.call_code and not self.running:
-                if self.outer is None or self.outer[0] is not frame:
-                    self._drop_outer()
-                    self._maybe_run(frame)
-            return original(*args, **kwargs)
-
-        return encode_prompt
-
-    @staticmethod
-    def wrap_prepare_image(original):
-        """Flux and SD3 ControlNet pipelines take a tensor control image as it is and then read the call's
-        height and width from it, so every stage (and the user's call) would run at the control
-        image's size; resize the tensor to the call's size instead, as they do for PIL images."""
-        signature = inspect.signature(original)
-
-        def prepare_image(*args, **kwargs):
-            arguments = signature.bind(*args, **kwargs).arguments
-            image, size = arguments["image"], (arguments["height"], arguments["width"])
-            if isinstance(image, torch.Tensor) and image.ndim == 4 and tuple(image.shape[-2:]) != size:
-                arguments["image"] = F.interpolate(image, size=size, mode="bilinear", antialias=True)
-            return original(**arguments)
-
-        return prepare_image
-
-    def wrap_prepare_latents(self, original):
-        def prepare_latents(*args, **kwargs):
-            result = original(*args, **kwargs)
-            frame = sys._getframe(1)
-            if frame.f_code is not self.call_code:
-                return result
-            if self.running and self.stage is not None and self.stage.x0 is not None:
-                return replace_latents(result, self._stage_target(result))
-            if self.outer is not None and self.outer[0] is frame:
-                latents = self.outer[1]
-                self.outer = None
-                return replace_latents(result, latents)
-            return result
-
-        return prepare_latents
-
-    # -- the run ------------------------------------------------------------------------------
-    def _maybe_run(self, frame) -> None:
-        values = frame.f_locals
-        arguments = {name: values[name] for name in self.call_params if name in values}
-        height, width = arguments.get("height"), arguments.get("width")
-        image = self.pending_image
-        if height is None or width is None:
-            return
-        start = tuple(image.shape[-2:]) if image is not None else None
-        sizes = stage_sizes(self.info, self.config, int(height), int(width), start)
-        if image is None and len(sizes) < 2:
-            return  # at or below the base size: a plain call
-        if arguments.get("latents") is not None:
-            raise ValueError("latents= cannot be combined with structure guidance: each stage prepares its own "
-                             "latents; pass generator= for reproducible results")
-        saved = {k: v for k, v in self.pipe.__dict__.items() if k.startswith("_") and not k.startswith("_hires")}
-        self.running = True
-        self._shadow_scheduler()
-        try:
-            latents = self._run_stages(arguments, sizes, image)
-        except BaseException:
-            self._unshadow_scheduler()
-            raise
-        finally:
-            self.running = False
-            self.stage = None
-            self.pipe.__dict__.update(saved)  # the user's call set its own state before encode_prompt
-        # The user's call only decodes: its prepare_latents returns the result, its schedule is empty.
-        self.outer = (frame, latents)
-        self._empty_schedule_for = frame
-
-    def _drop_outer(self) -> None:
-        self.outer = None
-        self._empty_schedule_for = None
-        self._unshadow_scheduler()
-
-    def _run_stages(self, arguments: dict, sizes: list, image: torch.Tensor | None):
+    def plan(self, arguments: dict, stages: list) -> list:
+        if len(stages) != 1 or not stages[0].trivial:
+            return stages
         config, info = self.config, self.info
-        generator = arguments.get("generator")
+        height, width = stages[0].height, stages[0].width
+        image = self.pending_image
+        start = tuple(image.shape[-2:]) if image is not None else None
+        sizes = stage_sizes(info, config, height, width, start)
+        if image is None and len(sizes) < 2:
+            return stages  # at or below the base size: a plain call
+        generator = stages[0].generator
         later = len(sizes) - 1
         renoise = per_stage(config, "renoise", later)
         guided = per_stage(config, "guided_steps", later)
         scales = per_stage(config, "guidance_scale", later)
         apgs = per_stage(config, "apg", later)
-        requested = sizes[-1]
-        conditioning = {name: arguments.get(name) for name in _SIZE_CONDITIONING if name in self.call_params}
-        conditioning = {k: (v if v is not None and tuple(v) != requested else base_stage_size(info, *requested))
+        parameters = self.attachment.calls.parameters
+        conditioning = {name: arguments.get(name) for name in _SIZE_CONDITIONING if name in parameters}
+        conditioning = {k: (v if v is not None and tuple(v) != (height, width) else base_stage_size(info, height, width))
                         for k, v in conditioning.items()}
-        previous = _Pixels(image) if image is not None else None
-        records = []
-        output = None
-        for index, (height, width) in enumerate(sizes):
-            if previous is None:
-                stage = _Stage(height, width)
-            elif index == 0:
-                continue  # the input image's own size: not a stage
-            else:
-                i = index - 1
-                stage = _Stage(height, width, renoise=renoise[i] if renoise[i] is not None else DEFAULT_RENOISE,
-                               guided_steps=guided[i], guidance_scale=scales[i], apg=apgs[i], generator=generator)
-                self._prepare(stage, previous)
-            kwargs = dict(arguments)
-            kwargs.update(height=height, width=width, output_type="latent", return_dict=False, latents=None)
-            kwargs.update({k: v for k, v in RESIZING_ARGUMENTS.items() if k in self.call_params})
-            kwargs.update(conditioning)
-            if stage.guidance_scale is not None:
-                kwargs[info.family.guidance_scale_name] = stage.guidance_scale
-            self.stage = stage
-            output = self.pipe(**kwargs)[0]
-            self.stage = None
-            records.append(stage.record())
-            spatial = output
-            if info.family.latent_layout == "packed":
-                spatial = unpack(output, height // info.latent_factor, width // info.latent_factor, info.patch_size)
-            previous = _Latent(spatial)
-        self.last_run = tuple(records)
-        return output
+        plan = []
+        if image is None:
+            plan.append(Stage(*sizes[0], owner=TECHNIQUE_NAME, generator=generator, call_arguments=dict(conditioning),
+                              data=_Guide()))
+        for i, (h, w) in enumerate(sizes[1:]):
+            guide = _Guide(renoise=renoise[i] if renoise[i] is not None else DEFAULT_RENOISE, guided_steps=guided[i],
+                           guidance_scale=scales[i])
+            call_arguments = dict(conditioning)
+            if scales[i] is not None:
+                call_arguments[info.family.guidance_scale_name] = scales[i]
+            plan.append(Stage(h, w, owner=TECHNIQUE_NAME, generator=generator, call_arguments=call_arguments,
+                              overrides={} if apgs[i] is None else {"apg": apgs[i]}, schedule=self._schedule,
+                              start=self._start, data=guide))
+        if image is not None:
+            self._origin = _Pixels(image)
+        return plan
 
-    def _prepare(self, stage: _Stage, previous) -> None:
-        """Upscale the previous result to the stage: its x0 and the guide's low band."""
-        config, info = self.config, self.info
+    def _start(self, stage, previous) -> torch.Tensor:
+        """Upscale the previous result (or the user's picture) to the stage: its x0 and the guide's low band."""
+        config, info, guide = self.config, self.info, stage.data
         latent_size = (stage.height // info.latent_factor, stage.width // info.latent_factor)
-        stage.sharpen_sigma = _draw_uniform(stage.generator, *config.sharpen_sigma) if config.sharpen_alpha else None
-        sharpen = (lambda x: unsharp_mask(x, config.sharpen_alpha, stage.sharpen_sigma)) if stage.sharpen_sigma else (lambda x: x)
-        if config.space == "latent" and isinstance(previous, _Latent):
-            z = sharpen(resize(previous.z.float(), latent_size, config.upscale))
-            stage.x0, stage.guide = z, self._low(z)
-            return
-        pixels = previous.image if isinstance(previous, _Pixels) else self.decode(previous.z)
+        guide.sharpen_sigma = _draw_uniform(stage.generator, *config.sharpen_sigma) if config.sharpen_alpha else None
+        sigma = guide.sharpen_sigma
+
+        def sharpen(x):
+            return unsharp_mask(x, config.sharpen_alpha, sigma) if sigma else x
+
+        if config.space == "latent" and previous is not None:
+            z = sharpen(resize(previous.result.float(), latent_size, config.upscale))
+            guide.guide = self._low(z)
+            return z
+        pixels = self._origin.image if previous is None else self.vae.decode(previous.result)
         image = sharpen(resize(pixels.float(), (stage.height, stage.width), config.upscale)).clamp(-1, 1)
-        stage.x0 = self.encode(image).float()
-        stage.guide = self._low(image if config.space == "pixel" else stage.x0)
+        x0 = self.vae.encode(image).float()
+        guide.guide = self._low(image if config.space == "pixel" else x0)
+        return x0
 
     def _low(self, x: torch.Tensor) -> torch.Tensor:
         return wavelets.low_band(x.float(), self.config.wavelet, self.config.wavelet_level, WAVELET_MODE)
 
-    # -- VAE ----------------------------------------------------------------------------------
-    def _vae_factors(self):
-        vae_config = self.pipe.vae.config
-        return vae_config.scaling_factor, getattr(vae_config, "shift_factor", None) or 0.0
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        scale, shift = self._vae_factors()
-        return vae.decode((z / scale + shift).to(vae.dtype), return_dict=False)[0].float()
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        scale, shift = self._vae_factors()
-        return ((vae.encode(image.to(vae.dtype)).latent_dist.mode().float() - shift) * scale)
-
-    # -- schedules ----------------------------------------------------------------------------
-    def _shadow_scheduler(self) -> None:
-        scheduler = self.pipe.scheduler
-        original = scheduler.set_timesteps
-        # Another technique's instance wrapper (the positions' shift policy) stays beneath ours.
-        self._covered_set_timesteps = scheduler.__dict__.get("set_timesteps")
-        controller = self
-
-        def set_timesteps(*args, **kwargs):
-            original(*args, **kwargs)
-            if get_attachment(controller.pipe) is not controller.attachment:
-                controller._unshadow_scheduler(scheduler)  # left by a call that raised before removal
-                return
-            if controller._empty_schedule_for is not None:
-                if _called_from(controller._empty_schedule_for):  # the user's own call: it only decodes
-                    scheduler.timesteps = scheduler.timesteps[:0]
-                controller._empty_schedule_for = None
-                controller._unshadow_scheduler()
-                return
-            stage = controller.stage
-            if stage is not None and stage.renoise is not None:
-                if kwargs.get("mu") is not None:
-                    capped = min(kwargs["mu"], schedules.scheduler_shift_mu(scheduler.config, controller.info.base_tokens))
-                    if capped != kwargs["mu"]:
-                        original(*args, **{**kwargs, "mu": capped})
-                controller._truncate(stage, scheduler)
-            elif stage is not None:
-                stage.timesteps = tuple(float(t) for t in scheduler.timesteps)
-
-        set_timesteps.__wrapped__ = original  # retrieve_timesteps inspects the signature
-        scheduler.__dict__["set_timesteps"] = self._shadow = set_timesteps
-        self._shadowed_scheduler = scheduler
-
-    def _unshadow_scheduler(self, scheduler=None) -> None:
-        scheduler = scheduler or self._shadowed_scheduler
-        self._shadowed_scheduler = None
-        covered, self._covered_set_timesteps = getattr(self, "_covered_set_timesteps", None), None
-        # Only take out our own shadow; whatever another technique set or restored meanwhile stays.
-        if scheduler is not None and scheduler.__dict__.get("set_timesteps") is getattr(self, "_shadow", None):
-            if covered is not None:
-                scheduler.__dict__["set_timesteps"] = covered
-            else:
-                scheduler.__dict__.pop("set_timesteps", None)
-
-    def _truncate(self, stage: _Stage, scheduler) -> None:
+    def _schedule(self, stage, scheduler, set_timesteps, args, kwargs) -> None:
+        """The pipeline's own schedule, keeping its last `renoise` fraction."""
+        guide = stage.data
+        if kwargs.get("mu") is not None:  # flow: the base size's shift (see the module docstring)
+            kwargs = {**kwargs, "mu": min(kwargs["mu"], schedules.scheduler_shift_mu(scheduler.config, self.info.base_tokens))}
+        set_timesteps(*args, **kwargs)
         total = len(scheduler.timesteps)
-        steps = schedules.stage_steps(total, stage.renoise)
-        if stage.guided_steps is None:
-            stage.guided_steps = max(1, int(round(steps * DEFAULT_GUIDED_FRACTION)))
-        if stage.guided_steps > steps:
-            raise ValueError(f"StructureGuidanceConfig.guided_steps={stage.guided_steps} exceeds the {steps} steps of the "
-                             f"{stage.height}x{stage.width} stage (renoise {stage.renoise} of {total}); lower it or raise "
+        steps = schedules.stage_steps(total, guide.renoise)
+        if guide.guided_steps is None:
+            guide.guided_steps = max(1, int(round(steps * DEFAULT_GUIDED_FRACTION)))
+        if guide.guided_steps > steps:
+            raise ValueError(f"StructureGuidanceConfig.guided_steps={guide.guided_steps} exceeds the {steps} steps of the "
+                             f"{stage.height}x{stage.width} stage (renoise {guide.renoise} of {total}); lower it or raise "
                              "renoise / num_inference_steps")
         schedules.truncate_schedule(scheduler, total - steps)
-        stage.steps = steps
-        stage.start_timestep = scheduler.timesteps[0]
-        stage.timesteps = tuple(float(t) for t in scheduler.timesteps)
-        if stage.target is not None:
-            self._fill(stage)
-
-    def _stage_target(self, result) -> torch.Tensor:
-        stage = self.stage
-        current = result[0] if isinstance(result, tuple) else result
-        target = stage.target = torch.empty_like(current)
-        if stage.start_timestep is not None:  # the pipeline set its schedule before its latents
-            self._fill(stage)
-        return target
-
-    def _fill(self, stage: _Stage) -> None:
-        """Write the re-noised upscaled result into the tensor the pipeline's loop will start from."""
-        target = stage.target
-        batch = target.shape[0]
-        x0 = tile_batch(stage.x0, batch).to(target.device)
-        noise = randn_tensor(x0.shape, generator=stage.generator, device=target.device, dtype=torch.float32)
-        noisy = schedules.renoise(self.pipe.scheduler, x0, noise, stage.start_timestep)
-        if self.info.family.latent_layout == "packed":
-            noisy = pack(noisy, self.info.patch_size)
-        target.copy_(noisy.to(target.dtype))
-        stage.target = None
 
     # -- the denoiser-side guidance -----------------------------------------------------------
     def guide_output(self, output: torch.Tensor, sample: torch.Tensor, timestep, state) -> torch.Tensor:
         """The model output with its predicted x0's low band replaced by the stage's guide."""
-        stage, info = self.stage, self.info
+        info = self.info
         packed = info.family.latent_layout == "packed"
         lh, lw = state.latent_height, state.latent_width
         x = unpack(sample, lh, lw, info.patch_size) if packed else sample
@@ -571,7 +351,7 @@ class _Progressive:
         return pack(new, info.patch_size) if packed else new
 
     def _swap(self, x0: torch.Tensor, state) -> torch.Tensor:
-        config, guide = self.config, self.stage.guide
+        config, guide = self.config, state.stage.data.guide
         level = config.wavelet_level
         if config.space == "latent":  # affine in x0, so swapping each half equals swapping the guided x0
             return wavelets.swap_low_band(x0, tile_batch(guide, x0.shape[0]).to(x0.device), config.wavelet, level, WAVELET_MODE)
@@ -583,22 +363,31 @@ class _Progressive:
             guided = uncond + state.guidance_scale * (cond - uncond)
         else:
             guided = x0
-        image = self.decode(guided)
+        image = self.vae.decode(guided)
         image = wavelets.swap_low_band(image, tile_batch(guide, image.shape[0]).to(image.device), config.wavelet, level, WAVELET_MODE)
-        delta = self.encode(image) - guided
+        delta = self.vae.encode(image) - guided
         return x0 + (torch.cat([delta, delta]) if halves else delta)
 
 
-def _called_from(frame, depth: int = 4) -> bool:
-    """Whether `frame` is among the few callers of the caller (set_timesteps <- retrieve_timesteps <- __call__)."""
-    current = sys._getframe(2)
-    for _ in range(depth):
-        if current is None:
-            return False
-        if current is frame:
-            return True
-        current = current.f_back
-    return False
+class VAECodec:
+    """Decode / encode between the denoiser's latent space and pixels in [-1, 1], in float32 out."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def _factors(self):
+        vae_config = self.pipe.vae.config
+        return vae_config.scaling_factor, getattr(vae_config, "shift_factor", None) or 0.0
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        scale, shift = self._factors()
+        return vae.decode((z / scale + shift).to(vae.dtype), return_dict=False)[0].float()
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        scale, shift = self._factors()
+        return (vae.encode(image.to(vae.dtype)).latent_dist.mode().float() - shift) * scale
 
 
 def info_batched(info) -> bool:
@@ -608,26 +397,22 @@ def info_batched(info) -> bool:
 class _StructureGuidanceHook(ModelHook):
     """Swaps the low band of the predicted x0 during a stage's first guided steps."""
 
-    def __init__(self, controller: _Progressive):
+    def __init__(self, guidance: StructureGuidance):
         super().__init__()
-        self.controller = controller
-        self.signature = inspect.signature(type(controller.attachment.denoiser).forward)
+        self.guidance = guidance
+        self.signature = inspect.signature(type(guidance.attachment.denoiser).forward)
         self.pending = None
 
     def pre_forward(self, module, *args, **kwargs):
         self.pending = None
-        controller = self.controller
-        stage, state = controller.stage, controller.attachment.state
-        if stage is None or stage.guide is None or state is None or state.step_index >= stage.guided_steps:
+        state = self.guidance.attachment.state
+        guide = getattr(state.stage, "data", None) if state is not None else None
+        if not isinstance(guide, _Guide) or guide.guide is None or state.step_index >= guide.guided_steps:
             return args, kwargs
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments
         sample = next(v for k, v in bound.items() if k != "self")
         self.pending = (sample, bound["timestep"], state)
         return args, kwargs
-
-    def deinitalize_hook(self, module):  # diffusers' spelling; runs when hires.remove takes the hook out
-        self.controller._drop_outer()  # a call that raised after its stages may have left a scheduler shadow
-        return module
 
     def post_forward(self, module, output):
         if self.pending is None:
@@ -635,31 +420,28 @@ class _StructureGuidanceHook(ModelHook):
         sample, timestep, state = self.pending
         self.pending = None
         prediction = output[0] if isinstance(output, tuple) else output.sample
-        guided = self.controller.guide_output(prediction, sample, timestep, state)
-        self.controller.stage.guided.add(state.step_index)
+        guided = self.guidance.guide_output(prediction, sample, timestep, state)
+        state.stage.data.guided.add(state.step_index)
         if isinstance(output, tuple):
             return (guided, *output[1:])
         output.sample = guided
         return output
 
 
-_CONTROLLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+TECHNIQUE_NAME = "structure_guidance"
+_PLANNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def install(attachment, config: StructureGuidanceConfig) -> None:
-    """hires.apply's installer: validate against the family, wrap the pipeline's entry points."""
+    """hires.apply's installer: validate against the family, plan stages through the stage engine."""
     validate(config, attachment.info)
-    controller = _Progressive(attachment, config)
-    # Instance attributes shadowing the pipeline's own methods, restored by hires.remove.
-    attachment.wrap_pipe_method("encode_prompt", controller.wrap_encode_prompt)
-    attachment.wrap_pipe_method("prepare_latents", controller.wrap_prepare_latents)
-    if "control_image" in controller.call_params and hasattr(attachment.pipe, "prepare_image"):
-        attachment.wrap_pipe_method("prepare_image", controller.wrap_prepare_image)
+    guidance = StructureGuidance(attachment, config)
+    engine_of(attachment).add_planner(TECHNIQUE_NAME, guidance)
     # The guidance hook goes in first, beneath ours: the low-band swap then acts on outputs whose
     # CFG combination already is APG's / noise-damped guidance's result, so the swap stays exact.
     ensure_guidance_hook(attachment)
-    attachment.add_hook(attachment.denoiser, _StructureGuidanceHook(controller), HOOK_NAME)
-    _CONTROLLERS[attachment] = controller
+    attachment.add_hook(attachment.denoiser, _StructureGuidanceHook(guidance), HOOK_NAME)
+    _PLANNERS[attachment] = guidance
     stage_apgs = config.apg if isinstance(config.apg, tuple) else (config.apg,)
     if any(a is not None and a.enabled for a in stage_apgs) and not attachment.config.apg.enabled:
         from ..techniques import apg  # only stages ask for APG: install it, off for the base generation
@@ -667,47 +449,37 @@ def install(attachment, config: StructureGuidanceConfig) -> None:
         apg.install(attachment, attachment.config.apg)
 
 
-def controller_of(attachment) -> "_Progressive | None":
-    """The structure-guidance driver of an attachment (None when structure guidance is off)."""
-    return _CONTROLLERS.get(attachment) if attachment is not None else None
-
-
-def current_stage(attachment) -> "_Stage | None":
-    """The stage being denoised right now (None outside a progressive run)."""
-    controller = controller_of(attachment)
-    return controller.stage if controller is not None else None
-
-
-def _controller(pipe) -> _Progressive:
-    controller = controller_of(get_attachment(pipe))
-    if controller is None:
+def _planner(pipe) -> StructureGuidance:
+    attachment = get_attachment(pipe)
+    planner = _PLANNERS.get(attachment) if attachment is not None else None
+    if planner is None:
         raise ValueError("structure guidance is not applied to this pipeline: call hires.apply(pipe, "
                          "HiresConfig(structure_guidance=StructureGuidanceConfig(enabled=True))) first")
-    return controller
+    return planner
 
 
 def last_run(pipe) -> tuple[StageRecord, ...] | None:
     """The stages of the last progressive call on `pipe` (None if none ran)."""
-    return _controller(pipe).last_run
-
-
-def testbed_configs():
-    """Rows for the coherence testbed (scripts/eval_coherence.py): structure guidance with the presets
-    (DiffuseHigh ladder, re-noise 0.3, a third of each stage guided), in latent and in pixel space."""
-    from ..config import HiresConfig
-
-    return {f"structure guidance ({space})": HiresConfig(structure_guidance=StructureGuidanceConfig(enabled=True, space=space))
-            for space in ("latent", "pixel")}
+    planner = _planner(pipe)
+    stages = last_run_of(planner.attachment, TECHNIQUE_NAME)
+    if stages is None:
+        return None
+    return tuple(StageRecord(s.height, s.width, s.steps, s.timesteps, tuple(sorted(s.data.guided)),
+                             s.data.guidance_scale, s.data.sharpen_sigma) for s in stages)
 
 
 def generate(pipe, prompt=None, height: int | None = None, width: int | None = None, image=None, **call_kwargs):
     """Call `pipe` with structure guidance; with `image` (PIL image, array or tensor in [0, 1]) the
     stages start from that picture instead of a base generation. Returns the pipeline's output."""
-    controller = _controller(pipe)
+    planner = _planner(pipe)
     if image is not None:
         processed = pipe.image_processor.preprocess(image)
-        controller.pending_image = processed.to(device=pipe._execution_device, dtype=torch.float32)
+        planner.pending_image = processed.to(device=pipe._execution_device, dtype=torch.float32)
     try:
         return pipe(prompt=prompt, height=height, width=width, **call_kwargs)
     finally:
-        controller.pending_image = None
+        planner.pending_image = None
+
+
+TECHNIQUE = Technique(TECHNIQUE_NAME, StructureGuidanceConfig, install, order=10,
+                      capabilities=frozenset({"stages", "guidance", "scheduler", "vae"}))

@@ -135,8 +135,25 @@ def dynamic_shift_mu(tokens: int, base_seq_len: int, max_seq_len: int, base_shif
     return tokens * m + b
 
 
+def mu_for_shift(shift: float, time_shift_type: str) -> float:
+    """The mu whose time shift equals the static shift s*sigma / (1 + (s-1) sigma)."""
+    return math.log(shift) if time_shift_type == "exponential" else float(shift)
+
+
 def scheduler_shift_mu(scheduler_config, tokens: int) -> float:
     """mu the flow pipelines compute for `tokens` image tokens from the scheduler's config."""
     get = scheduler_config.get if hasattr(scheduler_config, "get") else lambda k, d=None: getattr(scheduler_config, k, d)
     return dynamic_shift_mu(tokens, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
                             get("base_shift", 0.5), get("max_shift", 1.15))
+
+
+def clean_estimate(scheduler, prediction: str, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+    """The predicted x0 of one scheduler step's inputs (float32), for any prediction type.
+
+    Euler-type VP schedulers keep x0 + sigma eps; the denoiser saw it scaled by `scale_model_input`,
+    which is the sample `predicted_x0` expects."""
+    x = sample
+    if prediction != "flow" and hasattr(scheduler, "scale_model_input"):
+        x = scheduler.scale_model_input(sample.clone(), timestep)
+    level = noise_level(scheduler, prediction, timestep).to(sample.device)
+    return predicted_x0(model_output, x, prediction, level)

@@ -48,10 +48,11 @@ import math
 
 import torch
 
-from ..sampling import progressive
-from .guidance import STEP_KEY, ensure_guidance_hook
+from ..config import APGConfig
+from ..registry import Technique
+from .guidance import GuidanceCall, ensure_guidance_hook
 
-MOMENTUM_KEY = "apg.running_delta"  # state.scratch: the momentum buffer, new for every call
+TECHNIQUE_NAME = "apg"
 
 
 # -- the math ----------------------------------------------------------------------------------
@@ -216,6 +217,11 @@ def resolve(config, info) -> APGSettings:
     )
 
 
+@dataclasses.dataclass
+class _APGCall:
+    running_delta: torch.Tensor | None = None  # the momentum buffer, new for every call
+
+
 # -- the combiner ------------------------------------------------------------------------------
 class APGCombiner:
     """Combines the CFG pair by APG at active steps; None (plain CFG) elsewhere."""
@@ -226,9 +232,8 @@ class APGCombiner:
         self._stage_settings: dict = {}
 
     def settings_for(self, state) -> APGSettings | None:
-        """The running structure-guidance stage's own APG (StructureGuidanceConfig.apg) or the call's."""
-        stage = progressive.current_stage(self.attachment)
-        config = getattr(stage, "apg", None)
+        """The stage's own APG (pushed by the stage engine, e.g. StructureGuidanceConfig.apg) or the call's."""
+        config = state.stage_overrides.get(TECHNIQUE_NAME)
         if config is None:
             return self.settings
         if not config.enabled:
@@ -244,7 +249,7 @@ class APGCombiner:
         s = self.settings_for(state)
         if s is None or not (s.start <= state.step_fraction() < s.stop) or s.is_plain_cfg:
             return None
-        step = state.scratch[STEP_KEY]
+        step = state.slot(GuidanceCall).step
         if s.space == "x0":
             a, b = x0_coefficients(self.attachment.info.prediction_type, self.attachment.pipe.scheduler,
                                    state.step_index, step.timestep)
@@ -254,11 +259,11 @@ class APGCombiner:
             cond_pred, uncond_pred = cond.float(), uncond.float()
         guided, running = adaptive_projected_guidance(
             cond_pred, uncond_pred, scale, eta=s.eta, norm_threshold=s.threshold_for(cond_pred),
-            momentum=s.momentum, running_delta=state.scratch.get(MOMENTUM_KEY),
+            momentum=s.momentum, running_delta=state.slot(_APGCall).running_delta,
         )
         if running is not None:
-            state.scratch[MOMENTUM_KEY] = running
-        state.scratch.setdefault("log.apg.steps", []).append(state.step_index)
+            state.slot(_APGCall).running_delta = running
+        state.log.setdefault("log.apg.steps", []).append(state.step_index)
         return (guided - a * sample) / b if s.space == "x0" else guided
 
 
@@ -269,3 +274,6 @@ def install(attachment, config) -> None:
     combiner = APGCombiner(attachment, settings)
     owner = "APGConfig" if config.enabled else "StructureGuidanceConfig.apg"
     ensure_guidance_hook(attachment).set_combiner(combiner, owner=owner, active=combiner.active)
+
+
+TECHNIQUE = Technique(TECHNIQUE_NAME, APGConfig, install, order=70, capabilities=frozenset({"guidance", "whole_cfg_batch"}))

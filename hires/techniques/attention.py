@@ -51,14 +51,14 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
-from ..config import AttentionBackendConfig, EntropyScalingConfig, HiresConfig, WindowAttentionConfig
+from ..config import AttentionBackendConfig, EntropyScalingConfig, WindowAttentionConfig
+from ..registry import Technique
 
 BACKEND_HOOK = "hires.attention_backend"
 LOG_FACTORS = "log.entropy_factors"
 LOG_KEYS = "log.entropy_keys"
 LOG_WINDOWS = "log.windows"
 LOG_WINDOW_OFFSETS = "log.window_offsets"
-_OFFSETS = "attention.window_offsets"
 
 @dataclasses.dataclass(frozen=True)
 class ProcessorFacts:
@@ -290,14 +290,20 @@ def describe_call(state, hidden_states, encoder_hidden_states, joint: bool, toke
     return LayerCall(image_tokens=image, text_tokens=text, image_start=start, grid=grid, base_grid=base_grid)
 
 
+@dataclasses.dataclass
+class _WindowCall:
+    offsets: torch.Tensor | None = None
+
+
 def _window_offsets(state) -> torch.Tensor:
     """Per-step window shifts as fractions of a window, drawn once per call from its generator."""
-    offsets = state.scratch.get(_OFFSETS)
+    slot = state.slot(_WindowCall)
+    offsets = slot.offsets
     if offsets is None:
         steps = max(state.num_steps, 1)
         offsets = torch.rand((steps, 2), generator=state.generator("windows"), dtype=torch.float64)
-        state.scratch[_OFFSETS] = offsets
-        state.scratch[LOG_WINDOW_OFFSETS] = [tuple(row) for row in offsets.tolist()]
+        slot.offsets = offsets
+        state.log[LOG_WINDOW_OFFSETS] = [tuple(row) for row in offsets.tolist()]
     return offsets
 
 
@@ -372,8 +378,8 @@ class HiresAttnProcessor:
             # Cross-attention: keys are text tokens, as many at every image size (N = T).
             if self.entropy is not None and self.entropy.layers == "all":
                 keys = encoder_hidden_states.shape[1]
-                state.scratch.setdefault(LOG_FACTORS, {})[self.layer] = entropy_factor(keys, keys)
-                state.scratch.setdefault(LOG_KEYS, {})[self.layer] = (keys, keys)
+                state.log.setdefault(LOG_FACTORS, {})[self.layer] = entropy_factor(keys, keys)
+                state.log.setdefault(LOG_KEYS, {})[self.layer] = (keys, keys)
             return None
         call = describe_call(state, hidden_states, encoder_hidden_states, joint,
                              self.facts.token_order if self.facts else None)
@@ -399,7 +405,7 @@ class HiresAttnProcessor:
                 )
                 windows = (call.grid, size, offset, call.image_start)
                 image_keys = largest[0] * largest[1]
-                state.scratch.setdefault(LOG_WINDOWS, {})[self.layer] = {
+                state.log.setdefault(LOG_WINDOWS, {})[self.layer] = {
                     "grid": call.grid, "window": largest, "windows": counts[0] * counts[1], "offset": offset}
 
         factor = 1.0
@@ -407,8 +413,8 @@ class HiresAttnProcessor:
             text = call.text_tokens if self.entropy.text_tokens == "include" else 0
             keys, base_keys = image_keys + text, base_image_keys + text
             factor = entropy_factor(keys, base_keys)
-            state.scratch.setdefault(LOG_FACTORS, {})[self.layer] = factor
-            state.scratch.setdefault(LOG_KEYS, {})[self.layer] = (keys, base_keys)
+            state.log.setdefault(LOG_FACTORS, {})[self.layer] = factor
+            state.log.setdefault(LOG_KEYS, {})[self.layer] = (keys, base_keys)
         if factor == 1.0 and windows is None:
             return None
         return _Rewrite(keys=call.keys, factor=factor, windows=windows)
@@ -513,8 +519,8 @@ def install_attention_backend(attachment, config: AttentionBackendConfig) -> Non
     model = attachment.denoiser
     dispatcher = _uses_dispatcher(model)
     # Windows split torch SDPA calls; entropy scaling needs torch SDPA only where it cannot go into queries.
-    needs_torch_sdpa = [name for name in ("entropy_scaling", "window_attention")
-                        if getattr(attachment.config, name).enabled and not (name == "entropy_scaling" and dispatcher)]
+    needs_torch_sdpa = [name for name in attachment.enabled_with("torch_sdpa")
+                        if not (name == "entropy_scaling" and dispatcher)]
     if needs_torch_sdpa and config.backend not in TORCH_SDPA_BACKENDS:
         raise ValueError(
             f"AttentionBackendConfig.backend={config.backend!r} conflicts with {' and '.join(needs_torch_sdpa)}, which "
@@ -523,16 +529,10 @@ def install_attention_backend(attachment, config: AttentionBackendConfig) -> Non
     attachment.add_hook(model, _BackendHook(backend_context(config.backend, dispatcher)), BACKEND_HOOK)
 
 
-def testbed_configs() -> dict[str, HiresConfig]:
-    """Rows for the coherence testbed (scripts/eval_coherence.py): row name -> HiresConfig.
-
-    Use as `ROWS += [(name, hires_row(config)) for name, config in testbed_configs().items()]`.
-    """
-    entropy = EntropyScalingConfig(enabled=True)
-    windows = WindowAttentionConfig(enabled=True)
-    return {
-        "entropy scaling": HiresConfig(entropy_scaling=entropy),
-        "entropy scaling, text counted": HiresConfig(entropy_scaling=EntropyScalingConfig(enabled=True, text_tokens="include")),
-        "window attention (shifted)": HiresConfig(window_attention=windows),
-        "entropy scaling + window attention": HiresConfig(entropy_scaling=entropy, window_attention=windows),
-    }
+TECHNIQUES = [
+    Technique("entropy_scaling", EntropyScalingConfig, install_entropy_scaling, order=40,
+              capabilities=frozenset({"attention_processors", "torch_sdpa"})),
+    Technique("window_attention", WindowAttentionConfig, install_window_attention, order=50,
+              capabilities=frozenset({"attention_processors", "torch_sdpa"})),
+    Technique("attention_backend", AttentionBackendConfig, install_attention_backend, order=60),
+]

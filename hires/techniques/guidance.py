@@ -26,7 +26,7 @@ Techniques plug in through `ensure_guidance_hook(attachment)`:
 
 uncond/cond given to combiners and offsets hold the prediction channels only (PixArt-Sigma's
 learned-sigma channels are left as the model produced them); offsets return that shape. While a
-combiner or offset runs, `state.scratch[STEP_KEY]` holds a `GuidanceStep` (the latent the pair was
+combiner or offset runs, `state.slot(GuidanceCall).step` holds a `GuidanceStep` (the latent the pair was
 predicted from, and the timestep), e.g. to convert predictions to x0. With nothing active at a
 step the model's outputs pass through untouched, so steps (and calls) without guidance changes
 are bit-identical to plain diffusers.
@@ -47,8 +47,6 @@ import torch
 from diffusers.hooks import ModelHook
 
 GUIDANCE_HOOK = "hires.guidance"
-STEP_KEY = "guidance.step"  # state.scratch key of the current GuidanceStep
-_PENDING_KEY = "guidance.pending_cond"  # separate layout: the cond output waiting for its uncond call
 
 Combiner = Callable[[torch.Tensor, torch.Tensor, float, Any], "torch.Tensor | None"]
 Offset = Callable[..., "torch.Tensor | None"]
@@ -62,6 +60,14 @@ class GuidanceStep:
     timestep: float  # in scheduler units (the denoiser's timestep argument / the family's input scale)
     args: tuple
     kwargs: dict
+
+
+@dataclasses.dataclass
+class GuidanceCall:
+    """Per-call slot of the guidance hook (`state.slot(GuidanceCall)`)."""
+
+    step: GuidanceStep | None = None  # while a combiner or offset runs
+    pending_cond: torch.Tensor | None = None  # separate layout: the cond output waiting for its uncond call
 
 
 def plain_cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -194,12 +200,13 @@ class GuidanceHook(ModelHook):
 
     def _guided(self, uncond, cond, scale, state, step: GuidanceStep) -> torch.Tensor | None:
         """G in float32, or None when no combiner or offset is active at this step."""
-        state.scratch[STEP_KEY] = step
+        slot = state.slot(GuidanceCall)
+        slot.step = step
         try:
             combined = self.combiner(uncond, cond, scale, state) if self.combiner is not None else None
             offsets = [fn(self.run_inner, step.args, step.kwargs, uncond, cond, state) for fn in self.offsets.values()]
         finally:
-            state.scratch.pop(STEP_KEY, None)
+            slot.step = None
         offsets = [o for o in offsets if o is not None]
         if combined is None and not offsets:
             return None
@@ -234,9 +241,10 @@ class GuidanceHook(ModelHook):
 
     def _separate(self, output, scale, state, args, kwargs):
         tensor = _output_tensor(output)
-        pending = state.scratch.pop(_PENDING_KEY, None)
+        slot = state.slot(GuidanceCall)
+        pending, slot.pending_cond = slot.pending_cond, None
         if pending is None:  # the cond call of this step: keep it for the uncond call that follows
-            state.scratch[_PENDING_KEY] = tensor
+            slot.pending_cond = tensor
             return output
         cond, uncond = self._prediction(pending), self._prediction(tensor)
         guided = self._guided(uncond, cond, scale, state, self._step(args, kwargs, self._bound(args, kwargs), None))

@@ -23,10 +23,12 @@ import math
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from ..config import MemoryConfig
+from ..registry import Technique
+
 FF_HOOK = "hires.ff_chunks"
 SEQUENTIAL_CFG_HOOK = "hires.sequential_cfg"
 # Techniques that combine the cond/uncond halves inside the denoiser hook: they need the whole batch.
-_WHOLE_BATCH_TECHNIQUES = ("apg",)
 _MIN_CHUNK_TOKENS = 64  # below this, chunking along the sequence costs more than it saves
 
 
@@ -141,6 +143,11 @@ class SequentialCFGHook(ModelHook):
 PLAN_HOOK = "hires.memory_plan"
 
 
+@dataclasses.dataclass
+class _MemoryCall:
+    plan: object = None  # the call's memory plan, made at its first denoiser call
+
+
 class MemoryPlanHook(ModelHook):
     """At a call's first denoiser step: plan for the call's size, refuse what cannot fit, set the choices."""
 
@@ -153,14 +160,14 @@ class MemoryPlanHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         state = self.attachment.state
-        if state is None or "memory.plan" in state.scratch:
+        if state is None or state.slot(_MemoryCall).plan is not None:
             return args, kwargs
         from .. import memory_planner
 
         plan = memory_planner.plan_for_call(self.attachment, self.config, state, args, kwargs,
                                             sequential_allowed=self.sequential_allowed)
-        state.scratch["memory.plan"] = plan
-        state.scratch["log.memory_plan"] = plan.summary()
+        state.slot(_MemoryCall).plan = plan
+        state.log["log.memory_plan"] = plan.summary()
         self.choices.feed_forward_chunks = plan.feed_forward_chunks
         self.choices.sequential_cfg = plan.sequential_cfg
         return args, kwargs
@@ -188,7 +195,7 @@ def install(attachment, config) -> None:
         for block in blocks:
             attachment.add_hook(block, FeedForwardChunkHook(choices), FF_HOOK)
     batched = attachment.info.family.guidance_layout == "batched"
-    clashing = [name for name in _WHOLE_BATCH_TECHNIQUES if getattr(getattr(attachment.config, name, None), "enabled", False)]
+    clashing = attachment.enabled_with("whole_cfg_batch")
     if config.sequential_cfg and batched and clashing:
         raise ValueError(
             f"MemoryConfig.sequential_cfg=True cannot be combined with {', '.join(clashing)} (it needs both CFG "
@@ -202,3 +209,6 @@ def install(attachment, config) -> None:
     if not attachment.config.vae_tiling.enabled:
         # An enabled VAETilingConfig installs its own (after this one) with its mode and sizes.
         tiled_vae.install_tiling(attachment, "auto", None, config.max_memory)
+
+
+TECHNIQUE = Technique("memory", MemoryConfig, install, order=90, capabilities=frozenset({"vae"}))

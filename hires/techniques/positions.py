@@ -54,7 +54,8 @@ from diffusers.hooks import ModelHook
 from diffusers.models.embeddings import PatchEmbed, get_1d_rotary_pos_embed
 
 from ..config import PositionConfig
-from ..sampling.schedules import scheduler_shift_mu
+from ..registry import Technique
+from ..sampling.schedules import mu_for_shift, scheduler_shift_mu
 
 HOOK = "hires.positions"
 
@@ -202,15 +203,6 @@ def rotary_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, mscale: float =
 
 # -- math: timestep shift ------------------------------------------------------------------------
 
-def mu_for_shift(shift: float, time_shift_type: str) -> float:
-    """The mu whose time shift equals the static shift s*sigma / (1 + (s-1) sigma)."""
-    return math.log(shift) if time_shift_type == "exponential" else float(shift)
-
-
-def shift_for_mu(mu: float, time_shift_type: str) -> float:
-    return math.exp(mu) if time_shift_type == "exponential" else float(mu)
-
-
 def shifted_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """A static timestep shift: s*sigma / (1 + (s-1) sigma)."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
@@ -295,14 +287,17 @@ def position_variants(pipe) -> dict[str, PositionConfig]:
 
 # -- hooks -----------------------------------------------------------------------------------------
 
-def _pipeline_call_locals(pipe) -> dict[str, Any] | None:
-    """Locals of the running `pipe.__call__` (its resolved arguments), or None outside a call."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe:
-            return frame.f_locals
-        frame = frame.f_back
-    return None
+@dataclasses.dataclass
+class _PositionsCall:
+    binning_checked: bool = False
+    shift_checked: bool = False
+    tables: dict = dataclasses.field(default_factory=dict)  # extended SD3 tables, by grid, device and dtype
+    rope: tuple | None = None  # (ids, (cos, sin)) of this call
+
+def _pipeline_call_locals(attachment) -> dict[str, Any] | None:
+    """Locals of the running pipeline call (its resolved arguments), or None outside a call."""
+    call = attachment.calls.current(sys._getframe(2))
+    return call.locals if call is not None else None
 
 
 def _find_module(denoiser: torch.nn.Module, kind: type, what: str) -> torch.nn.Module:
@@ -322,9 +317,9 @@ class _ResolutionBinningCheck(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         state = self.attachment.state
-        if state is not None and not state.scratch.get("positions.binning_checked"):
-            state.scratch["positions.binning_checked"] = True
-            values = _pipeline_call_locals(self.attachment.pipe) or {}
+        if state is not None and not state.slot(_PositionsCall).binning_checked:
+            state.slot(_PositionsCall).binning_checked = True
+            values = _pipeline_call_locals(self.attachment) or {}
             requested = (values.get("orig_height"), values.get("orig_width"))
             if values.get("use_resolution_binning") and requested != (state.height, state.width):
                 raise ValueError(
@@ -374,17 +369,18 @@ class _TableExtensionHook(ModelHook):
             if rows <= side and cols <= side:
                 return original(height, width)
             # the same grid every step: build the extended table once per call
-            scratch = self.attachment.state.scratch
-            key = f"positions.table.{rows}x{cols}.{module.pos_embed.device}.{module.pos_embed.dtype}"
-            if key not in scratch:
+            state = self.attachment.state
+            tables = state.slot(_PositionsCall).tables
+            key = (rows, cols, module.pos_embed.device, module.pos_embed.dtype)
+            if key not in tables:
                 if self.mode == "interpolate":
                     table = interpolate_table(module.pos_embed, side, rows, cols)
                 else:
                     table = extrapolate_table(module.pos_embed.shape[-1], side, module.base_size,
                                               module.interpolation_scale, rows, cols)
-                scratch[key] = table.to(device=module.pos_embed.device, dtype=module.pos_embed.dtype)
-                scratch["log.positions.table"] = (self.mode, rows, cols, side)
-            return scratch[key]
+                tables[key] = table.to(device=module.pos_embed.device, dtype=module.pos_embed.dtype)
+                state.log["log.positions.table"] = (self.mode, rows, cols, side)
+            return tables[key]
 
         module.__dict__["cropped_pos_embed"] = cropped_pos_embed
         try:
@@ -439,7 +435,7 @@ class _RopeHook(ModelHook):
         if not any(scales):
             return self.fn_ref.original_forward(ids, *args, **kwargs)
         # every step of a call passes the same ids: compute once per call
-        cached = state.scratch.get("positions.rope")
+        cached = state.slot(_PositionsCall).rope
         if cached is not None and cached[0].shape == ids.shape and torch.equal(cached[0], ids):
             return cached[1]
         positions = ids.float()
@@ -458,9 +454,9 @@ class _RopeHook(ModelHook):
                 used.append((axis, scale, mscale))
             cos_parts.append(cos)
             sin_parts.append(sin)
-        state.scratch["log.positions.rope"] = (self.settings.rope, tuple(used))
+        state.log["log.positions.rope"] = (self.settings.rope, tuple(used))
         result = torch.cat(cos_parts, dim=-1).to(ids.device), torch.cat(sin_parts, dim=-1).to(ids.device)
-        state.scratch["positions.rope"] = (ids.clone(), result)
+        state.slot(_PositionsCall).rope = (ids.clone(), result)
         return result
 
 
@@ -505,7 +501,7 @@ class _TimestepShiftHook(ModelHook):
 
         def set_timesteps(*args, **kwargs):
             self.decision = None
-            values = _pipeline_call_locals(self.attachment.pipe)
+            values = _pipeline_call_locals(self.attachment)
             if values is None or values.get("height") is None or values.get("width") is None:
                 return original(*args, **kwargs)
             unit = info.token_side
@@ -542,8 +538,8 @@ class _TimestepShiftHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         state = self.attachment.state
-        if state is not None and "positions.shift_checked" not in state.scratch:
-            state.scratch["positions.shift_checked"] = True
+        if state is not None and not state.slot(_PositionsCall).shift_checked:
+            state.slot(_PositionsCall).shift_checked = True
             if self.attachment.pipe.scheduler is not self.scheduler:
                 raise RuntimeError(
                     f"pipe.scheduler was replaced after hires.apply, so PositionConfig.timestep_shift="
@@ -551,7 +547,7 @@ class _TimestepShiftHook(ModelHook):
                     "changing the scheduler"
                 )
             if self.decision is not None:
-                state.scratch["log.positions.timestep_shift"] = dict(self.decision)
+                state.log["log.positions.timestep_shift"] = dict(self.decision)
         return args, kwargs
 
 
@@ -591,9 +587,12 @@ _INSTALLERS = {
 def install(attachment, config: PositionConfig) -> None:
     """Hook the denoiser's position module (and the flow scheduler's shift) for `config`."""
     settings = resolve(config, attachment.info)
-    if "use_resolution_binning" in inspect.signature(type(attachment.pipe).__call__).parameters:
+    if "use_resolution_binning" in attachment.calls.parameters:
         attachment.add_hook(attachment.denoiser, _ResolutionBinningCheck(attachment), HOOK + ".binning_check")
     _INSTALLERS[attachment.info.family.position_encoding](attachment, settings)
     if settings.timestep_shift is not None and settings.timestep_shift != "dynamic":
         attachment.add_hook(attachment.denoiser, _TimestepShiftHook(attachment, settings.timestep_shift, settings.shift),
                             HOOK + ".timestep_shift")
+
+
+TECHNIQUE = Technique("positions", PositionConfig, install, order=80, capabilities=frozenset({"scheduler"}))

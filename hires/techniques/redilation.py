@@ -39,6 +39,7 @@ from diffusers.hooks import ModelHook
 
 from ..config import RedilationConfig, closest_names
 from ..presets_redilation import family_presets, map_to_depth, preset_for
+from ..registry import Technique
 from .dispersion import disperse_kernel
 from .guidance import ensure_guidance_hook, pipeline_runs_cfg
 
@@ -212,6 +213,12 @@ class CallPlan:
         }
 
 
+@dataclasses.dataclass
+class _RedilationCall:
+    plan: CallPlan | None = None
+    checked: bool = False
+
+
 class Redilation:
     """One attachment's re-dilation: the conv hooks' shared controller."""
 
@@ -262,12 +269,12 @@ class Redilation:
         return resolve_preset_names(pairs, self.info.name, list(self.convs), self.depth)
 
     def plan(self, state) -> CallPlan:
-        """The call's plan, built once per call (kept in the call state's scratch)."""
-        plan = state.scratch.get("redilation.plan")
+        """The call's plan, built once per call (kept in the call's slot)."""
+        slot = state.slot(_RedilationCall)
+        plan = slot.plan
         if plan is None:
-            plan = self._build_plan(state)
-            state.scratch["redilation.plan"] = plan
-            state.scratch["log.redilation.plan"] = plan.summary()
+            plan = slot.plan = self._build_plan(state)
+            state.log["log.redilation.plan"] = plan.summary()
         return plan
 
     def _build_plan(self, state) -> CallPlan:
@@ -332,7 +339,7 @@ class Redilation:
 
     @staticmethod
     def _count(state, what: str, step: int) -> None:
-        counts = state.scratch.setdefault(f"log.redilation.{what}_convs_per_step", {})
+        counts = state.log.setdefault(f"log.redilation.{what}_convs_per_step", {})
         counts[step] = counts.get(step, 0) + 1
 
     # -- the denoiser-level check, once per call ---------------------------------------------------
@@ -341,9 +348,10 @@ class Redilation:
         if state is None:
             return
         plan = self.plan(state)
-        if state.scratch.get("redilation.checked"):
+        slot = state.slot(_RedilationCall)
+        if slot.checked:
             return
-        state.scratch["redilation.checked"] = True
+        slot.checked = True
         unet = self.attachment.denoiser
         for name, module in self.hooked.items():
             try:
@@ -363,7 +371,7 @@ class Redilation:
                     f"without it ({scale_name}={state.call_locals.get(scale_name)!r}); pass {scale_name} > 1 or set "
                     "noise_damped_guidance=False"
                 )
-            state.scratch["log.redilation.ndcfg_skipped"] = "the preset's noise-damped guidance needs CFG (scale > 1)"
+            state.log["log.redilation.ndcfg_skipped"] = "the preset's noise-damped guidance needs CFG (scale > 1)"
 
     # -- noise-damped guidance: an offset on the shared guidance hook -----------------------------
     def ndcfg_offset(self, run, args, kwargs, uncond, cond, state):
@@ -375,7 +383,7 @@ class Redilation:
         half_args, half_kwargs = _first_half(args, 2 * half), _first_half(kwargs, 2 * half)
         with self._weak():
             output = _output_tensor(run(half_args, half_kwargs))
-        steps = state.scratch.setdefault("log.redilation.ndcfg_steps", [])
+        steps = state.log.setdefault("log.redilation.ndcfg_steps", [])
         steps.append(state.step_index)
         weak_uncond = output[:, : uncond.shape[1]].to(uncond.dtype)
         return weak_uncond - uncond
@@ -489,3 +497,6 @@ TESTBED_ROWS: dict[str, RedilationConfig] = {
         enabled=True, noise_damped_guidance=True, dispersion_modules=()),
     "ScaleCrafter preset (every switch from the preset)": RedilationConfig(enabled=True),
 }
+
+
+TECHNIQUE = Technique("redilation", RedilationConfig, install, order=30, capabilities=frozenset({"guidance"}))

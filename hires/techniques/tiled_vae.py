@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
+from ..config import VAETilingConfig
+from ..registry import Technique
+
 HOOK_NAME = "hires.tiled_vae"
 DEFAULT_TILE_LATENT = 64  # tile core side in latent pixels (512 px for a factor-8 VAE)
 
@@ -442,3 +445,6 @@ def install(attachment, config) -> None:
     memory = getattr(attachment.config, "memory", None)
     max_memory = memory.max_memory if memory is not None and memory.enabled else None
     install_tiling(attachment, config.mode, config.tile_size, max_memory, config.halo)
+
+
+TECHNIQUE = Technique("vae_tiling", VAETilingConfig, install, order=100, capabilities=frozenset({"vae"}))

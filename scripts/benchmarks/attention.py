@@ -94,7 +94,7 @@ def flop_table() -> Table:
                 for processor in windowed.attn_processors.values():
                     processor.attachment = attachment
                 w_total, w_attention = _count(windowed, inputs(size))
-            windows = max(w["windows"] for w in attachment.state.scratch[LOG_WINDOWS].values())
+            windows = max(w["windows"] for w in attachment.state.log[LOG_WINDOWS].values())
             rows.append([label, f"{size}²", f"{total / 1e12:.1f}", f"{attention / 1e12:.1f}",
                          f"{100 * attention / total:.0f}%", f"{w_total / 1e12:.1f}", f"{w_attention / 1e12:.1f}",
                          fmt(total / w_total, 2), str(windows)])

@@ -57,8 +57,15 @@ def _schedule_table() -> Table:
 def _fake_attachment(scale: float):
     """What the position hooks read from an attachment, for a call at `scale` times the 1024 px base."""
     info = types.SimpleNamespace(size_multiple=16, token_side=16, base_height=BASE_PX, base_width=BASE_PX)
-    state = types.SimpleNamespace(scale_height=scale, scale_width=scale, scratch={})
+    state = _State(scale_height=scale, scale_width=scale, log={}, slots={})
     return types.SimpleNamespace(info=info, state=state)
+
+
+class _State(types.SimpleNamespace):
+    """The parts of hires.runtime.CallState the position hooks use."""
+
+    def slot(self, kind):
+        return self.slots.setdefault(kind, kind())
 
 
 def _flux_ids(px: int) -> torch.Tensor:
@@ -83,7 +90,7 @@ def _rope_table(runs: int) -> Table:
             HookRegistry.check_if_exists_or_initialize(module).register_hook(
                 P._RopeHook(attachment, settings), P.HOOK + ".rope")
             # first step of a call (nothing cached yet); later steps reuse the call's tables
-            functions[method] = (lambda m, a: lambda: (a.state.scratch.clear(), m(ids)))(module, attachment)
+            functions[method] = (lambda m, a: lambda: (a.state.slots.clear(), m(ids)))(module, attachment)
             if method == "yarn":
                 functions["yarn, later steps"] = (lambda m: lambda: m(ids))(module)
         times = interleaved_times(functions, runs)

@@ -1,0 +1,111 @@
+"""The technique record: a technique is its module plus one registration, proven with a toy one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers.hooks import ModelHook
+
+import hires
+from hires import registry
+from hires.runtime import HOOK_PREFIX, get_attachment, technique_records
+from tiny_models import build, generate
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+    """Multiplies the denoiser's output by `gain` (a stand-in for a real technique)."""
+
+    enabled: bool = False
+    gain: float = 1.5
+
+
+@dataclasses.dataclass
+class _ToyCall:
+    steps: int = 0
+
+
+class _ToyHook(ModelHook):
+    def __init__(self, attachment, gain: float):
+        super().__init__()
+        self.attachment, self.gain = attachment, gain
+
+    def post_forward(self, module, output):
+        state = self.attachment.state
+        if state is not None:
+            state.slot(_ToyCall).steps += 1
+            state.log["log.toy.steps"] = state.slot(_ToyCall).steps
+        return (output[0] * self.gain, *output[1:])
+
+
+def _install_toy(attachment, config: ToyConfig) -> None:
+    attachment.add_hook(attachment.denoiser, _ToyHook(attachment, config.gain), HOOK_PREFIX + "toy")
+
+
+TOY = registry.Technique("toy", ToyConfig, _install_toy, order=65)
+
+
+@pytest.fixture
+def toy():
+    registry.register(TOY)
+    yield TOY
+    registry.unregister(TOY.name)
+
+
+def test_a_registered_technique_installs_in_its_order_and_is_removed_exactly(toy):
+    pipe = build("sd15")
+    plain = generate(pipe, "sd15", 64)
+    names = [r.name for r in technique_records()]
+    assert names.index("attention_backend") < names.index("toy") < names.index("apg")  # order 60 < 65 < 70
+    hires.apply(pipe, hires.HiresConfig(extensions=(ToyConfig(enabled=True, gain=0.5),)))
+    assert get_attachment(pipe).enabled_with("stages") == []
+    assert [r.name for r, _ in get_attachment(pipe).techniques] == ["toy"]
+    toyed = generate(pipe, "sd15", 64)
+    assert not torch.equal(toyed, plain)
+    assert hires.last_call(pipe).notes["log.toy.steps"] == 3  # one per denoiser call, in a per-call slot
+    generate(pipe, "sd15", 64)
+    assert hires.last_call(pipe).notes["log.toy.steps"] == 3  # the slot is new for every call
+    hires.remove(pipe)
+    assert torch.equal(generate(pipe, "sd15", 64), plain)
+    # off: installs nothing
+    hires.apply(pipe, hires.HiresConfig(extensions=(ToyConfig(enabled=False),)))
+    assert get_attachment(pipe).techniques == []
+    assert torch.equal(generate(pipe, "sd15", 64), plain)
+
+
+def test_a_toy_composes_with_built_in_techniques(toy):
+    pipe = build("sd15")
+    config = hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True),
+                               extensions=(ToyConfig(enabled=True),))
+    hires.apply(pipe, config)
+    assert [r.name for r, _ in get_attachment(pipe).techniques] == ["structure_guidance", "toy"]
+    generate(pipe, "sd15", 128)
+    from hires.sampling import progressive
+
+    assert [r.height for r in progressive.last_run(pipe)] == [64, 128]
+
+
+def test_registration_errors_are_clear(toy):
+    with pytest.raises(TypeError, match="not the config of a registered technique"):
+        hires.HiresConfig(extensions=(hires.APGConfig(),))
+    with pytest.raises(ValueError, match="two ToyConfig entries"):
+        hires.HiresConfig(extensions=(ToyConfig(), ToyConfig(gain=2.0)))
+    with pytest.raises(ValueError, match="registered already"):
+        registry.register(registry.Technique("toy", ToyConfig, _install_toy, order=1))
+    with pytest.raises(ValueError, match="unknown capabilities"):
+        registry.Technique("bad", ToyConfig, _install_toy, order=1, capabilities=frozenset({"telepathy"}))
+    with pytest.raises(TypeError, match="'enabled' field"):
+        registry.Technique("bad", dict, _install_toy, order=1)
+
+
+def test_every_built_in_technique_has_one_record_and_a_config_field():
+    records = technique_records()
+    names = [r.name for r in records]
+    assert len(set(names)) == len(names)
+    fields = {f.name: f for f in dataclasses.fields(hires.HiresConfig) if f.name != "extensions"}
+    assert set(names) == set(fields)
+    for record in records:
+        assert isinstance(getattr(hires.HiresConfig(), record.name), record.config_type)
+    assert [r.order for r in records] == sorted(r.order for r in records)
