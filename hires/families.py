@@ -40,6 +40,29 @@ class Family:
     pipeline_size_multiple: int = 1
     # Extra recognition rule on the denoiser config (sd15 vs sd21 share pipeline classes).
     denoiser_config_match: tuple[tuple[str, Any], ...] = ()
+    # RoPE families: which image side each position-id axis counts (None: an axis that is not a side).
+    rope_axis_sides: tuple[str | None, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessorFacts:
+    """What hires needs to know about a diffusers attention processor class (read from its source)."""
+
+    # Where the image tokens sit in the joint text-image sequence it attends over (its torch.cat).
+    token_order: str  # "image_first" or "text_first"
+    # Processors that hand queries to diffusers' dispatcher, whatever kernel it runs (torch SDPA,
+    # flash-attn, xformers, sage, flex): the entropy factor multiplies the outputs of these
+    # submodules, after which only RoPE (a rotation, which commutes with a scalar) touches the
+    # queries. Empty: the factor goes into torch SDPA's `scale` argument.
+    query_outputs: tuple[str, ...] = ()
+
+
+# Joint text-image attention processors of the supported DiTs, by class name.
+PROCESSOR_FACTS = {
+    "JointAttnProcessor2_0": ProcessorFacts("image_first"),
+    "FluxAttnProcessor": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
+    "FluxAttnProcessor2_0": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
+}
 
 
 _SD_PIPELINES = (
@@ -144,6 +167,9 @@ FAMILIES: tuple[Family, ...] = (
         latent_layout="packed",
         timestep_input_scale=1.0 / 1000.0,
         position_encoding="rope",
+        # FluxPipeline._prepare_latent_image_ids: axis 0 is zero for text and image, axis 1 the row,
+        # axis 2 the column of the packed latent grid.
+        rope_axis_sides=(None, "height", "width"),
         # FluxPipeline's guidance_scale feeds the distilled guidance embedding; true CFG is separate.
         guidance_layout="separate",
         guidance_scale_name="true_cfg_scale",

@@ -3,13 +3,11 @@
 How a call runs. With `BottleneckConfig(enabled=True)`, `pipe(prompt, height=H, width=W,
 num_inference_steps=N)` runs K stages. Stage i denoises at (round(H s_i), round(W s_i)) (multiples of
 the family's size multiple) for a contiguous slice [start_i, end_i) of the call's own N-step schedule.
-The mechanism is the one of progressive structure guidance (hires.sampling.progressive): when the
-user's call reaches `encode_prompt`, its arguments are read from the `__call__` frame and stages
-0..K-2 run as nested calls of the same pipeline (`output_type="latent"`); the scheduler's
-`set_timesteps` keeps only the stage's slice and `prepare_latents` returns the stage's starting
-latent. The user's own call is the last stage (it is at the requested size): it gets the last slice
-and the re-noised latent, and decodes as usual. Every stage is a pipeline call, so the runtime's call
-state, and every other technique, sees the stage's own size.
+`Bottleneck` is a planner of the stage engine (hires.sampling.stages): it replaces every stage that
+samples from pure noise with its full schedule by these K slices, which the engine runs as nested
+calls of the same pipeline (`output_type="latent"`); the user's own call then only decodes. Every
+stage is a pipeline call, so the runtime's call state, and every other technique, sees the stage's
+own size.
 
 Transitions. At the last step of stages 0..K-2 the scheduler's input (the guided model output and the
 sample) gives the predicted clean latent x0 (`schedules.predicted_x0`, any prediction type). x0 is
@@ -39,9 +37,10 @@ Defaults and their sources (the paper's own per-stage values were not recoverabl
   value s is the SD3/Flux time shift t' = s t / (1 + (s - 1) t) of that stage's schedule (flow
   families only).
 
-Composition with progressive structure guidance: bottleneck runs inside the base stage (the one
-that samples from pure noise); progressive's later stages re-run the tail of a schedule from an
-upscaled image and are left as they are. `last_run(pipe)` describes the stages of the last call.
+Composition with progressive structure guidance: structure guidance plans first, so bottleneck
+slices its base stage (the one that samples from pure noise); its later stages re-run the tail of a
+schedule from an upscaled image and are left as they are. `last_run(pipe)` describes the stages of
+the last call.
 """
 
 from __future__ import annotations

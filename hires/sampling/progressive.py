@@ -1,25 +1,23 @@
 """Progressive structure guidance (DiffuseHigh): base size -> upscale -> re-noise -> guided denoise.
 
 How a call runs. After `hires.apply(pipe, HiresConfig(structure_guidance=StructureGuidanceConfig(
-enabled=True)))`, the user calls `pipe(prompt, height=H, width=W)` as usual. When the pipeline calls
-its own `encode_prompt` (the first method every supported pipeline calls after validating its
-inputs, with its arguments still as the user gave them), hires reads the call's arguments from the
-`__call__` frame and runs the stages, each one a normal call of the same pipeline at the stage's
-size with `output_type="latent"`:
+enabled=True)))`, the user calls `pipe(prompt, height=H, width=W)` as usual. `StructureGuidance` is a
+planner of the stage engine (hires.sampling.stages), which runs the plan as nested calls of the same
+pipeline and lets the user's own call only decode:
 1. the base stage: the user's call at the base size (same aspect ratio as the request);
 2. each later stage: the previous result is upscaled (pixel space: decoded, resized, sharpened,
    encoded; latent space: the latent itself resized and sharpened), its low wavelet band becomes the
    stage's guide, the pipeline builds its own schedule and keeps only the last `renoise` fraction
-   (`schedules.truncate_schedule`, through the scheduler's `set_timesteps`), and `prepare_latents`
-   returns the upscaled result noised to that schedule's first timestep. During the stage's first
-   `guided_steps` steps a denoiser hook converts the model output to the predicted x0, swaps its low
-   band for the guide's, and converts back (eps / v / flow);
-3. the user's own call then gets the last stage's latent from `prepare_latents` and an empty
-   schedule, so it only decodes and post-processes as it always does.
+   (`schedules.truncate_schedule`), and the stage starts from the upscaled result noised to that
+   schedule's first timestep. During the stage's first `guided_steps` steps a denoiser hook converts
+   the model output to the predicted x0, swaps its low band for the guide's, and converts back
+   (eps / v / flow).
 Every stage is a pipeline call, so the runtime's call state (and every other technique) sees the
 stage's own size; `hires.last_call(pipe)` describes the last stage, `last_run(pipe)` all stages.
 Per-stage options (renoise, guided_steps, guidance_scale, apg: one value, or one per stage after the
-base) go to the stage's call; `apg` is read by hires.techniques.apg through `current_stage`.
+base) go to the stage's call; `apg` is pushed onto the stage call's state (`CallState.stage_overrides`).
+Requests whose base stage would not be smaller than the request (at or below the base area) are
+plain calls.
 
 Flow families: a later stage's schedule uses the shift of the base size (dynamic mu clamped to its
 base-size value, as HiFlow does): diffusers' dynamic shift is linear in the token count without a

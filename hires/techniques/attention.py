@@ -35,7 +35,7 @@ stride-2 convs); T is the same layer's count on the base-size grid.
   shifted windows do; tokens of opposite edges may share a window at that step). In joint
   attention the text tokens stay global: every window also sees all text keys and text queries see
   every key. Works for UNet self-attention and the DiTs (PixArt self-attention, SD3/Flux joint
-  attention, where the token order of the processor is listed in `_PROCESSOR_FACTS`).
+  attention, where the token order of the processor is listed in `PROCESSOR_FACTS`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
 from ..config import AttentionBackendConfig, EntropyScalingConfig, WindowAttentionConfig
+from ..families import PROCESSOR_FACTS, ProcessorFacts
 from ..registry import Technique
 
 BACKEND_HOOK = "hires.attention_backend"
@@ -59,25 +60,6 @@ LOG_FACTORS = "log.entropy_factors"
 LOG_KEYS = "log.entropy_keys"
 LOG_WINDOWS = "log.windows"
 LOG_WINDOW_OFFSETS = "log.window_offsets"
-
-@dataclasses.dataclass(frozen=True)
-class ProcessorFacts:
-    """What hires needs to know about a diffusers attention processor class (read from its source)."""
-
-    # Where the image tokens sit in the joint text-image sequence it attends over (its torch.cat).
-    token_order: str  # "image_first" or "text_first"
-    # Processors that hand queries to diffusers' dispatcher, whatever kernel it runs (torch SDPA,
-    # flash-attn, xformers, sage, flex): the entropy factor multiplies the outputs of these
-    # submodules, after which only RoPE (a rotation, which commutes with a scalar) touches the
-    # queries. Empty: the factor goes into torch SDPA's `scale` argument.
-    query_outputs: tuple[str, ...] = ()
-
-
-_PROCESSOR_FACTS = {
-    "JointAttnProcessor2_0": ProcessorFacts("image_first"),
-    "FluxAttnProcessor": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
-    "FluxAttnProcessor2_0": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
-}
 
 # -- math: pure functions of counts and tensors -------------------------------------------------
 
@@ -257,8 +239,8 @@ def _has_added_projections(attn) -> bool:
 
 def _processor_facts(processor) -> ProcessorFacts | None:
     for cls in type(processor).__mro__:
-        if cls.__name__ in _PROCESSOR_FACTS:
-            return _PROCESSOR_FACTS[cls.__name__]
+        if cls.__name__ in PROCESSOR_FACTS:
+            return PROCESSOR_FACTS[cls.__name__]
     return None
 
 
@@ -393,7 +375,7 @@ class HiresAttnProcessor:
                     raise ValueError(
                         f"window attention on layer {self.layer!r}: hires does not know where processor "
                         f"{type(self.inner).__name__} puts image tokens among text tokens; known processors: "
-                        f"{', '.join(_PROCESSOR_FACTS)}"
+                        f"{', '.join(PROCESSOR_FACTS)}"
                     )
                 runs = [window_runs(side, limit) for side, limit in zip(call.grid, size)]
                 largest = tuple(r[0][2] for r in runs)

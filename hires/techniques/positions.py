@@ -43,7 +43,6 @@ bit-identical to plain diffusers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 import sys
@@ -76,9 +75,6 @@ _ENCODING_OPTIONS = {
 }
 _FLOW_OPTIONS = ("timestep_shift", "shift")
 
-# Flux's image ids (FluxPipeline._prepare_latent_image_ids): axis 0 is zero for text and image,
-# axis 1 the row, axis 2 the column of the packed latent grid.
-ROPE_AXIS_SIDES = (None, "height", "width")
 
 
 # -- math: sin-cos tables ------------------------------------------------------------------------
@@ -382,11 +378,11 @@ class _TableExtensionHook(ModelHook):
                 state.log["log.positions.table"] = (self.mode, rows, cols, side)
             return tables[key]
 
-        module.__dict__["cropped_pos_embed"] = cropped_pos_embed
+        entry = self.attachment.shadow(module, "cropped_pos_embed", cropped_pos_embed)
         try:
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
-            del module.__dict__["cropped_pos_embed"]
+            self.attachment.unshadow(entry)
 
 
 def check_sincos_table(module: PatchEmbed) -> None:
@@ -420,11 +416,12 @@ class _RopeHook(ModelHook):
         self.settings = settings
         unit = attachment.info.token_side
         self.base_lengths = {"height": attachment.info.base_height // unit, "width": attachment.info.base_width // unit}
+        self.axis_sides = attachment.info.family.rope_axis_sides
 
     def axis_scales(self, state) -> list[float | None]:
         side_scale = {"height": state.scale_height, "width": state.scale_width}
         scales = []
-        for side in ROPE_AXIS_SIDES:
+        for side in self.axis_sides:
             scale = side_scale.get(side) if side else None
             scales.append(scale if scale is not None and scale > 1 else None)
         return scales
@@ -447,7 +444,7 @@ class _RopeHook(ModelHook):
                 cos, sin = get_1d_rotary_pos_embed(dim, positions[:, axis], theta=module.theta,
                                                    repeat_interleave_real=True, use_real=True, freqs_dtype=freqs_dtype)
             else:
-                side = ROPE_AXIS_SIDES[axis]
+                side = self.axis_sides[axis]
                 freqs, mscale = axis_frequencies(self.settings.rope, dim, module.theta, scale, self.base_lengths[side],
                                                  self.settings.yarn_beta_fast, self.settings.yarn_beta_slow)
                 cos, sin = rotary_cos_sin(positions[:, axis], freqs.to(freqs_dtype), mscale)
@@ -469,7 +466,6 @@ class _TimestepShiftHook(ModelHook):
         self.policy = policy
         self.shift = shift
         self.scheduler = attachment.pipe.scheduler
-        self.saved: tuple[bool, Any] = (False, None)
         self.decision: dict[str, Any] | None = None
         config = self.scheduler.config
         self.dynamic = bool(config.get("use_dynamic_shifting", False))
@@ -481,18 +477,7 @@ class _TimestepShiftHook(ModelHook):
                              f"{type(self.scheduler).__name__} has none (FlowMatchEulerDiscreteScheduler has)")
 
     def initialize_hook(self, module):
-        scheduler = self.scheduler
-        self.saved = ("set_timesteps" in scheduler.__dict__, scheduler.__dict__.get("set_timesteps"))
-        original = scheduler.set_timesteps
-        scheduler.__dict__["set_timesteps"] = functools.update_wrapper(self._wrap(original), original)
-        return module
-
-    def deinitalize_hook(self, module):
-        had, value = self.saved
-        if had:
-            self.scheduler.__dict__["set_timesteps"] = value
-        else:
-            self.scheduler.__dict__.pop("set_timesteps", None)
+        self.attachment.wrap_method(self.scheduler, "set_timesteps", self._wrap)
         return module
 
     def _wrap(self, original: Callable) -> Callable:

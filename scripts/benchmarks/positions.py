@@ -8,7 +8,6 @@ on random ids / the sin-cos table, plain and through the hires hook, interleaved
 
 from __future__ import annotations
 
-import math
 import types
 
 import numpy as np
@@ -19,6 +18,7 @@ from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
 from hires.config import PositionConfig
+from hires.families import FAMILIES
 from hires.sampling import schedules
 from hires.techniques import positions as P
 
@@ -56,7 +56,8 @@ def _schedule_table() -> Table:
 
 def _fake_attachment(scale: float):
     """What the position hooks read from an attachment, for a call at `scale` times the 1024 px base."""
-    info = types.SimpleNamespace(size_multiple=16, token_side=16, base_height=BASE_PX, base_width=BASE_PX)
+    info = types.SimpleNamespace(size_multiple=16, token_side=16, base_height=BASE_PX, base_width=BASE_PX,
+                                 family=next(f for f in FAMILIES if f.name == "flux"))
     state = _State(scale_height=scale, scale_width=scale, log={}, slots={})
     return types.SimpleNamespace(info=info, state=state)
 
