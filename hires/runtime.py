@@ -368,9 +368,6 @@ class Attachment:
         else:
             owner.__dict__.pop(entry.name, None)
 
-    def shadows(self, owner, name: str) -> bool:
-        return any(e.owner is owner and e.name == name for e in self._shadows)
-
     def enabled_with(self, capability: str) -> list[str]:
         """Names of the enabled techniques that declare `capability` (hires.registry.CAPABILITIES)."""
         return [record.name for record, _ in self.techniques if capability in record.capabilities]
