@@ -1,0 +1,143 @@
+"""Support of tests/test_surfaces.py: the technique table, the one call every surface makes, and the
+command-line driver that runs many `hires generate` commands in one fresh interpreter.
+
+Run as a script (`python tests/surface_support.py JOBS.json`) it is that driver: for each job it
+runs the `hires` package's own `__main__` (what `python -m hires generate ...` runs) with the job's
+argv, and writes each job's exit status and error text to the file the job list names. One process
+per family pays the imports once instead of once per technique.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle"
+BASE = 64  # the tiny models' base side (tiny_models.BASE_LATENT x VAE factor 8)
+SIZE = 2 * BASE  # every request: 2x the base side
+# Structure guidance: the base stage runs all steps, the 128 px stage round(0.3 * 3) = 1 re-noised step,
+# 1 of them guided. Bottleneck: three stages of one step each (it needs at least one step per stage).
+STEPS = 3
+SEED = 7
+
+# family -> (ready pipeline class, community-pipeline file under pipelines/)
+READY = {
+    "sd15": ("HiresStableDiffusionPipeline", "hires_sd.py"),
+    "sd21": ("HiresStableDiffusionPipeline", "hires_sd.py"),
+    "sdxl": ("HiresStableDiffusionXLPipeline", "hires_sdxl.py"),
+    "pixart": ("HiresPixArtSigmaPipeline", "hires_pixart.py"),
+    "sd3": ("HiresStableDiffusion3Pipeline", "hires_sd3.py"),
+    "flux": ("HiresFluxPipeline", "hires_flux.py"),
+}
+UNETS = ("sd15", "sd21", "sdxl")
+DITS = ("pixart", "sd3", "flux")
+PRESET = "preset"  # hires.apply(pipe) without a config / no hires_config / --preset auto
+
+# Options per family that make PositionConfig change the computation at 2x (its defaults do not for
+# PixArt-Sigma and SD3 at 2x: PixArt's sin-cos positions stay the model's own, and SD3's 8x8 token
+# grid is inside its 12x12 table).
+_POSITIONS = {
+    "pixart": {"enabled": True, "interpolation_scale": 2.0},
+    "sd3": {"enabled": True, "timestep_shift": "static", "shift": 6.0},
+    "flux": {"enabled": True},  # YaRN RoPE and the clamped timestep shift
+}
+
+
+def technique_options(family: str, technique: str) -> dict:
+    """The HiresConfig of a technique as the JSON mapping a `--config` file holds."""
+    if technique == "structure_guidance_latent":
+        return {"structure_guidance": {"enabled": True, "space": "latent"}}
+    if technique == "structure_guidance_pixel":
+        return {"structure_guidance": {"enabled": True, "space": "pixel"}}
+    if technique == "positions":
+        return {"positions": dict(_POSITIONS.get(family, {"enabled": True}))}
+    if technique == "vae_tiling":  # 16x16 latent in tiles of 8: four tiles (mode "auto" would not tile at 128 px)
+        return {"vae_tiling": {"enabled": True, "mode": "always", "tile_size": 8}}
+    if technique == "memory":
+        # A fixed budget: the planner does not measure this machine. Flux's blocks have no
+        # diffusers feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 there).
+        options = {"enabled": True, "max_memory": "64GiB"}
+        if family != "flux":
+            options["feed_forward_chunks"] = 2
+        return {"memory": options}
+    if technique == "attention_backend":
+        return {"attention_backend": {"enabled": True, "backend": "native"}}
+    return {technique: {"enabled": True}}
+
+
+def techniques_for(family: str) -> list[str]:
+    """Every technique that applies to `family` (test_surfaces checks this against validate_for)."""
+    names = ["structure_guidance_latent", "structure_guidance_pixel", "bottleneck"]
+    if family in UNETS:
+        names.append("redilation")
+    names += ["entropy_scaling", "window_attention", "attention_backend", "apg"]
+    if family in DITS:
+        names.append("positions")
+    names += ["vae_tiling", "memory", PRESET]
+    return names
+
+
+def call_arguments(family: str, technique: str) -> dict:
+    """What each surface passes besides prompt, size, steps, generator and output_type: exactly the
+    call `hires generate --guidance G` makes (hires/cli.py Renderer.render), plus what the tiny models
+    need that the CLI does not pass (noted where the CLI rows are skipped or expected to fail)."""
+    import tiny_models
+
+    arguments = {"guidance_scale": tiny_models.CALL_KWARGS[family]["guidance_scale"]}
+    if family == "pixart":
+        # Tiny PixArt's sample_size (8) has no resolution-binning table; the CLI cannot turn binning off.
+        arguments["use_resolution_binning"] = False
+    if family == "flux" and technique == "apg":
+        # Flux runs CFG only as true CFG; the CLI has no option for it.
+        arguments.update(true_cfg_scale=4.0, negative_prompt="blue square")
+    return arguments
+
+
+def options_of(config) -> dict:
+    """A HiresConfig as the shortest `--config` mapping: its enabled techniques' non-default options."""
+    options = {}
+    for field in dataclasses.fields(config):
+        sub = getattr(config, field.name)
+        if getattr(sub, "enabled", False):
+            default = type(sub)()
+            options[field.name] = {f.name: getattr(sub, f.name) for f in dataclasses.fields(sub)
+                                   if getattr(sub, f.name) != getattr(default, f.name)}
+    return options
+
+
+def has_base_size_option() -> bool:
+    import hires
+
+    return "base_size" in {f.name for f in dataclasses.fields(hires.HiresConfig)}
+
+
+# -- the command-line driver ----------------------------------------------------------------------
+def run_jobs(path: str) -> None:
+    import contextlib
+    import io
+    import runpy
+    import traceback
+
+    spec = json.loads(Path(path).read_text())
+    results = {}
+    for job in spec["jobs"]:
+        stderr = io.StringIO()
+        sys.argv = ["hires", *job["argv"]]
+        code, error = 0, ""
+        try:
+            with contextlib.redirect_stderr(stderr):
+                runpy.run_module("hires", run_name="__main__", alter_sys=False)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except BaseException:  # noqa: BLE001 - an uncaught error is what the test reports
+            code, error = 1, traceback.format_exc()
+        error = (error or stderr.getvalue()).strip()
+        results[job["id"]] = {"rc": code, "error": error[-3000:]}
+        Path(spec["results"]).write_text(json.dumps(results))  # partial results survive a crash
+
+
+if __name__ == "__main__":
+    run_jobs(sys.argv[1])
