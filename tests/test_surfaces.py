@@ -42,25 +42,13 @@ HAS_BASE_SIZE = has_base_size_option()
 STAGED = ("structure_guidance_latent", "structure_guidance_pixel", "bottleneck")
 
 # -- the bugs of the current library, one reason each ------------------------------------------------
-READY_NO_STAGES = ("structure guidance does not run through a ready pipeline: progressive's test for the "
-                   "user's __call__ frame looks for type(pipe).__call__, the mixin's wrapper, so last_run(pipe) "
-                   "is None and the image is plain sampling's")
-READY_BOTTLENECK = ("BottleneckConfig through a ready pipeline raises KeyError: 'height' (bottleneck reads the "
-                    "call's arguments from the mixin's __call__(*args, hires_config, **kwargs) frame)")
 CLI_PIXART = ("hires generate cannot turn off PixArt-Sigma's resolution binning (use_resolution_binning=True "
               "by default): tiny PixArt's sample_size 8 has no bin table ('ValueError: Invalid sample size'); a "
               "real PixArt would be binned back to its base size")
-SIBLINGS = ("from_pipe siblings sharing a denoiser: applying hires to the second raises diffusers' raw "
-            "'Hook with name hires.* already exists in the registry'")
 
 
 def _surface_bug(surface: str, family: str, technique: str):
     """(reason, the exception the test fails with) of a case the current library fails, else None."""
-    if surface in ("ready", "community"):
-        if technique.startswith("structure_guidance") or technique == PRESET:
-            return READY_NO_STAGES, AssertionError
-        if technique == "bottleneck":
-            return READY_BOTTLENECK, KeyError
     if surface == "cli" and family == "pixart":
         return CLI_PIXART, AssertionError
     return None
@@ -234,7 +222,7 @@ def _assert_same_image(result: Result, reference: Result) -> None:
 def test_the_technique_table_is_what_validate_for_accepts(family):
     """Every HiresConfig sub-config is covered, and a family gets exactly the techniques it accepts."""
     info = hires.model_info(_prepare(tiny_models.build(family), family))
-    fields = {f.name for f in dataclasses.fields(hires.HiresConfig)} - {"base_size"}
+    fields = {f.name for f in dataclasses.fields(hires.HiresConfig)} - {"base_size", "extensions"}
     covered = {next(iter(technique_options(family, t))) for f in FAMILIES for t in techniques_for(f) if t != PRESET}
     assert covered == fields
     for name in fields:
@@ -433,7 +421,6 @@ def _denoiser_name(family: str) -> str:
 @pytest.mark.parametrize("removed_first", ["first", "second"])
 @pytest.mark.parametrize("name", list(SIBLING_CONFIGS))
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.xfail(strict=True, reason=SIBLINGS, raises=AssertionError)
 def test_from_pipe_siblings_sharing_a_denoiser(family, name, removed_first):
     """Either both siblings run hires and each is plain diffusers again after removal (either order),
     or hires refuses the second with its own clear error and leaves both pipelines working."""
