@@ -227,13 +227,12 @@ class _Guide:
     guided_steps: int | None = None
     guidance_scale: float | None = None
     guide: torch.Tensor | None = None  # low band of the guide (latent or pixel space)
+    origin: torch.Tensor | None = None  # the user's picture (B, 3, H, W) in [-1, 1], upscaled by the first stage
     sharpen_sigma: float | None = None
     guided: set = dataclasses.field(default_factory=set)
 
-
-@dataclasses.dataclass
-class _Pixels:
-    image: torch.Tensor  # (B, 3, H, W) in [-1, 1]: the user's picture, the origin of the stages
+    def drop_tensors(self) -> None:
+        self.guide = self.origin = None
 
 
 def _draw_uniform(generator, low: float, high: float) -> float:
@@ -287,7 +286,7 @@ class StructureGuidance:
                               overrides={} if apgs[i] is None else {"apg": apgs[i]}, schedule=self._schedule,
                               start=self._start, data=guide))
         if image is not None:
-            self._origin = _Pixels(image)
+            plan[0].data.origin = image
         return plan
 
     def _start(self, stage, previous) -> torch.Tensor:
@@ -304,7 +303,7 @@ class StructureGuidance:
             z = sharpen(resize(previous.result.float(), latent_size, config.upscale))
             guide.guide = self._low(z)
             return z
-        pixels = self._origin.image if previous is None else self.vae.decode(previous.result)
+        pixels = guide.origin if previous is None else self.vae.decode(previous.result)
         image = sharpen(resize(pixels.float(), (stage.height, stage.width), config.upscale)).clamp(-1, 1)
         x0 = self.vae.encode(image).float()
         guide.guide = self._low(image if config.space == "pixel" else x0)

@@ -107,6 +107,12 @@ class Stage:
     def trivial(self) -> bool:
         return self.start is None and self.schedule is None and not self.stops_early
 
+    def drop_tensors(self) -> None:
+        """Let go of the latents once the run is over (`last_run` keeps the record, not the tensors)."""
+        self.x0 = self.result = self.output = self.target = None
+        if hasattr(self.data, "drop_tensors"):
+            self.data.drop_tensors()
+
 
 @dataclasses.dataclass
 class _Pending:
@@ -201,8 +207,10 @@ class StageEngine:
             self.running = False
             self.current = None
             self.pipe.__dict__.update(saved)  # the user's call set its own state before encode_prompt
-        self.last_run = tuple(stages)
         self.pending = _Pending(call.frame, stages[-1].output)
+        for stage in stages:
+            stage.drop_tensors()
+        self.last_run = tuple(stages)
 
     def _check_latents(self, arguments: dict, stages: list[Stage]) -> None:
         first = stages[0]
