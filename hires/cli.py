@@ -207,7 +207,7 @@ def technique_names(config) -> list[str]:
 
 def _check_json_types(cls: type, values: Any, where: str) -> None:
     """Values of a --config file against the annotations of the config dataclasses: a bool only as a JSON
-    boolean ("no" is not false), numbers never as booleans or non-finite. Deeper checks are HiresConfig's."""
+    boolean ("no" is not false), a number never as one. Ranges are HiresConfig's to check."""
     if not isinstance(values, dict):
         return
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -224,10 +224,10 @@ def _check_json_types(cls: type, values: Any, where: str) -> None:
         if value is None and "None" in allowed:
             continue
         if allowed <= {"bool", "None"} and not isinstance(value, bool):
-            raise CliError(f"{where}.{key}={value!r} must be a JSON boolean (true or false)")
+            raise CliError(f"{where}.{key}={json.dumps(value)} must be a JSON boolean (true or false)")
         numeric = allowed & {"int", "float"} and not allowed & {"bool", "Any", "str"}
-        if numeric and (isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value))):
-            raise CliError(f"{where}.{key}={value!r} must be a finite number")
+        if numeric and isinstance(value, bool):
+            raise CliError(f"{where}.{key}={json.dumps(value)} must be a number, not a JSON boolean")
 
 
 def _subconfig_classes() -> list[type]:
@@ -775,7 +775,8 @@ def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
                     progress.skip(steps)
                     continue
                 batch.remove_temporaries(out_dir, item)
-                progress.begin(f"[{state.process_index}] item {number}/{len(todo)} ", len(plans[i]))
+                rank = f"[{state.process_index}] " if state.num_processes > 1 else ""
+                progress.begin(f"{rank}item {number}/{len(todo)} ", len(plans[i]))
                 renderer.render(jobs[i], out_dir / item.filename, progress,
                                 {"index": item.index, "line": item.line, "process": state.process_index,
                                  "pid": os.getpid()})
