@@ -20,7 +20,6 @@ from .config import (
     WindowAttentionConfig,
 )
 from .families import FAMILIES, SUPPORTED_PIPELINES, ModelInfo
-from .runtime import CallRecord, CallState, apply, is_applied, last_call, model_info, remove
 
 __version__ = "0.1.0"
 
@@ -33,13 +32,27 @@ _READY_PIPELINES = (
 )
 
 
+# The runtime imports torch and diffusers (seconds): loaded on first use, so `import hires` and
+# `hires --help` stay fast.
+_RUNTIME_NAMES = ("CallRecord", "CallState", "apply", "is_applied", "last_call", "model_info", "remove")
+
+
 def __getattr__(name):
+    import importlib
+    import importlib.util
+
+    if name in _RUNTIME_NAMES:
+        return getattr(importlib.import_module(".runtime", __name__), name)
     # The ready pipelines import five diffusers pipeline modules: load them only when asked for.
     if name in _READY_PIPELINES:
-        from . import pipelines
-
-        return getattr(pipelines, name)
+        return getattr(importlib.import_module(".pipelines", __name__), name)
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule, e.g. hires.runtime
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hires' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 __all__ = [
     "APGConfig",

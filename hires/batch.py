@@ -1,18 +1,33 @@
-"""Prompt batches: read a prompt file, render each item once, survive kills, shard over processes.
+"""Prompt batches: read a prompt file, render each item once, survive kills, share a folder safely.
 
 Files: `.txt` (one prompt a line; blank lines and lines starting with '#' skipped), `.jsonl` (one
 object a line with "prompt" and optional overrides), `.csv` (a header row with a "prompt" column
-and optional override columns). Every finished image is a PNG written atomically (temporary file,
-then rename) that carries its own parameters, so the PNGs are the record of what is done: the
-manifest is rebuilt from them, a rerun skips them and redoes everything else.
+and optional override columns). Every value is type- and range-checked when the file is read, so
+a bad line stops the batch before the first render, with the file, line and field in the message.
+
+Resume rule: an item is identified by a key, a hash of everything that decides its pixels (prompt,
+negative prompt, seed, size, steps, guidance, model, dtype, the whole HiresConfig, hires version).
+Each PNG carries its key; a rerun keeps a PNG whose key matches and re-renders one whose key does
+not (or that is missing or truncated). The manifest is rebuilt from the PNGs on disk, so it always
+says what the PNGs are.
+
+Concurrency: before rendering an item a process claims it with `.NAME.png.claim` (created with
+O_EXCL, then held under an flock for as long as the process renders it). A claim whose lock is free
+belongs to a killed process and is taken over, so several `hires batch` runs (or accelerate ranks)
+on one folder render every item once and lose none.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
+import math
+import os
 import re
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +37,77 @@ from .config import closest_names
 OVERRIDE_KEYS = ("prompt", "negative", "size", "steps", "guidance", "seed", "name")
 MANIFEST = "manifest.json"
 PNG_JSON_KEY = "hires"
+SEED_LIMIT = 2**63  # seeds are in [0, 2**63): what every torch generator accepts
+CLAIM_SUFFIX = ".claim"
+# A claim file with no owner written yet is taken over only after this long: its creator may be
+# between creating it and locking it.
+UNWRITTEN_CLAIM_AGE_S = 10.0
 
 
 class PromptFileError(ValueError):
     pass
 
 
+# -- values a request carries: checked the same for command-line options and prompt files -------
+def check_steps(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}={value!r} must be a whole number of denoising steps >= 1, e.g. 20")
+    return value
+
+
+def check_seed(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise ValueError(f"{where}={value!r} must be a whole number in [0, 2**63), e.g. 0")
+    return value
+
+
+def check_guidance(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}={value!r} must be a finite number >= 0 (classifier-free guidance scale), e.g. 5")
+    return float(value)
+
+
+def check_scale(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{where}={value!r} must be a finite number > 0 (a factor of the model's base side), e.g. 2")
+    return float(value)
+
+
+def parse_size(value: Any, where: str) -> tuple[int, int]:
+    """'1024x768' -> (height 768, width 1024): sizes are written width x height, like image editors."""
+    parts = value.lower().replace("*", "x").split("x") if isinstance(value, str) else []
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{where}={value!r} must look like WIDTHxHEIGHT in pixels, e.g. 128x128")
+    width, height = (int(p) for p in parts)
+    if width < 1 or height < 1:
+        raise ValueError(f"{where}={value!r}: width and height must be positive pixel counts, e.g. 128x128")
+    return height, width
+
+
+def _whole_number(text: str) -> Any:
+    """A CSV cell as an int if it is one, else the text (which the check then rejects by name)."""
+    return int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else text
+
+
+def _number(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+# -- prompt files -------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class BatchItem:
     index: int  # position in the file (0-based, counting only items)
     line: int  # 1-based line number in the file, for messages
     prompt: str
     overrides: dict[str, Any]
+    source: str = ""  # the file, for messages
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
 
     @property
     def name(self) -> str:
@@ -47,25 +121,37 @@ class BatchItem:
         return f"{self.name}.png"
 
 
-def _check_overrides(values: dict[str, Any], where: str) -> dict[str, Any]:
+def _check_overrides(values: dict[str, Any], where: str, from_text: bool) -> dict[str, Any]:
+    """Type- and range-check one item. `from_text`: CSV cells, where every value arrives as a string."""
     for key in values:
         if key not in OVERRIDE_KEYS:
             raise PromptFileError(
                 f"{where}: unknown override key {key!r}; valid keys are {', '.join(OVERRIDE_KEYS)} "
-                f"(closest: {closest_names(key, OVERRIDE_KEYS)})"
+                f"(closest: {closest_names(str(key), OVERRIDE_KEYS)})"
             )
+    # An empty CSV cell means "not given"; in JSON, leave the key out (null is accepted the same way).
+    values = {k: v for k, v in values.items() if v is not None and not (from_text and v == "")}
     prompt = values.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise PromptFileError(f"{where}: needs a non-empty 'prompt' (got {prompt!r})")
-    for key, kind in (("steps", int), ("seed", int), ("guidance", float)):
-        if key in values and values[key] not in (None, ""):
-            try:
-                values[key] = kind(values[key])
-            except (TypeError, ValueError):
-                raise PromptFileError(f"{where}: {key}={values[key]!r} must be a {kind.__name__}") from None
-    if "name" in values and not re.fullmatch(r"[A-Za-z0-9._-]+", str(values["name"])):
+        raise PromptFileError(f"{where}: needs a non-empty 'prompt' string (got {prompt!r})")
+    if from_text:
+        for key, convert in (("steps", _whole_number), ("seed", _whole_number), ("guidance", _number)):
+            if key in values:
+                values[key] = convert(values[key])
+    checks = {"steps": check_steps, "seed": check_seed, "guidance": check_guidance}
+    try:
+        for key, check in checks.items():
+            if key in values:
+                values[key] = check(values[key], key)
+        if "size" in values:
+            parse_size(values["size"], "size")
+        if "negative" in values and not isinstance(values["negative"], str):
+            raise ValueError(f"negative={values['negative']!r} must be a string (the negative prompt)")
+    except ValueError as err:
+        raise PromptFileError(f"{where}: {err}") from None
+    if "name" in values and not (isinstance(values["name"], str) and re.fullmatch(r"[A-Za-z0-9._-]+", values["name"])):
         raise PromptFileError(f"{where}: name={values['name']!r} may contain only letters, digits, '.', '_' and '-'")
-    return {k: v for k, v in values.items() if v not in (None, "")}
+    return values
 
 
 def read_prompt_file(path: str | Path) -> list[BatchItem]:
@@ -88,9 +174,12 @@ def read_prompt_file(path: str | Path) -> list[BatchItem]:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                # NaN / Infinity are not JSON: refuse them here rather than as a guidance later.
+                value = json.loads(line, parse_constant=lambda name: _raise_constant(name))
             except json.JSONDecodeError as err:
                 raise PromptFileError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+            except ValueError as err:
+                raise PromptFileError(f"{path}:{number}: {err}") from None
             if not isinstance(value, dict):
                 raise PromptFileError(f"{path}:{number}: each line must be a JSON object with a 'prompt'")
             rows.append((number, value))
@@ -105,9 +194,9 @@ def read_prompt_file(path: str | Path) -> list[BatchItem]:
 
     items = []
     for index, (number, values) in enumerate(rows):
-        values = _check_overrides(dict(values), f"{path}:{number}")
+        values = _check_overrides(dict(values), f"{path}:{number}", from_text=suffix == ".csv")
         prompt = values.pop("prompt")
-        items.append(BatchItem(index=index, line=number, prompt=prompt, overrides=values))
+        items.append(BatchItem(index=index, line=number, prompt=prompt, overrides=values, source=str(path)))
     names = [item.name for item in items]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -115,6 +204,35 @@ def read_prompt_file(path: str | Path) -> list[BatchItem]:
     if not items:
         raise PromptFileError(f"prompt file {str(path)!r} holds no prompts")
     return items
+
+
+def _raise_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows; give a finite number")
+
+
+# -- keys and records ---------------------------------------------------------------------------
+def jsonable(value: Any) -> Any:
+    """Strict-JSON form: tuples as lists, non-finite floats as strings ('inf'), dataclasses as dicts."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def dumps(value: Any, **options) -> str:
+    """JSON that any reader accepts: never a bare NaN or Infinity."""
+    return json.dumps(jsonable(value), allow_nan=False, **options)
+
+
+def parameters_key(parameters: dict[str, Any]) -> str:
+    """The identity of a render: a hash of the parameters that decide its pixels."""
+    canonical = dumps(parameters, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
 
 
 def read_png_record(path: Path, verify: bool = False) -> dict[str, Any] | None:
@@ -131,40 +249,169 @@ def read_png_record(path: Path, verify: bool = False) -> dict[str, Any] | None:
             if verify:
                 image.load()  # a truncated file raises here
             return json.loads(image.text[PNG_JSON_KEY])
-    except Exception:
+    except (OSError, EOFError, SyntaxError, ValueError, KeyError, AttributeError):  # PIL's ways of saying "not a whole PNG"
         return None
 
 
-def is_finished(out_dir: Path, item: BatchItem) -> bool:
-    return read_png_record(out_dir / item.filename, verify=True) is not None
+def is_finished(out_dir: Path, item: BatchItem, key: str) -> bool:
+    """A complete PNG of exactly these parameters is on disk."""
+    record = read_png_record(out_dir / item.filename, verify=True)
+    return record is not None and record.get("key") == key
 
 
-def remove_stale_temporaries(out_dir: Path) -> None:
-    """Temporary files of writes a killed run never finished."""
-    for stale in out_dir.glob(".*.png.*.tmp"):
+def remove_temporaries(out_dir: Path, item: BatchItem) -> None:
+    """Temporary files of a write of `item` that a killed process never finished (call while holding its claim)."""
+    for stale in out_dir.glob(f".{glob_escape(item.filename)}.*.tmp"):
         stale.unlink(missing_ok=True)
 
 
-def write_manifest(out_dir: Path, items: list[BatchItem], source: str) -> dict[str, Any]:
-    """Rebuild the manifest from the PNGs on disk, and write it atomically."""
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+# -- claims -------------------------------------------------------------------------------------
+try:
+    import fcntl
+except ImportError:  # Windows: claims still exclude, but a killed run's claims must be deleted by hand
+    fcntl = None
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    if fcntl is None:
+        return blocking
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+
+
+@dataclasses.dataclass
+class Claim:
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        # Unlink while still holding the lock: nobody can take over a claim that is being released.
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+def claim_path(out_dir: Path, item: BatchItem) -> Path:
+    return out_dir / f".{item.filename}{CLAIM_SUFFIX}"
+
+
+def try_claim(out_dir: Path, item: BatchItem) -> Claim | None:
+    """Claim `item` for this process, or None if a live process holds it."""
+    path = claim_path(out_dir, item)
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
+        except FileExistsError:
+            if _take_over_if_stale(path):
+                continue
+            return None
+        _lock(fd, blocking=True)  # a takeover check may hold it for a moment
+        try:
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:  # stalled past UNWRITTEN_CLAIM_AGE_S and taken over
+                os.close(fd)
+                return None
+        except FileNotFoundError:
+            os.close(fd)
+            return None
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        os.fsync(fd)
+        return Claim(path, fd)
+    return None
+
+
+def _take_over_if_stale(path: Path) -> bool:
+    """Remove a claim whose owner is gone; True when the caller should try to create it again."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return True  # released meanwhile
+    try:
+        if fcntl is None:
+            return False
+        if not _lock(fd, blocking=False):
+            return False  # its owner is alive and rendering
+        # We hold the lock of this claim file: nobody else decides about it now.
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            return True
+        if current.st_ino != os.fstat(fd).st_ino:
+            return True  # already replaced by a fresh claim: look at that one
+        written = os.read(fd, 4096)
+        if not written and time.time() - current.st_mtime < UNWRITTEN_CLAIM_AGE_S:
+            return False  # just created; its owner is about to lock it
+        path.unlink()
+        return True
+    finally:
+        os.close(fd)
+
+
+def claim_owner(out_dir: Path, item: BatchItem) -> dict[str, Any] | None:
+    """Who holds the claim of `item` (pid, host), if a live process does."""
+    path = claim_path(out_dir, item)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None  # nobody holds it: a killed run's leftover, taken over on the next run
+            except BlockingIOError:
+                pass
+        try:
+            return json.loads(os.read(fd, 4096) or b"{}")
+        except ValueError:
+            return {}
+    finally:
+        os.close(fd)
+
+
+# -- the manifest -------------------------------------------------------------------------------
+def write_manifest(out_dir: Path, entries: list[tuple[BatchItem, str, dict[str, Any]]], source: str) -> dict[str, Any]:
+    """Rebuild the manifest from the PNGs on disk, and write it atomically.
+
+    `entries`: each item with its key and resolved request. Writers take an flock on the folder, so
+    the last manifest written was read after every PNG before it: concurrent runs end consistent.
+    """
     from .io import write_text_atomically
 
-    entries = []
-    for item in items:
-        record = read_png_record(out_dir / item.filename)
-        entries.append({
-            "index": item.index,
-            "line": item.line,
-            "prompt": item.prompt,
-            "file": item.filename,
-            "status": "done" if record is not None else "pending",
-            "parameters": record,
-        })
-    manifest = {
-        "source": source,
-        "items": entries,
-        "done": sum(e["status"] == "done" for e in entries),
-        "total": len(entries),
-    }
-    write_text_atomically(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    folder = os.open(out_dir, os.O_RDONLY) if fcntl is not None else None
+    try:
+        if folder is not None:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+        items = []
+        for item, key, request in entries:
+            # Text chunks only: a final name only ever holds a complete file (atomic writes).
+            record = read_png_record(out_dir / item.filename)
+            if record is not None and record.get("key") == key:
+                status = "done"
+            elif claim_owner(out_dir, item) is not None:
+                status = "rendering"  # by another process right now
+            elif record is not None:
+                status = "outdated"  # a PNG of other parameters: the next run replaces it
+            else:
+                status = "pending"
+            items.append({"index": item.index, "line": item.line, "prompt": item.prompt, "file": item.filename,
+                          "key": key, "status": status, "request": request, "png": record})
+        listed = {item.filename for item, _, _ in entries}
+        manifest = {
+            "source": source,
+            "resume": "an item is done when its PNG's key (a hash of its parameters) matches the request's",
+            "items": items,
+            "done": sum(e["status"] == "done" for e in items),
+            "total": len(items),
+            "unlisted": sorted(p.name for p in out_dir.glob("*.png") if p.name not in listed),
+        }
+        write_text_atomically(out_dir / MANIFEST, dumps(manifest, indent=1) + "\n")
+        return manifest
+    finally:
+        if folder is not None:
+            os.close(folder)  # releases the lock

@@ -1,14 +1,29 @@
 """Atomic file writes: a temporary file in the same folder, fsync, then rename over the final name.
 
-A reader never sees a truncated file under the final name, even if the writer is killed.
+A reader never sees a truncated file under the final name, even if the writer is killed. The file
+gets the permissions an ordinary `open()` would give (0o666 minus the umask), not tempfile's 0o600.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -20,6 +35,8 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        # Before the rename, so the final name never carries tempfile's private 0o600.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -47,7 +46,7 @@ def test_three_formats_with_per_line_overrides(tmp_path):
         ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "bad",\n', r"p.jsonl:2: not valid JSON"),
         ("p.jsonl", '{"prompt": "ok", "sede": 3}\n', r"p.jsonl:1: unknown override key 'sede'.*closest: 'seed'"),
         ("p.jsonl", '["a list"]\n', r"p.jsonl:1: each line must be a JSON object"),
-        ("p.jsonl", '{"prompt": "ok", "steps": "many"}\n', r"p.jsonl:1: steps='many' must be a int"),
+        ("p.jsonl", '{"prompt": "ok", "steps": "many"}\n', r"p.jsonl:1: steps='many' must be a whole number of denoising steps >= 1"),
         ("p.csv", "text,seed\na,1\n", r"p.csv:1: the header row needs a 'prompt' column"),
         ("p.csv", "prompt,seed\na,1\nb,2,extra\n", r"p.csv:3: more fields than header columns"),
         ("p.txt", "\n# only comments\n", r"holds no prompts"),
@@ -119,7 +118,7 @@ def test_a_batch_killed_mid_image_resumes_to_exactly_one_valid_png_per_item(tmp_
     for path in finished:  # whatever carries a final name is complete
         assert batch.read_png_record(path, verify=True) is not None
 
-    rerun = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
     assert files == ["00000-a-red-circle.png", "00001-a-blue-square.png", "00002-a-green-triangle.png", "manifest.json"]
@@ -138,7 +137,7 @@ def test_two_processes_split_a_batch_into_disjoint_complete_shards(tmp_path):
         port = str(probe.getsockname()[1])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                "-m", "hires", "batch", str(prompts), "--out", str(out), *FAST]
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [batch.read_png_record(p, verify=True) for p in sorted(out.glob("*.png"))]
     assert sorted(r["index"] for r in records) == [0, 1, 2, 3, 4]

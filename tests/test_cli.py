@@ -25,10 +25,10 @@ def test_default_model_is_embedded_in_the_package():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--size", "big"], "--size 'big' must look like WIDTHxHEIGHT"),
+        (["--size", "big"], "--size='big' must look like WIDTHxHEIGHT"),
         (["--size", "100x128"], "--size 100x128: width=100 is not a multiple of 8"),
         (["--size", "128x128", "--model", "no-such-org/no-such-model"], "could not be fetched"),
-        (["--size", "128x128", "--steps", "0"], "--steps 0 must be a positive"),
+        (["--size", "128x128", "--steps", "0"], "--steps=0 must be a whole number of denoising steps >= 1"),
     ],
 )
 def test_generate_errors_name_the_option_and_the_remedy(tmp_path, capsys, args, message):
