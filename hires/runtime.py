@@ -50,8 +50,7 @@ TECHNIQUE_MODULES = (
     "hires.techniques.attention",
     "hires.techniques.apg",
     "hires.techniques.positions",
-    "hires.techniques.memory",
-    "hires.techniques.tiled_vae",
+    "hires.planning",
 )
 # Values of the pipeline's __call__ that techniques read, as the pipeline resolved them.
 _CALL_LOCALS = ("generator", "guidance_scale", "true_cfg_scale", "do_true_cfg", "num_inference_steps")

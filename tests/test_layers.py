@@ -14,7 +14,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "hires"
 
 # Layer of each module, lowest first. Pure math modules of the sampling package sit with the
-# techniques that use them; the planner's estimation sits beside the techniques it estimates.
+# techniques that use them; the memory planner estimates what the techniques compute, so it and the
+# installers that hand its decisions to them (hires.planning) sit above the techniques.
 LAYERS = {
     "config": ["hires.config", "hires.registry", "hires.io"],
     "families": ["hires.families", "hires.presets", "hires.presets_redilation"],

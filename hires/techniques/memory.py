@@ -1,4 +1,6 @@
-"""Applying the memory plan: VAE tiling, feed-forward chunking, sequential classifier-free guidance.
+"""The memory mechanisms: feed-forward chunking and sequential classifier-free guidance.
+
+The planner (hires.memory_planner) decides; hires.planning installs the decisions with these.
 
 - Feed-forward chunking uses diffusers' own mechanism (`set_chunk_feed_forward`, what
   `enable_forward_chunking` sets on every block): a named hook on each block that has it sets the
@@ -9,9 +11,6 @@
   hook runs the two halves one after the other and concatenates the outputs, halving activation
   memory. It wraps the denoiser outside the hooks of techniques installed before it, so those see
   half batches: guidance techniques that need both halves (APG) cannot be combined with it.
-- VAE tiling: the planner's decision is handed to `tiled_vae.install_tiling` (mode "auto" decides
-  per decode from the planner's estimate; an explicit `VAETilingConfig` installs after this one and
-  replaces it).
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ import math
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..config import MemoryConfig
-from ..registry import Technique
 
 FF_HOOK = "hires.ff_chunks"
 SEQUENTIAL_CFG_HOOK = "hires.sequential_cfg"
@@ -138,77 +135,3 @@ class SequentialCFGHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         halves = [self.fn_ref.original_forward(*_split(args, n, h), **_split(kwargs, n, h)) for h in (0, 1)]
         return _concat(*halves)
-
-
-PLAN_HOOK = "hires.memory_plan"
-
-
-@dataclasses.dataclass
-class _MemoryCall:
-    plan: object = None  # the call's memory plan, made at its first denoiser call
-
-
-class MemoryPlanHook(ModelHook):
-    """At a call's first denoiser step: plan for the call's size, refuse what cannot fit, set the choices."""
-
-    def __init__(self, attachment, config, choices: Choices, sequential_allowed: bool):
-        super().__init__()
-        self.attachment = attachment
-        self.config = config
-        self.choices = choices
-        self.sequential_allowed = sequential_allowed
-
-    def pre_forward(self, module, *args, **kwargs):
-        state = self.attachment.state
-        if state is None or state.slot(_MemoryCall).plan is not None:
-            return args, kwargs
-        from .. import memory_planner
-
-        plan = memory_planner.plan_for_call(self.attachment, self.config, state, args, kwargs,
-                                            sequential_allowed=self.sequential_allowed)
-        state.slot(_MemoryCall).plan = plan
-        state.log["log.memory_plan"] = plan.summary()
-        self.choices.feed_forward_chunks = plan.feed_forward_chunks
-        self.choices.sequential_cfg = plan.sequential_cfg
-        return args, kwargs
-
-
-def install(attachment, config) -> None:
-    """Installer of `MemoryConfig`.
-
-    Per call, at the first denoiser step (the size is known only then), the planner estimates the
-    call's peak and refuses it with the numbers if it cannot fit; otherwise its choices of
-    feed-forward chunks and sequential CFG (those left None in the config) apply to that call. VAE
-    tiling in mode "auto" is decided per decode from the planner's VAE estimate.
-    """
-    from . import tiled_vae
-
-    denoiser = attachment.denoiser
-    choices = Choices()
-    blocks = chunkable_blocks(denoiser)
-    if config.feed_forward_chunks is not None and config.feed_forward_chunks > 1 and not blocks:
-        raise ValueError(
-            f"MemoryConfig.feed_forward_chunks={config.feed_forward_chunks}: {type(denoiser).__name__} has no blocks "
-            f"with diffusers' feed-forward chunking (set_chunk_feed_forward); use feed_forward_chunks=None or 1"
-        )
-    if config.feed_forward_chunks != 1:
-        for block in blocks:
-            attachment.add_hook(block, FeedForwardChunkHook(choices), FF_HOOK)
-    batched = attachment.info.family.guidance_layout == "batched"
-    clashing = attachment.enabled_with("whole_cfg_batch")
-    if config.sequential_cfg and batched and clashing:
-        raise ValueError(
-            f"MemoryConfig.sequential_cfg=True cannot be combined with {', '.join(clashing)} (it needs both CFG "
-            f"halves in one denoiser call); use sequential_cfg=False or None"
-        )
-    sequential_allowed = batched and not clashing and config.sequential_cfg is not False
-    if sequential_allowed:
-        attachment.add_hook(denoiser, SequentialCFGHook(choices), SEQUENTIAL_CFG_HOOK)
-    # Registered after the sequential hook, so it sees the whole batch.
-    attachment.add_hook(denoiser, MemoryPlanHook(attachment, config, choices, sequential_allowed), PLAN_HOOK)
-    if not attachment.config.vae_tiling.enabled:
-        # An enabled VAETilingConfig installs its own (after this one) with its mode and sizes.
-        tiled_vae.install_tiling(attachment, "auto", None, config.max_memory)
-
-
-TECHNIQUE = Technique("memory", MemoryConfig, install, order=90, capabilities=frozenset({"vae"}))

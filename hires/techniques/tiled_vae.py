@@ -39,8 +39,6 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
-from ..config import VAETilingConfig
-from ..registry import Technique
 
 HOOK_NAME = "hires.tiled_vae"
 DEFAULT_TILE_LATENT = 64  # tile core side in latent pixels (512 px for a factor-8 VAE)
@@ -379,13 +377,14 @@ def tiled_encode(vae, x: torch.Tensor, tile_size: int | None = None, grouping: s
 class TiledVAEHook(ModelHook):
     """Shadows `vae._decode` / `vae._encode` while registered; the originals come back on removal."""
 
-    def __init__(self, should_tile: Callable[[str, tuple[int, ...], torch.dtype], tuple[int, str] | None],
+    def __init__(self, attachment, should_tile: Callable[[str, tuple[int, ...], torch.dtype], tuple[int, str] | None],
                  halo: int | None = None):
         super().__init__()
+        self.attachment = attachment
         # (kind, shape, dtype) -> (tile side in latent px, segment grouping), or None: don't tile.
         self.should_tile = should_tile
         self.halo = halo
-        self._saved: dict[str, tuple[bool, object]] = {}
+        self._shadows: list = []
 
     def initialize_hook(self, module):
         from diffusers.models.autoencoders.vae import DecoderOutput
@@ -406,45 +405,31 @@ class TiledVAEHook(ModelHook):
                 return original_encode(x)
             return tiled_encode(module, x, choice[0], choice[1], hook.halo)
 
-        for name, fn in (("_decode", _decode), ("_encode", _encode)):
-            self._saved[name] = (name in module.__dict__, module.__dict__.get(name))
-            module.__dict__[name] = fn
+        self._shadows = [self.attachment.shadow(module, name, fn) for name, fn in (("_decode", _decode), ("_encode", _encode))]
         return module
 
     def deinitalize_hook(self, module):
-        for name, (had, value) in self._saved.items():
-            if had:
-                module.__dict__[name] = value
-            else:
-                module.__dict__.pop(name, None)
-        self._saved.clear()
+        for entry in reversed(self._shadows):
+            self.attachment.unshadow(entry)
+        self._shadows = []
         return module
 
 
-def install_tiling(attachment, mode: str, tile_size: int | None, max_memory: int | None = None,
+def install_tiling(attachment, mode: str, tile_size: int | None, decide: Callable | None = None,
                    halo: int | None = None) -> None:
-    """Install the tiled VAE hook on `attachment.pipe.vae` ("auto": tile when the planner says so)."""
-    from .. import memory_planner
-
+    """Install the tiled VAE hook on `attachment.pipe.vae`. Mode "auto" tiles where
+    `decide(vae, kind, shape, dtype, tile_size)` returns (tile size, grouping), and not where it returns None."""
     vae = getattr(attachment.pipe, "vae", None)
     if vae is None:
         raise ValueError("vae_tiling: the pipeline has no `vae` component to tile")
     if mode == "never":
         return
+    if mode == "auto" and decide is None:
+        raise ValueError("vae_tiling mode 'auto' needs a tiling decision (the memory planner's)")
 
     def should_tile(kind, shape, dtype):
         if mode == "always":
             return tile_size or DEFAULT_TILE_LATENT, "unit"
-        return memory_planner.vae_tiling_decision(vae, kind, shape, dtype, max_memory=max_memory, tile_size=tile_size)
+        return decide(vae, kind, shape, dtype, tile_size)
 
-    attachment.add_hook(vae, TiledVAEHook(should_tile, halo=halo), HOOK_NAME)
-
-
-def install(attachment, config) -> None:
-    """Installer of `VAETilingConfig`: tiled decode/encode on the pipeline's VAE."""
-    memory = getattr(attachment.config, "memory", None)
-    max_memory = memory.max_memory if memory is not None and memory.enabled else None
-    install_tiling(attachment, config.mode, config.tile_size, max_memory, config.halo)
-
-
-TECHNIQUE = Technique("vae_tiling", VAETilingConfig, install, order=100, capabilities=frozenset({"vae"}))
+    attachment.add_hook(vae, TiledVAEHook(attachment, should_tile, halo=halo), HOOK_NAME)
