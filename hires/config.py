@@ -58,6 +58,9 @@ class HiresConfig:
     vae_tiling: VAETilingConfig = dataclasses.field(default_factory=lambda: VAETilingConfig())
     # Configs of techniques registered from outside hires (hires.registry.register), one per technique.
     extensions: tuple = ()
+    # The model's training size in pixels (a side, or (height, width)) where its configs do not say it
+    # (e.g. a Flux fine-tune at 512 px: FluxPipeline assumes 1024); None: read from the model.
+    base_size: int | tuple[int, int] | None = None
 
     def __post_init__(self):
         for f in self._technique_fields():
@@ -67,6 +70,13 @@ class HiresConfig:
                 raise TypeError(f"HiresConfig.{f.name}={value!r} must be a hires.{expected.__name__}")
         from .registry import extension_for
 
+        if isinstance(self.base_size, list):
+            object.__setattr__(self, "base_size", tuple(self.base_size))
+        sides = self.base_size if isinstance(self.base_size, tuple) else (self.base_size,) * 2
+        if self.base_size is not None and not (len(sides) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides)):
+            raise TypeError(f"HiresConfig.base_size={self.base_size!r} must be a positive int (pixels per side), a "
+                            "(height, width) pair of them, or None to read it from the model")
         if not isinstance(self.extensions, tuple):
             raise TypeError(f"HiresConfig.extensions={self.extensions!r} must be a tuple of registered technique configs")
         seen = set()
@@ -80,7 +90,7 @@ class HiresConfig:
 
     @classmethod
     def _technique_fields(cls) -> list:
-        return [f for f in dataclasses.fields(cls) if f.name != "extensions"]
+        return [f for f in dataclasses.fields(cls) if f.type in _SUBCONFIG_TYPES]
 
     def technique_config(self, technique) -> Any:
         """This config's sub-config for `technique` (a hires.registry.Technique), or None."""
@@ -530,9 +540,63 @@ class BottleneckConfig:
         return None
 
 
-for _cls in (BottleneckConfig, StructureGuidanceConfig, RedilationConfig, EntropyScalingConfig, WindowAttentionConfig, AttentionBackendConfig, APGConfig,
-             PositionConfig, VAETilingConfig, MemoryConfig):
-    _SUBCONFIG_TYPES[_cls.__name__] = _cls
+def _describe(annotation: str) -> str:
+    words = {"bool": "True or False (a JSON boolean)", "int": "an integer", "float": "a number", "str": "a string",
+             "None": "None (null)", "tuple[float, float]": "a pair of numbers (low, high)",
+             "tuple[float, ...]": "a sequence of numbers", "tuple[str, ...]": "a sequence of strings"}
+    return " or ".join(words.get(part.strip(), part.strip()) for part in annotation.split("|"))
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Whether `value` is of the field type written as `annotation` (the simple forms configs use)."""
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        if part == "bool" and isinstance(value, bool):
+            return True
+        if part == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if part == "float" and isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+            return True
+        if part == "str" and isinstance(value, str):
+            return True
+        if part.startswith("tuple[") and isinstance(value, tuple):
+            inner = [p.strip() for p in part[len("tuple["):-1].split(",")]
+            if inner[-1] == "...":
+                if all(_matches(v, inner[0]) for v in value):
+                    return True
+            elif len(value) == len(inner) and all(_matches(v, t) for v, t in zip(value, inner)):
+                return True
+    return False
+
+
+def _typed(cls: type) -> type:
+    """Check every field of a config against its annotation before the class's own checks run: a string
+    "no" must not switch a technique on, and a bare number must not stand for a pair. JSON lists are
+    taken where a tuple is expected. Fields typed `Any` (or a bare `tuple`) are checked by the class."""
+    own = cls.__post_init__
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "Any")
+            value = getattr(self, f.name)
+            if isinstance(value, list) and "tuple" in annotation:
+                value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+                object.__setattr__(self, f.name, value)
+            if annotation in ("Any", "tuple", "tuple | None") or f.name == "apg":
+                continue
+            if not _matches(value, annotation):
+                shown = f"the string {value!r}" if isinstance(value, str) else repr(value)
+                raise TypeError(f"{cls.__name__}.{f.name}={shown} is not valid: it must be {_describe(annotation)}")
+        own(self)
+
+    cls.__post_init__ = __post_init__
+    return cls
+
+
+for _cls in (BottleneckConfig, StructureGuidanceConfig, RedilationConfig, EntropyScalingConfig, WindowAttentionConfig,
+             AttentionBackendConfig, APGConfig, PositionConfig, VAETilingConfig, MemoryConfig):
+    _SUBCONFIG_TYPES[_cls.__name__] = _typed(_cls)
 
 
 def validate_size(name: str, value: Any, multiple: int, family_name: str) -> None:

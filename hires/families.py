@@ -8,7 +8,9 @@ never assumed from the family's name.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 
@@ -234,16 +236,45 @@ def detect_family(pipe) -> Family:
     )
 
 
-def read_model_info(pipe) -> ModelInfo:
+# A model folder may record its training size where its pipeline class cannot tell it: this file,
+# beside model_index.json, holding {"base_size": [height, width]} in pixels.
+BASE_SIZE_FILE = "hires.json"
+
+
+def recorded_base_size(pipe) -> tuple[int, int] | None:
+    """The base size (pixels) recorded in the folder `pipe` was loaded from, if any."""
+    folder = _config_value(getattr(pipe, "config", {}), "_name_or_path")
+    path = Path(folder) / BASE_SIZE_FILE if folder else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        side = json.loads(path.read_text(encoding="utf-8"))["base_size"]
+        height, width = (side, side) if isinstance(side, int) else side
+        return int(height), int(width)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: expected {{\"base_size\": [height, width]}} in pixels ({err})") from None
+
+
+def read_model_info(pipe, base_size: int | tuple[int, int] | None = None) -> ModelInfo:
+    """The family and the facts of `pipe`; `base_size` (pixels) overrides the base size it reads."""
     family = detect_family(pipe)
     denoiser = getattr(pipe, family.denoiser_attr)
     latent_factor = int(pipe.vae_scale_factor)
 
-    source, key = family.base_size_source
-    side = _config_value(denoiser.config, key) if source == "denoiser_config" else getattr(pipe, key)
-    if side is None:
-        raise ValueError(f"cannot read the base size of {type(pipe).__name__}: {source}.{key} is not set")
-    base_h, base_w = (side, side) if isinstance(side, int) else tuple(side)
+    override = base_size if base_size is not None else recorded_base_size(pipe)
+    if override is not None:
+        base_h, base_w = (override, override) if isinstance(override, int) else tuple(override)
+        for side in (base_h, base_w):
+            if side % latent_factor:
+                raise ValueError(f"base_size={override!r}: {side} is not a multiple of the VAE factor {latent_factor}")
+        base_h, base_w = base_h // latent_factor, base_w // latent_factor
+    else:
+        source, key = family.base_size_source
+        side = _config_value(denoiser.config, key) if source == "denoiser_config" else getattr(pipe, key)
+        if side is None:
+            raise ValueError(f"cannot read the base size of {type(pipe).__name__}: {source}.{key} is not set; "
+                             "give HiresConfig(base_size=...)")
+        base_h, base_w = (side, side) if isinstance(side, int) else tuple(side)
 
     patch = family.patch_size
     patch = int(_config_value(denoiser.config, patch)) if isinstance(patch, str) else patch

@@ -531,7 +531,7 @@ def apply(pipe, config: HiresConfig | None = None):
     """
     if config is not None and not isinstance(config, HiresConfig):
         raise TypeError(f"config={config!r} must be a hires.HiresConfig (or None for the automatic preset)")
-    info = read_model_info(pipe)  # raises TypeError for unsupported pipelines
+    info = read_model_info(pipe, None if config is None else config.base_size)  # TypeError if unsupported
     if config is None:
         from .presets import automatic_config
 
