@@ -358,7 +358,9 @@ def load_pipeline_skeleton(path: Path):
                     components[name] = component_cls(transformers.AutoConfig.from_pretrained(folder))
         else:
             components[name] = component_cls.from_pretrained(folder)
-    return getattr(diffusers, index["_class_name"])(**components)
+    pipe = getattr(diffusers, index["_class_name"])(**components)
+    pipe.register_to_config(_name_or_path=str(path))  # as from_pretrained records it (hires.json is read there)
+    return pipe
 
 
 @dataclasses.dataclass
@@ -570,6 +572,8 @@ class Renderer:
             call["negative_prompt"] = job.negative
         if job.guidance is not None:
             call["guidance_scale"] = job.guidance
+        if "use_resolution_binning" in self.call_parameters:
+            call["use_resolution_binning"] = False  # --size is the size rendered: PixArt's bins would resize it
         if image is not None:
             from .sampling import progressive
 

@@ -82,6 +82,6 @@ def test_the_pipelines_own_size_rule_counts_when_the_vae_factor_is_smaller():
     # The testbed UNet's VAE downsamples 4x, but StableDiffusionPipeline.check_inputs demands multiples of 8.
     from hires.cli import DEFAULT_MODEL, load_pipeline_skeleton
 
-    info = hires.model_info(load_pipeline_skeleton(str(DEFAULT_MODEL)))
+    info = hires.model_info(load_pipeline_skeleton(DEFAULT_MODEL))
     assert (info.latent_factor, info.token_side, info.size_multiple) == (4, 4, 8)
     assert info.base_tokens == 16 * 16

@@ -113,7 +113,9 @@ def test_ntk_base(dim, scale):
     new = P.ntk_base(theta, scale, dim)
     assert new == pytest.approx(theta * scale ** (dim / (dim - 2)), rel=1e-12)
     # what NTK is built for: the lowest frequency becomes exactly the interpolated one, the highest is kept
-    lowest = lambda base: base ** (-(dim - 2) / dim)
+    def lowest(base):
+        return base ** (-(dim - 2) / dim)
+
     assert lowest(new) == pytest.approx(lowest(theta) / scale, rel=1e-10)
     freqs = P.rope_frequencies(dim, new)
     assert freqs[0].item() == 1.0 and freqs[-1].item() == pytest.approx(lowest(theta) / scale, rel=1e-10)

@@ -132,7 +132,9 @@ def test_renoise_and_truncated_schedules_follow_each_convention(name):
 def test_vp_alpha_bar_interpolates_fractional_timesteps_in_log_sigma():
     scheduler = _schedulers()["euler"]
     alphas = scheduler.alphas_cumprod.double()
-    sigma = lambda i: float(((1 - alphas[i]) / alphas[i]).sqrt())
+    def sigma(i):
+        return float(((1 - alphas[i]) / alphas[i]).sqrt())
+
     expected_sigma = math.exp(0.5 * math.log(sigma(500)) + 0.5 * math.log(sigma(501)))
     assert abs(float(schedules.vp_alpha_bar(scheduler, 500.5)) - 1 / (1 + expected_sigma**2)) < 1e-6
 

@@ -7,9 +7,6 @@ diffusers under `HiresConfig()`.
 Each family's tiny pipeline is saved once per session and every surface loads it from there (a
 reloaded tiny Flux differs from the in-memory one by ~2e-6). Tests share only those read-only
 folders and caches of results, so any subset runs alone and in any order.
-
-Cases failing on the current library are `xfail(strict=True)` with the bug as reason: each turns
-into a failure once the bug is fixed, and its mark should then go.
 """
 
 from __future__ import annotations
@@ -41,29 +38,14 @@ FAMILIES = tiny_models.FAMILY_NAMES
 HAS_BASE_SIZE = has_base_size_option()
 STAGED = ("structure_guidance_latent", "structure_guidance_pixel", "bottleneck")
 
-# -- the bugs of the current library, one reason each ------------------------------------------------
-CLI_PIXART = ("hires generate cannot turn off PixArt-Sigma's resolution binning (use_resolution_binning=True "
-              "by default): tiny PixArt's sample_size 8 has no bin table ('ValueError: Invalid sample size'); a "
-              "real PixArt would be binned back to its base size")
-
-
-def _surface_bug(surface: str, family: str, technique: str):
-    """(reason, the exception the test fails with) of a case the current library fails, else None."""
-    if surface == "cli" and family == "pixart":
-        return CLI_PIXART, AssertionError
-    return None
-
-
 def _cases(surface: str, constructions=(None,)) -> list:
     params = []
     for construction in constructions:
         for family in FAMILIES:
             for technique in techniques_for(family):
-                bug = _surface_bug(surface, family, technique)
-                marks = [pytest.mark.xfail(strict=True, reason=bug[0], raises=bug[1])] if bug else []
                 values = (family, technique) if construction is None else (construction, family, technique)
                 name = f"{family}-{technique}" if construction is None else f"{construction}-{family}-{technique}"
-                params.append(pytest.param(*values, marks=marks, id=name))
+                params.append(pytest.param(*values, id=name))
     return params
 
 
