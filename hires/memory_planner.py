@@ -284,6 +284,29 @@ def detect_budget(device: torch.device | str | None = None) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+# The least any call at height x width holds at once: its decoded image in float32 (3 channels).
+FLOOR_BYTES_PER_PIXEL = 3 * 4
+
+
+def check_request(height: int, width: int, device, budget: int | None = None, what: str = "the request") -> None:
+    """Refuse at once, by arithmetic and before anything is allocated, a size whose decoded image alone
+    exceeds the budget (default: the device's free memory). Fast at any size: no meta tensors."""
+    floor = FLOOR_BYTES_PER_PIXEL * height * width
+    if budget is None:
+        try:
+            budget = detect_budget(device)
+        except ValueError:
+            return  # no way to read the free memory here; the planner, when enabled, asks for a budget
+    if floor > budget:
+        side = int(math.sqrt(budget / FLOOR_BYTES_PER_PIXEL)) // 64 * 64
+        raise MemoryBudgetError(
+            f"{what} at {width}x{height} (width x height) cannot fit: its decoded image alone needs "
+            f"{format_bytes(floor)} ({width}x{height} pixels x {FLOOR_BYTES_PER_PIXEL} bytes, float32 RGB) and "
+            f"{torch.device(device)} has {format_bytes(budget)} free; ask for at most about {side}x{side} pixels "
+            "(or that area), or pass a larger MemoryConfig(max_memory=...) if more will be free"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
     """What the planner estimated and chose for one request (bytes)."""

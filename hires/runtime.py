@@ -422,9 +422,22 @@ class Attachment:
             for side in ("height", "width"):
                 if bound.get(side) is not None:
                     validate_size(side, bound[side], self.info.size_multiple, self.info.name)
+            height, width = bound.get("height"), bound.get("width")
+            if height is not None and width is not None and height * width > self.info.base_height * self.info.base_width:
+                self._check_memory_floor(height, width)
             return original(*args, **kwargs)
 
         return check_inputs
+
+    def _check_memory_floor(self, height: int, width: int) -> None:
+        """Above the base size, refuse before any work a size that cannot fit whatever hires does."""
+        from .config import parse_bytes
+        from .memory_planner import check_request
+
+        memory = self.config.memory
+        budget = parse_bytes(memory.max_memory, "MemoryConfig.max_memory") if memory.enabled and memory.max_memory \
+            else None
+        check_request(height, width, self.pipe._execution_device, budget, f"{type(self.pipe).__name__}.__call__")
 
     def _make_progress_bar(self, original):
         def progress_bar(iterable=None, total=None):
