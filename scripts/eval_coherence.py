@@ -50,9 +50,11 @@ SIZES = [
     ("1:3", "1:3 tall, 6.75x (288x96)", 288, 96),
 ]
 # Images per cell, chosen so the whole eval fits 30 minutes on the 2-core CPU (docs/testbed.md).
+# Measured cost per plain image at 15 steps, 1 thread, shared CPU: sd15 ~0.6 / 2.3 / 10 s at 4x / 16x / 64x,
+# flux ~1 / 3.4 / 20 s; structure guidance ~2.5x that. Small n is the price of 64x on a CPU.
 N_DEFAULT = {
-    "sd15": {"1x": 24, "4x": 12, "16x": 6, "64x": 2, "2:1": 4, "1:3": 4},
-    "flux": {"1x": 24, "4x": 6, "16x": 3, "64x": 1, "2:1": 2, "1:3": 2},
+    "sd15": {"1x": 48, "4x": 8, "16x": 4, "64x": 2, "2:1": 4, "1:3": 4},
+    "flux": {"1x": 48, "4x": 6, "16x": 3, "64x": 1, "2:1": 3, "1:3": 3},
 }
 SHEET_SIZES = ("16x", "64x")
 SHEET_ROWS = (trows.PLAIN, trows.TRIVIAL, trows.PRESET)
