@@ -1,18 +1,18 @@
-"""Count objects in testbed samples above the training size: the coherence number of hires.
+"""Coherence testbed v2: one object *and* native-scale detail, beside the trivial baseline.
 
-For each model (testbed_sd15, testbed_flux), each configuration row and each size (1x, 4x, 16x the
-64x64 training area, and a 2:1 wide size), generate K images per prompt, segment the prompted
-colour, count connected components (testbed_common.count_objects) and write a Markdown table and a
-PNG grid of samples.
+For each model (testbed_sd15, testbed_flux), each row (scripts/testbed_rows.py: plain diffusers, the
+trivial baseline = base size + bicubic upscale, the automatic preset, every technique alone, the best
+combinations) and each size (4x, 16x, 64x the 64x64 training area, a 2:1 and a 1:3 aspect), generate
+n images and score them with testbed_metrics.measure: objects of the prompted colour, shape of the
+largest, texture detail at the training period relative to 1x plain samples, halo, colour drift,
+speckle, clipping, and seconds per image as a ratio to plain at the same size.
 
-    python scripts/eval_coherence.py                      # defaults: docs/testbed.md, docs/testbed_grid.png
+    python scripts/eval_coherence.py                  # both models, docs/testbed.md + contact sheets
+    python scripts/eval_coherence.py --models sd15 --json /tmp/sd15.json --md /tmp/sd15.md
+    python scripts/eval_coherence.py --from-json /tmp/sd15.json /tmp/flux.json   # table from saved runs
 
-Rows are (name, function(pipe) -> context manager); the pipeline is configured inside the `with`
-and restored after it. `--rows techniques` uses `technique_rows(family)`: each technique module's
-testbed configurations, applied with `hires_row(config)` (hires.apply, then hires.remove).
-
-Determinism: image i of prompt j is drawn from its own generator seeded with seed + 1000*j + i, the
-same at every size and in every row, so rows differ only by what the configuration changes.
+Determinism: image i of a cell uses prompt i mod 12 and seed seed + 1000*(i mod 12) + i // 12, the
+same in every row, so rows differ only by what the configuration changes.
 """
 
 from __future__ import annotations
@@ -20,102 +20,44 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import numpy as np
+import testbed_common as tc
+import testbed_metrics as tm
+import testbed_rows as trows
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import testbed_common as tc  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "hires" / "assets"
 MODELS = {"sd15": ASSETS / "testbed_sd15", "flux": ASSETS / "testbed_flux"}
 MAX_SEQUENCE_LENGTH = 8  # the testbed T5 tokenizer's length; Flux's default of 512 is wasted here
+BASE = 64  # training size of both models
 
-Row = tuple[str, Callable[[object], ContextManager]]
-
-
-def plain(pipe) -> ContextManager:
-    return contextlib.nullcontext()
-
-
-ROWS: list[Row] = [("plain diffusers", plain)]
-
-
-def hires_row(config) -> Callable[[object], ContextManager]:
-    @contextlib.contextmanager
-    def use(pipe):
-        import hires
-
-        hires.apply(pipe, config)
-        try:
-            yield
-        finally:
-            hires.remove(pipe)
-
-    return use
-
-
-def extra_flux_rows() -> dict:
-    """Flux rows measured in a second run (docs/testbed.md)."""
-    import hires
-    from hires.sampling import bottleneck, progressive
-    from hires.techniques import attention
-
-    return {
-        "positions: NTK RoPE": hires.HiresConfig(positions=hires.PositionConfig(enabled=True, rope="ntk")),
-        "positions: interpolation (PI)": hires.HiresConfig(positions=hires.PositionConfig(enabled=True, rope="interpolation")),
-        "window attention (shifted)": attention.testbed_configs()["window attention (shifted)"],
-        "structure guidance (latent)": progressive.testbed_configs()["structure guidance (latent)"],
-        "bottleneck (default 10/70/20)": bottleneck.testbed_configs()["bottleneck (default 10/70/20)"],
-        # the shift policy alone (plain RoPE) and YaRN without it: plain diffusers is rope "none" + "dynamic"
-        "positions: plain RoPE, clamped shift": hires.HiresConfig(positions=hires.PositionConfig(enabled=True, rope="none")),
-        "positions: plain RoPE, static shift 6": hires.HiresConfig(positions=hires.PositionConfig(
-            enabled=True, rope="none", timestep_shift="static", shift=6.0)),
-        "positions: YaRN RoPE, dynamic shift": hires.HiresConfig(positions=hires.PositionConfig(
-            enabled=True, rope="yarn", timestep_shift="dynamic")),
-    }
-
-
-def technique_rows(family: str) -> list[Row]:
-    """Every technique's testbed configurations (each module names its own), the same at every size."""
-    import hires
-    from hires.sampling import bottleneck, progressive
-    from hires.techniques import attention, redilation
-
-    if family == "sd15":
-        configs = {name: hires.HiresConfig(redilation=c) for name, c in redilation.TESTBED_ROWS.items()}
-        configs.update(attention.testbed_configs())
-        configs.update(progressive.testbed_configs())
-        configs.update(bottleneck.testbed_configs())
-        configs["APG (preset)"] = hires.HiresConfig(apg=hires.APGConfig(enabled=True))
-    else:
-        positions = hires.PositionConfig(enabled=True)
-        pixel = progressive.testbed_configs()["structure guidance (pixel)"]
-        configs = {
-            "positions: default (YaRN RoPE, clamped shift)": hires.HiresConfig(positions=positions),
-            "entropy scaling": attention.testbed_configs()["entropy scaling"],
-            "structure guidance (pixel)": pixel,
-            "structure guidance + positions + entropy scaling": pixel.replace(
-                positions=positions, entropy_scaling=hires.EntropyScalingConfig(enabled=True)),
-        }
-        configs.update(extra_flux_rows())
-    return [("plain diffusers", plain)] + [(name, hires_row(c)) for name, c in configs.items()]
-
-# (label, height, width, default K per prompt). Larger sizes cost more per image, so fewer images.
+# (key, label, height, width). 1x is plain only: it is the detail reference.
 SIZES = [
-    ("1x (64x64)", 64, 64, 32),
-    ("4x (128x128)", 128, 128, 8),
-    ("2:1 wide, 4.5x (96x192)", 96, 192, 4),
-    ("16x (256x256)", 256, 256, 1),
+    ("1x", "1x (64x64)", 64, 64),
+    ("4x", "4x (128x128)", 128, 128),
+    ("16x", "16x (256x256)", 256, 256),
+    ("64x", "64x (512x512)", 512, 512),
+    ("2:1", "2:1 wide, 8x (128x256)", 128, 256),
+    ("1:3", "1:3 tall, 6.75x (288x96)", 288, 96),
 ]
+# Images per cell, chosen so the whole eval fits 30 minutes on the 2-core CPU (docs/testbed.md).
+# Measured cost per plain image at 15 steps, 1 thread, shared CPU: sd15 ~0.6 / 2.3 / 10 s at 4x / 16x / 64x,
+# flux ~1 / 3.4 / 20 s; structure guidance ~2.5x that. Small n is the price of 64x on a CPU.
+N_DEFAULT = {
+    "sd15": {"1x": 48, "4x": 8, "16x": 4, "64x": 2, "2:1": 4, "1:3": 4},
+    "flux": {"1x": 48, "4x": 6, "16x": 3, "64x": 1, "2:1": 3, "1:3": 3},
+}
+SHEET_SIZES = ("16x", "64x")
+SHEET_ROWS = (trows.PLAIN, trows.TRIVIAL, trows.PRESET)
 
 
 def load_pipeline(family: str, path: Path):
@@ -128,81 +70,171 @@ def load_pipeline(family: str, path: Path):
 
         pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
         # FluxPipeline hard-codes a 1024-class default size; this DiT's base (what hires scales from) is 64 px.
-        pipe.default_sample_size = 64 // pipe.vae_scale_factor
+        pipe.default_sample_size = BASE // pipe.vae_scale_factor
         return pipe
     raise ValueError(f"family={family!r} is not one of {tuple(MODELS)}")
 
 
-def generate(pipe, family: str, prompt: str, seeds: list[int], height: int, width: int, steps: int,
-             guidance: float, batch: int) -> list[np.ndarray]:
-    """uint8 images, one per seed, each from its own generator (independent of batching)."""
+def base_size(height: int, width: int) -> tuple[int, int]:
+    """The trivial baseline's generation size: the training area at the request's aspect, sides
+    multiples of 16 (both pipelines' latent grids), at least 32."""
+    s = (height * width / BASE**2) ** 0.5
+    return max(32, round(height / s / 16) * 16), max(32, round(width / s / 16) * 16)
+
+
+def cell_items(n: int, seed: int) -> list[tuple[int, str, str, str, int]]:
+    """(i, prompt, colour, shape, seed) of the cell's n images."""
+    prompts = tc.all_prompts()
     out = []
-    for i in range(0, len(seeds), batch):
-        chunk = seeds[i : i + batch]
-        gens = [torch.Generator().manual_seed(s) for s in chunk]
-        kw = dict(prompt=[prompt] * len(chunk), height=height, width=width, num_inference_steps=steps,
-                  generator=gens, output_type="np")
+    for i in range(n):
+        j = i % len(prompts)
+        p, c, s = prompts[j]
+        out.append((i, p, c, s, seed + 1000 * j + i // len(prompts)))
+    return out
+
+
+def generate(pipe, family, prompts, seeds, height, width, args) -> list[np.ndarray]:
+    """uint8 images, each from its own generator (independent of batching)."""
+    out = []
+    for a in range(0, len(prompts), args.batch):
+        ps, ss = prompts[a : a + args.batch], seeds[a : a + args.batch]
+        kw = {"prompt": ps, "height": height, "width": width, "num_inference_steps": args.steps,
+              "generator": [torch.Generator().manual_seed(s) for s in ss], "output_type": "np"}
         if family == "flux":
-            kw.update(negative_prompt=[""] * len(chunk), true_cfg_scale=guidance,
+            kw.update(negative_prompt=[""] * len(ps), true_cfg_scale=args.guidance[family],
                       max_sequence_length=MAX_SEQUENCE_LENGTH)
         else:
-            kw.update(guidance_scale=guidance)
+            kw.update(guidance_scale=args.guidance[family])
         with torch.no_grad():
             imgs = pipe(**kw).images
         out.extend((np.clip(imgs, 0, 1) * 255).round().astype(np.uint8))
     return out
 
 
-def sample_seed(seed: int, prompt_index: int, i: int) -> int:
-    return seed + 1000 * prompt_index + i
+def trivial(pipe, family, prompts, seeds, height, width, args) -> list[np.ndarray]:
+    bh, bw = base_size(height, width)
+    small = generate(pipe, family, prompts, seeds, bh, bw, args)
+    return [np.asarray(Image.fromarray(im).resize((width, height), Image.BICUBIC)) for im in small]
 
 
-def run_model(family: str, args) -> tuple[list[dict], dict]:
-    """All rows and sizes of one model; a separate process per model when --jobs > 1."""
+@contextlib.contextmanager
+def applied(pipe, row: trows.Row):
+    if row.kind in (trows.PLAIN, trows.TRIVIAL):
+        yield
+        return
+    import hires
+
+    hires.apply(pipe) if row.kind == trows.PRESET else hires.apply(pipe, row.config)
+    try:
+        yield
+    finally:
+        hires.remove(pipe)
+
+
+def run_model(family: str, args) -> dict:
+    """Every row and size of one model; a separate process per model when --jobs > 1."""
     torch.set_num_threads(args.threads)
-    prompts = tc.all_prompts()[: args.prompts] if args.prompts else tc.all_prompts()
-    results, grid = [], {}
-    pipe = load_pipeline(family, Path(args.model_dir[family]) if args.model_dir else MODELS[family])
+    t_model = time.time()
+    pipe = load_pipeline(family, Path(args.model_dir.get(family, MODELS[family])))
     pipe.set_progress_bar_config(disable=True)
-    rows = technique_rows(family) if args.rows == "techniques" else ROWS
+    rows = trows.ROWS[family]()
     if args.only_rows:
-        unknown = sorted(set(args.only_rows) - {name for name, _ in rows})
-        if unknown:
-            raise SystemExit(f"--only-rows {unknown}: no such {family} row; rows are: {', '.join(n for n, _ in rows)}")
-        rows = [(name, row) for name, row in rows if name in args.only_rows]
-    for row_name, row in rows:
-        with row(pipe):
-            for label, h, w, k in args.sizes:
-                t0 = time.time()
-                counts, shown = [], []
-                for j, (prompt, colour, _) in enumerate(prompts):
-                    seeds = [sample_seed(args.seed, j, i) for i in range(k)]
-                    imgs = generate(pipe, family, prompt, seeds, h, w, args.steps, args.guidance[family],
-                                    args.batch)
-                    counts += [tc.count_objects(im, colour) for im in imgs]
-                    shown.append(imgs[0])
-                st = tc.summarise(counts)
-                secs = time.time() - t0
-                results.append(dict(model=family, row=row_name, size=label, height=h, width=w,
-                                    k_per_prompt=k, n_images=st.k,
-                                    share_exactly_one=st.share_exactly_one, mean_count=st.mean_count,
-                                    mean_area=st.mean_area, seconds=round(secs, 1)))
-                grid[(family, row_name, label)] = shown
-                print(f"{family:5s} {row_name:16s} {label:24s} one={st.share_exactly_one:.3f} "
-                      f"count={st.mean_count:.2f} area={st.mean_area:.4f} ({secs:.0f}s)", flush=True)
-    return results, grid
+        rows = [r for r in rows if r.kind == trows.PLAIN or r.name in args.only_rows]
+    sizes = [s for s in SIZES if s[0] == "1x" or s[0] in args.sizes]
+    n_for = {k: (args.n if args.n else N_DEFAULT[family][k]) for k, *_ in SIZES}
+    n_for["1x"] = args.n_1x or N_DEFAULT[family]["1x"]
+
+    cells, sheet, ref, plain_secs = [], {}, None, {}
+    for row in rows:
+        with applied(pipe, row):
+            for key, label, h, w in sizes:
+                if key == "1x" and row.kind != trows.PLAIN:
+                    continue
+                items = cell_items(n_for[key], args.seed)
+                prompts, seeds = [it[1] for it in items], [it[4] for it in items]
+                make = trivial if row.kind == trows.TRIVIAL else generate
+                t0 = time.perf_counter()
+                try:
+                    imgs = make(pipe, family, prompts, seeds, h, w, args)
+                except (ValueError, RuntimeError) as err:  # a row that cannot run here is a result too
+                    cells.append({"model": family, "row": row.name, "group": row.group, "kind": row.kind,
+                                  "size": key, "label": label, "height": h, "width": w, "n": 0,
+                                  "error": f"{type(err).__name__}: {err}"})
+                    print(f"{family} | {row.name} | {key}: {type(err).__name__}: {err}", flush=True)
+                    continue
+                secs = (time.perf_counter() - t0) / len(imgs)
+                measures = [tm.measure(im, it[2], it[3]) for im, it in zip(imgs, items)]
+                if key == "1x":
+                    ref = tm.Reference.of(measures)
+                if row.kind == trows.PLAIN:
+                    plain_secs[key] = secs
+                st = tm.summarise(measures, ref)
+                cells.append({"model": family, "row": row.name, "group": row.group, "kind": row.kind,
+                              "size": key, "label": label, "height": h, "width": w,
+                              "seconds_per_image": secs, "time_ratio": secs / plain_secs[key], **st})
+                if key in SHEET_SIZES and row.kind in SHEET_ROWS:
+                    sheet[(row.kind, key)] = imgs[: args.sheet_n]
+                print(f"{family} | {row.name[:44]:44s} | {key:4s} n={st['n']:2d} one={st['one']:.2f} "
+                      f"shape={st['shape']:.2f} detail={st['detail']:.2f}/{st['detail_bg']:.2f} "
+                      f"halo={st['halo']:.3f} hue={st['hue_error']:.1f} t={secs:.1f}s", flush=True)
+    if sheet:
+        write_sheet(sheet, args.sheet_dir / f"testbed_sheet_{family}.png")
+    return {"model": family, "cells": cells, "reference": vars(ref) if ref else None,
+            "n": n_for, "seconds": time.time() - t_model, "record": model_record(family, args)}
+
+
+def write_sheet(sheet: dict, path: Path, gap: int = 6):
+    """Rows plain / trivial baseline / preset; columns 16x then 64x, same seeds, at native pixels
+    (downscaling would erase the texture the sheet is there to show)."""
+    bands = []
+    for kind in SHEET_ROWS:
+        tiles = []
+        for key in SHEET_SIZES:
+            for im in sheet.get((kind, key), []):
+                tiles += [im, np.full((im.shape[0], gap, 3), 255, np.uint8)]
+        if not tiles:
+            continue
+        hmax = max(t.shape[0] for t in tiles)
+        tiles = [np.pad(t, ((0, hmax - t.shape[0]), (0, 0), (0, 0)), constant_values=255) for t in tiles]
+        bands.append(np.concatenate(tiles, axis=1))
+    width = max(b.shape[1] for b in bands)
+    out = []
+    for b in bands:
+        out += [np.pad(b, ((0, gap), (0, width - b.shape[1]), (0, 0)), constant_values=255)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(out, axis=0)).quantize(colors=192, method=Image.Quantize.MEDIANCUT).save(
+        path, optimize=True)
+
+
+def model_record(family: str, args) -> str:
+    """What the evaluated model is, read from the training record shipped beside its weights."""
+    folder = Path(args.model_dir.get(family, MODELS[family]))
+    rec_path = folder / "training.json"
+    if not rec_path.exists():
+        return f"`{folder}` (no training record)"
+    rec = json.loads(rec_path.read_text())
+    a, v = rec["args"], rec.get("vae_record", {})
+    params = rec.get("params_unet") or rec.get("params_transformer")
+    if family == "sd15":
+        arch = (f"UNet2DConditionModel {params / 1e6:.2f}M params, channels {a['unet_channels']}, "
+                f"{a['layers_per_block']} layer(s) per block, eps-prediction")
+    else:
+        arch = (f"FluxTransformer2DModel {params / 1e6:.2f}M params, {a['flux_double']} double + "
+                f"{a['flux_single']} single blocks, {a['flux_heads']} heads x {a['flux_head_dim']}, flow matching")
+    secs = rec.get("train_seconds_training_run", rec["train_seconds_this_run"])
+    vae = (f"VAE channels {v.get('args', {}).get('vae_channels')}, latent factor 4, {v.get('steps_done')} steps, "
+           f"texture kept through its round trip: objects {v.get('recon_object_detail_ratio', float('nan')):.2f}, "
+           f"background {v.get('recon_background_detail_ratio', float('nan')):.2f}")
+    return (f"`{folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder}`: {arch}; "
+            f"{rec['steps_done']} steps of batch {a['batch_size']} on {a['n_data']} images, lr {a['lr']}, "
+            f"final loss {rec['final_loss']:.4f}, {secs:.0f} s training; {vae}.")
 
 
 def run(args) -> dict:
-    prompts = tc.all_prompts()[: args.prompts] if args.prompts else tc.all_prompts()
-    args.sizes = [(lab, h, w, args.k if args.k else k) for lab, h, w, k in SIZES
-                  if not args.sizes or lab.split()[0] in args.sizes]
-    if args.k_1x:
-        args.sizes[0] = (*args.sizes[0][:3], args.k_1x)
     t_all = time.time()
     if args.jobs > 1 and len(args.models) > 1:
-        # One process per model: on a small shared CPU, single-threaded processes side by side
-        # finish sooner than one multi-threaded process. Numbers do not depend on this.
+        # One process per model: single-threaded processes side by side finish sooner on a small
+        # CPU than one multi-threaded process. Numbers do not depend on this.
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
@@ -210,147 +242,130 @@ def run(args) -> dict:
             parts = list(ex.map(run_model, args.models, [args] * len(args.models)))
     else:
         parts = [run_model(f, args) for f in args.models]
-    results = [r for rs, _ in parts for r in rs]
-    grid = {k: v for _, g in parts for k, v in g.items()}
-    return dict(results=results, grid=grid, wall=time.time() - t_all, prompts=[p for p, _, _ in prompts])
+    return {"models": parts, "wall": time.time() - t_all, "argv": sys.argv[1:], "steps": args.steps,
+            "guidance": args.guidance, "seed": args.seed,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{min(args.jobs, len(args.models))} process(es) x {args.threads} thread(s)",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def write_grid(grid: dict, path: Path, n_show: int, cell: int = 80):
-    """One strip per (model, row, size): the first sample of the first n_show prompts."""
-    strips = []
-    for (_, _, _), imgs in grid.items():
-        tiles = []
-        for im in [imgs[j * 5 % len(imgs)] for j in range(min(n_show, len(imgs)))]:
-            h, w = im.shape[:2]
-            scale = cell / h
-            tiles.append(np.asarray(Image.fromarray(im).resize((round(w * scale), cell), Image.LANCZOS)))
-            tiles.append(np.full((cell, 4, 3), 255, np.uint8))
-        strips.append(np.concatenate(tiles, axis=1))
-    width = max(s.shape[1] for s in strips)
-    rows = []
-    for s in strips:
-        pad = np.full((cell, width - s.shape[1], 3), 255, np.uint8)
-        rows += [np.concatenate([s, pad], axis=1), np.full((4, width, 3), 255, np.uint8)]
-    # A 128-colour palette keeps the PNG small (<300 KB) at no visible cost for these images.
-    img = Image.fromarray(np.concatenate(rows, axis=0)).quantize(colors=128, method=Image.Quantize.MEDIANCUT)
-    img.save(path, optimize=True)
+def _ci(lo_hi) -> str:
+    return f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}"
 
 
-def model_lines(args) -> list[str]:
-    """What each evaluated model is, read from the training record shipped beside its weights."""
-    lines = ["", "Models (from each folder's `training.json`):", ""]
-    for family in args.models:
-        folder = Path(args.model_dir[family]) if args.model_dir else MODELS[family]
-        rec_path = folder / "training.json"
-        if not rec_path.exists():
-            lines.append(f"- {family}: `{folder}` (no training record)")
-            continue
-        rec = json.loads(rec_path.read_text())
-        a, v = rec["args"], rec.get("vae_record", {})
-        params = rec.get("params_unet") or rec.get("params_transformer")
-        if family == "sd15":
-            arch = (f"UNet2DConditionModel {params / 1e6:.2f}M params, channels {a['unet_channels']}, "
-                    f"{a['layers_per_block']} layer(s) per block, eps-prediction, DDPM scaled_linear betas")
-        else:
-            arch = (f"FluxTransformer2DModel {params / 1e6:.2f}M params, {a['flux_double']} double + "
-                    f"{a['flux_single']} single blocks, {a['flux_heads']} heads x {a['flux_head_dim']}, "
-                    "RoPE, flow matching")
-        secs = rec.get("train_seconds_training_run", rec["train_seconds_this_run"])
-        lines.append(
-            f"- {family}: {arch}; {rec['steps_done']} steps of batch {a['batch_size']} on {a['n_data']} "
-            f"images, lr {a['lr']}, final loss {rec['final_loss']:.4f}, {secs:.0f} s training. "
-            f"VAE: AutoencoderKL channels {v.get('args', {}).get('vae_channels')}, latent factor 4, "
-            f"{v.get('steps_done')} steps, final loss {v.get('final_loss', float('nan')):.4f}."
-        )
-    return lines
+def _f(x, fmt) -> str:
+    return "—" if x is None or math.isnan(x) else format(x, fmt)
 
 
-def write_markdown(res: dict, args, path: Path, grid_path: Path, n_show: int):
+def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
     lines = [
-        "# Coherence testbed results",
+        "# Coherence testbed v2 results",
         "",
-        "Generated by `python scripts/eval_coherence.py` "
-        f"(`{' '.join(sys.argv[1:]) or 'default arguments'}`). Do not edit by hand.",
+        *([notes.read_text().rstrip(), ""] if notes else []),
+        ("Generated by `scripts/eval_coherence.py`; do not edit by hand. What the testbed asks: one coherent "
+        "subject *and* detail at the output's own pixel scale, beside the trivial baseline (base size + "
+        "bicubic upscale), with no halo and no colour drift."),
         "",
-        f"- Models: {', '.join(f'`hires/assets/testbed_{m}`' for m in args.models)} "
-        "(trained at 64x64 by `scripts/train_testbed.py`; see each folder's `training.json`).",
-        f"- Prompts ({len(res['prompts'])}): " + ", ".join(f'"{p}"' for p in res["prompts"]) + ".",
-        f"- K = images per prompt (column K); image i of prompt j uses seed {args.seed} + 1000*j + i.",
-        f"- Sampling: {args.steps} steps; sd15: DDIM, guidance_scale {args.guidance['sd15']}; "
-        f"flux: flow-match Euler with Flux's size-dependent shift, true_cfg_scale {args.guidance['flux']} "
-        f"(negative prompt \"\"), max_sequence_length {MAX_SEQUENCE_LENGTH}.",
-        "- Metric (`scripts/testbed_common.py`): pixels within the prompted colour's hue band "
-        f"(+-{tc.HUE_HALF_WIDTH} deg, saturation >= {tc.MIN_SATURATION}), 8-connected components of at "
-        "least max(24 px, 0.05% of the image). *one* = share of images with exactly one such object; "
-        "*count* = mean objects per image; *area* = mean object area / image area.",
-        f"- Wall time {res['wall']:.0f} s on {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}, {args.jobs} process(es) x {args.threads} thread(s); the CPU "
-        "was shared with other work, so seconds are indicative only.",
+        "## How it was measured",
         "",
-        *model_lines(args),
-        "",
-        "| model | configuration | size | K | images | one | count | area | seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in res["results"]:
-        lines.append(
-            f"| {r['model']} | {r['row']} | {r['size']} | {r['k_per_prompt']} | {r['n_images']} | "
-            f"{r['share_exactly_one']:.3f} | {r['mean_count']:.2f} | {r['mean_area']:.4f} | {r['seconds']:.0f} |"
-        )
-    lines += [
-        "",
-        f"![samples]({grid_path.name})",
-        "",
-        f"`{grid_path.name}`: one strip per model / configuration / size, in table order; the first "
-        f"sample (i = 0) of prompts j = 0, 5, 10, 3 (first {n_show} of j*5 mod 12: red circle, yellow square, "
-        "green triangle, blue circle), scaled to a common height.",
+        ("- Pictures (`scripts/testbed_common.py`): 64x64, one shape of the prompted colour whose interior "
+        f"carries sinusoidal stripes of period {tc.OBJECT_PERIOD:g} px (along x+y), on a grey background "
+        f"with a grain of period {tc.BACKGROUND_PERIOD:g} px (along x-y). A model that really draws at a larger "
+        "size keeps these periods; an upscaled base image shows them k times too coarse."),
+        ("- Metrics (`scripts/testbed_metrics.py`, the same code the tests check on drawn pictures): "
+        "*one* = share of images with exactly one object of the prompted colour (8-connected, at least "
+        "max(24 px, 0.05% of the image)); *shape* = share whose largest object has the prompted shape "
+        "(bounding-box fill ratio); *detail* / *bg detail* = contrast of the texture at its training period "
+        "(log-Gabor ring) inside the objects / in the background, divided by the mean of 1x plain samples "
+        "of the same model (1.0 = as detailed as native); *halo* = luminance overshoot just outside the "
+        "largest object's edge beyond the background, as a share of the object/background contrast; "
+        "*hue* = |hue error| in degrees and *sat* = |saturation error| of the largest object against the "
+        "trained colour; *speckle* = share of saturated pixels outside counted objects; *clip* = share of "
+        "pixels with a channel at 0 or 255; *time* = seconds per image over plain's at the same size."),
+        ("- Shares carry a 95% Wilson interval (in brackets); n = images per cell. Image i of a cell uses prompt "
+        "i mod 12 (the 12 colour x shape captions) and seed 1000*(i mod 12) + i//12, the same in every row."),
+        ("- The trivial baseline generates at the training area with the request's aspect (sides multiples "
+        "of 16: 64x64 for square sizes, 48x96 for 2:1, 112x32 for 1:3), then bicubic-upscales."),
         "",
     ]
+    for i, r in enumerate(runs):
+        lines += [f"### Run {i + 1}: `python scripts/eval_coherence.py {' '.join(r['argv'])}`", "",
+                  (f"- {r['date']}, {r['machine']}; wall time {r['wall']:.0f} s; {r['steps']} steps; "
+                  f"sd15: DDIM, guidance_scale {r['guidance']['sd15']}; flux: flow-match Euler with Flux's "
+                  f"size-dependent shift, true_cfg_scale {r['guidance']['flux']} (negative prompt \"\"), "
+                  f"max_sequence_length {MAX_SEQUENCE_LENGTH}. The CPU was shared with other work, so "
+                  "seconds are indicative; ratios are taken within the run.")]
+        for m in r["models"]:
+            lines.append(f"- {m['model']} ({m['seconds']:.0f} s): {m['record']} n per size: "
+                         + ", ".join(f"{k} {v}" for k, v in m["n"].items()) + ".")
+        lines.append("")
+    for i, r in enumerate(runs):
+        for m in r["models"]:
+            lines += [f"## {m['model']}" + (f" (run {i + 1})" if len(runs) > 1 else ""), "",
+                      ("| row | size | n | one [95%] | shape [95%] | count | detail | bg detail | halo | hue | sat "
+                      "| speckle | clip | time |"),
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for c in m["cells"]:
+                if "error" in c:
+                    lines.append(f"| {c['row']} | {c['label']} | 0 | failed: {c['error'][:160]} |" + " |" * 10)
+                    continue
+                lines.append(
+                    f"| {c['row']} | {c['label']} | {c['n']} | {c['one']:.2f} [{_ci(c['one_ci'])}] | "
+                    f"{c['shape']:.2f} [{_ci(c['shape_ci'])}] | {c['count']:.2f} | {_f(c['detail'], '.2f')} | "
+                    f"{_f(c['detail_bg'], '.2f')} | {_f(c['halo'], '.3f')} | {_f(c['hue_error'], '.1f')} | "
+                    f"{_f(c['sat_error'], '.3f')} | {c['speckle']:.4f} | {c['clipped']:.4f} | "
+                    f"{c['time_ratio']:.2f} |")
+            if i:  # contact sheets are written by the first run only
+                lines.append("")
+                continue
+            lines += ["", f"![contact sheet {m['model']}](testbed_sheet_{m['model']}.png)", "",
+                      (f"`testbed_sheet_{m['model']}.png`: rows plain diffusers / trivial baseline / automatic preset; "
+                      "the first images of the 16x cell, then of the 64x cell (same prompts and seeds in each row), "
+                      "at native pixels."), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--model-dir", nargs=2, action="append", metavar=("FAMILY", "PATH"),
+    p.add_argument("--model-dir", nargs=2, action="append", metavar=("FAMILY", "PATH"), default=[],
                    help="evaluate another folder for a family, e.g. --model-dir sd15 /tmp/x")
-    p.add_argument("--k", type=int, help="images per prompt at every size (default: per size)")
-    p.add_argument("--k-1x", type=int, help="images per prompt at 1x only")
-    p.add_argument("--prompts", type=int, help="use only the first N prompts")
-    p.add_argument("--sizes", nargs="+", choices=[lab.split()[0] for lab, *_ in SIZES],
-                   help="evaluate only these sizes (default: all)")
-    p.add_argument("--rows", choices=("plain", "techniques"), default="plain",
-                   help="plain: diffusers alone; techniques: every technique's testbed rows (hires.*.testbed_configs)")
-    p.add_argument("--only-rows", nargs="+", metavar="ROW", help="evaluate only the rows with these names")
+    p.add_argument("--n", type=int, help="images per cell at every size above 1x (default: per model and size)")
+    p.add_argument("--n-1x", type=int, help="images in the 1x reference cell")
+    p.add_argument("--sizes", nargs="+", default=[k for k, *_ in SIZES[1:]], choices=[k for k, *_ in SIZES[1:]])
+    p.add_argument("--only-rows", nargs="+", metavar="ROW", help="evaluate only these rows (plain always runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--guidance-sd15", type=float, default=5.0)
     p.add_argument("--guidance-flux", type=float, default=4.0)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads per model process")
     p.add_argument("--jobs", type=int, default=2, help="models evaluated in parallel processes")
     p.add_argument("--md", type=Path, default=REPO / "docs" / "testbed.md")
-    p.add_argument("--png", type=Path, default=REPO / "docs" / "testbed_grid.png")
+    p.add_argument("--sheet-dir", type=Path, default=REPO / "docs")
+    p.add_argument("--sheet-n", type=int, default=2, help="images per size in the contact sheets")
     p.add_argument("--json", type=Path, help="also write the numbers as JSON here")
-    p.add_argument("--show", type=int, default=4, help="prompts shown per strip in the grid")
+    p.add_argument("--from-json", type=Path, nargs="+", help="write --md from saved runs, generating nothing")
+    p.add_argument("--notes", type=Path, help="hand-written findings (Markdown) placed under the title")
     args = p.parse_args(argv)
-    args.model_dir = {f: pth for f, pth in args.model_dir} if args.model_dir else None
-    if args.model_dir:
-        args.model_dir = {f: args.model_dir.get(f, MODELS[f]) for f in MODELS}
+    args.model_dir = dict(args.model_dir)
     args.guidance = {"sd15": args.guidance_sd15, "flux": args.guidance_flux}
     return args
 
 
 def main(argv=None):
     args = parse(argv)
+    if args.from_json:
+        write_markdown([json.loads(f.read_text()) for f in args.from_json], args.md, args.notes)
+        print(f"wrote {args.md} from {len(args.from_json)} run(s)")
+        return
     torch.set_num_threads(args.threads)
     res = run(args)
-    args.md.parent.mkdir(parents=True, exist_ok=True)
-    write_grid(res["grid"], args.png, args.show)
-    write_markdown(res, args, args.md, args.png, args.show)
     if args.json:
-        args.json.write_text(json.dumps({k: v for k, v in res.items() if k != "grid"}, indent=1) + "\n")
-    print(f"wrote {args.md} and {args.png} ({args.png.stat().st_size // 1024} KB) in {res['wall']:.0f} s")
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    write_markdown([res], args.md, args.notes)
+    print(f"wrote {args.md} in {res['wall']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Shared pieces of the coherence testbed: the synthetic data set and the object-count metric.
 
+Testbed v2: the shapes carry texture at a fixed pixel period (see OBJECT_PERIOD), measured by
+testbed_metrics.py together with halo, colour drift, speckle and clipping.
+
 One implementation used by train_testbed.py, eval_coherence.py and tests/test_testbed.py, so the
 data a model is trained on and the metric that judges it cannot drift apart.
 """
@@ -49,18 +52,37 @@ class Sample:
     caption: str
 
 
+# Native-scale detail (testbed v2): every picture carries texture of a fixed period in *pixels*, so
+# a model that really draws at a larger size keeps that period while an upscaled base image shows it
+# k times too coarse. Sinusoids keep the spectrum to one ring (no harmonics to confuse the metric);
+# the two textures run at right angles and different periods so each region is measured on its own.
+OBJECT_PERIOD = 6.0  # px, object stripes along (x + y): "/" stripes 3 px wide
+BACKGROUND_PERIOD = 4.0  # px, background grain along (x - y)
+OBJECT_TEXTURE = 0.18  # object colour is scaled by 0.9 +- this (hue and saturation stay)
+BACKGROUND_TEXTURE = 12.0  # grey levels, +- amplitude of the background grain
+
+
+def diagonal_wave(size_hw: tuple[int, int], period: float, phase: float, sign: int) -> np.ndarray:
+    """sin(2 pi (x + sign*y) / (sqrt 2 period) + phase): stripes of `period` px across, float32."""
+    h, w = size_hw
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.sin(2 * np.pi * (x + sign * y) / (np.sqrt(2) * period) + phase).astype(np.float32)
+
+
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Plain or softly textured low-saturation background, float in [0, 255]."""
-    grey = rng.uniform(150, 235)
+    """Low-saturation grey with a fine grain of BACKGROUND_PERIOD px, float in [0, 255]."""
+    grey = rng.uniform(150, 222)
     tint = rng.uniform(-8, 8, size=3)  # slight warm/cool cast, still far below MIN_SATURATION
     base = np.clip(grey + tint, 0, 255)
     img = np.broadcast_to(base, (size, size, 3)).astype(np.float32).copy()
     if rng.random() < 0.5:
-        # Low-frequency texture: coarse noise upsampled smoothly; amplitude small and grey.
+        # Low-frequency shading: coarse noise upsampled smoothly; amplitude small and grey.
         coarse = rng.normal(0, 1, size=(5, 5)).astype(np.float32)
         tex = ndimage.zoom(coarse, size / 5, order=3)[:size, :size]
-        img += (rng.uniform(6, 14) * tex)[..., None]
-    return np.clip(img, 0, 255)
+        img += (rng.uniform(4, 8) * tex)[..., None]
+    grain = diagonal_wave((size, size), BACKGROUND_PERIOD, rng.uniform(0, 2 * np.pi), -1)
+    img += (BACKGROUND_TEXTURE * grain)[..., None]
+    return np.clip(img, 1, 254)
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
@@ -92,8 +114,9 @@ def make_sample(seed: int, index: int, size: int = IMAGE_SIZE) -> Sample:
     cx = rng.uniform(r + 1, size - r - 1)
     cy = rng.uniform(r + 1, size - r - 1)
     cov = _shape_mask(shape, size, cx, cy, r)[..., None]
-    col = np.array(COLOURS[colour], np.float32) + rng.uniform(-12, 12, size=3)
-    img = img * (1 - cov) + np.clip(col, 0, 255) * cov
+    col = np.clip(np.array(COLOURS[colour], np.float32) + rng.uniform(-12, 12, size=3), 0, 230)
+    stripes = 0.9 + OBJECT_TEXTURE * diagonal_wave((size, size), OBJECT_PERIOD, rng.uniform(0, 2 * np.pi), 1)
+    img = img * (1 - cov) + np.clip(col * stripes[..., None], 1, 254) * cov
     return Sample(img.round().astype(np.uint8), colour, shape, caption(colour, shape))
 
 
@@ -127,7 +150,7 @@ def min_object_area(height: int, width: int) -> int:
     The smallest training object (half-extent 0.12 * 64 px, a triangle) covers ~115 px; a quarter
     of that still counts, so a small duplicate at any output size is never missed.
     """
-    return max(24, int(round(0.0005 * height * width)))
+    return max(24, round(0.0005 * height * width))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import testbed_common as tc  # noqa: E402
+import testbed_common as tc
 
 LOSS_WINDOW = 25  # steps per logged mean loss
 
@@ -246,6 +246,23 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def texture_survival(images: np.ndarray, recon: torch.Tensor, seed: int) -> dict:
+    """Native-scale detail of VAE reconstructions relative to their originals (1.0 = kept): the
+    texture's period is a few pixels at latent factor 4, so the round trip must be checked."""
+    import testbed_metrics as tm
+
+    rec = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    caps = [tc.make_sample(seed, i) for i in range(len(images))]  # colour/shape of each original
+    orig = [tm.measure(im, c.colour, c.shape) for im, c in zip(images, caps)]
+    back = [tm.measure(im, c.colour, c.shape) for im, c in zip(rec, caps)]
+    return {
+        "recon_object_detail_ratio": tm.nanmean(m.object_detail for m in back) / tm.nanmean(m.object_detail for m in orig),
+        "recon_background_detail_ratio": tm.nanmean(m.background_detail for m in back)
+        / tm.nanmean(m.background_detail for m in orig),
+        "recon_one_object_share": float(np.mean([m.n_objects == 1 for m in back])),
+    }
+
+
 def train_vae(args, out: Path, work: Path):
     images, _ = tc.make_dataset(args.seed, args.n_data)
     x_all = images_to_tensor(images)
@@ -273,6 +290,7 @@ def train_vae(args, out: Path, work: Path):
     vae.save_pretrained(out, safe_serialization=True)
     write_record(out, args, tr, time.time() - t0, {
         "recon_mse_first256": float(F.mse_loss(recon, x_all[:256])),
+        **texture_survival(images[:256], recon, args.seed),
         "latent_mean": float(z.mean()), "latent_std": float(z.std()),
     })
 
@@ -305,7 +323,7 @@ def train_sd15(args, out: Path, work: Path):
     vae = AutoencoderKL.from_pretrained(args.vae).eval().requires_grad_(False)
     tok = build_tokenizer(args.max_length)
     te = build_clip(args.seed + 7, len(tok), args.max_length)
-    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
     unet = build_unet(args, te.config.hidden_size)
     sched = DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
@@ -398,9 +416,9 @@ def train_flux(args, out: Path, work: Path):
 # ---------------------------------------------------------------- CLI
 
 DEFAULTS = {
-    "vae": dict(steps=800, batch_size=32, lr=1e-3, warmup=50, n_data=8192),
-    "sd15": dict(steps=2000, batch_size=64, lr=1e-3, warmup=100, n_data=16384),
-    "flux": dict(steps=3000, batch_size=64, lr=5e-4, warmup=100, n_data=16384),
+    "vae": {"steps": 800, "batch_size": 32, "lr": 1e-3, "warmup": 50, "n_data": 8192},
+    "sd15": {"steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup": 100, "n_data": 16384},
+    "flux": {"steps": 3000, "batch_size": 64, "lr": 5e-4, "warmup": 100, "n_data": 16384},
 }
 
 

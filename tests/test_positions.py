@@ -5,10 +5,12 @@ side; bit-identity at the base size, when off, and after remove; errors.
 """
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from diffusers.models.embeddings import PatchEmbed
 
 import hires
 from hires.config import HiresConfig, PositionConfig
@@ -173,10 +175,33 @@ def test_timestep_shift_math():
         np.testing.assert_allclose(linear / (linear + (1 / sigma - 1)), shift * sigma / (1 + (shift - 1) * sigma))
 
 
+def position_variants(pipe) -> dict[str, PositionConfig]:
+    """Named PositionConfigs to compare on `pipe`'s family; "plain" is diffusers alone.
+
+    PixArt's "double_range" halves the model's own interpolation scale: positions span twice the
+    trained range instead of being squeezed into it.
+    """
+    info = hires.model_info(pipe)
+    encoding = info.family.position_encoding
+    options: dict[str, dict[str, Any]] = {
+        "rope": {f"rope_{method}": {"rope": method} for method in ("none", "interpolation", "ntk", "yarn")},
+        "sincos_cropped_table": {f"table_{mode}": {"table": mode} for mode in ("interpolate", "extrapolate")},
+        "sincos_interpolated": {"model_scale": {}},
+    }.get(encoding, {})
+    if encoding == "sincos_interpolated":
+        own = P._find_module(getattr(pipe, info.family.denoiser_attr), PatchEmbed, "patch embedding").interpolation_scale
+        options["double_range"] = {"interpolation_scale": own / 2}
+    if info.prediction_type == "flow":
+        options.update({f"shift_{policy}": {"timestep_shift": policy} for policy in ("dynamic", "clamp", "static")})
+    variants = {"plain": PositionConfig(enabled=False)}
+    variants.update({name: PositionConfig(enabled=True, **values) for name, values in options.items()})
+    return variants
+
+
 # -- bit-identity ------------------------------------------------------------------------------------
 
 def _variants(family, pipe):
-    variants = dict(P.position_variants(pipe))
+    variants = dict(position_variants(pipe))
     if family == "flux":
         variants["yarn_wide_ramp"] = PositionConfig(enabled=True, rope="yarn", yarn_beta_fast=32, yarn_beta_slow=1)
     if family in ("flux", "sd3"):
@@ -513,9 +538,9 @@ def test_sd3_tables_at_real_sizes():
     ("sd3", {"plain", "table_interpolate", "table_extrapolate", "shift_dynamic", "shift_clamp", "shift_static"}),
     ("flux", {"plain", "rope_none", "rope_interpolation", "rope_ntk", "rope_yarn", "shift_dynamic", "shift_clamp", "shift_static"}),
 ])
-def test_position_variants_for_testbed_rows(family, names):
+def test_position_variants_cover_every_option_of_the_encoding(family, names):
     pipe = build(family)
-    variants = P.position_variants(pipe)
+    variants = position_variants(pipe)
     assert set(variants) == names and not variants["plain"].enabled
     if family == "pixart":
         assert variants["double_range"].interpolation_scale == pipe.transformer.pos_embed.interpolation_scale / 2

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import hires
+from hires.config import RedilationConfig
 from hires.presets_redilation import PRESETS, map_to_depth, preset_for
 from hires.techniques import redilation
 from hires.techniques.redilation import (active_step_count, dilatable_convs, dilation_for_step, resolve_preset_names,
@@ -343,9 +344,18 @@ def test_noise_damped_guidance_without_cfg_is_an_error_at_call_time():
     assert "log.redilation.ndcfg_skipped" in hires.last_call(pipe).notes
 
 
-def test_testbed_row_configs_run_and_do_what_their_names_say():
+ROWS = {  # each switch on its own, as the testbed's rows use them (scripts/testbed_rows.py)
+    "re-dilation (preset)": RedilationConfig(enabled=True, noise_damped_guidance=False, dispersion_modules=()),
+    "re-dilation + dispersion (mid block)": RedilationConfig(
+        enabled=True, noise_damped_guidance=False, dispersion_modules=("mid_block",)),
+    "re-dilation + noise-damped guidance": RedilationConfig(enabled=True, noise_damped_guidance=True, dispersion_modules=()),
+    "ScaleCrafter preset (every switch from the preset)": RedilationConfig(enabled=True),
+}
+
+
+def test_switch_combinations_run_and_do_what_their_names_say():
     pipe = build("sd15")
-    for name, config in redilation.TESTBED_ROWS.items():
+    for name, config in ROWS.items():
         hires.apply(pipe, hires.HiresConfig(redilation=config))
         generate(pipe, "sd15", 128, steps=2)
         notes = hires.last_call(pipe).notes

@@ -1,4 +1,5 @@
-"""The coherence testbed: its object-count metric, its data, and the shipped tiny SD1.5 model."""
+"""The coherence testbed: its metrics (objects, native-scale detail, halo, drift, speckle, clipping),
+its data, and the shipped tiny models."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 import testbed_common as tc  # noqa: E402
+import testbed_metrics as tm  # noqa: E402
 
 SD15 = REPO / "hires" / "assets" / "testbed_sd15"
 
@@ -95,6 +97,104 @@ def test_summarise():
     assert st.share_exactly_one == pytest.approx(1 / 3)
     assert st.mean_count == pytest.approx(1.0)
     assert st.mean_area == pytest.approx(0.16 / 3)
+
+
+# ---------------------------------------------------------------- v2 metrics on drawn pictures
+
+
+def _bicubic(img, k):
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    return np.asarray(Image.fromarray(img).resize((w * k, h * k), Image.BICUBIC))
+
+
+@pytest.fixture(scope="module")
+def drawn_reference():
+    return tm.Reference.of([tm.measure(s.image, s.colour, s.shape) for s in (tc.make_sample(3, i) for i in range(12))])
+
+
+def test_detail_separates_native_drawing_from_bicubic_upscale(drawn_reference):
+    # 16x area: the same scene drawn at 256 px (texture at its native period) vs the 64 px
+    # picture bicubic-upscaled 4x (texture 4x too coarse).
+    native = [tm.measure(s.image, s.colour, s.shape) for s in (tc.make_sample(3, i, size=256) for i in range(4))]
+    upscaled = [tm.measure(_bicubic(s.image, 4), s.colour, s.shape) for s in (tc.make_sample(3, i) for i in range(4))]
+    nat, up = tm.summarise(native, drawn_reference), tm.summarise(upscaled, drawn_reference)
+    assert nat["detail"] >= 0.8 and nat["detail_bg"] >= 0.8, nat
+    assert up["detail"] <= 0.3 and up["detail_bg"] <= 0.3, up
+    # Both keep one object of the right shape: only the detail tells them apart.
+    assert nat["one"] == up["one"] == 1.0 and nat["shape"] == up["shape"] == 1.0
+
+
+def test_detail_at_4x_area_still_separates(drawn_reference):
+    native = [tm.measure(s.image, s.colour, s.shape) for s in (tc.make_sample(3, i, size=128) for i in range(4))]
+    upscaled = [tm.measure(_bicubic(s.image, 2), s.colour, s.shape) for s in (tc.make_sample(3, i) for i in range(4))]
+    assert tm.summarise(native, drawn_reference)["detail_bg"] >= 0.8
+    assert tm.summarise(upscaled, drawn_reference)["detail_bg"] <= 0.3
+    assert tm.summarise(native, drawn_reference)["detail"] > 2 * tm.summarise(upscaled, drawn_reference)["detail"]
+
+
+def _red_circle(size=96):
+    img = _canvas(size, size, 200)
+    img += (tc.BACKGROUND_TEXTURE * tc.diagonal_wave((size, size), tc.BACKGROUND_PERIOD, 0.0, -1))[..., None]
+    _paint(img, "circle", "red", size / 2, size / 2, size / 5)
+    return img
+
+
+def test_halo_scores_a_bright_ring_and_not_a_clean_or_blurred_edge():
+    from scipy import ndimage
+
+    clean = _red_circle()
+    inside = tc.colour_mask(clean.round().astype(np.uint8), "red")
+    ring = ndimage.binary_dilation(inside, iterations=6) & ~ndimage.binary_dilation(inside, iterations=2)
+    haloed = clean.copy()
+    haloed[ring] += 45.0  # overshoot beyond the (brighter) background, as sharpening rings do
+    blurred = ndimage.gaussian_filter(clean, sigma=(2.0, 2.0, 0))
+    score = {name: tm.halo(np.clip(im, 0, 255).round().astype(np.uint8), "red")
+             for name, im in (("clean", clean), ("haloed", haloed), ("blurred", blurred))}
+    assert score["haloed"] >= 0.2, score
+    assert score["clean"] <= 0.05 and score["blurred"] <= 0.05, score
+
+
+def _tinted_circle(hue_shift_deg=0.0, sat_scale=1.0):
+    img = _canvas(96, 96, 200)
+    h, s, v = colorsys.rgb_to_hsv(*(np.array(tc.COLOURS["green"]) / 255.0))
+    rgb = np.array(colorsys.hsv_to_rgb((h + hue_shift_deg / 360.0) % 1.0, s * sat_scale, v)) * 255
+    cov = tc._shape_mask("circle", 96, 48, 48, 20)[..., None]
+    img[:] = img * (1 - cov) + rgb * cov
+    return img.round().astype(np.uint8)
+
+
+def test_colour_drift_scores_hue_and_saturation_shifts():
+    hue0, sat0 = tm.colour_drift(_tinted_circle(), "green")
+    hue1, _ = tm.colour_drift(_tinted_circle(hue_shift_deg=20.0), "green")
+    _, sat1 = tm.colour_drift(_tinted_circle(sat_scale=0.65), "green")
+    assert hue0 <= 2.0 and sat0 <= 0.02, (hue0, sat0)
+    assert hue1 >= 15.0, hue1
+    assert sat1 >= 0.2, sat1
+
+
+def test_speckle_clipping_and_shape():
+    img = _tinted_circle()
+    assert tm.speckle(img, "green") == 0.0 and tm.clipped(img) == 0.0
+    specked = img.copy()
+    specked[5:7, 5:7] = tc.COLOURS["blue"]  # foreign colour
+    specked[90:92, 5:7] = tc.COLOURS["green"]  # a speck of the prompted colour below the object size
+    assert tm.speckle(specked, "green") == pytest.approx(8 / 96**2)
+    burnt = img.copy()
+    burnt[:10] = 255
+    assert tm.clipped(burnt) == pytest.approx(10 / 96)
+    for shape in tc.SHAPES:
+        im = _canvas(96, 96)
+        _paint(im, shape, "blue", 48, 48, 20)
+        assert tm.classify_shape(tm.objects_mask(im.round().astype(np.uint8), "blue")[1]) == shape
+
+
+def test_wilson_interval_matches_closed_form():
+    # Independent values: the Wilson score interval for 0/10, 5/10 and 12/12 at z = 1.96.
+    assert tm.wilson(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
+    assert tm.wilson(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-4)
+    assert tm.wilson(12, 12) == pytest.approx((0.75751, 1.0), abs=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -256,31 +256,6 @@ def resolve(config: PositionConfig, info) -> ResolvedPositions:
     return resolved
 
 
-def position_variants(pipe) -> dict[str, PositionConfig]:
-    """Named PositionConfigs a testbed row can compare on `pipe`'s family; "plain" is diffusers alone.
-
-    PixArt's "double_range" halves the model's own interpolation scale: positions span twice the
-    trained range instead of being squeezed into it.
-    """
-    from ..families import read_model_info
-
-    info = read_model_info(pipe)
-    encoding = info.family.position_encoding
-    options: dict[str, dict[str, Any]] = {
-        "rope": {f"rope_{method}": {"rope": method} for method in ("none", "interpolation", "ntk", "yarn")},
-        "sincos_cropped_table": {f"table_{mode}": {"table": mode} for mode in ("interpolate", "extrapolate")},
-        "sincos_interpolated": {"model_scale": {}},
-    }.get(encoding, {})
-    if encoding == "sincos_interpolated":
-        own = _find_module(getattr(pipe, info.family.denoiser_attr), PatchEmbed, "patch embedding").interpolation_scale
-        options["double_range"] = {"interpolation_scale": own / 2}
-    if info.prediction_type == "flow":
-        options.update({f"shift_{policy}": {"timestep_shift": policy} for policy in ("dynamic", "clamp", "static")})
-    variants = {"plain": PositionConfig(enabled=False)}
-    variants.update({name: PositionConfig(enabled=True, **values) for name, values in options.items()})
-    return variants
-
-
 # -- hooks -----------------------------------------------------------------------------------------
 
 @dataclasses.dataclass

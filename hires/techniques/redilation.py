@@ -487,16 +487,4 @@ def install(attachment, config: RedilationConfig) -> Redilation:
     return controller
 
 
-# Configurations for the coherence testbed's eval rows (scripts/eval_coherence.py), the same at every
-# size so rows differ only by the switch they name. Module names exist in every diffusers UNet.
-TESTBED_ROWS: dict[str, RedilationConfig] = {
-    "re-dilation (preset)": RedilationConfig(enabled=True, noise_damped_guidance=False, dispersion_modules=()),
-    "re-dilation + dispersion (mid block)": RedilationConfig(
-        enabled=True, noise_damped_guidance=False, dispersion_modules=("mid_block",)),
-    "re-dilation + noise-damped guidance": RedilationConfig(
-        enabled=True, noise_damped_guidance=True, dispersion_modules=()),
-    "ScaleCrafter preset (every switch from the preset)": RedilationConfig(enabled=True),
-}
-
-
 TECHNIQUE = Technique("redilation", RedilationConfig, install, order=30, capabilities=frozenset({"guidance"}))

@@ -1,0 +1,93 @@
+"""The coherence testbed's rows: what eval_coherence.py compares, built from hires' public API only.
+
+A row is plain diffusers, the trivial baseline (generate at the base size, bicubic-upscale to the
+request), the automatic preset (`hires.apply(pipe)` with no config), or one `hires.HiresConfig`.
+The rows live here, not in the library, so the library carries no benchmark definitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import hires
+
+PLAIN, TRIVIAL, PRESET, CONFIG = "plain", "trivial", "preset", "config"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    kind: str  # PLAIN, TRIVIAL, PRESET or CONFIG
+    config: hires.HiresConfig | None = None
+    group: str = "technique"  # "standing" (plain, baseline, preset), "technique" (one alone), "combination"
+
+
+STANDING = [
+    Row("plain diffusers", PLAIN, group="standing"),
+    Row("trivial baseline (base size + bicubic upscale)", TRIVIAL, group="standing"),
+    Row("automatic preset (hires.apply(pipe))", PRESET, group="standing"),
+]
+
+_ENTROPY = hires.EntropyScalingConfig(enabled=True)
+_WINDOWS = hires.WindowAttentionConfig(enabled=True)
+_APG = hires.APGConfig(enabled=True)
+_BOTTLENECK = hires.BottleneckConfig(enabled=True)
+
+
+def _structure(space: str) -> hires.StructureGuidanceConfig:
+    return hires.StructureGuidanceConfig(enabled=True, space=space)
+
+
+def _one(name: str, **fields) -> Row:
+    return Row(name, CONFIG, hires.HiresConfig(**fields))
+
+
+def _combo(name: str, **fields) -> Row:
+    return Row(name, CONFIG, hires.HiresConfig(**fields), group="combination")
+
+
+def unet_rows() -> list[Row]:
+    """Rows for the UNet testbed model (StableDiffusionPipeline)."""
+    redil = hires.RedilationConfig
+    return STANDING + [
+        _one("re-dilation", redilation=redil(enabled=True, noise_damped_guidance=False, dispersion_modules=())),
+        _one("re-dilation + dispersion (mid block)", redilation=redil(
+            enabled=True, noise_damped_guidance=False, dispersion_modules=("mid_block",))),
+        _one("re-dilation + noise-damped guidance", redilation=redil(
+            enabled=True, noise_damped_guidance=True, dispersion_modules=())),
+        _one("ScaleCrafter preset (every re-dilation switch)", redilation=redil(enabled=True)),
+        _one("entropy scaling", entropy_scaling=_ENTROPY),
+        _one("window attention (shifted)", window_attention=_WINDOWS),
+        _one("APG", apg=_APG),
+        _one("structure guidance (latent)", structure_guidance=_structure("latent")),
+        _one("structure guidance (pixel)", structure_guidance=_structure("pixel")),
+        _one("bottleneck (10/70/20)", bottleneck=_BOTTLENECK),
+        _combo("structure guidance (pixel) + entropy scaling", structure_guidance=_structure("pixel"),
+               entropy_scaling=_ENTROPY),
+        _combo("structure guidance (pixel) + re-dilation + noise-damped guidance",
+               structure_guidance=_structure("pixel"),
+               redilation=redil(enabled=True, noise_damped_guidance=True, dispersion_modules=())),
+    ]
+
+
+def dit_rows() -> list[Row]:
+    """Rows for the DiT testbed model (FluxPipeline)."""
+    pos = hires.PositionConfig
+    return STANDING + [
+        _one("positions: YaRN RoPE (default)", positions=pos(enabled=True)),
+        _one("positions: NTK RoPE", positions=pos(enabled=True, rope="ntk")),
+        _one("positions: interpolation (PI)", positions=pos(enabled=True, rope="interpolation")),
+        _one("entropy scaling", entropy_scaling=_ENTROPY),
+        _one("window attention (shifted)", window_attention=_WINDOWS),
+        _one("APG", apg=_APG),
+        _one("structure guidance (latent)", structure_guidance=_structure("latent")),
+        _one("structure guidance (pixel)", structure_guidance=_structure("pixel")),
+        _one("bottleneck (10/70/20)", bottleneck=_BOTTLENECK),
+        _combo("structure guidance (pixel) + entropy scaling", structure_guidance=_structure("pixel"),
+               entropy_scaling=_ENTROPY),
+        _combo("structure guidance (pixel) + positions (PI)", structure_guidance=_structure("pixel"),
+               positions=pos(enabled=True, rope="interpolation")),
+    ]
+
+
+ROWS = {"sd15": unet_rows, "flux": dit_rows}
