@@ -311,16 +311,20 @@ def try_claim(out_dir: Path, item: BatchItem) -> Claim | None:
             if _take_over_if_stale(path):
                 continue
             return None
-        _lock(fd, blocking=True)  # a takeover check may hold it for a moment
         try:
-            if os.stat(path).st_ino != os.fstat(fd).st_ino:  # stalled past UNWRITTEN_CLAIM_AGE_S and taken over
+            _lock(fd, blocking=True)  # a takeover check may hold it for a moment
+            try:
+                ours = os.stat(path).st_ino == os.fstat(fd).st_ino  # else: stalled too long and taken over
+            except FileNotFoundError:
+                ours = False
+            if not ours:
                 os.close(fd)
                 return None
-        except FileNotFoundError:
-            os.close(fd)
-            return None
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
-        os.fsync(fd)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+            os.fsync(fd)
+        except BaseException:  # e.g. Ctrl-C while claiming: leave no claim behind
+            Claim(path, fd).release()
+            raise
         return Claim(path, fd)
     return None
 

@@ -327,7 +327,7 @@ def load_pipeline(model: str, dtype=None):
         ) from err
 
 
-def load_pipeline_skeleton(path: Path):
+def load_pipeline_skeleton(path: str | Path):
     """The pipeline with its models on the meta device: configs, tokenizers and scheduler, no weights."""
     import importlib
 
@@ -336,6 +336,9 @@ def load_pipeline_skeleton(path: Path):
     import transformers
     from accelerate import init_empty_weights
 
+    path = Path(path).expanduser()
+    if not (path / "model_index.json").is_file():
+        raise CliError(f"{str(path)!r} is not a local diffusers pipeline folder (no model_index.json)")
     index = json.loads((path / "model_index.json").read_text())
     components: dict[str, Any] = {}
     for name, value in index.items():
