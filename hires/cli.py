@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -69,6 +70,7 @@ class Request:
     scale: float | None
     size: tuple[int, int] | None  # (height, width)
     base_size: tuple[int, int] | None
+    true_cfg: float | None = None  # Flux-style true classifier-free guidance (a second, negative pass)
 
 
 def read_request(options: argparse.Namespace) -> Request:
@@ -88,7 +90,9 @@ def read_request(options: argparse.Namespace) -> Request:
             raise CliError(f"--base-size {options.base_size}: this version of hires has no HiresConfig.base_size, so "
                            "the runtime cannot use a base size other than the one it reads from the model; "
                            "update hires, or leave --base-size out")
-    return Request(steps, seed, guidance, scale, size, base)
+    true_cfg = None if options.true_cfg is None else _check(
+        check_guidance, _number_from_text(options.true_cfg, float), "--true-cfg")
+    return Request(steps, seed, guidance, scale, size, base, true_cfg)
 
 
 def base_size_supported() -> bool:
@@ -389,6 +393,9 @@ def describe_model(options: argparse.Namespace, request: Request, config_values,
         info = dataclasses.replace(info, base_height=request.base_size[0], base_width=request.base_size[1])
     config = build_config(options, config_values, info, request.base_size)
     info = with_base_size(info, config)
+    if request.true_cfg is not None and "true_cfg_scale" not in inspect.signature(type(pipe).__call__).parameters:
+        raise CliError(f"--true-cfg {options.true_cfg}: {type(pipe).__name__} has no true classifier-free guidance "
+                       "(true_cfg_scale); use --guidance, or leave --true-cfg out")
     path = local_model(options.model)
     return Model(str(path.resolve()) if path is not None else options.model, pipe, info, config)
 
@@ -528,6 +535,7 @@ class Job:
     steps: int
     guidance: float | None
     seed: int
+    true_cfg: float | None = None
 
     def parameters(self, model: Model, dtype: str, image_digest: str | None = None) -> dict[str, Any]:
         """What decides the image's pixels (its key is their hash); the device does not change the request."""
@@ -575,6 +583,9 @@ class Renderer:
             call["negative_prompt"] = job.negative
         if job.guidance is not None:
             call["guidance_scale"] = job.guidance
+        if job.true_cfg is not None:
+            call["true_cfg_scale"] = job.true_cfg
+            call.setdefault("negative_prompt", "")  # true CFG runs only with a negative prompt
         if "use_resolution_binning" in self.call_parameters:
             call["use_resolution_binning"] = False  # --size is the size rendered: PixArt's bins would resize it
         if image is not None:
@@ -653,7 +664,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stages = planned_stages(model, height, width, request.steps,
                                 None if image is None else (image.height, image.width))
         renderer = Renderer(model, device, dtype)
-        job = Job(args.prompt, args.negative, height, width, request.steps, request.guidance, request.seed)
+        job = Job(args.prompt, args.negative, height, width, request.steps, request.guidance, request.seed,
+                  request.true_cfg)
         progress = Progress(sum(s or 0 for *_, s in stages), args.quiet)
         progress.begin("", sum(s is not None for *_, s in stages))
         try:
@@ -756,7 +768,7 @@ def _batch_job(args, request: Request, model: Model, item: batch.BatchItem) -> J
     steps = item.overrides.get("steps", request.steps)
     planned_stages(model, height, width, steps)  # a plan the sampling layer would refuse, refused now
     return Job(item.prompt, item.overrides.get("negative", args.negative), height, width, steps,
-               item.overrides.get("guidance", request.guidance), seed)
+               item.overrides.get("guidance", request.guidance), seed, request.true_cfg)
 
 
 def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys, entries) -> tuple[int, int]:
@@ -850,6 +862,9 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
                         help="the size the model was trained at, where its pipeline class reads another "
                              "(default: read from the model's configs)")
     parser.add_argument("--steps", default=20, help="denoising steps of the full schedule")
+    parser.add_argument("--true-cfg", default=None, metavar="SCALE",
+                        help="true classifier-free guidance scale for pipelines that have it (Flux: true_cfg_scale; "
+                             "runs a negative pass, with --negative or an empty negative prompt; default: off)")
     parser.add_argument("--guidance", default=None,
                         help="classifier-free guidance scale, a finite number >= 0 (default: the pipeline's own)")
     parser.add_argument("--seed", default=0, help="random seed in [0, 2**63); batch items without one get seed + index")

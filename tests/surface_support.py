@@ -83,15 +83,14 @@ def techniques_for(family: str) -> list[str]:
 def call_arguments(family: str, technique: str) -> dict:
     """What each surface passes besides prompt, size, steps, generator and output_type: exactly the
     call `hires generate --guidance G` makes (hires/cli.py Renderer.render), plus what the tiny models
-    need that the CLI does not pass (noted where the CLI rows are skipped or expected to fail)."""
+    needs for a technique (the same options on the CLI's side)."""
     import tiny_models
 
     arguments = {"guidance_scale": tiny_models.CALL_KWARGS[family]["guidance_scale"]}
     if family == "pixart":
-        # Tiny PixArt's sample_size (8) has no resolution-binning table; the CLI cannot turn binning off.
-        arguments["use_resolution_binning"] = False
+        arguments["use_resolution_binning"] = False  # the CLI renders the size asked for
     if family == "flux" and technique == "apg":
-        # Flux runs CFG only as true CFG; the CLI has no option for it.
+        # Flux runs CFG only as true CFG: `hires generate --true-cfg 4 --negative "blue square"`.
         arguments.update(true_cfg_scale=4.0, negative_prompt="blue square")
     return arguments
 

@@ -225,7 +225,7 @@ def test_apply_runs_the_technique_above_the_base_size(saved, family, technique):
 
 
 def test_apg_on_flux_without_true_cfg_is_a_clear_error(saved):
-    """Why Flux's APG rows pass true_cfg_scale and a negative prompt (and its CLI row is skipped)."""
+    """Why Flux's APG rows pass true_cfg_scale and a negative prompt (--true-cfg and --negative on the CLI)."""
     pipe = hires.apply(_plain_pipe(saved, "flux"), _config("flux", "apg"))
     with pytest.raises(ValueError, match="APGConfig needs classifier-free guidance.*true_cfg_scale"):
         pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="pt")
@@ -282,8 +282,6 @@ def test_community_pipeline_file_equals_apply(saved, family, technique):
 
 # -- (d) hires generate -----------------------------------------------------------------------------------
 def _cli_skip(family: str, technique: str) -> str | None:
-    if family == "flux" and technique == "apg":
-        return "hires generate has no true_cfg_scale option: Flux runs no CFG there, so APG cannot run"
     if family == "flux" and not HAS_BASE_SIZE:
         return ("a Flux pipeline loaded from disk reads FluxPipeline's hard-coded 1024 px base, and HiresConfig has "
                 "no base_size option yet to give the tiny model's 64 px")
@@ -321,6 +319,8 @@ def _cli_results(saved, family: str, tmp_root: Path):
             path = folder / f"{technique}.json"
             path.write_text(json.dumps(options))
             argv += ["--config", str(path)]
+        if family == "flux" and technique == "apg":
+            argv += ["--true-cfg", "4", "--negative", "blue square"]
         jobs.append({"id": technique, "argv": argv})
     spec = folder / "jobs.json"
     results = folder / "results.json"
