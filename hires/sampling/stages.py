@@ -243,6 +243,12 @@ class StageEngine:
                 stage.result = self._spatial(stage.output, stage)
             if stage.parent is not None:
                 stage.parent.timesteps += stage.timesteps
+            # Only this stage's result is needed from here on: at 8K the guides are full-size images.
+            if previous is not None:
+                previous.drop_tensors()
+            stage.x0 = None
+            if hasattr(stage.data, "drop_tensors"):
+                stage.data.drop_tensors()
             previous = stage
 
     def _spatial(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
