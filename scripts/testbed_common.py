@@ -129,10 +129,8 @@ def make_dataset(seed: int, n: int, size: int = IMAGE_SIZE):
 # ---------------------------------------------------------------- metric
 
 
-def colour_mask(image: np.ndarray, colour: str) -> np.ndarray:
-    """Boolean mask of pixels whose hue is within the band of `colour` and that are saturated."""
-    if colour not in HUE_CENTRES:
-        raise ValueError(f"colour={colour!r} is not one of {tuple(HUE_CENTRES)}")
+def hsv(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hue (degrees), saturation and value, vectorised."""
     rgb = np.asarray(image, np.float32)[..., :3] / 255.0
     mx, mn = rgb.max(-1), rgb.min(-1)
     delta = mx - mn
@@ -140,6 +138,14 @@ def colour_mask(image: np.ndarray, colour: str) -> np.ndarray:
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     d = np.maximum(delta, 1e-6)
     hue = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) * 60.0
+    return hue, sat, mx
+
+
+def colour_mask(image: np.ndarray, colour: str) -> np.ndarray:
+    """Boolean mask of pixels whose hue is within the band of `colour` and that are saturated."""
+    if colour not in HUE_CENTRES:
+        raise ValueError(f"colour={colour!r} is not one of {tuple(HUE_CENTRES)}")
+    hue, sat, mx = hsv(image)
     diff = np.abs((hue - HUE_CENTRES[colour] + 180.0) % 360.0 - 180.0)
     return (diff <= HUE_HALF_WIDTH) & (sat >= MIN_SATURATION) & (mx >= MIN_VALUE)
 

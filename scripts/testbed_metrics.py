@@ -38,18 +38,6 @@ def luminance(image: np.ndarray) -> np.ndarray:
     return rgb @ np.array([0.299, 0.587, 0.114], np.float32)
 
 
-def hsv(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue (degrees), saturation and value, vectorised; the same formulas as colour_mask."""
-    rgb = np.asarray(image, np.float32)[..., :3] / 255.0
-    mx, mn = rgb.max(-1), rgb.min(-1)
-    delta = mx - mn
-    sat = np.where(mx > 0, delta / np.maximum(mx, 1e-6), 0.0)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    d = np.maximum(delta, 1e-6)
-    hue = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) * 60.0
-    return hue, sat, mx
-
-
 def ring_filter(lum: np.ndarray, period: float) -> np.ndarray:
     """Luminance band-passed around 1/period cycles per pixel (radial log-Gabor, every orientation)."""
     h, w = lum.shape
@@ -86,7 +74,7 @@ def objects_mask(image: np.ndarray, colour: str) -> tuple[np.ndarray, np.ndarray
 
 
 def saturated(image: np.ndarray) -> np.ndarray:
-    _, sat, val = hsv(image)
+    _, sat, val = tc.hsv(image)
     return (sat >= tc.MIN_SATURATION) & (val >= tc.MIN_VALUE)
 
 
@@ -150,7 +138,7 @@ def colour_drift(image: np.ndarray, colour: str) -> tuple[float, float]:
     sel = largest & tc.colour_mask(image, colour)
     if sel.sum() < 4:
         return float("nan"), float("nan")
-    hue, sat, _ = hsv(image)
+    hue, sat, _ = tc.hsv(image)
     angle = np.deg2rad(hue[sel])
     mean_hue = math.degrees(math.atan2(np.sin(angle).mean(), np.cos(angle).mean()))
     want_h, want_s = trained_hue_sat(colour)
