@@ -46,6 +46,20 @@ def _combo(name: str, **fields) -> Row:
     return Row(name, CONFIG, hires.HiresConfig(**fields), group="combination")
 
 
+def _every_family_rows() -> list[Row]:
+    """The techniques both testbed models take, alone, and structure guidance with entropy scaling."""
+    return [
+        _one("entropy scaling", entropy_scaling=_ENTROPY),
+        _one("window attention (shifted)", window_attention=_WINDOWS),
+        _one("APG", apg=_APG),
+        _one("structure guidance (latent)", structure_guidance=_structure("latent")),
+        _one("structure guidance (pixel)", structure_guidance=_structure("pixel")),
+        _one("bottleneck (10/70/20)", bottleneck=_BOTTLENECK),
+        _combo("structure guidance (pixel) + entropy scaling", structure_guidance=_structure("pixel"),
+               entropy_scaling=_ENTROPY),
+    ]
+
+
 def unet_rows() -> list[Row]:
     """Rows for the UNet testbed model (StableDiffusionPipeline)."""
     redil = hires.RedilationConfig
@@ -56,14 +70,7 @@ def unet_rows() -> list[Row]:
         _one("re-dilation + noise-damped guidance", redilation=redil(
             enabled=True, noise_damped_guidance=True, dispersion_modules=())),
         _one("ScaleCrafter preset (every re-dilation switch)", redilation=redil(enabled=True)),
-        _one("entropy scaling", entropy_scaling=_ENTROPY),
-        _one("window attention (shifted)", window_attention=_WINDOWS),
-        _one("APG", apg=_APG),
-        _one("structure guidance (latent)", structure_guidance=_structure("latent")),
-        _one("structure guidance (pixel)", structure_guidance=_structure("pixel")),
-        _one("bottleneck (10/70/20)", bottleneck=_BOTTLENECK),
-        _combo("structure guidance (pixel) + entropy scaling", structure_guidance=_structure("pixel"),
-               entropy_scaling=_ENTROPY),
+    ] + _every_family_rows() + [
         _combo("structure guidance (pixel) + re-dilation + noise-damped guidance",
                structure_guidance=_structure("pixel"),
                redilation=redil(enabled=True, noise_damped_guidance=True, dispersion_modules=())),
@@ -77,14 +84,7 @@ def dit_rows() -> list[Row]:
         _one("positions: YaRN RoPE (default)", positions=pos(enabled=True)),
         _one("positions: NTK RoPE", positions=pos(enabled=True, rope="ntk")),
         _one("positions: interpolation (PI)", positions=pos(enabled=True, rope="interpolation")),
-        _one("entropy scaling", entropy_scaling=_ENTROPY),
-        _one("window attention (shifted)", window_attention=_WINDOWS),
-        _one("APG", apg=_APG),
-        _one("structure guidance (latent)", structure_guidance=_structure("latent")),
-        _one("structure guidance (pixel)", structure_guidance=_structure("pixel")),
-        _one("bottleneck (10/70/20)", bottleneck=_BOTTLENECK),
-        _combo("structure guidance (pixel) + entropy scaling", structure_guidance=_structure("pixel"),
-               entropy_scaling=_ENTROPY),
+    ] + _every_family_rows() + [
         _combo("structure guidance (pixel) + positions (PI)", structure_guidance=_structure("pixel"),
                positions=pos(enabled=True, rope="interpolation")),
     ]
