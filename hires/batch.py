@@ -175,7 +175,7 @@ def read_prompt_file(path: str | Path) -> list[BatchItem]:
                 continue
             try:
                 # NaN / Infinity are not JSON: refuse them here rather than as a guidance later.
-                value = json.loads(line, parse_constant=lambda name: _raise_constant(name))
+                value = json.loads(line, parse_constant=_raise_constant)
             except json.JSONDecodeError as err:
                 raise PromptFileError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
             except ValueError as err:

@@ -372,7 +372,7 @@ class Attachment:
         return [record.name for record, _ in self.techniques if capability in record.capabilities]
 
     def attach(self) -> None:
-        self._check_denoiser_not_shared()
+        self._check_modules_not_shared()
         self.techniques = [(record, sub) for record in technique_records()
                            if (sub := self.config.technique_config(record)) is not None and sub.enabled]
         for record, sub in self.techniques:
@@ -382,8 +382,8 @@ class Attachment:
         self.wrap_method(self.pipe, "check_inputs", self._make_check_inputs)
         self.wrap_method(self.pipe, "progress_bar", self._make_progress_bar)
 
-    def _check_denoiser_not_shared(self) -> None:
-        """Pipelines made with `from_pipe` share their modules; one module can carry one attachment's hooks."""
+    def _check_modules_not_shared(self) -> None:
+        """Pipelines made with `from_pipe` share their modules; one module carries one attachment's hooks."""
         for module in (self.denoiser, getattr(self.pipe, "vae", None)):
             registry_ = getattr(module, "_diffusers_hook", None) if module is not None else None
             if registry_ is not None and any(n.startswith(HOOK_PREFIX) for n in registry_.hooks):
@@ -457,16 +457,12 @@ class Attachment:
 
     def _silent(self, original, total):
         """The pipeline's own bar, disabled (its progress-bar config is put back as it was)."""
-        pipe = self.pipe
-        had, before = "_progress_bar_config" in pipe.__dict__, pipe.__dict__.get("_progress_bar_config")
-        pipe._progress_bar_config = {**(before or {}), "disable": True}
+        config = {**(getattr(self.pipe, "_progress_bar_config", None) or {}), "disable": True}
+        entry = self.shadow(self.pipe, "_progress_bar_config", config)
         try:
             return original(total=total)
         finally:
-            if had:
-                pipe._progress_bar_config = before
-            else:
-                del pipe._progress_bar_config
+            self.unshadow(entry)
 
     def begin_call(self, call_locals: dict[str, Any] | None = None) -> None:
         self._in_call = True

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -426,7 +425,6 @@ class _StructureGuidanceHook(ModelHook):
 
 
 TECHNIQUE_NAME = "structure_guidance"
-_PLANNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def install(attachment, config: StructureGuidanceConfig) -> None:
@@ -438,7 +436,6 @@ def install(attachment, config: StructureGuidanceConfig) -> None:
     # CFG combination already is APG's / noise-damped guidance's result, so the swap stays exact.
     ensure_guidance_hook(attachment)
     attachment.add_hook(attachment.denoiser, _StructureGuidanceHook(guidance), HOOK_NAME)
-    _PLANNERS[attachment] = guidance
     stage_apgs = config.apg if isinstance(config.apg, tuple) else (config.apg,)
     if any(a is not None and a.enabled for a in stage_apgs) and not attachment.config.apg.enabled:
         from ..techniques import apg  # only stages ask for APG: install it, off for the base generation
@@ -448,7 +445,7 @@ def install(attachment, config: StructureGuidanceConfig) -> None:
 
 def _planner(pipe) -> StructureGuidance:
     attachment = get_attachment(pipe)
-    planner = _PLANNERS.get(attachment) if attachment is not None else None
+    planner = attachment.stages.planner(TECHNIQUE_NAME) if attachment is not None and attachment.stages is not None else None
     if planner is None:
         raise ValueError("structure guidance is not applied to this pipeline: call hires.apply(pipe, "
                          "HiresConfig(structure_guidance=StructureGuidanceConfig(enabled=True))) first")

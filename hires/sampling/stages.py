@@ -146,6 +146,10 @@ class StageEngine:
         """`planner.plan(call_arguments, stages) -> stages`; planners run in the order they were added."""
         self.planners.append((name, planner))
 
+    def planner(self, name: str):
+        """The planner added as `name`, or None."""
+        return next((p for n, p in self.planners if n == name), None)
+
     # -- pipeline entry points ---------------------------------------------------------------
     def _wrap_encode_prompt(self, original):
         def encode_prompt(*args, **kwargs):
