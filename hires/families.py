@@ -35,7 +35,8 @@ class Family:
     position_encoding: str
     # How the pipeline runs classifier-free guidance: "batched" (one denoiser call on [uncond, cond],
     # combined as uncond + w*(cond - uncond)) or "separate" (Flux's true CFG: a cond call, then an
-    # uncond call, combined the same way). The scale is the __call__ local named guidance_scale_name.
+    # uncond call, combined the same way) or "none" (the pipeline never runs CFG: Flux.2 [dev]). The
+    # scale is the __call__ local named guidance_scale_name.
     guidance_layout: str = "batched"
     guidance_scale_name: str = "guidance_scale"
     # A multiple the pipeline's own check_inputs demands whatever the VAE factor (SD/SDXL/PixArt: 8).
@@ -44,6 +45,13 @@ class Family:
     denoiser_config_match: tuple[tuple[str, Any], ...] = ()
     # RoPE families: which image side each position-id axis counts (None: an axis that is not a side).
     rope_axis_sides: tuple[str | None, ...] = ()
+    # "separate" layout: the __call__ local that says whether this call runs CFG (Flux: do_true_cfg);
+    # None: the scale alone and the pipeline's own `do_classifier_free_guidance` say it.
+    cfg_switch: str | None = None
+    # How the pipeline computes the flow shift mu from the image token count: "linear" (the
+    # scheduler config's base/max shift, Flux and SD3) or "flux2_empirical" (Flux.2's
+    # compute_empirical_mu, which also depends on the step count).
+    shift_rule: str = "linear"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +72,9 @@ PROCESSOR_FACTS = {
     "JointAttnProcessor2_0": ProcessorFacts("image_first"),
     "FluxAttnProcessor": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
     "FluxAttnProcessor2_0": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
+    # Flux.2: double blocks concatenate [text, image]; single blocks receive that sequence whole.
+    "Flux2AttnProcessor": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
+    "Flux2ParallelSelfAttnProcessor": ProcessorFacts("text_first", ("norm_q",)),
 }
 
 
@@ -175,6 +186,64 @@ FAMILIES: tuple[Family, ...] = (
         # FluxPipeline's guidance_scale feeds the distilled guidance embedding; true CFG is separate.
         guidance_layout="separate",
         guidance_scale_name="true_cfg_scale",
+        cfg_switch="do_true_cfg",
+    ),
+    # Flux.2 [dev]: the pipeline patchifies the 32-channel latent 2x2 and packs it (one token per 2x2
+    # latent patch, 128 channels); like Flux its base is the pipeline's default_sample_size. Position ids
+    # have four axes (Flux2Pipeline._prepare_latent_ids): time (0 for the image, 10, 20, ... for
+    # reference images), row, column, and a layer axis that is 0 for image tokens. guidance_scale feeds
+    # the distilled guidance embedding and the pipeline runs no CFG at all.
+    Family(
+        name="flux2",
+        pipeline_classes=("Flux2Pipeline",),
+        denoiser_attr="transformer",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        patch_size=2,
+        prediction_source="flow",
+        latent_layout="packed",
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope",
+        rope_axis_sides=(None, "height", "width", None),
+        guidance_layout="none",
+        guidance_scale_name="guidance_scale",
+        shift_rule="flux2_empirical",
+    ),
+    # Flux.2 [klein]: the Flux.2 transformer without a guidance embedding and a Qwen3 text encoder. The
+    # base models run true CFG (a cond call, then a call on the empty prompt, at guidance_scale > 1);
+    # step-distilled ones (pipeline config is_distilled) run none, which `do_classifier_free_guidance` says.
+    Family(
+        name="flux2_klein",
+        pipeline_classes=("Flux2KleinPipeline",),
+        denoiser_attr="transformer",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        patch_size=2,
+        prediction_source="flow",
+        latent_layout="packed",
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope",
+        rope_axis_sides=(None, "height", "width", None),
+        guidance_layout="separate",
+        guidance_scale_name="guidance_scale",
+        shift_rule="flux2_empirical",
+    ),
+    # Chroma: Flux's packing and 3-axis RoPE ids, a T5 encoder only (no CLIP, no guidance embedding), and
+    # true CFG with a negative prompt at guidance_scale > 1 (a cond call, then an uncond call).
+    Family(
+        name="chroma",
+        pipeline_classes=("ChromaPipeline", "ChromaImg2ImgPipeline"),
+        denoiser_attr="transformer",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        patch_size=2,
+        prediction_source="flow",
+        latent_layout="packed",
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope",
+        rope_axis_sides=(None, "height", "width"),
+        guidance_layout="separate",
+        guidance_scale_name="guidance_scale",
     ),
 )
 

@@ -121,7 +121,9 @@ class CallState:
     def guidance_scale(self) -> float | None:
         """The classifier-free guidance scale the pipeline combines with (None if not running CFG)."""
         family = self.info.family
-        if family.guidance_layout == "separate" and not self.call_locals.get("do_true_cfg", False):
+        if family.guidance_layout == "none":
+            return None
+        if family.guidance_layout == "separate" and family.cfg_switch and not self.call_locals.get(family.cfg_switch, False):
             return None
         scale = self.call_locals.get(family.guidance_scale_name)
         return None if scale is None or scale <= 1 else float(scale)
@@ -506,6 +508,7 @@ class Attachment:
             # Packed latents carry their grid in img_ids (row in column 1, column in column 2).
             ids = arguments["img_ids"]
             ids = ids[0] if ids.ndim == 3 else ids
+            ids = ids[ids[:, 0] == 0]  # Flux.2 appends reference images' tokens at time ids 10, 20, ...
             rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
             latent_h, latent_w = rows * info.patch_size, cols * info.patch_size
         else:

@@ -119,7 +119,7 @@ def _generate(pipe, family: str, technique: str, **extra) -> Result:
 
     tiled_vae.tiled_decode = counting  # the tiled VAE hook looks the function up at call time
     try:
-        image = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+        image = pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS,
                      generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt",
                      **call_arguments(family, technique), **extra).images
     finally:

@@ -258,6 +258,147 @@ def flux_pipeline():
     return pipe
 
 
+# Chat templates of the tiny chat tokenizers: only the user's text is rendered (Flux.2's long system
+# message would fill the tiny text length with unknown words and hide the prompt).
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} {% endif %}{% endfor %}"
+)
+# Flux.2 stacks the text encoder's hidden states of layers (10, 20, 30) [dev] / (9, 18, 27) [klein] by
+# default, so the tiny decoders keep that many (narrow) layers.
+_FLUX2_LAYERS = 31
+_KLEIN_LAYERS = 28
+_CHAT_HIDDEN = 16
+
+
+def make_chat_tokenizer(max_length: int = TEXT_LEN) -> PreTrainedTokenizerFast:
+    tokenizer = make_tokenizer(max_length)
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_mistral3():
+    """A tiny Mistral3ForConditionalGeneration (Flux.2 [dev]'s text encoder: Mistral-Small-3.1 with Pixtral)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    config = Mistral3Config(
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 16, "head_dim": 8},
+        text_config={"model_type": "mistral", "vocab_size": len(WORDS) + 4, "hidden_size": _CHAT_HIDDEN,
+                     "intermediate_size": 32, "num_hidden_layers": _FLUX2_LAYERS, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 1024, "pad_token_id": 0},
+        image_token_index=1,
+    )
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def make_qwen3():
+    """A tiny Qwen3ForCausalLM (Flux.2 [klein]'s text encoder)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=len(WORDS) + 4, hidden_size=_CHAT_HIDDEN, intermediate_size=32,
+                         num_hidden_layers=_KLEIN_LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=1024, pad_token_id=0)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def make_flux2_vae():
+    """AutoencoderKLFlux2 (x8, 4 latent channels here; Flux.2's has 32) with non-trivial latent statistics."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=BASE_LATENT * 8,
+    ).eval()
+    # The pipeline normalises patchified latents by the batch norm's running statistics.
+    generator = torch.Generator().manual_seed(1)
+    vae.bn.running_mean.copy_(0.1 * torch.randn(vae.bn.running_mean.shape, generator=generator))
+    vae.bn.running_var.copy_(0.5 + torch.rand(vae.bn.running_var.shape, generator=generator))
+    return vae
+
+
+def _flux2_transformer(guidance_embeds: bool):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels patchified 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=3 * _CHAT_HIDDEN,  # three stacked hidden-state layers
+        timestep_guidance_channels=16,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
+    ).eval()
+
+
+def _flux2_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # Flux.2's scheduler config: dynamic shifting with the mu its pipeline computes.
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0, base_image_seq_len=256,
+                                           max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+
+
+def flux2_pipeline():
+    from diffusers import Flux2Pipeline
+
+    _seed(0)
+    pipe = Flux2Pipeline(scheduler=_flux2_scheduler(), vae=make_flux2_vae(), text_encoder=make_mistral3(),
+                         tokenizer=make_chat_tokenizer(), transformer=_flux2_transformer(guidance_embeds=True))
+    pipe.default_sample_size = BASE_LATENT  # Flux2Pipeline hard-codes 128 (1024 px)
+    return pipe
+
+
+def flux2_klein_pipeline():
+    from diffusers import Flux2KleinPipeline
+
+    _seed(0)
+    pipe = Flux2KleinPipeline(scheduler=_flux2_scheduler(), vae=make_flux2_vae(), text_encoder=make_qwen3(),
+                              tokenizer=make_chat_tokenizer(), transformer=_flux2_transformer(guidance_embeds=False))
+    pipe.default_sample_size = BASE_LATENT
+    return pipe
+
+
+def chroma_pipeline():
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _seed(0)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=8,
+        approximator_hidden_dim=16,
+        approximator_layers=1,
+    ).eval()
+    pipe = ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=1.15
+        ),
+        vae=make_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=make_t5(32),
+        tokenizer=make_tokenizer(),
+        transformer=transformer,
+    )
+    pipe.default_sample_size = BASE_LATENT  # ChromaPipeline hard-codes 128 (1024 px)
+    return pipe
+
+
 BUILDERS = {
     "sd15": lambda: sd_pipeline(linear_projection=False),
     "sd21": lambda: sd_pipeline(linear_projection=True, prediction_type="v_prediction"),
@@ -265,6 +406,9 @@ BUILDERS = {
     "pixart": pixart_pipeline,
     "sd3": sd3_pipeline,
     "flux": flux_pipeline,
+    "flux2": flux2_pipeline,
+    "flux2_klein": flux2_klein_pipeline,
+    "chroma": chroma_pipeline,
 }
 
 # Call arguments each family needs on top of prompt/size/steps (text lengths kept tiny).
@@ -275,6 +419,9 @@ CALL_KWARGS = {
     "pixart": {"guidance_scale": 4.5, "use_resolution_binning": False, "max_sequence_length": TEXT_LEN},
     "sd3": {"guidance_scale": 5.0, "max_sequence_length": TEXT_LEN},
     "flux": {"guidance_scale": 3.5, "max_sequence_length": TEXT_LEN},
+    "flux2": {"guidance_scale": 4.0, "max_sequence_length": TEXT_LEN},
+    "flux2_klein": {"guidance_scale": 4.0, "max_sequence_length": TEXT_LEN},
+    "chroma": {"guidance_scale": 5.0, "max_sequence_length": TEXT_LEN},
 }
 
 FAMILY_NAMES = tuple(BUILDERS)
@@ -296,7 +443,7 @@ def generate(pipe, family: str, size: int | tuple[int, int] = 64, steps: int = 3
     if bind is not None:
         bind["pipe"] = pipe
     return pipe(
-        "a red circle",
+        prompt="a red circle",  # by name: Flux.2's first parameter is `image`
         height=height,
         width=width,
         num_inference_steps=steps,

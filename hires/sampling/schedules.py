@@ -147,6 +147,31 @@ def scheduler_shift_mu(scheduler_config, tokens: int) -> float:
                             get("base_shift", 0.5), get("max_shift", 1.15))
 
 
+def flux2_empirical_mu(tokens: int, steps: int) -> float:
+    """Flux.2's mu (black-forest-labs/flux2 sampling.py, diffusers' compute_empirical_mu): linear in the
+    token count through fits at 10 and 200 steps, interpolated linearly in the step count; past 4300
+    tokens the 200-step line alone."""
+    def at_200(n):
+        return 0.00016927 * n + 0.45666666
+
+    if tokens > 4300:
+        return float(at_200(tokens))
+    at_10 = 8.73809524e-05 * tokens + 1.89833333
+    slope = (at_200(tokens) - at_10) / 190.0
+    return float(at_200(tokens) + slope * (steps - 200))
+
+
+def pipeline_shift_mu(rule: str, scheduler_config, tokens: int, steps: int | None) -> float:
+    """mu a family's pipeline computes for `tokens` image tokens (`hires.families.Family.shift_rule`)."""
+    if rule == "linear":
+        return scheduler_shift_mu(scheduler_config, tokens)
+    if rule == "flux2_empirical":
+        if steps is None:
+            raise ValueError("Flux.2's shift depends on the step count; num_inference_steps is unknown here")
+        return flux2_empirical_mu(tokens, int(steps))
+    raise ValueError(f"shift rule {rule!r}: expected 'linear' or 'flux2_empirical'")
+
+
 def clean_estimate(scheduler, prediction: str, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
     """The predicted x0 of one scheduler step's inputs (float32), for any prediction type.
 

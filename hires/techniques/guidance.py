@@ -108,10 +108,10 @@ def _no_guidance_error(owner: str, attachment, state) -> ValueError:
     family = attachment.info.family
     name = family.guidance_scale_name
     value = state.call_locals.get(name)
-    if family.guidance_layout == "separate":
+    if family.guidance_layout == "separate" and family.cfg_switch:
         remedy = (f"pass {name} > 1 together with a negative_prompt (true classifier-free guidance), "
                   f"or disable {owner}")
-        got = f"{name}={value!r}, negative prompt given: {bool(state.call_locals.get('do_true_cfg', False))}"
+        got = f"{name}={value!r}, negative prompt given: {bool(state.call_locals.get(family.cfg_switch, False))}"
     else:
         remedy = f"pass {name} > 1, or disable {owner}"
         got = f"{name}={value!r}"

@@ -26,10 +26,13 @@ Each family encodes positions differently (shared/references/dit_positions.md):
   rotations, the ends DyPE's Flux code uses (LLM YaRN's 32 and 1 would interpolate every Flux
   frequency: the fastest turns 10.2 times over 64 positions). The rotary tables are computed once
   per call and reused every step. EntropyScalingConfig also sharpens attention; with both, the two
-  factors multiply.
+  factors multiply. Flux.2 and Chroma use the same layout: Flux.2's ids have four axes (time, row,
+  column, layer; only row and column are rescaled) and its transformer embeds image and text ids in
+  two calls, so the call keeps one table per id set.
 - Flow families' timestep shift (`timestep_shift`): "dynamic" keeps diffusers' mu, linear in the
   token count and unbounded (at 4096 px Flux sits at sigma > 0.9 for all but the last step);
-  "clamp" (default) caps mu at its value for the base size's token count, as DyPE does; "static"
+  "clamp" (default) caps mu at its value for the base size's token count, as DyPE does (computed by
+  the family's own rule: Flux.2's empirical mu depends on the step count too); "static"
   uses a fixed shift (`shift`; None: the scheduler's own shift at the base size). With a scheduler
   that shifts statically (SD3's default) nothing grows with size, so "clamp" changes nothing there.
   FluxPipeline has no `mu` argument: the policy wraps the scheduler's `set_timesteps` through an
@@ -54,7 +57,7 @@ from diffusers.models.embeddings import PatchEmbed, get_1d_rotary_pos_embed
 
 from ..config import PositionConfig
 from ..registry import Technique
-from ..sampling.schedules import mu_for_shift, scheduler_shift_mu
+from ..sampling.schedules import mu_for_shift, pipeline_shift_mu
 
 HOOK = "hires.positions"
 
@@ -263,7 +266,7 @@ class _PositionsCall:
     binning_checked: bool = False
     shift_checked: bool = False
     tables: dict = dataclasses.field(default_factory=dict)  # extended SD3 tables, by grid, device and dtype
-    rope: tuple | None = None  # (ids, (cos, sin)) of this call
+    rope: list = dataclasses.field(default_factory=list)  # (ids, (cos, sin)) pairs of this call
 
 def _pipeline_call_locals(attachment) -> dict[str, Any] | None:
     """Locals of the running pipeline call (its resolved arguments), or None outside a call."""
@@ -271,10 +274,11 @@ def _pipeline_call_locals(attachment) -> dict[str, Any] | None:
     return call.locals if call is not None else None
 
 
-def _find_module(denoiser: torch.nn.Module, kind: type, what: str) -> torch.nn.Module:
+def _find_module(denoiser: torch.nn.Module, kind: type | tuple[type, ...], what: str) -> torch.nn.Module:
     found = [m for m in denoiser.modules() if isinstance(m, kind)]
     if len(found) != 1:
-        raise ValueError(f"PositionConfig: expected one {what} ({kind.__name__}) in {type(denoiser).__name__}, "
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"PositionConfig: expected one {what} ({names}) in {type(denoiser).__name__}, "
                          f"found {len(found)}; hires cannot place positions in this model")
     return found[0]
 
@@ -407,9 +411,11 @@ class _RopeHook(ModelHook):
         if not any(scales):
             return self.fn_ref.original_forward(ids, *args, **kwargs)
         # every step of a call passes the same ids: compute once per call
-        cached = state.slot(_PositionsCall).rope
-        if cached is not None and cached[0].shape == ids.shape and torch.equal(cached[0], ids):
-            return cached[1]
+        # (Flux.2 embeds its image ids and its text ids in two calls: one entry each)
+        cache = state.slot(_PositionsCall).rope
+        for cached_ids, cached in cache:
+            if cached_ids.shape == ids.shape and cached_ids.device == ids.device and torch.equal(cached_ids, ids):
+                return cached
         positions = ids.float()
         freqs_dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
         cos_parts, sin_parts, used = [], [], []
@@ -428,7 +434,7 @@ class _RopeHook(ModelHook):
             sin_parts.append(sin)
         state.log["log.positions.rope"] = (self.settings.rope, tuple(used))
         result = torch.cat(cos_parts, dim=-1).to(ids.device), torch.cat(sin_parts, dim=-1).to(ids.device)
-        state.slot(_PositionsCall).rope = (ids.clone(), result)
+        cache.append((ids.clone(), result))
         return result
 
 
@@ -472,9 +478,12 @@ class _TimestepShiftHook(ModelHook):
             if self.dynamic:
                 bound = signature.bind(*args, **kwargs)
                 mu = bound.arguments.get("mu")
-                base_mu = scheduler_shift_mu(scheduler.config, info.base_tokens)
                 if mu is None:
                     return original(*args, **kwargs)
+                steps = values.get("num_inference_steps")
+                if steps is None and bound.arguments.get("sigmas") is not None:
+                    steps = len(bound.arguments["sigmas"])
+                base_mu = pipeline_shift_mu(info.family.shift_rule, scheduler.config, info.base_tokens, steps)
                 if self.policy == "clamp":
                     new_mu = min(mu, base_mu)
                 else:
@@ -531,8 +540,9 @@ def _install_cropped_table(attachment, settings: ResolvedPositions) -> None:
 
 def _install_rope(attachment, settings: ResolvedPositions) -> None:
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+    from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed
 
-    module = _find_module(attachment.denoiser, FluxPosEmbed, "rotary position embedding")
+    module = _find_module(attachment.denoiser, (FluxPosEmbed, Flux2PosEmbed), "rotary position embedding")
     if settings.rope != "none":
         attachment.add_hook(module, _RopeHook(attachment, settings), HOOK + ".rope")
 
