@@ -24,6 +24,9 @@ from .families import FAMILIES, SUPPORTED_PIPELINES, ModelInfo
 __version__ = "0.1.0"
 
 _READY_PIPELINES = (
+    "HiresChromaPipeline",
+    "HiresFlux2KleinPipeline",
+    "HiresFlux2Pipeline",
     "HiresFluxPipeline",
     "HiresPixArtSigmaPipeline",
     "HiresStableDiffusion3Pipeline",
@@ -70,6 +73,9 @@ __all__ = [
     "CallRecord",
     "CallState",
     "HiresConfig",
+    "HiresChromaPipeline",
+    "HiresFlux2KleinPipeline",
+    "HiresFlux2Pipeline",
     "HiresFluxPipeline",
     "HiresPixArtSigmaPipeline",
     "HiresStableDiffusion3Pipeline",

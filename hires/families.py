@@ -52,6 +52,9 @@ class Family:
     # scheduler config's base/max shift, Flux and SD3) or "flux2_empirical" (Flux.2's
     # compute_empirical_mu, which also depends on the step count).
     shift_rule: str = "linear"
+    # What the pipeline returns for output_type="latent": "denoiser" (the latents as its denoiser sees
+    # them, packed for packed layouts) or "vae" (the VAE's own latent: Flux2KleinPipeline).
+    latent_output: str = "denoiser"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +230,7 @@ FAMILIES: tuple[Family, ...] = (
         guidance_layout="separate",
         guidance_scale_name="guidance_scale",
         shift_rule="flux2_empirical",
+        latent_output="vae",
     ),
     # Chroma: Flux's packing and 3-axis RoPE ids, a T5 encoder only (no CLIP, no guidance embedding), and
     # true CFG with a negative prompt at guidance_scale > 1 (a cond call, then an uncond call).

@@ -237,11 +237,42 @@ def _flux_inputs(model, batch, latent_h, latent_w, dtype):
     return kwargs
 
 
+def _flux2_inputs(model, batch, latent_h, latent_w, dtype):
+    config = model.config
+    tokens, text = (latent_h // 2) * (latent_w // 2), 512
+    kwargs = dict(
+        hidden_states=torch.empty(batch, tokens, config.in_channels, dtype=dtype),
+        encoder_hidden_states=torch.empty(batch, text, config.joint_attention_dim, dtype=dtype),
+        timestep=torch.empty(batch),
+        img_ids=torch.empty(tokens, 4),
+        txt_ids=torch.empty(text, 4),
+    )
+    if config.guidance_embeds:
+        kwargs["guidance"] = torch.empty(batch)
+    return kwargs
+
+
+def _chroma_inputs(model, batch, latent_h, latent_w, dtype):
+    config = model.config
+    tokens, text = (latent_h // 2) * (latent_w // 2), 512
+    return dict(
+        hidden_states=torch.empty(batch, tokens, config.in_channels, dtype=dtype),
+        encoder_hidden_states=torch.empty(batch, text, config.joint_attention_dim, dtype=dtype),
+        timestep=torch.empty(batch),
+        img_ids=torch.empty(tokens, 3),
+        txt_ids=torch.empty(text, 3),
+        # ChromaPipeline always passes its text padding mask; the transformer expands it to (S, S) per block.
+        attention_mask=torch.empty(batch, text + tokens, dtype=dtype),
+    )
+
+
 DENOISER_INPUTS = {
     "UNet2DConditionModel": _unet_inputs,
     "PixArtTransformer2DModel": _pixart_inputs,
     "SD3Transformer2DModel": _sd3_inputs,
     "FluxTransformer2DModel": _flux_inputs,
+    "Flux2Transformer2DModel": _flux2_inputs,
+    "ChromaTransformer2DModel": _chroma_inputs,
 }
 
 

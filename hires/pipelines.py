@@ -12,6 +12,9 @@ they also reject sizes diffusers would silently replace (0 means "default" to di
 from __future__ import annotations
 
 from diffusers import (
+    ChromaPipeline,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
     FluxPipeline,
     PixArtSigmaPipeline,
     StableDiffusion3Pipeline,
@@ -57,10 +60,25 @@ class HiresFluxPipeline(HiresPipelineMixin, FluxPipeline):
     """FluxPipeline with hires."""
 
 
+class HiresFlux2Pipeline(HiresPipelineMixin, Flux2Pipeline):
+    """Flux2Pipeline (Flux.2 [dev]) with hires."""
+
+
+class HiresFlux2KleinPipeline(HiresPipelineMixin, Flux2KleinPipeline):
+    """Flux2KleinPipeline (Flux.2 [klein]) with hires."""
+
+
+class HiresChromaPipeline(HiresPipelineMixin, ChromaPipeline):
+    """ChromaPipeline with hires."""
+
+
 READY_PIPELINES = (
     HiresStableDiffusionPipeline,
     HiresStableDiffusionXLPipeline,
     HiresPixArtSigmaPipeline,
     HiresStableDiffusion3Pipeline,
     HiresFluxPipeline,
+    HiresFlux2Pipeline,
+    HiresFlux2KleinPipeline,
+    HiresChromaPipeline,
 )

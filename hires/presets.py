@@ -32,6 +32,11 @@ AUTOMATIC: dict[str, HiresConfig] = {
     "pixart": _GUIDED_WITH_POSITIONS,
     "sd3": _GUIDED_WITH_POSITIONS,
     "flux": _GUIDED,
+    # Flux.2 and Chroma are flow DiTs of Flux's design (packed latents, RoPE): the testbed's Flux
+    # evidence stands for them, so they get Flux's preset.
+    "flux2": _GUIDED,
+    "flux2_klein": _GUIDED,
+    "chroma": _GUIDED,
 }
 
 

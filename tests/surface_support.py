@@ -31,9 +31,17 @@ READY = {
     "pixart": ("HiresPixArtSigmaPipeline", "hires_pixart.py"),
     "sd3": ("HiresStableDiffusion3Pipeline", "hires_sd3.py"),
     "flux": ("HiresFluxPipeline", "hires_flux.py"),
+    "flux2": ("HiresFlux2Pipeline", "hires_flux2.py"),
+    "flux2_klein": ("HiresFlux2KleinPipeline", "hires_flux2_klein.py"),
+    "chroma": ("HiresChromaPipeline", "hires_chroma.py"),
 }
 UNETS = ("sd15", "sd21", "sdxl")
-DITS = ("pixart", "sd3", "flux")
+DITS = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma")
+# Pipelines that hard-code a 1024 px default_sample_size: a copy loaded from disk needs the tiny
+# model's 64 px base set on it (or given as HiresConfig.base_size).
+FIXED_BASE = ("flux", "flux2", "flux2_klein", "chroma")
+# Families whose pipeline never runs classifier-free guidance (APG does not apply).
+NO_CFG = ("flux2",)
 PRESET = "preset"  # hires.apply(pipe) without a config / no hires_config / --preset auto
 
 # Options per family that make PositionConfig change the computation at 2x (its defaults do not for
@@ -43,6 +51,9 @@ _POSITIONS = {
     "pixart": {"enabled": True, "interpolation_scale": 2.0},
     "sd3": {"enabled": True, "timestep_shift": "static", "shift": 6.0},
     "flux": {"enabled": True},  # YaRN RoPE and the clamped timestep shift
+    "flux2": {"enabled": True},
+    "flux2_klein": {"enabled": True},
+    "chroma": {"enabled": True},
 }
 
 
@@ -60,7 +71,7 @@ def technique_options(family: str, technique: str) -> dict:
         # A fixed budget: the planner does not measure this machine. Flux's blocks have no
         # diffusers feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 there).
         options = {"enabled": True, "max_memory": "64GiB"}
-        if family != "flux":
+        if family not in FIXED_BASE:  # the Flux-type blocks
             options["feed_forward_chunks"] = 2
         return {"memory": options}
     if technique == "attention_backend":
@@ -73,7 +84,9 @@ def techniques_for(family: str) -> list[str]:
     names = ["structure_guidance_latent", "structure_guidance_pixel", "bottleneck"]
     if family in UNETS:
         names.append("redilation")
-    names += ["entropy_scaling", "window_attention", "attention_backend", "apg"]
+    names += ["entropy_scaling", "window_attention", "attention_backend"]
+    if family not in NO_CFG:
+        names.append("apg")
     if family in DITS:
         names.append("positions")
     names += ["vae_tiling", "memory", PRESET]

@@ -45,7 +45,7 @@ from ..config import StructureGuidanceConfig
 from ..registry import Technique
 from ..runtime import get_attachment
 from ..techniques.guidance import ensure_guidance_hook
-from . import schedules, wavelets
+from . import latent_space, schedules, wavelets
 from .stages import Stage, engine_of, last_run_of, pack, tile_batch, unpack
 
 HOOK_NAME = "hires.structure_guidance"
@@ -371,19 +371,13 @@ class VAECodec:
     def __init__(self, pipe):
         self.pipe = pipe
 
-    def _factors(self):
-        vae_config = self.pipe.vae.config
-        return vae_config.scaling_factor, getattr(vae_config, "shift_factor", None) or 0.0
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
-        scale, shift = self._factors()
-        return vae.decode((z / scale + shift).to(vae.dtype), return_dict=False)[0].float()
+        return vae.decode(latent_space.to_vae(vae, z).to(vae.dtype), return_dict=False)[0].float()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
-        scale, shift = self._factors()
-        return (vae.encode(image.to(vae.dtype)).latent_dist.mode().float() - shift) * scale
+        return latent_space.from_vae(vae, vae.encode(image.to(vae.dtype)).latent_dist.mode())
 
 
 def info_batched(info) -> bool:

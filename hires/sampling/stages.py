@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import schedules
+from . import latent_space, schedules
 
 # __call__ arguments that resize the request inside the pipeline; stages pass exact sizes instead.
 RESIZING_ARGUMENTS = {"use_resolution_binning": False}
@@ -211,7 +211,7 @@ class StageEngine:
             self.running = False
             self.current = None
             self.pipe.__dict__.update(saved)  # the user's call set its own state before encode_prompt
-        self.pending = _Pending(call.frame, stages[-1].output)
+        self.pending = _Pending(call.frame, self._as_denoiser_latents(stages[-1].output))
         for stage in stages:
             stage.drop_tensors()
         self.last_run = tuple(stages)
@@ -255,12 +255,24 @@ class StageEngine:
                 stage.data.drop_tensors()
             previous = stage
 
-    def _spatial(self, latents: torch.Tensor, stage: Stage) -> torch.Tensor:
+    def _spatial(self, latents: torch.Tensor, stage: Stage, returned: bool = True) -> torch.Tensor:
+        """(B, C, h, w) denoiser latents of a stage's output (`returned`: what the pipeline returned for
+        output_type="latent"; else latents as the denoiser sees them)."""
         info = self.info
+        if returned and info.family.latent_output == "vae":
+            return latent_space.from_vae(self.pipe.vae, latents)
         if info.family.latent_layout != "packed":
             return latents
         f = info.latent_factor
         return unpack(latents, stage.height // f, stage.width // f, info.patch_size)
+
+    def _as_denoiser_latents(self, output: torch.Tensor) -> torch.Tensor:
+        """A pipeline's output_type="latent" result as its prepare_latents returns latents."""
+        info = self.info
+        if info.family.latent_output != "vae":
+            return output
+        latents = latent_space.from_vae(self.pipe.vae, output)
+        return pack(latents, info.patch_size).to(output.dtype) if info.family.latent_layout == "packed" else latents
 
     def _fill(self, stage: Stage) -> None:
         """Write the stage's start, noised to its first timestep, into the tensor its loop starts from."""
@@ -340,7 +352,7 @@ class StageEngine:
                     bound.update(kwargs)
                     stage.result = schedules.clean_estimate(engine.pipe.scheduler, engine.info.prediction_type,
                                                             bound["model_output"], bound["timestep"], bound["sample"])
-                    stage.result = engine._spatial(stage.result, stage)
+                    stage.result = engine._spatial(stage.result, stage, returned=False)
             return original(*args, **kwargs)
 
         return step
