@@ -14,6 +14,9 @@ EXPECTED = {
     "pixart": (64, 16, "epsilon"),
     "sd3": (64, 16, "flow"),
     "flux": (64, 16, "flow"),
+    "flux2": (64, 16, "flow"),
+    "flux2_klein": (64, 16, "flow"),
+    "chroma": (64, 16, "flow"),
 }
 
 

@@ -6,13 +6,20 @@ import torch
 import hires
 from hires.runtime import get_attachment
 from hires.techniques.guidance import GUIDANCE_HOOK, GuidanceCall, ensure_guidance_hook, prediction_channels
-from tiny_models import FAMILY_NAMES, build, generate
+from tiny_models import CFG_ARGUMENTS, FAMILY_NAMES, NO_CFG, SEPARATE_CFG, build, generate
 
-TRUE_CFG = {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}
+TRUE_CFG = CFG_ARGUMENTS["flux"]
+CFG_FAMILIES = tuple(f for f in FAMILY_NAMES if f not in NO_CFG)
 
 
 def cfg_kwargs(family):
-    return dict(TRUE_CFG) if family == "flux" else {}
+    return dict(CFG_ARGUMENTS.get(family, {}))
+
+
+def cfg_scale(family):
+    """The CFG scale of `family`'s call with cfg_kwargs."""
+    return (TRUE_CFG["true_cfg_scale"] if family == "flux"
+            else {"pixart": 4.5, "flux2_klein": 4.0}.get(family, 5.0))
 
 
 class Recorder:
@@ -49,7 +56,7 @@ class Recorder:
         channels = prediction_channels(self.denoiser.config)
         cut = (lambda t: t) if channels is None else (lambda t: t[:, :channels])
         pairs = []
-        if self.family == "flux":  # true CFG: cond call then uncond call
+        if self.family in SEPARATE_CFG:  # true CFG: cond call then uncond call
             for i in range(0, len(self.calls), 2):
                 pairs.append((cut(self.raw(i + 1)), cut(self.raw(i))))
         else:
@@ -65,11 +72,10 @@ def odd_combiner(uncond, cond, scale, state):
     return cond + 0.5 * scale * torch.tanh(cond - uncond) - 0.1 * uncond
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", CFG_FAMILIES)
 def test_the_scheduler_receives_exactly_the_combiners_prediction(family):
     pipe = build(family)
-    scale = (TRUE_CFG["true_cfg_scale"] if family == "flux"
-             else {"pixart": 4.5}.get(family, 5.0))
+    scale = cfg_scale(family)
     hires.apply(pipe)
     hook = ensure_guidance_hook(get_attachment(pipe))
     hook.set_combiner(odd_combiner, owner="test")
@@ -129,7 +135,7 @@ def test_pixart_learned_sigma_channels_are_left_as_the_model_made_them():
         assert not torch.equal(returned[1:, :4], raw[1:, :4])
 
 
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", CFG_FAMILIES)
 def test_inactive_steps_and_removal_are_bit_identical(family):
     pipe = build(family)
     plain = generate(pipe, family, 64, steps=3, **cfg_kwargs(family))
@@ -151,6 +157,8 @@ def test_inactive_steps_and_removal_are_bit_identical(family):
         ("sd15", {"guidance_scale": 1.0}, r"guidance_scale=1\.0.*pass guidance_scale > 1"),
         ("flux", {}, r"true_cfg_scale=1\.0.*negative_prompt"),
         ("flux", {"true_cfg_scale": 3.0}, r"negative prompt given: False.*negative_prompt"),
+        ("flux2_klein", {"guidance_scale": 1.0}, r"guidance_scale=1\.0.*pass guidance_scale > 1"),
+        ("chroma", {"guidance_scale": 1.0}, r"guidance_scale=1\.0.*pass guidance_scale > 1"),
     ],
 )
 def test_a_combiner_without_cfg_raises_naming_the_parameter(family, overrides, match):

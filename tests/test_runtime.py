@@ -5,7 +5,7 @@ import torch
 
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
-from tiny_models import build, generate, step_callback
+from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate, step_callback
 
 SIZE = 128  # 2x the tiny models' base side
 
@@ -77,8 +77,10 @@ def test_call_state_is_built_from_the_call_and_dropped_after_it(family):
     record = hires.last_call(pipe)
     assert (record.height, record.width) == (128, 64)
     assert record.completed
-    # one denoiser call per step; classifier-free guidance is batched, Flux is guidance-distilled
-    assert record.steps_seen == (0, 1, 2, 3)
+    # one denoiser call per step: classifier-free guidance is batched, Flux and Flux.2 [dev] are
+    # guidance-distilled; true-CFG families (Klein, Chroma) call it twice per step
+    calls = 2 if family in SEPARATE_CFG and family not in CFG_ARGUMENTS else 1
+    assert record.steps_seen == tuple(step for step in range(4) for _ in range(calls))
 
 
 def test_state_seen_by_hooks_during_the_call(family):
@@ -174,6 +176,11 @@ def test_sequential_cpu_offload_with_apply():
         ("sd3", {}, 5.0),
         ("flux", {}, None),  # guidance-distilled: guidance_scale feeds the embedding, no CFG
         ("flux", {"true_cfg_scale": 2.5, "negative_prompt": "a blue square"}, 2.5),
+        ("flux2", {}, None),  # guidance-distilled, no CFG at all
+        ("flux2_klein", {}, 4.0),  # true CFG against the empty prompt
+        ("flux2_klein", {"guidance_scale": 1.0}, None),
+        ("chroma", {}, 5.0),  # true CFG with the (empty) negative prompt
+        ("chroma", {"guidance_scale": 1.0}, None),
     ],
 )
 def test_call_state_knows_the_guidance_scale_the_pipeline_combines_with(family, overrides, expected):

@@ -425,6 +425,15 @@ CALL_KWARGS = {
 }
 
 FAMILY_NAMES = tuple(BUILDERS)
+# How each family runs classifier-free guidance in its tiny model's default call (CALL_KWARGS):
+# one denoiser call per step on [uncond, cond] ("batched" families), a cond call then an uncond call
+# (SEPARATE_CFG: Flux only with true CFG arguments, Klein and Chroma at guidance_scale > 1), or none.
+SEPARATE_CFG = ("flux", "flux2_klein", "chroma")
+NO_CFG = ("flux2",)  # Flux.2 [dev]: guidance_scale feeds the distilled guidance embedding
+# Extra call arguments that turn CFG on where the default call runs none (Flux: true CFG).
+CFG_ARGUMENTS = {"flux": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}}
+# Families whose attention is joint text-image attention (text keys beside image keys).
+JOINT_ATTENTION = ("sd3", "flux", "flux2", "flux2_klein", "chroma")
 
 
 def build(family: str):

@@ -111,6 +111,7 @@ def windowed_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     attend: Callable = F.scaled_dot_product_attention,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of (batch, heads, tokens, dim) tensors with image queries in windows.
 
@@ -118,6 +119,8 @@ def windowed_attention(
     tokens (text) are global. The image grid is rolled by -offset, split into near-equal windows of
     at most `window`, each window's queries attend to that window's keys plus all text keys, and the
     result is rolled back. Text queries attend to all keys. One `attend` call per window shape.
+    `attn_mask` (broadcastable to (batch, heads, tokens, tokens), boolean or additive; Chroma's text
+    padding mask) is cut to each window's queries and keys.
     """
     batch, heads, tokens, _ = query.shape
     rows, cols = grid
@@ -129,9 +132,15 @@ def windowed_attention(
         return torch.roll(x, shifts=(-offset[0], -offset[1]), dims=(2, 3)) if any(offset) else x
 
     q_grid, k_grid, v_grid = image_grid(query), image_grid(key), image_grid(value)
+    text_index = torch.cat([torch.arange(image_start), torch.arange(image_end, tokens)]).to(query.device)
     if has_text:
         text_keys = torch.cat([key[:, :, :image_start], key[:, :, image_end:]], dim=2)
         text_values = torch.cat([value[:, :, :image_start], value[:, :, image_end:]], dim=2)
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(attn_mask.shape[0] if attn_mask.shape[0] != 1 else batch,
+                                     *attn_mask.shape[1:-2], tokens, tokens)
+        # each image token's sequence index, laid out (and rolled) like the image grid
+        index_grid = image_grid(torch.arange(tokens, device=query.device)[None, None, :, None])
     out_grid = q_grid.new_empty((batch, heads, rows, cols, value.shape[-1]))
 
     for row0, n_rows, size_r in window_runs(rows, window[0]):
@@ -139,8 +148,9 @@ def windowed_attention(
             area = (slice(None), slice(None), slice(row0, row0 + n_rows * size_r), slice(col0, col0 + n_cols * size_c))
 
             def to_windows(x):
-                x = x[area].reshape(batch, heads, n_rows, size_r, n_cols, size_c, x.shape[-1])
-                return x.permute(0, 2, 4, 1, 3, 5, 6).reshape(batch * n_rows * n_cols, heads, size_r * size_c, x.shape[-1])
+                lead = x.shape[:2]  # (batch, heads); (1, 1) for the index grid
+                x = x[area].reshape(*lead, n_rows, size_r, n_cols, size_c, x.shape[-1])
+                return x.permute(0, 2, 4, 1, 3, 5, 6).reshape(lead[0] * n_rows * n_cols, lead[1], size_r * size_c, x.shape[-1])
 
             q_w, k_w, v_w = to_windows(q_grid), to_windows(k_grid), to_windows(v_grid)
             if has_text:
@@ -150,7 +160,17 @@ def windowed_attention(
 
                 k_w = torch.cat([k_w, per_window(text_keys)], dim=2)
                 v_w = torch.cat([v_w, per_window(text_values)], dim=2)
-            out = attend(q_w, k_w, v_w, dropout_p=dropout_p, scale=scale)
+            mask_w = None
+            if attn_mask is not None:
+                windows = n_rows * n_cols
+                query_index = to_windows(index_grid)[:, 0, :, 0]  # (windows, window tokens)
+                key_index = torch.cat([query_index, text_index[None].expand(windows, -1)], dim=1)
+                mask_rows = attn_mask[:, :, query_index]  # (B, H', windows, window tokens, tokens)
+                mask_w = mask_rows.gather(-1, key_index[None, None, :, None, :].expand(
+                    *mask_rows.shape[:-1], key_index.shape[1]))
+                mask_w = mask_w.transpose(1, 2)
+                mask_w = mask_w.reshape(batch * windows, *mask_w.shape[2:])
+            out = attend(q_w, k_w, v_w, dropout_p=dropout_p, scale=scale, **({} if mask_w is None else {"attn_mask": mask_w}))
             out = out.reshape(batch, n_rows, n_cols, heads, size_r, size_c, out.shape[-1])
             out_grid[area] = out.permute(0, 3, 1, 4, 2, 5, 6).reshape(batch, heads, n_rows * size_r, n_cols * size_c, -1)
 
@@ -159,12 +179,17 @@ def windowed_attention(
     out_image = out_grid.flatten(2, 3)
     if not has_text:
         return out_image
+    def text_rows(start, end):
+        return {} if attn_mask is None else {"attn_mask": attn_mask[:, :, start:end]}
+
     parts = []
     if image_start > 0:
-        parts.append(attend(query[:, :, :image_start], key, value, dropout_p=dropout_p, scale=scale))
+        parts.append(attend(query[:, :, :image_start], key, value, dropout_p=dropout_p, scale=scale,
+                            **text_rows(0, image_start)))
     parts.append(out_image)
     if image_end < tokens:
-        parts.append(attend(query[:, :, image_end:], key, value, dropout_p=dropout_p, scale=scale))
+        parts.append(attend(query[:, :, image_end:], key, value, dropout_p=dropout_p, scale=scale,
+                            **text_rows(image_end, tokens)))
     return torch.cat(parts, dim=2)
 
 
@@ -223,14 +248,16 @@ class _RewriteSDPA(TorchFunctionMode):
         scale = (base if base is not None else query.shape[-1] ** -0.5) * self.rewrite.factor
         if self.rewrite.windows is None:
             return func(query, call.pop("key"), call.pop("value"), scale=scale, **call)
-        if call.get("attn_mask") is not None or call.get("is_causal") or call.get("enable_gqa"):
+        mask = call.get("attn_mask")
+        if call.get("is_causal") or call.get("enable_gqa") or (mask is not None and mask.ndim != 4):
             raise ValueError(
-                f"window attention on layer {self.layer!r}: its attention call has a mask, is causal or uses "
-                "grouped-query attention, which windows cannot honour; turn WindowAttentionConfig off for this model"
+                f"window attention on layer {self.layer!r}: its attention call is causal, uses grouped-query "
+                "attention or has a mask that is not (batch, heads, queries, keys), which windows cannot honour; "
+                "turn WindowAttentionConfig off for this model"
             )
         grid, window, offset, image_start = self.rewrite.windows
         return windowed_attention(query, call["key"], call["value"], grid, window, offset, image_start,
-                                  scale=scale, dropout_p=call.get("dropout_p", 0.0))
+                                  scale=scale, dropout_p=call.get("dropout_p", 0.0), attn_mask=mask)
 
 
 def _has_added_projections(attn) -> bool:
