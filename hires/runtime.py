@@ -74,6 +74,8 @@ class CallState:
     stage_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Notes kept in `hires.last_call(pipe).notes` for inspection (key "log.<technique>...").
     log: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Tokens the denoiser's image sequence carries after the image itself (Flux.2's reference images).
+    trailing_tokens: int = 0
     _slots: dict[type, Any] = dataclasses.field(default_factory=dict)
 
     def slot(self, kind: type):
@@ -508,10 +510,13 @@ class Attachment:
             # Packed latents carry their grid in img_ids (row in column 1, column in column 2).
             ids = arguments["img_ids"]
             ids = ids[0] if ids.ndim == 3 else ids
-            ids = ids[ids[:, 0] == 0]  # Flux.2 appends reference images' tokens at time ids 10, 20, ...
+            own = ids[:, 0] == 0  # Flux.2 appends reference images' tokens at time ids 10, 20, ...
+            trailing = int((~own).sum())
+            ids = ids[own]
             rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
             latent_h, latent_w = rows * info.patch_size, cols * info.patch_size
         else:
+            trailing = 0
             latent_h, latent_w = latents.shape[-2:]
         height, width = int(latent_h) * info.latent_factor, int(latent_w) * info.latent_factor
         validate_size("height", height, info.size_multiple, info.name)
@@ -519,7 +524,8 @@ class Attachment:
         timesteps = self._call_timesteps if self._call_timesteps is not None else torch.zeros(0, dtype=torch.float64)
         stage = self.stages.current if self.stages is not None else None
         return CallState(info=info, height=height, width=width, timesteps=timesteps, call_locals=self._call_locals,
-                         stage=stage, stage_overrides=dict(stage.overrides) if stage is not None else {})
+                         stage=stage, stage_overrides=dict(stage.overrides) if stage is not None else {},
+                         trailing_tokens=trailing)
 
     def _step_index(self, timestep) -> int:
         t = torch.as_tensor(timestep).detach().flatten()[0].double().cpu() / self.info.family.timestep_input_scale

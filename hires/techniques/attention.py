@@ -295,7 +295,8 @@ def describe_call(state, hidden_states, encoder_hidden_states, joint: bool, toke
     if text == 0:
         start = 0
     else:
-        start = {"image_first": 0, "text_first": text, None: None}[token_order]
+        # text_first sequences are [text, image, trailing tokens] (Flux.2's reference images last)
+        start = {"image_first": 0, "text_first": text - state.trailing_tokens, None: None}[token_order]
     return LayerCall(image_tokens=image, text_tokens=text, image_start=start, grid=grid, base_grid=base_grid)
 
 
