@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
 from hires.sampling import bottleneck, progressive, schedules, stages
-from tiny_models import build, generate
+from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate
 
 BN = hires.BottleneckConfig
 
@@ -176,18 +176,24 @@ def test_every_family_runs_its_stages_at_their_sizes_and_step_counts(family):
     seen = _Denoiser(pipe)
     image = _call(pipe, family, 64, steps=10)
     assert image.shape == (1, 3, 64, 64)
-    # one denoiser call per step (batched CFG; Flux is guidance-distilled), at each stage's size
-    assert seen.sizes == [(64, 64)] * 1 + [(32, 32)] * 7 + [(64, 64)] * 2
+    # one denoiser call per step (batched CFG; Flux is guidance-distilled), two with true CFG (Klein,
+    # Chroma), at each stage's size
+    calls = 2 if family in SEPARATE_CFG and family not in CFG_ARGUMENTS else 1
+
+    def per_call(values):
+        return [v for v in values for _ in range(calls)]
+
+    assert seen.sizes == per_call([(64, 64)] * 1 + [(32, 32)] * 7 + [(64, 64)] * 2)
     run = bottleneck.last_run(pipe)
     assert [(r.height, r.width, r.steps) for r in run] == [(64, 64, 1), (32, 32, 7), (64, 64, 2)]
-    assert seen.timesteps == [round(t, 2) for r in run for t in r.timesteps]
-    assert hires.last_call(pipe).height == 64 and hires.last_call(pipe).steps_seen == (0, 1)
+    assert seen.timesteps == per_call([round(t, 2) for r in run for t in r.timesteps])
+    assert hires.last_call(pipe).height == 64 and hires.last_call(pipe).steps_seen == tuple(per_call((0, 1)))
 
     seen.sizes.clear()
     image = _call(pipe, family, (128, 64), steps=6)  # 2x the base side, another aspect ratio
     assert image.shape == (1, 3, 128, 64)
     # 6 steps at 10/70/20: 0.6, 4.2, 1.2 -> 1, 4, 1
-    assert seen.sizes == [(128, 64)] + [(64, 32)] * 4 + [(128, 64)]
+    assert seen.sizes == per_call([(128, 64)] + [(64, 32)] * 4 + [(128, 64)])
     seen.handle.remove()
 
 

@@ -19,7 +19,7 @@ from hires.sampling import schedules
 from hires.techniques import positions as P
 from tiny_models import build, generate
 
-DIT_FAMILIES = ("pixart", "sd3", "flux")
+DIT_FAMILIES = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma")
 
 
 def _apply(pipe, **options):

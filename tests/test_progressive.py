@@ -9,8 +9,8 @@ import torch
 
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
-from hires.sampling import progressive, schedules, wavelets
-from tiny_models import build, generate
+from hires.sampling import latent_space, progressive, schedules, wavelets
+from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate
 
 SG = hires.StructureGuidanceConfig
 
@@ -20,8 +20,11 @@ def _call(pipe, family, size, steps=6, seed=0, output_type="latent", **extra):
 
 
 def _spatial(pipe, family, latents, size):
-    """Flux returns packed latents for output_type='latent'."""
-    if hires.model_info(pipe).family.latent_layout == "packed":
+    """Flux returns packed latents for output_type='latent'; Flux.2 [klein] the VAE's own latent."""
+    family_record = hires.model_info(pipe).family
+    if family_record.latent_output == "vae":
+        return latent_space.from_vae(pipe.vae, latents)
+    if family_record.latent_layout == "packed":
         return progressive.unpack(latents, size // 8, size // 8, 2)
     return latents
 
@@ -251,10 +254,13 @@ def test_two_and_three_stage_runs_have_the_right_sizes_and_exact_guided_steps(fa
         assert [r.height for r in run] == expected and [r.width for r in run] == expected
         assert [r.steps for r in run] == [6] + [3] * (len(expected) - 1)
         assert [r.guided_steps for r in run] == [()] + [(0, 1)] * (len(expected) - 1)
-        # One denoiser call per step (batched CFG; Flux is guidance-distilled here), each at its
-        # stage's size as the call state sees it; the user's own call runs no step of its own.
-        assert counter.heights == [64] * 6 + sum(([h] * 3 for h in expected[1:]), [])
-        assert len(swaps) == 2 * (len(expected) - 1)  # exactly the configured guided steps swap
+        # One denoiser call per step (batched CFG; Flux is guidance-distilled here; two with Klein's and
+        # Chroma's true CFG), each at its stage's size as the call state sees it; the user's own call
+        # runs no step of its own.
+        calls = 2 if family in SEPARATE_CFG and family not in CFG_ARGUMENTS else 1
+        heights = [64] * 6 + sum(([h] * 3 for h in expected[1:]), [])
+        assert counter.heights == [h for h in heights for _ in range(calls)]
+        assert len(swaps) == calls * 2 * (len(expected) - 1)  # exactly the configured guided steps swap
         assert hires.last_call(pipe).height == size
     counter.handle.remove()
 

@@ -23,6 +23,7 @@ import types
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import real_size_flux2
 from benchmarks.common import FLUX_DEV, FULL_SIZE_UNETS, Table, fmt, interleaved_times, ratio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,7 +81,8 @@ def flop_table() -> Table:
 
     rows = []
     specs = (("SDXL UNet", "sdxl", 1, lambda: UNet2DConditionModel(**FULL_SIZE_UNETS["sdxl"]), _sdxl_inputs),
-             ("Flux.1-dev transformer", "flux", 2, lambda: FluxTransformer2DModel(**FLUX_DEV), _flux_inputs))
+             ("Flux.1-dev transformer", "flux", 2, lambda: FluxTransformer2DModel(**FLUX_DEV), _flux_inputs),
+             ("Flux.2-dev transformer", "flux2", 2, lambda: real_size_flux2.models()[0], real_size_flux2.inputs))
     for label, family, patch, make, inputs in specs:
         with torch.device("meta"):
             model = make().eval()

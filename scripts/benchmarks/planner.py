@@ -1,4 +1,4 @@
-"""The memory planner's plans for GPU budgets on real-size SDXL base and FLUX.1-dev (meta device).
+"""The memory planner's plans for GPU budgets on real-size SDXL base, FLUX.1-dev and FLUX.2-dev (meta device).
 
 Estimates, not measurements: scripts/benchmarks/memory.py checks the planner against measured peaks.
 """
@@ -13,7 +13,8 @@ import torch
 from .common import FLUX_DEV, Table, fmt, full_size_unet
 
 HERE = Path(__file__).resolve().parent
-CASES = (("sdxl", 4096, True), ("sdxl", 8192, True), ("flux", 4096, False), ("flux", 8192, False))
+CASES = (("sdxl", 4096, True), ("sdxl", 8192, True), ("flux", 4096, False), ("flux", 8192, False),
+         ("flux2", 4096, False))
 BUDGETS = (80 * 2**30, 24 * 2**30)
 
 
@@ -23,6 +24,10 @@ def real_size_models(family: str):
     from _vae_rss_worker import REAL_VAE
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
+    if family == "flux2":
+        from .real_size_flux2 import models
+
+        return models()
     with torch.device("meta"):
         if family == "sdxl":
             return full_size_unet("sdxl"), AutoencoderKL(**REAL_VAE)
@@ -54,7 +59,7 @@ def planner_table() -> Table:
                 rows.append([family, f"{side}x{side}", f"{budget / 2**30:.0f}", "-", "-", "-", "-", "-", f"refused: {error}"])
     return Table(
         title="Memory planner on real-size architectures (bf16, batch 1, a CUDA device; estimates, not measurements)",
-        what=("hires.memory_planner.plan(..., device_type='cuda') on SDXL base (CFG) and FLUX.1-dev (no true CFG) built "
+        what=("hires.memory_planner.plan(..., device_type='cuda') on SDXL base (CFG), FLUX.1-dev and FLUX.2-dev (no CFG) built "
               "on the meta device from public config values; weights = denoiser + VAE only (text encoders offloaded or "
               "counted by the caller). Attention counted as a memory-efficient kernel; CUDA convolution workspaces "
               "are not modelled. GiB."),
