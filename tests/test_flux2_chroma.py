@@ -6,6 +6,7 @@ Chroma's masked attention in windows, Klein's true CFG)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -238,3 +239,25 @@ def test_windowed_attention_with_a_mask_against_one_masked_attention():
     boolean = A.windowed_attention(q, k, v, (rows, cols), window, offset, image_start=text, attn_mask=pad)
     torch.testing.assert_close(boolean[rows_ok], expected[rows_ok], rtol=1e-5, atol=1e-5)
 
+
+
+def test_structure_guidance_stages_keep_flux2s_own_base_shift(monkeypatch):
+    """Each later stage's mu is capped at the mu Flux2Pipeline itself uses at the base size (its
+    empirical rule, not the scheduler config's linear one)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    seen = []
+    original = FlowMatchEulerDiscreteScheduler.set_timesteps
+
+    @functools.wraps(original)  # diffusers reads its signature for `sigmas`
+    def record(self, *args, **kwargs):
+        seen.append(kwargs.get("mu"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", record)
+    pipe = hires.apply(build("flux2"), hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True)))
+    generate(pipe, "flux2", SIZE, steps=3)
+    base_mu = schedules.flux2_empirical_mu(16, 3)
+    assert schedules.flux2_empirical_mu(64, 3) > base_mu  # so the 2x stage is capped
+    assert [mu for mu in seen if mu is not None][:2] == pytest.approx([base_mu, base_mu])
+    assert base_mu != pytest.approx(schedules.scheduler_shift_mu(pipe.scheduler.config, 16))

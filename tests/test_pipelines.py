@@ -7,6 +7,7 @@ import torch
 
 import hires
 from hires.presets import automatic_config
+from surface_support import FIXED_BASE
 from tiny_models import build, generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,6 +17,9 @@ READY = {
     "pixart": ("HiresPixArtSigmaPipeline", "hires_pixart.py"),
     "sd3": ("HiresStableDiffusion3Pipeline", "hires_sd3.py"),
     "flux": ("HiresFluxPipeline", "hires_flux.py"),
+    "flux2": ("HiresFlux2Pipeline", "hires_flux2.py"),
+    "flux2_klein": ("HiresFlux2KleinPipeline", "hires_flux2_klein.py"),
+    "chroma": ("HiresChromaPipeline", "hires_chroma.py"),
 }
 
 
@@ -55,7 +59,7 @@ def test_community_pipeline_file_loads_a_saved_tiny_pipeline(family, tmp_path):
         tmp_path, custom_pipeline=str(ROOT / "pipelines" / READY[family][1]), trust_remote_code=True
     )
     loaded.set_progress_bar_config(disable=True)
-    if family == "flux":  # FluxPipeline hard-codes a 1024 px base; the tiny model's is 64 px
+    if family in FIXED_BASE:  # these pipelines hard-code a 1024 px base; the tiny model's is 64 px
         loaded.default_sample_size = plain.default_sample_size = 8
     assert type(loaded).__name__ == READY[family][0]
     assert isinstance(loaded, hires.pipelines.HiresPipelineMixin)

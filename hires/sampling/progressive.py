@@ -315,7 +315,10 @@ class StructureGuidance:
         """The pipeline's own schedule, keeping its last `renoise` fraction."""
         guide = stage.data
         if kwargs.get("mu") is not None:  # flow: the base size's shift (see the module docstring)
-            kwargs = {**kwargs, "mu": min(kwargs["mu"], schedules.scheduler_shift_mu(scheduler.config, self.info.base_tokens))}
+            sigmas = kwargs.get("sigmas")
+            steps = len(sigmas) if sigmas is not None else kwargs.get("num_inference_steps", args[0] if args else None)
+            base_mu = schedules.pipeline_shift_mu(self.info.family.shift_rule, scheduler.config, self.info.base_tokens, steps)
+            kwargs = {**kwargs, "mu": min(kwargs["mu"], base_mu)}
         set_timesteps(*args, **kwargs)
         total = len(scheduler.timesteps)
         steps = schedules.stage_steps(total, guide.renoise)
