@@ -698,14 +698,16 @@ def print_plan(args, request: Request, config_values, device: str, dtype, image_
     print(f"request: {width}x{height}, {request.steps} steps, dtype {str(dtype).removeprefix('torch.')}, "
           f"device {device}")
     print(f"techniques: {', '.join(config.enabled_techniques()) or 'none'}")
-    cfg = request.guidance is None or request.guidance > 1
+    # Flux.2 [dev] never runs CFG; true-CFG families run its halves as separate calls
+    cfg = info.family.guidance_layout != "none" and (request.guidance is None or request.guidance > 1)
     budget = config.memory.max_memory
     status = 0
     for number, (h, w, steps) in enumerate(stages):
         label = "input image" if steps is None else f"{steps} steps"
         try:
             estimate = plan(denoiser, model.pipe.vae, height=h, width=w, latent_factor=info.latent_factor, dtype=dtype,
-                            cfg=cfg, budget=budget, name=info.name, device_type=device.split(":")[0]).summary()
+                            cfg=cfg, cfg_batched=info.family.guidance_layout == "batched", budget=budget,
+                            name=info.name, device_type=device.split(":")[0]).summary()
         except MemoryBudgetError as err:
             estimate, status = f"DOES NOT FIT: {err}", 2
         except ValueError as err:  # e.g. no budget given and no such device to measure
