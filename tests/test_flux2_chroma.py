@@ -261,3 +261,18 @@ def test_structure_guidance_stages_keep_flux2s_own_base_shift(monkeypatch):
     assert schedules.flux2_empirical_mu(64, 3) > base_mu  # so the 2x stage is capped
     assert [mu for mu in seen if mu is not None][:2] == pytest.approx([base_mu, base_mu])
     assert base_mu != pytest.approx(schedules.scheduler_shift_mu(pipe.scheduler.config, 16))
+
+
+def test_chroma_img2img_runs_a_technique_and_is_plain_after_remove():
+    from diffusers import ChromaImg2ImgPipeline
+
+    pipe = ChromaImg2ImgPipeline(**build("chroma").components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.default_sample_size = 8
+    image = torch.rand(1, 3, SIZE, SIZE)
+    plain = generate(pipe, "chroma", SIZE, image=image, strength=0.7)
+    hires.apply(pipe, hires.HiresConfig(entropy_scaling=hires.EntropyScalingConfig(enabled=True)))
+    assert not torch.equal(generate(pipe, "chroma", SIZE, image=image, strength=0.7), plain)
+    assert any(f > 1 for f in hires.last_call(pipe).notes[A.LOG_FACTORS].values())
+    hires.remove(pipe)
+    assert torch.equal(generate(pipe, "chroma", SIZE, image=image, strength=0.7), plain)
