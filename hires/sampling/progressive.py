@@ -45,6 +45,7 @@ from ..config import StructureGuidanceConfig
 from ..registry import Technique
 from ..runtime import get_attachment
 from ..techniques.guidance import ensure_guidance_hook
+from ..techniques.tiled_vae import vae_precision
 from . import schedules, wavelets
 from .stages import Stage, engine_of, last_run_of, pack, tile_batch, unpack
 
@@ -378,12 +379,14 @@ class VAECodec:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         scale, shift = self._factors()
-        return vae.decode((z / scale + shift).to(vae.dtype), return_dict=False)[0].float()
+        with vae_precision(vae) as dtype:
+            return vae.decode((z / scale + shift).to(dtype), return_dict=False)[0].float()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         scale, shift = self._factors()
-        return (vae.encode(image.to(vae.dtype)).latent_dist.mode().float() - shift) * scale
+        with vae_precision(vae) as dtype:
+            return (vae.encode(image.to(dtype)).latent_dist.mode().float() - shift) * scale
 
 
 def info_batched(info) -> bool:
