@@ -453,8 +453,15 @@ class StructureGuidanceConfig:
     # APG per stage (an APGConfig); None: HiresConfig.apg, which also rules the base generation;
     # APGConfig(enabled=False): plain CFG in that stage
     apg: Any = None
-    space: str = "pixel"  # "pixel": decode/encode round trip (paper; best on the testbed); "latent": no VAE round trip
+    space: str = "pixel"  # where the guide's low band is swapped: "pixel" (a VAE round trip per guided step, the paper) or "latent"
+    # where the previous stage is upscaled: "pixel" (one decode + encode per stage) or "latent"; None: as `space`
+    upscale_space: str | None = None
     upscale: str = "bicubic"
+    # clamp the upscaled (and sharpened) guide to the range of the source pixels around it: no ringing halo
+    anti_ringing: bool = True
+    # stage sizes when `stages` is None: "linear" adds one base side per stage (DiffuseHigh: 1024 -> 2048 -> 3072
+    # -> 4096); "doubling" doubles the side per stage (FreeScale, HiFlow: 1024 -> 2048 -> 4096)
+    ladder: str = "linear"
 
     def __post_init__(self):
         owner = "StructureGuidanceConfig"
@@ -476,7 +483,13 @@ class StructureGuidanceConfig:
         object.__setattr__(self, "apg", _per_stage(owner, "apg", _apg_entries(owner, self.apg),
                                                     lambda v: isinstance(v, APGConfig), "a hires.APGConfig or None"))
         _choice(owner, "space", self.space, ("latent", "pixel"))
+        if self.upscale_space is not None:
+            _choice(owner, "upscale_space", self.upscale_space, ("latent", "pixel"))
+            if self.space == "pixel" and self.upscale_space == "latent":
+                raise ValueError(f"{owner}.upscale_space='latent' cannot feed space='pixel' (a pixel guide needs the "
+                                 "upscaled pixels); use upscale_space='pixel' or None, or space='latent'")
         _choice(owner, "upscale", self.upscale, ("bicubic", "bilinear", "lanczos"))
+        _choice(owner, "ladder", self.ladder, ("linear", "doubling"))
         if not (isinstance(self.wavelet_level, int) and self.wavelet_level >= 1):
             raise ValueError(f"{owner}.wavelet_level={self.wavelet_level!r} must be an int >= 1")
         if not (isinstance(self.sharpen_alpha, (int, float)) and self.sharpen_alpha >= 0):

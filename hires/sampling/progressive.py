@@ -88,6 +88,21 @@ def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> tor
     return out.to(x.dtype)
 
 
+def clamp_to_source_range(upscaled: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Clamp each upscaled pixel to the min/max of the 3x3 source pixels around the one it falls in.
+
+    Bicubic / Lanczos resampling and the unsharp mask overshoot at edges (a bright rim on the dark
+    side, a dark one on the bright side); the guide then teaches the model a halo. Inside smooth
+    regions the range is wide and nothing changes."""
+    src = source.float()
+    padded = F.pad(src, (1, 1, 1, 1), mode="replicate")
+    high = F.max_pool2d(padded, 3, stride=1)
+    low = -F.max_pool2d(-padded, 3, stride=1)
+    size = upscaled.shape[-2:]
+    high, low = F.interpolate(high, size=size, mode="nearest-exact"), F.interpolate(low, size=size, mode="nearest-exact")
+    return torch.minimum(torch.maximum(upscaled.float(), low), high).to(upscaled.dtype)
+
+
 def gaussian_kernel(sigma: float, size: int = SHARPEN_KERNEL) -> torch.Tensor:
     half = (size - 1) / 2
     k = torch.exp(-((torch.arange(size, dtype=torch.float64) - half) ** 2) / (2 * sigma**2))
@@ -149,9 +164,13 @@ def stage_sizes(info, config: StructureGuidanceConfig, height: int, width: int,
         return [(height, width)]  # at or below the base area (or no side grows): a plain call
     if config.stages is not None:
         middle = [_explicit_stage(e, base, m) for e in config.stages]
-    else:  # DiffuseHigh's ladder: 2x, then one base side more per stage (1024 -> 2048 -> 3072 -> 4096)
+    else:
         factor = max(height / base[0], width / base[1])
-        ladder = [(base[0] * k, base[1] * k) for k in range(2, math.ceil(factor - 1e-9))]
+        if config.ladder == "doubling":  # 2x per side per stage (1024 -> 2048 -> 4096)
+            factors = [2**k for k in range(1, math.ceil(math.log2(factor) - 1e-9))]
+        else:  # DiffuseHigh's: 2x, then one base side more per stage (1024 -> 2048 -> 3072 -> 4096)
+            factors = list(range(2, math.ceil(factor - 1e-9)))
+        ladder = [(base[0] * k, base[1] * k) for k in factors]
         # rounding can put a rung past one side of the request: such a rung would not grow into it
         middle = [s for s in ladder if _grows(s, (height, width))]
     sizes = [base] + middle
@@ -296,15 +315,17 @@ class StructureGuidance:
         guide.sharpen_sigma = _draw_uniform(stage.generator, *config.sharpen_sigma) if config.sharpen_alpha else None
         sigma = guide.sharpen_sigma
 
-        def sharpen(x):
-            return unsharp_mask(x, config.sharpen_alpha, sigma) if sigma else x
+        def upscale(x, size):
+            up = resize(x, size, config.upscale)
+            up = unsharp_mask(up, config.sharpen_alpha, sigma) if sigma else up
+            return clamp_to_source_range(up, x) if config.anti_ringing else up
 
-        if config.space == "latent" and previous is not None:
-            z = sharpen(resize(previous.result.float(), latent_size, config.upscale))
+        if (config.upscale_space or config.space) == "latent" and previous is not None:
+            z = upscale(previous.result.float(), latent_size)
             guide.guide = self._low(z)
             return z
         pixels = guide.origin if previous is None else self.vae.decode(previous.result)
-        image = sharpen(resize(pixels.float(), (stage.height, stage.width), config.upscale)).clamp(-1, 1)
+        image = upscale(pixels.float(), (stage.height, stage.width)).clamp(-1, 1)
         x0 = self.vae.encode(image).float()
         guide.guide = self._low(image if config.space == "pixel" else x0)
         return x0
