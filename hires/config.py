@@ -445,6 +445,7 @@ class StructureGuidanceConfig:
     stages: tuple | None = None
     renoise: Any = None  # fraction of the schedule re-run at each stage, in (0, 1] (DiffuseHigh: 15/50)
     guided_steps: Any = None  # steps at the start of each stage that get the low-band swap (DiffuseHigh: 5)
+    guided_fraction: float = 1 / 3  # where guided_steps is None: this share of each stage's steps (DiffuseHigh: 5 of 15)
     wavelet: str = "db4"
     wavelet_level: int = 1
     sharpen_alpha: float = 1.0  # unsharp mask (1 + a) x - a blur(x) of the upscaled guide; 0: off
@@ -482,6 +483,7 @@ class StructureGuidanceConfig:
                                                                lambda v: isinstance(v, (int, float)) and v >= 0, "a guidance scale >= 0"))
         object.__setattr__(self, "apg", _per_stage(owner, "apg", _apg_entries(owner, self.apg),
                                                     lambda v: isinstance(v, APGConfig), "a hires.APGConfig or None"))
+        _fraction(owner, "guided_fraction", self.guided_fraction, low_open=True)
         _choice(owner, "space", self.space, ("latent", "pixel"))
         if self.upscale_space is not None:
             _choice(owner, "upscale_space", self.upscale_space, ("latent", "pixel"))

@@ -53,11 +53,15 @@ HOOK_NAME = "hires.structure_guidance"
 WAVELET_MODE = "symmetric"  # as the paper's pytorch_wavelets DWTForward(mode="symmetric")
 SHARPEN_KERNEL = 3  # the paper's torchvision GaussianBlur(kernel_size=3)
 DEFAULT_RENOISE = 0.3  # DiffuseHigh: the last 15 of 50 steps
-DEFAULT_GUIDED_FRACTION = 1 / 3  # DiffuseHigh: 5 of those 15 steps
 # Few-step (distilled) models, e.g. SDXL-Turbo / Lightning and Flux-schnell at 1-8 steps: 0.3 of 4
 # steps would leave each stage one step from a barely noised start; half the schedule gives two.
 FEW_STEPS = 8
 FEW_STEP_RENOISE = 0.5
+
+
+def guided_steps_for(stage_steps: int, config: StructureGuidanceConfig) -> int:
+    """Guided steps of a stage of `stage_steps` steps whose `guided_steps` is not given."""
+    return max(1, int(round(stage_steps * config.guided_fraction)))
 
 
 def default_renoise(total_steps: int) -> float:
@@ -353,7 +357,7 @@ class StructureGuidance:
             guide.renoise = default_renoise(total)
         steps = schedules.stage_steps(total, guide.renoise)
         if guide.guided_steps is None:
-            guide.guided_steps = max(1, int(round(steps * DEFAULT_GUIDED_FRACTION)))
+            guide.guided_steps = guided_steps_for(steps, self.config)
         if guide.guided_steps > steps:
             raise ValueError(f"StructureGuidanceConfig.guided_steps={guide.guided_steps} exceeds the {steps} steps of the "
                              f"{stage.height}x{stage.width} stage (renoise {guide.renoise} of {total}); lower it or raise "
