@@ -318,9 +318,15 @@ class PositionConfig:
     # "clamp" (dynamic mu clamped to its value at the base size), "static" (a fixed shift)
     timestep_shift: str | None = None
     shift: float | None = None  # for timestep_shift="static"
+    # RoPE families, DyPE: the YaRN ramps / NTK factor follow the noise level of each step
+    # (kappa = sigma^2: full extrapolation at pure noise, fading as sigma -> 0); None: off
+    timestep_dependent: bool | None = None
 
     def __post_init__(self):
         owner = "PositionConfig"
+        if self.timestep_dependent and self.rope in ("none", "interpolation"):
+            raise ValueError(f"{owner}.timestep_dependent=True (DyPE) scales the YaRN ramps or the NTK factor by the "
+                             f"noise level; rope={self.rope!r} has neither. Use rope='yarn' (DyPE's default) or 'ntk'")
         if self.rope is not None:
             _choice(owner, "rope", self.rope, ("none", "interpolation", "ntk", "yarn"))
         if self.table is not None:
