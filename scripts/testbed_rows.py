@@ -88,6 +88,11 @@ def dit_rows() -> list[Row]:
     ] + _every_family_rows() + [
         _combo("structure guidance (pixel) + positions (PI)", structure_guidance=_structure("pixel"),
                positions=pos(enabled=True, rope="interpolation")),
+        _combo("structure guidance (pixel) + HiFlow flow alignment", structure_guidance=_structure("pixel"),
+               flow_alignment=hires.FlowAlignmentConfig(enabled=True)),
+        _combo("structure guidance (pixel) + HiFlow flow alignment + DyPE", structure_guidance=_structure("pixel"),
+               flow_alignment=hires.FlowAlignmentConfig(enabled=True),
+               positions=pos(enabled=True, timestep_dependent=True)),
     ]
 
 
