@@ -36,6 +36,7 @@ guidance that tags its upscaled stages; it reads nothing of structure guidance's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 
 import torch
@@ -56,10 +57,15 @@ DWT_WAVELET = "haar"  # HiFlow's split_frequency_components_dwt(wavelet="haar", 
 # -- math ---------------------------------------------------------------------------------------
 def butterworth_mask(height: int, width: int, cutoff: float, order: int, device=None) -> torch.Tensor:
     """(H, W) float32 low-pass mask over the centred (fftshifted) spectrum: 1 / (1 + (d^2 / c^2)^n)."""
+    return _cpu_mask(height, width, float(cutoff), int(order)).to(device=device)
+
+
+@functools.lru_cache(maxsize=8)
+def _cpu_mask(height: int, width: int, cutoff: float, order: int) -> torch.Tensor:
     rows = (2 * torch.arange(height, dtype=torch.float64) / height - 1) ** 2
     cols = (2 * torch.arange(width, dtype=torch.float64) / width - 1) ** 2
     distance = rows[:, None] + cols[None, :]
-    return (1 / (1 + (distance / cutoff**2) ** order)).to(device=device, dtype=torch.float32)
+    return (1 / (1 + (distance / cutoff**2) ** order)).float()
 
 
 def fft_low_pass(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
