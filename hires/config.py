@@ -119,6 +119,9 @@ class HiresConfig:
         for sub in [getattr(self, f.name) for f in self._technique_fields()] + list(self.extensions):
             if sub.enabled and hasattr(sub, "validate_for"):
                 sub.validate_for(family)
+        if self.flow_alignment.enabled and not self.structure_guidance.enabled:
+            raise ValueError("FlowAlignmentConfig(enabled=True) guides structure guidance's upscaled stages; enable "
+                             "StructureGuidanceConfig(enabled=True) as well (HiresConfig.structure_guidance)")
 
 
 # Type names of sub-config fields (as written in annotations) -> class, for `from_dict`.

@@ -233,10 +233,8 @@ class _FlowAlignmentHook(ModelHook):
 
 
 def install(attachment, config: FlowAlignmentConfig) -> None:
-    """hires.apply's installer: a planner after structure guidance's and a denoiser hook outside its."""
-    if not attachment.config.structure_guidance.enabled:
-        raise ValueError("FlowAlignmentConfig(enabled=True) guides structure guidance's upscaled stages; enable "
-                         "StructureGuidanceConfig(enabled=True) as well (HiresConfig.structure_guidance)")
+    """hires.apply's installer: a planner after structure guidance's and a denoiser hook outside its
+    (HiresConfig.validate_for has checked that structure guidance is on)."""
     alignment = FlowAlignment(attachment, config)
     engine_of(attachment).add_planner(TECHNIQUE_NAME, alignment)
     attachment.add_hook(attachment.denoiser, _FlowAlignmentHook(alignment), HOOK_NAME)
