@@ -47,6 +47,7 @@ class HiresConfig:
     """
 
     structure_guidance: StructureGuidanceConfig = dataclasses.field(default_factory=lambda: StructureGuidanceConfig())
+    flow_alignment: FlowAlignmentConfig = dataclasses.field(default_factory=lambda: FlowAlignmentConfig())
     bottleneck: BottleneckConfig = dataclasses.field(default_factory=lambda: BottleneckConfig())
     redilation: RedilationConfig = dataclasses.field(default_factory=lambda: RedilationConfig())
     entropy_scaling: EntropyScalingConfig = dataclasses.field(default_factory=lambda: EntropyScalingConfig())
@@ -118,6 +119,9 @@ class HiresConfig:
         for sub in [getattr(self, f.name) for f in self._technique_fields()] + list(self.extensions):
             if sub.enabled and hasattr(sub, "validate_for"):
                 sub.validate_for(family)
+        if self.flow_alignment.enabled and not self.structure_guidance.enabled:
+            raise ValueError("FlowAlignmentConfig(enabled=True) guides structure guidance's upscaled stages; enable "
+                             "StructureGuidanceConfig(enabled=True) as well (HiresConfig.structure_guidance)")
 
 
 # Type names of sub-config fields (as written in annotations) -> class, for `from_dict`.
@@ -318,9 +322,15 @@ class PositionConfig:
     # "clamp" (dynamic mu clamped to its value at the base size), "static" (a fixed shift)
     timestep_shift: str | None = None
     shift: float | None = None  # for timestep_shift="static"
+    # RoPE families, DyPE: the YaRN ramps / NTK factor follow the noise level of each step
+    # (kappa = sigma^2: full extrapolation at pure noise, fading as sigma -> 0); None: off
+    timestep_dependent: bool | None = None
 
     def __post_init__(self):
         owner = "PositionConfig"
+        if self.timestep_dependent and self.rope in ("none", "interpolation"):
+            raise ValueError(f"{owner}.timestep_dependent=True (DyPE) scales the YaRN ramps or the NTK factor by the "
+                             f"noise level; rope={self.rope!r} has neither. Use rope='yarn' (DyPE's default) or 'ntk'")
         if self.rope is not None:
             _choice(owner, "rope", self.rope, ("none", "interpolation", "ntk", "yarn"))
         if self.table is not None:
@@ -612,6 +622,49 @@ def _typed(cls: type) -> type:
 for _cls in (BottleneckConfig, StructureGuidanceConfig, RedilationConfig, EntropyScalingConfig, WindowAttentionConfig,
              AttentionBackendConfig, APGConfig, PositionConfig, VAETilingConfig, MemoryConfig):
     _SUBCONFIG_TYPES[_cls.__name__] = _typed(_cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowAlignmentConfig:
+    """HiFlow's flow-aligned guidance in structure guidance's upscaled stages, flow-matching families only.
+
+    Each step of such a stage, the predicted velocity v is aligned with the reference flow toward the
+    stage's upscaled clean latent x_ref (v_ref = (x_t - x_ref) / sigma): its low band moves to v_ref's
+    by alpha, then v += beta (v_prev + v_ref - v_ref_prev - v). Both weights decay linearly over the
+    stage's steps, (N - i) / N. Per-stage fields take one value for every stage after the base or a
+    tuple with one per stage; `None` takes HiFlow's (see hires.sampling.flow_alignment).
+    """
+
+    enabled: bool = False
+    alphas: Any = None  # direction alignment per stage; None: 1.0 in the first upscaled stage, 0.25 after
+    betas: Any = None  # acceleration alignment per stage; None: 0.5
+    band: str = "fft"  # "fft": Butterworth low-pass of the 2D FFT; "dwt": the level-1 Haar approximation
+    cutoff: float = 0.2  # Butterworth cutoff, as a fraction of the half-band (HiFlow: 0.2)
+    order: int = 4  # Butterworth order (HiFlow: 4)
+
+    def __post_init__(self):
+        owner = "FlowAlignmentConfig"
+        _choice(owner, "band", self.band, ("fft", "dwt"))
+        object.__setattr__(self, "alphas", _per_stage(owner, "alphas", self.alphas,
+                                                       lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
+                                                       "a weight in [0, 1]"))
+        object.__setattr__(self, "betas", _per_stage(owner, "betas", self.betas,
+                                                      lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
+                                                      "a weight in [0, 1]"))
+        if not 0 < self.cutoff <= 1:
+            raise ValueError(f"{owner}.cutoff={self.cutoff!r} must be in (0, 1] (a fraction of the half-band; HiFlow: 0.2)")
+        if self.order < 1:
+            raise ValueError(f"{owner}.order={self.order!r} must be an int >= 1 (HiFlow: 4)")
+
+    def validate_for(self, info) -> None:
+        if info.prediction_type != "flow":
+            raise ValueError(
+                f"FlowAlignmentConfig aligns a flow-matching model's velocity; family {info.name!r} predicts "
+                f"{info.prediction_type!r}. For {info.name!r} use StructureGuidanceConfig alone"
+            )
+
+
+_SUBCONFIG_TYPES[FlowAlignmentConfig.__name__] = _typed(FlowAlignmentConfig)
 
 
 def validate_size(name: str, value: Any, multiple: int, family_name: str) -> None:

@@ -45,6 +45,7 @@ _ATTACHMENT_ATTR = "_hires_attachment"
 # Modules declaring the built-in techniques (a `TECHNIQUE` record, or `TECHNIQUES` for several).
 TECHNIQUE_MODULES = (
     "hires.sampling.progressive",
+    "hires.sampling.flow_alignment",
     "hires.sampling.bottleneck",
     "hires.techniques.redilation",
     "hires.techniques.attention",

@@ -84,9 +84,15 @@ def dit_rows() -> list[Row]:
         _one("positions: YaRN RoPE (default)", positions=pos(enabled=True)),
         _one("positions: NTK RoPE", positions=pos(enabled=True, rope="ntk")),
         _one("positions: interpolation (PI)", positions=pos(enabled=True, rope="interpolation")),
+        _one("positions: DyPE (timestep-dependent YaRN)", positions=pos(enabled=True, timestep_dependent=True)),
     ] + _every_family_rows() + [
         _combo("structure guidance (pixel) + positions (PI)", structure_guidance=_structure("pixel"),
                positions=pos(enabled=True, rope="interpolation")),
+        _combo("structure guidance (pixel) + HiFlow flow alignment", structure_guidance=_structure("pixel"),
+               flow_alignment=hires.FlowAlignmentConfig(enabled=True)),
+        _combo("structure guidance (pixel) + HiFlow flow alignment + DyPE", structure_guidance=_structure("pixel"),
+               flow_alignment=hires.FlowAlignmentConfig(enabled=True),
+               positions=pos(enabled=True, timestep_dependent=True)),
     ]
 
 
