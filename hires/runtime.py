@@ -47,6 +47,7 @@ TECHNIQUE_MODULES = (
     "hires.sampling.progressive",
     "hires.sampling.bottleneck",
     "hires.techniques.redilation",
+    "hires.techniques.rau_net",
     "hires.techniques.attention",
     "hires.techniques.apg",
     "hires.techniques.positions",

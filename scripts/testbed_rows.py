@@ -70,10 +70,13 @@ def unet_rows() -> list[Row]:
         _one("re-dilation + noise-damped guidance", redilation=redil(
             enabled=True, noise_damped_guidance=True, dispersion_modules=())),
         _one("ScaleCrafter preset (every re-dilation switch)", redilation=redil(enabled=True)),
+        _one("RAU-Net (HiDiffusion)", rau_net=hires.RAUNetConfig(enabled=True)),
     ] + _every_family_rows() + [
         _combo("structure guidance (pixel) + re-dilation + noise-damped guidance",
                structure_guidance=_structure("pixel"),
                redilation=redil(enabled=True, noise_damped_guidance=True, dispersion_modules=())),
+        _combo("structure guidance (pixel) + RAU-Net", structure_guidance=_structure("pixel"),
+               rau_net=hires.RAUNetConfig(enabled=True)),
     ]
 
 
