@@ -54,6 +54,7 @@ class HiresConfig:
     attention_backend: AttentionBackendConfig = dataclasses.field(default_factory=lambda: AttentionBackendConfig())
     apg: APGConfig = dataclasses.field(default_factory=lambda: APGConfig())
     rau_net: RAUNetConfig = dataclasses.field(default_factory=lambda: RAUNetConfig())
+    scale_fusion: ScaleFusionConfig = dataclasses.field(default_factory=lambda: ScaleFusionConfig())
     positions: PositionConfig = dataclasses.field(default_factory=lambda: PositionConfig())
     memory: MemoryConfig = dataclasses.field(default_factory=lambda: MemoryConfig())
     vae_tiling: VAETilingConfig = dataclasses.field(default_factory=lambda: VAETilingConfig())
@@ -397,6 +398,31 @@ class RAUNetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScaleFusionConfig:
+    """FreeScale's scale fusion in image self-attention above the base size: a global branch (full
+    attention) for the high frequencies and a local branch (overlapping base-size windows) for the low
+    ones, out = G(local) + (global - G(global)) with G a Gaussian blur over the token grid.
+    """
+
+    enabled: bool = False
+    global_branch: str = "full"  # "full" self-attention, or "dilated": FreeScale's fast mode (interleaved sub-grids)
+    window: int | None = None  # local window side in tokens; None: the layer's grid side at the base size
+    jitter: bool = True  # shift interior windows by up to 1/8 window, drawn from the call's generator
+    blur_sigma: float = 1.0  # G's sigma in tokens; its kernel side is 2 * ceil(scale) - 1 (FreeScale)
+
+    def __post_init__(self):
+        owner = "ScaleFusionConfig"
+        _choice(owner, "global_branch", self.global_branch, ("full", "dilated"))
+        if self.window is not None and self.window < 2:
+            raise ValueError(f"{owner}.window={self.window!r} must be an int >= 2 (tokens) or None")
+        if not (self.blur_sigma > 0 and math.isfinite(self.blur_sigma)):
+            raise ValueError(f"{owner}.blur_sigma={self.blur_sigma!r} must be a finite number > 0")
+
+    def validate_for(self, info) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
 class VAETilingConfig:
     """Tiled VAE decode/encode with whole-image GroupNorm statistics (no seams, no tone shifts)."""
 
@@ -639,7 +665,8 @@ def _typed(cls: type) -> type:
 
 
 for _cls in (BottleneckConfig, StructureGuidanceConfig, RedilationConfig, EntropyScalingConfig, WindowAttentionConfig,
-             AttentionBackendConfig, APGConfig, PositionConfig, VAETilingConfig, MemoryConfig, RAUNetConfig):
+             AttentionBackendConfig, APGConfig, PositionConfig, VAETilingConfig, MemoryConfig, RAUNetConfig,
+             ScaleFusionConfig):
     _SUBCONFIG_TYPES[_cls.__name__] = _typed(_cls)
 
 

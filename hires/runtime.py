@@ -49,6 +49,7 @@ TECHNIQUE_MODULES = (
     "hires.techniques.redilation",
     "hires.techniques.rau_net",
     "hires.techniques.attention",
+    "hires.techniques.scale_fusion",
     "hires.techniques.apg",
     "hires.techniques.positions",
     "hires.planning",

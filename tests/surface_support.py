@@ -77,7 +77,7 @@ def techniques_for(family: str) -> list[str]:
     names = ["structure_guidance_latent", "structure_guidance_pixel", "bottleneck"]
     if family in UNETS:
         names += ["redilation", "rau_net"]
-    names += ["entropy_scaling", "window_attention", "attention_backend", "apg"]
+    names += ["entropy_scaling", "window_attention", "scale_fusion", "attention_backend", "apg"]
     if family in DITS:
         names.append("positions")
     names += ["vae_tiling", "memory", PRESET]
