@@ -262,3 +262,16 @@ def test_controlnet_is_a_clear_error():
 
     with pytest.raises(ValueError, match="ControlNet"):
         hires.apply(controlnet_pipeline("sd15"), _config("sd15"))
+
+
+def test_with_scale_fusion_redilation_and_structure_guidance_then_removed():
+    pipe = build("sd15")
+    plain = generate(pipe, "sd15", 128, steps=6)
+    hires.apply(pipe, hires.HiresConfig(
+        rau_net=hires.RAUNetConfig(enabled=True), scale_fusion=hires.ScaleFusionConfig(enabled=True),
+        redilation=hires.RedilationConfig(enabled=True), entropy_scaling=hires.EntropyScalingConfig(enabled=True),
+        structure_guidance=hires.StructureGuidanceConfig(enabled=True)))
+    out = generate(pipe, "sd15", 128, steps=6)
+    assert out.shape == plain.shape and torch.isfinite(out).all() and not torch.equal(out, plain)
+    hires.remove(pipe)
+    assert torch.equal(generate(pipe, "sd15", 128, steps=6), plain)

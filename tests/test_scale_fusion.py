@@ -245,3 +245,13 @@ def test_blur_of_a_constant_is_attenuated_only_at_the_border():
     out = S.blur_grid(x, (6, 6), 3, 1.0).unflatten(2, (6, 6))
     assert torch.allclose(out[0, 0, 1:-1, 1:-1], torch.ones(4, 4, 2), atol=1e-6)
     assert (out[0, 0, 0] < 1).all()
+
+
+def test_half_precision_inputs_keep_their_dtype_and_the_float32_result():
+    q, k, v = (t.bfloat16() for t in _qkv(64 + 3, seed=6))
+    starts = S.window_starts(8, 4)
+    out = S.fused_attention(q, k, v, (8, 8), (4, 4), starts, starts, 3, 1.0, image_start=3)
+    reference = S.fused_attention(q.float(), k.float(), v.float(), (8, 8), (4, 4), starts, starts, 3, 1.0,
+                                  image_start=3)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), reference, atol=2e-2)

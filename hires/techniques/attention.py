@@ -36,6 +36,8 @@ stride-2 convs); T is the same layer's count on the base-size grid.
   attention the text tokens stay global: every window also sees all text keys and text queries see
   every key. Works for UNet self-attention and the DiTs (PixArt self-attention, SD3/Flux joint
   attention, where the token order of the processor is listed in `PROCESSOR_FACTS`).
+- Scale fusion (hires.techniques.scale_fusion) plans its fused global/local call per layer through the
+  wrapper's `fusion` setting; the layer's SDPA call is replaced by it, the entropy factor included.
 """
 
 from __future__ import annotations

@@ -154,7 +154,9 @@ def fused_attention(query, key, value, grid, window, row_starts, col_starts, ker
         global_image = dilated_attention(query, key, value, grid, dilation, image_start, scale, dropout_p, attend)
     local_image = local_attention(query, key, value, grid, window, row_starts, col_starts, image_start, scale,
                                   dropout_p, attend)
-    fused = global_image + blur_grid(local_image - global_image, grid, kernel_size, sigma)
+    # the low band in float32: fp16 / bf16 attention outputs lose the small local-minus-global difference
+    low_band = blur_grid(local_image.float() - global_image.float(), grid, kernel_size, sigma)
+    fused = (global_image.float() + low_band).to(global_image.dtype)
     if full is None:
         return fused
     return torch.cat([full[:, :, :image_start], fused, full[:, :, end:]], dim=2)
