@@ -54,6 +54,8 @@ class HiresConfig:
     window_attention: WindowAttentionConfig = dataclasses.field(default_factory=lambda: WindowAttentionConfig())
     attention_backend: AttentionBackendConfig = dataclasses.field(default_factory=lambda: AttentionBackendConfig())
     apg: APGConfig = dataclasses.field(default_factory=lambda: APGConfig())
+    rau_net: RAUNetConfig = dataclasses.field(default_factory=lambda: RAUNetConfig())
+    scale_fusion: ScaleFusionConfig = dataclasses.field(default_factory=lambda: ScaleFusionConfig())
     positions: PositionConfig = dataclasses.field(default_factory=lambda: PositionConfig())
     memory: MemoryConfig = dataclasses.field(default_factory=lambda: MemoryConfig())
     vae_tiling: VAETilingConfig = dataclasses.field(default_factory=lambda: VAETilingConfig())
@@ -362,6 +364,74 @@ class PositionConfig:
             )
 
 
+def _step_window(owner: str, name: str, value: Any) -> tuple[float, float] | None:
+    """A [start, stop) window of schedule fractions; start == stop switches that part off."""
+    if value is None:
+        return None
+    ok = isinstance(value, tuple) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in value) and value[0] <= value[1]
+    if not ok:
+        raise ValueError(f"{owner}.{name}={value!r} must be (start, stop) fractions of the schedule with "
+                         "0 <= start <= stop <= 1, e.g. (0.0, 0.4); (0.0, 0.0) turns that part off")
+    return float(value[0]), float(value[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class RAUNetConfig:
+    """RAU-Net (HiDiffusion): in the early steps, a down block's downsampler runs at stride 4 (dilation 2)
+    and a cross-attention down block average-pools 2x after its first layer, so the deep UNet levels
+    see a base-size feature map; the matching up blocks resize back. UNets only.
+
+    `None` fields take the family's facts for the requested size (hires.families.RAUNetFacts).
+    """
+
+    enabled: bool = False
+    downsampler: str | None = None  # module name of the strided downsampler, e.g. "down_blocks.0.downsamplers.0"
+    downsampler_steps: tuple[float, float] | None = None  # [start, stop) schedule fractions it is active in
+    pooled_block: str | None = None  # module name of the pooled down block, e.g. "down_blocks.1"
+    pooled_steps: tuple[float, float] | None = None
+    upsample_mode: str = "bicubic"  # how the matching up block resizes the pooled features back
+
+    def __post_init__(self):
+        owner = "RAUNetConfig"
+        object.__setattr__(self, "downsampler_steps", _step_window(owner, "downsampler_steps", self.downsampler_steps))
+        object.__setattr__(self, "pooled_steps", _step_window(owner, "pooled_steps", self.pooled_steps))
+        _choice(owner, "upsample_mode", self.upsample_mode, ("bicubic", "bilinear", "nearest"))
+
+    def validate_for(self, info) -> None:
+        _require_unet("RAUNetConfig", info, "WindowAttentionConfig, EntropyScalingConfig or progressive structure "
+                      "guidance")
+        if info.family.rau_net is None and (self.downsampler is None or self.pooled_block is None
+                                            or self.downsampler_steps is None or self.pooled_steps is None):
+            raise ValueError(f"RAUNetConfig: family {info.name!r} has no RAU-Net facts (hires.families.RAUNetFacts); "
+                             "give downsampler, downsampler_steps, pooled_block and pooled_steps explicitly")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleFusionConfig:
+    """FreeScale's scale fusion in image self-attention above the base size: a global branch (full
+    attention) for the high frequencies and a local branch (overlapping base-size windows) for the low
+    ones, out = G(local) + (global - G(global)) with G a Gaussian blur over the token grid.
+    """
+
+    enabled: bool = False
+    global_branch: str = "full"  # "full" self-attention, or "dilated": FreeScale's fast mode (interleaved sub-grids)
+    window: int | None = None  # local window side in tokens; None: the layer's grid side at the base size
+    jitter: bool = True  # shift interior windows by up to 1/8 window, drawn from the call's generator
+    blur_sigma: float = 1.0  # G's sigma in tokens; its kernel side is 2 * ceil(scale) - 1 (FreeScale)
+
+    def __post_init__(self):
+        owner = "ScaleFusionConfig"
+        _choice(owner, "global_branch", self.global_branch, ("full", "dilated"))
+        if self.window is not None and self.window < 2:
+            raise ValueError(f"{owner}.window={self.window!r} must be an int >= 2 (tokens) or None")
+        if not (self.blur_sigma > 0 and math.isfinite(self.blur_sigma)):
+            raise ValueError(f"{owner}.blur_sigma={self.blur_sigma!r} must be a finite number > 0")
+
+    def validate_for(self, info) -> None:
+        return None
+
+
 @dataclasses.dataclass(frozen=True)
 class VAETilingConfig:
     """Tiled VAE decode/encode with whole-image GroupNorm statistics (no seams, no tone shifts)."""
@@ -620,7 +690,8 @@ def _typed(cls: type) -> type:
 
 
 for _cls in (BottleneckConfig, StructureGuidanceConfig, RedilationConfig, EntropyScalingConfig, WindowAttentionConfig,
-             AttentionBackendConfig, APGConfig, PositionConfig, VAETilingConfig, MemoryConfig):
+             AttentionBackendConfig, APGConfig, PositionConfig, VAETilingConfig, MemoryConfig, RAUNetConfig,
+             ScaleFusionConfig):
     _SUBCONFIG_TYPES[_cls.__name__] = _typed(_cls)
 
 

@@ -69,6 +69,10 @@ def technique_options(family: str, technique: str) -> dict:
         return {"memory": options}
     if technique == "attention_backend":
         return {"attention_backend": {"enabled": True, "backend": "native"}}
+    if technique == "rau_net" and family == "sdxl":
+        # The tiny SDXL UNet has two levels: its deepest block has no downsampler for SDXL's own
+        # (down_blocks.1.downsamplers.0), so the strided one is the first level's.
+        return {"rau_net": {"enabled": True, "downsampler": "down_blocks.0.downsamplers.0"}}
     return {technique: {"enabled": True}}
 
 
@@ -78,8 +82,8 @@ def techniques_for(family: str) -> list[str]:
     if _family_record(family).prediction_source == "flow":
         names.append("flow_alignment")
     if family in UNETS:
-        names.append("redilation")
-    names += ["entropy_scaling", "window_attention", "attention_backend", "apg"]
+        names += ["redilation", "rau_net"]
+    names += ["entropy_scaling", "window_attention", "scale_fusion", "attention_backend", "apg"]
     if family in DITS:
         names.append("positions")
     if _family_record(family).position_encoding == "rope":
