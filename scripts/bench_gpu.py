@@ -112,7 +112,7 @@ def randomise(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
                 parameter.fill_(1.0)
             else:
                 parameter.zero_()
-    return module.eval()
+    return module.requires_grad_(False).eval()
 
 
 def build_pipeline(model: str, scale: str, device: torch.device, dtype: torch.dtype):
@@ -133,15 +133,14 @@ def build_pipeline(model: str, scale: str, device: torch.device, dtype: torch.dt
     return pipe, arch.text_tokens
 
 
-def prompt_embeddings(pipe, model: str, text_tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Random prompt embeddings of the shapes the real text encoders give (CLIP-L + bigG for SDXL,
-    T5-XXL + CLIP-L pooled for Flux), as call arguments."""
+def prompt_embeddings(config, model: str, text_tokens: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Random prompt embeddings of the shapes the denoiser (`config`: its config) takes from the real
+    text encoders (CLIP-L + bigG for SDXL, T5-XXL + CLIP-L pooled for Flux), as call arguments."""
     generator = torch.Generator("cpu").manual_seed(2)
 
     def embedding(*shape):
         return torch.randn(*shape, generator=generator).to(device, dtype)
 
-    config = (pipe.unet if model == "sdxl" else pipe.transformer).config
     if model == "sdxl":
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         return dict(prompt_embeds=embedding(1, text_tokens, config.cross_attention_dim),
@@ -367,7 +366,8 @@ def main(argv=None, call_fn: Callable = generate) -> int:
     for model in options.models:
         start = time.perf_counter()
         pipe, text_tokens = build_pipeline(model, scale, device, dtype)
-        call = dict(prompt_embeddings(pipe, model, text_tokens, device, dtype), guidance_scale=GUIDANCE[model])
+        denoiser = pipe.unet if model == "sdxl" else pipe.transformer
+        call = dict(prompt_embeddings(denoiser.config, model, text_tokens, device, dtype), guidance_scale=GUIDANCE[model])
         weights = memory_planner.pipeline_weights(pipe, device)
         budgets[model] = options.budget or memory_planner.detect_budget(device) + weights
         print(f"[bench_gpu] {model}: built in {time.perf_counter() - start:.1f} s, weights "
@@ -380,7 +380,7 @@ def main(argv=None, call_fn: Callable = generate) -> int:
             rows += table_rows(model, side, steps, measurements, estimate)
             out.write_text(report(options, device, dtype, rows, budgets))  # after every size: a crash keeps the rest
             print(f"[bench_gpu] {model} {side}²: {time.perf_counter() - start:.0f} s", file=sys.stderr)
-        del pipe, call
+        del pipe, denoiser, call
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
