@@ -13,7 +13,8 @@ with window attention, and `HiresConfig()` (everything off; its time over direct
 overhead, ≈1.00×). Seconds are wall-clock around each call with the device synchronised, one warm-up
 call per row excluded, median of `--runs`; peak is `torch.cuda.max_memory_allocated()` reset before
 each call (max over runs); the planner column is `hires.memory_planner.plan(...)` for the same size.
-A call that runs out of memory is an "OOM" row; a direct call the planner says cannot fit is skipped.
+A call that runs out of memory is an "OOM" row (another torch error: an "error: ..." row); direct and
+everything-off calls the planner says cannot fit are skipped.
 
 `--smoke` runs this same code at tiny scale (tests/tiny_models.py's configs, 64/128 px, 2 steps):
 tests/test_bench_gpu.py runs it on CPU.
@@ -30,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -197,7 +199,18 @@ class Measurement:
 
 
 def out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or any(
+        sign in str(error).lower() for sign in ("out of memory", "alloc_failed"))  # cuDNN / cuBLAS workspaces
+
+
+def failure_note(error: RuntimeError) -> str:
+    """A row's note for a call that raised a torch error: "OOM", or the error's first line (e.g. a kernel's
+    size limit at 8192²), so one failing row does not end a run of hours."""
+    if out_of_memory(error):
+        return "OOM"
+    traceback.print_exception(error, file=sys.stderr)
+    first = (str(error).strip().splitlines() or [""])[0][:160].replace("|", "/")
+    return f"error: {type(error).__name__}: {first}"
 
 
 def measure_size(pipe, model: str, call: dict, side: int, steps: int, runs: int, budget: int,
@@ -224,10 +237,8 @@ def measure_size(pipe, model: str, call: dict, side: int, steps: int, runs: int,
             del images
             if cuda:
                 torch.cuda.synchronize(device)
-        except (torch.OutOfMemoryError, RuntimeError) as error:
-            if not out_of_memory(error):
-                raise
-            rows[name].note = "OOM"
+        except RuntimeError as error:  # torch.OutOfMemoryError is one; other exceptions are bugs and end the run
+            rows[name].note = failure_note(error)
             # the failed call's tensors live on in the traceback's frames until collected
             del error
             gc.collect()
@@ -303,8 +314,8 @@ def report(options, device: torch.device, dtype: torch.dtype, rows: list[list[st
             f"is the plugin's own overhead).  \n"
             f"Peak: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, max over runs (n/a on CPU). "
             f"Planner: `hires.memory_planner.plan(...)` for a plain call at that size (untiled VAE, no chunking, "
-            f"batched CFG; weights + max(one denoiser forward, one decode)); direct is skipped where it exceeds the "
-            f"budget ({budget}).\n\n"
+            f"batched CFG; weights + max(one denoiser forward, one decode)); direct and everything off are skipped "
+            f"where it exceeds the budget ({budget}).\n\n"
             + markdown_table(rows))
 
 

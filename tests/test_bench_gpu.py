@@ -100,13 +100,25 @@ def test_planner_skip_and_oom_are_rows_not_crashes(tmp_path):
     assert not hires.is_applied(seen["pipe"])
 
 
-def test_other_errors_are_not_taken_for_oom(tmp_path):
-    def broken(pipe, call, side, steps):
-        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+def test_other_torch_errors_are_error_rows_and_bugs_end_the_run(tmp_path):
+    def failing_kernel(pipe, call, side, steps):
+        raise RuntimeError("upsample_nearest2d only supports output tensors with less than INT_MAX elements\nmore")
 
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        bench_gpu.main(["--device", "cpu", "--smoke", "--models", "flux", "--sizes", "64", "--out",
-                        str(tmp_path / "b.md")], call_fn=broken)
+    out = tmp_path / "b.md"
+    bench_gpu.main(["--device", "cpu", "--smoke", "--models", "flux", "--sizes", "64", "--out", str(out)],
+                   call_fn=failing_kernel)
+    rows = by_key(table(out.read_text()))
+    assert len(rows) == len(bench_gpu.ROWS)
+    for row in rows.values():
+        assert row[COLUMNS["s/image (median)"]] == (
+            "error: RuntimeError: upsample_nearest2d only supports output tensors with less than INT_MAX elements")
+
+    def bug(pipe, call, side, steps):
+        raise TypeError("__call__() got an unexpected keyword argument 'heigth'")
+
+    with pytest.raises(TypeError, match="heigth"):
+        bench_gpu.main(["--device", "cpu", "--smoke", "--models", "flux", "--sizes", "64", "--out", str(out)],
+                       call_fn=bug)
 
 
 def test_randomise_gives_trained_magnitudes_without_an_initialiser_pass():
