@@ -352,7 +352,7 @@ class _PositionsCall:
     binning_checked: bool = False
     shift_checked: bool = False
     tables: dict = dataclasses.field(default_factory=dict)  # extended SD3 tables, by grid, device and dtype
-    rope: list = dataclasses.field(default_factory=list)  # (ids, (cos, sin)) pairs of this call
+    rope: list = dataclasses.field(default_factory=list)  # (ids, (cos, sin), kappa) of this call's id sets
 
 def _pipeline_call_locals(attachment) -> dict[str, Any] | None:
     """Locals of the running pipeline call (its resolved arguments), or None outside a call."""
@@ -529,6 +529,7 @@ class _RopeHook(ModelHook):
         if kappa is not None:
             state.log.setdefault("log.positions.dype", []).append((state.step_index, kappa))
         result = torch.cat(cos_parts, dim=-1).to(ids.device), torch.cat(sin_parts, dim=-1).to(ids.device)
+        cache[:] = [entry for entry in cache if entry[2] == kappa]  # DyPE: older noise levels are done
         cache.append((ids.clone(), result, kappa))
         return result
 
