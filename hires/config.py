@@ -243,10 +243,11 @@ class EntropyScalingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WindowAttentionConfig:
-    """Image self-attention in windows of the base-size token grid, shifted per step."""
+    """Image self-attention in windows holding the base size's token count, shifted per step."""
 
     enabled: bool = False
-    window: int | None = None  # window side in tokens; None: the layer's grid side at the base size
+    # window side in tokens; None: the layer's base-size token count at the call's aspect ratio
+    window: int | None = None
     shift: bool = True  # shift windows every step by offsets drawn from the call's generator
 
     def __post_init__(self):
@@ -523,7 +524,9 @@ class StructureGuidanceConfig:
     # intermediate stages between the base size and the requested size: pixel sides (int: square, or
     # (height, width)) or factors of the base side (float); the requested size is always the last stage
     stages: tuple | None = None
-    renoise: Any = None  # fraction of the schedule re-run at each stage, in (0, 1] (DiffuseHigh: 15/50)
+    # fraction of the schedule re-run at each stage, in (0, 1] (DiffuseHigh: 15/50); None: 0.3. On schedules of
+    # 8 steps or fewer (distilled models) at least 0.5, so a stage runs two of four steps rather than one
+    renoise: Any = None
     guided_steps: Any = None  # steps at the start of each stage that get the low-band swap (DiffuseHigh: 5)
     guided_fraction: float = 1 / 3  # where guided_steps is None: this share of each stage's steps (DiffuseHigh: 5 of 15)
     wavelet: str = "db4"

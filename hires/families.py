@@ -257,6 +257,20 @@ class ModelInfo:
         return (self.base_height // self.token_side) * (self.base_width // self.token_side)
 
 
+def round_to(value: float, multiple: int) -> int:
+    """`value` rounded to the nearest multiple of `multiple` (at least one multiple)."""
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def base_area_size(info: ModelInfo, height: int, width: int) -> tuple[int, int]:
+    """The request's aspect ratio at the model's base area, sides rounded to its size multiple: where
+    structure guidance generates first, and what a default attention window covers. A request
+    whose base-area size is not smaller than itself (SDXL's 832x1216 bucket) is native."""
+    shrink = math.sqrt(info.base_height * info.base_width / (height * width))
+    m = info.size_multiple
+    return round_to(height * shrink, m), round_to(width * shrink, m)
+
+
 def _pipeline_class_names(pipe) -> set[str]:
     return {cls.__name__ for cls in type(pipe).__mro__ if cls.__module__.startswith("diffusers")}
 

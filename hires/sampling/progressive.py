@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
 from ..config import StructureGuidanceConfig
+from ..families import base_area_size, round_to
 from ..registry import Technique
 from ..runtime import get_attachment
 from ..techniques.guidance import ensure_guidance_hook
@@ -64,9 +65,11 @@ def guided_steps_for(stage_steps: int, config: StructureGuidanceConfig) -> int:
     return max(1, int(round(stage_steps * config.guided_fraction)))
 
 
-def default_renoise(total_steps: int) -> float:
-    """The re-noised fraction of a stage whose `renoise` is not given, for a schedule of `total_steps`."""
-    return FEW_STEP_RENOISE if total_steps <= FEW_STEPS else DEFAULT_RENOISE
+def stage_renoise(renoise: float | None, total_steps: int) -> float:
+    """The re-noised fraction a stage runs: `renoise` (None: the default), at least half the
+    schedule when it has FEW_STEPS steps or fewer."""
+    value = DEFAULT_RENOISE if renoise is None else renoise
+    return max(value, FEW_STEP_RENOISE) if total_steps <= FEW_STEPS else value
 LANCZOS_TAPS = 3
 _SIZE_CONDITIONING = ("original_size", "target_size")
 
@@ -137,15 +140,6 @@ def unsharp_mask(x: torch.Tensor, alpha: float, sigma: float, size: int = SHARPE
 
 
 # -- the stage plan ----------------------------------------------------------------------------
-def round_to(value: float, multiple: int) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
-
-
-def base_stage_size(info, height: int, width: int) -> tuple[int, int]:
-    """The base generation's size for a request: the request's aspect ratio at the base area."""
-    shrink = math.sqrt(info.base_height * info.base_width / (height * width))
-    m = info.size_multiple
-    return round_to(height * shrink, m), round_to(width * shrink, m)
 
 
 def _explicit_stage(entry, base: tuple[int, int], multiple: int) -> tuple[int, int]:
@@ -171,7 +165,7 @@ def stage_sizes(info, config: StructureGuidanceConfig, height: int, width: int,
                 start: tuple[int, int] | None = None) -> list[tuple[int, int]]:
     """Pixel sizes (height, width) of every stage: the base (or `start`, an input image's size,
     which is not itself a stage), then the intermediate stages, then the request."""
-    base = base_stage_size(info, height, width)
+    base = base_area_size(info, height, width)
     m = info.size_multiple
     if start is None and not _grows(base, (height, width)):
         return [(height, width)]  # at or below the base area (or no side grows): a plain call
@@ -255,7 +249,7 @@ class StageRecord:
 class _Guide:
     """Structure guidance's own part of a stage (`Stage.data`)."""
 
-    renoise: float | None = None  # None: default_renoise of the call's schedule (the base stage has no schedule hook)
+    renoise: float | None = None  # None: the default (stage_renoise); the base stage has no schedule hook
     guided_steps: int | None = None
     guidance_scale: float | None = None
     guide: torch.Tensor | None = None  # low band of the guide (latent or pixel space)
@@ -302,7 +296,7 @@ class StructureGuidance:
         apgs = per_stage(config, "apg", later)
         parameters = self.attachment.calls.parameters
         conditioning = {name: arguments.get(name) for name in _SIZE_CONDITIONING if name in parameters}
-        conditioning = {k: (v if v is not None and tuple(v) != (height, width) else base_stage_size(info, height, width))
+        conditioning = {k: (v if v is not None and tuple(v) != (height, width) else base_area_size(info, height, width))
                         for k, v in conditioning.items()}
         plan = []
         if image is None:
@@ -353,8 +347,7 @@ class StructureGuidance:
             kwargs = {**kwargs, "mu": min(kwargs["mu"], schedules.scheduler_shift_mu(scheduler.config, self.info.base_tokens))}
         set_timesteps(*args, **kwargs)
         total = len(scheduler.timesteps)
-        if guide.renoise is None:
-            guide.renoise = default_renoise(total)
+        guide.renoise = stage_renoise(guide.renoise, total)
         steps = schedules.stage_steps(total, guide.renoise)
         if guide.guided_steps is None:
             guide.guided_steps = guided_steps_for(steps, self.config)
