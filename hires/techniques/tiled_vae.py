@@ -7,9 +7,10 @@ up to float32 rounding.
 
 How:
 - The part of the network that runs at latent resolution (decoder: post-quant conv, conv_in and
-  the mid block with its global attention; encoder: the mid block and what follows) runs on the
-  whole latent. It is small (latent resolution) and its attention goes through diffusers' own
-  processor, i.e. scaled-dot-product attention, so no N x N matrix is materialised.
+  the mid block with its global attention; encoder: the mid block and what follows): its resnets
+  and the encoder's output head run tiled like the rest; its attention runs on the whole latent
+  with the queries in chunks (`lean_attention`, scaled-dot-product attention, so no N x N matrix
+  is materialised and q, the attention output and its projection are never held whole).
 - The high-resolution part is a chain of units (resnet blocks, up/downsamplers, the output head),
   grouped into segments. A segment's input is held whole; the segment runs tile by tile, each tile
   with a halo as wide as the receptive field of the segment's convolutions, so the tile's core is
@@ -375,6 +376,55 @@ def _in_pixels_of(x: torch.Tensor, latent_side: int, latent_pixels: int | None) 
     return max(1, math.ceil(latent_pixels * x.shape[-2] / latent_side))
 
 
+ATTENTION_QUERY_CHUNK = 2**16  # query tokens per chunk of the mid block's attention
+
+
+def lean_attention(attn, x: torch.Tensor, query_chunk: int = ATTENTION_QUERY_CHUNK) -> torch.Tensor:
+    """A VAE mid-block `Attention` (diffusers' AttnProcessor2_0 path: GroupNorm, q/k/v projections,
+    scaled-dot-product attention, output projection, residual, rescale) on (B, C, H, W), with the
+    queries in chunks written into one output buffer.
+
+    Why: the stock processor holds the normalised input, q, k, v, the attention output and its
+    projection whole at once (at 8192 px, each is 2 GiB in float32 for SDXL's VAE); per query chunk
+    only k, v, the normalised tokens and the output are whole. Row by row it is the same computation.
+    """
+    if getattr(attn, "spatial_norm", None) is not None or attn.group_norm is None or attn.is_cross_attention:
+        raise TypeError("tiled VAE: the mid block's attention must be a GroupNorm self-attention (AutoencoderKL's)")
+    b, c, h, w = x.shape
+    n = h * w
+    tokens = attn.group_norm(x.view(b, c, n)).transpose(1, 2).contiguous()  # (B, N, C)
+    heads = attn.heads
+
+    def split(t):
+        return t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+    key, value = split(attn.to_k(tokens)), split(attn.to_v(tokens))
+    out = torch.empty_like(x)
+    flat_out, flat_in = out.view(b, c, n), x.view(b, c, n)
+    for start in range(0, n, query_chunk):
+        stop = min(n, start + query_chunk)
+        query = split(attn.to_q(tokens[:, start:stop]))
+        mixed = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        mixed = attn.to_out[0](mixed.transpose(1, 2).reshape(b, stop - start, -1).to(query.dtype))
+        mixed = mixed.transpose(1, 2)
+        if attn.residual_connection:
+            mixed = mixed + flat_in[:, :, start:stop]
+        flat_out[:, :, start:stop] = mixed / attn.rescale_output_factor
+        del query, mixed
+    return out
+
+
+def _mid_block(mid, h: torch.Tensor, tile: int) -> torch.Tensor:
+    """`mid(h, None)` (UNetMidBlock2D) with its resnets tiled (whole-image GroupNorm statistics) and
+    its attention whole but lean (`lean_attention`); `tile` in pixels of `h` (latent px)."""
+    h = run_segment(Segment([_resnet_unit("mid_block.resnets.0", mid.resnets[0])]), h, tile)
+    for index, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+        if attn is not None:
+            h = lean_attention(attn, h)
+        h = run_segment(Segment([_resnet_unit(f"mid_block.resnets.{index + 1}", resnet)]), h, tile)
+    return h
+
+
 STORAGE_DTYPES = (None, torch.bfloat16)  # None: held in the compute dtype
 
 
@@ -397,8 +447,8 @@ def tiled_decode(vae, z: torch.Tensor, tile_size: int | None = None, grouping: s
     compute = z.dtype
     if getattr(vae, "post_quant_conv", None) is not None:
         z = vae.post_quant_conv(z)
-    trunk, units = decoder_plan(vae.decoder)
-    h = trunk(z)
+    _, units = decoder_plan(vae.decoder)
+    h = _mid_block(vae.decoder.mid_block, vae.decoder.conv_in(z), tile_latent)
     if storage_dtype is not None:
         h = h.to(storage_dtype)
     for segment in group_units(units, grouping):
@@ -414,14 +464,21 @@ def tiled_encode(vae, x: torch.Tensor, tile_size: int | None = None, grouping: s
     _check_storage(storage_dtype)
     tile_latent = tile_size or DEFAULT_TILE_LATENT
     compute = x.dtype
-    units, trunk = encoder_plan(vae.encoder, getattr(vae, "quant_conv", None))
+    units, _ = encoder_plan(vae.encoder, getattr(vae, "quant_conv", None))
     factor = 2 ** sum(1 for u in units if u.scale < 1)
     latent_side = x.shape[-2] // factor
     h = x
     for segment in group_units(units, grouping):
         h = run_segment(segment, h, _in_pixels_of(h, latent_side, tile_latent), _in_pixels_of(h, latent_side, halo),
                         compute, storage_dtype)
-    return trunk(h.to(compute))
+    encoder, quant_conv = vae.encoder, getattr(vae, "quant_conv", None)
+    h = _mid_block(encoder.mid_block, h.to(compute), tile_latent)
+
+    def head(x):
+        x = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(x)))
+        return quant_conv(x) if quant_conv is not None else x
+
+    return run_segment(Segment([Unit("head", head, _conv_radius(encoder.conv_out), Fraction(1))]), h, tile_latent)
 
 
 # -- installing on a pipeline's VAE ----------------------------------------------------------------
