@@ -379,7 +379,7 @@ def _in_pixels_of(x: torch.Tensor, latent_side: int, latent_pixels: int | None) 
 ATTENTION_QUERY_CHUNK = 2**16  # query tokens per chunk of the mid block's attention
 
 
-def lean_attention(attn, x: torch.Tensor, query_chunk: int = ATTENTION_QUERY_CHUNK) -> torch.Tensor:
+def lean_attention(attn, x: torch.Tensor, query_chunk: int | None = None) -> torch.Tensor:
     """A VAE mid-block `Attention` (diffusers' AttnProcessor2_0 path: GroupNorm, q/k/v projections,
     scaled-dot-product attention, output projection, residual, rescale) on (B, C, H, W), with the
     queries in chunks written into one output buffer.
@@ -392,6 +392,7 @@ def lean_attention(attn, x: torch.Tensor, query_chunk: int = ATTENTION_QUERY_CHU
         raise TypeError("tiled VAE: the mid block's attention must be a GroupNorm self-attention (AutoencoderKL's)")
     b, c, h, w = x.shape
     n = h * w
+    query_chunk = query_chunk or ATTENTION_QUERY_CHUNK
     tokens = attn.group_norm(x.view(b, c, n)).transpose(1, 2).contiguous()  # (B, N, C)
     heads = attn.heads
 
