@@ -356,12 +356,13 @@ TILE_CHOICES = (128, 96, 64, 48, 32)  # latent px, largest first
 GROUPINGS = ("unit", "level")  # tiled VAE: least recompute first, least memory second
 
 
-def tiling_options(tile_size: int | None = None) -> list[tuple[int, str, torch.dtype | None]]:
+def tiling_options(tile_size: int | None = None, dtype: torch.dtype = torch.float32) -> list[tuple[int, str, torch.dtype | None]]:
     """(tile, grouping, storage dtype) in order of preference (fastest and exact first, least memory
-    last): whole tensors held in the compute dtype, then, when nothing else fits, in bfloat16."""
+    last): whole tensors held in the compute dtype `dtype`, then, when nothing else fits and `dtype`
+    is float32, in bfloat16."""
     tiles = (tile_size,) if tile_size else TILE_CHOICES
     exact = [(t, g, None) for g in GROUPINGS for t in tiles]
-    return exact + [(t, "level", torch.bfloat16) for t in tiles]
+    return exact + ([(t, "level", torch.bfloat16) for t in tiles] if dtype == torch.float32 else [])
 
 
 CHUNK_CHOICES = (1, 2, 4, 8, 16)
@@ -401,7 +402,7 @@ def _vae_choice(vae, kind, shape, dtype, free, tile_vae, tile_size, device_type,
     if not tile_vae:
         return None, untiled, untiled
     option, cost = _first_fitting(
-        tiling_options(tile_size),
+        tiling_options(tile_size, tiled_dtype or dtype),
         lambda o: vae_peak_bytes(vae, kind, shape, tiled_dtype or dtype, tiled=True, tile_size=o[0], grouping=o[1],
                                  storage=o[2], device_type=device_type),
         free)
