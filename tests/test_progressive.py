@@ -416,7 +416,7 @@ def test_per_stage_guidance_scale_reaches_each_stage():
     handle = pipe.unet.register_forward_hook(lambda m, a, o: seen.append(attachment.state.guidance_scale))
     _call(pipe, "sd15", 192, steps=4)
     handle.remove()
-    assert seen == [5.0] * 4 + [7.0] + [9.0]
+    assert seen == [5.0] * 4 + [7.0] * 2 + [9.0] * 2  # a 4-step schedule: two steps per later stage
     assert [r.guidance_scale for r in progressive.last_run(pipe)] == [None, 7.0, 9.0]
 
 

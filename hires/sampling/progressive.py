@@ -53,7 +53,20 @@ HOOK_NAME = "hires.structure_guidance"
 WAVELET_MODE = "symmetric"  # as the paper's pytorch_wavelets DWTForward(mode="symmetric")
 SHARPEN_KERNEL = 3  # the paper's torchvision GaussianBlur(kernel_size=3)
 DEFAULT_RENOISE = 0.3  # DiffuseHigh: the last 15 of 50 steps
-DEFAULT_GUIDED_FRACTION = 1 / 3  # DiffuseHigh: 5 of those 15 steps
+# Few-step (distilled) models, e.g. SDXL-Turbo / Lightning and Flux-schnell at 1-8 steps: 0.3 of 4
+# steps would leave each stage one step from a barely noised start; half the schedule gives two.
+FEW_STEPS = 8
+FEW_STEP_RENOISE = 0.5
+
+
+def guided_steps_for(stage_steps: int, config: StructureGuidanceConfig) -> int:
+    """Guided steps of a stage of `stage_steps` steps whose `guided_steps` is not given."""
+    return max(1, int(round(stage_steps * config.guided_fraction)))
+
+
+def default_renoise(total_steps: int) -> float:
+    """The re-noised fraction of a stage whose `renoise` is not given, for a schedule of `total_steps`."""
+    return FEW_STEP_RENOISE if total_steps <= FEW_STEPS else DEFAULT_RENOISE
 LANCZOS_TAPS = 3
 _SIZE_CONDITIONING = ("original_size", "target_size")
 
@@ -242,7 +255,7 @@ class StageRecord:
 class _Guide:
     """Structure guidance's own part of a stage (`Stage.data`)."""
 
-    renoise: float | None = None  # None: the base stage (full schedule, no guidance)
+    renoise: float | None = None  # None: default_renoise of the call's schedule (the base stage has no schedule hook)
     guided_steps: int | None = None
     guidance_scale: float | None = None
     guide: torch.Tensor | None = None  # low band of the guide (latent or pixel space)
@@ -296,7 +309,7 @@ class StructureGuidance:
             plan.append(Stage(*sizes[0], owner=TECHNIQUE_NAME, generator=generator, call_arguments=dict(conditioning),
                               data=_Guide()))
         for i, (h, w) in enumerate(sizes[1:]):
-            guide = _Guide(renoise=renoise[i] if renoise[i] is not None else DEFAULT_RENOISE, guided_steps=guided[i],
+            guide = _Guide(renoise=renoise[i], guided_steps=guided[i],
                            guidance_scale=scales[i])
             call_arguments = dict(conditioning)
             if scales[i] is not None:
@@ -340,9 +353,11 @@ class StructureGuidance:
             kwargs = {**kwargs, "mu": min(kwargs["mu"], schedules.scheduler_shift_mu(scheduler.config, self.info.base_tokens))}
         set_timesteps(*args, **kwargs)
         total = len(scheduler.timesteps)
+        if guide.renoise is None:
+            guide.renoise = default_renoise(total)
         steps = schedules.stage_steps(total, guide.renoise)
         if guide.guided_steps is None:
-            guide.guided_steps = max(1, int(round(steps * DEFAULT_GUIDED_FRACTION)))
+            guide.guided_steps = guided_steps_for(steps, self.config)
         if guide.guided_steps > steps:
             raise ValueError(f"StructureGuidanceConfig.guided_steps={guide.guided_steps} exceeds the {steps} steps of the "
                              f"{stage.height}x{stage.width} stage (renoise {guide.renoise} of {total}); lower it or raise "
