@@ -271,14 +271,17 @@ def _denoiser_peak_cached(cls, config_items, latent_h, latent_w, dtype, batch, c
 
 # -- budget and plan ------------------------------------------------------------------------------
 def detect_budget(device: torch.device | str | None = None) -> int:
-    """Free memory of `device`: CUDA's free bytes, or the host's available RAM for CPU."""
+    """Free memory of `device`: CUDA's free bytes plus what torch's allocator holds unused, or the
+    host's available RAM for CPU."""
     device = torch.device(device if device is not None else default_device_type())
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"cannot read the free memory of {device}: torch sees no CUDA device here; "
                              "pass the budget explicitly (plan(budget=...) or MemoryConfig(max_memory=...))")
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # blocks torch's caching allocator keeps after a pass are free to the next one
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
@@ -467,8 +470,8 @@ def _first_fitting(options, cost, free):
 def _tips(dtype, weights, budget, activations, width, height, latent_factor) -> list[str]:
     free = budget - weights
     if free <= 0:
-        return [f"the weights alone ({format_bytes(weights)}) exceed the budget: use "
-                f"pipe.enable_model_cpu_offload() or a lower-precision dtype"]
+        return [f"pipe.enable_model_cpu_offload() or a lower-precision dtype: the weights alone "
+                f"({format_bytes(weights)}) exceed the budget"]
     shrink = math.sqrt(free / max(activations, 1))
     side = lambda s: max(latent_factor, int(s * shrink) // (latent_factor * 8) * latent_factor * 8)  # noqa: E731
     tips = [f"a smaller size, about {side(width)}x{side(height)}"]
