@@ -9,7 +9,11 @@ counted. On CPU a convolution also holds oneDNN's copy of its input and weight (
 The tiled VAE estimate runs the tiled algorithm itself on meta with one tile per pass.
 
 `plan(...)` turns estimates and a budget into a `MemoryPlan` (tile the VAE? chunk feed-forwards?
-sequential CFG?) or raises `MemoryBudgetError` with the numbers and what to try.
+sequential CFG?) or raises `MemoryBudgetError` with the numbers and what to try. `plan_call(...)`
+plans a whole call: every denoiser size (`DenoiserPass`) and every VAE decode and encode
+(`VAEPass`), each against what stays resident meanwhile (the denoiser too), the VAE in float32
+where a float16 pipeline's VAE asks for the upcast (`vae_compute_dtype`); its `CallPlan` says the
+choice per pass and which pass is the peak. hires.planning derives a staged call's passes.
 """
 
 from __future__ import annotations
