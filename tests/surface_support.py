@@ -67,6 +67,9 @@ def technique_options(family: str, technique: str) -> dict:
         if family != "flux":
             options["feed_forward_chunks"] = 2
         return {"memory": options}
+    if technique == "memory_staged":  # the automatic preset's kind of call, planned whole before its base stage
+        return {"memory": {"enabled": True, "max_memory": "64GiB"},
+                "structure_guidance": {"enabled": True, "space": "latent", "upscale_space": "pixel", "ladder": "doubling"}}
     if technique == "attention_backend":
         return {"attention_backend": {"enabled": True, "backend": "native"}}
     if technique == "rau_net" and family == "sdxl":
@@ -88,7 +91,7 @@ def techniques_for(family: str) -> list[str]:
         names.append("positions")
     if _family_record(family).position_encoding == "rope":
         names.append("dype")
-    names += ["vae_tiling", "memory", PRESET]
+    names += ["vae_tiling", "memory", "memory_staged", PRESET]
     return names
 
 

@@ -188,6 +188,10 @@ def _assert_ran(result: Result, plain: Result, family: str, technique: str) -> N
         assert notes.get("log.flow_alignment.steps"), notes
     if technique == "memory":
         assert notes.get("log.memory_plan"), notes
+    if technique == "memory_staged":  # every stage took its choices from the whole call's plan
+        assert "stage 2 steps" in notes.get("log.memory_call_plan", ""), notes
+        assert "stage 2 start: encode" in notes["log.memory_call_plan"], notes
+        assert result.structure_stages is not None and len(result.structure_stages) > 1
     if technique == "vae_tiling":
         assert result.tiled_decodes >= 1, "the tiled VAE decode never ran"
 
