@@ -65,6 +65,9 @@ def technique_options(family: str, technique: str) -> dict:
         return {"memory": options}
     if technique == "attention_backend":
         return {"attention_backend": {"enabled": True, "backend": "native"}}
+    if technique == "skip_residual":  # all 3 steps re-run at 128 px, so two steps get blended
+        return {"skip_residual": {"enabled": True},
+                "structure_guidance": {"enabled": True, "space": "latent", "renoise": 1.0}}
     return {technique: {"enabled": True}}
 
 
@@ -76,6 +79,7 @@ def techniques_for(family: str) -> list[str]:
     names += ["entropy_scaling", "window_attention", "attention_backend", "apg"]
     if family in DITS:
         names.append("positions")
+    names += ["skip_residual", "dilated_sampling"]
     names += ["vae_tiling", "memory", PRESET]
     return names
 

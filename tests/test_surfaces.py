@@ -186,6 +186,10 @@ def _assert_ran(result: Result, plain: Result, family: str, technique: str) -> N
         assert notes.get("log.memory_plan"), notes
     if technique == "vae_tiling":
         assert result.tiled_decodes >= 1, "the tiled VAE decode never ran"
+    if technique == "skip_residual":
+        assert any(w > 0.01 for w in notes.get("log.skip_residual.weights", ())), notes
+    if technique == "dilated_sampling":
+        assert notes.get("log.dilated_sampling", {}).get("strides") == (2, 2), notes
 
     exact_by_design = ("vae_tiling", "memory", "attention_backend")
     if technique in exact_by_design:  # equal to the untiled / unchunked / default computation up to rounding

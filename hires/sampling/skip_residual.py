@@ -86,6 +86,9 @@ class SkipResidual:
             weight = skip_weight(schedules.cosine_factor(scheduler, self.attachment.info.prediction_type, t_next),
                                  self.config.exponent)
             weights.append(weight)
+            state = self.attachment.state
+            if state is not None:
+                state.log["log.skip_residual.weights"] = tuple(weights)
             x0 = tile_batch(stage.x0, latents.shape[0]).to(latents.device, torch.float32)
             noised = schedules.renoise(scheduler, x0, stage.noise.to(latents.device), t_next)
             return blend(latents, noised, weight)
