@@ -32,6 +32,8 @@ _ENTROPY = hires.EntropyScalingConfig(enabled=True)
 _WINDOWS = hires.WindowAttentionConfig(enabled=True)
 _APG = hires.APGConfig(enabled=True)
 _BOTTLENECK = hires.BottleneckConfig(enabled=True)
+_DILATED = hires.DilatedSamplingConfig(enabled=True)
+_SKIP = hires.SkipResidualConfig(enabled=True)
 
 
 def _structure(space: str) -> hires.StructureGuidanceConfig:
@@ -57,6 +59,14 @@ def _every_family_rows() -> list[Row]:
         _one("bottleneck (10/70/20)", bottleneck=_BOTTLENECK),
         _combo("structure guidance (pixel) + entropy scaling", structure_guidance=_structure("pixel"),
                entropy_scaling=_ENTROPY),
+        _one("dilated sampling (DemoFusion)", dilated_sampling=_DILATED),
+        # the skip residual acts on stages that restart from an upscaled result: FreeScale's restart depth
+        _combo("skip residual on structure guidance (latent, renoise 0.7)",
+               structure_guidance=hires.StructureGuidanceConfig(enabled=True, space="latent", renoise=0.7),
+               skip_residual=_SKIP),
+        _combo("DemoFusion (structure guidance latent, renoise 1 + skip residual + dilated sampling)",
+               structure_guidance=hires.StructureGuidanceConfig(enabled=True, space="latent", renoise=1.0),
+               skip_residual=_SKIP, dilated_sampling=_DILATED),
     ]
 
 
