@@ -64,9 +64,9 @@ def _every_family_rows() -> list[Row]:
         _combo("skip residual on structure guidance (latent, renoise 0.7)",
                structure_guidance=hires.StructureGuidanceConfig(enabled=True, space="latent", renoise=0.7),
                skip_residual=_SKIP),
-        _combo("DemoFusion (structure guidance latent, renoise 1 + skip residual + dilated sampling)",
+        _combo("DemoFusion (structure guidance latent, renoise 1 + skip residual + dilated sampling + local windows)",
                structure_guidance=hires.StructureGuidanceConfig(enabled=True, space="latent", renoise=1.0),
-               skip_residual=_SKIP, dilated_sampling=_DILATED),
+               skip_residual=_SKIP, dilated_sampling=hires.DilatedSamplingConfig(enabled=True, local_windows=True)),
     ]
 
 

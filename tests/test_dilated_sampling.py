@@ -129,23 +129,26 @@ def _loop_prediction(pipe, family_name, arguments, size, strides, sigma):
     return stages.pack(merged, 2) if flux else merged
 
 
-class _FirstCall:
-    """The arguments and (hooked) output of the denoiser's first call."""
+class _Calls:
+    """The arguments and (hooked) output of every denoiser call."""
 
     def __init__(self, pipe):
-        self.arguments = None
-        self.output = None
+        self.calls = []
         denoiser = get_attachment(pipe).denoiser
         signature = inspect.signature(type(denoiser).forward)
 
         def after(module, args, kwargs, output):
-            if self.arguments is None:
-                bound = signature.bind_partial(module, *args, **kwargs).arguments
-                bound.pop("self")
-                self.arguments = dict(bound)
-                self.output = (output[0] if isinstance(output, tuple) else output.sample).clone()
+            bound = signature.bind_partial(module, *args, **kwargs).arguments
+            bound.pop("self")
+            self.calls.append((dict(bound), (output[0] if isinstance(output, tuple) else output.sample).clone()))
 
         self.handle = denoiser.register_forward_hook(after, with_kwargs=True)
+
+
+def _unhooked(pipe, arguments) -> torch.Tensor:
+    denoiser = get_attachment(pipe).denoiser
+    raw = type(denoiser).forward(denoiser, **arguments)
+    return (raw[0] if isinstance(raw, tuple) else raw.sample).float()
 
 
 @pytest.mark.parametrize("size", [128, 112])
@@ -154,24 +157,23 @@ def test_hooked_prediction_equals_the_sub_lattice_loop(family, size):
         pytest.skip("the padded side is checked on one UNet and the packed DiT")
     pipe = build(family)
     hires.apply(pipe, hires.HiresConfig(dilated_sampling=DS(enabled=True, sigma=0.8)))
-    first = _FirstCall(pipe)
+    recorded = _Calls(pipe)
     generate(pipe, family, size, steps=3, seed=0)
-    first.handle.remove()
+    recorded.handle.remove()
     notes = hires.last_call(pipe).notes["log.dilated_sampling"]
-    assert notes["strides"] == (2, 2)
-    arguments = first.arguments
-    timestep = float(torch.as_tensor(arguments["timestep"]).flatten()[0])
-    cosine = _reference_weight(pipe, family, timestep)
-    assert notes["weights"][0] == pytest.approx(cosine, abs=1e-6)
-    denoiser = get_attachment(pipe).denoiser
-    with torch.no_grad():
-        raw = type(denoiser).forward(denoiser, **arguments)
-        full = (raw[0] if isinstance(raw, tuple) else raw.sample).float()
-        dilated = _loop_prediction(pipe, family, arguments, size, (2, 2), 0.8 * (0.99 * cosine + 0.01))
-    expected = cosine * dilated + (1 - cosine) * full
-    assert first.output.shape == expected.shape
-    assert torch.allclose(first.output.float(), expected, atol=1e-4), float((first.output - expected).abs().max())
-    assert cosine > 0.5 and not torch.allclose(full, expected, atol=1e-3)  # the dilated pass weighed in
+    assert notes["strides"] == (2, 2) and len(recorded.calls) == 3 == len(notes["weights"])
+    moved = 0
+    for (arguments, output), weight in zip(recorded.calls, notes["weights"]):
+        cosine = _reference_weight(pipe, family, float(torch.as_tensor(arguments["timestep"]).flatten()[0]))
+        assert weight == pytest.approx(cosine, abs=1e-6)
+        with torch.no_grad():
+            full = _unhooked(pipe, arguments)
+            dilated = _loop_prediction(pipe, family, arguments, size, (2, 2), 0.8 * (0.99 * cosine + 0.01))
+        expected = cosine * dilated + (1 - cosine) * full
+        assert output.shape == expected.shape
+        assert torch.allclose(output.float(), expected, atol=1e-4), float((output - expected).abs().max())
+        moved += not torch.allclose(full, expected, atol=1e-3)
+    assert moved  # the dilated pass weighed in
 
 
 def test_every_family_changes_the_image_above_the_base_and_is_seeded(family):
@@ -253,3 +255,105 @@ def test_off_at_base_size_and_removed_are_bit_identical(family):
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     registry = getattr(denoiser, "_diffusers_hook", None)
     assert registry is None or not any(name.startswith("hires.") for name in registry.hooks)
+
+
+# -- local windows (MultiDiffusion) ---------------------------------------------------------------------
+def test_windows_cover_the_latent_with_bounded_jitter():
+    generator = torch.Generator().manual_seed(0)
+    for size, window, fraction in (((32, 32), (8, 8), 0.5), ((24, 40), (8, 8), 0.25), ((10, 16), (8, 8), 0.5),
+                                   ((8, 20), (8, 8), 1.0)):
+        boxes = ds.window_boxes(size, window, fraction, generator)
+        cover = torch.zeros(size)
+        for top, left in boxes:
+            assert 0 <= top <= size[0] - window[0] and 0 <= left <= size[1] - window[1]
+            cover[top:top + window[0], left:left + window[1]] += 1
+        assert cover.min() >= 1, (size, boxes)
+    for length, window, stride in ((32, 8, 4), (40, 8, 2), (10, 8, 4), (20, 8, 8), (8, 8, 4)):
+        plain = ds._axis_starts(length, window, stride, 0, generator)
+        assert plain == sorted({min(k * stride, length - window) for k in range(64)})
+        jitter = (window - stride) // 4
+        jittered = ds._axis_starts(length, window, stride, jitter, generator)
+        assert len(jittered) == len(plain) and jittered[0] == 0 and jittered[-1] == length - window
+        assert all(abs(a - b) <= jitter for a, b in zip(jittered, plain))
+    assert ds.window_boxes((8, 8), (8, 8), 0.5, generator) == ((0, 0),)
+
+
+def test_window_average_is_the_mean_of_covering_windows():
+    x = torch.randn(2, 3, 12, 14)
+    boxes = ((0, 0), (0, 6), (4, 0), (4, 6), (2, 3))
+    crops = ds.gather_windows(x, boxes, (8, 8))
+    assert torch.equal(crops[1 * 5 + 4], x[1, :, 2:10, 3:11])
+    assert torch.allclose(ds.average_windows(crops, boxes, (8, 8), (12, 14)), x, atol=1e-6)
+    predictions = torch.randn_like(crops)
+    expected = torch.zeros_like(x)
+    for b in range(2):
+        for i in range(12):
+            for j in range(14):
+                values = [predictions[b * 5 + k, :, i - t, j - c] for k, (t, c) in enumerate(boxes)
+                          if t <= i < t + 8 and c <= j < c + 8]
+                expected[b, :, i, j] = torch.stack(values).mean(0)
+    assert torch.allclose(ds.average_windows(predictions, boxes, (8, 8), (12, 14)), expected, atol=1e-6)
+
+
+def _loop_windows(pipe, family_name, arguments, size, boxes):
+    denoiser = get_attachment(pipe).denoiser
+    forward = type(denoiser).forward
+    flux = family_name == "flux"
+    name = "hidden_states" if "hidden_states" in arguments else "sample"
+    lat = size // 8
+    sample = arguments[name]
+    spatial = stages.unpack(sample, lat, lat, 2) if flux else sample
+    value, cover = None, torch.zeros(1, 1, lat, lat)
+    for top, left in boxes:
+        x = spatial[:, :, top:top + 8, left:left + 8]
+        kwargs = {k: v for k, v in arguments.items() if k != name}
+        if flux:
+            x = stages.pack(x, 2)
+            kwargs["img_ids"] = FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
+        out = forward(denoiser, **{name: x}, **kwargs)
+        out = (out[0] if isinstance(out, tuple) else out.sample).float()
+        out = stages.unpack(out, 8, 8, 2) if flux else out
+        if value is None:
+            value = torch.zeros(out.shape[0], out.shape[1], lat, lat)
+        value[:, :, top:top + 8, left:left + 8] += out
+        cover[:, :, top:top + 8, left:left + 8] += 1
+    merged = value / cover
+    return stages.pack(merged, 2) if flux else merged
+
+
+@pytest.mark.parametrize("family_name", ["sd15", "sdxl", "sd3", "flux"])
+def test_local_windows_equal_the_window_loop_fused_with_the_sub_lattices(family_name):
+    pipe = build(family_name)
+    hires.apply(pipe, hires.HiresConfig(dilated_sampling=DS(enabled=True, local_windows=True, sigma=0.8)))
+    recorded = _Calls(pipe)
+    generate(pipe, family_name, 128, steps=3, seed=0)
+    recorded.handle.remove()
+    notes = hires.last_call(pipe).notes["log.dilated_sampling"]
+    windows = notes["windows"]
+    assert len(windows) == 3 and len(windows[0]) == 9  # 16 latent, windows of 8 at stride 4: 3 x 3
+    assert len(set(windows)) > 1  # the jitter moves between steps
+    local_weighed = 0
+    for (arguments, output), boxes in zip(recorded.calls, windows):
+        cosine = _reference_weight(pipe, family_name, float(torch.as_tensor(arguments["timestep"]).flatten()[0]))
+        with torch.no_grad():
+            local = _loop_windows(pipe, family_name, arguments, 128, boxes)
+            dilated = _loop_prediction(pipe, family_name, arguments, 128, (2, 2), 0.8 * (0.99 * cosine + 0.01))
+        expected = cosine * dilated + (1 - cosine) * local
+        assert torch.allclose(output.float(), expected, atol=1e-4), float((output - expected).abs().max())
+        local_weighed += cosine < 0.9
+    assert local_weighed
+
+
+def test_local_windows_run_between_strides_and_are_seeded():
+    pipe = build("sd15")
+    plain = generate(pipe, "sd15", 80, steps=3, seed=5)  # 1.25x per side: stride 1, 2 x 2 windows
+    hires.apply(pipe, hires.HiresConfig(dilated_sampling=DS(enabled=True)))
+    assert torch.equal(generate(pipe, "sd15", 80, steps=3, seed=5), plain)
+    hires.apply(pipe, hires.HiresConfig(dilated_sampling=DS(enabled=True, local_windows=True)))
+    image = generate(pipe, "sd15", 80, steps=3, seed=5)
+    notes = hires.last_call(pipe).notes["log.dilated_sampling"]
+    assert notes["strides"] == (1, 1) and notes["weights"] == () and notes["windows"]
+    assert not torch.equal(image, plain)
+    assert torch.equal(generate(pipe, "sd15", 80, steps=3, seed=5), image)
+    with pytest.raises(ValueError, match="window_stride=0"):
+        DS(enabled=True, window_stride=0)

@@ -12,6 +12,12 @@ denoiser sees the whole picture at the scale it was trained on. At each step a h
    (every other batched argument repeated to match; `max_batch` splits the call), and puts the
    predictions back on their lattice (`dilated`);
 4. returns c dilated + (1 - c) full, c = cosf(t) ** fusion_exponent (DemoFusion's c2 = cosf ** 1).
+With `local_windows` the full-size prediction of step 1 is replaced by DemoFusion's local paths
+(MultiDiffusion): the mean over overlapping base-size windows at stride `window_stride` x window,
+the inner ones shifted each step by up to a quarter of the overlap from a generator derived from the
+call's seed, all windows of a sample denoised in one batched call (the full-size call is skipped). This also
+runs above the base size where no side's stride reaches 2. SDXL's crop-coordinate conditioning stays
+the pipeline's (DemoFusion sets it to each window's offset).
 DemoFusion blends the *stepped* latents; schedulers' steps are linear in the model output for a
 given sample, so blending the predictions and stepping once is the same for first-order solvers,
 and it lets every guidance technique and scheduler act on the blended prediction.
@@ -136,12 +142,59 @@ def fuse(full: torch.Tensor, dilated: torch.Tensor, weight: float) -> torch.Tens
     return weight * dilated.float() + (1 - weight) * full.float()
 
 
+def _axis_starts(length: int, window: int, stride: int, jitter: int, generator) -> list[int]:
+    """Window starts covering [0, length): every `stride`, the last flush with the end; the inner ones
+    shifted by up to +-jitter (drawn from `generator`), all kept inside."""
+    if window >= length:
+        return [0]
+    count = math.ceil((length - window) / stride) + 1
+    starts = [min(k * stride, length - window) for k in range(count)]
+    if jitter:
+        shifts = torch.randint(-jitter, jitter + 1, (count,), generator=generator).tolist()
+        starts = [s if k in (0, count - 1) else min(max(s + shifts[k], 0), length - window)
+                  for k, s in enumerate(starts)]
+    return starts
+
+
+def window_boxes(size: tuple[int, int], window: tuple[int, int], stride_fraction: float,
+                 generator) -> tuple[tuple[int, int], ...]:
+    """(top, left) of overlapping windows covering a latent of `size`: stride = stride_fraction x window,
+    inner windows jittered by up to a quarter of the overlap (DemoFusion: (128 - 64) / 4)."""
+    per_axis = []
+    for length, side in zip(size, window):
+        stride = max(1, int(round(side * stride_fraction)))
+        per_axis.append(_axis_starts(length, side, stride, max(0, (side - stride) // 4), generator))
+    return tuple((top, left) for top in per_axis[0] for left in per_axis[1])
+
+
+def gather_windows(x: torch.Tensor, boxes, window: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) -> (B len(boxes), C, wh, ww), sample b's windows at b len(boxes) + k."""
+    wh, ww = window
+    crops = torch.stack([x[:, :, top:top + wh, left:left + ww] for top, left in boxes], dim=1)
+    return crops.reshape(-1, *crops.shape[2:])
+
+
+def average_windows(predicted: torch.Tensor, boxes, window: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `gather_windows` where windows overlap: the mean of every window covering a position."""
+    wh, ww = window
+    count = len(boxes)
+    crops = predicted.reshape(-1, count, *predicted.shape[1:])
+    value = predicted.new_zeros(crops.shape[0], crops.shape[2], *size)
+    cover = predicted.new_zeros(1, 1, *size)
+    for k, (top, left) in enumerate(boxes):
+        value[:, :, top:top + wh, left:left + ww] += crops[:, k]
+        cover[:, :, top:top + wh, left:left + ww] += 1
+    return value / cover
+
+
 # -- the denoiser hook ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class DilatedCall:
     """Per-call slot (`state.slot(DilatedCall)`): what the hook did, for `hires.last_call(pipe).notes`."""
 
     weights: list = dataclasses.field(default_factory=list)  # fusion weight per denoiser call
+    windows: list = dataclasses.field(default_factory=list)  # local windows' boxes per denoiser call
+    generator: torch.Generator | None = None  # the windows' jitter, derived from the call's generator
 
 
 def _pack(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -182,7 +235,7 @@ def _with_tensor(output, tensor: torch.Tensor):
 
 
 class DilatedSamplingHook(ModelHook):
-    """Runs the sub-lattice pass after the full-size call and fuses the two predictions."""
+    """Runs the sub-lattice pass (and the local windows) and fuses the predictions."""
 
     def __init__(self, attachment, config: DilatedSamplingConfig):
         super().__init__()
@@ -195,14 +248,15 @@ class DilatedSamplingHook(ModelHook):
         self.var_keyword = next((n for n, p in self.signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
 
     def new_forward(self, module, *args, **kwargs):
-        output = self.fn_ref.original_forward(*args, **kwargs)
         state = self.attachment.state
         if state is None:
-            return output
-        info = self.info
+            return self.fn_ref.original_forward(*args, **kwargs)
+        info, config = self.info, self.config
         strides = lattice_strides(state.height, state.width, info.base_height, info.base_width)
-        if strides == (1, 1):
-            return output
+        base_latent = (info.base_height // info.latent_factor, info.base_width // info.latent_factor)
+        local = config.local_windows and (state.latent_height > base_latent[0] or state.latent_width > base_latent[1])
+        if strides == (1, 1) and not local:
+            return self.fn_ref.original_forward(*args, **kwargs)
         arguments = self.signature.bind_partial(module, *args, **kwargs).arguments
         arguments.pop("self", None)
         if self.var_keyword is not None:
@@ -210,41 +264,50 @@ class DilatedSamplingHook(ModelHook):
         control = [name for name in _CONTROL_ARGUMENTS if arguments.get(name) is not None]
         if control:
             raise ValueError(f"dilated_sampling cannot split full-size ControlNet features ({', '.join(control)}) "
-                             "into sub-lattices; disable dilated_sampling for ControlNet pipelines")
+                             "into sub-lattices or windows; disable dilated_sampling for ControlNet pipelines")
+        slot = state.slot(DilatedCall)
+        log = state.log.setdefault("log.dilated_sampling", {"strides": strides, "weights": ()})
+        if local:
+            full, output = self.local_prediction(arguments, state, base_latent, slot)
+            log["windows"] = tuple(slot.windows)
+        else:
+            output = self.fn_ref.original_forward(**arguments)
+            full = _output_tensor(output)
+        if strides == (1, 1):
+            return _with_tensor(output, full.to(_output_tensor(output).dtype))
         timestep = float(torch.as_tensor(arguments["timestep"]).flatten()[0]) / info.family.timestep_input_scale
         cosine = schedules.cosine_factor(self.attachment.pipe.scheduler, info.prediction_type, timestep)
-        weight = cosine**self.config.fusion_exponent
-        state.slot(DilatedCall).weights.append(weight)
-        state.log["log.dilated_sampling"] = {"strides": strides, "weights": tuple(state.slot(DilatedCall).weights)}
-        full = _output_tensor(output)
+        weight = cosine**config.fusion_exponent
+        slot.weights.append(weight)
+        log["weights"] = tuple(slot.weights)
         dilated = self.dilated_prediction(arguments, state, strides, cosine)
-        return _with_tensor(output, fuse(full, dilated, weight).to(full.dtype))
+        dtype = _output_tensor(output).dtype
+        return _with_tensor(output, fuse(full, dilated, weight).to(dtype))
 
-    def dilated_prediction(self, arguments: dict, state, strides: tuple[int, int], cosine: float) -> torch.Tensor:
-        """The denoiser's prediction for every position, each from its sub-lattice (same layout as its output)."""
+    # -- the batched passes ------------------------------------------------------------------------
+    def _spatial_sample(self, arguments: dict, state) -> torch.Tensor:
+        sample = arguments[self.sample_name]
+        if self.info.family.latent_layout == "packed":
+            return _unpack(sample, state.latent_height, state.latent_width, self.info.patch_size)
+        return sample
+
+    def _run_batched(self, arguments: dict, crops: torch.Tensor, count: int):
+        """The denoiser on `crops` (B count, C, h, w: sample b's crops at b count ...), every other
+        per-sample argument repeated to match, in calls of at most max_batch crops per sample.
+        Returns the spatial predictions (float32) and the output object of the last call."""
         info, config = self.info, self.config
         packed = info.family.latent_layout == "packed"
         patch = info.patch_size
-        lh, lw = state.latent_height, state.latent_width
-        sample = arguments[self.sample_name]
-        spatial = _unpack(sample, lh, lw, patch) if packed else sample
-        batch = spatial.shape[0]
-        blurred = gaussian_blur(spatial, strides, blur_sigma(cosine, config.sigma, config.blur_exponent))
-        multiple = max(1, info.size_multiple // info.latent_factor)
-        ph, pw = padded_size(lh, strides[0], multiple), padded_size(lw, strides[1], multiple)
-        if (ph, pw) != (lh, lw):
-            blurred = F.pad(blurred, (0, pw - lw, 0, ph - lh), mode="replicate")
-        lattices = split_lattices(blurred, strides).to(sample.dtype)
-        sub_h, sub_w = ph // strides[0], pw // strides[1]
-        count = strides[0] * strides[1]
+        batch = crops.shape[0] // count
+        h, w = crops.shape[-2:]
+        inputs = crops.to(arguments[self.sample_name].dtype)
         if packed:
             img_ids = arguments["img_ids"]
-            sub_ids = grid_ids(img_ids.reshape(-1, img_ids.shape[-1]), sub_h // patch, sub_w // patch,
-                               info.family.rope_axis_sides)
-            lattices = _pack(lattices, patch)
+            sub_ids = grid_ids(img_ids.reshape(-1, img_ids.shape[-1]), h // patch, w // patch, info.family.rope_axis_sides)
+            inputs = _pack(inputs, patch)
         chunk = (config.max_batch or count) * batch
-        outputs = []
-        for start in range(0, lattices.shape[0], chunk):
+        outputs, output = [], None
+        for start in range(0, inputs.shape[0], chunk):
             window = slice(start, start + chunk)
             piece = {}
             for name, value in arguments.items():
@@ -256,13 +319,44 @@ class DilatedSamplingHook(ModelHook):
                     piece[name] = _expand_batch(value, batch, count, window)
             if packed:
                 piece["img_ids"] = sub_ids
-            piece[self.sample_name] = lattices[window]
-            outputs.append(_output_tensor(self.fn_ref.original_forward(**piece)))
+            piece[self.sample_name] = inputs[window]
+            output = self.fn_ref.original_forward(**piece)
+            outputs.append(_output_tensor(output))
         predicted = torch.cat(outputs).float()
         if packed:
-            predicted = _unpack(predicted, sub_h, sub_w, patch)
-        merged = merge_lattices(predicted, strides)[:, :, :lh, :lw]
-        return _pack(merged, patch) if packed else merged
+            predicted = _unpack(predicted, h, w, patch)
+        return predicted, output
+
+    def _as_output_layout(self, spatial: torch.Tensor) -> torch.Tensor:
+        return _pack(spatial, self.info.patch_size) if self.info.family.latent_layout == "packed" else spatial
+
+    def dilated_prediction(self, arguments: dict, state, strides: tuple[int, int], cosine: float) -> torch.Tensor:
+        """The denoiser's prediction for every position, each from its sub-lattice (same layout as its output)."""
+        info, config = self.info, self.config
+        lh, lw = state.latent_height, state.latent_width
+        spatial = self._spatial_sample(arguments, state)
+        blurred = gaussian_blur(spatial, strides, blur_sigma(cosine, config.sigma, config.blur_exponent))
+        multiple = max(1, info.size_multiple // info.latent_factor)
+        ph, pw = padded_size(lh, strides[0], multiple), padded_size(lw, strides[1], multiple)
+        if (ph, pw) != (lh, lw):
+            blurred = F.pad(blurred, (0, pw - lw, 0, ph - lh), mode="replicate")
+        predicted, _ = self._run_batched(arguments, split_lattices(blurred, strides), strides[0] * strides[1])
+        return self._as_output_layout(merge_lattices(predicted, strides)[:, :, :lh, :lw])
+
+    def local_prediction(self, arguments: dict, state, window: tuple[int, int], slot):
+        """MultiDiffusion's average over overlapping base-size windows, jittered per step (replaces the
+        full-size call); returns it in the output's layout and the last call's output object."""
+        config = self.config
+        spatial = self._spatial_sample(arguments, state)
+        lh, lw = spatial.shape[-2:]
+        wh, ww = min(window[0], lh), min(window[1], lw)
+        generator = slot.generator or state.generator(TECHNIQUE_NAME + ".windows")
+        slot.generator = generator
+        boxes = window_boxes((lh, lw), (wh, ww), config.window_stride, generator)
+        slot.windows.append(boxes)
+        crops = gather_windows(spatial, boxes, (wh, ww))
+        predicted, output = self._run_batched(arguments, crops, len(boxes))
+        return self._as_output_layout(average_windows(predicted, boxes, (wh, ww), (lh, lw))), output
 
 
 def install(attachment, config: DilatedSamplingConfig) -> None:
