@@ -65,6 +65,8 @@ def technique_options(family: str, technique: str) -> dict:
         return {"memory": options}
     if technique == "attention_backend":
         return {"attention_backend": {"enabled": True, "backend": "native"}}
+    if technique == "dilated_sampling_local":  # the local windows (MultiDiffusion) beside the sub-lattices
+        return {"dilated_sampling": {"enabled": True, "local_windows": True}}
     if technique == "skip_residual":  # all 3 steps re-run at 128 px, so two steps get blended
         return {"skip_residual": {"enabled": True},
                 "structure_guidance": {"enabled": True, "space": "latent", "renoise": 1.0}}
@@ -79,7 +81,7 @@ def techniques_for(family: str) -> list[str]:
     names += ["entropy_scaling", "window_attention", "attention_backend", "apg"]
     if family in DITS:
         names.append("positions")
-    names += ["skip_residual", "dilated_sampling"]
+    names += ["skip_residual", "dilated_sampling", "dilated_sampling_local"]
     names += ["vae_tiling", "memory", PRESET]
     return names
 

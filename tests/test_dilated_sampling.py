@@ -357,3 +357,19 @@ def test_local_windows_run_between_strides_and_are_seeded():
     assert torch.equal(generate(pipe, "sd15", 80, steps=3, seed=5), image)
     with pytest.raises(ValueError, match="window_stride=0"):
         DS(enabled=True, window_stride=0)
+
+
+def test_hooks_that_read_the_call_size_see_the_sub_lattice_size():
+    pipe = build("flux")
+    hires.apply(pipe, hires.HiresConfig(dilated_sampling=DS(enabled=True), positions=hires.PositionConfig(enabled=True)))
+    attachment = get_attachment(pipe)
+    seen = []
+    handle = pipe.transformer.pos_embed.register_forward_pre_hook(
+        lambda module, args: seen.append((attachment.state.height, attachment.state.width, args[0].shape[0])))
+    image = generate(pipe, "flux", 128, steps=2, seed=0)
+    handle.remove()
+    # per step: the full-size call (8 x 8 tokens, YaRN-scaled) and the sub-lattice call (4 x 4, the base)
+    assert seen == [(128, 128, 16 + 64), (64, 64, 16 + 16)] * 2  # 16 text tokens first
+    assert hires.last_call(pipe).notes["log.positions.rope"]  # the full-size call still got its RoPE scaling
+    assert (hires.last_call(pipe).height, hires.last_call(pipe).width) == (128, 128)
+    assert torch.isfinite(image).all()

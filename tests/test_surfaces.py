@@ -188,8 +188,10 @@ def _assert_ran(result: Result, plain: Result, family: str, technique: str) -> N
         assert result.tiled_decodes >= 1, "the tiled VAE decode never ran"
     if technique == "skip_residual":
         assert any(w > 0.01 for w in notes.get("log.skip_residual.weights", ())), notes
-    if technique == "dilated_sampling":
+    if technique.startswith("dilated_sampling"):
         assert notes.get("log.dilated_sampling", {}).get("strides") == (2, 2), notes
+    if technique == "dilated_sampling_local":
+        assert len(notes["log.dilated_sampling"].get("windows", ())) == STEPS, notes
 
     exact_by_design = ("vae_tiling", "memory", "attention_backend")
     if technique in exact_by_design:  # equal to the untiled / unchunked / default computation up to rounding

@@ -306,6 +306,20 @@ class DilatedSamplingHook(ModelHook):
             sub_ids = grid_ids(img_ids.reshape(-1, img_ids.shape[-1]), h // patch, w // patch, info.family.rope_axis_sides)
             inputs = _pack(inputs, patch)
         chunk = (config.max_batch or count) * batch
+        # Hooks that read the call's size (RoPE scaling, entropy factors, windows) see the crops' size.
+        state = self.attachment.state
+        self.attachment.state = dataclasses.replace(state, height=h * info.latent_factor, width=w * info.latent_factor)
+        try:
+            outputs, output = self._forward_chunks(arguments, inputs, batch, count, chunk,
+                                                   sub_ids if packed else None)
+        finally:
+            self.attachment.state = state
+        predicted = torch.cat(outputs).float()
+        if packed:
+            predicted = _unpack(predicted, h, w, patch)
+        return predicted, output
+
+    def _forward_chunks(self, arguments: dict, inputs: torch.Tensor, batch: int, count: int, chunk: int, sub_ids):
         outputs, output = [], None
         for start in range(0, inputs.shape[0], chunk):
             window = slice(start, start + chunk)
@@ -317,15 +331,12 @@ class DilatedSamplingHook(ModelHook):
                     piece[name] = value  # per-token position ids (Flux's img_ids / txt_ids), not per sample
                 else:
                     piece[name] = _expand_batch(value, batch, count, window)
-            if packed:
+            if sub_ids is not None:
                 piece["img_ids"] = sub_ids
             piece[self.sample_name] = inputs[window]
             output = self.fn_ref.original_forward(**piece)
             outputs.append(_output_tensor(output))
-        predicted = torch.cat(outputs).float()
-        if packed:
-            predicted = _unpack(predicted, h, w, patch)
-        return predicted, output
+        return outputs, output
 
     def _as_output_layout(self, spatial: torch.Tensor) -> torch.Tensor:
         return _pack(spatial, self.info.patch_size) if self.info.family.latent_layout == "packed" else spatial
