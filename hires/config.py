@@ -549,8 +549,10 @@ def _positive_number(owner: str, name: str, value: Any, allow_zero: bool = False
 
 @dataclasses.dataclass(frozen=True)
 class SkipResidualConfig:
-    """DemoFusion's skip residual: in each stage that starts from an upscaled previous result, every step's
-    latent is blended toward that result noised to the step's timestep (one noise draw per stage).
+    """DemoFusion's skip residual: each step of an upscaled stage blended toward its noised start.
+
+    In each stage that starts from an upscaled previous result, every step's latent is blended toward
+    that result noised to the step's timestep (one noise draw per stage).
 
     z = (1 - c1) z + c1 noised_upscaled(t), c1 = cosf(t) ** exponent (hires.sampling.skip_residual).
     It acts on the stages of structure guidance (or bottleneck's upscaling stage), which must be on.
@@ -568,9 +570,12 @@ class SkipResidualConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DilatedSamplingConfig:
-    """DemoFusion's dilated sampling: above the base size, the latent's s_h x s_w interleaved sub-lattices
-    (stride = scale per side, rounded) are denoised as base-size latents in one batched call, from a
-    Gaussian-blurred copy, and blended into the full-size prediction with weight cosf(t) ** fusion_exponent
+    """DemoFusion's dilated sampling: interleaved sub-lattices denoised at the base size, fused in.
+
+    Above the base size, the latent's s_h x s_w interleaved sub-lattices (stride = scale per side,
+    rounded) are denoised as base-size latents in one batched call, from a Gaussian-blurred copy, and
+    blended into the full-size prediction with weight cosf(t) ** fusion_exponent; with local_windows
+    that prediction is MultiDiffusion's mean over overlapping base-size windows
     (hires.techniques.dilated_sampling).
     """
 

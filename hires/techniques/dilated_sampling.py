@@ -33,6 +33,8 @@ Families. The sub-lattices are taken in the latent grid: Flux's packed tokens (2
 unpacked first and each sub-lattice packed again, with position ids of the sub-lattice's own base
 grid built from the family's `rope_axis_sides`; SD3 and PixArt patchify inside the model, so their
 spatial latents are split directly and they place a base-size input on their base grid themselves.
+During the batched passes `attachment.state` is a copy with the crops' size, so hooks that read
+the call's size (RoPE scaling, entropy factors, attention windows) treat them as base-size calls.
 ControlNet residuals are full-size feature maps with no sub-lattice of their own: a call carrying
 them is refused. cosf(t) is read at the sample's noise level on SDXL's schedule
 (`schedules.cosine_factor`), which covers eps, v and flow families alike.
