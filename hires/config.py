@@ -47,6 +47,7 @@ class HiresConfig:
     """
 
     structure_guidance: StructureGuidanceConfig = dataclasses.field(default_factory=lambda: StructureGuidanceConfig())
+    flow_alignment: FlowAlignmentConfig = dataclasses.field(default_factory=lambda: FlowAlignmentConfig())
     bottleneck: BottleneckConfig = dataclasses.field(default_factory=lambda: BottleneckConfig())
     skip_residual: SkipResidualConfig = dataclasses.field(default_factory=lambda: SkipResidualConfig())
     dilated_sampling: DilatedSamplingConfig = dataclasses.field(default_factory=lambda: DilatedSamplingConfig())
@@ -55,6 +56,8 @@ class HiresConfig:
     window_attention: WindowAttentionConfig = dataclasses.field(default_factory=lambda: WindowAttentionConfig())
     attention_backend: AttentionBackendConfig = dataclasses.field(default_factory=lambda: AttentionBackendConfig())
     apg: APGConfig = dataclasses.field(default_factory=lambda: APGConfig())
+    rau_net: RAUNetConfig = dataclasses.field(default_factory=lambda: RAUNetConfig())
+    scale_fusion: ScaleFusionConfig = dataclasses.field(default_factory=lambda: ScaleFusionConfig())
     positions: PositionConfig = dataclasses.field(default_factory=lambda: PositionConfig())
     memory: MemoryConfig = dataclasses.field(default_factory=lambda: MemoryConfig())
     vae_tiling: VAETilingConfig = dataclasses.field(default_factory=lambda: VAETilingConfig())
@@ -120,6 +123,9 @@ class HiresConfig:
         for sub in [getattr(self, f.name) for f in self._technique_fields()] + list(self.extensions):
             if sub.enabled and hasattr(sub, "validate_for"):
                 sub.validate_for(family)
+        if self.flow_alignment.enabled and not self.structure_guidance.enabled:
+            raise ValueError("FlowAlignmentConfig(enabled=True) guides structure guidance's upscaled stages; enable "
+                             "StructureGuidanceConfig(enabled=True) as well (HiresConfig.structure_guidance)")
 
 
 # Type names of sub-config fields (as written in annotations) -> class, for `from_dict`.
@@ -320,9 +326,15 @@ class PositionConfig:
     # "clamp" (dynamic mu clamped to its value at the base size), "static" (a fixed shift)
     timestep_shift: str | None = None
     shift: float | None = None  # for timestep_shift="static"
+    # RoPE families, DyPE: the YaRN ramps / NTK factor follow the noise level of each step
+    # (kappa = sigma^2: full extrapolation at pure noise, fading as sigma -> 0); None: off
+    timestep_dependent: bool | None = None
 
     def __post_init__(self):
         owner = "PositionConfig"
+        if self.timestep_dependent and self.rope in ("none", "interpolation"):
+            raise ValueError(f"{owner}.timestep_dependent=True (DyPE) scales the YaRN ramps or the NTK factor by the "
+                             f"noise level; rope={self.rope!r} has neither. Use rope='yarn' (DyPE's default) or 'ntk'")
         if self.rope is not None:
             _choice(owner, "rope", self.rope, ("none", "interpolation", "ntk", "yarn"))
         if self.table is not None:
@@ -352,6 +364,74 @@ class PositionConfig:
                 "is a UNet and has none. For UNets use RedilationConfig, EntropyScalingConfig or progressive "
                 "structure guidance"
             )
+
+
+def _step_window(owner: str, name: str, value: Any) -> tuple[float, float] | None:
+    """A [start, stop) window of schedule fractions; start == stop switches that part off."""
+    if value is None:
+        return None
+    ok = isinstance(value, tuple) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in value) and value[0] <= value[1]
+    if not ok:
+        raise ValueError(f"{owner}.{name}={value!r} must be (start, stop) fractions of the schedule with "
+                         "0 <= start <= stop <= 1, e.g. (0.0, 0.4); (0.0, 0.0) turns that part off")
+    return float(value[0]), float(value[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class RAUNetConfig:
+    """RAU-Net (HiDiffusion): in the early steps, a down block's downsampler runs at stride 4 (dilation 2)
+    and a cross-attention down block average-pools 2x after its first layer, so the deep UNet levels
+    see a base-size feature map; the matching up blocks resize back. UNets only.
+
+    `None` fields take the family's facts for the requested size (hires.families.RAUNetFacts).
+    """
+
+    enabled: bool = False
+    downsampler: str | None = None  # module name of the strided downsampler, e.g. "down_blocks.0.downsamplers.0"
+    downsampler_steps: tuple[float, float] | None = None  # [start, stop) schedule fractions it is active in
+    pooled_block: str | None = None  # module name of the pooled down block, e.g. "down_blocks.1"
+    pooled_steps: tuple[float, float] | None = None
+    upsample_mode: str = "bicubic"  # how the matching up block resizes the pooled features back
+
+    def __post_init__(self):
+        owner = "RAUNetConfig"
+        object.__setattr__(self, "downsampler_steps", _step_window(owner, "downsampler_steps", self.downsampler_steps))
+        object.__setattr__(self, "pooled_steps", _step_window(owner, "pooled_steps", self.pooled_steps))
+        _choice(owner, "upsample_mode", self.upsample_mode, ("bicubic", "bilinear", "nearest"))
+
+    def validate_for(self, info) -> None:
+        _require_unet("RAUNetConfig", info, "WindowAttentionConfig, EntropyScalingConfig or progressive structure "
+                      "guidance")
+        if info.family.rau_net is None and (self.downsampler is None or self.pooled_block is None
+                                            or self.downsampler_steps is None or self.pooled_steps is None):
+            raise ValueError(f"RAUNetConfig: family {info.name!r} has no RAU-Net facts (hires.families.RAUNetFacts); "
+                             "give downsampler, downsampler_steps, pooled_block and pooled_steps explicitly")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleFusionConfig:
+    """FreeScale's scale fusion in image self-attention above the base size: a global branch (full
+    attention) for the high frequencies and a local branch (overlapping base-size windows) for the low
+    ones, out = G(local) + (global - G(global)) with G a Gaussian blur over the token grid.
+    """
+
+    enabled: bool = False
+    global_branch: str = "full"  # "full" self-attention, or "dilated": FreeScale's fast mode (interleaved sub-grids)
+    window: int | None = None  # local window side in tokens; None: the layer's grid side at the base size
+    jitter: bool = True  # shift interior windows by up to 1/8 window, drawn from the call's generator
+    blur_sigma: float = 1.0  # G's sigma in tokens; its kernel side is 2 * ceil(scale) - 1 (FreeScale)
+
+    def __post_init__(self):
+        owner = "ScaleFusionConfig"
+        _choice(owner, "global_branch", self.global_branch, ("full", "dilated"))
+        if self.window is not None and self.window < 2:
+            raise ValueError(f"{owner}.window={self.window!r} must be an int >= 2 (tokens) or None")
+        if not (self.blur_sigma > 0 and math.isfinite(self.blur_sigma)):
+            raise ValueError(f"{owner}.blur_sigma={self.blur_sigma!r} must be a finite number > 0")
+
+    def validate_for(self, info) -> None:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,6 +527,7 @@ class StructureGuidanceConfig:
     stages: tuple | None = None
     renoise: Any = None  # fraction of the schedule re-run at each stage, in (0, 1] (DiffuseHigh: 15/50)
     guided_steps: Any = None  # steps at the start of each stage that get the low-band swap (DiffuseHigh: 5)
+    guided_fraction: float = 1 / 3  # where guided_steps is None: this share of each stage's steps (DiffuseHigh: 5 of 15)
     wavelet: str = "db4"
     wavelet_level: int = 1
     sharpen_alpha: float = 1.0  # unsharp mask (1 + a) x - a blur(x) of the upscaled guide; 0: off
@@ -455,8 +536,15 @@ class StructureGuidanceConfig:
     # APG per stage (an APGConfig); None: HiresConfig.apg, which also rules the base generation;
     # APGConfig(enabled=False): plain CFG in that stage
     apg: Any = None
-    space: str = "pixel"  # "pixel": decode/encode round trip (paper; best on the testbed); "latent": no VAE round trip
+    space: str = "pixel"  # where the guide's low band is swapped: "pixel" (a VAE round trip per guided step, the paper) or "latent"
+    # where the previous stage is upscaled: "pixel" (one decode + encode per stage) or "latent"; None: as `space`
+    upscale_space: str | None = None
     upscale: str = "bicubic"
+    # clamp the upscaled (and sharpened) guide to the range of the source pixels around it: no ringing halo
+    anti_ringing: bool = True
+    # stage sizes when `stages` is None: "linear" adds one base side per stage (DiffuseHigh: 1024 -> 2048 -> 3072
+    # -> 4096); "doubling" doubles the side per stage (FreeScale, HiFlow: 1024 -> 2048 -> 4096)
+    ladder: str = "linear"
 
     def __post_init__(self):
         owner = "StructureGuidanceConfig"
@@ -477,8 +565,15 @@ class StructureGuidanceConfig:
                                                                lambda v: isinstance(v, (int, float)) and v >= 0, "a guidance scale >= 0"))
         object.__setattr__(self, "apg", _per_stage(owner, "apg", _apg_entries(owner, self.apg),
                                                     lambda v: isinstance(v, APGConfig), "a hires.APGConfig or None"))
+        _fraction(owner, "guided_fraction", self.guided_fraction, low_open=True)
         _choice(owner, "space", self.space, ("latent", "pixel"))
+        if self.upscale_space is not None:
+            _choice(owner, "upscale_space", self.upscale_space, ("latent", "pixel"))
+            if self.space == "pixel" and self.upscale_space == "latent":
+                raise ValueError(f"{owner}.upscale_space='latent' cannot feed space='pixel' (a pixel guide needs the "
+                                 "upscaled pixels); use upscale_space='pixel' or None, or space='latent'")
         _choice(owner, "upscale", self.upscale, ("bicubic", "bilinear", "lanczos"))
+        _choice(owner, "ladder", self.ladder, ("linear", "doubling"))
         if not (isinstance(self.wavelet_level, int) and self.wavelet_level >= 1):
             raise ValueError(f"{owner}.wavelet_level={self.wavelet_level!r} must be an int >= 1")
         if not (isinstance(self.sharpen_alpha, (int, float)) and self.sharpen_alpha >= 0):
@@ -663,9 +758,52 @@ def _typed(cls: type) -> type:
 
 
 for _cls in (BottleneckConfig, StructureGuidanceConfig, RedilationConfig, EntropyScalingConfig, WindowAttentionConfig,
-             AttentionBackendConfig, APGConfig, PositionConfig, VAETilingConfig, MemoryConfig,
-             SkipResidualConfig, DilatedSamplingConfig):
+             AttentionBackendConfig, APGConfig, PositionConfig, VAETilingConfig, MemoryConfig, RAUNetConfig,
+             ScaleFusionConfig, SkipResidualConfig, DilatedSamplingConfig):
     _SUBCONFIG_TYPES[_cls.__name__] = _typed(_cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowAlignmentConfig:
+    """HiFlow's flow-aligned guidance in structure guidance's upscaled stages, flow-matching families only.
+
+    Each step of such a stage, the predicted velocity v is aligned with the reference flow toward the
+    stage's upscaled clean latent x_ref (v_ref = (x_t - x_ref) / sigma): its low band moves to v_ref's
+    by alpha, then v += beta (v_prev + v_ref - v_ref_prev - v). Both weights decay linearly over the
+    stage's steps, (N - i) / N. Per-stage fields take one value for every stage after the base or a
+    tuple with one per stage; `None` takes HiFlow's (see hires.sampling.flow_alignment).
+    """
+
+    enabled: bool = False
+    alphas: Any = None  # direction alignment per stage; None: 1.0 in the first upscaled stage, 0.25 after
+    betas: Any = None  # acceleration alignment per stage; None: 0.5
+    band: str = "fft"  # "fft": Butterworth low-pass of the 2D FFT; "dwt": the level-1 Haar approximation
+    cutoff: float = 0.2  # Butterworth cutoff, as a fraction of the half-band (HiFlow: 0.2)
+    order: int = 4  # Butterworth order (HiFlow: 4)
+
+    def __post_init__(self):
+        owner = "FlowAlignmentConfig"
+        _choice(owner, "band", self.band, ("fft", "dwt"))
+        object.__setattr__(self, "alphas", _per_stage(owner, "alphas", self.alphas,
+                                                       lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
+                                                       "a weight in [0, 1]"))
+        object.__setattr__(self, "betas", _per_stage(owner, "betas", self.betas,
+                                                      lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
+                                                      "a weight in [0, 1]"))
+        if not 0 < self.cutoff <= 1:
+            raise ValueError(f"{owner}.cutoff={self.cutoff!r} must be in (0, 1] (a fraction of the half-band; HiFlow: 0.2)")
+        if self.order < 1:
+            raise ValueError(f"{owner}.order={self.order!r} must be an int >= 1 (HiFlow: 4)")
+
+    def validate_for(self, info) -> None:
+        if info.prediction_type != "flow":
+            raise ValueError(
+                f"FlowAlignmentConfig aligns a flow-matching model's velocity; family {info.name!r} predicts "
+                f"{info.prediction_type!r}. For {info.name!r} use StructureGuidanceConfig alone"
+            )
+
+
+_SUBCONFIG_TYPES[FlowAlignmentConfig.__name__] = _typed(FlowAlignmentConfig)
 
 
 def validate_size(name: str, value: Any, multiple: int, family_name: str) -> None:

@@ -15,6 +15,46 @@ from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
+class RAUNetFacts:
+    """Where and when RAU-Net (HiDiffusion) acts on a family's UNet, as its official code sets it.
+
+    Step windows are [start, stop) fractions of the schedule (start == stop: that part is off). The
+    `extreme_` windows hold when the smaller side is at least `extreme_scale` times the base side
+    (HiDiffusion: latent >= 256 for SD 1.5/2.1, >= 512 for SDXL), the others below it.
+    """
+
+    downsampler: str  # its conv runs at stride 4, dilation 2, padding 2 instead of stride 2
+    pooled_block: str  # average-pooled 2x (ceil) after its first resnet/attention pair
+    downsampler_steps: tuple[float, float]
+    pooled_steps: tuple[float, float]
+    extreme_downsampler_steps: tuple[float, float]
+    extreme_pooled_steps: tuple[float, float]
+    extreme_scale: float = 4.0
+
+
+# HiDiffusion's sd15_hidiffusion_key (SD 1.5 and 2.1-base): T1 on the first downsampler, T2 on the
+# pooled block; T1/T2 = 0.4/0.0 below 4x the base side, 0.7/0.3 from it on.
+_SD_RAU_NET = RAUNetFacts(
+    downsampler="down_blocks.0.downsamplers.0",
+    pooled_block="down_blocks.1",
+    downsampler_steps=(0.0, 0.4),
+    pooled_steps=(0.0, 0.0),
+    extreme_downsampler_steps=(0.0, 0.7),
+    extreme_pooled_steps=(0.0, 0.3),
+)
+# sdxl_hidiffusion_key: T1 on the pooled block, T2 on its downsampler. Below 4x its "aggressive" mode
+# runs the downsampler for the first 8/50 steps and the pooling from there to T1 = 0.4.
+_SDXL_RAU_NET = RAUNetFacts(
+    downsampler="down_blocks.1.downsamplers.0",
+    pooled_block="down_blocks.1",
+    downsampler_steps=(0.0, 0.16),
+    pooled_steps=(0.16, 0.4),
+    extreme_downsampler_steps=(0.0, 0.3),
+    extreme_pooled_steps=(0.0, 0.7),
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     name: str
     # diffusers pipeline classes (by name) of this family; subclasses are recognised too.
@@ -44,6 +84,8 @@ class Family:
     denoiser_config_match: tuple[tuple[str, Any], ...] = ()
     # RoPE families: which image side each position-id axis counts (None: an axis that is not a side).
     rope_axis_sides: tuple[str | None, ...] = ()
+    # UNets: where and when RAU-Net acts (None: RAU-Net needs explicit modules and steps).
+    rau_net: RAUNetFacts | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +129,7 @@ FAMILIES: tuple[Family, ...] = (
         timestep_input_scale=1.0,
         position_encoding="none",
         pipeline_size_multiple=8,
+        rau_net=_SD_RAU_NET,
         denoiser_config_match=(("use_linear_projection", False),),
     ),
     # SD 2.x UNets use linear projections in their transformer blocks; SD 1.x use 1x1 convs.
@@ -102,6 +145,7 @@ FAMILIES: tuple[Family, ...] = (
         timestep_input_scale=1.0,
         position_encoding="none",
         pipeline_size_multiple=8,
+        rau_net=_SD_RAU_NET,
         denoiser_config_match=(("use_linear_projection", True),),
     ),
     Family(
@@ -121,6 +165,7 @@ FAMILIES: tuple[Family, ...] = (
         timestep_input_scale=1.0,
         position_encoding="none",
         pipeline_size_multiple=8,
+        rau_net=_SDXL_RAU_NET,
     ),
     Family(
         name="pixart",

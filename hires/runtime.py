@@ -45,9 +45,12 @@ _ATTACHMENT_ATTR = "_hires_attachment"
 # Modules declaring the built-in techniques (a `TECHNIQUE` record, or `TECHNIQUES` for several).
 TECHNIQUE_MODULES = (
     "hires.sampling.progressive",
+    "hires.sampling.flow_alignment",
     "hires.sampling.bottleneck",
     "hires.techniques.redilation",
+    "hires.techniques.rau_net",
     "hires.techniques.attention",
+    "hires.techniques.scale_fusion",
     "hires.techniques.apg",
     "hires.techniques.positions",
     "hires.planning",

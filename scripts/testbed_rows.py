@@ -30,6 +30,7 @@ STANDING = [
 
 _ENTROPY = hires.EntropyScalingConfig(enabled=True)
 _WINDOWS = hires.WindowAttentionConfig(enabled=True)
+_FUSION = hires.ScaleFusionConfig(enabled=True)
 _APG = hires.APGConfig(enabled=True)
 _BOTTLENECK = hires.BottleneckConfig(enabled=True)
 _DILATED = hires.DilatedSamplingConfig(enabled=True)
@@ -53,12 +54,17 @@ def _every_family_rows() -> list[Row]:
     return [
         _one("entropy scaling", entropy_scaling=_ENTROPY),
         _one("window attention (shifted)", window_attention=_WINDOWS),
+        _one("scale fusion (FreeScale)", scale_fusion=_FUSION),
+        _one("scale fusion, fast (dilated global branch)", scale_fusion=hires.ScaleFusionConfig(
+            enabled=True, global_branch="dilated")),
         _one("APG", apg=_APG),
         _one("structure guidance (latent)", structure_guidance=_structure("latent")),
         _one("structure guidance (pixel)", structure_guidance=_structure("pixel")),
         _one("bottleneck (10/70/20)", bottleneck=_BOTTLENECK),
         _combo("structure guidance (pixel) + entropy scaling", structure_guidance=_structure("pixel"),
                entropy_scaling=_ENTROPY),
+        _combo("structure guidance (pixel) + scale fusion", structure_guidance=_structure("pixel"),
+               scale_fusion=_FUSION),
         _one("dilated sampling (DemoFusion)", dilated_sampling=_DILATED),
         # the skip residual acts on stages that restart from an upscaled result: FreeScale's restart depth
         _combo("skip residual on structure guidance (latent, renoise 0.7)",
@@ -80,10 +86,13 @@ def unet_rows() -> list[Row]:
         _one("re-dilation + noise-damped guidance", redilation=redil(
             enabled=True, noise_damped_guidance=True, dispersion_modules=())),
         _one("ScaleCrafter preset (every re-dilation switch)", redilation=redil(enabled=True)),
+        _one("RAU-Net (HiDiffusion)", rau_net=hires.RAUNetConfig(enabled=True)),
     ] + _every_family_rows() + [
         _combo("structure guidance (pixel) + re-dilation + noise-damped guidance",
                structure_guidance=_structure("pixel"),
                redilation=redil(enabled=True, noise_damped_guidance=True, dispersion_modules=())),
+        _combo("structure guidance (pixel) + RAU-Net", structure_guidance=_structure("pixel"),
+               rau_net=hires.RAUNetConfig(enabled=True)),
     ]
 
 
@@ -94,9 +103,15 @@ def dit_rows() -> list[Row]:
         _one("positions: YaRN RoPE (default)", positions=pos(enabled=True)),
         _one("positions: NTK RoPE", positions=pos(enabled=True, rope="ntk")),
         _one("positions: interpolation (PI)", positions=pos(enabled=True, rope="interpolation")),
+        _one("positions: DyPE (timestep-dependent YaRN)", positions=pos(enabled=True, timestep_dependent=True)),
     ] + _every_family_rows() + [
         _combo("structure guidance (pixel) + positions (PI)", structure_guidance=_structure("pixel"),
                positions=pos(enabled=True, rope="interpolation")),
+        _combo("structure guidance (pixel) + HiFlow flow alignment", structure_guidance=_structure("pixel"),
+               flow_alignment=hires.FlowAlignmentConfig(enabled=True)),
+        _combo("structure guidance (pixel) + HiFlow flow alignment + DyPE", structure_guidance=_structure("pixel"),
+               flow_alignment=hires.FlowAlignmentConfig(enabled=True),
+               positions=pos(enabled=True, timestep_dependent=True)),
     ]
 
 

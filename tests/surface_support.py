@@ -54,6 +54,10 @@ def technique_options(family: str, technique: str) -> dict:
         return {"structure_guidance": {"enabled": True, "space": "pixel"}}
     if technique == "positions":
         return {"positions": dict(_POSITIONS.get(family, {"enabled": True}))}
+    if technique == "flow_alignment":  # HiFlow's guidance acts in structure guidance's upscaled stages
+        return {"flow_alignment": {"enabled": True}, "structure_guidance": {"enabled": True, "space": "latent"}}
+    if technique == "dype":  # PositionConfig's timestep-dependent RoPE extrapolation
+        return {"positions": {"enabled": True, "timestep_dependent": True}}
     if technique == "vae_tiling":  # 16x16 latent in tiles of 8: four tiles (mode "auto" would not tile at 128 px)
         return {"vae_tiling": {"enabled": True, "mode": "always", "tile_size": 8}}
     if technique == "memory":
@@ -65,6 +69,10 @@ def technique_options(family: str, technique: str) -> dict:
         return {"memory": options}
     if technique == "attention_backend":
         return {"attention_backend": {"enabled": True, "backend": "native"}}
+    if technique == "rau_net" and family == "sdxl":
+        # The tiny SDXL UNet has two levels: its deepest block has no downsampler for SDXL's own
+        # (down_blocks.1.downsamplers.0), so the strided one is the first level's.
+        return {"rau_net": {"enabled": True, "downsampler": "down_blocks.0.downsamplers.0"}}
     if technique == "dilated_sampling_local":  # the local windows (MultiDiffusion) beside the sub-lattices
         return {"dilated_sampling": {"enabled": True, "local_windows": True}}
     if technique == "skip_residual":  # all 3 steps re-run at 128 px, so two steps get blended
@@ -76,14 +84,24 @@ def technique_options(family: str, technique: str) -> dict:
 def techniques_for(family: str) -> list[str]:
     """Every technique that applies to `family` (test_surfaces checks this against validate_for)."""
     names = ["structure_guidance_latent", "structure_guidance_pixel", "bottleneck"]
+    if _family_record(family).prediction_source == "flow":
+        names.append("flow_alignment")
     if family in UNETS:
-        names.append("redilation")
-    names += ["entropy_scaling", "window_attention", "attention_backend", "apg"]
+        names += ["redilation", "rau_net"]
+    names += ["entropy_scaling", "window_attention", "scale_fusion", "attention_backend", "apg"]
     if family in DITS:
         names.append("positions")
+    if _family_record(family).position_encoding == "rope":
+        names.append("dype")
     names += ["skip_residual", "dilated_sampling", "dilated_sampling_local"]
     names += ["vae_tiling", "memory", PRESET]
     return names
+
+
+def _family_record(family: str):
+    from hires.families import FAMILIES
+
+    return next(f for f in FAMILIES if f.name == family)
 
 
 def call_arguments(family: str, technique: str) -> dict:

@@ -183,6 +183,58 @@ def test_stage_plans_follow_diffusehigh_and_explicit_lists():
         (100, 100), (128, 128), (192, 192), (256, 256)]
 
 
+def test_doubling_ladder_doubles_the_side_per_stage():
+    info = hires.model_info(build("sdxl"))  # base 64 px
+    doubling = SG(enabled=True, ladder="doubling")
+    assert progressive.stage_sizes(info, doubling, 256, 256) == [(64, 64), (128, 128), (256, 256)]
+    assert progressive.stage_sizes(info, doubling, 512, 512) == [(64, 64), (128, 128), (256, 256), (512, 512)]
+    assert progressive.stage_sizes(info, doubling, 192, 192) == [(64, 64), (128, 128), (192, 192)]
+    assert progressive.stage_sizes(info, doubling, 128, 128) == [(64, 64), (128, 128)]
+    assert progressive.stage_sizes(info, doubling, 128, 256) == [(48, 88), (96, 176), (128, 256)]
+
+
+def _reference_source_range_clamp(up: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """Loops: each output pixel's centre falls in one source pixel; clamp to that pixel's 3x3 range."""
+    out = up.copy()
+    sh, sw = src.shape[-2:]
+    oh, ow = up.shape[-2:]
+    for i in range(oh):
+        for j in range(ow):
+            si = min(sh - 1, int((i + 0.5) * sh / oh))
+            sj = min(sw - 1, int((j + 0.5) * sw / ow))
+            window = src[:, :, max(0, si - 1):si + 2, max(0, sj - 1):sj + 2]
+            out[:, :, i, j] = np.clip(up[:, :, i, j], window.min(axis=(2, 3)), window.max(axis=(2, 3)))
+    return out
+
+
+def test_anti_ringing_clamp_matches_loops_and_removes_bicubic_overshoot():
+    src = torch.rand(1, 2, 7, 9, generator=torch.Generator().manual_seed(3))
+    up = progressive.unsharp_mask(progressive.resize(src, (21, 27)), 1.0, 1.0)
+    ours = progressive.clamp_to_source_range(up, src)
+    assert np.abs(ours.numpy() - _reference_source_range_clamp(up.numpy(), src.numpy())).max() < 1e-6
+    # A step edge: bicubic plus sharpening ring past both levels; the clamp keeps the edge inside them.
+    edge = torch.zeros(1, 1, 8, 8)
+    edge[..., 4:] = 1.0
+    ringing = progressive.unsharp_mask(progressive.resize(edge, (32, 32)), 1.0, 1.0)
+    assert ringing.max() > 1.05 and ringing.min() < -0.05
+    clamped = progressive.clamp_to_source_range(ringing, edge)
+    assert clamped.max() <= 1.0 and clamped.min() >= 0.0
+    assert torch.all(clamped[..., :, 20:] == 1) and torch.all(clamped[..., :, :12] == 0)  # flat sides stay flat
+    assert torch.equal(clamped[..., :, 14:18], ringing[..., :, 14:18].clamp(0, 1))  # the edge itself keeps its slope
+
+
+@pytest.mark.parametrize("upscale_space,decodes,encodes", [("pixel", 1, 1), ("latent", 0, 0)])
+def test_latent_guidance_upscales_in_pixels_with_one_round_trip_per_stage(upscale_space, decodes, encodes, monkeypatch):
+    calls = {"decode": 0, "encode": 0}
+    stand_in = _InvertibleVAE()
+    monkeypatch.setattr(progressive.VAECodec, "decode", lambda self, z: calls.__setitem__("decode", calls["decode"] + 1) or stand_in.decode(z))
+    monkeypatch.setattr(progressive.VAECodec, "encode", lambda self, x: calls.__setitem__("encode", calls["encode"] + 1) or stand_in.encode(x))
+    pipe = _apply(build("sd15"), guided_steps=2, renoise=0.5, space="latent", upscale_space=upscale_space)
+    _call(pipe, "sd15", 192, steps=6)  # two stages after the base
+    assert calls == {"decode": 2 * decodes, "encode": 2 * encodes}
+    assert [r.guided_steps for r in progressive.last_run(pipe)] == [(), (0, 1), (0, 1)]
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(stages=(128, 96)), "must grow from stage to stage.*128x128 to 96x96"),
     (dict(stages=(56,)), "must grow from stage to stage.*64x64 to 56x56"),
@@ -190,6 +242,8 @@ def test_stage_plans_follow_diffusehigh_and_explicit_lists():
     (dict(stages=((128, 100),)), "100 is not a multiple of 8"),
     (dict(wavelet="sym4"), "wavelet='sym4' is not supported.*db4"),
     (dict(stages=(128,), renoise=(0.3, 0.3, 0.3)), "renoise=.*needs one value per stage after the base: 2"),
+    (dict(space="pixel", upscale_space="latent"), "upscale_space='latent' cannot feed space='pixel'"),
+    (dict(ladder="geometric"), "ladder='geometric' is not valid.*'doubling'"),
 ])
 def test_bad_options_are_clear_errors_at_apply_time(options, message):
     pipe = build("sd15")
@@ -297,10 +351,11 @@ def test_guidance_pulls_the_low_band_toward_the_upscaled_base(family, space, mon
         out = _spatial(pipe, family, _call(pipe, family, 128, steps=10), 128)
         hires.remove(pipe)
         if space == "latent":
-            ours, reference = out, progressive.resize(base, (16, 16))
+            ours, reference = out, progressive.clamp_to_source_range(progressive.resize(base, (16, 16)), base)
         else:
             ours = stand_in.decode(out)
-            reference = progressive.resize(stand_in.decode(base), (128, 128)).clamp(-1, 1)
+            source = stand_in.decode(base)
+            reference = progressive.clamp_to_source_range(progressive.resize(source, (128, 128)), source).clamp(-1, 1)
         low, ref_low = wavelets.low_band(ours), wavelets.low_band(reference)
         distances[guided] = float((low - ref_low).norm() / ref_low.norm())
     assert distances[3] < 0.75 * distances[0], distances
@@ -361,7 +416,7 @@ def test_per_stage_guidance_scale_reaches_each_stage():
     handle = pipe.unet.register_forward_hook(lambda m, a, o: seen.append(attachment.state.guidance_scale))
     _call(pipe, "sd15", 192, steps=4)
     handle.remove()
-    assert seen == [5.0] * 4 + [7.0] + [9.0]
+    assert seen == [5.0] * 4 + [7.0] * 2 + [9.0] * 2  # a 4-step schedule: two steps per later stage
     assert [r.guidance_scale for r in progressive.last_run(pipe)] == [None, 7.0, 9.0]
 
 

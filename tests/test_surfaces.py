@@ -182,6 +182,10 @@ def _assert_ran(result: Result, plain: Result, family: str, technique: str) -> N
     if technique == "positions":
         expected = {"pixart": None, "sd3": "log.positions.timestep_shift", "flux": "log.positions.rope"}[family]
         assert expected is None or notes.get(expected), notes  # PixArt's interpolation scale logs nothing
+    if technique == "dype":
+        assert notes.get("log.positions.dype"), notes
+    if technique == "flow_alignment":
+        assert notes.get("log.flow_alignment.steps"), notes
     if technique == "memory":
         assert notes.get("log.memory_plan"), notes
     if technique == "vae_tiling":

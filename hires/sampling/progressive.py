@@ -45,6 +45,7 @@ from ..config import StructureGuidanceConfig
 from ..registry import Technique
 from ..runtime import get_attachment
 from ..techniques.guidance import ensure_guidance_hook
+from ..techniques.tiled_vae import vae_precision
 from . import schedules, wavelets
 from .stages import Stage, engine_of, last_run_of, pack, tile_batch, unpack
 
@@ -52,7 +53,20 @@ HOOK_NAME = "hires.structure_guidance"
 WAVELET_MODE = "symmetric"  # as the paper's pytorch_wavelets DWTForward(mode="symmetric")
 SHARPEN_KERNEL = 3  # the paper's torchvision GaussianBlur(kernel_size=3)
 DEFAULT_RENOISE = 0.3  # DiffuseHigh: the last 15 of 50 steps
-DEFAULT_GUIDED_FRACTION = 1 / 3  # DiffuseHigh: 5 of those 15 steps
+# Few-step (distilled) models, e.g. SDXL-Turbo / Lightning and Flux-schnell at 1-8 steps: 0.3 of 4
+# steps would leave each stage one step from a barely noised start; half the schedule gives two.
+FEW_STEPS = 8
+FEW_STEP_RENOISE = 0.5
+
+
+def guided_steps_for(stage_steps: int, config: StructureGuidanceConfig) -> int:
+    """Guided steps of a stage of `stage_steps` steps whose `guided_steps` is not given."""
+    return max(1, int(round(stage_steps * config.guided_fraction)))
+
+
+def default_renoise(total_steps: int) -> float:
+    """The re-noised fraction of a stage whose `renoise` is not given, for a schedule of `total_steps`."""
+    return FEW_STEP_RENOISE if total_steps <= FEW_STEPS else DEFAULT_RENOISE
 LANCZOS_TAPS = 3
 _SIZE_CONDITIONING = ("original_size", "target_size")
 
@@ -85,6 +99,21 @@ def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> tor
     else:
         raise ValueError(f"mode={mode!r} is not a resize mode; use 'bicubic', 'bilinear' or 'lanczos'")
     return out.to(x.dtype)
+
+
+def clamp_to_source_range(upscaled: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Clamp each upscaled pixel to the min/max of the 3x3 source pixels around the one it falls in.
+
+    Bicubic / Lanczos resampling and the unsharp mask overshoot at edges (a bright rim on the dark
+    side, a dark one on the bright side); the guide then teaches the model a halo. Inside smooth
+    regions the range is wide and nothing changes."""
+    src = source.float()
+    padded = F.pad(src, (1, 1, 1, 1), mode="replicate")
+    high = F.max_pool2d(padded, 3, stride=1)
+    low = -F.max_pool2d(-padded, 3, stride=1)
+    size = upscaled.shape[-2:]
+    high, low = F.interpolate(high, size=size, mode="nearest-exact"), F.interpolate(low, size=size, mode="nearest-exact")
+    return torch.minimum(torch.maximum(upscaled.float(), low), high).to(upscaled.dtype)
 
 
 def gaussian_kernel(sigma: float, size: int = SHARPEN_KERNEL) -> torch.Tensor:
@@ -148,9 +177,13 @@ def stage_sizes(info, config: StructureGuidanceConfig, height: int, width: int,
         return [(height, width)]  # at or below the base area (or no side grows): a plain call
     if config.stages is not None:
         middle = [_explicit_stage(e, base, m) for e in config.stages]
-    else:  # DiffuseHigh's ladder: 2x, then one base side more per stage (1024 -> 2048 -> 3072 -> 4096)
+    else:
         factor = max(height / base[0], width / base[1])
-        ladder = [(base[0] * k, base[1] * k) for k in range(2, math.ceil(factor - 1e-9))]
+        if config.ladder == "doubling":  # 2x per side per stage (1024 -> 2048 -> 4096)
+            factors = [2**k for k in range(1, math.ceil(math.log2(factor) - 1e-9))]
+        else:  # DiffuseHigh's: 2x, then one base side more per stage (1024 -> 2048 -> 3072 -> 4096)
+            factors = list(range(2, math.ceil(factor - 1e-9)))
+        ladder = [(base[0] * k, base[1] * k) for k in factors]
         # rounding can put a rung past one side of the request: such a rung would not grow into it
         middle = [s for s in ladder if _grows(s, (height, width))]
     sizes = [base] + middle
@@ -222,7 +255,7 @@ class StageRecord:
 class _Guide:
     """Structure guidance's own part of a stage (`Stage.data`)."""
 
-    renoise: float | None = None  # None: the base stage (full schedule, no guidance)
+    renoise: float | None = None  # None: default_renoise of the call's schedule (the base stage has no schedule hook)
     guided_steps: int | None = None
     guidance_scale: float | None = None
     guide: torch.Tensor | None = None  # low band of the guide (latent or pixel space)
@@ -276,7 +309,7 @@ class StructureGuidance:
             plan.append(Stage(*sizes[0], owner=TECHNIQUE_NAME, generator=generator, call_arguments=dict(conditioning),
                               data=_Guide()))
         for i, (h, w) in enumerate(sizes[1:]):
-            guide = _Guide(renoise=renoise[i] if renoise[i] is not None else DEFAULT_RENOISE, guided_steps=guided[i],
+            guide = _Guide(renoise=renoise[i], guided_steps=guided[i],
                            guidance_scale=scales[i])
             call_arguments = dict(conditioning)
             if scales[i] is not None:
@@ -295,15 +328,17 @@ class StructureGuidance:
         guide.sharpen_sigma = _draw_uniform(stage.generator, *config.sharpen_sigma) if config.sharpen_alpha else None
         sigma = guide.sharpen_sigma
 
-        def sharpen(x):
-            return unsharp_mask(x, config.sharpen_alpha, sigma) if sigma else x
+        def upscale(x, size):
+            up = resize(x, size, config.upscale)
+            up = unsharp_mask(up, config.sharpen_alpha, sigma) if sigma else up
+            return clamp_to_source_range(up, x) if config.anti_ringing else up
 
-        if config.space == "latent" and previous is not None:
-            z = sharpen(resize(previous.result.float(), latent_size, config.upscale))
+        if (config.upscale_space or config.space) == "latent" and previous is not None:
+            z = upscale(previous.result.float(), latent_size)
             guide.guide = self._low(z)
             return z
         pixels = guide.origin if previous is None else self.vae.decode(previous.result)
-        image = sharpen(resize(pixels.float(), (stage.height, stage.width), config.upscale)).clamp(-1, 1)
+        image = upscale(pixels.float(), (stage.height, stage.width)).clamp(-1, 1)
         x0 = self.vae.encode(image).float()
         guide.guide = self._low(image if config.space == "pixel" else x0)
         return x0
@@ -318,9 +353,11 @@ class StructureGuidance:
             kwargs = {**kwargs, "mu": min(kwargs["mu"], schedules.scheduler_shift_mu(scheduler.config, self.info.base_tokens))}
         set_timesteps(*args, **kwargs)
         total = len(scheduler.timesteps)
+        if guide.renoise is None:
+            guide.renoise = default_renoise(total)
         steps = schedules.stage_steps(total, guide.renoise)
         if guide.guided_steps is None:
-            guide.guided_steps = max(1, int(round(steps * DEFAULT_GUIDED_FRACTION)))
+            guide.guided_steps = guided_steps_for(steps, self.config)
         if guide.guided_steps > steps:
             raise ValueError(f"StructureGuidanceConfig.guided_steps={guide.guided_steps} exceeds the {steps} steps of the "
                              f"{stage.height}x{stage.width} stage (renoise {guide.renoise} of {total}); lower it or raise "
@@ -378,12 +415,14 @@ class VAECodec:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         scale, shift = self._factors()
-        return vae.decode((z / scale + shift).to(vae.dtype), return_dict=False)[0].float()
+        with vae_precision(vae) as dtype:
+            return vae.decode((z / scale + shift).to(dtype), return_dict=False)[0].float()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         scale, shift = self._factors()
-        return (vae.encode(image.to(vae.dtype)).latent_dist.mode().float() - shift) * scale
+        with vae_precision(vae) as dtype:
+            return (vae.encode(image.to(dtype)).latent_dist.mode().float() - shift) * scale
 
 
 def info_batched(info) -> bool:

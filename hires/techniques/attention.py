@@ -36,6 +36,8 @@ stride-2 convs); T is the same layer's count on the base-size grid.
   attention the text tokens stay global: every window also sees all text keys and text queries see
   every key. Works for UNet self-attention and the DiTs (PixArt self-attention, SD3/Flux joint
   attention, where the token order of the processor is listed in `PROCESSOR_FACTS`).
+- Scale fusion (hires.techniques.scale_fusion) plans its fused global/local call per layer through the
+  wrapper's `fusion` setting; the layer's SDPA call is replaced by it, the entropy factor included.
 """
 
 from __future__ import annotations
@@ -192,6 +194,8 @@ class _Rewrite:
     keys: int  # key count of the SDPA call to rewrite (others in the processor are left alone)
     factor: float = 1.0
     windows: tuple[tuple[int, int], tuple[int, int], tuple[int, int], int] | None = None  # grid, window, offset, image_start
+    # scale fusion (hires.techniques.scale_fusion): the layer's fused attention, called as attend(q, k, v, scale=...)
+    fusion: Callable | None = None
 
 
 def _sdpa_arguments(args, kwargs):
@@ -221,13 +225,17 @@ class _RewriteSDPA(TorchFunctionMode):
         query = call.pop("query")
         base = call.pop("scale", None)
         scale = (base if base is not None else query.shape[-1] ** -0.5) * self.rewrite.factor
-        if self.rewrite.windows is None:
+        if self.rewrite.windows is None and self.rewrite.fusion is None:
             return func(query, call.pop("key"), call.pop("value"), scale=scale, **call)
         if call.get("attn_mask") is not None or call.get("is_causal") or call.get("enable_gqa"):
             raise ValueError(
-                f"window attention on layer {self.layer!r}: its attention call has a mask, is causal or uses "
-                "grouped-query attention, which windows cannot honour; turn WindowAttentionConfig off for this model"
+                f"window attention / scale fusion on layer {self.layer!r}: its attention call has a mask, is causal "
+                "or uses grouped-query attention, which windows cannot honour; turn WindowAttentionConfig and "
+                "ScaleFusionConfig off for this model"
             )
+        if self.rewrite.fusion is not None:
+            return self.rewrite.fusion(query, call["key"], call["value"], scale=scale,
+                                       dropout_p=call.get("dropout_p", 0.0))
         grid, window, offset, image_start = self.rewrite.windows
         return windowed_attention(query, call["key"], call["value"], grid, window, offset, image_start,
                                   scale=scale, dropout_p=call.get("dropout_p", 0.0))
@@ -299,12 +307,13 @@ class HiresAttnProcessor:
     _forwarded = ("_attention_backend", "_parallel_config")
 
     def __init__(self, inner, layer: str, attachment, entropy: EntropyScalingConfig | None = None,
-                 window: WindowAttentionConfig | None = None):
+                 window: WindowAttentionConfig | None = None, fusion=None):
         object.__setattr__(self, "inner", inner)
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "attachment", attachment)
         object.__setattr__(self, "entropy", entropy)
         object.__setattr__(self, "window", window)
+        object.__setattr__(self, "fusion", fusion)  # a hires.techniques.scale_fusion.ScaleFusion
         object.__setattr__(self, "facts", _processor_facts(inner))
 
     # diffusers' set_attention_backend sets these on processors: they belong to the wrapped one.
@@ -320,7 +329,7 @@ class HiresAttnProcessor:
             object.__setattr__(self, name, value)
 
     def with_settings(self, **settings) -> "HiresAttnProcessor":
-        current = {"entropy": self.entropy, "window": self.window}
+        current = {"entropy": self.entropy, "window": self.window, "fusion": self.fusion}
         current.update(settings)
         return type(self)(self.inner, self.layer, self.attachment, **current)
 
@@ -341,7 +350,7 @@ class HiresAttnProcessor:
                 for module in query_modules:
                     stack.callback(module.register_forward_hook(_scale_output(rewrite.factor)).remove)
                 rewrite = dataclasses.replace(rewrite, factor=1.0)
-            if rewrite.factor != 1.0 or rewrite.windows is not None:
+            if rewrite.factor != 1.0 or rewrite.windows is not None or rewrite.fusion is not None:
                 mode = stack.enter_context(_RewriteSDPA(rewrite, self.layer))
             out = self.inner(attn, *args, **kwargs)
         if mode is not None and not mode.applied:
@@ -390,6 +399,16 @@ class HiresAttnProcessor:
                 state.log.setdefault(LOG_WINDOWS, {})[self.layer] = {
                     "grid": call.grid, "window": largest, "windows": counts[0] * counts[1], "offset": offset}
 
+        fusion = None
+        if self.fusion is not None:
+            fusion = self.fusion.plan(call, state, self.layer)
+            if fusion is not None and call.image_start is None:
+                raise ValueError(
+                    f"scale fusion on layer {self.layer!r}: hires does not know where processor "
+                    f"{type(self.inner).__name__} puts image tokens among text tokens; known processors: "
+                    f"{', '.join(PROCESSOR_FACTS)}"
+                )
+
         factor = 1.0
         if self.entropy is not None:
             text = call.text_tokens if self.entropy.text_tokens == "include" else 0
@@ -397,9 +416,9 @@ class HiresAttnProcessor:
             factor = entropy_factor(keys, base_keys)
             state.log.setdefault(LOG_FACTORS, {})[self.layer] = factor
             state.log.setdefault(LOG_KEYS, {})[self.layer] = (keys, base_keys)
-        if factor == 1.0 and windows is None:
+        if factor == 1.0 and windows is None and fusion is None:
             return None
-        return _Rewrite(keys=call.keys, factor=factor, windows=windows)
+        return _Rewrite(keys=call.keys, factor=factor, windows=windows, fusion=fusion)
 
 
 _WRAPPER_CLASSES: dict[type, type] = {}
@@ -418,7 +437,8 @@ def _wrapper_class(inner_cls: type) -> type:
     return cls
 
 
-def _install(attachment, **settings) -> None:
+def install_attention_processors(attachment, **settings) -> None:
+    """Wrap every attention processor of the denoiser (or update hires' wrappers) with `settings`."""
     model = attachment.denoiser
     processors = {}
     for key, processor in model.attn_processors.items():
@@ -432,12 +452,12 @@ def _install(attachment, **settings) -> None:
 
 def install_entropy_scaling(attachment, config: EntropyScalingConfig) -> None:
     """Scale the softmax temperature of the denoiser's attention layers by sqrt(ln N / ln T)."""
-    _install(attachment, entropy=config)
+    install_attention_processors(attachment, entropy=config)
 
 
 def install_window_attention(attachment, config: WindowAttentionConfig) -> None:
     """Run image self-attention in (shifted) windows of the base-size token grid."""
-    _install(attachment, window=config)
+    install_attention_processors(attachment, window=config)
 
 
 # -- attention backend -----------------------------------------------------------------------

@@ -27,6 +27,17 @@ Each family encodes positions differently (shared/references/dit_positions.md):
   frequency: the fastest turns 10.2 times over 64 positions). The rotary tables are computed once
   per call and reused every step. EntropyScalingConfig also sharpens attention; with both, the two
   factors multiply.
+- DyPE (`timestep_dependent=True`, RoPE families): the extrapolation follows the noise level sigma of
+  each step, kappa = sigma^2, as guyyariv/DyPE's Flux code does. "yarn" is then DyPE's vision YaRN:
+  the PI frequencies ramp to the NTK ones between `yarn_beta_fast` and `yarn_beta_slow` rotations,
+  then toward the original ones between 16 and 2 rotations (the ramp ends found as dimension indices,
+  floored and ceiled, over the base grid), every rotation count multiplied by kappa; mscale as above.
+  At sigma = 1 this is DyPE's static YaRN, and as sigma -> 0 every frequency returns to the model's
+  own. "ntk" multiplies theta by (s^(d/(d-2)))^(2 kappa), at least 1. sigma is the scheduler's
+  sigma of the step the denoiser is called at (its timestep / num_train_timesteps), so the tables are
+  rebuilt each step. Only RoPE families, which are all flow-matching, take it: SD3's learned table and
+  PixArt's sin-cos table have no frequencies to ramp, and asking for it there is an error. DyPE caps
+  the flow shift at the base size's mu, which is this technique's default `timestep_shift="clamp"`.
 - Flow families' timestep shift (`timestep_shift`): "dynamic" keeps diffusers' mu, linear in the
   token count and unbounded (at 4096 px Flux sits at sigma > 0.9 for all but the last step);
   "clamp" (default) caps mu at its value for the base size's token count, as DyPE does; "static"
@@ -54,13 +65,14 @@ from diffusers.models.embeddings import PatchEmbed, get_1d_rotary_pos_embed
 
 from ..config import PositionConfig
 from ..registry import Technique
-from ..sampling.schedules import mu_for_shift, scheduler_shift_mu
+from ..sampling.schedules import flow_sigma, mu_for_shift, scheduler_shift_mu
 
 HOOK = "hires.positions"
 
 # Family defaults of PositionConfig's `None` fields (documented in the module docstring).
 DEFAULTS = {
     "rope": "yarn",
+    "timestep_dependent": False,
     "yarn_beta_fast": 1.25,
     "yarn_beta_slow": 0.75,
     "table": "interpolate",
@@ -71,8 +83,10 @@ DEFAULTS = {
 _ENCODING_OPTIONS = {
     "sincos_interpolated": ("interpolation_scale",),
     "sincos_cropped_table": ("table",),
-    "rope": ("rope", "yarn_beta_fast", "yarn_beta_slow"),
+    "rope": ("rope", "yarn_beta_fast", "yarn_beta_slow", "timestep_dependent"),
 }
+# DyPE's second YaRN ramp (toward the original frequencies), in rotations over the base grid.
+DYPE_GAMMA_FAST, DYPE_GAMMA_SLOW = 16.0, 2.0
 _FLOW_OPTIONS = ("timestep_shift", "shift")
 
 
@@ -177,6 +191,70 @@ def yarn_attention_factor(scale: float) -> float:
     return 0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0
 
 
+def noise_kappa(sigma: float) -> float:
+    """DyPE's extrapolation strength at noise level sigma: kappa = sigma^2 (1 at pure noise, 0 when clean)."""
+    return float(sigma) ** 2
+
+
+def correction_index(rotations: float, dim: int, theta: float, base_length: int) -> float:
+    """The (fractional) index k of the RoPE frequency theta^(-2k/dim) that turns `rotations` times over
+    `base_length` positions: dim ln(L / (2 pi r)) / (2 ln theta); infinite for r <= 0."""
+    if rotations <= 0:
+        return math.inf
+    return dim * math.log(base_length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+
+def correction_range(fast: float, slow: float, dim: int, theta: float, base_length: int) -> tuple[float, float]:
+    """Indices where a YaRN ramp from `fast` down to `slow` rotations starts (floored) and ends (ceiled),
+    clamped to the dim/2 frequencies. DyPE's code clamps only the end there, so at kappa below ~1e-3
+    (sigma < 0.03 for Flux, below any step of its schedules) its start passes the end and the ramp
+    inverts; clamping both keeps the limit DyPE describes: every frequency back to the original."""
+    half = dim // 2
+    start, end = correction_index(fast, dim, theta, base_length), correction_index(slow, dim, theta, base_length)
+    start = min(max(math.floor(start), 0), half) if math.isfinite(start) else half
+    end = min(math.ceil(end), dim - 1, half) if math.isfinite(end) else min(dim - 1, half)
+    return float(start), float(end)
+
+
+def index_ramp(low: float, high: float, count: int) -> torch.Tensor:
+    """0 up to index `low`, 1 from `high` on, linear between (a zero-width ramp gets width 0.001)."""
+    if high == low:
+        high = low + 0.001
+    return ((torch.arange(count, dtype=torch.float64) - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def dype_yarn_frequencies(dim: int, theta: float, scale: float, base_length: int, kappa: float,
+                          beta_fast: float, beta_slow: float,
+                          gamma_fast: float = DYPE_GAMMA_FAST, gamma_slow: float = DYPE_GAMMA_SLOW) -> torch.Tensor:
+    """DyPE's vision YaRN: PI -> NTK over the beta ramp, then -> the original frequencies over the gamma
+    ramp, every ramp end (in rotations) multiplied by kappa."""
+    original = rope_frequencies(dim, theta)
+    interpolated = original / scale
+    ntk = rope_frequencies(dim, ntk_base(theta, scale, dim))
+    half = dim // 2
+    to_ntk = 1 - index_ramp(*correction_range(beta_fast * kappa, beta_slow * kappa, dim, theta, base_length), half)
+    freqs = interpolated * (1 - to_ntk) + ntk * to_ntk
+    to_original = 1 - index_ramp(*correction_range(gamma_fast * kappa, gamma_slow * kappa, dim, theta, base_length), half)
+    return freqs * (1 - to_original) + original * to_original
+
+
+def dype_ntk_factor(scale: float, dim: int, kappa: float) -> float:
+    """DyPE's NTK: theta is multiplied by (s^(d/(d-2)))^(2 kappa), never below 1."""
+    base = scale ** (dim / (dim - 2)) if dim > 2 else 1.0
+    return max(1.0, base ** (2.0 * kappa))
+
+
+def dype_axis_frequencies(method: str, dim: int, theta: float, scale: float, base_length: int, kappa: float,
+                          beta_fast: float, beta_slow: float) -> tuple[torch.Tensor, float]:
+    """(frequencies, cos/sin multiplier) of one RoPE axis under DyPE at strength `kappa`."""
+    if method == "yarn":
+        return (dype_yarn_frequencies(dim, theta, scale, base_length, kappa, beta_fast, beta_slow),
+                yarn_attention_factor(scale))
+    if method == "ntk":
+        return rope_frequencies(dim, theta * dype_ntk_factor(scale, dim, kappa)), 1.0
+    raise ValueError(f"timestep-dependent rope method={method!r}; use 'yarn' or 'ntk'")
+
+
 def axis_frequencies(method: str, dim: int, theta: float, scale: float, base_length: int,
                      beta_fast: float, beta_slow: float) -> tuple[torch.Tensor, float]:
     """(frequencies, cos/sin multiplier) of one RoPE axis whose extent grew by `scale`."""
@@ -217,6 +295,7 @@ class ResolvedPositions:
     interpolation_scale: float | None  # None: the model's own
     timestep_shift: str | None
     shift: float | None
+    timestep_dependent: bool = False
 
 
 def resolve(config: PositionConfig, info) -> ResolvedPositions:
@@ -244,7 +323,14 @@ def resolve(config: PositionConfig, info) -> ResolvedPositions:
         rope=pick("rope"), yarn_beta_fast=pick("yarn_beta_fast"), yarn_beta_slow=pick("yarn_beta_slow"),
         table=pick("table"), interpolation_scale=pick("interpolation_scale"),
         timestep_shift=pick("timestep_shift") if config.shift is None else "static", shift=pick("shift"),
+        timestep_dependent=bool(pick("timestep_dependent")),
     )
+    if resolved.timestep_dependent and resolved.rope not in ("yarn", "ntk"):
+        raise ValueError(f"PositionConfig.timestep_dependent=True (DyPE) needs rope='yarn' or 'ntk', got "
+                         f"rope={resolved.rope!r}")
+    if resolved.timestep_dependent and info.prediction_type != "flow":
+        raise ValueError(f"PositionConfig.timestep_dependent=True (DyPE) follows a flow-matching model's sigma; family "
+                         f"{info.name!r} predicts {info.prediction_type!r}")
     if resolved.rope is not None and resolved.rope != "yarn" and (config.yarn_beta_fast, config.yarn_beta_slow) != (None, None):
         raise ValueError(f"PositionConfig.yarn_beta_fast/yarn_beta_slow=({config.yarn_beta_fast}, {config.yarn_beta_slow}) "
                          f"set with rope={resolved.rope!r}; the ramp ends act only with rope='yarn'")
@@ -406,9 +492,10 @@ class _RopeHook(ModelHook):
         scales = self.axis_scales(state) if state is not None else []
         if not any(scales):
             return self.fn_ref.original_forward(ids, *args, **kwargs)
-        # every step of a call passes the same ids: compute once per call
+        # every step of a call passes the same ids: compute once per call (DyPE: once per noise level)
+        kappa = self.step_kappa(state) if self.settings.timestep_dependent else None
         cached = state.slot(_PositionsCall).rope
-        if cached is not None and cached[0].shape == ids.shape and torch.equal(cached[0], ids):
+        if cached is not None and cached[0].shape == ids.shape and cached[2] == kappa and torch.equal(cached[0], ids):
             return cached[1]
         positions = ids.float()
         freqs_dtype = torch.float32 if ids.device.type in ("mps", "npu") else torch.float64
@@ -420,16 +507,31 @@ class _RopeHook(ModelHook):
                                                    repeat_interleave_real=True, use_real=True, freqs_dtype=freqs_dtype)
             else:
                 side = self.axis_sides[axis]
-                freqs, mscale = axis_frequencies(self.settings.rope, dim, module.theta, scale, self.base_lengths[side],
-                                                 self.settings.yarn_beta_fast, self.settings.yarn_beta_slow)
+                if kappa is None:
+                    freqs, mscale = axis_frequencies(self.settings.rope, dim, module.theta, scale, self.base_lengths[side],
+                                                     self.settings.yarn_beta_fast, self.settings.yarn_beta_slow)
+                else:
+                    freqs, mscale = dype_axis_frequencies(self.settings.rope, dim, module.theta, scale,
+                                                          self.base_lengths[side], kappa,
+                                                          self.settings.yarn_beta_fast, self.settings.yarn_beta_slow)
                 cos, sin = rotary_cos_sin(positions[:, axis], freqs.to(freqs_dtype), mscale)
                 used.append((axis, scale, mscale))
             cos_parts.append(cos)
             sin_parts.append(sin)
         state.log["log.positions.rope"] = (self.settings.rope, tuple(used))
+        if kappa is not None:
+            state.log.setdefault("log.positions.dype", []).append((state.step_index, kappa))
         result = torch.cat(cos_parts, dim=-1).to(ids.device), torch.cat(sin_parts, dim=-1).to(ids.device)
-        state.slot(_PositionsCall).rope = (ids.clone(), result)
+        state.slot(_PositionsCall).rope = (ids.clone(), result, kappa)
         return result
+
+    def step_kappa(self, state) -> float:
+        """kappa = sigma^2 of the step the denoiser runs (the call-state hook, outermost, set the index)."""
+        if not state.num_steps:
+            raise RuntimeError("PositionConfig.timestep_dependent=True (DyPE) needs the call's schedule, but the "
+                               "scheduler had no timesteps when the denoising loop started")
+        timestep = state.timesteps[min(max(state.step_index, 0), state.num_steps - 1)]
+        return noise_kappa(float(flow_sigma(self.attachment.pipe.scheduler, timestep)))
 
 
 class _TimestepShiftHook(ModelHook):

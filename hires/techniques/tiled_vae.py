@@ -44,6 +44,26 @@ HOOK_NAME = "hires.tiled_vae"
 DEFAULT_TILE_LATENT = 64  # tile core side in latent pixels (512 px for a factor-8 VAE)
 
 
+def needs_upcast(vae) -> bool:
+    """True where the VAE asks to run in float32 (`config.force_upcast`) but sits in float16: the
+    stock SDXL VAE overflows to NaN in float16, which is why diffusers' pipelines upcast it."""
+    return bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
+
+
+@contextlib.contextmanager
+def vae_precision(vae):
+    """Run the VAE in float32 inside the block where `needs_upcast(vae)`, as diffusers' pipelines do
+    around their decode, and put it back in float16 after (exact: float16 values survive float32)."""
+    if not needs_upcast(vae):
+        yield vae.dtype
+        return
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(torch.float16)
+
+
 # -- units and segments ----------------------------------------------------------------------------
 @dataclasses.dataclass
 class Unit:
@@ -396,14 +416,16 @@ class TiledVAEHook(ModelHook):
             choice = hook.should_tile("decode", tuple(z.shape), z.dtype)
             if choice is None:
                 return original_decode(z, return_dict=return_dict)
-            sample = tiled_decode(module, z, choice[0], choice[1], hook.halo)
+            with vae_precision(module) as dtype:
+                sample = tiled_decode(module, z.to(dtype), choice[0], choice[1], hook.halo).to(z.dtype)
             return DecoderOutput(sample=sample) if return_dict else (sample,)
 
         def _encode(x):
             choice = hook.should_tile("encode", tuple(x.shape), x.dtype)
             if choice is None:
                 return original_encode(x)
-            return tiled_encode(module, x, choice[0], choice[1], hook.halo)
+            with vae_precision(module) as dtype:
+                return tiled_encode(module, x.to(dtype), choice[0], choice[1], hook.halo).to(x.dtype)
 
         self._shadows = [self.attachment.shadow(module, name, fn) for name, fn in (("_decode", _decode), ("_encode", _encode))]
         return module
