@@ -49,6 +49,8 @@ class HiresConfig:
     structure_guidance: StructureGuidanceConfig = dataclasses.field(default_factory=lambda: StructureGuidanceConfig())
     flow_alignment: FlowAlignmentConfig = dataclasses.field(default_factory=lambda: FlowAlignmentConfig())
     bottleneck: BottleneckConfig = dataclasses.field(default_factory=lambda: BottleneckConfig())
+    skip_residual: SkipResidualConfig = dataclasses.field(default_factory=lambda: SkipResidualConfig())
+    dilated_sampling: DilatedSamplingConfig = dataclasses.field(default_factory=lambda: DilatedSamplingConfig())
     redilation: RedilationConfig = dataclasses.field(default_factory=lambda: RedilationConfig())
     entropy_scaling: EntropyScalingConfig = dataclasses.field(default_factory=lambda: EntropyScalingConfig())
     window_attention: WindowAttentionConfig = dataclasses.field(default_factory=lambda: WindowAttentionConfig())
@@ -638,6 +640,72 @@ class BottleneckConfig:
         return None
 
 
+def _positive_number(owner: str, name: str, value: Any, allow_zero: bool = False) -> None:
+    if not (value > 0 or (allow_zero and value == 0)):
+        raise ValueError(f"{owner}.{name}={value!r} must be a number {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipResidualConfig:
+    """DemoFusion's skip residual: each step of an upscaled stage blended toward its noised start.
+
+    In each stage that starts from an upscaled previous result, every step's latent is blended toward
+    that result noised to the step's timestep (one noise draw per stage).
+
+    z = (1 - c1) z + c1 noised_upscaled(t), c1 = cosf(t) ** exponent (hires.sampling.skip_residual).
+    It acts on the stages of structure guidance (or bottleneck's upscaling stage), which must be on.
+    """
+
+    enabled: bool = False
+    exponent: float = 3.0  # DemoFusion's cosine_scale_1; FreeScale uses 2.0
+
+    def __post_init__(self):
+        _positive_number("SkipResidualConfig", "exponent", self.exponent)
+
+    def validate_for(self, info) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class DilatedSamplingConfig:
+    """DemoFusion's dilated sampling: interleaved sub-lattices denoised at the base size, fused in.
+
+    Above the base size, the latent's s_h x s_w interleaved sub-lattices (stride = scale per side,
+    rounded) are denoised as base-size latents in one batched call, from a Gaussian-blurred copy, and
+    blended into the full-size prediction with weight cosf(t) ** fusion_exponent; with local_windows
+    that prediction is MultiDiffusion's mean over overlapping base-size windows
+    (hires.techniques.dilated_sampling).
+    """
+
+    enabled: bool = False
+    fusion_exponent: float = 1.0  # DemoFusion's cosine_scale_2: weight of the dilated prediction
+    sigma: float = 1.0  # blur sigma at pure noise (DemoFusion's code default; its demos use 0.8); 0: no blur
+    blur_exponent: float = 1.0  # DemoFusion's cosine_scale_3: sigma * (0.99 cosf ** blur_exponent + 0.01)
+    max_batch: int | None = None  # sub-lattices per denoiser call (DemoFusion's view_batch_size); None: all
+    # MultiDiffusion local paths: the full-size prediction replaced by the mean over overlapping base-size
+    # windows (stride window_stride x window, jittered from the call's generator), batched like the sub-lattices
+    local_windows: bool = False
+    window_stride: float = 0.5  # DemoFusion: stride 64 of a 128 latent window
+
+    def __post_init__(self):
+        owner = "DilatedSamplingConfig"
+        _positive_number(owner, "fusion_exponent", self.fusion_exponent)
+        _positive_number(owner, "sigma", self.sigma, allow_zero=True)
+        _positive_number(owner, "blur_exponent", self.blur_exponent)
+        if not 0 < self.window_stride <= 1:
+            raise ValueError(f"{owner}.window_stride={self.window_stride!r} must be a fraction of the window in (0, 1]")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"{owner}.max_batch={self.max_batch!r} must be a whole number >= 1, or None for one call")
+
+    def validate_for(self, info) -> None:
+        family = info.family
+        if family.latent_layout not in ("spatial", "packed") or (family.latent_layout == "packed"
+                                                                 and "height" not in family.rope_axis_sides):
+            raise ValueError(f"DilatedSamplingConfig: {info.name} latents ({family.latent_layout!r} layout) cannot be "
+                             "split into sub-lattices: it needs a spatial latent, or packed tokens whose position ids "
+                             "name their height and width axes (Family.rope_axis_sides); disable dilated_sampling")
+
+
 def _describe(annotation: str) -> str:
     words = {"bool": "True or False (a JSON boolean)", "int": "an integer", "float": "a number", "str": "a string",
              "None": "None (null)", "tuple[float, float]": "a pair of numbers (low, high)",
@@ -694,7 +762,7 @@ def _typed(cls: type) -> type:
 
 for _cls in (BottleneckConfig, StructureGuidanceConfig, RedilationConfig, EntropyScalingConfig, WindowAttentionConfig,
              AttentionBackendConfig, APGConfig, PositionConfig, VAETilingConfig, MemoryConfig, RAUNetConfig,
-             ScaleFusionConfig):
+             ScaleFusionConfig, SkipResidualConfig, DilatedSamplingConfig):
     _SUBCONFIG_TYPES[_cls.__name__] = _typed(_cls)
 
 

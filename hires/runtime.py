@@ -54,6 +54,8 @@ TECHNIQUE_MODULES = (
     "hires.techniques.apg",
     "hires.techniques.positions",
     "hires.planning",
+    "hires.sampling.skip_residual",
+    "hires.techniques.dilated_sampling",
 )
 # Values of the pipeline's __call__ that techniques read, as the pipeline resolved them.
 _CALL_LOCALS = ("generator", "guidance_scale", "true_cfg_scale", "do_true_cfg", "num_inference_steps")

@@ -76,6 +76,11 @@ def technique_options(family: str, technique: str) -> dict:
         # The tiny SDXL UNet has two levels: its deepest block has no downsampler for SDXL's own
         # (down_blocks.1.downsamplers.0), so the strided one is the first level's.
         return {"rau_net": {"enabled": True, "downsampler": "down_blocks.0.downsamplers.0"}}
+    if technique == "dilated_sampling_local":  # the local windows (MultiDiffusion) beside the sub-lattices
+        return {"dilated_sampling": {"enabled": True, "local_windows": True}}
+    if technique == "skip_residual":  # all 3 steps re-run at 128 px, so two steps get blended
+        return {"skip_residual": {"enabled": True},
+                "structure_guidance": {"enabled": True, "space": "latent", "renoise": 1.0}}
     return {technique: {"enabled": True}}
 
 
@@ -91,6 +96,7 @@ def techniques_for(family: str) -> list[str]:
         names.append("positions")
     if _family_record(family).position_encoding == "rope":
         names.append("dype")
+    names += ["skip_residual", "dilated_sampling", "dilated_sampling_local"]
     names += ["vae_tiling", "memory", "memory_staged", PRESET]
     return names
 

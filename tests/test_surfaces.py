@@ -194,6 +194,12 @@ def _assert_ran(result: Result, plain: Result, family: str, technique: str) -> N
         assert result.structure_stages is not None and len(result.structure_stages) > 1
     if technique == "vae_tiling":
         assert result.tiled_decodes >= 1, "the tiled VAE decode never ran"
+    if technique == "skip_residual":
+        assert any(w > 0.01 for w in notes.get("log.skip_residual.weights", ())), notes
+    if technique.startswith("dilated_sampling"):
+        assert notes.get("log.dilated_sampling", {}).get("strides") == (2, 2), notes
+    if technique == "dilated_sampling_local":
+        assert len(notes["log.dilated_sampling"].get("windows", ())) == STEPS, notes
 
     exact_by_design = ("vae_tiling", "memory", "attention_backend")
     if technique in exact_by_design:  # equal to the untiled / unchunked / default computation up to rounding
