@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 _READY_PIPELINES = (
     "HiresFluxPipeline",
     "HiresPixArtSigmaPipeline",
+    "HiresQwenImagePipeline",
     "HiresStableDiffusion3Pipeline",
     "HiresStableDiffusionPipeline",
     "HiresStableDiffusionXLPipeline",
@@ -72,6 +73,7 @@ __all__ = [
     "HiresConfig",
     "HiresFluxPipeline",
     "HiresPixArtSigmaPipeline",
+    "HiresQwenImagePipeline",
     "HiresStableDiffusion3Pipeline",
     "HiresStableDiffusionPipeline",
     "HiresStableDiffusionXLPipeline",

@@ -370,7 +370,9 @@ class VAETilingConfig:
                 raise ValueError(f"{owner}.{name}={value!r} must be a {'positive' if name == 'tile_size' else 'non-negative'} int (latent pixels) or None")
 
     def validate_for(self, info) -> None:
-        return None
+        reason = info.family.vae_untileable
+        if reason:
+            raise ValueError(f"VAETilingConfig(enabled=True) does not apply to family {info.name!r}: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,7 +392,10 @@ class MemoryConfig:
             raise ValueError(f"{owner}.feed_forward_chunks={self.feed_forward_chunks!r} must be a positive int or None")
 
     def validate_for(self, info) -> None:
-        return None
+        reason = info.family.vae_untileable
+        if reason:
+            raise ValueError(f"MemoryConfig(enabled=True) does not apply to family {info.name!r}: the planner's "
+                             f"way out of a large decode is hires' tiled VAE, and {reason}")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -44,6 +44,11 @@ class Family:
     denoiser_config_match: tuple[tuple[str, Any], ...] = ()
     # RoPE families: which image side each position-id axis counts (None: an axis that is not a side).
     rope_axis_sides: tuple[str | None, ...] = ()
+    # Packed families: the denoiser argument that tells the token grid: "img_ids" (Flux: a row and a
+    # column id per token) or "img_shapes" (Qwen-Image: (frames, rows, cols) per image).
+    packed_grid_source: str = "img_ids"
+    # Why hires cannot tile this family's VAE (None: it can): VAETilingConfig and MemoryConfig refuse with it.
+    vae_untileable: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +69,8 @@ PROCESSOR_FACTS = {
     "JointAttnProcessor2_0": ProcessorFacts("image_first"),
     "FluxAttnProcessor": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
     "FluxAttnProcessor2_0": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
+    # Qwen-Image's joint attention: torch.cat([txt, img]) after norm_q / norm_added_q, then RoPE.
+    "QwenDoubleStreamAttnProcessor2_0": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
 }
 
 
@@ -175,6 +182,37 @@ FAMILIES: tuple[Family, ...] = (
         # FluxPipeline's guidance_scale feeds the distilled guidance embedding; true CFG is separate.
         guidance_layout="separate",
         guidance_scale_name="true_cfg_scale",
+    ),
+    # Qwen-Image: latents packed 2x2 by the pipeline (as Flux), the grid given to the transformer as
+    # img_shapes; base side from the pipeline's default_sample_size (128: 1024 px, diffusers' default).
+    # Its QwenEmbedRope centres the row and column positions on the image (scale_rope=True): a side of
+    # n tokens spans -(n - n//2) .. n//2 - 1; axis 0 counts frames (0 for an image). True CFG only
+    # (guidance_scale feeds no embedding in the released model); the pipeline rescales the combined
+    # prediction to the cond prediction's norm per token.
+    Family(
+        name="qwenimage",
+        pipeline_classes=(
+            "QwenImagePipeline",
+            "QwenImageImg2ImgPipeline",
+            "QwenImageControlNetPipeline",
+        ),
+        denoiser_attr="transformer",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        patch_size=2,
+        prediction_source="flow",
+        latent_layout="packed",
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope_centred",
+        rope_axis_sides=(None, "height", "width"),
+        guidance_layout="separate",
+        guidance_scale_name="true_cfg_scale",
+        packed_grid_source="img_shapes",
+        vae_untileable=(
+            "Qwen-Image's VAE (AutoencoderKLQwenImage) is a causal 3D VAE of CausalConv3d blocks with a frame "
+            "cache, which hires' whole-image-statistics tiled decode does not cover; decode untiled (the "
+            "default), or use diffusers' own pipe.vae.enable_tiling(), which blends overlapping tiles"
+        ),
     ),
 )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from diffusers import (
     FluxPipeline,
     PixArtSigmaPipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -57,10 +58,15 @@ class HiresFluxPipeline(HiresPipelineMixin, FluxPipeline):
     """FluxPipeline with hires."""
 
 
+class HiresQwenImagePipeline(HiresPipelineMixin, QwenImagePipeline):
+    """QwenImagePipeline with hires."""
+
+
 READY_PIPELINES = (
     HiresStableDiffusionPipeline,
     HiresStableDiffusionXLPipeline,
     HiresPixArtSigmaPipeline,
     HiresStableDiffusion3Pipeline,
     HiresFluxPipeline,
+    HiresQwenImagePipeline,
 )

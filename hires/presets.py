@@ -32,6 +32,8 @@ AUTOMATIC: dict[str, HiresConfig] = {
     "pixart": _GUIDED_WITH_POSITIONS,
     "sd3": _GUIDED_WITH_POSITIONS,
     "flux": _GUIDED,
+    # Not measured on the testbed; structure guidance as Flux's (the testbed's flow DiT), positions off.
+    "qwenimage": _GUIDED,
 }
 
 

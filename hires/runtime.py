@@ -502,7 +502,11 @@ class Attachment:
     def _new_state(self, arguments: dict) -> CallState:
         info = self.info
         latents = next(iter(v for k, v in arguments.items() if k != "self"))
-        if info.family.latent_layout == "packed":
+        if info.family.latent_layout == "packed" and info.family.packed_grid_source == "img_shapes":
+            # Qwen-Image: one list of (frames, rows, cols) per batch item; the first entry is the image.
+            _, rows, cols = arguments["img_shapes"][0][0]
+            latent_h, latent_w = int(rows) * info.patch_size, int(cols) * info.patch_size
+        elif info.family.latent_layout == "packed":
             # Packed latents carry their grid in img_ids (row in column 1, column in column 2).
             ids = arguments["img_ids"]
             ids = ids[0] if ids.ndim == 3 else ids

@@ -31,9 +31,16 @@ READY = {
     "pixart": ("HiresPixArtSigmaPipeline", "hires_pixart.py"),
     "sd3": ("HiresStableDiffusion3Pipeline", "hires_sd3.py"),
     "flux": ("HiresFluxPipeline", "hires_flux.py"),
+    "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
 }
 UNETS = ("sd15", "sd21", "sdxl")
-DITS = ("pixart", "sd3", "flux")
+DITS = ("pixart", "sd3", "flux", "qwenimage")
+# Pipelines that hard-code their base (default_sample_size 128: 1024 px) where the tiny models' is 64 px.
+PIPELINE_BASE = ("flux", "qwenimage")
+# Families that run CFG only as true CFG: APG needs true_cfg_scale and a negative prompt.
+TRUE_CFG = ("flux", "qwenimage")
+# Families whose VAE hires cannot tile (VAETilingConfig and MemoryConfig refuse them).
+UNTILEABLE_VAE = ("qwenimage",)
 PRESET = "preset"  # hires.apply(pipe) without a config / no hires_config / --preset auto
 
 # Options per family that make PositionConfig change the computation at 2x (its defaults do not for
@@ -43,6 +50,7 @@ _POSITIONS = {
     "pixart": {"enabled": True, "interpolation_scale": 2.0},
     "sd3": {"enabled": True, "timestep_shift": "static", "shift": 6.0},
     "flux": {"enabled": True},  # YaRN RoPE and the clamped timestep shift
+    "qwenimage": {"enabled": True},
 }
 
 
@@ -76,7 +84,9 @@ def techniques_for(family: str) -> list[str]:
     names += ["entropy_scaling", "window_attention", "attention_backend", "apg"]
     if family in DITS:
         names.append("positions")
-    names += ["vae_tiling", "memory", PRESET]
+    if family not in UNTILEABLE_VAE:
+        names += ["vae_tiling", "memory"]
+    names.append(PRESET)
     return names
 
 
@@ -86,10 +96,11 @@ def call_arguments(family: str, technique: str) -> dict:
     needs for a technique (the same options on the CLI's side)."""
     import tiny_models
 
-    arguments = {"guidance_scale": tiny_models.CALL_KWARGS[family]["guidance_scale"]}
+    # Qwen-Image has no distilled guidance: its calls (and the CLI's) pass no guidance_scale.
+    arguments = {k: v for k, v in tiny_models.CALL_KWARGS[family].items() if k == "guidance_scale"}
     if family == "pixart":
         arguments["use_resolution_binning"] = False  # the CLI renders the size asked for
-    if family == "flux" and technique == "apg":
+    if family in TRUE_CFG and technique == "apg":
         # Flux runs CFG only as true CFG: `hires generate --true-cfg 4 --negative "blue square"`.
         arguments.update(true_cfg_scale=4.0, negative_prompt="blue square")
     return arguments

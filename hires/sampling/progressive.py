@@ -373,17 +373,38 @@ class VAECodec:
 
     def _factors(self):
         vae_config = self.pipe.vae.config
+        if getattr(vae_config, "latents_mean", None) is not None and getattr(vae_config, "latents_std", None) is not None:
+            # Per-channel mean / std (Qwen-Image): z = (x - mean) / std, i.e. scale 1/std, shift mean.
+            mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(vae_config.latents_std, dtype=torch.float32).view(1, -1, 1, 1)
+            return 1.0 / std, mean
         return vae_config.scaling_factor, getattr(vae_config, "shift_factor", None) or 0.0
+
+    def _frames(self) -> bool:
+        """Whether the VAE is a video VAE taking (B, C, frames, H, W) (Qwen-Image's causal 3D VAE)."""
+        return bool(getattr(self.pipe.vae, "temperal_downsample", None))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         scale, shift = self._factors()
-        return vae.decode((z / scale + shift).to(vae.dtype), return_dict=False)[0].float()
+        x = (z / _on(scale, z) + _on(shift, z)).to(vae.dtype)
+        if self._frames():
+            return vae.decode(x[:, :, None], return_dict=False)[0][:, :, 0].float()
+        return vae.decode(x, return_dict=False)[0].float()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         scale, shift = self._factors()
-        return (vae.encode(image.to(vae.dtype)).latent_dist.mode().float() - shift) * scale
+        if self._frames():
+            x = vae.encode(image.to(vae.dtype)[:, :, None]).latent_dist.mode()[:, :, 0].float()
+        else:
+            x = vae.encode(image.to(vae.dtype)).latent_dist.mode().float()
+        return (x - _on(shift, x)) * _on(scale, x)
+
+
+def _on(factor, like: torch.Tensor):
+    """A VAE factor (a number, or a per-channel tensor) on `like`'s device."""
+    return factor.to(like.device) if isinstance(factor, torch.Tensor) else factor
 
 
 def info_batched(info) -> bool:

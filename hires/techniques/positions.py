@@ -27,6 +27,13 @@ Each family encodes positions differently (shared/references/dit_positions.md):
   frequency: the fastest turns 10.2 times over 64 positions). The rotary tables are computed once
   per call and reused every step. EntropyScalingConfig also sharpens attention; with both, the two
   factors multiply.
+- Qwen-Image (`rope_centred`): QwenEmbedRope builds complex rotations from positions centred on the
+  image (a side of n tokens spans -(n - n//2) .. n//2 - 1) and places the text after the image,
+  at max(rows//2, cols//2) onwards on every axis. The row and column axes are rescaled the same
+  way as Flux's, for the image and the text positions alike (so under "interpolation" the text
+  sits where it sat at the base size); the frame axis keeps the model's own frequencies, and
+  mscale multiplies the complex rotation (its modulus), which scales queries and keys as Flux's
+  cos and sin do.
 - Flow families' timestep shift (`timestep_shift`): "dynamic" keeps diffusers' mu, linear in the
   token count and unbounded (at 4096 px Flux sits at sigma > 0.9 for all but the last step);
   "clamp" (default) caps mu at its value for the base size's token count, as DyPE does; "static"
@@ -72,6 +79,7 @@ _ENCODING_OPTIONS = {
     "sincos_interpolated": ("interpolation_scale",),
     "sincos_cropped_table": ("table",),
     "rope": ("rope", "yarn_beta_fast", "yarn_beta_slow"),
+    "rope_centred": ("rope", "yarn_beta_fast", "yarn_beta_slow"),
 }
 _FLOW_OPTIONS = ("timestep_shift", "shift")
 
@@ -432,6 +440,75 @@ class _RopeHook(ModelHook):
         return result
 
 
+def centred_positions(count: int) -> torch.Tensor:
+    """QwenEmbedRope's positions along a side of `count` tokens (scale_rope=True): -(n - n//2) .. n//2 - 1."""
+    return torch.arange(count, dtype=torch.float64) - (count - count // 2)
+
+
+class _CentredRopeHook(_RopeHook):
+    """Qwen-Image's QwenEmbedRope: the row and column axes of image and text rescaled by the call's scale."""
+
+    def new_forward(self, module, video_fhw, *args, **kwargs):
+        state = self.attachment.state
+        scales = self.axis_scales(state) if state is not None else []
+        if not any(scales) or not module.scale_rope:
+            return self.fn_ref.original_forward(video_fhw, *args, **kwargs)
+        device = kwargs.get("device", args[0] if args else None)
+        text_length = kwargs.get("max_txt_seq_len", args[1] if len(args) > 1 else None)
+        shapes = video_fhw[0] if isinstance(video_fhw, list) else video_fhw
+        shapes = shapes if isinstance(shapes, list) else [shapes]
+        key = (tuple(tuple(int(v) for v in fhw) for fhw in shapes), int(text_length), str(device))
+        cached = state.slot(_PositionsCall).rope
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if len(shapes) != 1 or int(shapes[0][0]) != 1:
+            raise ValueError(f"PositionConfig on {type(self.attachment.denoiser).__name__}: image shapes {shapes} hold "
+                             "more than one image or frame; hires rescales the positions of one image")
+        _, rows, cols = (int(v) for v in shapes[0])
+        text_start = max(rows // 2, cols // 2)
+        text_positions = torch.arange(text_start, text_start + int(text_length), dtype=torch.float64)
+        own = module.pos_freqs.split([d // 2 for d in module.axes_dim], dim=1)
+        own_negative = module.neg_freqs.split([d // 2 for d in module.axes_dim], dim=1)
+        counts = {"height": rows, "width": cols}
+        image_parts, text_parts, used = [], [], []
+        for axis, dim in enumerate(module.axes_dim):
+            scale = scales[axis] if axis < len(scales) else None
+            side = self.axis_sides[axis] if axis < len(self.axis_sides) else None
+            if scale is None:
+                if side is None:  # the frame axis: frame 0 for every image token
+                    image = own[axis][:1].expand(rows * cols, -1)
+                else:  # the model's own rotations, from its tables of negative and positive positions
+                    count = counts[side]
+                    image = torch.cat([own_negative[axis][len(own_negative[axis]) - (count - count // 2):],
+                                       own[axis][: count // 2]], dim=0)
+                    image = _grid_axis(image, side, rows, cols)
+                text = own[axis][text_start : text_start + int(text_length)]
+            else:
+                freqs, mscale = axis_frequencies(self.settings.rope, dim, module.theta, scale, self.base_lengths[side],
+                                                 self.settings.yarn_beta_fast, self.settings.yarn_beta_slow)
+                image = _grid_axis(_rotations(centred_positions(counts[side]), freqs, mscale), side, rows, cols)
+                text = _rotations(text_positions, freqs, mscale)
+                used.append((axis, scale, mscale))
+            image_parts.append(image)
+            text_parts.append(text)
+        state.log["log.positions.rope"] = (self.settings.rope, tuple(used))
+        result = (torch.cat(image_parts, dim=-1).to(device), torch.cat(text_parts, dim=-1).to(device))
+        state.slot(_PositionsCall).rope = (key, result)
+        return result
+
+
+def _rotations(positions: torch.Tensor, freqs: torch.Tensor, mscale: float) -> torch.Tensor:
+    """(len(positions), len(freqs)) complex64 rotations exp(i p f), of modulus `mscale`."""
+    angles = torch.outer(positions, freqs)
+    return torch.polar(torch.full_like(angles, mscale), angles).to(torch.complex64)
+
+
+def _grid_axis(values: torch.Tensor, side: str, rows: int, cols: int) -> torch.Tensor:
+    """Per-row (side "height") or per-column values spread over the row-major token grid."""
+    grid = values[:, None, :].expand(rows, cols, -1) if side == "height" else values[None, :, :].expand(rows, cols, -1)
+    return grid.reshape(rows * cols, -1)
+
+
 class _TimestepShiftHook(ModelHook):
     """Owns the wrapper on the scheduler's `set_timesteps` (installed at registration, restored at removal)."""
 
@@ -537,10 +614,19 @@ def _install_rope(attachment, settings: ResolvedPositions) -> None:
         attachment.add_hook(module, _RopeHook(attachment, settings), HOOK + ".rope")
 
 
+def _install_centred_rope(attachment, settings: ResolvedPositions) -> None:
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+    module = _find_module(attachment.denoiser, QwenEmbedRope, "rotary position embedding")
+    if settings.rope != "none":
+        attachment.add_hook(module, _CentredRopeHook(attachment, settings), HOOK + ".rope")
+
+
 _INSTALLERS = {
     "sincos_interpolated": _install_sincos_interpolated,
     "sincos_cropped_table": _install_cropped_table,
     "rope": _install_rope,
+    "rope_centred": _install_centred_rope,
 }
 
 
