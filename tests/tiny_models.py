@@ -303,13 +303,12 @@ def qwenimage_pipeline():
         ),
         vae=make_qwenimage_vae(),
         text_encoder=make_qwen25_vl(32),
-        tokenizer=make_tokenizer(1100),  # the pipeline truncates at 1024 + its template's length
+        # The pipeline drops the first 34 tokens of its prompt template (Qwen's tokenizer makes 34 of
+        # the template's system part); this word-level one makes 36, so two template tokens stay: the
+        # embeddings still follow the prompt, and every copy of the pipeline (from_pipe, loaded) agrees.
+        tokenizer=make_tokenizer(1100),  # the pipeline truncates at 1024 + 34 tokens
         transformer=transformer,
     )
-    # The pipeline drops its prompt template's tokens (34 with Qwen's tokenizer): as many as this
-    # tokenizer makes of it, so the prompt's own tokens stay.
-    prefix = pipe.prompt_template_encode.split("{}")[0]
-    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
     pipe.default_sample_size = BASE_LATENT  # QwenImagePipeline hard-codes 128 (1024 px)
     return pipe
 
