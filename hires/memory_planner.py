@@ -237,11 +237,23 @@ def _flux_inputs(model, batch, latent_h, latent_w, dtype):
     return kwargs
 
 
+def _qwenimage_inputs(model, batch, latent_h, latent_w, dtype):
+    config = model.config
+    rows, cols, text = latent_h // 2, latent_w // 2, 512
+    return dict(
+        hidden_states=torch.empty(batch, rows * cols, config.in_channels, dtype=dtype),
+        encoder_hidden_states=torch.empty(batch, text, config.joint_attention_dim, dtype=dtype),
+        timestep=torch.empty(batch),
+        img_shapes=[[(1, rows, cols)]] * batch,
+    )
+
+
 DENOISER_INPUTS = {
     "UNet2DConditionModel": _unet_inputs,
     "PixArtTransformer2DModel": _pixart_inputs,
     "SD3Transformer2DModel": _sd3_inputs,
     "FluxTransformer2DModel": _flux_inputs,
+    "QwenImageTransformer2DModel": _qwenimage_inputs,
 }
 
 

@@ -301,7 +301,7 @@ def test_recorded_factors_equal_sqrt_log_ratio_at_2x_and_4x(family):
             hires.apply(pipe, hires.HiresConfig(entropy_scaling=EntropyScalingConfig(enabled=True, text_tokens=text_tokens)))
             out = generate(pipe, family, size)
             factors = hires.last_call(pipe).notes[A.LOG_FACTORS]
-            joint = family in ("sd3", "flux") and text_tokens == "include"
+            joint = family in ("sd3", "flux", "qwenimage") and text_tokens == "include"
             extra = text if joint else 0
             expected = {layer: math.sqrt(math.log(now[layer] + extra) / math.log(base[layer] + extra)) for layer in now}
             assert factors == pytest.approx(expected, rel=1e-12), (family, size, text_tokens)

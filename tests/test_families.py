@@ -14,6 +14,7 @@ EXPECTED = {
     "pixart": (64, 16, "epsilon"),
     "sd3": (64, 16, "flow"),
     "flux": (64, 16, "flow"),
+    "qwenimage": (64, 16, "flow"),
 }
 
 

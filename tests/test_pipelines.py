@@ -16,6 +16,7 @@ READY = {
     "pixart": ("HiresPixArtSigmaPipeline", "hires_pixart.py"),
     "sd3": ("HiresStableDiffusion3Pipeline", "hires_sd3.py"),
     "flux": ("HiresFluxPipeline", "hires_flux.py"),
+    "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
 }
 
 
@@ -55,7 +56,7 @@ def test_community_pipeline_file_loads_a_saved_tiny_pipeline(family, tmp_path):
         tmp_path, custom_pipeline=str(ROOT / "pipelines" / READY[family][1]), trust_remote_code=True
     )
     loaded.set_progress_bar_config(disable=True)
-    if family == "flux":  # FluxPipeline hard-codes a 1024 px base; the tiny model's is 64 px
+    if family in ("flux", "qwenimage"):  # their pipelines hard-code a 1024 px base; the tiny models' is 64 px
         loaded.default_sample_size = plain.default_sample_size = 8
     assert type(loaded).__name__ == READY[family][0]
     assert isinstance(loaded, hires.pipelines.HiresPipelineMixin)
