@@ -503,8 +503,10 @@ class Attachment:
         info = self.info
         latents = next(iter(v for k, v in arguments.items() if k != "self"))
         if info.family.latent_layout == "packed" and info.family.packed_grid_source == "img_shapes":
-            # Qwen-Image: one list of (frames, rows, cols) per batch item; the first entry is the image.
-            _, rows, cols = arguments["img_shapes"][0][0]
+            # Qwen-Image: per batch item (frames, rows, cols), or a list of them led by the image's
+            # (ControlNet pipelines pass the bare tuples).
+            shape = arguments["img_shapes"][0]
+            _, rows, cols = shape[0] if isinstance(shape, list) else shape
             latent_h, latent_w = int(rows) * info.patch_size, int(cols) * info.patch_size
         elif info.family.latent_layout == "packed":
             # Packed latents carry their grid in img_ids (row in column 1, column in column 2).
