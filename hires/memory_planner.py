@@ -142,8 +142,10 @@ def meta_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 @functools.lru_cache(maxsize=64)
 def _meta_vae(config_items: tuple, cls: type, dtype: torch.dtype):
+    # Lists come back as lists (frozen to tuples for the cache key): AutoencoderKLQwenImage adds to them.
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config_items}
     with torch.device("meta"):
-        vae = cls.from_config(dict(config_items))
+        vae = cls.from_config(config)
     return _cast(vae, dtype)
 
 
@@ -171,6 +173,11 @@ def _vae_peak_cached(cls, config_items, kind, shape, dtype, tiled, tile_size, gr
 
     vae = _meta_vae(config_items, cls, dtype)
     x = torch.empty(shape, dtype=dtype, device="meta")
+    if has_frame_axis(vae):
+        if tiled:
+            raise ValueError(f"{cls.__name__} is a video VAE (latents with a frame axis); hires does not tile it")
+        fn = (lambda: vae._decode(x)) if kind == "decode" else (lambda: vae._encode(x))  # noqa: E731
+        return meta_peak_bytes(fn, device_type)
     if kind == "decode":
         if tiled:
             fn = lambda: tiled_vae.tiled_decode(vae, x, tile_size, grouping)  # noqa: E731
@@ -183,6 +190,19 @@ def _vae_peak_cached(cls, config_items, kind, shape, dtype, tiled, tile_size, gr
             fn = lambda: vae._encode(x)  # noqa: E731
     with (tiled_vae.one_tile_per_pass() if tiled else contextlib.nullcontext()):
         return meta_peak_bytes(fn, device_type)
+
+
+def has_frame_axis(vae) -> bool:
+    """Whether `vae` is a video VAE taking (B, C, frames, H, W) (Qwen-Image's causal 3D VAE), which
+    hires' tiled decode does not cover."""
+    return bool(getattr(vae, "temperal_downsample", None))
+
+
+def vae_latent_shape(vae, batch: int, latent_h: int, latent_w: int) -> tuple[int, ...]:
+    """The latent `vae.decode` receives for one image: a frame axis of 1 for a video VAE."""
+    if has_frame_axis(vae):
+        return (batch, vae.config.z_dim, 1, latent_h, latent_w)
+    return (batch, vae.config.latent_channels, latent_h, latent_w)
 
 
 # -- denoiser -------------------------------------------------------------------------------------
@@ -386,7 +406,7 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
     if weights is None:
         weights = module_bytes(denoiser, dtype) + module_bytes(vae, dtype)
     latent_h, latent_w = height // latent_factor, width // latent_factor
-    latent = (batch, vae.config.latent_channels, latent_h, latent_w)
+    latent = vae_latent_shape(vae, batch, latent_h, latent_w)
     cfg_halves = 2 if cfg else 1
 
     def denoiser_cost(chunks, sequential):
@@ -396,7 +416,7 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
     untiled = vae_peak_bytes(vae, "decode", latent, dtype, tiled=False, device_type=device_type)
     free = budget - weights
     if tile_vae is None:
-        tile_vae = untiled > free
+        tile_vae = untiled > free and not has_frame_axis(vae)  # a video VAE is decoded whole or refused
     tile, vae_cost = None, untiled
     grouping = None
     if tile_vae:
