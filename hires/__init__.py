@@ -30,6 +30,7 @@ _READY_PIPELINES = (
     "HiresStableDiffusion3Pipeline",
     "HiresStableDiffusionPipeline",
     "HiresStableDiffusionXLPipeline",
+    "HiresZImagePipeline",
 )
 
 
@@ -77,6 +78,7 @@ __all__ = [
     "HiresStableDiffusion3Pipeline",
     "HiresStableDiffusionPipeline",
     "HiresStableDiffusionXLPipeline",
+    "HiresZImagePipeline",
     "ModelInfo",
     "apply",
     "is_applied",

@@ -232,7 +232,13 @@ class EntropyScalingConfig:
         _choice("EntropyScalingConfig", "text_tokens", self.text_tokens, ("exclude", "include"))
 
     def validate_for(self, info) -> None:
-        return None
+        _require_rewritable_attention("EntropyScalingConfig", info)
+
+
+def _require_rewritable_attention(owner: str, info) -> None:
+    reason = info.family.attention_unsupported
+    if reason:
+        raise ValueError(f"{owner}(enabled=True) does not apply to family {info.name!r}: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +254,7 @@ class WindowAttentionConfig:
             raise ValueError(f"WindowAttentionConfig.window={self.window!r} must be a positive int (tokens) or None")
 
     def validate_for(self, info) -> None:
-        return None
+        _require_rewritable_attention("WindowAttentionConfig", info)
 
 
 ATTENTION_BACKENDS = ("native", "flash", "_native_flash", "_native_efficient", "_native_math", "xformers", "sage", "flex")

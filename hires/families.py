@@ -49,6 +49,21 @@ class Family:
     packed_grid_source: str = "img_ids"
     # Why hires cannot tile this family's VAE (None: it can): VAETilingConfig and MemoryConfig refuse with it.
     vae_untileable: str | None = None
+    # Why hires cannot rewrite this family's attention (None: it can): entropy scaling and windows refuse with it.
+    attention_unsupported: str | None = None
+    # The denoiser's timestep parameter, and how it takes latents: "tensor", or "frame_list" (Z-Image: a
+    # list of (C, 1, h, w) latents in, a list out, time 1 - sigma, output the negated velocity), which
+    # hires' hooks see as a (B, C, h, w) tensor, timestep sigma and the velocity (hires.runtime).
+    timestep_argument: str = "timestep"
+    denoiser_io: str = "tensor"
+    # Batched CFG: whether the pipeline stacks [cond, uncond] (Z-Image) instead of [uncond, cond], and
+    # what it adds to guidance_scale to get w in uncond + w (cond - uncond) (Z-Image combines
+    # cond + s (cond - uncond), i.e. w = s + 1).
+    cfg_cond_first: bool = False
+    guidance_scale_offset: float = 0.0
+    # Latent base side used when the pipeline has no `base_size_source` attribute (ZImagePipeline has no
+    # default_sample_size; its __call__ defaults to 1024 px).
+    base_latent_default: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +231,35 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+# Z-Image: single-stream DiT. Latents spatial (patchified 2x2 inside the transformer); 3-axis RoPE looked
+# up in per-axis tables by integer ids: axis 0 the sequence (caption 1..L, image at L + 1), axes 1 and 2
+# the row and column from 0. CFG batched as [cond, uncond] (Z-Image Turbo runs without: guidance 0-1).
+FAMILIES = FAMILIES + (
+    Family(
+        name="zimage",
+        pipeline_classes=("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageControlNetPipeline"),
+        denoiser_attr="transformer",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        base_latent_default=128,
+        patch_size=2,
+        prediction_source="flow",
+        latent_layout="spatial",
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope_id_tables",
+        rope_axis_sides=(None, "height", "width"),
+        timestep_argument="t",
+        denoiser_io="frame_list",
+        cfg_cond_first=True,
+        guidance_scale_offset=1.0,
+        attention_unsupported=(
+            "Z-Image's single-stream attention (ZSingleStreamAttnProcessor) runs over image and caption "
+            "sequences padded to multiples of 32 with learned pad tokens that stay keys, so the image "
+            "token grid and key counts hires rescales are not what the layer sees"
+        ),
+    ),
+)
+
 SUPPORTED_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.pipeline_classes))
 
 
@@ -308,7 +352,8 @@ def read_model_info(pipe, base_size: int | tuple[int, int] | None = None) -> Mod
         base_h, base_w = base_h // latent_factor, base_w // latent_factor
     else:
         source, key = family.base_size_source
-        side = _config_value(denoiser.config, key) if source == "denoiser_config" else getattr(pipe, key)
+        side = _config_value(denoiser.config, key) if source == "denoiser_config" else getattr(pipe, key,
+                                                                                                family.base_latent_default)
         if side is None:
             raise ValueError(f"cannot read the base size of {type(pipe).__name__}: {source}.{key} is not set; "
                              "give HiresConfig(base_size=...)")

@@ -268,12 +268,22 @@ def _qwenimage_inputs(model, batch, latent_h, latent_w, dtype):
     )
 
 
+def _zimage_inputs(model, batch, latent_h, latent_w, dtype):
+    config = model.config
+    return dict(
+        x=[torch.empty(config.in_channels, 1, latent_h, latent_w, dtype=dtype)] * batch,
+        t=torch.empty(batch),
+        cap_feats=[torch.empty(512, config.cap_feat_dim, dtype=dtype)] * batch,
+    )
+
+
 DENOISER_INPUTS = {
     "UNet2DConditionModel": _unet_inputs,
     "PixArtTransformer2DModel": _pixart_inputs,
     "SD3Transformer2DModel": _sd3_inputs,
     "FluxTransformer2DModel": _flux_inputs,
     "QwenImageTransformer2DModel": _qwenimage_inputs,
+    "ZImageTransformer2DModel": _zimage_inputs,
 }
 
 

@@ -18,6 +18,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    ZImagePipeline,
 )
 
 from .config import HiresConfig, validate_size
@@ -62,6 +63,10 @@ class HiresQwenImagePipeline(HiresPipelineMixin, QwenImagePipeline):
     """QwenImagePipeline with hires."""
 
 
+class HiresZImagePipeline(HiresPipelineMixin, ZImagePipeline):
+    """ZImagePipeline (Z-Image and Z-Image Turbo) with hires."""
+
+
 READY_PIPELINES = (
     HiresStableDiffusionPipeline,
     HiresStableDiffusionXLPipeline,
@@ -69,4 +74,5 @@ READY_PIPELINES = (
     HiresStableDiffusion3Pipeline,
     HiresFluxPipeline,
     HiresQwenImagePipeline,
+    HiresZImagePipeline,
 )

@@ -34,6 +34,7 @@ AUTOMATIC: dict[str, HiresConfig] = {
     "flux": _GUIDED,
     # Not measured on the testbed; structure guidance as Flux's (the testbed's flow DiT), positions off.
     "qwenimage": _GUIDED,
+    "zimage": _GUIDED,
 }
 
 

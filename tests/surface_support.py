@@ -32,15 +32,20 @@ READY = {
     "sd3": ("HiresStableDiffusion3Pipeline", "hires_sd3.py"),
     "flux": ("HiresFluxPipeline", "hires_flux.py"),
     "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
+    "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
 }
 UNETS = ("sd15", "sd21", "sdxl")
-DITS = ("pixart", "sd3", "flux", "qwenimage")
+DITS = ("pixart", "sd3", "flux", "qwenimage", "zimage")
 # Pipelines that hard-code their base (default_sample_size 128: 1024 px) where the tiny models' is 64 px.
-PIPELINE_BASE = ("flux", "qwenimage")
+PIPELINE_BASE = ("flux", "qwenimage", "zimage")
 # Families that run CFG only as true CFG: APG needs true_cfg_scale and a negative prompt.
 TRUE_CFG = ("flux", "qwenimage")
 # Families whose VAE hires cannot tile (VAETilingConfig and MemoryConfig refuse them).
 UNTILEABLE_VAE = ("qwenimage",)
+# Families whose attention hires cannot rewrite (EntropyScalingConfig and WindowAttentionConfig refuse them).
+NO_ATTENTION_REWRITE = ("zimage",)
+# Families whose blocks have diffusers' feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 elsewhere).
+NO_FEED_FORWARD_CHUNKS = ("flux", "zimage")
 PRESET = "preset"  # hires.apply(pipe) without a config / no hires_config / --preset auto
 
 # Options per family that make PositionConfig change the computation at 2x (its defaults do not for
@@ -51,6 +56,7 @@ _POSITIONS = {
     "sd3": {"enabled": True, "timestep_shift": "static", "shift": 6.0},
     "flux": {"enabled": True},  # YaRN RoPE and the clamped timestep shift
     "qwenimage": {"enabled": True},
+    "zimage": {"enabled": True},
 }
 
 
@@ -65,10 +71,10 @@ def technique_options(family: str, technique: str) -> dict:
     if technique == "vae_tiling":  # 16x16 latent in tiles of 8: four tiles (mode "auto" would not tile at 128 px)
         return {"vae_tiling": {"enabled": True, "mode": "always", "tile_size": 8}}
     if technique == "memory":
-        # A fixed budget: the planner does not measure this machine. Flux's blocks have no
+        # A fixed budget: the planner does not measure this machine. Flux's and Z-Image's blocks have no
         # diffusers feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 there).
         options = {"enabled": True, "max_memory": "64GiB"}
-        if family != "flux":
+        if family not in NO_FEED_FORWARD_CHUNKS:
             options["feed_forward_chunks"] = 2
         return {"memory": options}
     if technique == "attention_backend":
@@ -81,7 +87,9 @@ def techniques_for(family: str) -> list[str]:
     names = ["structure_guidance_latent", "structure_guidance_pixel", "bottleneck"]
     if family in UNETS:
         names.append("redilation")
-    names += ["entropy_scaling", "window_attention", "attention_backend", "apg"]
+    if family not in NO_ATTENTION_REWRITE:
+        names += ["entropy_scaling", "window_attention"]
+    names += ["attention_backend", "apg"]
     if family in DITS:
         names.append("positions")
     if family not in UNTILEABLE_VAE:

@@ -313,6 +313,53 @@ def qwenimage_pipeline():
     return pipe
 
 
+def make_qwen3(hidden: int = 32):
+    """Qwen3 (Z-Image's text encoder) from a small config: the real class."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    return Qwen3Model(config).eval()
+
+
+# ZImagePipeline formats each prompt with the tokenizer's chat template (Qwen3's wraps it in
+# <|im_start|> ... <|im_end|> turns); the word-level tokenizer gets a template of the same shape.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def zimage_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    _seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,
+        axes_dims=[4, 6, 6],  # head dim 16
+        axes_lens=[128, 32, 32],  # 32 tokens a side: 512 px, as Z-Image's 512 stop at 8192 px
+    ).eval()
+    tokenizer = make_tokenizer(TEXT_LEN)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # Z-Image Turbo's static shift
+        vae=make_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=make_qwen3(32),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    # ZImagePipeline has no default_sample_size (hires reads 1024 px); this tiny model's base is 64 px.
+    pipe.default_sample_size = BASE_LATENT
+    return pipe
+
+
 BUILDERS = {
     "sd15": lambda: sd_pipeline(linear_projection=False),
     "sd21": lambda: sd_pipeline(linear_projection=True, prediction_type="v_prediction"),
@@ -321,6 +368,7 @@ BUILDERS = {
     "sd3": sd3_pipeline,
     "flux": flux_pipeline,
     "qwenimage": qwenimage_pipeline,
+    "zimage": zimage_pipeline,
 }
 
 # Call arguments each family needs on top of prompt/size/steps (text lengths kept tiny).
@@ -333,6 +381,8 @@ CALL_KWARGS = {
     "flux": {"guidance_scale": 3.5, "max_sequence_length": TEXT_LEN},
     # Qwen-Image runs CFG only as true CFG (a negative prompt and true_cfg_scale > 1); plain calls run none.
     "qwenimage": {"true_cfg_scale": 1.0, "max_sequence_length": TEXT_LEN},
+    # Z-Image (base) runs CFG as cond + s (cond - uncond); Turbo runs s = 0.
+    "zimage": {"guidance_scale": 3.0, "max_sequence_length": TEXT_LEN},
 }
 
 FAMILY_NAMES = tuple(BUILDERS)

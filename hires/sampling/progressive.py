@@ -356,6 +356,8 @@ class StructureGuidance:
         halves = state.guidance_scale is not None and info_batched(self.info) and x0.shape[0] % 2 == 0
         if halves:
             uncond, cond = x0.chunk(2)
+            if self.info.family.cfg_cond_first:
+                uncond, cond = cond, uncond
             guided = uncond + state.guidance_scale * (cond - uncond)
         else:
             guided = x0
@@ -428,7 +430,7 @@ class _StructureGuidanceHook(ModelHook):
             return args, kwargs
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments
         sample = next(v for k, v in bound.items() if k != "self")
-        self.pending = (sample, bound["timestep"], state)
+        self.pending = (sample, bound[self.guidance.attachment.info.family.timestep_argument], state)
         return args, kwargs
 
     def post_forward(self, module, output):

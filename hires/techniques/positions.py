@@ -34,6 +34,12 @@ Each family encodes positions differently (shared/references/dit_positions.md):
   sits where it sat at the base size); the frame axis keeps the model's own frequencies, and
   mscale multiplies the complex rotation (its modulus), which scales queries and keys as Flux's
   cos and sin do.
+- Z-Image (`rope_id_tables`): its RopeEmbedder (a plain object, not a module) looks rotations up in
+  per-axis tables of `axes_lens` integer positions: axis 0 the sequence (caption 1..L, image at
+  L + 1), axes 1 and 2 the row and column from 0. The row and column axes are rescaled as Flux's;
+  the rotations are computed from the ids, so grids past the tables' ends (plain diffusers fails
+  there: 512 tokens, 8192 px) work too. The embedder is shadowed on the transformer through the
+  attachment's ledger.
 - Flow families' timestep shift (`timestep_shift`): "dynamic" keeps diffusers' mu, linear in the
   token count and unbounded (at 4096 px Flux sits at sigma > 0.9 for all but the last step);
   "clamp" (default) caps mu at its value for the base size's token count, as DyPE does; "static"
@@ -80,6 +86,7 @@ _ENCODING_OPTIONS = {
     "sincos_cropped_table": ("table",),
     "rope": ("rope", "yarn_beta_fast", "yarn_beta_slow"),
     "rope_centred": ("rope", "yarn_beta_fast", "yarn_beta_slow"),
+    "rope_id_tables": ("rope", "yarn_beta_fast", "yarn_beta_slow"),
 }
 _FLOW_OPTIONS = ("timestep_shift", "shift")
 
@@ -497,6 +504,47 @@ class _CentredRopeHook(_RopeHook):
         return result
 
 
+class _RopeTables:
+    """Stands in for Z-Image's RopeEmbedder: rotations of the row and column axes rescaled by the call's
+    scale on that side; the sequence axis, and every call outside a pipeline call or at the base
+    size, the model's own."""
+
+    def __init__(self, attachment, settings: ResolvedPositions, original):
+        self.attachment = attachment
+        self.settings = settings
+        self.original = original
+        unit = attachment.info.token_side
+        self.base_lengths = {"height": attachment.info.base_height // unit, "width": attachment.info.base_width // unit}
+        self.axis_sides = attachment.info.family.rope_axis_sides
+
+    def __getattr__(self, name):  # theta, axes_dims, axes_lens, freqs_cis: the model's own
+        if name == "original":
+            raise AttributeError(name)
+        return getattr(self.original, name)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        state = self.attachment.state
+        scales = _RopeHook.axis_scales(self, state) if state is not None else []
+        if not any(scales):
+            return self.original(ids)
+        parts, used = [], []
+        theta = float(self.original.theta)
+        for axis, dim in enumerate(self.original.axes_dims):
+            scale = scales[axis] if axis < len(scales) else None
+            positions = ids[:, axis].to(torch.float64).cpu()
+            if scale is None:  # as the model's table holds it: float64 angles cast to float32
+                angles = torch.outer(positions, rope_frequencies(dim, theta)).float()
+                parts.append(torch.polar(torch.ones_like(angles), angles))
+            else:
+                side = self.axis_sides[axis]
+                freqs, mscale = axis_frequencies(self.settings.rope, dim, theta, scale, self.base_lengths[side],
+                                                 self.settings.yarn_beta_fast, self.settings.yarn_beta_slow)
+                parts.append(_rotations(positions, freqs, mscale))
+                used.append((axis, scale, mscale))
+        state.log["log.positions.rope"] = (self.settings.rope, tuple(used))
+        return torch.cat(parts, dim=-1).to(ids.device)
+
+
 def _rotations(positions: torch.Tensor, freqs: torch.Tensor, mscale: float) -> torch.Tensor:
     """(len(positions), len(freqs)) complex64 rotations exp(i p f), of modulus `mscale`."""
     angles = torch.outer(positions, freqs)
@@ -622,11 +670,22 @@ def _install_centred_rope(attachment, settings: ResolvedPositions) -> None:
         attachment.add_hook(module, _CentredRopeHook(attachment, settings), HOOK + ".rope")
 
 
+def _install_rope_tables(attachment, settings: ResolvedPositions) -> None:
+    denoiser = attachment.denoiser
+    original = getattr(denoiser, "rope_embedder", None)
+    if original is None or not hasattr(original, "axes_dims"):
+        raise ValueError(f"PositionConfig: {type(denoiser).__name__} has no rope_embedder with axes_dims; hires "
+                         "cannot place positions in this model")
+    if settings.rope != "none":
+        attachment.shadow(denoiser, "rope_embedder", _RopeTables(attachment, settings, original))
+
+
 _INSTALLERS = {
     "sincos_interpolated": _install_sincos_interpolated,
     "sincos_cropped_table": _install_cropped_table,
     "rope": _install_rope,
     "rope_centred": _install_centred_rope,
+    "rope_id_tables": _install_rope_tables,
 }
 
 
