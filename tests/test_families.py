@@ -15,6 +15,7 @@ EXPECTED = {
     "sd3": (64, 16, "flow"),
     "flux": (64, 16, "flow"),
     "qwenimage": (64, 16, "flow"),
+    "zimage": (64, 16, "flow"),
 }
 
 

@@ -24,6 +24,9 @@ def pipeline_rescale(family, guided, cond):
     return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
 
 
+FRAME_LIST = ("zimage",)  # a list of (C, 1, h, w) latents in and negated velocities out, [cond, uncond]
+
+
 class Recorder:
     """Records the denoiser's arguments per call and what the scheduler's step receives."""
 
@@ -51,7 +54,10 @@ class Recorder:
         args, kwargs = self.calls[index]
         with torch.no_grad():
             out = type(self.denoiser).forward(self.denoiser, *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out.sample
+        out = out[0] if isinstance(out, tuple) else out.sample
+        if self.family in FRAME_LIST:  # the velocity the scheduler steps with, as a (B, C, h, w) tensor
+            out = -torch.stack([frame[:, 0] for frame in out]).float()
+        return out
 
     def raw_pairs(self):
         """(uncond, cond) prediction channels per step, from recomputed raw outputs."""
@@ -65,7 +71,8 @@ class Recorder:
             for i in range(len(self.calls)):
                 out = self.raw(i)
                 half = out.shape[0] // 2
-                pairs.append((cut(out[:half]), cut(out[half:])))
+                first, second = cut(out[:half]), cut(out[half:])
+                pairs.append((second, first) if self.family in FRAME_LIST else (first, second))
         return pairs
 
 
@@ -77,8 +84,9 @@ def odd_combiner(uncond, cond, scale, state):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_the_scheduler_receives_exactly_the_combiners_prediction(family):
     pipe = build(family)
+    # Z-Image's guidance_scale 3 combines cond + 3 (cond - uncond): w = 4 in uncond + w (cond - uncond)
     scale = (TRUE_CFG["true_cfg_scale"] if family in SEPARATE
-             else {"pixart": 4.5}.get(family, 5.0))
+             else {"pixart": 4.5, "zimage": 4.0}.get(family, 5.0))
     hires.apply(pipe)
     hook = ensure_guidance_hook(get_attachment(pipe))
     hook.set_combiner(odd_combiner, owner="test")
