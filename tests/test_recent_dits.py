@@ -291,7 +291,7 @@ def test_zimage_turbo_few_steps_without_cfg():
         _generate(pipe, "zimage", 128, steps=4, guidance_scale=0.0)
 
 
-def test_zimage_img2img_and_controlnet_variants_are_zimage():
+def test_zimage_img2img_variant_is_zimage_and_runs_above_the_base_size():
     from diffusers import ZImageImg2ImgPipeline
 
     base = tiny_models.build("zimage")
