@@ -306,3 +306,20 @@ def test_zimage_img2img_variant_is_zimage_and_runs_above_the_base_size():
     assert out.shape[-2:] == (128, 128) and not torch.equal(out, plain)
     hires.remove(img2img)
     assert torch.equal(_generate(img2img, "zimage", 128, image=picture, strength=0.7, steps=10), plain)
+
+
+# -- base sizes ---------------------------------------------------------------------------------------
+def test_qwenimage_base_size_is_the_pipelines_default_sample_size():
+    pipe = tiny_models.build("qwenimage")
+    pipe.default_sample_size = 16
+    assert hires.model_info(pipe).base_height == 128
+    pipe.default_sample_size = 128  # what QwenImagePipeline.__init__ sets (the tiny model overrides it)
+    assert (hires.model_info(pipe).base_height, hires.model_info(pipe).base_width) == (1024, 1024)
+
+
+def test_zimage_base_size_is_1024_unless_the_pipeline_says_otherwise():
+    pipe = tiny_models.build("zimage")
+    assert hires.model_info(pipe).base_height == 64  # the tiny model sets default_sample_size 8
+    del pipe.default_sample_size  # ZImagePipeline has none: its __call__'s 1024 px
+    assert (hires.model_info(pipe).base_height, hires.model_info(pipe).base_width) == (1024, 1024)
+    assert hires.model_info(pipe).size_multiple == 16
