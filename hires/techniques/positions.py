@@ -397,6 +397,16 @@ def check_sincos_table(module: PatchEmbed) -> None:
             )
 
 
+def axis_scales(axis_sides, state) -> list[float | None]:
+    """Per RoPE axis, the call's scale on the side it counts where that side grew (else None)."""
+    side_scale = {"height": state.scale_height, "width": state.scale_width}
+    scales = []
+    for side in axis_sides:
+        scale = side_scale.get(side) if side else None
+        scales.append(scale if scale is not None and scale > 1 else None)
+    return scales
+
+
 class _RopeHook(ModelHook):
     """Flux's FluxPosEmbed: row and column axes rescaled by the call's scale on that side."""
 
@@ -409,12 +419,7 @@ class _RopeHook(ModelHook):
         self.axis_sides = attachment.info.family.rope_axis_sides
 
     def axis_scales(self, state) -> list[float | None]:
-        side_scale = {"height": state.scale_height, "width": state.scale_width}
-        scales = []
-        for side in self.axis_sides:
-            scale = side_scale.get(side) if side else None
-            scales.append(scale if scale is not None and scale > 1 else None)
-        return scales
+        return axis_scales(self.axis_sides, state)
 
     def new_forward(self, module, ids, *args, **kwargs):
         state = self.attachment.state
@@ -524,7 +529,7 @@ class _RopeTables:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         state = self.attachment.state
-        scales = _RopeHook.axis_scales(self, state) if state is not None else []
+        scales = axis_scales(self.axis_sides, state) if state is not None else []
         if not any(scales):
             return self.original(ids)
         parts, used = [], []
