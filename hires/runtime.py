@@ -124,7 +124,11 @@ class CallState:
         if family.guidance_layout == "separate" and not self.call_locals.get("do_true_cfg", False):
             return None
         scale = self.call_locals.get(family.guidance_scale_name)
-        return None if scale is None or scale <= 1 else float(scale) + family.guidance_scale_offset
+        if scale is None:
+            return None
+        # w in uncond + w (cond - uncond); Z-Image's cond + s (cond - uncond) runs CFG for any s > 0
+        weight = float(scale) + family.guidance_scale_offset
+        return weight if weight > 1 else None
 
     def generator(self, purpose: str) -> torch.Generator:
         """A generator for `purpose` (e.g. "windows") derived from the call's own generator.
