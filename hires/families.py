@@ -229,12 +229,9 @@ FAMILIES: tuple[Family, ...] = (
             "default), or use diffusers' own pipe.vae.enable_tiling(), which blends overlapping tiles"
         ),
     ),
-)
-
-# Z-Image: single-stream DiT. Latents spatial (patchified 2x2 inside the transformer); 3-axis RoPE looked
-# up in per-axis tables by integer ids: axis 0 the sequence (caption 1..L, image at L + 1), axes 1 and 2
-# the row and column from 0. CFG batched as [cond, uncond] (Z-Image Turbo runs without: guidance 0-1).
-FAMILIES = FAMILIES + (
+    # Z-Image: single-stream DiT. Latents spatial (patchified 2x2 inside the transformer); 3-axis RoPE looked
+    # up in per-axis tables by integer ids: axis 0 the sequence (caption 1..L, image at L + 1), axes 1 and 2
+    # the row and column from 0. CFG batched as [cond, uncond]; Z-Image Turbo runs guidance_scale 0 (no CFG).
     Family(
         name="zimage",
         pipeline_classes=("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageControlNetPipeline"),
