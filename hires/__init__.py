@@ -31,9 +31,11 @@ __version__ = "0.1.0"
 _READY_PIPELINES = (
     "HiresFluxPipeline",
     "HiresPixArtSigmaPipeline",
+    "HiresQwenImagePipeline",
     "HiresStableDiffusion3Pipeline",
     "HiresStableDiffusionPipeline",
     "HiresStableDiffusionXLPipeline",
+    "HiresZImagePipeline",
 )
 
 
@@ -82,9 +84,11 @@ __all__ = [
     "HiresConfig",
     "HiresFluxPipeline",
     "HiresPixArtSigmaPipeline",
+    "HiresQwenImagePipeline",
     "HiresStableDiffusion3Pipeline",
     "HiresStableDiffusionPipeline",
     "HiresStableDiffusionXLPipeline",
+    "HiresZImagePipeline",
     "ModelInfo",
     "apply",
     "is_applied",

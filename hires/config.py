@@ -240,7 +240,13 @@ class EntropyScalingConfig:
         _choice("EntropyScalingConfig", "text_tokens", self.text_tokens, ("exclude", "include"))
 
     def validate_for(self, info) -> None:
-        return None
+        _require_rewritable_attention("EntropyScalingConfig", info)
+
+
+def _require_rewritable_attention(owner: str, info) -> None:
+    reason = info.family.attention_unsupported
+    if reason:
+        raise ValueError(f"{owner}(enabled=True) does not apply to family {info.name!r}: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +263,7 @@ class WindowAttentionConfig:
             raise ValueError(f"WindowAttentionConfig.window={self.window!r} must be a positive int (tokens) or None")
 
     def validate_for(self, info) -> None:
-        return None
+        _require_rewritable_attention("WindowAttentionConfig", info)
 
 
 ATTENTION_BACKENDS = ("native", "flash", "_native_flash", "_native_efficient", "_native_math", "xformers", "sage", "flex")
@@ -432,7 +438,7 @@ class ScaleFusionConfig:
             raise ValueError(f"{owner}.blur_sigma={self.blur_sigma!r} must be a finite number > 0")
 
     def validate_for(self, info) -> None:
-        return None
+        _require_rewritable_attention("ScaleFusionConfig", info)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,7 +459,9 @@ class VAETilingConfig:
                 raise ValueError(f"{owner}.{name}={value!r} must be a {'positive' if name == 'tile_size' else 'non-negative'} int (latent pixels) or None")
 
     def validate_for(self, info) -> None:
-        return None
+        reason = info.family.vae_untileable
+        if reason:
+            raise ValueError(f"VAETilingConfig(enabled=True) does not apply to family {info.name!r}: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,7 +481,10 @@ class MemoryConfig:
             raise ValueError(f"{owner}.feed_forward_chunks={self.feed_forward_chunks!r} must be a positive int or None")
 
     def validate_for(self, info) -> None:
-        return None
+        reason = info.family.vae_untileable
+        if reason:
+            raise ValueError(f"MemoryConfig(enabled=True) does not apply to family {info.name!r}: the planner's "
+                             f"way out of a large decode is hires' tiled VAE, and {reason}")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

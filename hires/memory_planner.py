@@ -146,8 +146,10 @@ def meta_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 @functools.lru_cache(maxsize=64)
 def _meta_vae(config_items: tuple, cls: type, dtype: torch.dtype):
+    # Lists come back as lists (frozen to tuples for the cache key): AutoencoderKLQwenImage adds to them.
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in config_items}
     with torch.device("meta"):
-        vae = cls.from_config(dict(config_items))
+        vae = cls.from_config(config)
     return _cast(vae, dtype)
 
 
@@ -177,6 +179,11 @@ def _vae_peak_cached(cls, config_items, kind, shape, dtype, tiled, tile_size, gr
 
     vae = _meta_vae(config_items, cls, dtype)
     x = torch.empty(shape, dtype=dtype, device="meta")
+    if has_frame_axis(vae):
+        if tiled:
+            raise ValueError(f"{cls.__name__} is a video VAE (latents with a frame axis); hires does not tile it")
+        fn = (lambda: vae._decode(x)) if kind == "decode" else (lambda: vae._encode(x))  # noqa: E731
+        return meta_peak_bytes(fn, device_type)
     if kind == "decode":
         if tiled:
             fn = lambda: tiled_vae.tiled_decode(vae, x, tile_size, grouping, storage_dtype=storage)  # noqa: E731
@@ -189,6 +196,19 @@ def _vae_peak_cached(cls, config_items, kind, shape, dtype, tiled, tile_size, gr
             fn = lambda: vae._encode(x)  # noqa: E731
     with (tiled_vae.one_tile_per_pass() if tiled else contextlib.nullcontext()):
         return meta_peak_bytes(fn, device_type)
+
+
+def has_frame_axis(vae) -> bool:
+    """Whether `vae` is a video VAE taking (B, C, frames, H, W) (Qwen-Image's causal 3D VAE), which
+    hires' tiled decode does not cover."""
+    return bool(getattr(vae, "temperal_downsample", None))
+
+
+def vae_latent_shape(vae, batch: int, latent_h: int, latent_w: int) -> tuple[int, ...]:
+    """The latent `vae.decode` receives for one image: a frame axis of 1 for a video VAE."""
+    if has_frame_axis(vae):
+        return (batch, vae.config.z_dim, 1, latent_h, latent_w)
+    return (batch, vae.config.latent_channels, latent_h, latent_w)
 
 
 # -- denoiser -------------------------------------------------------------------------------------
@@ -243,11 +263,33 @@ def _flux_inputs(model, batch, latent_h, latent_w, dtype):
     return kwargs
 
 
+def _qwenimage_inputs(model, batch, latent_h, latent_w, dtype):
+    config = model.config
+    rows, cols, text = latent_h // 2, latent_w // 2, 512
+    return dict(
+        hidden_states=torch.empty(batch, rows * cols, config.in_channels, dtype=dtype),
+        encoder_hidden_states=torch.empty(batch, text, config.joint_attention_dim, dtype=dtype),
+        timestep=torch.empty(batch),
+        img_shapes=[[(1, rows, cols)]] * batch,
+    )
+
+
+def _zimage_inputs(model, batch, latent_h, latent_w, dtype):
+    config = model.config
+    return dict(
+        x=[torch.empty(config.in_channels, 1, latent_h, latent_w, dtype=dtype)] * batch,
+        t=torch.empty(batch),
+        cap_feats=[torch.empty(512, config.cap_feat_dim, dtype=dtype)] * batch,
+    )
+
+
 DENOISER_INPUTS = {
     "UNet2DConditionModel": _unet_inputs,
     "PixArtTransformer2DModel": _pixart_inputs,
     "SD3Transformer2DModel": _sd3_inputs,
     "FluxTransformer2DModel": _flux_inputs,
+    "QwenImageTransformer2DModel": _qwenimage_inputs,
+    "ZImageTransformer2DModel": _zimage_inputs,
 }
 
 
@@ -405,7 +447,7 @@ def _vae_choice(vae, kind, shape, dtype, free, tile_vae, tile_size, device_type,
     hires' tiled path computes in (float32 for an upcast VAE), default `dtype`."""
     untiled = vae_peak_bytes(vae, kind, shape, dtype, tiled=False, device_type=device_type)
     if tile_vae is None:
-        tile_vae = untiled > free
+        tile_vae = untiled > free and not has_frame_axis(vae)  # a video VAE is decoded whole or refused
     if not tile_vae:
         return None, untiled, untiled
     option, cost = _first_fitting(
@@ -439,7 +481,7 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
     vae_dtype = vae_compute_dtype(vae, dtype)
     extra = module_bytes(vae, vae_dtype) - module_bytes(vae, dtype)
     latent_h, latent_w = height // latent_factor, width // latent_factor
-    latent = (batch, vae.config.latent_channels, latent_h, latent_w)
+    latent = vae_latent_shape(vae, batch, latent_h, latent_w)
     free = budget - weights
     tiling, vae_cost, untiled = _vae_choice(vae, "decode", latent, vae_dtype, free - extra, tile_vae, tile_size, device_type)
     (sequential, chunks), denoiser_cost = _denoiser_choice(denoiser, latent_h, latent_w, dtype, batch, cfg, cfg_batched,

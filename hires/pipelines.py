@@ -14,9 +14,11 @@ from __future__ import annotations
 from diffusers import (
     FluxPipeline,
     PixArtSigmaPipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    ZImagePipeline,
 )
 
 from .config import HiresConfig, validate_size
@@ -57,10 +59,20 @@ class HiresFluxPipeline(HiresPipelineMixin, FluxPipeline):
     """FluxPipeline with hires."""
 
 
+class HiresQwenImagePipeline(HiresPipelineMixin, QwenImagePipeline):
+    """QwenImagePipeline with hires."""
+
+
+class HiresZImagePipeline(HiresPipelineMixin, ZImagePipeline):
+    """ZImagePipeline (Z-Image and Z-Image Turbo) with hires."""
+
+
 READY_PIPELINES = (
     HiresStableDiffusionPipeline,
     HiresStableDiffusionXLPipeline,
     HiresPixArtSigmaPipeline,
     HiresStableDiffusion3Pipeline,
     HiresFluxPipeline,
+    HiresQwenImagePipeline,
+    HiresZImagePipeline,
 )

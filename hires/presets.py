@@ -37,9 +37,10 @@ STRUCTURE = StructureGuidanceConfig(enabled=True, space="latent", upscale_space=
                                     guided_fraction=0.6)
 
 
-def _preset(structure: StructureGuidanceConfig = STRUCTURE, positions: bool = False) -> HiresConfig:
-    return HiresConfig(structure_guidance=structure, window_attention=WindowAttentionConfig(enabled=True),
-                       memory=MemoryConfig(enabled=True),
+def _preset(structure: StructureGuidanceConfig = STRUCTURE, positions: bool = False, windows: bool = True,
+            memory: bool = True) -> HiresConfig:
+    return HiresConfig(structure_guidance=structure, window_attention=WindowAttentionConfig(enabled=windows),
+                       memory=MemoryConfig(enabled=memory),
                        positions=PositionConfig(enabled=True) if positions else PositionConfig())
 
 
@@ -50,6 +51,10 @@ AUTOMATIC: dict[str, HiresConfig] = {
     "pixart": _preset(positions=True),
     "sd3": _preset(positions=True),
     "flux": _preset(),
+    # Not measured on the testbed; as Flux's (the testbed's flow DiT) where the family allows it: Qwen-Image's
+    # causal 3D VAE cannot be tiled (no memory planner), Z-Image's padded attention cannot be windowed.
+    "qwenimage": _preset(memory=False),
+    "zimage": _preset(windows=False),
 }
 
 

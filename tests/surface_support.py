@@ -31,9 +31,21 @@ READY = {
     "pixart": ("HiresPixArtSigmaPipeline", "hires_pixart.py"),
     "sd3": ("HiresStableDiffusion3Pipeline", "hires_sd3.py"),
     "flux": ("HiresFluxPipeline", "hires_flux.py"),
+    "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
+    "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
 }
 UNETS = ("sd15", "sd21", "sdxl")
-DITS = ("pixart", "sd3", "flux")
+DITS = ("pixart", "sd3", "flux", "qwenimage", "zimage")
+# Pipelines that hard-code their base (default_sample_size 128: 1024 px) where the tiny models' is 64 px.
+PIPELINE_BASE = ("flux", "qwenimage", "zimage")
+# Families that run CFG only as true CFG: APG needs true_cfg_scale and a negative prompt.
+TRUE_CFG = ("flux", "qwenimage")
+# Families whose VAE hires cannot tile (VAETilingConfig and MemoryConfig refuse them).
+UNTILEABLE_VAE = ("qwenimage",)
+# Families whose attention hires cannot rewrite (EntropyScalingConfig and WindowAttentionConfig refuse them).
+NO_ATTENTION_REWRITE = ("zimage",)
+# Families whose blocks have diffusers' feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 elsewhere).
+NO_FEED_FORWARD_CHUNKS = ("flux", "zimage")
 PRESET = "preset"  # hires.apply(pipe) without a config / no hires_config / --preset auto
 
 # Options per family that make PositionConfig change the computation at 2x (its defaults do not for
@@ -43,6 +55,8 @@ _POSITIONS = {
     "pixart": {"enabled": True, "interpolation_scale": 2.0},
     "sd3": {"enabled": True, "timestep_shift": "static", "shift": 6.0},
     "flux": {"enabled": True},  # YaRN RoPE and the clamped timestep shift
+    "qwenimage": {"enabled": True},
+    "zimage": {"enabled": True},
 }
 
 
@@ -61,10 +75,10 @@ def technique_options(family: str, technique: str) -> dict:
     if technique == "vae_tiling":  # 16x16 latent in tiles of 8: four tiles (mode "auto" would not tile at 128 px)
         return {"vae_tiling": {"enabled": True, "mode": "always", "tile_size": 8}}
     if technique == "memory":
-        # A fixed budget: the planner does not measure this machine. Flux's blocks have no
+        # A fixed budget: the planner does not measure this machine. Flux's and Z-Image's blocks have no
         # diffusers feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 there).
         options = {"enabled": True, "max_memory": "64GiB"}
-        if family != "flux":
+        if family not in NO_FEED_FORWARD_CHUNKS:
             options["feed_forward_chunks"] = 2
         return {"memory": options}
     if technique == "memory_staged":  # the automatic preset's kind of call, planned whole before its base stage
@@ -91,13 +105,17 @@ def techniques_for(family: str) -> list[str]:
         names.append("flow_alignment")
     if family in UNETS:
         names += ["redilation", "rau_net"]
-    names += ["entropy_scaling", "window_attention", "scale_fusion", "attention_backend", "apg"]
+    if family not in NO_ATTENTION_REWRITE:
+        names += ["entropy_scaling", "window_attention", "scale_fusion"]
+    names += ["attention_backend", "apg"]
     if family in DITS:
         names.append("positions")
     if _family_record(family).position_encoding == "rope":
         names.append("dype")
     names += ["skip_residual", "dilated_sampling", "dilated_sampling_local"]
-    names += ["vae_tiling", "memory", "memory_staged", PRESET]
+    if family not in UNTILEABLE_VAE:
+        names += ["vae_tiling", "memory", "memory_staged"]
+    names.append(PRESET)
     return names
 
 
@@ -113,10 +131,11 @@ def call_arguments(family: str, technique: str) -> dict:
     needs for a technique (the same options on the CLI's side)."""
     import tiny_models
 
-    arguments = {"guidance_scale": tiny_models.CALL_KWARGS[family]["guidance_scale"]}
+    # Qwen-Image has no distilled guidance: its calls (and the CLI's) pass no guidance_scale.
+    arguments = {k: v for k, v in tiny_models.CALL_KWARGS[family].items() if k == "guidance_scale"}
     if family == "pixart":
         arguments["use_resolution_binning"] = False  # the CLI renders the size asked for
-    if family == "flux" and technique == "apg":
+    if family in TRUE_CFG and technique == "apg":
         # Flux runs CFG only as true CFG: `hires generate --true-cfg 4 --negative "blue square"`.
         arguments.update(true_cfg_scale=4.0, negative_prompt="blue square")
     return arguments

@@ -67,8 +67,10 @@ def test_techniques_lists_every_technique_its_families_and_options(capsys):
             assert f"  {name}.{field.name}: " in out
     families = dict(re.findall(r"^(\w+) \(\w+\):.*\n  families: (.*)$", out, flags=re.MULTILINE))
     assert families["redilation"] == "sd15, sd21, sdxl"  # UNet convolutions only
-    assert families["positions"] == "pixart, sd3, flux"  # DiT positions only
-    assert families["entropy_scaling"] == "sd15, sd21, sdxl, pixart, sd3, flux"
+    assert families["positions"] == "pixart, sd3, flux, qwenimage, zimage"  # DiT positions only
+    # Z-Image's padded single-stream attention is refused; Qwen-Image's VAE is never tiled
+    assert families["entropy_scaling"] == "sd15, sd21, sdxl, pixart, sd3, flux, qwenimage"
+    assert "qwenimage" not in families["vae_tiling"] and "zimage" in families["vae_tiling"]
 
 
 def test_quiet_prints_nothing_at_all(tmp_path):

@@ -14,6 +14,8 @@ EXPECTED = {
     "pixart": (64, 16, "epsilon"),
     "sd3": (64, 16, "flow"),
     "flux": (64, 16, "flow"),
+    "qwenimage": (64, 16, "flow"),
+    "zimage": (64, 16, "flow"),
 }
 
 

@@ -9,10 +9,22 @@ from hires.techniques.guidance import GUIDANCE_HOOK, GuidanceCall, ensure_guidan
 from tiny_models import FAMILY_NAMES, build, generate
 
 TRUE_CFG = {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}
+SEPARATE = ("flux", "qwenimage")  # true CFG: a cond call, then an uncond call
 
 
 def cfg_kwargs(family):
-    return dict(TRUE_CFG) if family == "flux" else {}
+    return dict(TRUE_CFG) if family in SEPARATE else {}
+
+
+def pipeline_rescale(family, guided, cond):
+    """What the pipeline does with the combined prediction: QwenImagePipeline rescales it, per token,
+    to the cond prediction's norm; the others take it as it is."""
+    if family != "qwenimage":
+        return guided
+    return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
+
+
+FRAME_LIST = ("zimage",)  # a list of (C, 1, h, w) latents in and negated velocities out, [cond, uncond]
 
 
 class Recorder:
@@ -42,21 +54,25 @@ class Recorder:
         args, kwargs = self.calls[index]
         with torch.no_grad():
             out = type(self.denoiser).forward(self.denoiser, *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out.sample
+        out = out[0] if isinstance(out, tuple) else out.sample
+        if self.family in FRAME_LIST:  # the velocity the scheduler steps with, as a (B, C, h, w) tensor
+            out = -torch.stack([frame[:, 0] for frame in out]).float()
+        return out
 
     def raw_pairs(self):
         """(uncond, cond) prediction channels per step, from recomputed raw outputs."""
         channels = prediction_channels(self.denoiser.config)
         cut = (lambda t: t) if channels is None else (lambda t: t[:, :channels])
         pairs = []
-        if self.family == "flux":  # true CFG: cond call then uncond call
+        if self.family in SEPARATE:  # true CFG: cond call then uncond call
             for i in range(0, len(self.calls), 2):
                 pairs.append((cut(self.raw(i + 1)), cut(self.raw(i))))
         else:
             for i in range(len(self.calls)):
                 out = self.raw(i)
                 half = out.shape[0] // 2
-                pairs.append((cut(out[:half]), cut(out[half:])))
+                first, second = cut(out[:half]), cut(out[half:])
+                pairs.append((second, first) if self.family in FRAME_LIST else (first, second))
         return pairs
 
 
@@ -68,8 +84,9 @@ def odd_combiner(uncond, cond, scale, state):
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_the_scheduler_receives_exactly_the_combiners_prediction(family):
     pipe = build(family)
-    scale = (TRUE_CFG["true_cfg_scale"] if family == "flux"
-             else {"pixart": 4.5}.get(family, 5.0))
+    # Z-Image's guidance_scale 3 combines cond + 3 (cond - uncond): w = 4 in uncond + w (cond - uncond)
+    scale = (TRUE_CFG["true_cfg_scale"] if family in SEPARATE
+             else {"pixart": 4.5, "zimage": 4.0}.get(family, 5.0))
     hires.apply(pipe)
     hook = ensure_guidance_hook(get_attachment(pipe))
     hook.set_combiner(odd_combiner, owner="test")
@@ -79,11 +96,11 @@ def test_the_scheduler_receives_exactly_the_combiners_prediction(family):
     pairs = rec.raw_pairs()
     assert len(pairs) == len(rec.stepped) == 3
     for (uncond, cond), received in zip(pairs, rec.stepped):
-        expected = odd_combiner(uncond, cond, scale, None)
+        expected = pipeline_rescale(family, odd_combiner(uncond, cond, scale, None), cond)
         assert received.shape == expected.shape
         torch.testing.assert_close(received, expected, rtol=1e-5, atol=1e-5)
         # and it is not plain CFG (the check can fail)
-        assert not torch.allclose(received, uncond + scale * (cond - uncond), atol=1e-3)
+        assert not torch.allclose(received, pipeline_rescale(family, uncond + scale * (cond - uncond), cond), atol=1e-3)
 
 
 @pytest.mark.parametrize("family", ["sd15", "pixart", "flux"])
@@ -151,6 +168,8 @@ def test_inactive_steps_and_removal_are_bit_identical(family):
         ("sd15", {"guidance_scale": 1.0}, r"guidance_scale=1\.0.*pass guidance_scale > 1"),
         ("flux", {}, r"true_cfg_scale=1\.0.*negative_prompt"),
         ("flux", {"true_cfg_scale": 3.0}, r"negative prompt given: False.*negative_prompt"),
+        ("qwenimage", {}, r"true_cfg_scale=1\.0.*negative_prompt"),
+        ("qwenimage", {"true_cfg_scale": 3.0}, r"negative prompt given: False.*negative_prompt"),
     ],
 )
 def test_a_combiner_without_cfg_raises_naming_the_parameter(family, overrides, match):

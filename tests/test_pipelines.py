@@ -16,6 +16,8 @@ READY = {
     "pixart": ("HiresPixArtSigmaPipeline", "hires_pixart.py"),
     "sd3": ("HiresStableDiffusion3Pipeline", "hires_sd3.py"),
     "flux": ("HiresFluxPipeline", "hires_flux.py"),
+    "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
+    "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
 }
 
 
@@ -34,6 +36,8 @@ def test_ready_pipeline_from_pipe_matches_plain_and_takes_a_hires_config(family)
     assert hires.runtime.get_attachment(ready).config == automatic_config(hires.model_info(ready))
     assert torch.equal(generate(ready, family, 128, hires_config=hires.HiresConfig()), expected)
     config = hires.HiresConfig(entropy_scaling=hires.EntropyScalingConfig(enabled=True))
+    if hires.model_info(ready).family.attention_unsupported:  # Z-Image: entropy scaling is refused there
+        config = hires.HiresConfig(positions=hires.PositionConfig(enabled=True))
     generate(ready, family, 128, hires_config=config)
     assert hires.runtime.get_attachment(ready).config == config
     with pytest.raises(ValueError, match="height=0 must be positive"):
@@ -55,7 +59,7 @@ def test_community_pipeline_file_loads_a_saved_tiny_pipeline(family, tmp_path):
         tmp_path, custom_pipeline=str(ROOT / "pipelines" / READY[family][1]), trust_remote_code=True
     )
     loaded.set_progress_bar_config(disable=True)
-    if family == "flux":  # FluxPipeline hard-codes a 1024 px base; the tiny model's is 64 px
+    if family in ("flux", "qwenimage", "zimage"):  # their pipelines' base is 1024 px; the tiny models' is 64 px
         loaded.default_sample_size = plain.default_sample_size = 8
     assert type(loaded).__name__ == READY[family][0]
     assert isinstance(loaded, hires.pipelines.HiresPipelineMixin)

@@ -174,6 +174,12 @@ def test_sequential_cpu_offload_with_apply():
         ("sd3", {}, 5.0),
         ("flux", {}, None),  # guidance-distilled: guidance_scale feeds the embedding, no CFG
         ("flux", {"true_cfg_scale": 2.5, "negative_prompt": "a blue square"}, 2.5),
+        ("qwenimage", {}, None),  # true CFG only, and no negative prompt
+        ("qwenimage", {"true_cfg_scale": 2.5, "negative_prompt": "a blue square"}, 2.5),
+        # Z-Image combines cond + s (cond - uncond), CFG for any s > 0: w = s + 1
+        ("zimage", {}, 4.0),
+        ("zimage", {"guidance_scale": 0.5}, 1.5),
+        ("zimage", {"guidance_scale": 0.0}, None),  # Turbo
     ],
 )
 def test_call_state_knows_the_guidance_scale_the_pipeline_combines_with(family, overrides, expected):

@@ -258,6 +258,108 @@ def flux_pipeline():
     return pipe
 
 
+def make_qwen25_vl(hidden: int = 32):
+    """Qwen2.5-VL (Qwen-Image's text encoder) from a small config: the real class, a one-block vision tower."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+    text = dict(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}, **ids)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                  fullatt_block_indexes=[0])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=1, video_token_id=1, **ids)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def make_qwenimage_vae():
+    """Qwen-Image's causal 3D VAE (x8 spatial, per-channel latents mean / std) at a tiny width."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True],
+                                  latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 1.2, 0.8]).eval()
+
+
+def qwenimage_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    _seed(0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels packed 2x2
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    pipe = QwenImagePipeline(
+        # Qwen-Image's scheduler shifts dynamically (exponential), its token range scaled to the tiny base.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=0.9,
+            shift=1.0, time_shift_type="exponential",
+        ),
+        vae=make_qwenimage_vae(),
+        text_encoder=make_qwen25_vl(32),
+        # The pipeline drops the first 34 tokens of its prompt template (Qwen's tokenizer makes 34 of
+        # the template's system part); this word-level one makes 36, so two template tokens stay: the
+        # embeddings still follow the prompt, and every copy of the pipeline (from_pipe, loaded) agrees.
+        tokenizer=make_tokenizer(1100),  # the pipeline truncates at 1024 + 34 tokens
+        transformer=transformer,
+    )
+    pipe.default_sample_size = BASE_LATENT  # QwenImagePipeline hard-codes 128 (1024 px)
+    return pipe
+
+
+def make_qwen3(hidden: int = 32):
+    """Qwen3 (Z-Image's text encoder) from a small config: the real class."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    return Qwen3Model(config).eval()
+
+
+# ZImagePipeline formats each prompt with the tokenizer's chat template (Qwen3's wraps it in
+# <|im_start|> ... <|im_end|> turns); the word-level tokenizer gets a template of the same shape.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def zimage_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    _seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,
+        axes_dims=[4, 6, 6],  # head dim 16
+        axes_lens=[128, 32, 32],  # 32 tokens a side: 512 px, as Z-Image's 512 stop at 8192 px
+    ).eval()
+    tokenizer = make_tokenizer(TEXT_LEN)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # Z-Image Turbo's static shift
+        vae=make_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=make_qwen3(32),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    # ZImagePipeline has no default_sample_size (hires reads 1024 px); this tiny model's base is 64 px.
+    pipe.default_sample_size = BASE_LATENT
+    return pipe
+
+
 BUILDERS = {
     "sd15": lambda: sd_pipeline(linear_projection=False),
     "sd21": lambda: sd_pipeline(linear_projection=True, prediction_type="v_prediction"),
@@ -265,6 +367,8 @@ BUILDERS = {
     "pixart": pixart_pipeline,
     "sd3": sd3_pipeline,
     "flux": flux_pipeline,
+    "qwenimage": qwenimage_pipeline,
+    "zimage": zimage_pipeline,
 }
 
 # Call arguments each family needs on top of prompt/size/steps (text lengths kept tiny).
@@ -275,6 +379,10 @@ CALL_KWARGS = {
     "pixart": {"guidance_scale": 4.5, "use_resolution_binning": False, "max_sequence_length": TEXT_LEN},
     "sd3": {"guidance_scale": 5.0, "max_sequence_length": TEXT_LEN},
     "flux": {"guidance_scale": 3.5, "max_sequence_length": TEXT_LEN},
+    # Qwen-Image runs CFG only as true CFG (a negative prompt and true_cfg_scale > 1); plain calls run none.
+    "qwenimage": {"true_cfg_scale": 1.0, "max_sequence_length": TEXT_LEN},
+    # Z-Image (base) runs CFG as cond + s (cond - uncond); Turbo runs s = 0.
+    "zimage": {"guidance_scale": 3.0, "max_sequence_length": TEXT_LEN},
 }
 
 FAMILY_NAMES = tuple(BUILDERS)

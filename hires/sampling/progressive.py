@@ -386,6 +386,8 @@ class StructureGuidance:
         halves = state.guidance_scale is not None and info_batched(self.info) and x0.shape[0] % 2 == 0
         if halves:
             uncond, cond = x0.chunk(2)
+            if self.info.family.cfg_cond_first:
+                uncond, cond = cond, uncond
             guided = uncond + state.guidance_scale * (cond - uncond)
         else:
             guided = x0
@@ -403,19 +405,40 @@ class VAECodec:
 
     def _factors(self):
         vae_config = self.pipe.vae.config
+        if getattr(vae_config, "latents_mean", None) is not None and getattr(vae_config, "latents_std", None) is not None:
+            # Per-channel mean / std (Qwen-Image): z = (x - mean) / std, i.e. scale 1/std, shift mean.
+            mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(vae_config.latents_std, dtype=torch.float32).view(1, -1, 1, 1)
+            return 1.0 / std, mean
         return vae_config.scaling_factor, getattr(vae_config, "shift_factor", None) or 0.0
+
+    def _frames(self) -> bool:
+        """Whether the VAE is a video VAE taking (B, C, frames, H, W) (Qwen-Image's causal 3D VAE)."""
+        return bool(getattr(self.pipe.vae, "temperal_downsample", None))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         scale, shift = self._factors()
         with vae_precision(vae) as dtype:
-            return vae.decode((z / scale + shift).to(dtype), return_dict=False)[0].float()
+            x = (z / _on(scale, z) + _on(shift, z)).to(dtype)
+            if self._frames():
+                return vae.decode(x[:, :, None], return_dict=False)[0][:, :, 0].float()
+            return vae.decode(x, return_dict=False)[0].float()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         scale, shift = self._factors()
         with vae_precision(vae) as dtype:
-            return (vae.encode(image.to(dtype)).latent_dist.mode().float() - shift) * scale
+            if self._frames():
+                x = vae.encode(image.to(dtype)[:, :, None]).latent_dist.mode()[:, :, 0].float()
+            else:
+                x = vae.encode(image.to(dtype)).latent_dist.mode().float()
+        return (x - _on(shift, x)) * _on(scale, x)
+
+
+def _on(factor, like: torch.Tensor):
+    """A VAE factor (a number, or a per-channel tensor) on `like`'s device."""
+    return factor.to(like.device) if isinstance(factor, torch.Tensor) else factor
 
 
 def info_batched(info) -> bool:
@@ -439,7 +462,7 @@ class _StructureGuidanceHook(ModelHook):
             return args, kwargs
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments
         sample = next(v for k, v in bound.items() if k != "self")
-        self.pending = (sample, bound["timestep"], state)
+        self.pending = (sample, bound[self.guidance.attachment.info.family.timestep_argument], state)
         return args, kwargs
 
     def post_forward(self, module, output):

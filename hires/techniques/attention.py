@@ -481,7 +481,10 @@ TORCH_SDPA_BACKENDS = {
 
 def _uses_dispatcher(model) -> bool:
     """Whether every attention processor goes through diffusers' attention dispatcher."""
-    return all(hasattr(p, "_attention_backend") for p in model.attn_processors.values())
+    # ZImageTransformer2DModel has no attn_processors (no AttentionMixin): its Attention modules tell.
+    processors = (model.attn_processors.values() if hasattr(model, "attn_processors")
+                  else [m.processor for m in model.modules() if hasattr(m, "processor")])
+    return all(hasattr(p, "_attention_backend") for p in processors)
 
 
 class _BackendHook(ModelHook):
