@@ -715,6 +715,11 @@ class DilatedSamplingConfig:
             raise ValueError(f"DilatedSamplingConfig: {info.name} latents ({family.latent_layout!r} layout) cannot be "
                              "split into sub-lattices: it needs a spatial latent, or packed tokens whose position ids "
                              "name their height and width axes (Family.rope_axis_sides); disable dilated_sampling")
+        if family.packed_grid_source != "img_ids" or family.denoiser_io != "tensor":
+            raise ValueError(f"DilatedSamplingConfig: {info.name}'s denoiser takes its token grid from "
+                             f"{family.packed_grid_source!r} and its latents as a {family.denoiser_io!r}; the sub-lattice "
+                             "pass builds per-lattice position ids for Flux-style img_ids and tensor latents only; "
+                             "disable dilated_sampling")
 
 
 def _describe(annotation: str) -> str:

@@ -112,7 +112,10 @@ def techniques_for(family: str) -> list[str]:
         names.append("positions")
     if _family_record(family).position_encoding == "rope":
         names.append("dype")
-    names += ["skip_residual", "dilated_sampling", "dilated_sampling_local"]
+    names.append("skip_residual")
+    record = _family_record(family)
+    if record.packed_grid_source == "img_ids" and record.denoiser_io == "tensor":
+        names += ["dilated_sampling", "dilated_sampling_local"]
     if family not in UNTILEABLE_VAE:
         names += ["vae_tiling", "memory", "memory_staged"]
     names.append(PRESET)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from diffusers import FluxPipeline
 
 import hires
+import hires.families
+import tiny_models
 from hires.runtime import get_attachment
 from hires.sampling import schedules, stages
 from hires.techniques import dilated_sampling as ds
@@ -151,7 +153,25 @@ def _unhooked(pipe, arguments) -> torch.Tensor:
     return (raw[0] if isinstance(raw, tuple) else raw.sample).float()
 
 
+def _splittable(name: str) -> bool:
+    family = next(f for f in hires.families.FAMILIES if f.name == name)
+    return family.packed_grid_source == "img_ids" and family.denoiser_io == "tensor"
+
+
+SPLITTABLE = [f for f in tiny_models.FAMILY_NAMES if _splittable(f)]
+REFUSED = [f for f in tiny_models.FAMILY_NAMES if not _splittable(f)]
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_families_without_splittable_positions_are_refused_by_name(name):
+    pipe = tiny_models.build(name)
+    with pytest.raises(ValueError, match=f"DilatedSamplingConfig: {name}.*disable dilated_sampling"):
+        hires.apply(pipe, hires.HiresConfig(dilated_sampling=hires.DilatedSamplingConfig(enabled=True)))
+    assert not hires.is_applied(pipe)
+
+
 @pytest.mark.parametrize("size", [128, 112])
+@pytest.mark.parametrize("family", SPLITTABLE)
 def test_hooked_prediction_equals_the_sub_lattice_loop(family, size):
     if size == 112 and family not in ("sd15", "flux"):
         pytest.skip("the padded side is checked on one UNet and the packed DiT")
@@ -176,6 +196,7 @@ def test_hooked_prediction_equals_the_sub_lattice_loop(family, size):
     assert moved  # the dilated pass weighed in
 
 
+@pytest.mark.parametrize("family", SPLITTABLE)
 def test_every_family_changes_the_image_above_the_base_and_is_seeded(family):
     pipe = build(family)
     plain = generate(pipe, family, 128, steps=3, seed=1)
@@ -241,6 +262,7 @@ def test_control_residuals_are_refused(monkeypatch):
         generate(pipe, "sd15", 128, steps=1, seed=0)
 
 
+@pytest.mark.parametrize("family", SPLITTABLE)
 def test_off_at_base_size_and_removed_are_bit_identical(family):
     pipe = build(family)
     plain_base = generate(pipe, family, 64, steps=3, seed=4)
