@@ -49,6 +49,8 @@ class HiresConfig:
     structure_guidance: StructureGuidanceConfig = dataclasses.field(default_factory=lambda: StructureGuidanceConfig())
     flow_alignment: FlowAlignmentConfig = dataclasses.field(default_factory=lambda: FlowAlignmentConfig())
     bottleneck: BottleneckConfig = dataclasses.field(default_factory=lambda: BottleneckConfig())
+    skip_residual: SkipResidualConfig = dataclasses.field(default_factory=lambda: SkipResidualConfig())
+    dilated_sampling: DilatedSamplingConfig = dataclasses.field(default_factory=lambda: DilatedSamplingConfig())
     redilation: RedilationConfig = dataclasses.field(default_factory=lambda: RedilationConfig())
     entropy_scaling: EntropyScalingConfig = dataclasses.field(default_factory=lambda: EntropyScalingConfig())
     window_attention: WindowAttentionConfig = dataclasses.field(default_factory=lambda: WindowAttentionConfig())
@@ -238,15 +240,29 @@ class EntropyScalingConfig:
         _choice("EntropyScalingConfig", "text_tokens", self.text_tokens, ("exclude", "include"))
 
     def validate_for(self, info) -> None:
-        return None
+        _require_rewritable_attention("EntropyScalingConfig", info)
+
+
+def _require_unmasked_attention(owner: str, info) -> None:
+    reason = info.family.attention_masked
+    if reason:
+        raise ValueError(f"{owner}(enabled=True) does not apply to family {info.name!r}: {reason}; disable it for "
+                         "this model")
+
+
+def _require_rewritable_attention(owner: str, info) -> None:
+    reason = info.family.attention_unsupported
+    if reason:
+        raise ValueError(f"{owner}(enabled=True) does not apply to family {info.name!r}: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
 class WindowAttentionConfig:
-    """Image self-attention in windows of the base-size token grid, shifted per step."""
+    """Image self-attention in windows holding the base size's token count, shifted per step."""
 
     enabled: bool = False
-    window: int | None = None  # window side in tokens; None: the layer's grid side at the base size
+    # window side in tokens; None: the layer's base-size token count at the call's aspect ratio
+    window: int | None = None
     shift: bool = True  # shift windows every step by offsets drawn from the call's generator
 
     def __post_init__(self):
@@ -254,7 +270,7 @@ class WindowAttentionConfig:
             raise ValueError(f"WindowAttentionConfig.window={self.window!r} must be a positive int (tokens) or None")
 
     def validate_for(self, info) -> None:
-        return None
+        _require_rewritable_attention("WindowAttentionConfig", info)
 
 
 ATTENTION_BACKENDS = ("native", "flash", "_native_flash", "_native_efficient", "_native_math", "xformers", "sage", "flex")
@@ -434,7 +450,8 @@ class ScaleFusionConfig:
             raise ValueError(f"{owner}.blur_sigma={self.blur_sigma!r} must be a finite number > 0")
 
     def validate_for(self, info) -> None:
-        return None
+        _require_rewritable_attention("ScaleFusionConfig", info)
+        _require_unmasked_attention("ScaleFusionConfig", info)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,7 +472,9 @@ class VAETilingConfig:
                 raise ValueError(f"{owner}.{name}={value!r} must be a {'positive' if name == 'tile_size' else 'non-negative'} int (latent pixels) or None")
 
     def validate_for(self, info) -> None:
-        return None
+        reason = info.family.vae_untileable
+        if reason:
+            raise ValueError(f"VAETilingConfig(enabled=True) does not apply to family {info.name!r}: {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,7 +494,10 @@ class MemoryConfig:
             raise ValueError(f"{owner}.feed_forward_chunks={self.feed_forward_chunks!r} must be a positive int or None")
 
     def validate_for(self, info) -> None:
-        return None
+        reason = info.family.vae_untileable
+        if reason:
+            raise ValueError(f"MemoryConfig(enabled=True) does not apply to family {info.name!r}: the planner's "
+                             f"way out of a large decode is hires' tiled VAE, and {reason}")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -528,7 +550,9 @@ class StructureGuidanceConfig:
     # intermediate stages between the base size and the requested size: pixel sides (int: square, or
     # (height, width)) or factors of the base side (float); the requested size is always the last stage
     stages: tuple | None = None
-    renoise: Any = None  # fraction of the schedule re-run at each stage, in (0, 1] (DiffuseHigh: 15/50)
+    # fraction of the schedule re-run at each stage, in (0, 1] (DiffuseHigh: 15/50); None: 0.3. On schedules of
+    # 8 steps or fewer (distilled models) at least 0.5, so a stage runs two of four steps rather than one
+    renoise: Any = None
     guided_steps: Any = None  # steps at the start of each stage that get the low-band swap (DiffuseHigh: 5)
     guided_fraction: float = 1 / 3  # where guided_steps is None: this share of each stage's steps (DiffuseHigh: 5 of 15)
     wavelet: str = "db4"
@@ -640,6 +664,79 @@ class BottleneckConfig:
         return None
 
 
+def _positive_number(owner: str, name: str, value: Any, allow_zero: bool = False) -> None:
+    if not (value > 0 or (allow_zero and value == 0)):
+        raise ValueError(f"{owner}.{name}={value!r} must be a number {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipResidualConfig:
+    """DemoFusion's skip residual: each step of an upscaled stage blended toward its noised start.
+
+    In each stage that starts from an upscaled previous result, every step's latent is blended toward
+    that result noised to the step's timestep (one noise draw per stage).
+
+    z = (1 - c1) z + c1 noised_upscaled(t), c1 = cosf(t) ** exponent (hires.sampling.skip_residual).
+    It acts on the stages of structure guidance (or bottleneck's upscaling stage), which must be on.
+    """
+
+    enabled: bool = False
+    exponent: float = 3.0  # DemoFusion's cosine_scale_1; FreeScale uses 2.0
+
+    def __post_init__(self):
+        _positive_number("SkipResidualConfig", "exponent", self.exponent)
+
+    def validate_for(self, info) -> None:
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class DilatedSamplingConfig:
+    """DemoFusion's dilated sampling: interleaved sub-lattices denoised at the base size, fused in.
+
+    Above the base size, the latent's s_h x s_w interleaved sub-lattices (stride = scale per side,
+    rounded) are denoised as base-size latents in one batched call, from a Gaussian-blurred copy, and
+    blended into the full-size prediction with weight cosf(t) ** fusion_exponent; with local_windows
+    that prediction is MultiDiffusion's mean over overlapping base-size windows
+    (hires.techniques.dilated_sampling).
+    """
+
+    enabled: bool = False
+    fusion_exponent: float = 1.0  # DemoFusion's cosine_scale_2: weight of the dilated prediction
+    sigma: float = 1.0  # blur sigma at pure noise (DemoFusion's code default; its demos use 0.8); 0: no blur
+    blur_exponent: float = 1.0  # DemoFusion's cosine_scale_3: sigma * (0.99 cosf ** blur_exponent + 0.01)
+    max_batch: int | None = None  # sub-lattices per denoiser call (DemoFusion's view_batch_size); None: all
+    # MultiDiffusion local paths: the full-size prediction replaced by the mean over overlapping base-size
+    # windows (stride window_stride x window, jittered from the call's generator), batched like the sub-lattices
+    local_windows: bool = False
+    window_stride: float = 0.5  # DemoFusion: stride 64 of a 128 latent window
+
+    def __post_init__(self):
+        owner = "DilatedSamplingConfig"
+        _positive_number(owner, "fusion_exponent", self.fusion_exponent)
+        _positive_number(owner, "sigma", self.sigma, allow_zero=True)
+        _positive_number(owner, "blur_exponent", self.blur_exponent)
+        if not 0 < self.window_stride <= 1:
+            raise ValueError(f"{owner}.window_stride={self.window_stride!r} must be a fraction of the window in (0, 1]")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"{owner}.max_batch={self.max_batch!r} must be a whole number >= 1, or None for one call")
+
+    def validate_for(self, info) -> None:
+        family = info.family
+        if family.latent_layout not in ("spatial", "packed") or (family.latent_layout == "packed"
+                                                                 and "height" not in family.rope_axis_sides):
+            raise ValueError(f"DilatedSamplingConfig: {info.name} latents ({family.latent_layout!r} layout) cannot be "
+                             "split into sub-lattices: it needs a spatial latent, or packed tokens whose position ids "
+                             "name their height and width axes (Family.rope_axis_sides); disable dilated_sampling")
+        if family.packed_grid_source != "img_ids" or family.denoiser_io != "tensor":
+            raise ValueError(f"DilatedSamplingConfig: {info.name}'s denoiser takes its token grid from "
+                             f"{family.packed_grid_source!r} and its latents as a {family.denoiser_io!r}; the sub-lattice "
+                             "pass builds per-lattice position ids for Flux-style img_ids and tensor latents only; "
+                             "disable dilated_sampling")
+        if family.attention_masked:
+            raise ValueError(f"DilatedSamplingConfig: {info.name}: {family.attention_masked}; disable dilated_sampling")
+
+
 def _describe(annotation: str) -> str:
     words = {"bool": "True or False (a JSON boolean)", "int": "an integer", "float": "a number", "str": "a string",
              "None": "None (null)", "tuple[float, float]": "a pair of numbers (low, high)",
@@ -696,7 +793,7 @@ def _typed(cls: type) -> type:
 
 for _cls in (BottleneckConfig, StructureGuidanceConfig, RedilationConfig, EntropyScalingConfig, WindowAttentionConfig,
              AttentionBackendConfig, APGConfig, PositionConfig, VAETilingConfig, MemoryConfig, RAUNetConfig,
-             ScaleFusionConfig):
+             ScaleFusionConfig, SkipResidualConfig, DilatedSamplingConfig):
     _SUBCONFIG_TYPES[_cls.__name__] = _typed(_cls)
 
 

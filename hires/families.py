@@ -97,6 +97,29 @@ class Family:
     # What the pipeline returns for output_type="latent": "denoiser" (the latents as its denoiser sees
     # them, packed for packed layouts) or "vae" (the VAE's own latent: Flux2KleinPipeline).
     latent_output: str = "denoiser"
+    # Why the denoiser's attention mask rules out scale fusion and dilated sampling (None: the pipeline passes
+    # no mask). Window attention cuts a mask to its windows; the fused branches and the sub-lattice pass do not.
+    attention_masked: str | None = None
+    # Packed families: the denoiser argument that tells the token grid: "img_ids" (Flux: a row and a
+    # column id per token) or "img_shapes" (Qwen-Image: (frames, rows, cols) per image).
+    packed_grid_source: str = "img_ids"
+    # Why hires cannot tile this family's VAE (None: it can): VAETilingConfig and MemoryConfig refuse with it.
+    vae_untileable: str | None = None
+    # Why hires cannot rewrite this family's attention (None: it can): entropy scaling and windows refuse with it.
+    attention_unsupported: str | None = None
+    # The denoiser's timestep parameter, and how it takes latents: "tensor", or "frame_list" (Z-Image: a
+    # list of (C, 1, h, w) latents in, a list out, time 1 - sigma, output the negated velocity), which
+    # hires' hooks see as a (B, C, h, w) tensor, timestep sigma and the velocity (hires.runtime).
+    timestep_argument: str = "timestep"
+    denoiser_io: str = "tensor"
+    # Batched CFG: whether the pipeline stacks [cond, uncond] (Z-Image) instead of [uncond, cond], and
+    # what it adds to guidance_scale to get w in uncond + w (cond - uncond) (Z-Image combines
+    # cond + s (cond - uncond), i.e. w = s + 1).
+    cfg_cond_first: bool = False
+    guidance_scale_offset: float = 0.0
+    # Latent base side used when the pipeline has no `base_size_source` attribute (ZImagePipeline has no
+    # default_sample_size; its __call__ defaults to 1024 px).
+    base_latent_default: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +143,8 @@ PROCESSOR_FACTS = {
     # Flux.2: double blocks concatenate [text, image]; single blocks receive that sequence whole.
     "Flux2AttnProcessor": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
     "Flux2ParallelSelfAttnProcessor": ProcessorFacts("text_first", ("norm_q",)),
+    # Qwen-Image's joint attention: torch.cat([txt, img]) after norm_q / norm_added_q, then RoPE.
+    "QwenDoubleStreamAttnProcessor2_0": ProcessorFacts("text_first", ("norm_q", "norm_added_q")),
 }
 
 
@@ -293,6 +318,69 @@ FAMILIES: tuple[Family, ...] = (
         rope_axis_sides=(None, "height", "width"),
         guidance_layout="separate",
         guidance_scale_name="guidance_scale",
+        attention_masked=(
+            "ChromaPipeline passes its text padding mask (batch, text + image tokens) to every attention call; scale "
+            "fusion's global and local branches and dilated sampling's sub-lattice pass (a base-size token count) "
+            "do not carry it"
+        ),
+    ),
+    # Qwen-Image: latents packed 2x2 by the pipeline (as Flux), the grid given to the transformer as
+    # img_shapes; base side from the pipeline's default_sample_size (128: 1024 px, diffusers' default).
+    # Its QwenEmbedRope centres the row and column positions on the image (scale_rope=True): a side of
+    # n tokens spans -(n - n//2) .. n//2 - 1; axis 0 counts frames (0 for an image). True CFG only
+    # (guidance_scale feeds no embedding in the released model); the pipeline rescales the combined
+    # prediction to the cond prediction's norm per token.
+    Family(
+        name="qwenimage",
+        pipeline_classes=(
+            "QwenImagePipeline",
+            "QwenImageImg2ImgPipeline",
+            "QwenImageControlNetPipeline",
+        ),
+        denoiser_attr="transformer",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        patch_size=2,
+        prediction_source="flow",
+        latent_layout="packed",
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope_centred",
+        rope_axis_sides=(None, "height", "width"),
+        guidance_layout="separate",
+        guidance_scale_name="true_cfg_scale",
+        cfg_switch="do_true_cfg",
+        packed_grid_source="img_shapes",
+        vae_untileable=(
+            "Qwen-Image's VAE (AutoencoderKLQwenImage) is a causal 3D VAE of CausalConv3d blocks with a frame "
+            "cache, which hires' whole-image-statistics tiled decode does not cover; decode untiled (the "
+            "default), or use diffusers' own pipe.vae.enable_tiling(), which blends overlapping tiles"
+        ),
+    ),
+    # Z-Image: single-stream DiT. Latents spatial (patchified 2x2 inside the transformer); 3-axis RoPE looked
+    # up in per-axis tables by integer ids: axis 0 the sequence (caption 1..L, image at L + 1), axes 1 and 2
+    # the row and column from 0. CFG batched as [cond, uncond]; Z-Image Turbo runs guidance_scale 0 (no CFG).
+    Family(
+        name="zimage",
+        pipeline_classes=("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageControlNetPipeline"),
+        denoiser_attr="transformer",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        base_latent_default=128,
+        patch_size=2,
+        prediction_source="flow",
+        latent_layout="spatial",
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope_id_tables",
+        rope_axis_sides=(None, "height", "width"),
+        timestep_argument="t",
+        denoiser_io="frame_list",
+        cfg_cond_first=True,
+        guidance_scale_offset=1.0,
+        attention_unsupported=(
+            "Z-Image's single-stream attention (ZSingleStreamAttnProcessor) runs over image and caption "
+            "sequences padded to multiples of 32 with learned pad tokens that stay keys, so the image "
+            "token grid and key counts hires rescales are not what the layer sees"
+        ),
     ),
 )
 
@@ -328,6 +416,20 @@ class ModelInfo:
     def base_tokens(self) -> int:
         """Image tokens (latent pixels for UNets) at the base size."""
         return (self.base_height // self.token_side) * (self.base_width // self.token_side)
+
+
+def round_to(value: float, multiple: int) -> int:
+    """`value` rounded to the nearest multiple of `multiple` (at least one multiple)."""
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def base_area_size(info: ModelInfo, height: int, width: int) -> tuple[int, int]:
+    """The request's aspect ratio at the model's base area, sides rounded to its size multiple: where
+    structure guidance generates first, and what a default attention window covers. A request
+    whose base-area size is not smaller than itself (SDXL's 832x1216 bucket) is native."""
+    shrink = math.sqrt(info.base_height * info.base_width / (height * width))
+    m = info.size_multiple
+    return round_to(height * shrink, m), round_to(width * shrink, m)
 
 
 def _pipeline_class_names(pipe) -> set[str]:
@@ -388,7 +490,8 @@ def read_model_info(pipe, base_size: int | tuple[int, int] | None = None) -> Mod
         base_h, base_w = base_h // latent_factor, base_w // latent_factor
     else:
         source, key = family.base_size_source
-        side = _config_value(denoiser.config, key) if source == "denoiser_config" else getattr(pipe, key)
+        side = _config_value(denoiser.config, key) if source == "denoiser_config" else getattr(pipe, key,
+                                                                                                family.base_latent_default)
         if side is None:
             raise ValueError(f"cannot read the base size of {type(pipe).__name__}: {source}.{key} is not set; "
                              "give HiresConfig(base_size=...)")

@@ -17,9 +17,11 @@ from diffusers import (
     Flux2Pipeline,
     FluxPipeline,
     PixArtSigmaPipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    ZImagePipeline,
 )
 
 from .config import HiresConfig, validate_size
@@ -70,6 +72,12 @@ class HiresFlux2KleinPipeline(HiresPipelineMixin, Flux2KleinPipeline):
 
 class HiresChromaPipeline(HiresPipelineMixin, ChromaPipeline):
     """ChromaPipeline with hires."""
+class HiresQwenImagePipeline(HiresPipelineMixin, QwenImagePipeline):
+    """QwenImagePipeline with hires."""
+
+
+class HiresZImagePipeline(HiresPipelineMixin, ZImagePipeline):
+    """ZImagePipeline (Z-Image and Z-Image Turbo) with hires."""
 
 
 READY_PIPELINES = (
@@ -81,4 +89,6 @@ READY_PIPELINES = (
     HiresFlux2Pipeline,
     HiresFlux2KleinPipeline,
     HiresChromaPipeline,
+    HiresQwenImagePipeline,
+    HiresZImagePipeline,
 )

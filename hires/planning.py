@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import torch
 from diffusers.hooks import ModelHook
 
 from . import memory_planner
@@ -26,6 +27,119 @@ from .techniques.memory import (
 )
 
 PLAN_HOOK = "hires.memory_plan"
+PLANNER_NAME = "memory"
+
+
+# -- the VAE passes of a call ---------------------------------------------------------------------
+def structure_guidance_passes(info, config, height: int, width: int, batch: int, latent_channels: int,
+                              decodes: bool = True) -> tuple[list[memory_planner.DenoiserPass], list[memory_planner.VAEPass]]:
+    """The denoiser sizes and every VAE pass of a structure-guidance call at height x width.
+
+    Each stage after the base starts from the previous result upscaled: in pixel space
+    (`upscale_space` or `space` "pixel") that is one decode at the previous stage's size and one
+    encode at the stage's; in latent space no VAE pass. With `space="pixel"` every guided step also
+    decodes and encodes at the stage's size. The call's own decode (`decodes`) is at the request size.
+    """
+    from .sampling.progressive import stage_sizes
+
+    factor = info.latent_factor
+    sizes = stage_sizes(info, config, height, width)
+
+    def latent(size):
+        return (batch, latent_channels, size[0] // factor, size[1] // factor)
+
+    def image(size):
+        return (batch, 3, size[0], size[1])
+
+    denoiser = [memory_planner.DenoiserPass(h, w, f"stage {i + 1} steps") for i, (h, w) in enumerate(sizes)]
+    vae = []
+    for i in range(1, len(sizes)):
+        previous, size, label = sizes[i - 1], sizes[i], f"stage {i + 1}"
+        if (config.upscale_space or config.space) == "pixel":
+            vae.append(memory_planner.VAEPass("decode", latent(previous), f"{label} start: decode of {previous[1]}x{previous[0]}"))
+            vae.append(memory_planner.VAEPass("encode", image(size), f"{label} start: encode of the upscaled image"))
+        if config.space == "pixel":
+            vae.append(memory_planner.VAEPass("decode", latent(size), f"{label} guided steps: decode"))
+            vae.append(memory_planner.VAEPass("encode", image(size), f"{label} guided steps: encode"))
+    if decodes:
+        vae.append(memory_planner.VAEPass("decode", latent(sizes[-1]), "the call's decode"))
+    return denoiser, vae
+
+
+def _call_batch(arguments: dict) -> int:
+    embeds = arguments.get("prompt_embeds")
+    prompt = arguments.get("prompt")
+    prompts = embeds.shape[0] if embeds is not None else (len(prompt) if isinstance(prompt, (list, tuple)) else 1)
+    return prompts * (arguments.get("num_images_per_prompt") or 1)
+
+
+def _uses_cfg(family, arguments: dict, stage) -> bool:
+    if family.guidance_layout == "none":  # Flux.2 [dev]: guidance_scale feeds the guidance embedding
+        return False
+    name = family.guidance_scale_name
+    scale = stage.call_arguments.get(name, arguments.get(name))
+    if scale is None or scale <= 1:
+        return False
+    if family.guidance_layout == "separate" and family.cfg_switch:  # true CFG runs only with a negative prompt
+        return arguments.get("negative_prompt") is not None or arguments.get("negative_prompt_embeds") is not None
+    return True
+
+
+class CallMemoryPlanner:
+    """A planner of the stage engine that changes no stage: it plans the whole staged call (every
+    stage's denoiser and every VAE pass) once the other planners have made the plan, and refuses it
+    with the numbers before anything runs."""
+
+    def __init__(self, attachment, config: MemoryConfig, sequential_allowed: bool):
+        self.attachment = attachment
+        self.config = config
+        self.sequential_allowed = sequential_allowed
+        self.current: memory_planner.CallPlan | None = None  # the running staged call's plan
+
+    def plan(self, arguments: dict, stages: list) -> list:
+        self.current = None
+        if len(stages) == 1 and stages[0].trivial:
+            return stages  # a plain call: its own first step plans it
+        self.current = self.plan_stages(arguments, stages)
+        return stages
+
+    def plan_stages(self, arguments: dict, stages: list) -> memory_planner.CallPlan:
+        attachment, pipe = self.attachment, self.attachment.pipe
+        info, denoiser = attachment.info, attachment.denoiser
+        height, width = int(arguments["height"]), int(arguments["width"])
+        batch = _call_batch(arguments)
+        decodes = arguments.get("output_type") != "latent"
+        guidance = attachment.config.structure_guidance
+        if guidance.enabled:
+            _, vae_passes = structure_guidance_passes(info, guidance, height, width, batch,
+                                                      pipe.vae.config.latent_channels, decodes)
+        else:
+            latent = (batch, pipe.vae.config.latent_channels, height // info.latent_factor, width // info.latent_factor)
+            vae_passes = [memory_planner.VAEPass("decode", latent, "the call's decode")] if decodes else []
+        denoiser_passes = [memory_planner.DenoiserPass(s.height, s.width, f"stage {i + 1} steps",
+                                                       _uses_cfg(info.family, arguments, s))
+                           for i, s in enumerate(stages)]
+        device = torch.device(pipe._execution_device)
+        budget, other = memory_planner.call_budget(pipe, denoiser, self.config, device)
+        tiling = attachment.config.vae_tiling
+        return memory_planner.plan_call(
+            denoiser, pipe.vae, denoiser_passes=denoiser_passes, vae_passes=vae_passes,
+            latent_factor=info.latent_factor, dtype=next(iter(denoiser.parameters())).dtype, batch=batch,
+            cfg_batched=info.family.guidance_layout == "batched", budget=budget, other_weights=other,
+            tile_vae=None if not tiling.enabled or tiling.mode == "auto" else tiling.mode == "always",
+            tile_size=tiling.tile_size if tiling.enabled else None, feed_forward_chunks=self.config.feed_forward_chunks,
+            sequential_cfg=self.config.sequential_cfg if self.sequential_allowed else False,
+            name=f"{width}x{height} {info.name} in {len(stages)} stages", device_type=device.type)
+
+
+def call_plan(pipe) -> memory_planner.CallPlan | None:
+    """The whole-call memory plan of the last staged call on `pipe` (None: none, or memory is off)."""
+    from .runtime import get_attachment
+
+    attachment = get_attachment(pipe)
+    engine = attachment.stages if attachment is not None else None
+    planner = engine.planner(PLANNER_NAME) if engine is not None else None
+    return planner.current if planner is not None else None
 
 
 @dataclasses.dataclass
@@ -34,34 +148,59 @@ class _MemoryCall:
 
 
 class MemoryPlanHook(ModelHook):
-    """At a call's first denoiser step: plan for the call's size, refuse what cannot fit, set the choices."""
+    """At a call's first denoiser step: plan for the call's size, refuse what cannot fit, set the
+    choices. A stage call takes its choices from the whole call's plan (`CallMemoryPlanner`)."""
 
-    def __init__(self, attachment, config, choices: Choices, sequential_allowed: bool):
+    def __init__(self, attachment, config, choices: Choices, sequential_allowed: bool,
+                 call_planner: CallMemoryPlanner | None = None):
         super().__init__()
         self.attachment = attachment
         self.config = config
         self.choices = choices
         self.sequential_allowed = sequential_allowed
+        self.call_planner = call_planner
+
+    def _stage_pass(self, state):
+        whole = self.call_planner.current if self.call_planner is not None and state.stage is not None else None
+        if whole is None:
+            return None, None
+        size = (state.height, state.width)
+        return whole, next((p for p in whole.denoiser_passes() if p.shape == size), None)
 
     def pre_forward(self, module, *args, **kwargs):
         state = self.attachment.state
         if state is None or state.slot(_MemoryCall).plan is not None:
             return args, kwargs
-        plan = memory_planner.plan_for_call(self.attachment, self.config, state, args, kwargs,
-                                            sequential_allowed=self.sequential_allowed)
+        whole, stage_pass = self._stage_pass(state)
+        if stage_pass is not None:
+            plan, chosen = whole, stage_pass
+            state.log["log.memory_call_plan"] = whole.summary()
+        else:
+            call = self.attachment.calls.current()
+            decodes = state.stage is None and (call is None or call.arguments().get("output_type") != "latent")
+            plan = memory_planner.plan_for_call(self.attachment, self.config, state, args, kwargs,
+                                                sequential_allowed=self.sequential_allowed, decodes=decodes)
+            chosen = plan.denoiser_passes()[0]
         state.slot(_MemoryCall).plan = plan
-        state.log["log.memory_plan"] = plan.summary()
-        self.choices.feed_forward_chunks = plan.feed_forward_chunks
-        self.choices.sequential_cfg = plan.sequential_cfg
+        state.log["log.memory_plan"] = chosen.line() + f"; budget {memory_planner.format_bytes(plan.budget)}"
+        self.choices.feed_forward_chunks = chosen.feed_forward_chunks
+        self.choices.sequential_cfg = bool(chosen.sequential_cfg)
         return args, kwargs
 
 
-def _tiling_decision(max_memory: int | None):
-    return functools.partial(_decide, max_memory=max_memory)
+def _tiling_decision(attachment, max_memory: int | None):
+    return functools.partial(_decide, attachment=attachment, max_memory=max_memory)
 
 
-def _decide(vae, kind, shape, dtype, tile_size, max_memory):
-    return memory_planner.vae_tiling_decision(vae, kind, shape, dtype, max_memory=max_memory, tile_size=tile_size)
+def _decide(vae, kind, shape, dtype, tile_size, attachment, max_memory):
+    """One VAE pass's tiling, against the budget less every other weight on the VAE's device (the
+    denoiser stays resident while the VAE runs)."""
+    resident = 0
+    if max_memory is not None:
+        device = next(iter(vae.parameters())).device
+        resident = memory_planner.pipeline_weights(attachment.pipe, device) - memory_planner.bytes_on_device(vae, device)
+    return memory_planner.vae_tiling_decision(vae, kind, shape, dtype, max_memory=max_memory, tile_size=tile_size,
+                                              resident=resident)
 
 
 def install_memory(attachment, config: MemoryConfig) -> None:
@@ -69,8 +208,11 @@ def install_memory(attachment, config: MemoryConfig) -> None:
 
     Per call, at the first denoiser step (the size is known only then), the planner estimates the
     call's peak and refuses it with the numbers if it cannot fit; otherwise its choices of
-    feed-forward chunks and sequential CFG (those left None in the config) apply to that call. VAE
-    tiling in mode "auto" is decided per decode from the planner's VAE estimate.
+    feed-forward chunks and sequential CFG (those left None in the config) apply to that call. A
+    staged call (structure guidance, bottleneck) is planned whole before its first stage runs:
+    every stage's denoiser and every VAE decode and encode (`CallMemoryPlanner`), and each stage
+    takes its choices from that plan. VAE tiling in mode "auto" is decided per decode and per encode
+    from the planner's estimate of that pass.
     """
     denoiser = attachment.denoiser
     choices = Choices()
@@ -93,18 +235,23 @@ def install_memory(attachment, config: MemoryConfig) -> None:
     sequential_allowed = batched and not clashing and config.sequential_cfg is not False
     if sequential_allowed:
         attachment.add_hook(denoiser, SequentialCFGHook(choices), SEQUENTIAL_CFG_HOOK)
+    call_planner = None
+    if attachment.stages is not None:
+        # Staged techniques install first (lower order), so this planner sees their finished plan.
+        call_planner = CallMemoryPlanner(attachment, config, sequential_allowed)
+        attachment.stages.add_planner(PLANNER_NAME, call_planner)
     # Registered after the sequential hook, so it sees the whole batch.
-    attachment.add_hook(denoiser, MemoryPlanHook(attachment, config, choices, sequential_allowed), PLAN_HOOK)
+    attachment.add_hook(denoiser, MemoryPlanHook(attachment, config, choices, sequential_allowed, call_planner), PLAN_HOOK)
     if not attachment.config.vae_tiling.enabled:
         # An enabled VAETilingConfig installs its own (after this one) with its mode and sizes.
-        tiled_vae.install_tiling(attachment, "auto", None, _tiling_decision(config.max_memory))
+        tiled_vae.install_tiling(attachment, "auto", None, _tiling_decision(attachment, config.max_memory))
 
 
 def install_vae_tiling(attachment, config: VAETilingConfig) -> None:
     """Installer of `VAETilingConfig`: tiled decode/encode on the pipeline's VAE."""
     memory = attachment.config.memory
     max_memory = memory.max_memory if memory.enabled else None
-    tiled_vae.install_tiling(attachment, config.mode, config.tile_size, _tiling_decision(max_memory), config.halo)
+    tiled_vae.install_tiling(attachment, config.mode, config.tile_size, _tiling_decision(attachment, max_memory), config.halo)
 
 
 TECHNIQUES = [

@@ -54,6 +54,8 @@ TECHNIQUE_MODULES = (
     "hires.techniques.apg",
     "hires.techniques.positions",
     "hires.planning",
+    "hires.sampling.skip_residual",
+    "hires.techniques.dilated_sampling",
 )
 # Values of the pipeline's __call__ that techniques read, as the pipeline resolved them.
 _CALL_LOCALS = ("generator", "guidance_scale", "true_cfg_scale", "do_true_cfg", "num_inference_steps")
@@ -131,7 +133,11 @@ class CallState:
         if family.guidance_layout == "separate" and family.cfg_switch and not self.call_locals.get(family.cfg_switch, False):
             return None
         scale = self.call_locals.get(family.guidance_scale_name)
-        return None if scale is None or scale <= 1 else float(scale)
+        if scale is None:
+            return None
+        # w in uncond + w (cond - uncond); Z-Image's cond + s (cond - uncond) runs CFG for any s > 0
+        weight = float(scale) + family.guidance_scale_offset
+        return weight if weight > 1 else None
 
     def generator(self, purpose: str) -> torch.Generator:
         """A generator for `purpose` (e.g. "windows") derived from the call's own generator.
@@ -277,6 +283,71 @@ class _CallStateHook(ModelHook):
         return args, kwargs
 
 
+FRAME_LIST_HOOK = HOOK_PREFIX + "frame_list"
+
+
+class _FrameListView:
+    """What the two halves of the frame-list adapter share during one denoiser call."""
+
+    def __init__(self):
+        self.sample = self.time = self.frames = self.model_time = None
+        self.velocity = self.raw_output = None
+
+
+def _output_list(output):
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def _with_output(output, value):
+    if isinstance(output, tuple):
+        return (value, *output[1:])
+    return dataclasses.replace(output, sample=value)
+
+
+class _FrameListTensorView(ModelHook):
+    """Z-Image's transformer takes a list of (C, 1, h, w) latents and the time 1 - sigma, and returns a
+    list of negated velocities. Hooks below this one see (B, C, h, w), sigma and the velocity; an
+    unchanged view is handed back as the very objects the pipeline passed or the model returned, so a
+    call no technique touches is bit-identical."""
+
+    def __init__(self, view: _FrameListView):
+        super().__init__()
+        self.view = view
+
+    def new_forward(self, module, x, t, *args, **kwargs):
+        if not isinstance(x, list) or not x or not isinstance(x[0], torch.Tensor):
+            return self.fn_ref.original_forward(x, t, *args, **kwargs)  # omni inputs: nothing hires sees
+        view = self.view
+        view.frames, view.model_time = x, t
+        view.sample = torch.stack([frame[:, 0] for frame in x])
+        view.time = 1 - t
+        view.velocity = view.raw_output = None
+        output = self.fn_ref.original_forward(view.sample, view.time, *args, **kwargs)
+        velocity = _output_list(output)
+        if velocity is view.velocity:
+            return view.raw_output
+        return _with_output(output, [frame[:, None] for frame in (-velocity).unbind(0)])
+
+
+class _FrameListCall(ModelHook):
+    """The inner half: the denoiser's own list form, from the view's tensors (or the originals)."""
+
+    def __init__(self, view: _FrameListView):
+        super().__init__()
+        self.view = view
+
+    def new_forward(self, module, sample, time, *args, **kwargs):
+        view = self.view
+        if not isinstance(sample, torch.Tensor) or view.sample is None:
+            return self.fn_ref.original_forward(sample, time, *args, **kwargs)
+        frames = view.frames if sample is view.sample else [latent[:, None] for latent in sample.unbind(0)]
+        model_time = view.model_time if time is view.time else 1 - time
+        output = self.fn_ref.original_forward(frames, model_time, *args, **kwargs)
+        view.raw_output = output
+        view.velocity = -torch.stack([frame[:, 0] for frame in _output_list(output)])
+        return _with_output(output, view.velocity)
+
+
 class _CallScope:
     """Wraps the pipeline's own progress bar: entering starts a call, exiting ends it."""
 
@@ -382,11 +453,18 @@ class Attachment:
         self._check_modules_not_shared()
         self.techniques = [(record, sub) for record in technique_records()
                            if (sub := self.config.technique_config(record)) is not None and sub.enabled]
+        frame_list = self.info.family.denoiser_io == "frame_list"
+        if frame_list:  # innermost: back to the denoiser's own list form
+            view = _FrameListView()
+            self.add_hook(self.denoiser, _FrameListCall(view), FRAME_LIST_HOOK + ".call")
         for record, sub in self.techniques:
             record.install(self, sub)
         # Registered last, so it is the outermost hook: the state is current before technique hooks run.
         self.add_hook(self.denoiser, _CallStateHook(self), CALL_STATE_HOOK)
-        self.wrap_method(self.pipe, "check_inputs", self._make_check_inputs)
+        if frame_list:  # outside everything: every hires hook sees the tensor view
+            self.add_hook(self.denoiser, _FrameListTensorView(view), FRAME_LIST_HOOK + ".view")
+        if hasattr(type(self.pipe), "check_inputs"):  # ZImagePipeline has none: it checks sizes itself, first
+            self.wrap_method(self.pipe, "check_inputs", self._make_check_inputs)
         self.wrap_method(self.pipe, "progress_bar", self._make_progress_bar)
 
     def _check_modules_not_shared(self) -> None:
@@ -499,7 +577,7 @@ class Attachment:
         arguments = self._forward_signature.bind_partial(module, *args, **kwargs).arguments
         if self.state is None:
             self.state = self._new_state(arguments)
-        timestep = arguments.get("timestep")
+        timestep = arguments.get(self.info.family.timestep_argument)
         if timestep is not None and self.state.num_steps:
             self.state.step_index = self._step_index(timestep)
         else:
@@ -509,7 +587,14 @@ class Attachment:
     def _new_state(self, arguments: dict) -> CallState:
         info = self.info
         latents = next(iter(v for k, v in arguments.items() if k != "self"))
-        if info.family.latent_layout == "packed":
+        trailing = 0  # image-sequence tokens after the image's own (Flux.2's reference images)
+        if info.family.latent_layout == "packed" and info.family.packed_grid_source == "img_shapes":
+            # Qwen-Image: per batch item (frames, rows, cols), or a list of them led by the image's
+            # (ControlNet pipelines pass the bare tuples).
+            shape = arguments["img_shapes"][0]
+            _, rows, cols = shape[0] if isinstance(shape, list) else shape
+            latent_h, latent_w = int(rows) * info.patch_size, int(cols) * info.patch_size
+        elif info.family.latent_layout == "packed":
             # Packed latents carry their grid in img_ids (row in column 1, column in column 2).
             ids = arguments["img_ids"]
             ids = ids[0] if ids.ndim == 3 else ids
@@ -519,7 +604,6 @@ class Attachment:
             rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
             latent_h, latent_w = rows * info.patch_size, cols * info.patch_size
         else:
-            trailing = 0
             latent_h, latent_w = latents.shape[-2:]
         height, width = int(latent_h) * info.latent_factor, int(latent_w) * info.latent_factor
         validate_size("height", height, info.size_multiple, info.name)

@@ -7,6 +7,7 @@ The rows live here, not in the library, so the library carries no benchmark defi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import hires
@@ -33,6 +34,11 @@ _WINDOWS = hires.WindowAttentionConfig(enabled=True)
 _FUSION = hires.ScaleFusionConfig(enabled=True)
 _APG = hires.APGConfig(enabled=True)
 _BOTTLENECK = hires.BottleneckConfig(enabled=True)
+_DILATED = hires.DilatedSamplingConfig(enabled=True)
+_SKIP = hires.SkipResidualConfig(enabled=True)
+
+
+_LADDER = hires.StructureGuidanceConfig(enabled=True, space="latent", upscale_space="pixel", ladder="doubling")
 
 
 def _structure(space: str) -> hires.StructureGuidanceConfig:
@@ -63,6 +69,20 @@ def _every_family_rows() -> list[Row]:
                entropy_scaling=_ENTROPY),
         _combo("structure guidance (pixel) + scale fusion", structure_guidance=_structure("pixel"),
                scale_fusion=_FUSION),
+        _one("dilated sampling (DemoFusion)", dilated_sampling=_DILATED),
+        # the skip residual acts on stages that restart from an upscaled result: FreeScale's restart depth
+        _combo("skip residual on structure guidance (latent, renoise 0.7)",
+               structure_guidance=hires.StructureGuidanceConfig(enabled=True, space="latent", renoise=0.7),
+               skip_residual=_SKIP),
+        _combo("DemoFusion (structure guidance latent, renoise 1 + skip residual + dilated sampling + local windows)",
+               structure_guidance=hires.StructureGuidanceConfig(enabled=True, space="latent", renoise=1.0),
+               skip_residual=_SKIP, dilated_sampling=hires.DilatedSamplingConfig(enabled=True, local_windows=True)),
+        # The steps from the previous preset (structure guidance (pixel)) to the automatic preset.
+        _combo("structure guidance (latent guide, pixel upscale, doubling)", structure_guidance=_LADDER),
+        _combo("structure guidance (latent guide, pixel upscale, doubling, 60% guided)",
+               structure_guidance=dataclasses.replace(_LADDER, guided_fraction=0.6)),
+        _combo("SDXL's preset analogue (as the preset, renoise 0.25)", structure_guidance=dataclasses.replace(
+            _LADDER, guided_fraction=0.6, renoise=0.25), window_attention=_WINDOWS, memory=hires.MemoryConfig(enabled=True)),
     ]
 
 

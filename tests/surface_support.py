@@ -34,14 +34,27 @@ READY = {
     "flux2": ("HiresFlux2Pipeline", "hires_flux2.py"),
     "flux2_klein": ("HiresFlux2KleinPipeline", "hires_flux2_klein.py"),
     "chroma": ("HiresChromaPipeline", "hires_chroma.py"),
+    "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
+    "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
 }
 UNETS = ("sd15", "sd21", "sdxl")
-DITS = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma")
-# Pipelines that hard-code a 1024 px default_sample_size: a copy loaded from disk needs the tiny
-# model's 64 px base set on it (or given as HiresConfig.base_size).
-FIXED_BASE = ("flux", "flux2", "flux2_klein", "chroma")
+DITS = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")
+# Pipelines that hard-code their base (default_sample_size 128: 1024 px) where the tiny models' is 64 px:
+# a copy loaded from disk needs the tiny model's 64 px base set on it (or given as HiresConfig.base_size).
+PIPELINE_BASE = ("flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")
+FIXED_BASE = PIPELINE_BASE  # fam-flux2's name for the same set
 # Families whose pipeline never runs classifier-free guidance (APG does not apply).
 NO_CFG = ("flux2",)
+# Families that run CFG only as true CFG: APG needs true_cfg_scale and a negative prompt.
+TRUE_CFG = ("flux", "qwenimage")
+# Families whose VAE hires cannot tile (VAETilingConfig and MemoryConfig refuse them).
+UNTILEABLE_VAE = ("qwenimage",)
+# Families whose attention hires cannot rewrite (EntropyScalingConfig and WindowAttentionConfig refuse them).
+NO_ATTENTION_REWRITE = ("zimage",)
+# Families whose pipeline passes an attention mask (ScaleFusionConfig and DilatedSamplingConfig refuse them).
+MASKED_ATTENTION = ("chroma",)
+# Families whose blocks have no diffusers feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 there).
+NO_FEED_FORWARD_CHUNKS = ("flux", "flux2", "flux2_klein", "chroma", "zimage")
 PRESET = "preset"  # hires.apply(pipe) without a config / no hires_config / --preset auto
 
 # Options per family that make PositionConfig change the computation at 2x (its defaults do not for
@@ -54,6 +67,8 @@ _POSITIONS = {
     "flux2": {"enabled": True},
     "flux2_klein": {"enabled": True},
     "chroma": {"enabled": True},
+    "qwenimage": {"enabled": True},
+    "zimage": {"enabled": True},
 }
 
 
@@ -72,18 +87,26 @@ def technique_options(family: str, technique: str) -> dict:
     if technique == "vae_tiling":  # 16x16 latent in tiles of 8: four tiles (mode "auto" would not tile at 128 px)
         return {"vae_tiling": {"enabled": True, "mode": "always", "tile_size": 8}}
     if technique == "memory":
-        # A fixed budget: the planner does not measure this machine. Flux's blocks have no
+        # A fixed budget: the planner does not measure this machine. Flux's and Z-Image's blocks have no
         # diffusers feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 there).
         options = {"enabled": True, "max_memory": "64GiB"}
-        if family not in FIXED_BASE:  # the Flux-type blocks
+        if family not in NO_FEED_FORWARD_CHUNKS:
             options["feed_forward_chunks"] = 2
         return {"memory": options}
+    if technique == "memory_staged":  # the automatic preset's kind of call, planned whole before its base stage
+        return {"memory": {"enabled": True, "max_memory": "64GiB"},
+                "structure_guidance": {"enabled": True, "space": "latent", "upscale_space": "pixel", "ladder": "doubling"}}
     if technique == "attention_backend":
         return {"attention_backend": {"enabled": True, "backend": "native"}}
     if technique == "rau_net" and family == "sdxl":
         # The tiny SDXL UNet has two levels: its deepest block has no downsampler for SDXL's own
         # (down_blocks.1.downsamplers.0), so the strided one is the first level's.
         return {"rau_net": {"enabled": True, "downsampler": "down_blocks.0.downsamplers.0"}}
+    if technique == "dilated_sampling_local":  # the local windows (MultiDiffusion) beside the sub-lattices
+        return {"dilated_sampling": {"enabled": True, "local_windows": True}}
+    if technique == "skip_residual":  # all 3 steps re-run at 128 px, so two steps get blended
+        return {"skip_residual": {"enabled": True},
+                "structure_guidance": {"enabled": True, "space": "latent", "renoise": 1.0}}
     return {technique: {"enabled": True}}
 
 
@@ -94,14 +117,24 @@ def techniques_for(family: str) -> list[str]:
         names.append("flow_alignment")
     if family in UNETS:
         names += ["redilation", "rau_net"]
-    names += ["entropy_scaling", "window_attention", "scale_fusion", "attention_backend"]
+    if family not in NO_ATTENTION_REWRITE:
+        names += ["entropy_scaling", "window_attention"]
+        if family not in MASKED_ATTENTION:
+            names.append("scale_fusion")
+    names.append("attention_backend")
     if family not in NO_CFG:
         names.append("apg")
     if family in DITS:
         names.append("positions")
     if _family_record(family).position_encoding == "rope":
         names.append("dype")
-    names += ["vae_tiling", "memory", PRESET]
+    names.append("skip_residual")
+    record = _family_record(family)
+    if record.packed_grid_source == "img_ids" and record.denoiser_io == "tensor" and family not in MASKED_ATTENTION:
+        names += ["dilated_sampling", "dilated_sampling_local"]
+    if family not in UNTILEABLE_VAE:
+        names += ["vae_tiling", "memory", "memory_staged"]
+    names.append(PRESET)
     return names
 
 
@@ -117,10 +150,11 @@ def call_arguments(family: str, technique: str) -> dict:
     needs for a technique (the same options on the CLI's side)."""
     import tiny_models
 
-    arguments = {"guidance_scale": tiny_models.CALL_KWARGS[family]["guidance_scale"]}
+    # Qwen-Image has no distilled guidance: its calls (and the CLI's) pass no guidance_scale.
+    arguments = {k: v for k, v in tiny_models.CALL_KWARGS[family].items() if k == "guidance_scale"}
     if family == "pixart":
         arguments["use_resolution_binning"] = False  # the CLI renders the size asked for
-    if family == "flux" and technique == "apg":
+    if family in TRUE_CFG and technique == "apg":
         # Flux runs CFG only as true CFG: `hires generate --true-cfg 4 --negative "blue square"`.
         arguments.update(true_cfg_scale=4.0, negative_prompt="blue square")
     return arguments

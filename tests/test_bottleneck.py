@@ -32,13 +32,16 @@ class _Denoiser:
     def __init__(self, pipe):
         attachment = get_attachment(pipe)
         self.sizes, self.timesteps = [], []
-        scale = attachment.info.family.timestep_input_scale
+        family = attachment.info.family
+        scale = family.timestep_input_scale
         signature = inspect.signature(type(attachment.denoiser).forward)
 
         def after(module, args, kwargs, output):  # after forward: the call state is built inside it
             state = attachment.state
             self.sizes.append((state.height, state.width))
-            timestep = signature.bind_partial(module, *args, **kwargs).arguments["timestep"]
+            timestep = signature.bind_partial(module, *args, **kwargs).arguments[family.timestep_argument]
+            if family.denoiser_io == "frame_list":  # Z-Image's transformer takes 1 - sigma
+                timestep = 1 - timestep
             self.timesteps.append(round(float(torch.as_tensor(timestep).flatten()[0]) / scale, 2))
 
         self.handle = attachment.denoiser.register_forward_hook(after, with_kwargs=True)

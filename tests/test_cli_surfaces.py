@@ -67,8 +67,10 @@ def test_techniques_lists_every_technique_its_families_and_options(capsys):
             assert f"  {name}.{field.name}: " in out
     families = dict(re.findall(r"^(\w+) \(\w+\):.*\n  families: (.*)$", out, flags=re.MULTILINE))
     assert families["redilation"] == "sd15, sd21, sdxl"  # UNet convolutions only
-    assert families["positions"] == "pixart, sd3, flux, flux2, flux2_klein, chroma"  # DiT positions only
-    assert families["entropy_scaling"] == "sd15, sd21, sdxl, pixart, sd3, flux, flux2, flux2_klein, chroma"
+    assert families["positions"] == "pixart, sd3, flux, flux2, flux2_klein, chroma, qwenimage, zimage"  # DiT positions only
+    # Z-Image's padded single-stream attention is refused; Qwen-Image's VAE is never tiled
+    assert families["entropy_scaling"] == "sd15, sd21, sdxl, pixart, sd3, flux, flux2, flux2_klein, chroma, qwenimage"
+    assert "qwenimage" not in families["vae_tiling"] and "zimage" in families["vae_tiling"]
     assert "flux2," not in families["apg"] + "," and "flux2_klein" in families["apg"]  # Flux.2 [dev] runs no CFG
 
 

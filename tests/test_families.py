@@ -17,6 +17,8 @@ EXPECTED = {
     "flux2": (64, 16, "flow"),
     "flux2_klein": (64, 16, "flow"),
     "chroma": (64, 16, "flow"),
+    "qwenimage": (64, 16, "flow"),
+    "zimage": (64, 16, "flow"),
 }
 
 

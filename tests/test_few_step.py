@@ -41,12 +41,14 @@ def _call(pipe, family, size, **extra):
     return tiny_models.generate(pipe, family, size, steps=STEPS, seed=3, **overrides)
 
 
-def test_few_step_schedules_rerun_half_the_schedule_per_stage():
-    assert progressive.default_renoise(4) == progressive.FEW_STEP_RENOISE == 0.5
-    assert progressive.default_renoise(8) == 0.5
-    assert progressive.default_renoise(9) == progressive.DEFAULT_RENOISE == 0.3
-    assert schedules.stage_steps(4, progressive.default_renoise(4)) == 2  # 0.3 would give 1
-    assert schedules.stage_steps(50, progressive.default_renoise(50)) == 15
+def test_few_step_schedules_rerun_at_least_half_the_schedule_per_stage():
+    assert progressive.stage_renoise(None, 4) == progressive.FEW_STEP_RENOISE == 0.5
+    assert progressive.stage_renoise(0.25, 8) == 0.5  # SDXL's preset value, on a few-step schedule
+    assert progressive.stage_renoise(0.8, 4) == 0.8
+    assert progressive.stage_renoise(None, 9) == progressive.DEFAULT_RENOISE == 0.3
+    assert progressive.stage_renoise(0.25, 50) == 0.25
+    assert schedules.stage_steps(4, progressive.stage_renoise(None, 4)) == 2  # 0.3 would give 1
+    assert schedules.stage_steps(50, progressive.stage_renoise(None, 50)) == 15
 
 
 @pytest.mark.parametrize("family", list(FEW_STEP))

@@ -17,9 +17,21 @@ def cfg_kwargs(family):
 
 
 def cfg_scale(family):
-    """The CFG scale of `family`'s call with cfg_kwargs."""
-    return (TRUE_CFG["true_cfg_scale"] if family == "flux"
-            else {"pixart": 4.5, "flux2_klein": 4.0}.get(family, 5.0))
+    """The CFG scale of `family`'s call with cfg_kwargs (uncond + w (cond - uncond)); Z-Image's
+    guidance_scale 3 combines cond + 3 (cond - uncond): w = 4."""
+    return (TRUE_CFG["true_cfg_scale"] if family in CFG_ARGUMENTS
+            else {"pixart": 4.5, "flux2_klein": 4.0, "zimage": 4.0}.get(family, 5.0))
+
+
+def pipeline_rescale(family, guided, cond):
+    """What the pipeline does with the combined prediction: QwenImagePipeline rescales it, per token,
+    to the cond prediction's norm; the others take it as it is."""
+    if family != "qwenimage":
+        return guided
+    return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
+
+
+FRAME_LIST = ("zimage",)  # a list of (C, 1, h, w) latents in and negated velocities out, [cond, uncond]
 
 
 class Recorder:
@@ -49,7 +61,10 @@ class Recorder:
         args, kwargs = self.calls[index]
         with torch.no_grad():
             out = type(self.denoiser).forward(self.denoiser, *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out.sample
+        out = out[0] if isinstance(out, tuple) else out.sample
+        if self.family in FRAME_LIST:  # the velocity the scheduler steps with, as a (B, C, h, w) tensor
+            out = -torch.stack([frame[:, 0] for frame in out]).float()
+        return out
 
     def raw_pairs(self):
         """(uncond, cond) prediction channels per step, from recomputed raw outputs."""
@@ -63,7 +78,8 @@ class Recorder:
             for i in range(len(self.calls)):
                 out = self.raw(i)
                 half = out.shape[0] // 2
-                pairs.append((cut(out[:half]), cut(out[half:])))
+                first, second = cut(out[:half]), cut(out[half:])
+                pairs.append((second, first) if self.family in FRAME_LIST else (first, second))
         return pairs
 
 
@@ -85,11 +101,11 @@ def test_the_scheduler_receives_exactly_the_combiners_prediction(family):
     pairs = rec.raw_pairs()
     assert len(pairs) == len(rec.stepped) == 3
     for (uncond, cond), received in zip(pairs, rec.stepped):
-        expected = odd_combiner(uncond, cond, scale, None)
+        expected = pipeline_rescale(family, odd_combiner(uncond, cond, scale, None), cond)
         assert received.shape == expected.shape
         torch.testing.assert_close(received, expected, rtol=1e-5, atol=1e-5)
         # and it is not plain CFG (the check can fail)
-        assert not torch.allclose(received, uncond + scale * (cond - uncond), atol=1e-3)
+        assert not torch.allclose(received, pipeline_rescale(family, uncond + scale * (cond - uncond), cond), atol=1e-3)
 
 
 @pytest.mark.parametrize("family", ["sd15", "pixart", "flux"])
@@ -159,6 +175,8 @@ def test_inactive_steps_and_removal_are_bit_identical(family):
         ("flux", {"true_cfg_scale": 3.0}, r"negative prompt given: False.*negative_prompt"),
         ("flux2_klein", {"guidance_scale": 1.0}, r"guidance_scale=1\.0.*pass guidance_scale > 1"),
         ("chroma", {"guidance_scale": 1.0}, r"guidance_scale=1\.0.*pass guidance_scale > 1"),
+        ("qwenimage", {}, r"true_cfg_scale=1\.0.*negative_prompt"),
+        ("qwenimage", {"true_cfg_scale": 3.0}, r"negative prompt given: False.*negative_prompt"),
     ],
 )
 def test_a_combiner_without_cfg_raises_naming_the_parameter(family, overrides, match):

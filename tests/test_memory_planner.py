@@ -157,6 +157,11 @@ def test_chunk_size_divides_every_sequence():
 # -- inside tiny pipelines -----------------------------------------------------------------------
 def test_memory_technique_with_room_is_bit_identical_and_logs_its_plan(family):
     pipe = tiny_models.build(family)
+    if hires.model_info(pipe).family.vae_untileable:  # the planner could not tile this VAE: refused up front
+        with pytest.raises(ValueError, match=r"MemoryConfig\(enabled=True\) does not apply to family.*causal 3D VAE"):
+            hires.apply(pipe, HiresConfig(memory=MemoryConfig(enabled=True, max_memory="64GiB")))
+        assert not hires.is_applied(pipe)
+        return
     plain = tiny_models.generate(pipe, family, size=64, steps=2)
     hires.apply(pipe, HiresConfig(memory=MemoryConfig(enabled=True, max_memory="64GiB")))
     assert torch.equal(tiny_models.generate(pipe, family, size=64, steps=2), plain)
@@ -204,3 +209,133 @@ def test_a_cuda_budget_without_cuda_asks_for_an_explicit_budget():
     pipe, denoiser = _models()
     with pytest.raises(ValueError, match=r"no CUDA device here; pass the budget explicitly"):
         memory_planner.plan(denoiser, pipe.vae, height=128, width=128, dtype=torch.float32, device_type="cuda")
+
+
+# -- whole-call plans: every VAE pass, the float32 upcast, the preset's structure guidance --------
+_PRESET_GUIDANCE = dict(enabled=True, space="latent", upscale_space="pixel", ladder="doubling")
+
+
+def test_structure_guidance_passes_count_every_decode_and_encode():
+    from hires import planning
+    from hires.config import StructureGuidanceConfig
+    from hires.families import read_model_info
+
+    pipe = tiny_models.build("sdxl")
+    info = read_model_info(pipe)
+    preset = StructureGuidanceConfig(**_PRESET_GUIDANCE)
+    denoiser, vae = planning.structure_guidance_passes(info, preset, 256, 256, batch=1, latent_channels=4)
+    assert [(p.height, p.width) for p in denoiser] == [(64, 64), (128, 128), (256, 256)]
+    # per stage after the base: decode the previous result at its size, encode the upscaled image; then the call's decode
+    assert [(p.kind, p.shape) for p in vae] == [
+        ("decode", (1, 4, 8, 8)), ("encode", (1, 3, 128, 128)),
+        ("decode", (1, 4, 16, 16)), ("encode", (1, 3, 256, 256)),
+        ("decode", (1, 4, 32, 32))]
+    pixel = StructureGuidanceConfig(enabled=True, space="pixel", ladder="doubling")
+    _, pixel_passes = planning.structure_guidance_passes(info, pixel, 256, 256, batch=2, latent_channels=4, decodes=False)
+    # and each guided step decodes and encodes at the stage's size
+    assert [(p.kind, p.shape[-1]) for p in pixel_passes] == [
+        ("decode", 8), ("encode", 128), ("decode", 16), ("encode", 128),
+        ("decode", 16), ("encode", 256), ("decode", 32), ("encode", 256)]
+    assert all(p.shape[0] == 2 for p in pixel_passes)
+    latent = StructureGuidanceConfig(enabled=True, space="latent", ladder="doubling")
+    assert [p.what for p in planning.structure_guidance_passes(info, latent, 256, 256, 1, 4)[1]] == ["the call's decode"]
+
+
+def test_call_plan_counts_encodes_and_the_float32_upcast():
+    unet = tiny_models.build("sdxl").unet
+    passes = dict(denoiser_passes=[(128, 128)], vae_passes=[("decode", (1, 4, 16, 16)), ("encode", (1, 3, 128, 128))],
+                  dtype=torch.float16, budget=2**34, device_type="cuda")
+    stored = tiny_models.make_vae(force_upcast=False)
+    upcast = tiny_models.make_vae(force_upcast=True)
+    half = memory_planner.plan_call(unet, stored, **passes)
+    full = memory_planner.plan_call(unet, upcast, **passes)
+    assert half.vae_dtype == torch.float16 and full.vae_dtype == torch.float32
+    assert [p.kind for p in full.passes] == ["denoiser", "decode", "encode"]
+    encode_only = memory_planner.plan_call(unet, upcast, **dict(passes, vae_passes=[("decode", (1, 4, 16, 16))]))
+    assert len(full.vae_passes()) == 2 > len(encode_only.vae_passes())
+    for h, f in zip(half.vae_passes(), full.vae_passes()):
+        assert f.activations == 2 * h.activations  # the same graph in 4-byte floats
+        assert f.resident - h.resident == memory_planner.module_bytes(upcast, torch.float16)  # float32 VAE weights
+        assert f.dtype == torch.float32
+    assert full.denoiser_passes()[0].activations == half.denoiser_passes()[0].activations
+    assert full.peak > half.peak
+    assert "encode 1x3x128x128 float32" in full.summary() and "peak" in full.summary()
+
+
+def test_call_plan_tiles_only_the_passes_that_need_it_and_says_so():
+    unet, vae = tiny_models.build("sdxl").unet, tiny_models.make_vae()
+    kwargs = dict(denoiser_passes=[(64, 64)], dtype=torch.float32, tile_size=4, device_type="cuda")
+    small, large = ("decode", (1, 4, 8, 8)), ("decode", (1, 4, 32, 32))
+    roomy = memory_planner.plan_call(unet, vae, vae_passes=[small, large], budget=2**34, **kwargs)
+    assert all(p.tiling is None for p in roomy.vae_passes())
+    small_pass, large_pass = roomy.vae_passes()
+    tiled = memory_planner.vae_peak_bytes(vae, "decode", large[1], torch.float32, tiled=True, tile_size=4, device_type="cuda")
+    assert small_pass.untiled < tiled < large_pass.untiled
+    budget = large_pass.resident + max(tiled, small_pass.untiled, roomy.denoiser_passes()[0].activations) + 1
+    tight = memory_planner.plan_call(unet, vae, vae_passes=[small, large], budget=budget, **kwargs)
+    assert tight.vae_passes()[0].tiling is None
+    assert tight.vae_passes()[1].tiling == (4, "unit", None)
+    assert "tiled 4 latent px unit" in tight.summary() and tight.peak <= budget
+
+
+def _recorded_decisions(monkeypatch):
+    decisions = []
+    original = memory_planner.vae_tiling_decision
+
+    def recording(vae, kind, shape, dtype, **kwargs):
+        choice = original(vae, kind, shape, dtype, **kwargs)
+        decisions.append((kind, tuple(shape), choice))
+        return choice
+
+    monkeypatch.setattr(memory_planner, "vae_tiling_decision", recording)
+    return decisions
+
+
+def _preset_config(max_memory, **tiling):
+    from hires.config import StructureGuidanceConfig, VAETilingConfig
+
+    extra = dict(vae_tiling=VAETilingConfig(enabled=True, mode="auto", **tiling)) if tiling else {}
+    return HiresConfig(structure_guidance=StructureGuidanceConfig(**_PRESET_GUIDANCE, guided_steps=1, renoise=0.5),
+                       memory=MemoryConfig(enabled=True, max_memory=max_memory), **extra)
+
+
+def test_the_preset_call_is_planned_whole_and_tiles_each_pass_as_planned(monkeypatch):
+    """Structure guidance as the automatic preset runs it, a budget that only tiled VAE passes fit:
+    every decode and encode is decided on its own, as the whole-call plan predicted."""
+    from hires import planning
+
+    pipe = tiny_models.build("sd15")
+    hires.apply(pipe, _preset_config("64GiB", tile_size=4))
+    tiny_models.generate(pipe, "sd15", size=256, steps=2)
+    roomy = planning.call_plan(pipe)
+    assert [p.kind for p in roomy.vae_passes()] == ["decode", "encode", "decode", "encode", "decode"]
+    resident = roomy.vae_passes()[0].resident
+    largest = max(roomy.vae_passes(), key=lambda p: p.untiled)
+    tiled = memory_planner.vae_peak_bytes(pipe.vae, largest.kind, largest.shape, torch.float32, tiled=True, tile_size=4,
+                                          device_type="cpu")
+    needed = max(tiled, *(p.activations for p in roomy.denoiser_passes()))
+    assert needed < largest.untiled
+    budget = resident + (needed + largest.untiled) // 2
+    decisions = _recorded_decisions(monkeypatch)
+    hires.apply(pipe, _preset_config(budget, tile_size=4))
+    tiny_models.generate(pipe, "sd15", size=256, steps=2)
+    plan = planning.call_plan(pipe)
+    assert plan.budget == budget and plan.peak <= budget
+    assert [(kind, shape) for kind, shape, _ in decisions] == [(p.kind, p.shape) for p in plan.vae_passes()]
+    assert [choice for *_, choice in decisions] == [p.tiling for p in plan.vae_passes()]
+    assert {kind for kind, _, choice in decisions if choice is not None} == {"decode", "encode"}
+    assert any(choice is None for *_, choice in decisions)  # the small passes stay untiled
+    assert "stage 3 steps" in hires.last_call(pipe).notes["log.memory_call_plan"]
+    hires.remove(pipe)
+
+
+def test_a_staged_call_that_cannot_fit_is_refused_before_its_first_stage():
+    pipe = tiny_models.build("sdxl")
+    forwards = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    hires.apply(pipe, _preset_config("1MiB"))
+    with pytest.raises(MemoryBudgetError, match=r"256x256 sdxl in 3 stages float32 batch 1 needs ≈.* budget 1\.0 MiB") as error:
+        tiny_models.generate(pipe, "sdxl", size=256, steps=2)
+    assert forwards == []
+    assert "stage 3" in str(error.value) and "try" in str(error.value)
+    hires.remove(pipe)

@@ -20,6 +20,8 @@ READY = {
     "flux2": ("HiresFlux2Pipeline", "hires_flux2.py"),
     "flux2_klein": ("HiresFlux2KleinPipeline", "hires_flux2_klein.py"),
     "chroma": ("HiresChromaPipeline", "hires_chroma.py"),
+    "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
+    "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
 }
 
 
@@ -38,6 +40,8 @@ def test_ready_pipeline_from_pipe_matches_plain_and_takes_a_hires_config(family)
     assert hires.runtime.get_attachment(ready).config == automatic_config(hires.model_info(ready))
     assert torch.equal(generate(ready, family, 128, hires_config=hires.HiresConfig()), expected)
     config = hires.HiresConfig(entropy_scaling=hires.EntropyScalingConfig(enabled=True))
+    if hires.model_info(ready).family.attention_unsupported:  # Z-Image: entropy scaling is refused there
+        config = hires.HiresConfig(positions=hires.PositionConfig(enabled=True))
     generate(ready, family, 128, hires_config=config)
     assert hires.runtime.get_attachment(ready).config == config
     with pytest.raises(ValueError, match="height=0 must be positive"):

@@ -19,7 +19,7 @@ from hires.sampling import schedules
 from hires.techniques import positions as P
 from tiny_models import build, generate
 
-DIT_FAMILIES = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma")
+DIT_FAMILIES = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")
 
 
 def _apply(pipe, **options):
@@ -187,7 +187,7 @@ def position_variants(pipe) -> dict[str, PositionConfig]:
         "rope": {f"rope_{method}": {"rope": method} for method in ("none", "interpolation", "ntk", "yarn")},
         "sincos_cropped_table": {f"table_{mode}": {"table": mode} for mode in ("interpolate", "extrapolate")},
         "sincos_interpolated": {"model_scale": {}},
-    }.get(encoding, {})
+    }.get("rope" if encoding in ("rope_centred", "rope_id_tables") else encoding, {})
     if encoding == "sincos_interpolated":
         own = P._find_module(getattr(pipe, info.family.denoiser_attr), PatchEmbed, "patch embedding").interpolation_scale
         options["double_range"] = {"interpolation_scale": own / 2}
@@ -204,7 +204,7 @@ def _variants(family, pipe):
     variants = dict(position_variants(pipe))
     if family == "flux":
         variants["yarn_wide_ramp"] = PositionConfig(enabled=True, rope="yarn", yarn_beta_fast=32, yarn_beta_slow=1)
-    if family in ("flux", "sd3"):
+    if family in ("flux", "sd3", "qwenimage", "zimage"):
         variants["static_6"] = PositionConfig(enabled=True, timestep_shift="static", shift=6.0)
     if family == "pixart":
         variants["scale_3"] = PositionConfig(enabled=True, interpolation_scale=3.0)
@@ -537,6 +537,10 @@ def test_sd3_tables_at_real_sizes():
     ("pixart", {"plain", "model_scale", "double_range"}),
     ("sd3", {"plain", "table_interpolate", "table_extrapolate", "shift_dynamic", "shift_clamp", "shift_static"}),
     ("flux", {"plain", "rope_none", "rope_interpolation", "rope_ntk", "rope_yarn", "shift_dynamic", "shift_clamp", "shift_static"}),
+    ("qwenimage", {"plain", "rope_none", "rope_interpolation", "rope_ntk", "rope_yarn", "shift_dynamic", "shift_clamp",
+                   "shift_static"}),
+    ("zimage", {"plain", "rope_none", "rope_interpolation", "rope_ntk", "rope_yarn", "shift_dynamic", "shift_clamp",
+                "shift_static"}),
 ])
 def test_position_variants_cover_every_option_of_the_encoding(family, names):
     pipe = build(family)

@@ -181,6 +181,12 @@ def test_sequential_cpu_offload_with_apply():
         ("flux2_klein", {"guidance_scale": 1.0}, None),
         ("chroma", {}, 5.0),  # true CFG with the (empty) negative prompt
         ("chroma", {"guidance_scale": 1.0}, None),
+        ("qwenimage", {}, None),  # true CFG only, and no negative prompt
+        ("qwenimage", {"true_cfg_scale": 2.5, "negative_prompt": "a blue square"}, 2.5),
+        # Z-Image combines cond + s (cond - uncond), CFG for any s > 0: w = s + 1
+        ("zimage", {}, 4.0),
+        ("zimage", {"guidance_scale": 0.5}, 1.5),
+        ("zimage", {"guidance_scale": 0.0}, None),  # Turbo
     ],
 )
 def test_call_state_knows_the_guidance_scale_the_pipeline_combines_with(family, overrides, expected):

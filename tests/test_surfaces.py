@@ -30,8 +30,8 @@ from hires.runtime import get_attachment
 from hires.sampling import bottleneck, progressive
 from hires.techniques import tiled_vae
 from surface_support import (
-    BASE, FIXED_BASE, PRESET, PROMPT, READY, REPO, SEED, SIZE, STEPS, call_arguments, has_base_size_option, options_of,
-    technique_options, techniques_for,
+    BASE, NO_ATTENTION_REWRITE, PIPELINE_BASE, PRESET, PROMPT, READY, REPO, SEED, SIZE, STEPS, TRUE_CFG, call_arguments,
+    has_base_size_option, options_of, technique_options, techniques_for,
 )
 
 FAMILIES = tiny_models.FAMILY_NAMES
@@ -72,8 +72,8 @@ def saved(tmp_path_factory) -> _Saved:
 
 def _prepare(pipe, family: str):
     pipe.set_progress_bar_config(disable=True)
-    if family in FIXED_BASE:
-        # These pipelines hard-code default_sample_size 128 (1024 px); the tiny model's base is 64 px.
+    if family in PIPELINE_BASE:
+        # FluxPipeline hard-codes default_sample_size 128 (1024 px); the tiny model's base is 64 px.
         pipe.default_sample_size = BASE // 8
     return pipe
 
@@ -188,8 +188,18 @@ def _assert_ran(result: Result, plain: Result, family: str, technique: str) -> N
         assert notes.get("log.flow_alignment.steps"), notes
     if technique == "memory":
         assert notes.get("log.memory_plan"), notes
+    if technique == "memory_staged":  # every stage took its choices from the whole call's plan
+        assert "stage 2 steps" in notes.get("log.memory_call_plan", ""), notes
+        assert "stage 2 start: encode" in notes["log.memory_call_plan"], notes
+        assert result.structure_stages is not None and len(result.structure_stages) > 1
     if technique == "vae_tiling":
         assert result.tiled_decodes >= 1, "the tiled VAE decode never ran"
+    if technique == "skip_residual":
+        assert any(w > 0.01 for w in notes.get("log.skip_residual.weights", ())), notes
+    if technique.startswith("dilated_sampling"):
+        assert notes.get("log.dilated_sampling", {}).get("strides") == (2, 2), notes
+    if technique == "dilated_sampling_local":
+        assert len(notes["log.dilated_sampling"].get("windows", ())) == STEPS, notes
 
     exact_by_design = ("vae_tiling", "memory", "attention_backend")
     if technique in exact_by_design:  # equal to the untiled / unchunked / default computation up to rounding
@@ -273,7 +283,7 @@ def test_community_pipeline_file_equals_apply(saved, family, technique):
     assert isinstance(pipe, hires.pipelines.HiresPipelineMixin)
     config = _config(family, technique)
     pipe.set_progress_bar_config(disable=True)
-    if family in FIXED_BASE and HAS_BASE_SIZE:
+    if family in PIPELINE_BASE and HAS_BASE_SIZE:
         config = _with_base_size(config, family)  # the loaded Flux reads a 1024 px base; the config corrects it
     else:
         # Without HiresConfig.base_size, set the tiny model's base on the instance, as a user would.
@@ -286,7 +296,7 @@ def test_community_pipeline_file_equals_apply(saved, family, technique):
 
 # -- (d) hires generate -----------------------------------------------------------------------------------
 def _cli_skip(family: str, technique: str) -> str | None:
-    if family in FIXED_BASE and not HAS_BASE_SIZE:
+    if family in PIPELINE_BASE and not HAS_BASE_SIZE:
         return ("a Flux pipeline loaded from disk reads FluxPipeline's hard-coded 1024 px base, and HiresConfig has "
                 "no base_size option yet to give the tiny model's 64 px")
     return None
@@ -303,27 +313,29 @@ def _cli_results(saved, family: str, tmp_root: Path):
         return _CLI[family]
     folder = tmp_root / f"cli-{family}"
     folder.mkdir()
-    guidance = call_arguments(family, PRESET)["guidance_scale"]
+    guidance = call_arguments(family, PRESET).get("guidance_scale")
     jobs = []
     for technique in techniques_for(family):
         if _cli_skip(family, technique):
             continue
         argv = ["generate", "--model", str(saved[family]), "--prompt", PROMPT, "--size", f"{SIZE}x{SIZE}",
-                "--seed", str(SEED), "--steps", str(STEPS), "--guidance", str(guidance),
+                "--seed", str(SEED), "--steps", str(STEPS),
                 "--out", str(folder / f"{technique}.png"), "--quiet"]
-        if technique == PRESET and not (family in FIXED_BASE and HAS_BASE_SIZE):
+        if guidance is not None:
+            argv += ["--guidance", str(guidance)]
+        if technique == PRESET and not (family in PIPELINE_BASE and HAS_BASE_SIZE):
             argv += ["--preset", "auto"]
         else:
             if technique == PRESET:  # Flux with HAS_BASE_SIZE: the preset written out
                 options = options_of(AUTOMATIC[family])
             else:
                 options = technique_options(family, technique)
-            if family in FIXED_BASE:  # HAS_BASE_SIZE: the config names the tiny model's base
+            if family in PIPELINE_BASE:  # HAS_BASE_SIZE: the config names the tiny model's base
                 options["base_size"] = BASE
             path = folder / f"{technique}.json"
             path.write_text(json.dumps(options))
             argv += ["--config", str(path)]
-        if family == "flux" and technique == "apg":
+        if family in TRUE_CFG and technique == "apg":
             argv += ["--true-cfg", "4", "--negative", "blue square"]
         jobs.append({"id": technique, "argv": argv})
     spec = folder / "jobs.json"
@@ -410,6 +422,8 @@ def _denoiser_name(family: str) -> str:
 def test_from_pipe_siblings_sharing_a_denoiser(family, name, removed_first):
     """Either both siblings run hires and each is plain diffusers again after removal (either order),
     or hires refuses the second with its own clear error and leaves both pipelines working."""
+    if name == "entropy_scaling" and family in NO_ATTENTION_REWRITE:
+        pytest.skip(f"EntropyScalingConfig does not apply to {family} (refused by validation)")
     config = SIBLING_CONFIGS[name]
     first = _prepare(tiny_models.build(family), family)
     second = _prepare(type(first).from_pipe(first), family)

@@ -294,7 +294,7 @@ def make_mistral3():
     return Mistral3ForConditionalGeneration(config).eval()
 
 
-def make_qwen3():
+def make_klein_qwen3():
     """A tiny Qwen3ForCausalLM (Flux.2 [klein]'s text encoder)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -363,7 +363,7 @@ def flux2_klein_pipeline():
     from diffusers import Flux2KleinPipeline
 
     _seed(0)
-    pipe = Flux2KleinPipeline(scheduler=_flux2_scheduler(), vae=make_flux2_vae(), text_encoder=make_qwen3(),
+    pipe = Flux2KleinPipeline(scheduler=_flux2_scheduler(), vae=make_flux2_vae(), text_encoder=make_klein_qwen3(),
                               tokenizer=make_chat_tokenizer(), transformer=_flux2_transformer(guidance_embeds=False))
     pipe.default_sample_size = BASE_LATENT
     return pipe
@@ -399,6 +399,108 @@ def chroma_pipeline():
     return pipe
 
 
+def make_qwen25_vl(hidden: int = 32):
+    """Qwen2.5-VL (Qwen-Image's text encoder) from a small config: the real class, a one-block vision tower."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 0}
+    text = dict(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}, **ids)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                  fullatt_block_indexes=[0])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=1, video_token_id=1, **ids)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def make_qwenimage_vae():
+    """Qwen-Image's causal 3D VAE (x8 spatial, per-channel latents mean / std) at a tiny width."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                  temperal_downsample=[False, True, True],
+                                  latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 1.2, 0.8]).eval()
+
+
+def qwenimage_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    _seed(0)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,  # 4 latent channels packed 2x2
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    pipe = QwenImagePipeline(
+        # Qwen-Image's scheduler shifts dynamically (exponential), its token range scaled to the tiny base.
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=0.9,
+            shift=1.0, time_shift_type="exponential",
+        ),
+        vae=make_qwenimage_vae(),
+        text_encoder=make_qwen25_vl(32),
+        # The pipeline drops the first 34 tokens of its prompt template (Qwen's tokenizer makes 34 of
+        # the template's system part); this word-level one makes 36, so two template tokens stay: the
+        # embeddings still follow the prompt, and every copy of the pipeline (from_pipe, loaded) agrees.
+        tokenizer=make_tokenizer(1100),  # the pipeline truncates at 1024 + 34 tokens
+        transformer=transformer,
+    )
+    pipe.default_sample_size = BASE_LATENT  # QwenImagePipeline hard-codes 128 (1024 px)
+    return pipe
+
+
+def make_qwen3(hidden: int = 32):
+    """Qwen3 (Z-Image's text encoder) from a small config: the real class."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    return Qwen3Model(config).eval()
+
+
+# ZImagePipeline formats each prompt with the tokenizer's chat template (Qwen3's wraps it in
+# <|im_start|> ... <|im_end|> turns); the word-level tokenizer gets a template of the same shape.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def zimage_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    _seed(0)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,
+        axes_dims=[4, 6, 6],  # head dim 16
+        axes_lens=[128, 32, 32],  # 32 tokens a side: 512 px, as Z-Image's 512 stop at 8192 px
+    ).eval()
+    tokenizer = make_tokenizer(TEXT_LEN)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # Z-Image Turbo's static shift
+        vae=make_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=make_qwen3(32),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    # ZImagePipeline has no default_sample_size (hires reads 1024 px); this tiny model's base is 64 px.
+    pipe.default_sample_size = BASE_LATENT
+    return pipe
+
+
 BUILDERS = {
     "sd15": lambda: sd_pipeline(linear_projection=False),
     "sd21": lambda: sd_pipeline(linear_projection=True, prediction_type="v_prediction"),
@@ -409,6 +511,8 @@ BUILDERS = {
     "flux2": flux2_pipeline,
     "flux2_klein": flux2_klein_pipeline,
     "chroma": chroma_pipeline,
+    "qwenimage": qwenimage_pipeline,
+    "zimage": zimage_pipeline,
 }
 
 # Call arguments each family needs on top of prompt/size/steps (text lengths kept tiny).
@@ -422,18 +526,24 @@ CALL_KWARGS = {
     "flux2": {"guidance_scale": 4.0, "max_sequence_length": TEXT_LEN},
     "flux2_klein": {"guidance_scale": 4.0, "max_sequence_length": TEXT_LEN},
     "chroma": {"guidance_scale": 5.0, "max_sequence_length": TEXT_LEN},
+    # Qwen-Image runs CFG only as true CFG (a negative prompt and true_cfg_scale > 1); plain calls run none.
+    "qwenimage": {"true_cfg_scale": 1.0, "max_sequence_length": TEXT_LEN},
+    # Z-Image (base) runs CFG as cond + s (cond - uncond); Turbo runs s = 0.
+    "zimage": {"guidance_scale": 3.0, "max_sequence_length": TEXT_LEN},
 }
 
 FAMILY_NAMES = tuple(BUILDERS)
 # How each family runs classifier-free guidance in its tiny model's default call (CALL_KWARGS):
 # one denoiser call per step on [uncond, cond] ("batched" families), a cond call then an uncond call
-# (SEPARATE_CFG: Flux only with true CFG arguments, Klein and Chroma at guidance_scale > 1), or none.
-SEPARATE_CFG = ("flux", "flux2_klein", "chroma")
+# (SEPARATE_CFG: Flux and Qwen-Image only with true CFG arguments, Klein and Chroma at guidance_scale > 1),
+# or none. Z-Image batches [cond, uncond].
+SEPARATE_CFG = ("flux", "flux2_klein", "chroma", "qwenimage")
 NO_CFG = ("flux2",)  # Flux.2 [dev]: guidance_scale feeds the distilled guidance embedding
-# Extra call arguments that turn CFG on where the default call runs none (Flux: true CFG).
-CFG_ARGUMENTS = {"flux": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}}
+# Extra call arguments that turn CFG on where the default call runs none (Flux, Qwen-Image: true CFG).
+CFG_ARGUMENTS = {"flux": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"},
+                 "qwenimage": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}}
 # Families whose attention is joint text-image attention (text keys beside image keys).
-JOINT_ATTENTION = ("sd3", "flux", "flux2", "flux2_klein", "chroma")
+JOINT_ATTENTION = ("sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage")
 
 
 def build(family: str):

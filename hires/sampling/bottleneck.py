@@ -56,7 +56,8 @@ from ..config import BottleneckConfig
 from ..registry import Technique
 from ..runtime import get_attachment
 from . import schedules
-from .progressive import resize, round_to
+from ..families import round_to
+from .progressive import resize
 from .stages import Stage, engine_of, last_run_of
 
 HOOK_NAME = "hires.bottleneck"

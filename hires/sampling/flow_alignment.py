@@ -216,7 +216,7 @@ class _FlowAlignmentHook(ModelHook):
             return args, kwargs
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments
         sample = next(v for k, v in bound.items() if k != "self")
-        self.pending = (sample, bound["timestep"], state, weights)
+        self.pending = (sample, bound[self.alignment.attachment.info.family.timestep_argument], state, weights)
         return args, kwargs
 
     def post_forward(self, module, output):

@@ -2,6 +2,8 @@
 VAE decodes, for every supported family.
 
 - AutoencoderKL families: z = (vae latent - shift_factor) * scaling_factor.
+- VAEs with per-channel latents_mean / latents_std (Qwen-Image's AutoencoderKLQwenImage):
+  z = (vae latent - mean) / std.
 - Flux.2 (AutoencoderKLFlux2): the pipeline patchifies the VAE latent 2x2 (channel c*4 + 2*row + col,
   the order `hires.sampling.stages.pack` uses) and normalises each of those channels by the VAE's
   batch-norm running statistics; z is that normalised latent, un-patchified.
@@ -40,6 +42,16 @@ def _patch(vae) -> int:
     return int(side[0]) if isinstance(side, (tuple, list)) else int(side)
 
 
+def _channel_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    config = vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    mean = torch.tensor(mean, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=like.device).view(1, -1, 1, 1)
+    return mean, std
+
+
 def to_vae(vae, z: torch.Tensor) -> torch.Tensor:
     """The VAE's own latent (float32) of a pipeline latent `z`."""
     z = z.float()
@@ -48,6 +60,10 @@ def to_vae(vae, z: torch.Tensor) -> torch.Tensor:
         patch = _patch(vae)
         mean, std = _statistics(vae, bn, z)
         return _unpatchify(_patchify(z, patch) * std + mean, patch)
+    channels = _channel_statistics(vae, z)
+    if channels is not None:
+        mean, std = channels
+        return z * std + mean
     config = vae.config
     return z / config.scaling_factor + (config.get("shift_factor", None) or 0.0)
 
@@ -60,5 +76,9 @@ def from_vae(vae, latent: torch.Tensor) -> torch.Tensor:
         patch = _patch(vae)
         mean, std = _statistics(vae, bn, latent)
         return _unpatchify((_patchify(latent, patch) - mean) / std, patch)
+    channels = _channel_statistics(vae, latent)
+    if channels is not None:
+        mean, std = channels
+        return (latent - mean) / std
     config = vae.config
     return (latent - (config.get("shift_factor", None) or 0.0)) * config.scaling_factor

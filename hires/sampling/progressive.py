@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
 from ..config import StructureGuidanceConfig
+from ..families import base_area_size, round_to
 from ..registry import Technique
 from ..runtime import get_attachment
 from ..techniques.guidance import ensure_guidance_hook
@@ -64,9 +65,11 @@ def guided_steps_for(stage_steps: int, config: StructureGuidanceConfig) -> int:
     return max(1, int(round(stage_steps * config.guided_fraction)))
 
 
-def default_renoise(total_steps: int) -> float:
-    """The re-noised fraction of a stage whose `renoise` is not given, for a schedule of `total_steps`."""
-    return FEW_STEP_RENOISE if total_steps <= FEW_STEPS else DEFAULT_RENOISE
+def stage_renoise(renoise: float | None, total_steps: int) -> float:
+    """The re-noised fraction a stage runs: `renoise` (None: the default), at least half the
+    schedule when it has FEW_STEPS steps or fewer."""
+    value = DEFAULT_RENOISE if renoise is None else renoise
+    return max(value, FEW_STEP_RENOISE) if total_steps <= FEW_STEPS else value
 LANCZOS_TAPS = 3
 _SIZE_CONDITIONING = ("original_size", "target_size")
 
@@ -137,15 +140,6 @@ def unsharp_mask(x: torch.Tensor, alpha: float, sigma: float, size: int = SHARPE
 
 
 # -- the stage plan ----------------------------------------------------------------------------
-def round_to(value: float, multiple: int) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
-
-
-def base_stage_size(info, height: int, width: int) -> tuple[int, int]:
-    """The base generation's size for a request: the request's aspect ratio at the base area."""
-    shrink = math.sqrt(info.base_height * info.base_width / (height * width))
-    m = info.size_multiple
-    return round_to(height * shrink, m), round_to(width * shrink, m)
 
 
 def _explicit_stage(entry, base: tuple[int, int], multiple: int) -> tuple[int, int]:
@@ -171,7 +165,7 @@ def stage_sizes(info, config: StructureGuidanceConfig, height: int, width: int,
                 start: tuple[int, int] | None = None) -> list[tuple[int, int]]:
     """Pixel sizes (height, width) of every stage: the base (or `start`, an input image's size,
     which is not itself a stage), then the intermediate stages, then the request."""
-    base = base_stage_size(info, height, width)
+    base = base_area_size(info, height, width)
     m = info.size_multiple
     if start is None and not _grows(base, (height, width)):
         return [(height, width)]  # at or below the base area (or no side grows): a plain call
@@ -255,7 +249,7 @@ class StageRecord:
 class _Guide:
     """Structure guidance's own part of a stage (`Stage.data`)."""
 
-    renoise: float | None = None  # None: default_renoise of the call's schedule (the base stage has no schedule hook)
+    renoise: float | None = None  # None: the default (stage_renoise); the base stage has no schedule hook
     guided_steps: int | None = None
     guidance_scale: float | None = None
     guide: torch.Tensor | None = None  # low band of the guide (latent or pixel space)
@@ -302,7 +296,7 @@ class StructureGuidance:
         apgs = per_stage(config, "apg", later)
         parameters = self.attachment.calls.parameters
         conditioning = {name: arguments.get(name) for name in _SIZE_CONDITIONING if name in parameters}
-        conditioning = {k: (v if v is not None and tuple(v) != (height, width) else base_stage_size(info, height, width))
+        conditioning = {k: (v if v is not None and tuple(v) != (height, width) else base_area_size(info, height, width))
                         for k, v in conditioning.items()}
         plan = []
         if image is None:
@@ -356,8 +350,7 @@ class StructureGuidance:
             kwargs = {**kwargs, "mu": min(kwargs["mu"], base_mu)}
         set_timesteps(*args, **kwargs)
         total = len(scheduler.timesteps)
-        if guide.renoise is None:
-            guide.renoise = default_renoise(total)
+        guide.renoise = stage_renoise(guide.renoise, total)
         steps = schedules.stage_steps(total, guide.renoise)
         if guide.guided_steps is None:
             guide.guided_steps = guided_steps_for(steps, self.config)
@@ -396,6 +389,8 @@ class StructureGuidance:
         halves = state.guidance_scale is not None and info_batched(self.info) and x0.shape[0] % 2 == 0
         if halves:
             uncond, cond = x0.chunk(2)
+            if self.info.family.cfg_cond_first:
+                uncond, cond = cond, uncond
             guided = uncond + state.guidance_scale * (cond - uncond)
         else:
             guided = x0
@@ -411,15 +406,26 @@ class VAECodec:
     def __init__(self, pipe):
         self.pipe = pipe
 
+    def _frames(self) -> bool:
+        """Whether the VAE is a video VAE taking (B, C, frames, H, W) (Qwen-Image's causal 3D VAE)."""
+        return bool(getattr(self.pipe.vae, "temperal_downsample", None))
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         with vae_precision(vae) as dtype:
-            return vae.decode(latent_space.to_vae(vae, z).to(dtype), return_dict=False)[0].float()
+            x = latent_space.to_vae(vae, z).to(dtype)
+            if self._frames():
+                return vae.decode(x[:, :, None], return_dict=False)[0][:, :, 0].float()
+            return vae.decode(x, return_dict=False)[0].float()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         with vae_precision(vae) as dtype:
-            return latent_space.from_vae(vae, vae.encode(image.to(dtype)).latent_dist.mode())
+            if self._frames():
+                x = vae.encode(image.to(dtype)[:, :, None]).latent_dist.mode()[:, :, 0]
+            else:
+                x = vae.encode(image.to(dtype)).latent_dist.mode()
+        return latent_space.from_vae(vae, x)
 
 
 def info_batched(info) -> bool:
@@ -443,7 +449,7 @@ class _StructureGuidanceHook(ModelHook):
             return args, kwargs
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments
         sample = next(v for k, v in bound.items() if k != "self")
-        self.pending = (sample, bound["timestep"], state)
+        self.pending = (sample, bound[self.guidance.attachment.info.family.timestep_argument], state)
         return args, kwargs
 
     def post_forward(self, module, output):

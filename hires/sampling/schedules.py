@@ -182,3 +182,55 @@ def clean_estimate(scheduler, prediction: str, model_output: torch.Tensor, times
         x = scheduler.scale_model_input(sample.clone(), timestep)
     level = noise_level(scheduler, prediction, timestep).to(sample.device)
     return predicted_x0(model_output, x, prediction, level)
+
+
+# -- DemoFusion's cosine schedules, for every noise convention ------------------------------------
+# DemoFusion (and FreeScale) write their weights as functions of SDXL's DDPM timestep t in [0, 1000).
+# What t stands for is a noise level, so every family reads them at the timestep of that training
+# schedule (scaled-linear betas 0.00085 -> 0.012, as SD 1.x / 2.x / SDXL) with the same
+# signal-to-noise ratio: for SD and SDXL that is their own t, for PixArt's linear betas a nearby one,
+# and for flow matching x = (1 - sigma) x0 + sigma eps, which is the VP sample scaled by
+# 1 / sqrt((1 - sigma)^2 + sigma^2), i.e. alpha-bar = (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2).
+# (Reading t as 1000 sigma instead would keep Flux's shifted schedules near cosf = 1 for most steps.)
+REFERENCE_TRAIN_TIMESTEPS = 1000
+
+
+def _reference_log_sigmas() -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, REFERENCE_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+    alphas = torch.cumprod(1 - betas, dim=0)
+    return 0.5 * torch.log((1 - alphas) / alphas)
+
+
+def alpha_bar_of_level(prediction: str, level) -> float:
+    """The VP alpha-bar of a `noise_level` (alpha-bar itself, or a flow sigma)."""
+    level = float(torch.as_tensor(level).flatten()[0])
+    if prediction != "flow":
+        return level
+    signal, noise = (1 - level) ** 2, level**2
+    return signal / (signal + noise)
+
+
+def reference_timestep(alpha_bar: float) -> float:
+    """The (fractional) timestep of the reference schedule whose alpha-bar is `alpha_bar`: the inverse of
+    `vp_alpha_bar` on that schedule (linear in log sigma between integer timesteps), clamped to it."""
+    table = _reference_log_sigmas()
+    if alpha_bar <= 0:
+        return float(len(table) - 1)
+    if alpha_bar >= 1:
+        return 0.0
+    log_sigma = 0.5 * math.log((1 - alpha_bar) / alpha_bar)
+    high = int(torch.searchsorted(table, torch.tensor([log_sigma], dtype=torch.float64))[0])
+    if high <= 0:
+        return 0.0
+    if high >= len(table):
+        return float(len(table) - 1)
+    low_value, high_value = float(table[high - 1]), float(table[high])
+    return high - 1 + (log_sigma - low_value) / (high_value - low_value)
+
+
+def cosine_factor(scheduler, prediction: str, timestep) -> float:
+    """DemoFusion's cosf = (1 + cos(pi (1000 - t) / 1000)) / 2 at a scheduler timestep: 1 at pure noise,
+    0 at the clean end (t read on the reference schedule, see above)."""
+    t = reference_timestep(alpha_bar_of_level(prediction, noise_level(scheduler, prediction, timestep)))
+    n = REFERENCE_TRAIN_TIMESTEPS
+    return 0.5 * (1 + math.cos(math.pi * (n - t) / n))

@@ -16,7 +16,11 @@ runs every stage as a nested call of the same pipeline at the stage's size with
 - lets the stage shape the schedule the pipeline builds (`Stage.schedule`: truncate, slice, shift);
 - returns from `prepare_latents` the stage's start: `Stage.start(stage, previous)` gives a clean
   latent which is noised to the stage's first timestep with the call's generator;
-- for a stage that stops before its schedule does, keeps the clean estimate of its last step.
+- for a stage that stops before its schedule does, keeps the clean estimate of its last step;
+- hands each scheduler step's result to the stage's `after_step` callables (planners that run after
+  the stage's owner add them, e.g. skip residual's blend toward the noised start), in the spatial
+  layout; while the stage runs, `Stage.x0` and `Stage.noise` hold its clean start and the noise it
+  was noised with.
 The user's own call then only decodes: its schedule is emptied and its `prepare_latents` returns
 the last stage's latent. Every override is a ledger shadow of the attachment, taken out when the
 user's call has been set up, when a stage raises, by the next call, or by `hires.remove`.
@@ -88,12 +92,16 @@ class Stage:
     # start(stage, previous stage) -> clean spatial latent to noise to the first timestep; None: pure noise.
     start: Callable | None = None
     stops_early: bool = False  # its result is the clean estimate at its last step, not its output
+    # after_step(stage, step_index, latents) -> latents, for each scheduler step's result (spatial
+    # layout, the batch the loop denoises); run in order
+    after_step: list = dataclasses.field(default_factory=list)
     data: Any = None  # the owner's own per-stage object
     parent: "Stage | None" = None  # the stage this one is a slice of
     # filled while it runs
     timesteps: tuple = ()
     start_timestep: Any = None
     x0: torch.Tensor | None = None
+    noise: torch.Tensor | None = None  # the noise `x0` was noised with (spatial, float32), while it runs
     result: torch.Tensor | None = None  # spatial latent handed to the next stage
     output: Any = None  # the stage call's own latent output (packed where the family packs)
     steps_taken: int = 0
@@ -105,11 +113,11 @@ class Stage:
 
     @property
     def trivial(self) -> bool:
-        return self.start is None and self.schedule is None and not self.stops_early
+        return self.start is None and self.schedule is None and not self.stops_early and not self.after_step
 
     def drop_tensors(self) -> None:
         """Let go of the latents once the run is over (`last_run` keeps the record, not the tensors)."""
-        self.x0 = self.result = self.output = self.target = None
+        self.x0 = self.noise = self.result = self.output = self.target = None
         if hasattr(self.data, "drop_tensors"):
             self.data.drop_tensors()
 
@@ -201,7 +209,7 @@ class StageEngine:
         self._check_latents(arguments, stages)
         saved = {k: v for k, v in self.pipe.__dict__.items() if k.startswith("_") and not k.startswith("_hires")}
         self.running = True
-        self._shadow_scheduler(any(s.stops_early for s in stages))
+        self._shadow_scheduler(any(s.stops_early or s.after_step for s in stages))
         try:
             self._run(arguments, stages)
         except BaseException:
@@ -250,10 +258,19 @@ class StageEngine:
             # Only this stage's result is needed from here on: at 8K the guides are full-size images.
             if previous is not None:
                 previous.drop_tensors()
-            stage.x0 = None
+            stage.x0 = stage.noise = None
             if hasattr(stage.data, "drop_tensors"):
                 stage.data.drop_tensors()
             previous = stage
+
+    def _after_step(self, stage: Stage, index: int, output):
+        latents = output[0] if isinstance(output, tuple) else output.prev_sample
+        spatial = self._spatial(latents, stage, returned=False)
+        for hook in stage.after_step:
+            spatial = hook(stage, index, spatial)
+        if self.info.family.latent_layout == "packed":
+            spatial = pack(spatial, self.info.patch_size)
+        return _with_latents(output, spatial.to(latents.dtype))
 
     def _spatial(self, latents: torch.Tensor, stage: Stage, returned: bool = True) -> torch.Tensor:
         """(B, C, h, w) denoiser latents of a stage's output (`returned`: what the pipeline returned for
@@ -280,6 +297,8 @@ class StageEngine:
         x0 = tile_batch(stage.x0, target.shape[0]).to(target.device)
         noise = randn_tensor(x0.shape, generator=stage.generator, device=target.device, dtype=torch.float32)
         noisy = schedules.renoise(self.pipe.scheduler, x0, noise, stage.start_timestep)
+        if stage.after_step:
+            stage.noise = noise
         if self.info.family.latent_layout == "packed":
             noisy = pack(noisy, self.info.patch_size)
         target.copy_(noisy.to(target.dtype))
@@ -345,17 +364,30 @@ class StageEngine:
 
         def step(*args, **kwargs):
             stage = engine.current
-            if engine.running and stage is not None and stage.stops_early:
-                stage.steps_taken += 1
-                if stage.steps_taken == stage.steps:
-                    bound = dict(zip(names, args))
-                    bound.update(kwargs)
-                    stage.result = schedules.clean_estimate(engine.pipe.scheduler, engine.info.prediction_type,
-                                                            bound["model_output"], bound["timestep"], bound["sample"])
-                    stage.result = engine._spatial(stage.result, stage, returned=False)
-            return original(*args, **kwargs)
+            if not engine.running or stage is None:
+                return original(*args, **kwargs)
+            index = stage.steps_taken
+            stage.steps_taken += 1
+            if stage.stops_early and stage.steps_taken == stage.steps:
+                bound = dict(zip(names, args))
+                bound.update(kwargs)
+                stage.result = schedules.clean_estimate(engine.pipe.scheduler, engine.info.prediction_type,
+                                                        bound["model_output"], bound["timestep"], bound["sample"])
+                stage.result = engine._spatial(stage.result, stage, returned=False)
+            output = original(*args, **kwargs)
+            if stage.after_step:
+                output = engine._after_step(stage, index, output)
+            return output
 
         return step
+
+
+def _with_latents(output, latents: torch.Tensor):
+    """A scheduler step's output (a tuple led by the latents, or a SchedulerOutput) with new latents."""
+    if isinstance(output, tuple):
+        return (latents, *output[1:])
+    output.prev_sample = latents
+    return output
 
 
 def _wrap_prepare_image(original):

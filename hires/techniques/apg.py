@@ -177,7 +177,7 @@ def _preset() -> APGPreset:
 
 # One entry per CFG family; they share the published values until the testbed says otherwise.
 PRESETS: dict[str, APGPreset] = {family: _preset() for family in ("sd15", "sd21", "sdxl", "pixart", "sd3", "flux",
-                                                                    "flux2_klein", "chroma")}
+                                                                    "qwenimage", "zimage", "flux2_klein", "chroma")}
 
 
 @dataclasses.dataclass(frozen=True)

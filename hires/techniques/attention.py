@@ -28,7 +28,8 @@ stride-2 convs); T is the same layer's count on the base-size grid.
   size: the text part of the context does not grow with the image), `"include"` adds the text keys
   to both. With windows on, N counts the keys one query actually sees (its window, plus text).
 - Windowed attention: image queries attend within windows of the layer's grid (default window:
-  the layer's whole grid at the base size, so the base size is untouched). A grid that does not
+  as many tokens as the layer's grid has at the base size, at the call's aspect ratio, so a call at
+  or below the base area is untouched). A grid that does not
   divide evenly is split into near-equal windows (sizes differ by at most one token per side):
   an exact partition with no padding and no mask, so flash kernels stay usable. Shifting rolls the
   grid cyclically by per-step offsets drawn from `state.generator("windows")` (as HiDiffusion's
@@ -54,7 +55,7 @@ from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
 from ..config import AttentionBackendConfig, EntropyScalingConfig, WindowAttentionConfig
-from ..families import PROCESSOR_FACTS, ProcessorFacts
+from ..families import PROCESSOR_FACTS, ProcessorFacts, base_area_size
 from ..registry import Technique
 
 BACKEND_HOOK = "hires.attention_backend"
@@ -206,6 +207,7 @@ class LayerCall:
     image_start: int | None  # position of the image tokens in the attended sequence (None: unknown order)
     grid: tuple[int, int]  # the layer's image token grid now
     base_grid: tuple[int, int]  # ...and at the base size
+    window_grid: tuple[int, int] | None = None  # ...and at the base area in the call's aspect (the default window)
 
     @property
     def keys(self) -> int:
@@ -260,6 +262,11 @@ class _RewriteSDPA(TorchFunctionMode):
                 "cannot honour; turn WindowAttentionConfig and ScaleFusionConfig off for this model"
             )
         if self.rewrite.fusion is not None:
+            if mask is not None:
+                raise ValueError(
+                    f"scale fusion on layer {self.layer!r}: its attention call has a mask (Chroma's text padding "
+                    "mask), which scale fusion's branches cannot honour; turn ScaleFusionConfig off for this model"
+                )
             return self.rewrite.fusion(query, call["key"], call["value"], scale=scale,
                                        dropout_p=call.get("dropout_p", 0.0))
         grid, window, offset, image_start = self.rewrite.windows
@@ -296,15 +303,20 @@ def describe_call(state, hidden_states, encoder_hidden_states, joint: bool, toke
     own = _sequence_length(hidden_states)
     image = min(own, state.tokens)
     text = own - image + (encoder_hidden_states.shape[1] if joint else 0)
-    grid, base_grid = layer_grids(
-        image, (state.height // unit, state.width // unit), (info.base_height // unit, info.base_width // unit)
-    )
+    call_grid = (state.height // unit, state.width // unit)
+    grid, base_grid = layer_grids(image, call_grid, (info.base_height // unit, info.base_width // unit))
+    # The default window: the base area at the call's aspect ratio, downsampled like the layer's grid.
+    # Models trained on aspect buckets see such grids natively: a call whose base-area size is not
+    # smaller than itself (SDXL's 832x1216) is one window, untouched; a 2:1 request gets 2:1 windows.
+    area_h, area_w = base_area_size(info, state.height, state.width)
+    _, window_grid = layer_grids(image, call_grid, (min(area_h, state.height) // unit, min(area_w, state.width) // unit))
     if text == 0:
         start = 0
     else:
         # text_first sequences are [text, image, trailing tokens] (Flux.2's reference images last)
         start = {"image_first": 0, "text_first": text - state.trailing_tokens, None: None}[token_order]
-    return LayerCall(image_tokens=image, text_tokens=text, image_start=start, grid=grid, base_grid=base_grid)
+    return LayerCall(image_tokens=image, text_tokens=text, image_start=start, grid=grid, base_grid=base_grid,
+                     window_grid=window_grid)
 
 
 @dataclasses.dataclass
@@ -405,7 +417,7 @@ class HiresAttnProcessor:
         windows = None
         image_keys, base_image_keys = call.image_tokens, call.base_grid[0] * call.base_grid[1]
         if self.window is not None:
-            size = (self.window.window,) * 2 if self.window.window is not None else call.base_grid
+            size = (self.window.window,) * 2 if self.window.window is not None else call.window_grid
             if call.grid[0] > size[0] or call.grid[1] > size[1]:
                 if call.image_start is None:
                     raise ValueError(
@@ -501,7 +513,10 @@ TORCH_SDPA_BACKENDS = {
 
 def _uses_dispatcher(model) -> bool:
     """Whether every attention processor goes through diffusers' attention dispatcher."""
-    return all(hasattr(p, "_attention_backend") for p in model.attn_processors.values())
+    # ZImageTransformer2DModel has no attn_processors (no AttentionMixin): its Attention modules tell.
+    processors = (model.attn_processors.values() if hasattr(model, "attn_processors")
+                  else [m.processor for m in model.modules() if hasattr(m, "processor")])
+    return all(hasattr(p, "_attention_backend") for p in processors)
 
 
 class _BackendHook(ModelHook):

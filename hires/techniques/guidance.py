@@ -147,6 +147,7 @@ class GuidanceHook(ModelHook):
         super().__init__()
         self.attachment = attachment
         self.layout = attachment.info.family.guidance_layout
+        self.cond_first = attachment.info.family.cfg_cond_first
         self.timestep_input_scale = attachment.info.family.timestep_input_scale
         self.channels = prediction_channels(attachment.denoiser.config)
         self.combiner: Combiner | None = None
@@ -191,7 +192,7 @@ class GuidanceHook(ModelHook):
         sample = _sample(arguments)
         if half is not None:
             sample = sample[half]
-        timestep = arguments.get("timestep")
+        timestep = arguments.get(self.attachment.info.family.timestep_argument)
         t = float(torch.as_tensor(timestep).flatten()[0]) / self.timestep_input_scale if timestep is not None else float("nan")
         return GuidanceStep(sample=self._prediction(sample), timestep=t, args=args, kwargs=kwargs)
 
@@ -226,7 +227,9 @@ class GuidanceHook(ModelHook):
         # A CFG call duplicates the latent; any other call (e.g. SD3's skip-layer pass) is not a pair.
         if not torch.equal(sample[:half], sample[half:]):
             return output
-        uncond, cond = self._prediction(tensor[:half]), self._prediction(tensor[half:])
+        # [uncond, cond], or [cond, uncond] where the family stacks the cond half first (Z-Image)
+        uncond_half, cond_half = (slice(half, None), slice(0, half)) if self.cond_first else (slice(0, half), slice(half, None))
+        uncond, cond = self._prediction(tensor[uncond_half]), self._prediction(tensor[cond_half])
         guided = self._guided(uncond, cond, scale, state, self._step(args, kwargs, arguments, slice(0, half)))
         if guided is None:
             return output
@@ -234,9 +237,9 @@ class GuidanceHook(ModelHook):
         new_cond = (u + (guided - u) / scale).to(tensor.dtype)
         result = tensor.clone()
         if self.channels is None:
-            result[half:] = new_cond
+            result[cond_half] = new_cond
         else:
-            result[half:, : self.channels] = new_cond
+            result[cond_half, : self.channels] = new_cond
         return _with_tensor(output, result)
 
     def _separate(self, output, scale, state, args, kwargs):

@@ -40,6 +40,19 @@ Each family encodes positions differently (shared/references/dit_positions.md):
   rebuilt each step. Only RoPE families, which are all flow-matching, take it: SD3's learned table and
   PixArt's sin-cos table have no frequencies to ramp, and asking for it there is an error. DyPE caps
   the flow shift at the base size's mu, which is this technique's default `timestep_shift="clamp"`.
+- Qwen-Image (`rope_centred`): QwenEmbedRope builds complex rotations from positions centred on the
+  image (a side of n tokens spans -(n - n//2) .. n//2 - 1) and places the text after the image,
+  at max(rows//2, cols//2) onwards on every axis. The row and column axes are rescaled the same
+  way as Flux's, for the image and the text positions alike (so under "interpolation" the text
+  sits where it sat at the base size); the frame axis keeps the model's own frequencies, and
+  mscale multiplies the complex rotation (its modulus), which scales queries and keys as Flux's
+  cos and sin do.
+- Z-Image (`rope_id_tables`): its RopeEmbedder (a plain object, not a module) looks rotations up in
+  per-axis tables of `axes_lens` integer positions: axis 0 the sequence (caption 1..L, image at
+  L + 1), axes 1 and 2 the row and column from 0. The row and column axes are rescaled as Flux's;
+  the rotations are computed from the ids, so grids past the tables' ends (plain diffusers fails
+  there: 512 tokens, 8192 px) work too. The embedder is shadowed on the transformer through the
+  attachment's ledger.
 - Flow families' timestep shift (`timestep_shift`): "dynamic" keeps diffusers' mu, linear in the
   token count and unbounded (at 4096 px Flux sits at sigma > 0.9 for all but the last step);
   "clamp" (default) caps mu at its value for the base size's token count, as DyPE does (computed by
@@ -87,6 +100,8 @@ _ENCODING_OPTIONS = {
     "sincos_interpolated": ("interpolation_scale",),
     "sincos_cropped_table": ("table",),
     "rope": ("rope", "yarn_beta_fast", "yarn_beta_slow", "timestep_dependent"),
+    "rope_centred": ("rope", "yarn_beta_fast", "yarn_beta_slow"),
+    "rope_id_tables": ("rope", "yarn_beta_fast", "yarn_beta_slow"),
 }
 # DyPE's second YaRN ramp (toward the original frequencies), in rotations over the base grid.
 DYPE_GAMMA_FAST, DYPE_GAMMA_SLOW = 16.0, 2.0
@@ -472,6 +487,16 @@ def check_sincos_table(module: PatchEmbed) -> None:
             )
 
 
+def axis_scales(axis_sides, state) -> list[float | None]:
+    """Per RoPE axis, the call's scale on the side it counts where that side grew (else None)."""
+    side_scale = {"height": state.scale_height, "width": state.scale_width}
+    scales = []
+    for side in axis_sides:
+        scale = side_scale.get(side) if side else None
+        scales.append(scale if scale is not None and scale > 1 else None)
+    return scales
+
+
 class _RopeHook(ModelHook):
     """Flux's FluxPosEmbed: row and column axes rescaled by the call's scale on that side."""
 
@@ -484,12 +509,7 @@ class _RopeHook(ModelHook):
         self.axis_sides = attachment.info.family.rope_axis_sides
 
     def axis_scales(self, state) -> list[float | None]:
-        side_scale = {"height": state.scale_height, "width": state.scale_width}
-        scales = []
-        for side in self.axis_sides:
-            scale = side_scale.get(side) if side else None
-            scales.append(scale if scale is not None and scale > 1 else None)
-        return scales
+        return axis_scales(self.axis_sides, state)
 
     def new_forward(self, module, ids, *args, **kwargs):
         state = self.attachment.state
@@ -540,6 +560,117 @@ class _RopeHook(ModelHook):
                                "scheduler had no timesteps when the denoising loop started")
         timestep = state.timesteps[min(max(state.step_index, 0), state.num_steps - 1)]
         return noise_kappa(float(flow_sigma(self.attachment.pipe.scheduler, timestep)))
+
+
+def centred_positions(count: int) -> torch.Tensor:
+    """QwenEmbedRope's positions along a side of `count` tokens (scale_rope=True): -(n - n//2) .. n//2 - 1."""
+    return torch.arange(count, dtype=torch.float64) - (count - count // 2)
+
+
+class _CentredRopeHook(_RopeHook):
+    """Qwen-Image's QwenEmbedRope: the row and column axes of image and text rescaled by the call's scale."""
+
+    def new_forward(self, module, video_fhw, *args, **kwargs):
+        state = self.attachment.state
+        scales = self.axis_scales(state) if state is not None else []
+        if not any(scales) or not module.scale_rope:
+            return self.fn_ref.original_forward(video_fhw, *args, **kwargs)
+        device = kwargs.get("device", args[0] if args else None)
+        text_length = kwargs.get("max_txt_seq_len", args[1] if len(args) > 1 else None)
+        shapes = video_fhw[0] if isinstance(video_fhw, list) else video_fhw
+        shapes = shapes if isinstance(shapes, list) else [shapes]
+        key = (tuple(tuple(int(v) for v in fhw) for fhw in shapes), int(text_length), str(device))
+        cache = state.slot(_PositionsCall).rope  # (key, result, None) entries, beside Flux-style (ids, result, kappa)
+        for cached_key, cached, _ in cache:
+            if cached_key == key:
+                return cached
+        if len(shapes) != 1 or int(shapes[0][0]) != 1:
+            raise ValueError(f"PositionConfig on {type(self.attachment.denoiser).__name__}: image shapes {shapes} hold "
+                             "more than one image or frame; hires rescales the positions of one image")
+        _, rows, cols = (int(v) for v in shapes[0])
+        text_start = max(rows // 2, cols // 2)
+        text_positions = torch.arange(text_start, text_start + int(text_length), dtype=torch.float64)
+        own = module.pos_freqs.split([d // 2 for d in module.axes_dim], dim=1)
+        own_negative = module.neg_freqs.split([d // 2 for d in module.axes_dim], dim=1)
+        counts = {"height": rows, "width": cols}
+        image_parts, text_parts, used = [], [], []
+        for axis, dim in enumerate(module.axes_dim):
+            scale = scales[axis] if axis < len(scales) else None
+            side = self.axis_sides[axis] if axis < len(self.axis_sides) else None
+            if scale is None:
+                if side is None:  # the frame axis: frame 0 for every image token
+                    image = own[axis][:1].expand(rows * cols, -1)
+                else:  # the model's own rotations, from its tables of negative and positive positions
+                    count = counts[side]
+                    image = torch.cat([own_negative[axis][len(own_negative[axis]) - (count - count // 2):],
+                                       own[axis][: count // 2]], dim=0)
+                    image = _grid_axis(image, side, rows, cols)
+                text = own[axis][text_start : text_start + int(text_length)]
+            else:
+                freqs, mscale = axis_frequencies(self.settings.rope, dim, module.theta, scale, self.base_lengths[side],
+                                                 self.settings.yarn_beta_fast, self.settings.yarn_beta_slow)
+                image = _grid_axis(_rotations(centred_positions(counts[side]), freqs, mscale), side, rows, cols)
+                text = _rotations(text_positions, freqs, mscale)
+                used.append((axis, scale, mscale))
+            image_parts.append(image)
+            text_parts.append(text)
+        state.log["log.positions.rope"] = (self.settings.rope, tuple(used))
+        result = (torch.cat(image_parts, dim=-1).to(device), torch.cat(text_parts, dim=-1).to(device))
+        cache.append((key, result, None))
+        return result
+
+
+class _RopeTables:
+    """Stands in for Z-Image's RopeEmbedder: rotations of the row and column axes rescaled by the call's
+    scale on that side; the sequence axis, and every call outside a pipeline call or at the base
+    size, the model's own."""
+
+    def __init__(self, attachment, settings: ResolvedPositions, original):
+        self.attachment = attachment
+        self.settings = settings
+        self.original = original
+        unit = attachment.info.token_side
+        self.base_lengths = {"height": attachment.info.base_height // unit, "width": attachment.info.base_width // unit}
+        self.axis_sides = attachment.info.family.rope_axis_sides
+
+    def __getattr__(self, name):  # theta, axes_dims, axes_lens, freqs_cis: the model's own
+        if name == "original":
+            raise AttributeError(name)
+        return getattr(self.original, name)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        state = self.attachment.state
+        scales = axis_scales(self.axis_sides, state) if state is not None else []
+        if not any(scales):
+            return self.original(ids)
+        parts, used = [], []
+        theta = float(self.original.theta)
+        for axis, dim in enumerate(self.original.axes_dims):
+            scale = scales[axis] if axis < len(scales) else None
+            positions = ids[:, axis].to(torch.float64).cpu()
+            if scale is None:  # as the model's table holds it: float64 angles cast to float32
+                angles = torch.outer(positions, rope_frequencies(dim, theta)).float()
+                parts.append(torch.polar(torch.ones_like(angles), angles))
+            else:
+                side = self.axis_sides[axis]
+                freqs, mscale = axis_frequencies(self.settings.rope, dim, theta, scale, self.base_lengths[side],
+                                                 self.settings.yarn_beta_fast, self.settings.yarn_beta_slow)
+                parts.append(_rotations(positions, freqs, mscale))
+                used.append((axis, scale, mscale))
+        state.log["log.positions.rope"] = (self.settings.rope, tuple(used))
+        return torch.cat(parts, dim=-1).to(ids.device)
+
+
+def _rotations(positions: torch.Tensor, freqs: torch.Tensor, mscale: float) -> torch.Tensor:
+    """(len(positions), len(freqs)) complex64 rotations exp(i p f), of modulus `mscale`."""
+    angles = torch.outer(positions, freqs)
+    return torch.polar(torch.full_like(angles, mscale), angles).to(torch.complex64)
+
+
+def _grid_axis(values: torch.Tensor, side: str, rows: int, cols: int) -> torch.Tensor:
+    """Per-row (side "height") or per-column values spread over the row-major token grid."""
+    grid = values[:, None, :].expand(rows, cols, -1) if side == "height" else values[None, :, :].expand(rows, cols, -1)
+    return grid.reshape(rows * cols, -1)
 
 
 class _TimestepShiftHook(ModelHook):
@@ -651,10 +782,30 @@ def _install_rope(attachment, settings: ResolvedPositions) -> None:
         attachment.add_hook(module, _RopeHook(attachment, settings), HOOK + ".rope")
 
 
+def _install_centred_rope(attachment, settings: ResolvedPositions) -> None:
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+    module = _find_module(attachment.denoiser, QwenEmbedRope, "rotary position embedding")
+    if settings.rope != "none":
+        attachment.add_hook(module, _CentredRopeHook(attachment, settings), HOOK + ".rope")
+
+
+def _install_rope_tables(attachment, settings: ResolvedPositions) -> None:
+    denoiser = attachment.denoiser
+    original = getattr(denoiser, "rope_embedder", None)
+    if original is None or not hasattr(original, "axes_dims"):
+        raise ValueError(f"PositionConfig: {type(denoiser).__name__} has no rope_embedder with axes_dims; hires "
+                         "cannot place positions in this model")
+    if settings.rope != "none":
+        attachment.shadow(denoiser, "rope_embedder", _RopeTables(attachment, settings, original))
+
+
 _INSTALLERS = {
     "sincos_interpolated": _install_sincos_interpolated,
     "sincos_cropped_table": _install_cropped_table,
     "rope": _install_rope,
+    "rope_centred": _install_centred_rope,
+    "rope_id_tables": _install_rope_tables,
 }
 
 

@@ -7,9 +7,10 @@ up to float32 rounding.
 
 How:
 - The part of the network that runs at latent resolution (decoder: post-quant conv, conv_in and
-  the mid block with its global attention; encoder: the mid block and what follows) runs on the
-  whole latent. It is small (latent resolution) and its attention goes through diffusers' own
-  processor, i.e. scaled-dot-product attention, so no N x N matrix is materialised.
+  the mid block with its global attention; encoder: the mid block and what follows): its resnets
+  and the encoder's output head run tiled like the rest; its attention runs on the whole latent
+  with the queries in chunks (`lean_attention`, scaled-dot-product attention, so no N x N matrix
+  is materialised and q, the attention output and its projection are never held whole).
 - The high-resolution part is a chain of units (resnet blocks, up/downsamplers, the output head),
   grouped into segments. A segment's input is held whole; the segment runs tile by tile, each tile
   with a halo as wide as the receptive field of the segment's convolutions, so the tile's core is
@@ -19,6 +20,14 @@ How:
   normalises that GroupNorm with the combined statistics and gathers the next one; the last pass
   writes each tile's core into the segment's output. The cost is recomputing a segment's prefix
   once per GroupNorm in it; the memory is the segment's input and output plus one tile.
+
+Holding the whole tensors in bfloat16 (`storage_dtype=torch.bfloat16`): the tensors held whole
+between segments are the memory of a tiled pass (at 8192 px, SDXL's 256-channel 4096 px activation
+is 17 GB in float32). A VAE that needs float32 (`needs_upcast`: float16 overflows) can keep float32
+compute and store those tensors in bfloat16, which has float32's exponent range (so nothing
+overflows) at half the bytes; each tile is cast back to the compute dtype before it runs, so only
+the stored values are rounded (about 3 significant digits). The planner picks it only when the
+float32-held pass does not fit.
 
 `install(attachment, config)` shadows `vae._decode` / `vae._encode` with instance attributes set
 by a named hook's initialise step and deleted by its de-initialise step, so `hires.remove` leaves
@@ -309,10 +318,12 @@ def one_tile_per_pass():
         _ONE_TILE.reset(token)
 
 
-def run_segment(segment: Segment, x: torch.Tensor, tile: int, halo: int | None = None) -> torch.Tensor:
+def run_segment(segment: Segment, x: torch.Tensor, tile: int, halo: int | None = None,
+                compute_dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """`segment(x)` computed tile by tile with whole-image GroupNorm statistics.
 
-    `halo` (pixels of `x`) overrides the exact one, the segment's receptive-field radius."""
+    `halo` (pixels of `x`) overrides the exact one, the segment's receptive-field radius. Each tile
+    runs in `compute_dtype` (default: `x`'s); the output is held in `out_dtype` (default: `x`'s)."""
     height, width = x.shape[-2:]
     align = segment.alignment
     halo = segment.halo if halo is None else math.ceil(halo / align) * align
@@ -339,7 +350,7 @@ def run_segment(segment: Segment, x: torch.Tensor, tile: int, halo: int | None =
             c0, c1 = max(0, left - halo), min(width, left + tile_w + halo)
             # Contiguous: convolution kernels copy a strided input anyway; done here the copy is
             # explicit, so the planner's meta-device count sees it too.
-            piece = x[..., r0:r1, c0:c1].contiguous()
+            piece = x[..., r0:r1, c0:c1].to(compute_dtype or x.dtype).contiguous()
             mode = _GlobalGroupNorm(known, gather, (top - r0, left - c0, tile_h, tile_w), (r1 - r0, c1 - c0))
             try:
                 with mode:
@@ -348,7 +359,7 @@ def run_segment(segment: Segment, x: torch.Tensor, tile: int, halo: int | None =
                 continue
             finished = True
             if out is None:
-                out = y.new_empty(y.shape[:2] + (int(height * scale), int(width * scale)))
+                out = y.new_empty(y.shape[:2] + (int(height * scale), int(width * scale)), dtype=out_dtype or x.dtype)
             oy, ox = int((top - r0) * scale), int((left - c0) * scale)
             oh, ow = int(tile_h * scale), int(tile_w * scale)
             out[..., int(top * scale): int(top * scale) + oh, int(left * scale): int(left * scale) + ow] = y[..., oy: oy + oh, ox: ox + ow]
@@ -365,43 +376,121 @@ def _in_pixels_of(x: torch.Tensor, latent_side: int, latent_pixels: int | None) 
     return max(1, math.ceil(latent_pixels * x.shape[-2] / latent_side))
 
 
-def tiled_decode(vae, z: torch.Tensor, tile_size: int | None = None, grouping: str = "unit", halo: int | None = None) -> torch.Tensor:
-    """`vae.decoder(vae.post_quant_conv(z))` with whole-image GroupNorm statistics, tile by tile.
+ATTENTION_QUERY_CHUNK = 2**16  # query tokens per chunk of the mid block's attention
 
-    `z` is what `vae.decode` receives (already unscaled by the pipeline); `tile_size` is the tile
-    core side in latent pixels; `halo` (latent px) overrides the exact halo (for experiments).
+
+def lean_attention(attn, x: torch.Tensor, query_chunk: int | None = None) -> torch.Tensor:
+    """A VAE mid-block `Attention` (diffusers' AttnProcessor2_0 path: GroupNorm, q/k/v projections,
+    scaled-dot-product attention, output projection, residual, rescale) on (B, C, H, W), with the
+    queries in chunks written into one output buffer.
+
+    Why: the stock processor holds the normalised input, q, k, v, the attention output and its
+    projection whole at once (at 8192 px, each is 2 GiB in float32 for SDXL's VAE); per query chunk
+    only k, v, the normalised tokens and the output are whole. Row by row it is the same computation.
     """
-    tile_latent = tile_size or DEFAULT_TILE_LATENT
-    if getattr(vae, "post_quant_conv", None) is not None:
-        z = vae.post_quant_conv(z)
-    trunk, units = decoder_plan(vae.decoder)
-    h = trunk(z)
-    for segment in group_units(units, grouping):
-        h = run_segment(segment, h, _in_pixels_of(h, z.shape[-2], tile_latent), _in_pixels_of(h, z.shape[-2], halo))
+    if getattr(attn, "spatial_norm", None) is not None or attn.group_norm is None or attn.is_cross_attention:
+        raise TypeError("tiled VAE: the mid block's attention must be a GroupNorm self-attention (AutoencoderKL's)")
+    b, c, h, w = x.shape
+    n = h * w
+    query_chunk = query_chunk or ATTENTION_QUERY_CHUNK
+    tokens = attn.group_norm(x.view(b, c, n)).transpose(1, 2).contiguous()  # (B, N, C)
+    heads = attn.heads
+
+    def split(t):
+        return t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+    key, value = split(attn.to_k(tokens)), split(attn.to_v(tokens))
+    out = torch.empty_like(x)
+    flat_out, flat_in = out.view(b, c, n), x.view(b, c, n)
+    for start in range(0, n, query_chunk):
+        stop = min(n, start + query_chunk)
+        query = split(attn.to_q(tokens[:, start:stop]))
+        mixed = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        mixed = attn.to_out[0](mixed.transpose(1, 2).reshape(b, stop - start, -1).to(query.dtype))
+        mixed = mixed.transpose(1, 2)
+        if attn.residual_connection:
+            mixed = mixed + flat_in[:, :, start:stop]
+        flat_out[:, :, start:stop] = mixed / attn.rescale_output_factor
+        del query, mixed
+    return out
+
+
+def _mid_block(mid, h: torch.Tensor, tile: int) -> torch.Tensor:
+    """`mid(h, None)` (UNetMidBlock2D) with its resnets tiled (whole-image GroupNorm statistics) and
+    its attention whole but lean (`lean_attention`); `tile` in pixels of `h` (latent px)."""
+    h = run_segment(Segment([_resnet_unit("mid_block.resnets.0", mid.resnets[0])]), h, tile)
+    for index, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
+        if attn is not None:
+            h = lean_attention(attn, h)
+        h = run_segment(Segment([_resnet_unit(f"mid_block.resnets.{index + 1}", resnet)]), h, tile)
     return h
 
 
-def tiled_encode(vae, x: torch.Tensor, tile_size: int | None = None, grouping: str = "unit", halo: int | None = None) -> torch.Tensor:
-    """The moments `vae._encode(x)` returns (encoder + quant_conv), tile by tile, whole-image GroupNorm statistics."""
+STORAGE_DTYPES = (None, torch.bfloat16)  # None: held in the compute dtype
+
+
+def _check_storage(storage_dtype) -> None:
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype={storage_dtype!r} must be None (the compute dtype) or torch.bfloat16")
+
+
+def tiled_decode(vae, z: torch.Tensor, tile_size: int | None = None, grouping: str = "unit", halo: int | None = None,
+                 storage_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`vae.decoder(vae.post_quant_conv(z))` with whole-image GroupNorm statistics, tile by tile.
+
+    `z` is what `vae.decode` receives (already unscaled by the pipeline); `tile_size` is the tile
+    core side in latent pixels; `halo` (latent px) overrides the exact halo (for experiments);
+    `storage_dtype` holds the tensors kept whole between segments in that dtype while every tile
+    computes in `z`'s (see the module docstring). The result is in `z`'s dtype.
+    """
+    _check_storage(storage_dtype)
     tile_latent = tile_size or DEFAULT_TILE_LATENT
-    units, trunk = encoder_plan(vae.encoder, getattr(vae, "quant_conv", None))
+    compute = z.dtype
+    if getattr(vae, "post_quant_conv", None) is not None:
+        z = vae.post_quant_conv(z)
+    _, units = decoder_plan(vae.decoder)
+    h = _mid_block(vae.decoder.mid_block, vae.decoder.conv_in(z), tile_latent)
+    if storage_dtype is not None:
+        h = h.to(storage_dtype)
+    for segment in group_units(units, grouping):
+        h = run_segment(segment, h, _in_pixels_of(h, z.shape[-2], tile_latent), _in_pixels_of(h, z.shape[-2], halo),
+                        compute, storage_dtype)
+    return h.to(compute)
+
+
+def tiled_encode(vae, x: torch.Tensor, tile_size: int | None = None, grouping: str = "unit", halo: int | None = None,
+                 storage_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The moments `vae._encode(x)` returns (encoder + quant_conv), tile by tile, whole-image GroupNorm
+    statistics; `storage_dtype` as in `tiled_decode` (the image itself stays as given)."""
+    _check_storage(storage_dtype)
+    tile_latent = tile_size or DEFAULT_TILE_LATENT
+    compute = x.dtype
+    units, _ = encoder_plan(vae.encoder, getattr(vae, "quant_conv", None))
     factor = 2 ** sum(1 for u in units if u.scale < 1)
     latent_side = x.shape[-2] // factor
     h = x
     for segment in group_units(units, grouping):
-        h = run_segment(segment, h, _in_pixels_of(h, latent_side, tile_latent), _in_pixels_of(h, latent_side, halo))
-    return trunk(h)
+        h = run_segment(segment, h, _in_pixels_of(h, latent_side, tile_latent), _in_pixels_of(h, latent_side, halo),
+                        compute, storage_dtype)
+    encoder, quant_conv = vae.encoder, getattr(vae, "quant_conv", None)
+    h = _mid_block(encoder.mid_block, h.to(compute), tile_latent)
+
+    def head(x):
+        x = encoder.conv_out(encoder.conv_act(encoder.conv_norm_out(x)))
+        return quant_conv(x) if quant_conv is not None else x
+
+    return run_segment(Segment([Unit("head", head, _conv_radius(encoder.conv_out), Fraction(1))]), h, tile_latent)
 
 
 # -- installing on a pipeline's VAE ----------------------------------------------------------------
 class TiledVAEHook(ModelHook):
     """Shadows `vae._decode` / `vae._encode` while registered; the originals come back on removal."""
 
-    def __init__(self, attachment, should_tile: Callable[[str, tuple[int, ...], torch.dtype], tuple[int, str] | None],
+    def __init__(self, attachment, should_tile: Callable[[str, tuple[int, ...], torch.dtype], tuple | None],
                  halo: int | None = None):
         super().__init__()
         self.attachment = attachment
-        # (kind, shape, dtype) -> (tile side in latent px, segment grouping), or None: don't tile.
+        # (kind, shape, dtype) -> (tile side in latent px, segment grouping, storage dtype), or None: don't tile.
         self.should_tile = should_tile
         self.halo = halo
         self._shadows: list = []
@@ -417,7 +506,7 @@ class TiledVAEHook(ModelHook):
             if choice is None:
                 return original_decode(z, return_dict=return_dict)
             with vae_precision(module) as dtype:
-                sample = tiled_decode(module, z.to(dtype), choice[0], choice[1], hook.halo).to(z.dtype)
+                sample = tiled_decode(module, z.to(dtype), *choice[:2], hook.halo, *choice[2:]).to(z.dtype)
             return DecoderOutput(sample=sample) if return_dict else (sample,)
 
         def _encode(x):
@@ -425,7 +514,7 @@ class TiledVAEHook(ModelHook):
             if choice is None:
                 return original_encode(x)
             with vae_precision(module) as dtype:
-                return tiled_encode(module, x.to(dtype), choice[0], choice[1], hook.halo).to(x.dtype)
+                return tiled_encode(module, x.to(dtype), *choice[:2], hook.halo, *choice[2:]).to(x.dtype)
 
         self._shadows = [self.attachment.shadow(module, name, fn) for name, fn in (("_decode", _decode), ("_encode", _encode))]
         return module
@@ -440,7 +529,8 @@ class TiledVAEHook(ModelHook):
 def install_tiling(attachment, mode: str, tile_size: int | None, decide: Callable | None = None,
                    halo: int | None = None) -> None:
     """Install the tiled VAE hook on `attachment.pipe.vae`. Mode "auto" tiles where
-    `decide(vae, kind, shape, dtype, tile_size)` returns (tile size, grouping), and not where it returns None."""
+    `decide(vae, kind, shape, dtype, tile_size)` returns (tile size, grouping, storage dtype), and not where it
+    returns None."""
     vae = getattr(attachment.pipe, "vae", None)
     if vae is None:
         raise ValueError("vae_tiling: the pipeline has no `vae` component to tile")
@@ -451,7 +541,7 @@ def install_tiling(attachment, mode: str, tile_size: int | None, decide: Callabl
 
     def should_tile(kind, shape, dtype):
         if mode == "always":
-            return tile_size or DEFAULT_TILE_LATENT, "unit"
+            return tile_size or DEFAULT_TILE_LATENT, "unit", None
         return decide(vae, kind, shape, dtype, tile_size)
 
     attachment.add_hook(vae, TiledVAEHook(attachment, should_tile, halo=halo), HOOK_NAME)

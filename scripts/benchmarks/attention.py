@@ -5,7 +5,7 @@
    CPU with one torch thread. Mid-size models built in code (random weights): an SD-style UNet (channels 128/256,
    1024 tokens at the top level) and a Flux-style transformer (2 double + 4 single blocks, width
    256, 1024 image tokens); the factor is applied in every image self-attention layer.
-2. FLOPs of windowed vs global attention: the real-size SDXL UNet and Flux.1-dev transformer built
+2. FLOPs of windowed vs global attention: the real-size SDXL UNet, Flux.1-dev and Qwen-Image transformers built
    on the meta device from their public configs, one denoiser forward (batch 1, no CFG) at 2048²,
    4096², 8192², counted by torch.utils.flop_counter.FlopCounterMode. On the meta device SDPA runs
    its math decomposition, so attention FLOPs are the `bmm` FLOPs (QK^T and PV); windows are the
@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import real_size_flux2
-from benchmarks.common import FLUX_DEV, FULL_SIZE_UNETS, Table, fmt, interleaved_times, ratio
+from benchmarks.common import FLUX_DEV, FULL_SIZE_UNETS, QWEN_IMAGE, Table, fmt, interleaved_times, ratio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,6 +65,13 @@ def _flux_inputs(size):
                 guidance=torch.ones(1, device="meta"))
 
 
+def _qwenimage_inputs(size):
+    side = size // 16
+    return dict(hidden_states=torch.empty(1, side * side, 64, device="meta"),
+                encoder_hidden_states=torch.empty(1, 512, 3584, device="meta"),
+                timestep=torch.ones(1, device="meta"), img_shapes=[[(1, side, side)]])
+
+
 def _count(model, inputs) -> tuple[int, int]:
     with FlopCounterMode(display=False) as counter:
         model(**inputs)
@@ -74,7 +81,7 @@ def _count(model, inputs) -> tuple[int, int]:
 
 
 def flop_table() -> Table:
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, UNet2DConditionModel
 
     from hires.config import WindowAttentionConfig
     from hires.techniques.attention import LOG_WINDOWS, install_window_attention
@@ -82,7 +89,9 @@ def flop_table() -> Table:
     rows = []
     specs = (("SDXL UNet", "sdxl", 1, lambda: UNet2DConditionModel(**FULL_SIZE_UNETS["sdxl"]), _sdxl_inputs),
              ("Flux.1-dev transformer", "flux", 2, lambda: FluxTransformer2DModel(**FLUX_DEV), _flux_inputs),
-             ("Flux.2-dev transformer", "flux2", 2, lambda: real_size_flux2.models()[0], real_size_flux2.inputs))
+             ("Flux.2-dev transformer", "flux2", 2, lambda: real_size_flux2.models()[0], real_size_flux2.inputs),
+             ("Qwen-Image transformer", "qwenimage", 2, lambda: QwenImageTransformer2DModel(**QWEN_IMAGE),
+              _qwenimage_inputs))
     for label, family, patch, make, inputs in specs:
         with torch.device("meta"):
             model = make().eval()
@@ -104,7 +113,7 @@ def flop_table() -> Table:
         title="FLOPs of windowed vs global attention (real-size architectures, meta device)",
         what=("One denoiser forward, batch 1 (CFG doubles everything), TFLOPs counted by FlopCounterMode; attention = "
               "the bmm FLOPs of SDPA's math decomposition (QK^T and PV). Windowed: WindowAttentionConfig() defaults, "
-              "windows = each layer's token grid at the 1024² base size (Flux: text tokens stay global)."),
+              "windows = each layer's token grid at the 1024² base size (Flux, Qwen-Image: text tokens stay global)."),
         header=["model", "size", "total TFLOPs", "attention TFLOPs", "attention share", "windowed total",
                 "windowed attention", "total speed-up", "windows (top level)"],
         rows=rows,

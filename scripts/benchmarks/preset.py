@@ -166,7 +166,7 @@ def preset_plan(family: str, config, side: int) -> list[StageCost]:
     upscale_in_pixels = (sg.upscale_space or sg.space) == "pixel"
     stages = [StageCost(sizes[0][0], spec.steps, [], [])]
     for i, (h, _) in enumerate(sizes[1:]):
-        steps = schedules.stage_steps(spec.steps, renoise[i] if renoise[i] is not None else progressive.default_renoise(spec.steps))
+        steps = schedules.stage_steps(spec.steps, progressive.stage_renoise(renoise[i], spec.steps))
         n_guided = guided[i] if guided[i] is not None else progressive.guided_steps_for(steps, sg)
         decodes = [sizes[i][0]] if upscale_in_pixels else []
         encodes = [h] if upscale_in_pixels else []
