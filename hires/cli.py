@@ -438,7 +438,7 @@ def planned_stages(model: Model, height: int, width: int, steps: int,
             sizes = progressive.stage_sizes(info, config.structure_guidance, height, width, start=image_size)
             renoise = progressive.per_stage(config.structure_guidance, "renoise", len(sizes) - 1)
             stages = [(*sizes[0], None if image_size else steps)] + [
-                (h, w, schedules.stage_steps(steps, r if r is not None else progressive.DEFAULT_RENOISE))
+                (h, w, schedules.stage_steps(steps, progressive.stage_renoise(r, steps)))
                 for (h, w), r in zip(sizes[1:], renoise)]
         if config.bottleneck.enabled and stages[0][2] is not None:
             from .sampling import bottleneck
