@@ -52,7 +52,7 @@ DEFAULT_STEPS = {"sdxl": 50, "flux": 28}
 QUICK_STEPS = 12  # above 8, where structure guidance switches to its few-step schedule: the same preset as 50 steps
 SMOKE_STEPS = 2
 GUIDANCE = {"sdxl": 5.0, "flux": 3.5}  # SDXL: batched CFG; Flux.1-dev: distilled guidance, no true CFG
-ROWS = ("direct", "preset", "preset + windows", "everything off")
+ROWS = ("direct", "preset", "preset without windows", "everything off")
 
 
 # -- building pipelines: one function, two scales ---------------------------------------------------
@@ -156,9 +156,10 @@ def prompt_embeddings(config, model: str, text_tokens: int, device: torch.device
 # -- the rows ---------------------------------------------------------------------------------------
 def row_configs(pipe) -> dict[str, hires.HiresConfig | None]:
     """Each row's config; None: plain diffusers (hires removed)."""
-    preset = hires.presets.automatic_config(hires.model_info(pipe))
-    windows = dataclasses.replace(preset, window_attention=dataclasses.replace(preset.window_attention, enabled=True))
-    return {"direct": None, "preset": preset, "preset + windows": windows, "everything off": hires.HiresConfig()}
+    preset = hires.presets.automatic_config(hires.model_info(pipe))  # windows are part of it
+    global_attention = dataclasses.replace(preset, window_attention=dataclasses.replace(preset.window_attention, enabled=False))
+    return {"direct": None, "preset": preset, "preset without windows": global_attention,
+            "everything off": hires.HiresConfig()}
 
 
 def configure(pipe, config: hires.HiresConfig | None) -> None:
@@ -309,8 +310,8 @@ def report(options, device: torch.device, dtype: torch.dtype, rows: list[list[st
             f"prompt embeddings of the real shapes). SDXL guidance 5 (batched CFG), Flux guidance 3.5 (no true CFG).  \n"
             f"Timing: {'CUDA-synchronised ' if device.type == 'cuda' else ''}wall clock per call, one warm-up call per "
             f"row excluded, median of {options.runs} run(s), rows interleaved round by round.  \n"
-            f"Rows: direct = plain diffusers; preset = `hires.apply(pipe)`; preset + windows = the preset with "
-            f"`WindowAttentionConfig(enabled=True)`; everything off = `hires.apply(pipe, HiresConfig())` (its × direct "
+            f"Rows: direct = plain diffusers; preset = `hires.apply(pipe)` (window attention included); preset without "
+            f"windows = the preset with `WindowAttentionConfig(enabled=False)`; everything off = `hires.apply(pipe, HiresConfig())` (its × direct "
             f"is the plugin's own overhead).  \n"
             f"Peak: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, max over runs (n/a on CPU). "
             f"Planner: `hires.memory_planner.plan(...)` for a plain call at that size (untiled VAE, no chunking, "

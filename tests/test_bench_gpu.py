@@ -50,13 +50,14 @@ def test_smoke_run_writes_every_row_with_numeric_seconds(tmp_path):
 
     out = tmp_path / "bench_gpu.md"
     assert bench_gpu.main(["--device", "cpu", "--smoke", "--out", str(out)], call_fn=recording) == 0
-    # the rows ran what they say: plain, everything off, the preset (staged above the 64 px base) and windows
+    # the rows ran what they say: plain, everything off, the preset (staged above the 64 px base, with windows) and
+    # the preset without windows
     for pipeline in ("StableDiffusionXLPipeline", "FluxPipeline"):
         for side, stages in ((64, ()), (128, (64, 128))):
             assert {c for c in calls if c[:2] == (pipeline, side)} == {
                 (pipeline, side, None, ()), (pipeline, side, (), ()),
-                (pipeline, side, ("structure_guidance",), stages),
-                (pipeline, side, ("structure_guidance", "window_attention"), stages)}
+                (pipeline, side, ("structure_guidance", "memory"), stages),
+                (pipeline, side, ("structure_guidance", "window_attention", "memory"), stages)}
     text = out.read_text()
     assert "torch " + torch.__version__ in text and "diffusers " in text and "Date: " in text
     rows = by_key(table(text))
@@ -82,7 +83,7 @@ def test_planner_skip_and_oom_are_rows_not_crashes(tmp_path):
     def call_or_oom(pipe, call, side, steps):
         seen["pipe"] = pipe
         attachment = hires.runtime.get_attachment(pipe)
-        if attachment is not None and attachment.config.window_attention.enabled:
+        if attachment is not None and attachment.config.structure_guidance.enabled and not attachment.config.window_attention.enabled:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
         return bench_gpu.generate(pipe, call, side, steps)
 
@@ -96,7 +97,7 @@ def test_planner_skip_and_oom_are_rows_not_crashes(tmp_path):
         assert "> budget 0.0 MiB" in rows[("sdxl", "128²", name)][seconds]
     assert float(rows[("sdxl", "128²", "preset")][seconds]) > 0
     assert rows[("sdxl", "128²", "preset")][COLUMNS["× direct"]] == "n/a"  # no direct to divide by
-    assert rows[("sdxl", "128²", "preset + windows")][seconds] == "OOM"
+    assert rows[("sdxl", "128²", "preset without windows")][seconds] == "OOM"
     assert not hires.is_applied(seen["pipe"])
 
 
