@@ -15,10 +15,10 @@ import dataclasses
 import functools
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.attention import _fake_attachment, _flux_inputs, _sdxl_inputs
 from benchmarks.common import FLUX_DEV, FULL_SIZE_UNETS, Table, fmt
+from benchmarks.progressive import _flops
 
 GB = 10**9
 VAE_BUDGET = 24 * GB  # tiling decisions as the planner takes them for a 24 GB device
@@ -64,13 +64,6 @@ def _models(family: str):
                     else FluxTransformer2DModel(**FLUX_DEV)).eval()
         vae = AutoencoderKL(**_vae_config(spec)).eval()
     return denoiser, vae
-
-
-def _flops(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        fn()
-    return counter.get_total_flops()
 
 
 @functools.lru_cache(maxsize=None)
