@@ -485,6 +485,8 @@ class MemoryConfig:
     max_memory: int | str | None = None  # bytes or "24GiB"; None: the device's free memory
     feed_forward_chunks: int | None = None  # None: chosen by the planner; 1: no chunking
     sequential_cfg: bool | None = None  # run the uncond/cond halves one after the other; None: planner
+    # plan and tile only calls above the model's base area (the automatic preset: base-size calls stay plain diffusers)
+    above_base_only: bool = False
 
     def __post_init__(self):
         owner = "MemoryConfig"

@@ -172,6 +172,9 @@ class MemoryPlanHook(ModelHook):
         if state is None or state.slot(_MemoryCall).plan is not None:
             return args, kwargs
         whole, stage_pass = self._stage_pass(state)
+        if stage_pass is None and self.config.above_base_only and not _above_base(self.attachment, state):
+            self.choices.feed_forward_chunks, self.choices.sequential_cfg = 1, False
+            return args, kwargs
         if stage_pass is not None:
             plan, chosen = whole, stage_pass
             state.log["log.memory_call_plan"] = whole.summary()
@@ -188,13 +191,21 @@ class MemoryPlanHook(ModelHook):
         return args, kwargs
 
 
-def _tiling_decision(attachment, max_memory: int | None):
-    return functools.partial(_decide, attachment=attachment, max_memory=max_memory)
+def _above_base(attachment, state) -> bool:
+    info = attachment.info
+    return state.height * state.width > info.base_height * info.base_width
 
 
-def _decide(vae, kind, shape, dtype, tile_size, attachment, max_memory):
+def _tiling_decision(attachment, max_memory: int | None, above_base_only: bool = False):
+    return functools.partial(_decide, attachment=attachment, max_memory=max_memory, above_base_only=above_base_only)
+
+
+def _decide(vae, kind, shape, dtype, tile_size, attachment, max_memory, above_base_only=False):
     """One VAE pass's tiling, against the budget less every other weight on the VAE's device (the
     denoiser stays resident while the VAE runs)."""
+    state = attachment.state
+    if above_base_only and (state is None or not _above_base(attachment, state)):
+        return None
     resident = 0
     if max_memory is not None:
         device = next(iter(vae.parameters())).device
@@ -244,7 +255,7 @@ def install_memory(attachment, config: MemoryConfig) -> None:
     attachment.add_hook(denoiser, MemoryPlanHook(attachment, config, choices, sequential_allowed, call_planner), PLAN_HOOK)
     if not attachment.config.vae_tiling.enabled:
         # An enabled VAETilingConfig installs its own (after this one) with its mode and sizes.
-        tiled_vae.install_tiling(attachment, "auto", None, _tiling_decision(attachment, config.max_memory))
+        tiled_vae.install_tiling(attachment, "auto", None, _tiling_decision(attachment, config.max_memory, config.above_base_only))
 
 
 def install_vae_tiling(attachment, config: VAETilingConfig) -> None:

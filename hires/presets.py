@@ -40,7 +40,7 @@ STRUCTURE = StructureGuidanceConfig(enabled=True, space="latent", upscale_space=
 def _preset(structure: StructureGuidanceConfig = STRUCTURE, positions: bool = False, windows: bool = True,
             memory: bool = True) -> HiresConfig:
     return HiresConfig(structure_guidance=structure, window_attention=WindowAttentionConfig(enabled=windows),
-                       memory=MemoryConfig(enabled=memory),
+                       memory=MemoryConfig(enabled=memory, above_base_only=True),
                        positions=PositionConfig(enabled=True) if positions else PositionConfig())
 
 
