@@ -43,7 +43,7 @@ class HiresConfig:
 
     The default turns every technique off: `hires.apply(pipe, HiresConfig())` only validates
     requested sizes and records the per-call state, and the pipeline's output is bit-identical
-    to plain diffusers. Installers run in field order.
+    to plain diffusers. Installers run in their records' order (hires.registry.Technique.order).
     """
 
     structure_guidance: StructureGuidanceConfig = dataclasses.field(default_factory=lambda: StructureGuidanceConfig())
