@@ -3,28 +3,32 @@
 One entry per family: structure guidance whose stages double the side (base -> 2x -> 4x ...), each
 stage upscaling the previous result once through the VAE (decode, bicubic with the anti-ringing
 clamp, encode) and guiding the first 60% of its steps with the low wavelet band of that latent;
-window attention (each layer's base-size grid) in the stages above the base size; the memory
-planner with VAE tiling where a pass would not fit. Every part leaves a call at the model's base
+window attention (windows of the base area at the call's aspect) in the stages above the base size;
+the memory planner with VAE tiling where a pass would not fit, on calls above the base area. Every part leaves a call at the model's base
 size unchanged (structure guidance runs one stage there, the windows cover the whole grid, the
 planner changes nothing that fits), so the preset only acts above the base size.
 
-Evidence (coherence testbed v2, 15 steps, seeds 500+ not used elsewhere, 2026-12-02; one-object
-share / object detail / halo, n = 12 at 16x and 4 at 64x; docs/testbed.md has the full tables):
-- testbed UNet at 16x: this preset 1.00 / 0.52 / 0.05, against 0.62 / 0.58 / 0.11 for the previous
-  preset (pixel-space guidance on DiffuseHigh's +1-base-side ladder, n = 8), plain 0.00 and the
-  trivial baseline 1.00 / 0.09. Guiding 60% of a stage's steps instead of a third is what lifts
-  the count (1.00 vs 0.62, n = 8); fewer steps per stage with windows lose it (3 steps: 0.42).
-  At 64x it keeps one object in 2 of 4 images (previous preset: 1 of 2).
-- testbed Flux DiT (v1 model, untextured, so only the count and halo mean anything) at 16x:
-  0.62 / halo 0.10 against 0.25 / 0.52 for the previous preset (n = 8).
+Evidence (coherence testbed v2, 15 steps, 2026-12-02; one-object share / object detail / halo):
+- The choice was made in exploration runs on the testbed UNet at 16x (seeds 0 and 500, n = 8-12):
+  pixel-space guidance on DiffuseHigh's +1-base-side ladder (the previous preset) 0.62 / 0.58 / 0.11;
+  a latent guide from one pixel upscale per stage on the doubling ladder 0.62 / 0.61 / 0.05; guiding
+  60% of each stage's steps instead of a third 1.00 (n = 8); with window attention 1.00 / 0.52 / 0.05
+  (n = 12); fewer steps per stage with windows lose it (3 steps: 0.42). At 64x windows cost coherence
+  (0.50 with, 0.75 without, n = 4) but are what keeps the FLOPs below.
+- docs/testbed.md, same seeds in every row: UNet 16x 0.83 / 0.47 / 0.019 against the previous
+  preset's 0.67 / 0.54 / 0.127 (n = 6; plain 0.00, trivial baseline 1.00 / 0.10); 64x 0.67 (n = 3)
+  against 0.00 (n = 1). Testbed Flux DiT (v1 model, untextured: only the count and halo mean
+  anything) 16x 0.17 / halo 0.10 against 0.17 / 0.60 (n = 6), 64x 0.33 against 0.00.
 - Cost (scripts/benchmarks/preset.py, real-size architectures on the meta device): SDXL 4096^2
-  4.95 PFLOPs (0.17x direct) and 8192^2 22.3 PFLOPs (0.064x), Flux.1-dev 4096^2 0.125x direct. SDXL
+  4.96 PFLOPs (0.170x direct) and 8192^2 22.3 PFLOPs (0.064x), Flux.1-dev 4096^2 0.125x direct. SDXL
   re-runs 0.25 of the schedule per stage (13 of 50 steps) instead of 0.3 to stay within 5 PFLOPs
-  at 4096^2; on the testbed that analogue keeps 11 of 12 at 16x.
+  at 4096^2; on the testbed that analogue keeps 11 of 12 at 16x in exploration, 5 of 6 at 16x
+  and 1 of 3 at 64x in docs/testbed.md.
 - SD3 keeps PositionConfig: without it SD3 cannot run past its table (3072 px for SD3/3.5-Large).
   PixArt-Sigma keeps it too: at its defaults it changes no position, and it turns the pipeline's
   silent resolution binning into an error that says how to turn binning off. Neither is measured
-  on the testbed (its DiT is a Flux).
+  on the testbed (its DiT is a Flux). Z-Image's preset has no windows (its padded attention cannot
+  be windowed) and Qwen-Image's no planner (its causal 3D VAE cannot be tiled).
 """
 
 from __future__ import annotations
