@@ -185,7 +185,9 @@ def test_ctrl_c_exits_130_with_one_line_and_keeps_finished_pngs(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "hires", "batch", str(prompts), "--out", str(out), "--steps", "60",
                "--size", "128x128", "--quiet"]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a parent started in the background may ignore SIGINT, and Python keeps an inherited SIG_IGN: restore it
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not list(out.glob("[0-9]*.png")) and process.poll() is None:
         time.sleep(0.05)
