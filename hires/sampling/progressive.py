@@ -46,6 +46,7 @@ from ..families import base_area_size, round_to
 from ..registry import Technique
 from ..runtime import get_attachment
 from ..techniques.guidance import ensure_guidance_hook
+from ..memory_planner import has_frame_axis
 from ..techniques.tiled_vae import vae_precision
 from . import latent_space, schedules, wavelets
 from .stages import Stage, engine_of, last_run_of, pack, tile_batch, unpack
@@ -406,22 +407,18 @@ class VAECodec:
     def __init__(self, pipe):
         self.pipe = pipe
 
-    def _frames(self) -> bool:
-        """Whether the VAE is a video VAE taking (B, C, frames, H, W) (Qwen-Image's causal 3D VAE)."""
-        return bool(getattr(self.pipe.vae, "temperal_downsample", None))
-
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         with vae_precision(vae) as dtype:
             x = latent_space.to_vae(vae, z).to(dtype)
-            if self._frames():
+            if has_frame_axis(vae):
                 return vae.decode(x[:, :, None], return_dict=False)[0][:, :, 0].float()
             return vae.decode(x, return_dict=False)[0].float()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         with vae_precision(vae) as dtype:
-            if self._frames():
+            if has_frame_axis(vae):
                 x = vae.encode(image.to(dtype)[:, :, None]).latent_dist.mode()[:, :, 0]
             else:
                 x = vae.encode(image.to(dtype)).latent_dist.mode()
