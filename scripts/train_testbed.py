@@ -136,6 +136,26 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def init_record(args) -> dict | None:
+    """Training record of the exported pipeline that --init-from continues (None when training from scratch)."""
+    return json.loads((Path(args.init_from) / "training.json").read_text()) if args.init_from else None
+
+
+def draws_offset(args) -> int:
+    """Steps already taken by the --init-from model, so a continuation draws batches it has not seen."""
+    rec = init_record(args)
+    return rec["steps_done"] + rec.get("draws_offset", 0) if rec else 0
+
+
+def load_init_weights(model, args, subfolder: str):
+    """Start from the weights of an exported pipeline (same architecture) instead of random ones."""
+    if not args.init_from:
+        return
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(Path(args.init_from) / subfolder / "diffusion_pytorch_model.safetensors"))
+
+
 class Trainer:
     """AdamW + EMA + checkpoints; draws nothing itself, so determinism lives in step_generator."""
 
@@ -145,6 +165,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         self.step, self.losses, self.window = 0, [], []
         self.start_step = 0
+        # training seconds of earlier invocations, carried by the checkpoint (None: an older one lacks them)
+        self.seconds_before, self.t_start = 0.0, time.time()
         work.mkdir(parents=True, exist_ok=True)
         ckpt = work / "checkpoint.pt"
         if ckpt.exists() and not args.no_resume:
@@ -157,6 +179,7 @@ class Trainer:
             self.ema = state["ema"]
             self.opt.load_state_dict(state["opt"])
             self.step, self.losses = state["step"], state["losses"]
+            self.seconds_before = state.get("seconds")
             self.start_step = self.step
             print(f"resumed from {ckpt} at step {self.step}", flush=True)
 
@@ -200,10 +223,15 @@ class Trainer:
         tmp = self.work / "checkpoint.pt.tmp"
         torch.save(
             {"model": self.model.state_dict(), "ema": self.ema, "opt": self.opt.state_dict(),
-             "step": self.step, "losses": self.losses, "args": vars_for_record(self.args)},
+             "step": self.step, "losses": self.losses, "args": vars_for_record(self.args),
+             "seconds": self.total_seconds()},
             tmp,
         )
         os.replace(tmp, self.work / "checkpoint.pt")
+
+    def total_seconds(self) -> float | None:
+        """Training seconds over every invocation of this run, resumes included."""
+        return None if self.seconds_before is None else self.seconds_before + time.time() - self.t_start
 
     def ema_model(self):
         self.model.load_state_dict(self.ema)
@@ -213,6 +241,15 @@ class Trainer:
 def vars_for_record(args) -> dict:
     skip = {"out", "work_dir", "no_resume", "reproduce", "stop_after", "threads"}
     return {k: v for k, v in sorted(vars(args).items()) if k not in skip}
+
+
+def vae_record(vae: Path) -> dict:
+    """The VAE's training record: its own folder's, or, for a pipeline's vae/ folder, the one the
+    pipeline's record carries."""
+    own = vae / "training.json"
+    if own.exists():
+        return json.loads(own.read_text())
+    return json.loads((vae.parent / "training.json").read_text())["vae_record"]
 
 
 def write_record(out: Path, args, trainer: Trainer, seconds: float, extra: dict):
@@ -225,12 +262,16 @@ def write_record(out: Path, args, trainer: Trainer, seconds: float, extra: dict)
         "stopped_after": args.stop_after,
         "final_loss": float(np.mean(trainer.losses[-4:])) if trainer.losses else None,
         "train_seconds_this_run": round(seconds, 1),
+        **({} if trainer.total_seconds() is None else {"train_seconds_training_run": round(trainer.total_seconds(), 1)}),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
         **extra,
     }
     if args.stage != "vae":  # the shared VAE's own record travels with each pipeline
-        rec["vae_record"] = json.loads((Path(args.vae) / "training.json").read_text())
+        rec["vae_record"] = vae_record(Path(args.vae))
+    if args.init_from:  # a continuation carries the record of the run it continues
+        rec["draws_offset"] = draws_offset(args)
+        rec["init_record"] = {k: v for k, v in init_record(args).items() if k != "vae_record"}
     (out / "training.json").write_text(json.dumps(rec, indent=1) + "\n")
     print(json.dumps({k: v for k, v in rec.items() if k != "loss_curve"}, indent=1))
 
@@ -325,6 +366,7 @@ def train_sd15(args, out: Path, work: Path):
     te = build_clip(args.seed + 7, len(tok), args.max_length)
     betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
     unet = build_unet(args, te.config.hidden_size)
+    load_init_weights(unet, args, "unet")
     sched = DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -336,10 +378,11 @@ def train_sd15(args, out: Path, work: Path):
     noise_sched = DDPMScheduler(**betas)
     unet.train()
     tr = Trainer(unet, args, work)
+    offset = draws_offset(args)
     print(f"unet params {sum(p.numel() for p in unet.parameters())/1e6:.2f}M", flush=True)
     t0 = time.time()
     while not finished(tr, args):
-        g = step_generator(args.seed, tr.step)
+        g = step_generator(args.seed, offset + tr.step)
         idx = torch.randint(0, len(z_all), (args.batch_size,), generator=g)
         x0 = z_all[idx]
         drop = torch.rand(args.batch_size, generator=g) < args.cond_dropout
@@ -364,6 +407,7 @@ def train_flux(args, out: Path, work: Path):
     te = build_clip(args.seed + 7, len(tok), args.max_length)
     te2 = build_t5(args.seed + 11, len(tok2))
     tf = build_flux(args, te2.config.d_model, te.config.hidden_size)
+    load_init_weights(tf, args, "transformer")
     n_tok = (args.latent_size // 2) ** 2
     # Real Flux shifts sigmas by image size; the same rule here, anchored at the training size.
     sched = FlowMatchEulerDiscreteScheduler(
@@ -381,11 +425,12 @@ def train_flux(args, out: Path, work: Path):
     img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
     tf.train()
     tr = Trainer(tf, args, work)
+    offset = draws_offset(args)
     print(f"flux params {sum(p.numel() for p in tf.parameters())/1e6:.2f}M", flush=True)
     t0 = time.time()
     B = args.batch_size
     while not finished(tr, args):
-        g = step_generator(args.seed, tr.step)
+        g = step_generator(args.seed, offset + tr.step)
         idx = torch.randint(0, len(z_all), (B,), generator=g)
         x0 = z_all[idx]
         drop = torch.rand(B, generator=g) < args.cond_dropout
@@ -451,6 +496,8 @@ def parse(argv=None):
     p.add_argument("--max-length", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument("--init-from", type=str,
+                   help="exported pipeline (sd15, flux) whose weights to continue training; its batches are not redrawn")
     p.add_argument("--reproduce", type=Path, help="training.json whose args to rerun and compare")
     p.add_argument("--stop-after", type=int, help="stop after this many steps (for --reproduce)")
     args = p.parse_args(argv)
@@ -466,6 +513,8 @@ def parse(argv=None):
             setattr(args, k, v)
     if args.stage != "vae" and not args.vae:
         p.error(f"--vae is required for stage {args.stage}")
+    if args.init_from and (args.stage == "vae" or not (Path(args.init_from) / "training.json").exists()):
+        p.error(f"--init-from {args.init_from!r}: needs an exported sd15/flux pipeline folder with its training.json")
     if args.work_dir is None:
         args.work_dir = Path(f"/tmp/hires_testbed/work_{args.stage}")
     return args
