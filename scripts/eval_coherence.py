@@ -49,14 +49,14 @@ SIZES = [
     ("2:1", "2:1 wide, 8x (128x256)", 128, 256),
     ("1:3", "1:3 tall, 6.75x (288x96)", 288, 96),
 ]
-# Images per cell, chosen so every row of both models fits about 30 minutes on the 2-core CPU, each model
-# in its own process (docs/testbed.md says the run's own time). Measured cost per plain image at 15 steps,
-# 1 thread, shared CPU: sd15 ~0.6 / 2.3 / 10 s at 4x / 16x / 64x, flux ~1 / 3.4 / 20 s; staged rows
-# ~2.5x that. Small n is the price of 26 rows at 64x on a CPU; a second run with more images for the
-# standing rows (--only-rows) sharpens the cells the acceptance reads.
+# Images per cell, chosen so every row of both models fits 30 minutes on the 2-core CPU, each model in
+# its own single-threaded process (docs/testbed.md gives the run's own time). The standing rows (plain,
+# trivial baseline, preset: what the acceptance reads) get more images than the rows of one technique
+# each; 64x costs most (plain 512x512 at 15 steps: ~20 s per image on the UNet, ~40 s on the DiT), so it
+# gets fewest. A later run with --only-rows and --n sharpens any cell.
 N_DEFAULT = {
-    "sd15": {"1x": 48, "4x": 3, "16x": 3, "64x": 1, "2:1": 2, "1:3": 2},
-    "flux": {"1x": 48, "4x": 3, "16x": 2, "64x": 1, "2:1": 2, "1:3": 2},
+    "standing": {"1x": 96, "4x": 8, "16x": 8, "64x": 3, "2:1": 4, "1:3": 4},
+    "technique": {"4x": 3, "16x": 3, "64x": 1, "2:1": 2, "1:3": 2},
 }
 SHEET_SIZES = ("16x", "64x")
 SHEET_ROWS = (trows.PLAIN, trows.TRIVIAL, trows.PRESET)
@@ -143,8 +143,9 @@ def run_model(family: str, args) -> dict:
     if args.only_rows:
         rows = [r for r in rows if r.kind == trows.PLAIN or r.name in args.only_rows]
     sizes = [s for s in SIZES if s[0] == "1x" or s[0] in args.sizes]
-    n_for = {k: (args.n if args.n else N_DEFAULT[family][k]) for k, *_ in SIZES}
-    n_for["1x"] = args.n_1x or N_DEFAULT[family]["1x"]
+    n_for = {group: {k: args.n or N_DEFAULT[kind].get(k, 0) for k, *_ in SIZES[1:]}
+             for group, kind in (("standing", "standing"), ("technique", "technique"), ("combination", "technique"))}
+    n_1x = args.n_1x or N_DEFAULT["standing"]["1x"]
 
     cells, sheet, ref, plain_secs = [], {}, None, {}
     for row in rows:
@@ -152,7 +153,7 @@ def run_model(family: str, args) -> dict:
             for key, label, h, w in sizes:
                 if key == "1x" and row.kind != trows.PLAIN:
                     continue
-                items = cell_items(n_for[key], args.seed)
+                items = cell_items(n_1x if key == "1x" else n_for[row.group][key], args.seed)
                 prompts, seeds = [it[1] for it in items], [it[4] for it in items]
                 make = trivial if row.kind == trows.TRIVIAL else generate
                 t0 = time.perf_counter()
@@ -181,8 +182,8 @@ def run_model(family: str, args) -> dict:
                       f"halo={st['halo']:.3f} hue={st['hue_error']:.1f} t={secs:.1f}s", flush=True)
     if sheet:
         write_sheet(sheet, args.sheet_dir / f"testbed_sheet_{family}.png")
-    return {"model": family, "cells": cells, "reference": vars(ref) if ref else None,
-            "n": n_for, "seconds": time.time() - t_model, "record": model_record(family, args)}
+    return {"model": family, "cells": cells, "reference": ref.as_dict() if ref else None,
+            "n": {"1x": n_1x, **{g: n for g, n in n_for.items() if g != "combination"}}, "seconds": time.time() - t_model, "record": model_record(family, args)}
 
 
 def write_sheet(sheet: dict, path: Path, gap: int = 6):
@@ -223,13 +224,19 @@ def model_record(family: str, args) -> str:
     else:
         arch = (f"FluxTransformer2DModel {params / 1e6:.2f}M params, {a['flux_double']} double + "
                 f"{a['flux_single']} single blocks, {a['flux_heads']} heads x {a['flux_head_dim']}, flow matching")
-    secs = rec.get("train_seconds_training_run", rec["train_seconds_this_run"])
+    # A continued model (train_testbed.py --init-from) carries the records of the runs it continues.
+    chain = [rec]
+    while "init_record" in chain[-1]:
+        chain.append(chain[-1]["init_record"])
+    chain.reverse()
+    secs = sum(r.get("train_seconds_training_run", r["train_seconds_this_run"]) for r in chain)
+    steps = " + ".join(f"{r['steps_done']} (lr {r['args']['lr']:g})" for r in chain)
     vae = (f"VAE channels {v.get('args', {}).get('vae_channels')}, latent factor 4, {v.get('steps_done')} steps, "
            f"texture kept through its round trip: objects {v.get('recon_object_detail_ratio', float('nan')):.2f}, "
            f"background {v.get('recon_background_detail_ratio', float('nan')):.2f}")
     return (f"`{folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder}`: {arch}; "
-            f"{rec['steps_done']} steps of batch {a['batch_size']} on {a['n_data']} images, lr {a['lr']}, "
-            f"final loss {rec['final_loss']:.4f}, {secs:.0f} s training; {vae}.")
+            f"{steps} steps of batch {a['batch_size']} on {a['n_data']} images, each run a fresh warm-up and "
+            f"cosine decay, final loss {rec['final_loss']:.4f}, {secs:.0f} s training; {vae}.")
 
 
 def run(args) -> dict:
@@ -259,6 +266,39 @@ def _f(x, fmt) -> str:
     return "—" if x is None or math.isnan(x) else format(x, fmt)
 
 
+# What the testbed's models must show (issue: testbed v2): (row kind, size, measure, test, bound).
+MODEL_CHECKS = (
+    ("plain", "1x", "one", ">=", 0.95),
+    ("plain", "16x", "one", "<=", 0.3),
+    ("plain", "16x", "detail", ">=", 0.8),
+    ("trivial", "16x", "one", ">=", 0.9),
+    ("trivial", "16x", "detail", "<=", 0.3),
+)
+
+
+def model_checks(m: dict) -> list[str]:
+    """Markdown rows: each check of MODEL_CHECKS against this run's cell of model `m`."""
+    out = []
+    for kind, size, key, op, bound in MODEL_CHECKS:
+        cell = next((c for c in m["cells"] if c["kind"] == kind and c["size"] == size and "error" not in c), None)
+        if cell is None:
+            continue
+        value = cell[key]
+        ok = value >= bound if op == ">=" else value <= bound
+        out.append(f"| {m['model']} | {cell['row']} | {size} | {key} | {op} {bound:g} | {value:.2f} | {cell['n']} "
+                   f"| {'yes' if ok else 'no'} |")
+    return out
+
+
+def _n_text(n: dict) -> str:
+    """Images per cell as the run recorded them: per size, or per row group and size."""
+    flat = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
+    if not any(isinstance(v, dict) for v in n.values()):
+        return f"n per size: {flat(n)}"
+    groups = "; ".join(f"{g} rows {flat(v)}" for g, v in n.items() if isinstance(v, dict))
+    return f"n: 1x reference {n['1x']}; {groups} (technique counts also for combinations)"
+
+
 def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
     lines = [
         "# Coherence testbed v2 results",
@@ -279,7 +319,8 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
         "max(24 px, 0.05% of the image)); *shape* = share whose largest object has the prompted shape "
         "(bounding-box fill ratio); *detail* / *bg detail* = contrast of the texture at its training period "
         "(log-Gabor ring) inside the objects / in the background, divided by the mean of 1x plain samples "
-        "of the same model (1.0 = as detailed as native); *halo* = luminance overshoot just outside the "
+        "of the same model (for objects: of the same prompt, image by image, since the stripes' contrast "
+        "differs several-fold between colours; 1.0 = as detailed as native); *halo* = luminance overshoot just outside the "
         "largest object's edge beyond the background, as a share of the object/background contrast; "
         "*hue* = |hue error| in degrees and *sat* = |saturation error| of the largest object against the "
         "trained colour; *speckle* = share of saturated pixels outside counted objects; *clip* = share of "
@@ -298,9 +339,13 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
                   f"max_sequence_length {MAX_SEQUENCE_LENGTH}. The CPU was shared with other work, so "
                   "seconds are indicative; ratios are taken within the run.")]
         for m in r["models"]:
-            lines.append(f"- {m['model']} ({m['seconds']:.0f} s): {m['record']} n per size: "
-                         + ", ".join(f"{k} {v}" for k, v in m["n"].items()) + ".")
+            lines.append(f"- {m['model']} ({m['seconds']:.0f} s): {m['record']} {_n_text(m['n'])}.")
         lines.append("")
+    checks = [row for r in runs[:1] for m in r["models"] for row in model_checks(m)]
+    if checks:
+        lines += ["## What the models must show (run 1)", "",
+                  "| model | row | size | measure | target | measured | n | holds |", "|---|---|---|---|---|---|---|---|",
+                  *checks, ""]
     for i, r in enumerate(runs):
         for m in r["models"]:
             lines += [f"## {m['model']}" + (f" (run {i + 1})" if len(runs) > 1 else ""), "",

@@ -7,7 +7,7 @@ picture was made, so the trivial baseline (base size + bicubic upscale) is judge
 - detail: contrast of the texture at its training period *in pixels* (testbed_common.OBJECT_PERIOD
   inside the objects, BACKGROUND_PERIOD in the background), from a log-Gabor ring filter. An
   upscaled base image carries the same texture k times coarser, outside the ring; dividing by the
-  mean of 1x plain samples gives "1.0 = as detailed as native".
+  mean of 1x plain samples (of the same prompt, for objects) gives "1.0 = as detailed as native".
 - halo: overshoot of the luminance in a band just outside the largest object's edge, beyond the
   background level, as a share of the object/background contrast (blur alone scores 0).
 - colour drift: hue (degrees) and saturation error of the largest object against the trained colour.
@@ -166,6 +166,8 @@ def classify_shape(mask: np.ndarray) -> str | None:
 
 @dataclass(frozen=True)
 class Measure:
+    colour: str  # the prompt's colour and shape: detail is judged against 1x samples of the same prompt
+    shape: str
     n_objects: int
     shape_ok: bool  # the largest object has the prompted shape
     object_detail: float  # raw band contrast (divide by the 1x plain reference)
@@ -183,6 +185,8 @@ def measure(image: np.ndarray, colour: str, shape: str) -> Measure:
     _, largest = objects_mask(image, colour)
     hue_err, sat_err = colour_drift(image, colour)
     return Measure(
+        colour=colour,
+        shape=shape,
         n_objects=tc.count_objects(image, colour).n_objects,
         shape_ok=classify_shape(largest) == shape,
         object_detail=object_detail(image, colour),
@@ -213,14 +217,32 @@ def nanmean(values) -> float:
 
 @dataclass(frozen=True)
 class Reference:
-    """Mean raw detail of 1x plain samples: what "native" means for one model."""
+    """Mean raw detail of 1x plain samples: what "native" means for one model.
 
-    object_detail: float
+    Object detail is kept per prompt, because the stripes' luminance contrast differs several-fold
+    between colours (yellow's is a quarter of blue's): a cell holding only some prompts, as a small
+    cell does, would otherwise be judged against other colours' texture."""
+
+    object_detail: float  # over every sample: the fallback for a prompt the reference lacks
     background_detail: float
+    object_by_prompt: dict[tuple[str, str], float]  # (colour, shape) -> mean raw object detail
 
     @classmethod
     def of(cls, measures: list[Measure]) -> Reference:
-        return cls(nanmean(m.object_detail for m in measures), nanmean(m.background_detail for m in measures))
+        by_prompt: dict[tuple[str, str], list[float]] = {}
+        for m in measures:
+            by_prompt.setdefault((m.colour, m.shape), []).append(m.object_detail)
+        return cls(nanmean(m.object_detail for m in measures), nanmean(m.background_detail for m in measures),
+                   {k: nanmean(v) for k, v in by_prompt.items()})
+
+    def object_native(self, m: Measure) -> float:
+        """Native raw object detail for `m`'s prompt."""
+        ref = self.object_by_prompt.get((m.colour, m.shape), float("nan"))
+        return ref if math.isfinite(ref) and ref > 0 else self.object_detail
+
+    def as_dict(self) -> dict:
+        return {"object_detail": self.object_detail, "background_detail": self.background_detail,
+                "object_by_prompt": {f"{c} {s}": v for (c, s), v in self.object_by_prompt.items()}}
 
 
 def summarise(measures: list[Measure], ref: Reference) -> dict:
@@ -235,7 +257,7 @@ def summarise(measures: list[Measure], ref: Reference) -> dict:
         "one": one / n, "one_ci": wilson(one, n),
         "shape": shape / n, "shape_ci": wilson(shape, n),
         "count": float(np.mean([m.n_objects for m in measures])),
-        "detail": nanmean(m.object_detail for m in measures) / ref.object_detail,
+        "detail": nanmean(m.object_detail / ref.object_native(m) for m in measures),
         "detail_bg": nanmean(m.background_detail for m in measures) / ref.background_detail,
         "halo": nanmean(m.halo for m in measures),
         "hue_error": nanmean(m.hue_error for m in measures),

@@ -246,3 +246,46 @@ def test_shipped_flux_loads_and_samples_native_size():
     assert image.shape == (64, 64, 3)
     image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
     assert tc.count_objects(image, "blue").n_objects == 1
+
+
+def _cell(kind, size, **values):
+    return {"kind": kind, "size": size, "row": kind, "n": 8, "one": 0.0, "detail": 0.0, **values}
+
+
+def test_model_checks_read_the_acceptance_cells():
+    import eval_coherence as ev
+
+    good = {"model": "m", "cells": [
+        _cell("plain", "1x", one=0.96), _cell("plain", "16x", one=0.25, detail=0.85),
+        _cell("trivial", "16x", one=1.0, detail=0.1), _cell("preset", "16x", one=0.0)]}
+    rows = ev.model_checks(good)
+    assert len(rows) == len(ev.MODEL_CHECKS) and all(r.endswith("| yes |") for r in rows)
+    # each bound fails on the wrong side, and a failed cell is skipped rather than read
+    bad = {"model": "m", "cells": [
+        _cell("plain", "1x", one=0.94), _cell("plain", "16x", one=0.5, detail=0.7),
+        _cell("trivial", "16x", one=0.8, detail=0.4), _cell("plain", "4x", error="RuntimeError")]}
+    assert [r.endswith("| no |") for r in ev.model_checks(bad)] == [True] * 5
+    assert ev.model_checks({"model": "m", "cells": [_cell("plain", "1x", error="x")]}) == []
+
+
+def test_images_per_cell_text_reads_old_and_grouped_runs():
+    import eval_coherence as ev
+
+    assert ev._n_text({"1x": 48, "4x": 3}) == "n per size: 1x 48, 4x 3"
+    grouped = ev._n_text({"1x": 48, "standing": {"16x": 8}, "technique": {"16x": 3}})
+    assert grouped.startswith("n: 1x reference 48; standing rows 16x 8; technique rows 16x 3")
+
+
+def test_object_detail_is_judged_against_its_own_prompt():
+    # Two prompts whose native stripes differ 4x in raw contrast: each image is divided by its own
+    # prompt's 1x mean, so a cell holding only the weak prompt still reads 1.0 at native detail.
+    def m(colour, detail):
+        return tm.Measure(colour, "circle", 1, True, detail, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    ref = tm.Reference.of([m("yellow", 0.02), m("yellow", 0.04), m("blue", 0.12)])
+    assert ref.object_by_prompt == {("yellow", "circle"): pytest.approx(0.03), ("blue", "circle"): 0.12}
+    assert tm.summarise([m("yellow", 0.03)], ref)["detail"] == pytest.approx(1.0)
+    assert tm.summarise([m("yellow", 0.03), m("blue", 0.06)], ref)["detail"] == pytest.approx(0.75)
+    # a prompt missing from the reference falls back to the mean over every 1x sample
+    assert tm.summarise([m("red", 0.06)], ref)["detail"] == pytest.approx(0.06 / ref.object_detail)
+    assert ref.as_dict()["object_by_prompt"]["blue circle"] == 0.12
