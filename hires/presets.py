@@ -15,15 +15,18 @@ Evidence (coherence testbed v2, 15 steps, 2026-12-02; one-object share / object 
   60% of each stage's steps instead of a third 1.00 (n = 8); with window attention 1.00 / 0.52 / 0.05
   (n = 12); fewer steps per stage with windows lose it (3 steps: 0.42). At 64x windows cost coherence
   (0.50 with, 0.75 without, n = 4) but are what keeps the FLOPs below.
-- docs/testbed.md, same seeds in every row: UNet 16x 0.83 / 0.47 / 0.019 against the previous
-  preset's 0.67 / 0.54 / 0.127 (n = 6; plain 0.00, trivial baseline 1.00 / 0.10); 64x 0.67 (n = 3)
-  against 0.00 (n = 1). Testbed Flux DiT (v1 model, untextured: only the count and halo mean
-  anything) 16x 0.17 / halo 0.10 against 0.17 / 0.60 (n = 6), 64x 0.33 against 0.00.
+- On the testbed models of that time (the first v2 UNet, the v1 Flux DiT), same seeds in every row:
+  UNet 16x 0.83 / 0.47 / 0.019 against the previous preset's 0.67 / 0.54 / 0.127 (n = 6; plain 0.00,
+  trivial baseline 1.00 / 0.10); 64x 0.67 (n = 3) against 0.00 (n = 1). DiT 16x 0.17 / halo 0.10
+  against 0.17 / 0.60 (n = 6), 64x 0.33 against 0.00.
+- docs/testbed.md now holds one run on the retrained models (UNet trained longer, DiT v2 on the
+  textured pictures): UNet 4x / 16x / 64x 0.62 / 0.88 / 0.00 (n = 8 / 8 / 3; plain 0.62 / 0.00 /
+  0.00), DiT 0.75 / 0.75 / 0.00 (plain 0.00 / 0.00 / 0.00). The preset was not re-chosen on them.
 - Cost (scripts/benchmarks/preset.py, real-size architectures on the meta device): SDXL 4096^2
   4.96 PFLOPs (0.170x direct) and 8192^2 22.3 PFLOPs (0.064x), Flux.1-dev 4096^2 0.125x direct. SDXL
   re-runs 0.25 of the schedule per stage (13 of 50 steps) instead of 0.3 to stay within 5 PFLOPs
-  at 4096^2; on the testbed that analogue keeps 11 of 12 at 16x in exploration, 5 of 6 at 16x
-  and 1 of 3 at 64x in docs/testbed.md.
+  at 4096^2; on the earlier testbed UNet that analogue kept 11 of 12 at 16x in exploration, 5 of 6
+  at 16x and 1 of 3 at 64x.
 - SD3 keeps PositionConfig: without it SD3 cannot run past its table (3072 px for SD3/3.5-Large).
   PixArt-Sigma keeps it too: at its defaults it changes no position, and it turns the pipeline's
   silent resolution binning into an error that says how to turn binning off. Neither is measured

@@ -143,8 +143,7 @@ def run_model(family: str, args) -> dict:
     if args.only_rows:
         rows = [r for r in rows if r.kind == trows.PLAIN or r.name in args.only_rows]
     sizes = [s for s in SIZES if s[0] == "1x" or s[0] in args.sizes]
-    n_for = {group: {k: args.n or N_DEFAULT[kind].get(k, 0) for k, *_ in SIZES[1:]}
-             for group, kind in (("standing", "standing"), ("technique", "technique"), ("combination", "technique"))}
+    n_for = {kind: {k: args.n or N_DEFAULT[kind][k] for k, *_ in SIZES[1:]} for kind in N_DEFAULT}
     n_1x = args.n_1x or N_DEFAULT["standing"]["1x"]
 
     cells, sheet, ref, plain_secs = [], {}, None, {}
@@ -153,7 +152,8 @@ def run_model(family: str, args) -> dict:
             for key, label, h, w in sizes:
                 if key == "1x" and row.kind != trows.PLAIN:
                     continue
-                items = cell_items(n_1x if key == "1x" else n_for[row.group][key], args.seed)
+                n_kind = "standing" if row.group == "standing" else "technique"  # combinations count as techniques
+                items = cell_items(n_1x if key == "1x" else n_for[n_kind][key], args.seed)
                 prompts, seeds = [it[1] for it in items], [it[4] for it in items]
                 make = trivial if row.kind == trows.TRIVIAL else generate
                 t0 = time.perf_counter()
@@ -183,7 +183,7 @@ def run_model(family: str, args) -> dict:
     if sheet:
         write_sheet(sheet, args.sheet_dir / f"testbed_sheet_{family}.png")
     return {"model": family, "cells": cells, "reference": ref.as_dict() if ref else None,
-            "n": {"1x": n_1x, **{g: n for g, n in n_for.items() if g != "combination"}}, "seconds": time.time() - t_model, "record": model_record(family, args)}
+            "n": {"1x": n_1x, **n_for}, "seconds": time.time() - t_model, "record": model_record(family, args)}
 
 
 def write_sheet(sheet: dict, path: Path, gap: int = 6):
@@ -320,8 +320,8 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
         "(bounding-box fill ratio); *detail* / *bg detail* = contrast of the texture at its training period "
         "(log-Gabor ring) inside the objects / in the background, divided by the mean of 1x plain samples "
         "of the same model (for objects: of the same prompt, image by image, since the stripes' contrast "
-        "differs several-fold between colours; 1.0 = as detailed as native); *halo* = luminance overshoot just outside the "
-        "largest object's edge beyond the background, as a share of the object/background contrast; "
+        "differs several-fold between colours; 1.0 = as detailed as native); *halo* = luminance overshoot "
+        "just outside the largest object's edge beyond the background, as a share of the object/background contrast; "
         "*hue* = |hue error| in degrees and *sat* = |saturation error| of the largest object against the "
         "trained colour; *speckle* = share of saturated pixels outside counted objects; *clip* = share of "
         "pixels with a channel at 0 or 255; *time* = seconds per image over plain's at the same size."),
@@ -336,8 +336,8 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
                   (f"- {r['date']}, {r['machine']}; wall time {r['wall']:.0f} s; {r['steps']} steps; "
                   f"sd15: DDIM, guidance_scale {r['guidance']['sd15']}; flux: flow-match Euler with Flux's "
                   f"size-dependent shift, true_cfg_scale {r['guidance']['flux']} (negative prompt \"\"), "
-                  f"max_sequence_length {MAX_SEQUENCE_LENGTH}. The CPU was shared with other work, so "
-                  "seconds are indicative; ratios are taken within the run.")]
+                  f"max_sequence_length {MAX_SEQUENCE_LENGTH}. Seconds on a CPU are indicative; "
+                  "ratios are taken within the run.")]
         for m in r["models"]:
             lines.append(f"- {m['model']} ({m['seconds']:.0f} s): {m['record']} {_n_text(m['n'])}.")
         lines.append("")

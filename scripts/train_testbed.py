@@ -262,7 +262,8 @@ def write_record(out: Path, args, trainer: Trainer, seconds: float, extra: dict)
         "stopped_after": args.stop_after,
         "final_loss": float(np.mean(trainer.losses[-4:])) if trainer.losses else None,
         "train_seconds_this_run": round(seconds, 1),
-        **({} if trainer.total_seconds() is None else {"train_seconds_training_run": round(trainer.total_seconds(), 1)}),
+        # over every invocation, resumes included; absent when an older checkpoint did not keep it
+        **({} if (total := trainer.total_seconds()) is None else {"train_seconds_training_run": round(total, 1)}),
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
         **extra,
