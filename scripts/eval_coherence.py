@@ -49,11 +49,12 @@ SIZES = [
     ("2:1", "2:1 wide, 8x (128x256)", 128, 256),
     ("1:3", "1:3 tall, 6.75x (288x96)", 288, 96),
 ]
-# Images per cell, chosen so every row of both models fits 30 minutes on the 2-core CPU, each model in
-# its own single-threaded process (docs/testbed.md gives the run's own time). The standing rows (plain,
-# trivial baseline, preset: what the acceptance reads) get more images than the rows of one technique
-# each; 64x costs most (plain 512x512 at 15 steps: ~20 s per image on the UNet, ~40 s on the DiT), so it
-# gets fewest. A later run with --only-rows and --n sharpens any cell.
+# Images per cell, chosen so every row of both models fits 30 minutes on the 2-core CPU, two
+# single-threaded worker processes sharing the rows (docs/testbed.md gives the run's own time). The
+# standing rows (plain, trivial baseline, preset: what the acceptance reads) are three of the 26 rows
+# per model, so they get many images; the rows of one technique each get few, and most of the run is
+# their 64x cells (one 512x512 image at 15 steps: ~20-45 s on the UNet, ~40-60 s on the DiT, with both
+# cores busy). The run's time follows the host's speed: on a slower host pass --n or --only-rows.
 N_DEFAULT = {
     "standing": {"1x": 96, "4x": 8, "16x": 8, "64x": 3, "2:1": 4, "1:3": 4},
     "technique": {"4x": 3, "16x": 3, "64x": 1, "2:1": 2, "1:3": 2},
@@ -133,57 +134,92 @@ def applied(pipe, row: trows.Row):
         hires.remove(pipe)
 
 
-def run_model(family: str, args) -> dict:
-    """Every row and size of one model; a separate process per model when --jobs > 1."""
-    torch.set_num_threads(args.threads)
-    t_model = time.time()
-    pipe = load_pipeline(family, Path(args.model_dir.get(family, MODELS[family])))
-    pipe.set_progress_bar_config(disable=True)
+_PIPELINES: dict = {}
+
+
+def pipeline(family: str, args):
+    """This process's pipeline of `family`, loaded once (rows restore it with hires.remove)."""
+    if family not in _PIPELINES:
+        torch.set_num_threads(args.threads)
+        pipe = load_pipeline(family, Path(args.model_dir.get(family, MODELS[family])))
+        pipe.set_progress_bar_config(disable=True)
+        _PIPELINES[family] = pipe
+    return _PIPELINES[family]
+
+
+def model_rows(family: str, args) -> list[trows.Row]:
     rows = trows.ROWS[family]()
     if args.only_rows:
         rows = [r for r in rows if r.kind == trows.PLAIN or r.name in args.only_rows]
-    sizes = [s for s in SIZES if s[0] == "1x" or s[0] in args.sizes]
-    n_for = {kind: {k: args.n or N_DEFAULT[kind][k] for k, *_ in SIZES[1:]} for kind in N_DEFAULT}
-    n_1x = args.n_1x or N_DEFAULT["standing"]["1x"]
+    return rows
 
-    cells, sheet, ref, plain_secs = [], {}, None, {}
-    for row in rows:
-        with applied(pipe, row):
-            for key, label, h, w in sizes:
-                if key == "1x" and row.kind != trows.PLAIN:
-                    continue
-                n_kind = "standing" if row.group == "standing" else "technique"  # combinations count as techniques
-                items = cell_items(n_1x if key == "1x" else n_for[n_kind][key], args.seed)
-                prompts, seeds = [it[1] for it in items], [it[4] for it in items]
-                make = trivial if row.kind == trows.TRIVIAL else generate
-                t0 = time.perf_counter()
-                try:
-                    imgs = make(pipe, family, prompts, seeds, h, w, args)
-                except (ValueError, RuntimeError) as err:  # a row that cannot run here is a result too
-                    cells.append({"model": family, "row": row.name, "group": row.group, "kind": row.kind,
-                                  "size": key, "label": label, "height": h, "width": w, "n": 0,
-                                  "error": f"{type(err).__name__}: {err}"})
-                    print(f"{family} | {row.name} | {key}: {type(err).__name__}: {err}", flush=True)
-                    continue
-                secs = (time.perf_counter() - t0) / len(imgs)
-                measures = [tm.measure(im, it[2], it[3]) for im, it in zip(imgs, items)]
-                if key == "1x":
-                    ref = tm.Reference.of(measures)
-                if row.kind == trows.PLAIN:
-                    plain_secs[key] = secs
-                st = tm.summarise(measures, ref)
-                cells.append({"model": family, "row": row.name, "group": row.group, "kind": row.kind,
-                              "size": key, "label": label, "height": h, "width": w,
-                              "seconds_per_image": secs, "time_ratio": secs / plain_secs[key], **st})
-                if key in SHEET_SIZES and row.kind in SHEET_ROWS:
-                    sheet[(row.kind, key)] = imgs[: args.sheet_n]
-                print(f"{family} | {row.name[:44]:44s} | {key:4s} n={st['n']:2d} one={st['one']:.2f} "
-                      f"shape={st['shape']:.2f} detail={st['detail']:.2f}/{st['detail_bg']:.2f} "
-                      f"halo={st['halo']:.3f} hue={st['hue_error']:.1f} t={secs:.1f}s", flush=True)
+
+def images_per_cell(args) -> dict:
+    n_for = {kind: {k: args.n or N_DEFAULT[kind][k] for k, *_ in SIZES[1:]} for kind in N_DEFAULT}
+    return {"1x": args.n_1x or N_DEFAULT["standing"]["1x"], **n_for}
+
+
+def run_row(family: str, index: int, args) -> dict:
+    """Every size of one row of one model: each cell's measures and seconds per image, unscored (the 1x
+    reference and plain's seconds come from the plain row, which may run in another process)."""
+    pipe = pipeline(family, args)
+    row = model_rows(family, args)[index]
+    n = images_per_cell(args)
+    n_kind = "standing" if row.group == "standing" else "technique"  # combinations count as techniques
+    t_row = time.perf_counter()
+    cells, sheet = [], {}
+    with applied(pipe, row):
+        for key, label, h, w in SIZES:
+            if key not in args.sizes and key != "1x" or key == "1x" and row.kind != trows.PLAIN:
+                continue
+            items = cell_items(n["1x"] if key == "1x" else n[n_kind][key], args.seed)
+            prompts, seeds = [it[1] for it in items], [it[4] for it in items]
+            make = trivial if row.kind == trows.TRIVIAL else generate
+            cell = {"model": family, "row": row.name, "group": row.group, "kind": row.kind,
+                    "size": key, "label": label, "height": h, "width": w}
+            t0 = time.perf_counter()
+            try:
+                imgs = make(pipe, family, prompts, seeds, h, w, args)
+            except (ValueError, RuntimeError) as err:  # a row that cannot run here is a result too
+                cells.append({**cell, "n": 0, "error": f"{type(err).__name__}: {err}"})
+                print(f"{family} | {row.name} | {key}: {type(err).__name__}: {err}", flush=True)
+                continue
+            secs = (time.perf_counter() - t0) / len(imgs)
+            cells.append({**cell, "seconds_per_image": secs,
+                          "measures": [tm.measure(im, it[2], it[3]) for im, it in zip(imgs, items)]})
+            if key in SHEET_SIZES and row.kind in SHEET_ROWS:
+                sheet[(row.kind, key)] = imgs[: args.sheet_n]
+            print(f"{family} | {row.name[:44]:44s} | {key:4s} n={len(imgs):2d} t={secs:.1f}s", flush=True)
+    return {"model": family, "index": index, "cells": cells, "sheet": sheet,
+            "seconds": time.perf_counter() - t_row}
+
+
+def score_model(family: str, parts: list[dict], args) -> dict:
+    """One model's cells in row order, scored against its plain row's 1x reference and seconds."""
+    parts = sorted(parts, key=lambda p: p["index"])
+    plain = next(c for p in parts for c in p["cells"] if c["kind"] == trows.PLAIN and c["size"] == "1x")
+    if "error" in plain:
+        raise RuntimeError(f"{family}: plain 1x failed, so nothing can be scored: {plain['error']}")
+    ref = tm.Reference.of(plain["measures"])
+    plain_secs = {c["size"]: c["seconds_per_image"] for p in parts for c in p["cells"]
+                  if c["kind"] == trows.PLAIN and "error" not in c}
+    cells, sheet = [], {}
+    for part in parts:
+        sheet.update(part["sheet"])
+        for c in part["cells"]:
+            if "error" in c:
+                cells.append(c)
+                continue
+            c = dict(c)
+            st = tm.summarise(c.pop("measures"), ref)
+            cells.append({**c, "time_ratio": c["seconds_per_image"] / plain_secs[c["size"]], **st})
+            print(f"{family} | {c['row'][:44]:44s} | {c['size']:4s} n={st['n']:2d} one={st['one']:.2f} "
+                  f"shape={st['shape']:.2f} detail={st['detail']:.2f}/{st['detail_bg']:.2f} "
+                  f"halo={st['halo']:.3f} hue={st['hue_error']:.1f} time={cells[-1]['time_ratio']:.2f}x")
     if sheet:
         write_sheet(sheet, args.sheet_dir / f"testbed_sheet_{family}.png")
-    return {"model": family, "cells": cells, "reference": ref.as_dict() if ref else None,
-            "n": {"1x": n_1x, **n_for}, "seconds": time.time() - t_model, "record": model_record(family, args)}
+    return {"model": family, "cells": cells, "reference": ref.as_dict(), "n": images_per_cell(args),
+            "seconds": sum(p["seconds"] for p in parts), "record": model_record(family, args)}
 
 
 def write_sheet(sheet: dict, path: Path, gap: int = 6):
@@ -240,21 +276,25 @@ def model_record(family: str, args) -> str:
 
 
 def run(args) -> dict:
+    """Every (model, row) is one job; --jobs single-threaded processes take them from one queue, the
+    DiT's (the costlier model) first, so neither core idles while the other still has a model's rows.
+    Numbers do not depend on this: each image has its own generator and rows restore the pipeline."""
     t_all = time.time()
-    if args.jobs > 1 and len(args.models) > 1:
-        # One process per model: single-threaded processes side by side finish sooner on a small
-        # CPU than one multi-threaded process. Numbers do not depend on this.
+    jobs = [(f, i) for f in sorted(args.models, key=lambda f: f != "flux")
+            for i in range(len(model_rows(f, args)))]
+    if args.jobs > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(min(args.jobs, len(args.models)), mp_context=mp.get_context("spawn")) as ex:
-            parts = list(ex.map(run_model, args.models, [args] * len(args.models)))
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
+            parts = list(ex.map(run_row, *zip(*jobs), [args] * len(jobs)))
     else:
-        parts = [run_model(f, args) for f in args.models]
-    return {"models": parts, "wall": time.time() - t_all, "argv": sys.argv[1:], "steps": args.steps,
+        parts = [run_row(f, i, args) for f, i in jobs]
+    models = [score_model(f, [p for p in parts if p["model"] == f], args) for f in args.models]
+    return {"models": models, "wall": time.time() - t_all, "argv": sys.argv[1:], "steps": args.steps,
             "guidance": args.guidance, "seed": args.seed,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-            f"{min(args.jobs, len(args.models))} process(es) x {args.threads} thread(s)",
+            f"{args.jobs} process(es) x {args.threads} thread(s)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
@@ -339,7 +379,7 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
                   f"max_sequence_length {MAX_SEQUENCE_LENGTH}. Seconds on a CPU are indicative; "
                   "ratios are taken within the run.")]
         for m in r["models"]:
-            lines.append(f"- {m['model']} ({m['seconds']:.0f} s): {m['record']} {_n_text(m['n'])}.")
+            lines.append(f"- {m['model']} ({m['seconds']:.0f} s of worker time): {m['record']} {_n_text(m['n'])}.")
         lines.append("")
     checks = [row for r in runs[:1] for m in r["models"] for row in model_checks(m)]
     if checks:
@@ -387,8 +427,8 @@ def parse(argv=None):
     p.add_argument("--guidance-sd15", type=float, default=5.0)
     p.add_argument("--guidance-flux", type=float, default=4.0)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per model process")
-    p.add_argument("--jobs", type=int, default=2, help="models evaluated in parallel processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes taking (model, row) jobs from one queue")
     p.add_argument("--md", type=Path, default=REPO / "docs" / "testbed.md")
     p.add_argument("--sheet-dir", type=Path, default=REPO / "docs")
     p.add_argument("--sheet-n", type=int, default=2, help="images per size in the contact sheets")
