@@ -170,7 +170,8 @@ def run_row(family: str, index: int, args) -> dict:
     cells, sheet = [], {}
     with applied(pipe, row):
         for key, label, h, w in SIZES:
-            if key not in args.sizes and key != "1x" or key == "1x" and row.kind != trows.PLAIN:
+            wanted = row.kind == trows.PLAIN if key == "1x" else key in args.sizes  # 1x: plain's reference only
+            if not wanted:
                 continue
             items = cell_items(n["1x"] if key == "1x" else n[n_kind][key], args.seed)
             prompts, seeds = [it[1] for it in items], [it[4] for it in items]

@@ -289,3 +289,32 @@ def test_object_detail_is_judged_against_its_own_prompt():
     # a prompt missing from the reference falls back to the mean over every 1x sample
     assert tm.summarise([m("red", 0.06)], ref)["detail"] == pytest.approx(0.06 / ref.object_detail)
     assert ref.as_dict()["object_by_prompt"]["blue circle"] == 0.12
+
+
+def test_rows_run_in_any_order_score_against_the_plain_row(tmp_path):
+    # Workers return rows unscored and out of order; scoring puts them in row order, judges detail
+    # against the plain row's 1x images and times every cell against plain at the same size.
+    import eval_coherence as ev
+
+    def m(detail):
+        return tm.Measure("red", "circle", 1, True, detail, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def cell(kind, size, secs, details):
+        return {"model": "sd15", "row": kind, "group": "standing", "kind": kind, "size": size,
+                "seconds_per_image": secs, "measures": [m(d) for d in details]}
+
+    plain = {"model": "sd15", "index": 0, "seconds": 3.0, "sheet": {},
+             "cells": [cell("plain", "1x", 1.0, [0.02, 0.04]), cell("plain", "16x", 2.0, [0.03])]}
+    preset = {"model": "sd15", "index": 1, "seconds": 5.0, "sheet": {},
+              "cells": [cell("preset", "16x", 5.0, [0.015]),
+                        {"model": "sd15", "row": "preset", "kind": "preset", "size": "64x", "n": 0, "error": "x"}]}
+    args = ev.parse(["--sheet-dir", str(tmp_path)])
+    scored = ev.score_model("sd15", [preset, plain], args)
+    assert [(c["row"], c["size"]) for c in scored["cells"]] == [
+        ("plain", "1x"), ("plain", "16x"), ("preset", "16x"), ("preset", "64x")]
+    plain16, preset16 = scored["cells"][1], scored["cells"][2]
+    assert plain16["detail"] == pytest.approx(1.0) and preset16["detail"] == pytest.approx(0.5)
+    assert preset16["time_ratio"] == pytest.approx(2.5) and scored["seconds"] == pytest.approx(8.0)
+    assert scored["cells"][3]["error"] == "x" and "measures" not in preset16
+    with pytest.raises(RuntimeError, match="plain 1x failed"):
+        ev.score_model("sd15", [{**plain, "cells": [{"kind": "plain", "size": "1x", "error": "boom"}]}], args)
