@@ -140,7 +140,6 @@ _PIPELINES: dict = {}
 def pipeline(family: str, args):
     """This process's pipeline of `family`, loaded once (rows restore it with hires.remove)."""
     if family not in _PIPELINES:
-        torch.set_num_threads(args.threads)
         pipe = load_pipeline(family, Path(args.model_dir.get(family, MODELS[family])))
         pipe.set_progress_bar_config(disable=True)
         _PIPELINES[family] = pipe
@@ -287,7 +286,8 @@ def run(args) -> dict:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(args.threads,)) as ex:
             parts = list(ex.map(run_row, *zip(*jobs), [args] * len(jobs)))
     else:
         parts = [run_row(f, i, args) for f, i in jobs]
