@@ -55,6 +55,22 @@ _SDXL_RAU_NET = RAUNetFacts(
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentConvention:
+    """How a family's pipeline turns its denoiser's latent z into the VAE's own latent v, read from its
+    decode (and img2img encode) code; the VAE config's fields count only where that code reads them."""
+
+    # v = z / scaling_factor + shift_factor (SD3, Flux, Chroma, Z-Image); SD 1.x/2.x, SDXL and PixArt
+    # pipelines never read shift_factor, whatever the VAE config holds.
+    shift: bool = False
+    # Per-channel latents_mean / latents_std where the VAE config has them: v = z * std / scaling_factor + mean
+    # (SDXL), or without the scaling factor v = z * std + mean (Qwen-Image).
+    channel_statistics: bool = False
+    statistics_scaled: bool = True
+    # Flux.2: v is z patchified 2x2, denormalised by the VAE's batch-norm running statistics, un-patchified.
+    batch_norm_patches: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     name: str
     # diffusers pipeline classes (by name) of this family; subclasses are recognised too.
@@ -120,6 +136,7 @@ class Family:
     # Latent base side used when the pipeline has no `base_size_source` attribute (ZImagePipeline has no
     # default_sample_size; its __call__ defaults to 1024 px).
     base_latent_default: int | None = None
+    latent_convention: LatentConvention = LatentConvention()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +222,7 @@ FAMILIES: tuple[Family, ...] = (
         position_encoding="none",
         pipeline_size_multiple=8,
         rau_net=_SDXL_RAU_NET,
+        latent_convention=LatentConvention(channel_statistics=True),
     ),
     Family(
         name="pixart",
@@ -234,6 +252,7 @@ FAMILIES: tuple[Family, ...] = (
         latent_layout="spatial",
         timestep_input_scale=1.0,
         position_encoding="sincos_cropped_table",
+        latent_convention=LatentConvention(shift=True),
     ),
     # Flux's transformer config has no image size; the pipeline's default_sample_size is what
     # diffusers itself uses. Latents are packed 2x2 by the pipeline, hence patch 2.
@@ -260,6 +279,7 @@ FAMILIES: tuple[Family, ...] = (
         guidance_layout="separate",
         guidance_scale_name="true_cfg_scale",
         cfg_switch="do_true_cfg",
+        latent_convention=LatentConvention(shift=True),
     ),
     # Flux.2 [dev]: the pipeline patchifies the 32-channel latent 2x2 and packs it (one token per 2x2
     # latent patch, 128 channels); like Flux its base is the pipeline's default_sample_size. Position ids
@@ -281,6 +301,7 @@ FAMILIES: tuple[Family, ...] = (
         guidance_layout="none",
         guidance_scale_name="guidance_scale",
         shift_rule="flux2_empirical",
+        latent_convention=LatentConvention(batch_norm_patches=True),
     ),
     # Flux.2 [klein]: the Flux.2 transformer without a guidance embedding and a Qwen3 text encoder. The
     # base models run true CFG (a cond call, then a call on the empty prompt, at guidance_scale > 1);
@@ -301,6 +322,7 @@ FAMILIES: tuple[Family, ...] = (
         guidance_scale_name="guidance_scale",
         shift_rule="flux2_empirical",
         latent_output="vae",
+        latent_convention=LatentConvention(batch_norm_patches=True),
     ),
     # Chroma: Flux's packing and 3-axis RoPE ids, a T5 encoder only (no CLIP, no guidance embedding), and
     # true CFG with a negative prompt at guidance_scale > 1 (a cond call, then an uncond call).
@@ -323,6 +345,7 @@ FAMILIES: tuple[Family, ...] = (
             "fusion's global and local branches and dilated sampling's sub-lattice pass (a base-size token count) "
             "do not carry it"
         ),
+        latent_convention=LatentConvention(shift=True),
     ),
     # Qwen-Image: latents packed 2x2 by the pipeline (as Flux), the grid given to the transformer as
     # img_shapes; base side from the pipeline's default_sample_size (128: 1024 px, diffusers' default).
@@ -355,6 +378,7 @@ FAMILIES: tuple[Family, ...] = (
             "cache, which hires' whole-image-statistics tiled decode does not cover; decode untiled (the "
             "default), or use diffusers' own pipe.vae.enable_tiling(), which blends overlapping tiles"
         ),
+        latent_convention=LatentConvention(channel_statistics=True, statistics_scaled=False),
     ),
     # Z-Image: single-stream DiT. Latents spatial (patchified 2x2 inside the transformer); 3-axis RoPE looked
     # up in per-axis tables by integer ids: axis 0 the sequence (caption 1..L, image at L + 1), axes 1 and 2
@@ -381,6 +405,7 @@ FAMILIES: tuple[Family, ...] = (
             "sequences padded to multiples of 32 with learned pad tokens that stay keys, so the image "
             "token grid and key counts hires rescales are not what the layer sees"
         ),
+        latent_convention=LatentConvention(shift=True),
     ),
 )
 

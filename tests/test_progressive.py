@@ -23,7 +23,7 @@ def _spatial(pipe, family, latents, size):
     """Flux returns packed latents for output_type='latent'; Flux.2 [klein] the VAE's own latent."""
     family_record = hires.model_info(pipe).family
     if family_record.latent_output == "vae":
-        return latent_space.from_vae(pipe.vae, latents)
+        return latent_space.from_vae(family_record.latent_convention, pipe.vae, latents)
     if family_record.latent_layout == "packed":
         return progressive.unpack(latents, size // 8, size // 8, 2)
     return latents

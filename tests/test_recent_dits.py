@@ -146,15 +146,16 @@ def test_structure_guidance_codec_decodes_as_the_pipeline_does():
     packed = _generate(pipe, "qwenimage", 64, output_type="latent")
     image = _generate(pipe, "qwenimage", 64)  # postprocessed to [0, 1]
     latent = pipe._unpack_latents(packed, 64, 64, pipe.vae_scale_factor)[:, :, 0]
-    codec = progressive.VAECodec(pipe)
+    convention = hires.model_info(pipe).family.latent_convention
+    codec = progressive.VAECodec(pipe, convention)
     decoded = codec.decode(latent)
     torch.testing.assert_close((decoded / 2 + 0.5).clamp(0, 1), image, atol=1e-6, rtol=0)
     # the per-channel statistics the codec converts with (hires.sampling.latent_space): z = (x - mean) / std
-    zero = latent_space.to_vae(pipe.vae, torch.zeros(1, 4, 2, 2))
-    unit = latent_space.to_vae(pipe.vae, torch.ones(1, 4, 2, 2)) - zero
+    zero = latent_space.to_vae(convention, pipe.vae, torch.zeros(1, 4, 2, 2))
+    unit = latent_space.to_vae(convention, pipe.vae, torch.ones(1, 4, 2, 2)) - zero
     assert torch.equal(zero[0, :, 0, 0], torch.tensor(pipe.vae.config.latents_mean))
     torch.testing.assert_close(unit[0, :, 0, 0], torch.tensor(pipe.vae.config.latents_std))
-    torch.testing.assert_close(latent_space.from_vae(pipe.vae, zero + unit), torch.ones(1, 4, 2, 2))
+    torch.testing.assert_close(latent_space.from_vae(convention, pipe.vae, zero + unit), torch.ones(1, 4, 2, 2))
 
 
 # -- variants -------------------------------------------------------------------------------------------

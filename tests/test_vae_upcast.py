@@ -7,6 +7,7 @@ import torch
 
 import hires
 import tiny_models
+from hires.families import LatentConvention
 from hires.sampling.progressive import VAECodec
 from hires.techniques import tiled_vae
 
@@ -34,7 +35,7 @@ class _Pipe:
 def test_structure_guidance_codec_follows_force_upcast(force_upcast):
     vae = overflowing_vae(force_upcast)
     before = {k: v.clone() for k, v in vae.state_dict().items()}
-    codec = VAECodec(_Pipe(vae))
+    codec = VAECodec(_Pipe(vae), LatentConvention())
     z, image = latent_and_image()
     with torch.no_grad():
         finite = torch.isfinite(codec.decode(z)).all() and torch.isfinite(codec.encode(image)).all()

@@ -276,7 +276,7 @@ class StructureGuidance:
         self.config = config
         self.info = attachment.info
         self.pipe = attachment.pipe
-        self.vae = VAECodec(attachment.pipe)
+        self.vae = VAECodec(attachment.pipe, attachment.info.family.latent_convention)
         self.pending_image: torch.Tensor | None = None
 
     def plan(self, arguments: dict, stages: list) -> list:
@@ -402,15 +402,17 @@ class StructureGuidance:
 
 
 class VAECodec:
-    """Decode / encode between the denoiser's latent space and pixels in [-1, 1], in float32 out."""
+    """Decode / encode between the denoiser's latent space and pixels in [-1, 1], in float32 out, in the
+    latent convention of the family's pipeline (`hires.families.LatentConvention`)."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, convention):
         self.pipe = pipe
+        self.convention = convention
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         with vae_precision(vae) as dtype:
-            x = latent_space.to_vae(vae, z).to(dtype)
+            x = latent_space.to_vae(self.convention, vae, z).to(dtype)
             if has_frame_axis(vae):
                 return vae.decode(x[:, :, None], return_dict=False)[0][:, :, 0].float()
             return vae.decode(x, return_dict=False)[0].float()
@@ -422,7 +424,7 @@ class VAECodec:
                 x = vae.encode(image.to(dtype)[:, :, None]).latent_dist.mode()[:, :, 0]
             else:
                 x = vae.encode(image.to(dtype)).latent_dist.mode()
-        return latent_space.from_vae(vae, x)
+        return latent_space.from_vae(self.convention, vae, x)
 
 
 def info_batched(info) -> bool:

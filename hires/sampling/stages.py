@@ -277,7 +277,7 @@ class StageEngine:
         output_type="latent"; else latents as the denoiser sees them)."""
         info = self.info
         if returned and info.family.latent_output == "vae":
-            return latent_space.from_vae(self.pipe.vae, latents)
+            return latent_space.from_vae(info.family.latent_convention, self.pipe.vae, latents)
         if info.family.latent_layout != "packed":
             return latents
         f = info.latent_factor
@@ -288,7 +288,7 @@ class StageEngine:
         info = self.info
         if info.family.latent_output != "vae":
             return output
-        latents = latent_space.from_vae(self.pipe.vae, output)
+        latents = latent_space.from_vae(info.family.latent_convention, self.pipe.vae, output)
         return pack(latents, info.patch_size).to(output.dtype) if info.family.latent_layout == "packed" else latents
 
     def _fill(self, stage: Stage) -> None:
