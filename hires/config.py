@@ -557,6 +557,10 @@ class StructureGuidanceConfig:
     renoise: Any = None
     guided_steps: Any = None  # steps at the start of each stage that get the low-band swap (DiffuseHigh: 5)
     guided_fraction: float = 1 / 3  # where guided_steps is None: this share of each stage's steps (DiffuseHigh: 5 of 15)
+    # how the guide lets go: "fade" moves the low band toward the guide's by 1 - k/g in guided step k (from 0) of g,
+    # so no single late step hands the whole low band back to the model's own CFG-extrapolated prediction (on
+    # short stages that flipped colours); "hard" swaps it whole in each guided step and not after (DiffuseHigh)
+    handover: str = "fade"
     wavelet: str = "db4"
     wavelet_level: int = 1
     sharpen_alpha: float = 1.0  # unsharp mask (1 + a) x - a blur(x) of the upscaled guide; 0: off
@@ -596,6 +600,7 @@ class StructureGuidanceConfig:
                                                     lambda v: isinstance(v, APGConfig), "a hires.APGConfig or None"))
         _fraction(owner, "guided_fraction", self.guided_fraction, low_open=True)
         _choice(owner, "space", self.space, ("latent", "pixel"))
+        _choice(owner, "handover", self.handover, ("hard", "fade"))
         if self.upscale_space is not None:
             _choice(owner, "upscale_space", self.upscale_space, ("latent", "pixel"))
             if self.space == "pixel" and self.upscale_space == "latent":

@@ -2,13 +2,21 @@
 
 One entry per family: structure guidance whose stages double the side (base -> 2x -> 4x ...), each
 stage upscaling the previous result once through the VAE (decode, bicubic with the anti-ringing
-clamp, encode) and guiding the first 60% of its steps with the low wavelet band of that latent;
+clamp, encode) and guiding its steps with the low wavelet band of that latent, the guide's weight
+fading linearly from 1 at the stage's first step toward 0 at its last (`handover="fade"`);
 window attention (windows of the base area at the call's aspect) in the stages above the base size;
 the memory planner with VAE tiling where a pass would not fit, on calls above the base area. Every part leaves a call at the model's base
 size unchanged (structure guidance runs one stage there, the windows cover the whole grid, the
 planner changes nothing that fits), so the preset only acts above the base size.
 
-Evidence (coherence testbed v2, 15 steps, 2026-12-02; one-object share / object detail / halo):
+Evidence for the fading hand-over (2026-12-06, testbed v2 UNet, tuning seeds 7000+, not the report seeds):
+with the previous rule (60% of the steps guided, then none) a 20-step call (6-step stage) handed the low band
+back at t = 51 and the CFG-extrapolated prediction of that step turned 3 of README command 1's seeds 0-7 green
+or yellow; fading over the whole stage kept all 8 red with one object. Over the 12 prompts (n = 12 per cell),
+one object / colour-correct share: 4x at 20 steps, CFG 7.5 0.75 / 0.83 (previous) against 0.92 / 1.00; 16x
+0.33 / 0.83 against 0.67 / 0.92; 16x at 15 steps, CFG 5 0.33 / 0.83 (fading over 60%) against 0.67 / 0.92.
+
+Earlier evidence (coherence testbed v2, 15 steps, 2026-12-02; one-object share / object detail / halo):
 - The choice was made in exploration runs on the testbed UNet at 16x (seeds 0 and 500, n = 8-12):
   pixel-space guidance on DiffuseHigh's +1-base-side ladder (the previous preset) 0.62 / 0.58 / 0.11;
   a latent guide from one pixel upscale per stage on the doubling ladder 0.62 / 0.61 / 0.05; guiding
@@ -41,7 +49,7 @@ import dataclasses
 from .config import HiresConfig, MemoryConfig, PositionConfig, StructureGuidanceConfig, WindowAttentionConfig
 
 STRUCTURE = StructureGuidanceConfig(enabled=True, space="latent", upscale_space="pixel", ladder="doubling",
-                                    guided_fraction=0.6)
+                                    guided_fraction=1.0, handover="fade")
 
 
 def _preset(structure: StructureGuidanceConfig = STRUCTURE, positions: bool = False, windows: bool = True,

@@ -464,7 +464,8 @@ def test_with_structure_guidance_the_guided_steps_keep_the_guides_low_band():
     from hires.sampling import progressive, wavelets
 
     pipe = build("sd15")
-    structure = hires.StructureGuidanceConfig(enabled=True, space="latent", guided_steps=2, renoise=0.5, sharpen_alpha=0.0)
+    structure = hires.StructureGuidanceConfig(enabled=True, space="latent", guided_steps=2, renoise=0.5, sharpen_alpha=0.0,
+                                              handover="hard")  # whole swaps: the low band is exactly the guide's
     hires.apply(pipe, hires.HiresConfig(structure_guidance=structure, apg=hires.APGConfig(enabled=True, eta=0.2, momentum=-0.5)))
     attachment, seen = get_attachment(pipe), []
     step = pipe.scheduler.step

@@ -210,6 +210,36 @@ def _reference_source_range_clamp(up: np.ndarray, src: np.ndarray) -> np.ndarray
     return out
 
 
+def test_guide_weight_fades_linearly_over_the_guided_steps():
+    """fade: 1 - k/g in guided step k (from 0) of g, 0 after; hard: 1 in every guided step, 0 after."""
+    for g in (1, 3, 6):
+        for k in range(g + 3):
+            assert math.isclose(progressive.guide_weight(k, g, "fade"), (g - k) / g if k < g else 0.0)
+            assert progressive.guide_weight(k, g, "hard") == (1.0 if k < g else 0.0)
+    assert progressive.guide_weight(0, 0, "fade") == 0.0
+
+
+def test_a_fading_step_moves_the_low_band_part_of_the_way(monkeypatch):
+    """In periodization mode the swap is exact, so the faded prediction's LL band is the blend
+    (1 - w) LL(x0) + w LL(guide) and its detail bands are x0's own, for a CFG pair as for one sample."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(progressive, "WAVELET_MODE", "periodization")
+    generator = torch.Generator().manual_seed(0)
+    x0, target = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(1, 4, 16, 16, generator=generator)
+    guide = wavelets.low_band(target, "db4", 1, "periodization")
+    planner = progressive.StructureGuidance.__new__(progressive.StructureGuidance)
+    planner.config = SG(enabled=True, space="latent", handover="fade")
+    for k, weight in ((0, 1.0), (1, 2 / 3), (2, 1 / 3)):
+        state = SimpleNamespace(step_index=k, stage=SimpleNamespace(data=SimpleNamespace(guide=guide, guided_steps=3)))
+        out = planner._swap(x0, state)
+        ll, details = wavelets.dwt2(out, "db4", "periodization")
+        ll0, details0 = wavelets.dwt2(x0, "db4", "periodization")
+        torch.testing.assert_close(ll, (1 - weight) * ll0 + weight * guide.expand_as(ll0), rtol=1e-5, atol=1e-5)
+        for band, band0 in zip(details, details0):
+            torch.testing.assert_close(band, band0, rtol=1e-5, atol=1e-5)
+
+
 def test_anti_ringing_clamp_matches_loops_and_removes_bicubic_overshoot():
     src = torch.rand(1, 2, 7, 9, generator=torch.Generator().manual_seed(3))
     up = progressive.unsharp_mask(progressive.resize(src, (21, 27)), 1.0, 1.0)
@@ -247,6 +277,7 @@ def test_latent_guidance_upscales_in_pixels_with_one_round_trip_per_stage(upscal
     (dict(stages=(128,), renoise=(0.3, 0.3, 0.3)), "renoise=.*needs one value per stage after the base: 2"),
     (dict(space="pixel", upscale_space="latent"), "upscale_space='latent' cannot feed space='pixel'"),
     (dict(ladder="geometric"), "ladder='geometric' is not valid.*'doubling'"),
+    (dict(handover="soft"), "handover='soft' is not valid.*'fade'"),
 ])
 def test_bad_options_are_clear_errors_at_apply_time(options, message):
     pipe = build("sd15")
@@ -352,8 +383,8 @@ def test_guidance_pulls_the_low_band_toward_the_upscaled_base(family, space, mon
     pipe = build(family)
     base = _spatial(pipe, family, _call(pipe, family, 64, steps=10), 64)
     distances = {}
-    for guided in (0, 3):
-        _apply(pipe, guided_steps=guided, renoise=0.5, sharpen_alpha=0.0, space=space)
+    for guided, handover in ((0, "hard"), (3, "hard"), (3, "fade")):
+        _apply(pipe, guided_steps=guided, renoise=0.5, sharpen_alpha=0.0, space=space, handover=handover)
         out = _spatial(pipe, family, _call(pipe, family, 128, steps=10), 128)
         hires.remove(pipe)
         if space == "latent":
@@ -363,8 +394,10 @@ def test_guidance_pulls_the_low_band_toward_the_upscaled_base(family, space, mon
             source = stand_in.decode(base)
             reference = progressive.clamp_to_source_range(progressive.resize(source, (128, 128)), source).clamp(-1, 1)
         low, ref_low = wavelets.low_band(ours), wavelets.low_band(reference)
-        distances[guided] = float((low - ref_low).norm() / ref_low.norm())
-    assert distances[3] < 0.75 * distances[0], distances
+        distances[guided, handover] = float((low - ref_low).norm() / ref_low.norm())
+    # DiffuseHigh's hard swap pulls hardest; the fading hand-over pulls part of the way
+    assert distances[3, "hard"] < 0.75 * distances[0, "hard"], distances
+    assert distances[3, "hard"] < distances[3, "fade"] < 0.95 * distances[0, "hard"], distances
 
 
 @pytest.mark.parametrize("family_name", ["sd15", "flux"])

@@ -66,6 +66,13 @@ def guided_steps_for(stage_steps: int, config: StructureGuidanceConfig) -> int:
     return max(1, int(round(stage_steps * config.guided_fraction)))
 
 
+def guide_weight(step_index: int, guided_steps: int, handover: str) -> float:
+    """How far guided step `step_index` (from 0) of `guided_steps` moves the low band to the guide's."""
+    if step_index >= guided_steps:
+        return 0.0
+    return 1.0 if handover == "hard" else 1.0 - step_index / guided_steps
+
+
 def stage_renoise(renoise: float | None, total_steps: int) -> float:
     """The re-noised fraction a stage runs: `renoise` (None: the default), at least half the
     schedule when it has FEW_STEPS steps or fewer."""
@@ -381,7 +388,13 @@ class StructureGuidance:
         return pack(new, info.patch_size) if packed else new
 
     def _swap(self, x0: torch.Tensor, state) -> torch.Tensor:
-        config, guide = self.config, state.stage.data.guide
+        data = state.stage.data
+        swapped = self._swap_low_band(x0, data.guide, state)
+        weight = guide_weight(state.step_index, data.guided_steps, self.config.handover)
+        return swapped if weight == 1 else torch.lerp(x0.float(), swapped.float(), weight).to(swapped.dtype)
+
+    def _swap_low_band(self, x0: torch.Tensor, guide: torch.Tensor, state) -> torch.Tensor:
+        config = self.config
         level = config.wavelet_level
         if config.space == "latent":  # affine in x0, so swapping each half equals swapping the guided x0
             return wavelets.swap_low_band(x0, tile_batch(guide, x0.shape[0]).to(x0.device), config.wavelet, level, WAVELET_MODE)
