@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -48,10 +49,22 @@ class PromptFileError(ValueError):
     pass
 
 
+# Bounds that keep every value far from overflow. Guidance scales in use are 1-20; at 1e308 the
+# prediction overflows into NaN. No scheduler trains on more than a few thousand timesteps (the
+# model's own limit, its scheduler's num_train_timesteps, is checked once its configs are read).
+MAX_GUIDANCE = 100.0
+MAX_STEPS = 10_000
+MAX_SCALE = 256.0  # a factor of the base side: 256x a 1024 px model is a 262144 px side
+MAX_SIDE = 2**20  # pixels per side; the decoded image must also fit this machine's RAM
+
+
 # -- values a request carries: checked the same for command-line options and prompt files -------
 def check_steps(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{where}={value!r} must be a whole number of denoising steps >= 1, e.g. 20")
+    if value > MAX_STEPS:
+        raise ValueError(f"{where}={value!r} is more denoising steps than any scheduler has timesteps "
+                         f"(at most {MAX_STEPS}; the model's scheduler sets its own limit, usually 1000), e.g. 20")
     return value
 
 
@@ -62,14 +75,19 @@ def check_seed(value: Any, where: str) -> int:
 
 
 def check_guidance(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where}={value!r} must be a finite number >= 0 (classifier-free guidance scale), e.g. 5")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+            or value > MAX_GUIDANCE):
+        raise ValueError(f"{where}={value!r} must be a finite number >= 0 and at most {MAX_GUIDANCE:g} "
+                         "(classifier-free guidance scale; scales in use are 1 to 20, far larger ones overflow into "
+                         "NaN), e.g. 5")
     return float(value)
 
 
 def check_scale(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{where}={value!r} must be a finite number > 0 (a factor of the model's base side), e.g. 2")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+            or value > MAX_SCALE):
+        raise ValueError(f"{where}={value!r} must be a finite number > 0 and at most {MAX_SCALE:g} (a factor of the "
+                         "model's base side), e.g. 2")
     return float(value)
 
 
@@ -78,15 +96,20 @@ def parse_size(value: Any, where: str) -> tuple[int, int]:
     parts = value.lower().replace("*", "x").split("x") if isinstance(value, str) else []
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         raise ValueError(f"{where}={value!r} must look like WIDTHxHEIGHT in pixels, e.g. 128x128")
+    if any(len(p.strip()) > len(str(MAX_SIDE)) for p in parts):  # before int(): a 5000-digit side is refused by int
+        raise ValueError(f"{where}={value!r}: a side has more than {MAX_SIDE} pixels; e.g. 4096x4096")
     width, height = (int(p) for p in parts)
     if width < 1 or height < 1:
         raise ValueError(f"{where}={value!r}: width and height must be positive pixel counts, e.g. 128x128")
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise ValueError(f"{where}={value!r}: a side has more than {MAX_SIDE} pixels; e.g. 4096x4096")
     return height, width
 
 
 def _whole_number(text: str) -> Any:
     """A CSV cell as an int if it is one, else the text (which the check then rejects by name)."""
-    return int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else text
+    # int() refuses more than 4300 digits; such a cell is no step count or seed anyway
+    return int(text) if re.fullmatch(r"[+-]?\d{1,100}", text.strip()) else text
 
 
 def _number(text: str) -> Any:
@@ -159,10 +182,12 @@ def read_prompt_file(path: str | Path) -> list[BatchItem]:
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl", ".csv"):
         raise PromptFileError(f"prompt file {str(path)!r} must end in .txt, .jsonl or .csv")
+    from .io import ReadError, loads_strict, read_text
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise PromptFileError(f"cannot read prompt file {str(path)!r}: {err}") from None
+        text = read_text(path, "prompt file")
+    except ReadError as err:
+        raise PromptFileError(str(err)) from None
 
     rows: list[tuple[int, dict[str, Any]]] = []
     if suffix == ".txt":
@@ -174,8 +199,8 @@ def read_prompt_file(path: str | Path) -> list[BatchItem]:
             if not line.strip():
                 continue
             try:
-                # NaN / Infinity are not JSON: refuse them here rather than as a guidance later.
-                value = json.loads(line, parse_constant=_raise_constant)
+                # NaN, Infinity, 1e309 and repeated keys: refused here, not as a guidance later.
+                value = loads_strict(line)
             except json.JSONDecodeError as err:
                 raise PromptFileError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
             except ValueError as err:
@@ -184,13 +209,7 @@ def read_prompt_file(path: str | Path) -> list[BatchItem]:
                 raise PromptFileError(f"{path}:{number}: each line must be a JSON object with a 'prompt'")
             rows.append((number, value))
     else:
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames or "prompt" not in reader.fieldnames:
-            raise PromptFileError(f"{path}:1: the header row needs a 'prompt' column (got {reader.fieldnames})")
-        for record in reader:
-            if None in record:
-                raise PromptFileError(f"{path}:{reader.line_num}: more fields than header columns")
-            rows.append((reader.line_num, dict(record)))
+        rows = _csv_rows(text, path)
 
     items = []
     for index, (number, values) in enumerate(rows):
@@ -206,8 +225,35 @@ def read_prompt_file(path: str | Path) -> list[BatchItem]:
     return items
 
 
-def _raise_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows; give a finite number")
+def _csv_rows(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(first line, record) of every CSV row; a stray or unterminated quote is an error naming its line."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows, header, line = [], None, 1
+    try:
+        for cells in reader:
+            start, line = line, reader.line_num + 1  # a quoted cell may span lines: report where the row starts
+            if header is None:
+                header = [c.strip() for c in cells]
+                if "prompt" not in header:
+                    raise PromptFileError(f"{path}:{start}: the header row needs a 'prompt' column (got {header})")
+                repeated = sorted({c for c in header if header.count(c) > 1})
+                if repeated:
+                    raise PromptFileError(f"{path}:{start}: the header row names {', '.join(map(repr, repeated))} "
+                                          "more than once; give each column once")
+                continue
+            if not cells:
+                continue  # a blank line
+            if len(cells) > len(header):
+                raise PromptFileError(f"{path}:{start}: more fields than header columns ({len(cells)} > "
+                                      f"{len(header)}); quote a cell that holds a comma, e.g. \"red, round\"")
+            rows.append((start, dict(zip(header, cells))))
+    except csv.Error as err:
+        raise PromptFileError(f"{path}:{line}: {err} (a quote opened here is never closed, or a quoted cell is "
+                              "followed by more text); close the quote, or double a quote inside a quoted cell "
+                              '("")') from None
+    if header is None:
+        raise PromptFileError(f"{path}:1: the header row needs a 'prompt' column (the file is empty)")
+    return rows
 
 
 # -- keys and records ---------------------------------------------------------------------------

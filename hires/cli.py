@@ -222,16 +222,34 @@ def _check_json_types(cls: type, values: Any, where: str) -> None:
         kind = str(field.type).replace(" ", "")
         nested = next((c for c in _subconfig_classes() if c.__name__ == kind), None)
         if nested is not None:
+            if not isinstance(value, dict):
+                raise CliError(f"{where}.{key}={json.dumps(value)} must be a JSON object of {key} options, e.g. "
+                               f'"{key}": {{"enabled": true}} (`hires techniques` lists them)')
             _check_json_types(nested, value, f"{where}.{key}")
             continue
         allowed = set(kind.split("|"))
         if value is None and "None" in allowed:
             continue
+        if allowed <= {"str", "None"} and not isinstance(value, str):
+            choices = _string_choices(cls, key)
+            raise CliError(f"{where}.{key}={json.dumps(value)} must be a JSON string"
+                           + (f", one of {choices}" if choices else "") + ("" if "None" not in allowed else " (or null)"))
         if allowed <= {"bool", "None"} and not isinstance(value, bool):
             raise CliError(f"{where}.{key}={json.dumps(value)} must be a JSON boolean (true or false)")
         numeric = allowed & {"int", "float"} and not allowed & {"bool", "Any", "str"}
         if numeric and isinstance(value, bool):
             raise CliError(f"{where}.{key}={json.dumps(value)} must be a number, not a JSON boolean")
+
+
+def _string_choices(cls: type, key: str) -> str | None:
+    """The values a string option accepts, as the config's own check words them (None if it names none)."""
+    try:
+        cls(**{key: "\x00"})
+    except (TypeError, ValueError) as err:
+        text = str(err)
+        if "choose one of " in text:
+            return text.split("choose one of ", 1)[1].split(";")[0].strip().rstrip(".")
+    return None
 
 
 def _subconfig_classes() -> list[type]:
@@ -247,12 +265,14 @@ def read_config_file(path: str | None) -> dict[str, Any] | None:
         return None
     from .config import HiresConfig
 
+    from .io import ReadError, loads_strict, read_text
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise CliError(f"--config {path!r} cannot be read: {err}") from None
+        text = read_text(Path(path), "--config")
+    except ReadError as err:
+        raise CliError(str(err)) from None
     try:
-        values = json.loads(text, parse_constant=batch._raise_constant)
+        values = loads_strict(text, "HiresConfig")
     except json.JSONDecodeError as err:
         raise CliError(f"--config {path!r} is not valid JSON: {err.msg} at line {err.lineno}") from None
     except ValueError as err:
@@ -378,6 +398,8 @@ class Model:
     pipe: Any  # the loaded pipeline, or its weightless skeleton
     info: Any  # hires.ModelInfo, with --base-size applied
     config: Any  # the HiresConfig
+    max_steps: int | None = None  # the scheduler's num_train_timesteps: diffusers refuses more steps
+    weights: Any = None  # the weights' identity (hires.io.weights_identity), part of every resume key
 
 
 def describe_model(options: argparse.Namespace, request: Request, config_values, pipe) -> Model:
@@ -397,7 +419,18 @@ def describe_model(options: argparse.Namespace, request: Request, config_values,
         raise CliError(f"--true-cfg {options.true_cfg}: {type(pipe).__name__} has no true classifier-free guidance "
                        "(true_cfg_scale); use --guidance, or leave --true-cfg out")
     path = local_model(options.model)
-    return Model(str(path.resolve()) if path is not None else options.model, pipe, info, config)
+    scheduler = getattr(pipe, "scheduler", None)
+    max_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    return Model(str(path.resolve()) if path is not None else options.model, pipe, info, config,
+                 max_steps=max_steps if isinstance(max_steps, int) and max_steps > 0 else None)
+
+
+def check_steps_for_model(model: Model, steps: int, where: str) -> None:
+    """More steps than the scheduler's training timesteps: diffusers would refuse them after loading."""
+    if model.max_steps is not None and steps > model.max_steps:
+        raise CliError(f"{where}={steps}: this model's scheduler ({type(model.pipe.scheduler).__name__}) was trained "
+                       f"with {model.max_steps} timesteps, so at most {model.max_steps} steps can run; "
+                       f"use e.g. {min(20, model.max_steps)} to 50")
 
 
 def _check_size_multiple(info, side: str, value: int, where: str) -> None:
@@ -414,8 +447,12 @@ def resolve_size(model: Model, size: tuple[int, int] | None, scale: float | None
     info = model.info
     if scale is not None:
         unit = info.size_multiple
-        height = max(unit, round(info.base_height * scale / unit) * unit)
-        width = max(unit, round(info.base_width * scale / unit) * unit)
+        height = round(info.base_height * scale / unit) * unit
+        width = round(info.base_width * scale / unit) * unit
+        if height < unit or width < unit:
+            smallest = unit / min(info.base_height, info.base_width)
+            raise CliError(f"--scale {scale:g} of the {info.base_width}x{info.base_height} base gives {width}x{height} "
+                           f"pixels; the smallest size is {unit}x{unit} pixels (--scale {smallest:g})")
     elif size is not None:
         height, width = size
     else:
@@ -660,6 +697,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return print_plan(args, request, config_values, device, dtype,
                               None if image is None else (image.height, image.width))
         model = model_for(args, request, config_values, dtype)
+        check_steps_for_model(model, request.steps, "--steps")
         height, width = resolve_size(model, request.size, request.scale, "--size")
         stages = planned_stages(model, height, width, request.steps,
                                 None if image is None else (image.height, image.width))
@@ -689,6 +727,7 @@ def print_plan(args, request: Request, config_values, device: str, dtype, image_
         raise CliError(f"--dry-run reads configs only from a local pipeline folder; --model {args.model!r} is not one "
                        "(no model_index.json)")
     model = describe_model(args, request, config_values, load_pipeline_skeleton(path))
+    check_steps_for_model(model, request.steps, "--steps")
     info, config = model.info, model.config
     height, width = resolve_size(model, request.size, None, "--size")
     stages = planned_stages(model, height, width, request.steps, image_size)
@@ -768,6 +807,7 @@ def _batch_job(args, request: Request, model: Model, item: batch.BatchItem) -> J
         seed = _check(check_seed, request.seed + item.index, f"{item.where}: seed (--seed {request.seed} + item "
                                                               f"index {item.index})")
     steps = item.overrides.get("steps", request.steps)
+    check_steps_for_model(model, steps, f"{item.where}: steps" if "steps" in item.overrides else "--steps")
     planned_stages(model, height, width, steps)  # a plan the sampling layer would refuse, refused now
     return Job(item.prompt, item.overrides.get("negative", args.negative), height, width, steps,
                item.overrides.get("guidance", request.guidance), seed, request.true_cfg)
