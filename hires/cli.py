@@ -363,7 +363,7 @@ def load_pipeline_skeleton(path: str | Path):
     path = Path(path).expanduser()
     if not (path / "model_index.json").is_file():
         raise CliError(f"{str(path)!r} is not a local diffusers pipeline folder (no model_index.json)")
-    index = json.loads((path / "model_index.json").read_text())
+    index = read_model_index(path)
     components: dict[str, Any] = {}
     for name, value in index.items():
         if name.startswith("_"):
@@ -377,17 +377,94 @@ def load_pipeline_skeleton(path: str | Path):
             continue
         component_cls = getattr(importlib.import_module(library), class_name)
         folder = path / name
-        if issubclass(component_cls, torch.nn.Module):
-            with init_empty_weights():
-                if library == "diffusers":
-                    components[name] = component_cls.from_config(component_cls.load_config(folder))
-                else:
-                    components[name] = component_cls(transformers.AutoConfig.from_pretrained(folder))
-        else:
-            components[name] = component_cls.from_pretrained(folder)
+        is_module = issubclass(component_cls, torch.nn.Module)
+        check_component_folder(path, name, class_name, is_module)
+        try:
+            if is_module:
+                with init_empty_weights():
+                    if library == "diffusers":
+                        components[name] = component_cls.from_config(component_cls.load_config(folder))
+                    else:
+                        components[name] = component_cls(transformers.AutoConfig.from_pretrained(folder))
+            else:
+                components[name] = component_cls.from_pretrained(folder)
+        except (OSError, ValueError, KeyError) as err:  # a config that is missing, not JSON or not this class's
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CliError(f"--model {str(path)!r}: {name}/ ({class_name}) cannot be read from its files: {first}; "
+                           "re-download or re-save the model") from None
     pipe = getattr(diffusers, index["_class_name"])(**components)
     pipe.register_to_config(_name_or_path=str(path))  # as from_pretrained records it (hires.json is read there)
     return pipe
+
+
+def read_model_index(path: Path) -> dict[str, Any]:
+    from .io import ReadError, loads_strict, read_text
+
+    try:
+        index = loads_strict(read_text(path / "model_index.json", "model index"))
+    except (ReadError, ValueError) as err:
+        raise CliError(f"--model {str(path)!r}: model_index.json cannot be read: {err}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise CliError(f"--model {str(path)!r}: model_index.json names no pipeline class (_class_name); "
+                       "re-download or re-save the model")
+    return index
+
+
+def check_component_folder(path: Path, name: str, class_name: str, is_module: bool) -> None:
+    """A component the model index lists is on disk: its folder, and for a model a whole weights file,
+    so a damaged folder is one line naming the file, not a loader's traceback after minutes."""
+    from .io import ReadError, weights_file_identity, weights_files
+
+    folder = path / name
+    if not folder.is_dir():
+        raise CliError(f"--model {str(path)!r}: model_index.json lists {name} ({class_name}) but the folder "
+                       f"{str(folder)!r} is missing; re-download or re-save the model")
+    if not is_module:
+        return
+    files = weights_files(folder)
+    if not files:
+        raise CliError(f"--model {str(path)!r}: {str(folder)!r} holds no weights file (*.safetensors, *.bin); "
+                       "re-download or re-save the model")
+    for file in files:
+        try:
+            weights_file_identity(file)
+        except ReadError as err:
+            raise CliError(f"--model {str(path)!r}: {err}") from None
+
+
+def weights_identity(path: Path) -> str:
+    """A digest of every weights file of a model folder: its name, size, mtime and (safetensors) header
+    hash. Cheap (stat and a header read per file), so a rerun that renders nothing reads no weights;
+    weights replaced in place change it, so their images are rendered again."""
+    import hashlib
+
+    from .io import ReadError, weights_file_identity, weights_files
+
+    entries = []
+    for name, value in sorted(read_model_index(path).items()):
+        folder = path / name
+        if name.startswith("_") or not isinstance(value, list) or not folder.is_dir():
+            continue
+        for file in weights_files(folder):
+            try:
+                entries.append([f"{name}/{file.name}", *weights_file_identity(file)])
+            except (ReadError, OSError) as err:
+                raise CliError(f"--model {str(path)!r}: {err}") from None
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]
+
+
+def hub_weights_identity(model: str) -> str | None:
+    """The weights' identity of a hub model already in the local cache (its snapshot folder), if found."""
+    try:
+        from diffusers import DiffusionPipeline
+
+        folder = Path(DiffusionPipeline.download(model, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a hub id: the key then holds the id alone
+        return None
+    try:
+        return weights_identity(folder)
+    except CliError:
+        return None
 
 
 @dataclasses.dataclass
@@ -578,8 +655,8 @@ class Job:
         """What decides the image's pixels (its key is their hash); the device does not change the request."""
         from . import __version__
 
-        return {**dataclasses.asdict(self), "model": model.id, "dtype": dtype, "config": model.config.to_dict(),
-                "image": image_digest, "hires_version": __version__}
+        return {**dataclasses.asdict(self), "model": model.id, "weights": model.weights, "dtype": dtype,
+                "config": model.config.to_dict(), "image": image_digest, "hires_version": __version__}
 
     def parameters_text(self, model: str, family: str) -> str:
         """The A1111-style 'parameters' text chunk."""
@@ -672,7 +749,9 @@ def model_for(options: argparse.Namespace, request: Request, config_values, dtyp
     loaded), else from the loaded pipeline (a hub id must be downloaded before its configs can be read)."""
     path = local_model(options.model)
     pipe = load_pipeline_skeleton(path) if path is not None else load_pipeline(options.model, dtype)
-    return describe_model(options, request, config_values, pipe)
+    model = describe_model(options, request, config_values, pipe)
+    model.weights = weights_identity(path) if path is not None else hub_weights_identity(options.model)
+    return model
 
 
 # -- commands -----------------------------------------------------------------------------------

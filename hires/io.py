@@ -154,3 +154,48 @@ def _plain(value: Any, path: str) -> Any:
     if isinstance(value, list):
         return [_plain(item, f"{path}[{i}]") for i, item in enumerate(value)]
     return value
+
+
+# -- the identity of a model's weights (part of every resume key) ---------------------------------
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+_SAFETENSORS_MAX_HEADER = 100 * 2**20  # what the safetensors format itself allows
+
+
+def weights_files(folder: Path) -> list[Path]:
+    """The weights files of one component folder (sharded, variant and single files alike)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(WEIGHTS_SUFFIXES))
+
+
+def weights_file_identity(path: Path) -> tuple[int, int, str]:
+    """(size, mtime in ns, digest) of a weights file, read cheaply: a safetensors file's digest is its
+    header's (tensor names, dtypes, shapes and offsets), any other file's is of its first 64 KiB. A
+    damaged file (empty, or a safetensors header that cannot be read) is a `ReadError` naming it."""
+    import hashlib
+
+    path = Path(path)
+    stat = path.stat()
+    if stat.st_size == 0:
+        raise ReadError(f"{str(path)!r} is empty (0 bytes): an interrupted download or save; re-download or re-save "
+                        "the model")
+    with path.open("rb") as handle:
+        if path.name.lower().endswith(".safetensors"):
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= min(_SAFETENSORS_MAX_HEADER, stat.st_size - 8):
+                raise ReadError(f"{str(path)!r} is not a whole safetensors file ({stat.st_size} bytes, its header "
+                                "cannot be read); re-download or re-save the model")
+            header = handle.read(length)
+            try:
+                tensors = json.loads(header)
+                end = max((int(t["data_offsets"][1]) for k, t in tensors.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                raise ReadError(f"{str(path)!r} is not a whole safetensors file (its header is not one); "
+                                "re-download or re-save the model") from None
+            if stat.st_size < 8 + length + end:
+                raise ReadError(f"{str(path)!r} is truncated: {stat.st_size} bytes of the {8 + length + end} its header "
+                                "describes (an interrupted download or save); re-download or re-save the model")
+            digest = hashlib.sha256(header).hexdigest()[:16]
+        else:
+            digest = hashlib.sha256(handle.read(64 * 1024)).hexdigest()[:16]
+    return stat.st_size, stat.st_mtime_ns, digest

@@ -151,3 +151,74 @@ def test_the_strict_json_reader_gives_plain_values():
         loads_strict('{"a": [0, {"b": NaN}]}', "x")
     with pytest.raises(json.JSONDecodeError):
         loads_strict('{"a": ')
+
+
+# -- the model folder: its weights' identity in every key, damaged files named ----------------------
+def copy_model(tmp_path, name="model"):
+    import shutil
+
+    target = tmp_path / name
+    shutil.copytree(cli.DEFAULT_MODEL, target)
+    return target
+
+
+def overwrite_tensor_in_place(path, name, change):
+    """Rewrite one float32 tensor's bytes inside a safetensors file: same header, same size, new values."""
+    import json as json_
+
+    import torch
+
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        entry = json_.loads(handle.read(length))[name]
+        start, end = entry["data_offsets"]
+        assert entry["dtype"] == "F32"
+        handle.seek(8 + length + start)
+        values = torch.frombuffer(bytearray(handle.read(end - start)), dtype=torch.float32)
+        handle.seek(8 + length + start)
+        handle.write(change(values).numpy().tobytes())
+
+
+def test_weights_replaced_in_place_are_rendered_again(tmp_path, capsys):
+    model = copy_model(tmp_path)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "out"
+    command = ["batch", str(prompts), "--out", str(out), "--model", str(model), "--steps", "2", "--size", "64x64"]
+    assert main(command) == 0
+    first = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    size = weights.stat().st_size
+    header = weights.read_bytes()[:4096]
+    overwrite_tensor_in_place(weights, "conv_out.weight", lambda t: t * 0.5)
+    assert weights.read_bytes()[:4096] == header
+    assert weights.stat().st_size == size  # same names, shapes and size: only the content and mtime differ
+    capsys.readouterr()
+    assert main(command) == 0
+    assert "(rendered 2 here)" in capsys.readouterr().out
+    assert all((out / name).read_bytes() != data for name, data in first.items())
+    assert main(command) == 0  # unchanged again: nothing rendered
+    assert "(rendered 0 here)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: (m / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b""),
+         "unet/diffusion_pytorch_model.safetensors' is empty (0 bytes): an interrupted download or save"),
+        (lambda m: __import__("shutil").rmtree(m / "unet"),
+         "model_index.json lists unet (UNet2DConditionModel) but the folder"),
+        (lambda m: (m / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(
+            (m / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()[:50000]),
+         "vae/diffusion_pytorch_model.safetensors' is truncated: 50000 bytes of the"),
+        (lambda m: (m / "unet" / "diffusion_pytorch_model.safetensors").rename(m / "unet" / "weights.txt"),
+         "unet' holds no weights file"),
+        (lambda m: (m / "unet" / "config.json").unlink(), "unet/ (UNet2DConditionModel) cannot be read from its files"),
+    ],
+)
+def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path, capsys, no_weights, damage, message):
+    model = copy_model(tmp_path)
+    damage(model)
+    assert generate(tmp_path, "--model", str(model), "--size", "64x64") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and "re-download or re-save" in err, err
