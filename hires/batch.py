@@ -6,7 +6,8 @@ and optional override columns). Every value is type- and range-checked when the 
 a bad line stops the batch before the first render, with the file, line and field in the message.
 
 Resume rule: an item is identified by a key, a hash of everything that decides its pixels (prompt,
-negative prompt, seed, size, steps, guidance, model, dtype, the whole HiresConfig, hires version).
+negative prompt, seed, size, steps, guidance, model, the weights' identity, dtype, the whole
+HiresConfig, hires version).
 Each PNG carries its key; a rerun keeps a PNG whose key matches and re-renders one whose key does
 not (or that is missing or truncated). The manifest is rebuilt from the PNGs on disk, so it always
 says what the PNGs are.
@@ -15,6 +16,11 @@ Concurrency: before rendering an item a process claims it with `.NAME.png.claim`
 O_EXCL, then held under an flock for as long as the process renders it). A claim whose lock is free
 belongs to a killed process and is taken over, so several `hires batch` runs (or accelerate ranks)
 on one folder render every item once and lose none.
+
+Failures: an item whose render failed (non-finite output) has no PNG; `.NAME.png.failed` holds its
+key and the reason, the manifest lists it as `failed`, and the next run retries it. Leases: each
+live batch holds a locked `.hires-batch.PID.*.lease` with the fingerprint of its whole parameter
+set; a batch of another set is refused while one is alive, so a folder never mixes two sets.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ MANIFEST = "manifest.json"
 PNG_JSON_KEY = "hires"
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63): what every torch generator accepts
 CLAIM_SUFFIX = ".claim"
+FAILED_SUFFIX = ".failed"  # `.NAME.png.failed`: why the last render of the item failed (no PNG was written)
+LEASE_PREFIX, LEASE_SUFFIX = ".hires-batch.", ".lease"  # a live batch's claim on the whole folder
 # A claim file with no owner written yet is taken over only after this long: its creator may be
 # between creating it and locking it.
 UNWRITTEN_CLAIM_AGE_S = 10.0
@@ -311,6 +319,53 @@ def remove_temporaries(out_dir: Path, item: BatchItem) -> None:
         stale.unlink(missing_ok=True)
 
 
+def has_leftovers(out_dir: Path, item: BatchItem) -> bool:
+    """A claim, temporary or failure file beside the item (a killed run's, or one already outdated)."""
+    return (claim_path(out_dir, item).exists() or failure_path(out_dir, item).exists()
+            or any(out_dir.glob(f".{glob_escape(item.filename)}.*.tmp")))
+
+
+def clean_leftovers(out_dir: Path, item: BatchItem) -> None:
+    """Remove what killed or failed runs left beside a finished item; a live process's claim stays."""
+    claim = try_claim(out_dir, item)
+    if claim is None:
+        return  # a live process holds it
+    try:
+        remove_temporaries(out_dir, item)
+        failure_path(out_dir, item).unlink(missing_ok=True)
+    finally:
+        claim.release()
+
+
+# -- failures: an item whose render failed has no PNG, but the manifest says why -------------------
+def failure_path(out_dir: Path, item: BatchItem) -> Path:
+    return out_dir / f".{item.filename}{FAILED_SUFFIX}"
+
+
+def record_failure(out_dir: Path, item: BatchItem, key: str, error: str, **extra: Any) -> None:
+    """Note that rendering `item` with `key` failed (best effort: a full disk may refuse even this)."""
+    from .io import write_text_atomically
+
+    record = {"key": key, "error": error, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+              **extra}
+    try:
+        write_text_atomically(failure_path(out_dir, item), dumps(record) + "\n")
+    except OSError:
+        pass
+
+
+def clear_failure(out_dir: Path, item: BatchItem) -> None:
+    failure_path(out_dir, item).unlink(missing_ok=True)
+
+
+def read_failure(out_dir: Path, item: BatchItem) -> dict[str, Any] | None:
+    try:
+        record = json.loads(failure_path(out_dir, item).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
@@ -441,22 +496,30 @@ def write_manifest(out_dir: Path, entries: list[tuple[BatchItem, str, dict[str, 
         for item, key, request in entries:
             # Text chunks only: a final name only ever holds a complete file (atomic writes).
             record = read_png_record(out_dir / item.filename)
+            failure = read_failure(out_dir, item)
+            error = None
             if record is not None and record.get("key") == key:
                 status = "done"
             elif claim_owner(out_dir, item) is not None:
                 status = "rendering"  # by another process right now
+            elif failure is not None and failure.get("key") == key:
+                status, error = "failed", failure  # no PNG of these parameters; the next run retries it
             elif record is not None:
                 status = "outdated"  # a PNG of other parameters: the next run replaces it
             else:
                 status = "pending"
-            items.append({"index": item.index, "line": item.line, "prompt": item.prompt, "file": item.filename,
-                          "key": key, "status": status, "request": request, "png": record})
+            entry = {"index": item.index, "line": item.line, "prompt": item.prompt, "file": item.filename,
+                     "key": key, "status": status, "request": request, "png": record}
+            if error is not None:
+                entry["error"] = error
+            items.append(entry)
         listed = {item.filename for item, _, _ in entries}
         manifest = {
             "source": source,
             "resume": "an item is done when its PNG's key (a hash of its parameters) matches the request's",
             "items": items,
             "done": sum(e["status"] == "done" for e in items),
+            "failed": sum(e["status"] == "failed" for e in items),
             "total": len(items),
             "unlisted": sorted(p.name for p in out_dir.glob("*.png") if p.name not in listed),
         }
@@ -465,3 +528,93 @@ def write_manifest(out_dir: Path, entries: list[tuple[BatchItem, str, dict[str, 
     finally:
         if folder is not None:
             os.close(folder)  # releases the lock
+
+
+# -- one parameter set per folder ---------------------------------------------------------------
+class FolderBusy(Exception):
+    """Another live batch with other parameters renders into the folder."""
+
+
+@dataclasses.dataclass
+class FolderLease:
+    """This process's share of a folder: a file it holds locked while its batch runs."""
+
+    path: Path
+    fd: int | None
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+def parameters_fingerprint(entries: list[tuple[BatchItem, str, dict[str, Any]]]) -> str:
+    """The identity of a batch's whole parameter set: every item's file name and key."""
+    return parameters_key({"items": sorted([item.filename, key] for item, key, _ in entries)})
+
+
+def lease_folder(out_dir: Path, fingerprint: str, summary: dict[str, Any]) -> FolderLease:
+    """Take a share of `out_dir` for a batch of `fingerprint`, or raise `FolderBusy` naming how a live
+    batch's parameters differ. Batches of one parameter set (reruns, accelerate ranks) share a folder;
+    two sets would mix images and manifests. A killed batch's lease is free and removed."""
+    folder = os.open(out_dir, os.O_RDONLY) if fcntl is not None else None
+    try:
+        if folder is not None:
+            fcntl.flock(folder, fcntl.LOCK_EX)  # one process decides at a time (as write_manifest)
+        others = []
+        for path in sorted(out_dir.glob(f"{glob_escape(LEASE_PREFIX)}*{LEASE_SUFFIX}")):
+            holder = _live_lease(path)
+            if holder is not None and holder.get("fingerprint") != fingerprint:
+                others.append(holder)
+        if others:
+            raise FolderBusy(_busy_reason(out_dir, others[0], summary))
+        path = out_dir / f"{LEASE_PREFIX}{os.getpid()}.{os.urandom(4).hex()}{LEASE_SUFFIX}"
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            record = {"fingerprint": fingerprint, "pid": os.getpid(), "host": socket.gethostname(),
+                      "since": time.time(), **summary}
+            os.write(fd, dumps(record).encode())
+            os.fsync(fd)
+        except BaseException:
+            FolderLease(path, fd).release()
+            raise
+        return FolderLease(path, fd)
+    finally:
+        if folder is not None:
+            os.close(folder)
+
+
+def _live_lease(path: Path) -> dict[str, Any] | None:
+    """The record of a lease whose batch is alive; a dead batch's lease is removed (None)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if fcntl is None:
+            return None  # no way to tell a live lease here: share the folder, as before leases
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return json.loads(os.read(fd, 1 << 20) or b"{}")
+            except ValueError:
+                return {}
+        path.unlink(missing_ok=True)  # its batch is gone (we hold the folder's lock: nobody else decides)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _busy_reason(out_dir: Path, holder: dict[str, Any], summary: dict[str, Any]) -> str:
+    theirs, ours = holder.get("options") or {}, summary.get("options") or {}
+    differences = [f"{key} {json.dumps(theirs.get(key))} there, {json.dumps(ours.get(key))} here"
+                   for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
+    since = time.strftime("%H:%M:%S", time.localtime(holder["since"])) if isinstance(holder.get("since"), float) else "?"
+    what = "; ".join(differences) if differences else "its prompt file holds other items"
+    return (f"--out {str(out_dir)!r} is being rendered by another batch with other parameters (pid "
+            f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {since}: {what}); one folder holds one "
+            "parameter set at a time, or its images and manifest would mix. Wait for that batch to finish, or give "
+            "this one another --out (the same parameters share a folder)")

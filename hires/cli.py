@@ -5,9 +5,10 @@
     hires techniques                       # every technique, its families and options
     accelerate launch -m hires batch ...   # shards the items over processes / GPUs
 
-Order of work: every option and prompt-file value is checked first, then the model's configs are
-read (no weights) to check sizes and the HiresConfig, then the output location; only then are
-weights loaded. torch and diffusers are imported inside the commands, so `--help` is instant.
+Order of work: every option and prompt-file value is checked first, then the model's configs and
+files are read (no weights) to check sizes, steps and the HiresConfig, then the output location is
+proven (a probe file, name lengths, free space); only then are weights loaded. A render with
+non-finite output is never written (hires.guards). torch and diffusers are imported inside the commands, so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ class CliError(Exception):
 
 class Interrupted(Exception):
     """Ctrl-C: printed as one line (what was kept), exit status 130."""
+
+
+class RenderFailed(Exception):
+    """A render that produced no image worth keeping, or whose file could not be written: one line, exit
+    status 1. `kept`: where the image was kept instead, if it was; `stops_batch`: the output folder took
+    no file, so a batch stops there (a non-finite render fails only its own item)."""
+
+    def __init__(self, message: str, kept: Path | None = None, stops_batch: bool = False):
+        super().__init__(message)
+        self.kept = kept
+        self.stops_batch = stops_batch
 
 
 # -- option values ------------------------------------------------------------------------------
@@ -149,6 +161,88 @@ def check_creatable_folder(path: Path, option: str) -> None:
     if not os.access(anchor, os.W_OK | os.X_OK):
         what = "is not writable" if anchor == path else f"cannot be created: {str(anchor)!r} is not writable"
         raise CliError(f"{option} {str(path)!r} {what}; choose a writable folder")
+
+
+# PNG bytes of a height x width render at most: zlib never grows 8-bit RGB rows (one filter byte
+# each) by more than a little, plus the text chunks (parameters, the request record).
+PNG_TEXT_BYTES = 256 * 1024
+
+
+def png_bytes_bound(height: int, width: int) -> int:
+    raw = height * (3 * width + 1)
+    return raw + raw // 1000 + PNG_TEXT_BYTES
+
+
+def prove_output_folder(folder: Path, names: list[str], need: int, option: str, images: int = 1) -> None:
+    """Show, before any weights load, that the PNGs can be written: the folder exists (missing folders
+    are created now, and removed again if the proof fails), a probe file can be created and removed in
+    it (`os.access` says nothing on procfs or a read-only mount), every file name hires writes there
+    fits the file system's name limit, and `need` bytes are free."""
+    import shutil
+    import tempfile
+
+    from .io import longest_sibling_name
+
+    created = []
+    try:
+        missing = [p for p in [folder, *folder.parents] if not p.exists()]
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:  # another process of the same batch made it meanwhile
+                continue
+            except OSError as err:
+                raise CliError(f"{option} {str(folder)!r}: the folder {str(path)!r} cannot be created "
+                               f"({err.strerror or err}); choose a writable folder") from None
+            created.append(path)
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".hires-probe-", dir=folder)
+            try:
+                os.write(fd, b"hires")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as err:
+            raise CliError(f"{option} {str(folder)!r}: a file cannot be created there ({err.strerror or err}); "
+                           "choose a writable folder") from None
+        try:
+            name_max = os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError, AttributeError):
+            name_max = None
+        for name in names:
+            length = longest_sibling_name(name)
+            if name_max is not None and length > name_max:
+                raise CliError(f"{option} {str(folder)!r}: the file name {name!r} ({len(name.encode())} bytes) and "
+                               f"the temporary file written beside it ({length} bytes) exceed this file system's "
+                               f"limit of {name_max} bytes a name; use a file name of at most "
+                               f"{name_max - (length - len(name.encode()))} bytes")
+        free = shutil.disk_usage(folder).free
+        if need > free:
+            what = "the PNG needs" if images == 1 else f"the {images} PNGs to render need"
+            raise CliError(f"{option} {str(folder)!r}: {what} up to {_format_bytes(need)} and the file system has "
+                           f"{_format_bytes(free)} free; free some space or choose another folder")
+    except BaseException:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+def keep_render(picture, out: Path, text: dict[str, str]) -> Path | None:
+    """Where a render whose final write failed is kept instead: the temporary folder, else beside it."""
+    import tempfile
+
+    from .io import write_png_atomically
+
+    for folder in (Path(tempfile.gettempdir()) / "hires-recovered", out.parent):
+        target = folder / (out.name if folder != out.parent else f"{out.stem}.recovered{out.suffix}")
+        try:
+            write_png_atomically(picture, target, text)
+            return target
+        except OSError:
+            continue
+    return None
 
 
 def check_output_file(path: Path, option: str = "--out") -> None:
@@ -702,12 +796,17 @@ class Renderer:
             call.setdefault("negative_prompt", "")  # true CFG runs only with a negative prompt
         if "use_resolution_binning" in self.call_parameters:
             call["use_resolution_binning"] = False  # --size is the size rendered: PixArt's bins would resize it
-        if image is not None:
-            from .sampling import progressive
+        from .guards import NonFiniteOutputError
 
-            result = progressive.generate(self.pipe, image=image, **call)
-        else:
-            result = self.pipe(**call)
+        try:
+            if image is not None:
+                from .sampling import progressive
+
+                result = progressive.generate(self.pipe, image=image, **call)
+            else:
+                result = self.pipe(**call)
+        except NonFiniteOutputError as err:
+            raise RenderFailed(non_finite_message(err, job, self.model, self.dtype)) from None
         picture = result.images[0]
         config = self.model.config
         parameters = job.parameters(self.model, self.dtype, image_digest)
@@ -717,8 +816,37 @@ class Renderer:
                   "request": parameters, **(extra or {})}
         from .io import write_png_atomically
 
-        write_png_atomically(picture, out, {"parameters": job.parameters_text(self.model.id, self.model.info.name),
-                                            batch.PNG_JSON_KEY: batch.dumps(record)})
+        text = {"parameters": job.parameters_text(self.model.id, self.model.info.name),
+                batch.PNG_JSON_KEY: batch.dumps(record)}
+        try:
+            write_png_atomically(picture, out, text)
+        except OSError as err:
+            kept = keep_render(picture, out, text)
+            where = f"the render is kept at {kept}" if kept else "it could not be kept anywhere either"
+            raise RenderFailed(f"{out} could not be written ({err.strerror or err}); {where}", kept,
+                               stops_batch=True) from None
+
+
+# Each call argument the guard may blame, as the command line spells it.
+CLI_OPTIONS = {"guidance_scale": "--guidance", "true_cfg_scale": "--true-cfg"}
+
+
+def non_finite_message(err, job: Job, model: Model, dtype: str) -> str:
+    """A NonFiniteOutputError in the command line's words: its options and remedies."""
+    nan, inf, total = err.counts
+    what = "non-finite latents" if err.stage == "latents" else "a non-finite decoded image"
+    head = (f"the render of {job.width}x{job.height} (seed {job.seed}) ended with {what} ({nan} NaN and "
+            f"{inf} infinite of {total} values); no PNG was written")
+    if err.kind == "guidance":
+        cause = f"{CLI_OPTIONS.get(err.parameter, err.parameter)} {err.value!r} overflows; use a scale of 1 to 20"
+    elif err.kind == "weights":
+        cause = (f"the weights of {err.component} hold NaN or infinity ({err.component}.{err.tensor}): the files of "
+                 f"--model {model.id!r} are damaged or come from a diverged training run; re-download or re-save them")
+    elif err.kind == "float16":
+        cause = "float16 arithmetic overflowed; use --dtype bfloat16 (or --dtype float32)"
+    else:
+        cause = str(err).split("likely cause: ", 1)[-1]
+    return f"{head}; likely cause: {cause}"
 
 
 def _is_skeleton(pipe) -> bool:
@@ -780,6 +908,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height, width = resolve_size(model, request.size, request.scale, "--size")
         stages = planned_stages(model, height, width, request.steps,
                                 None if image is None else (image.height, image.width))
+        prove_output_folder(out.parent, [out.name], png_bytes_bound(height, width), f"--out {str(out)!r}: its folder")
         renderer = Renderer(model, device, dtype)
         job = Job(args.prompt, args.negative, height, width, request.steps, request.guidance, request.seed,
                   request.true_cfg)
@@ -791,7 +920,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             progress.close()
             raise Interrupted(f"interrupted; {out} was not written") from None
-        progress.close()
+        finally:
+            progress.close()
     if not args.quiet:
         print(f"wrote {out} ({width}x{height}, {model.info.name}, seed {request.seed}, {device})")
     return 0
@@ -865,14 +995,52 @@ def cmd_batch(args: argparse.Namespace) -> int:
         keys = [batch.parameters_key(job.parameters(model, str(dtype).removeprefix("torch."))) for job in jobs]
         entries = [(item, key, job.parameters(model, str(dtype).removeprefix("torch.")))
                    for item, key, job in zip(items, keys, jobs)]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rendered, elsewhere = _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys, entries)
-        state.wait_for_everyone()
-        manifest = batch.write_manifest(out_dir, entries, str(args.file))
-    if state.is_main_process and not args.quiet:
-        busy = f", {elsewhere} being rendered by another process" if elsewhere else ""
-        print(f"{manifest['done']}/{manifest['total']} items done in {out_dir} (rendered {rendered} here{busy})")
-    return 0
+        pending = [(item, job) for item, key, job in zip(items, keys, jobs)
+                   if (batch.read_png_record(out_dir / item.filename) or {}).get("key") != key]
+        prove_output_folder(out_dir, [item.filename for item in items] + [batch.MANIFEST],
+                            sum(png_bytes_bound(job.height, job.width) for _, job in pending) + 2**20, "--out",
+                            images=len(pending))
+        lease = batch.lease_folder(out_dir, batch.parameters_fingerprint(entries),
+                                   {"file": str(Path(args.file).absolute()), "options": _batch_options(args, model)})
+        try:
+            rendered, elsewhere, lost = _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
+                                                      entries)
+            state.wait_for_everyone()
+            manifest = _write_manifest(out_dir, entries, str(args.file), lost)
+        finally:
+            lease.release()
+    failed = [e for e in manifest["items"] if e["status"] == "failed"]
+    if state.is_main_process:
+        if not args.quiet:
+            busy = f", {elsewhere} being rendered by another process" if elsewhere else ""
+            print(f"{manifest['done']}/{manifest['total']} items done in {out_dir} (rendered {rendered} here{busy})")
+        for entry in failed:
+            print(f"hires batch: error: {args.file}:{entry['line']}: {entry['error'].get('error', '?')}",
+                  file=sys.stderr)
+        if failed:
+            print(f"hires batch: {len(failed)} of {manifest['total']} items failed (no PNG written; see "
+                  f"{out_dir / batch.MANIFEST}); the same command retries them", file=sys.stderr)
+    if lost is not None:
+        raise lost
+    return 1 if failed else 0
+
+
+def _batch_options(args, model: Model) -> dict[str, Any]:
+    """The options a batch's items share, for telling a second batch on its folder what differs."""
+    return {"--steps": args.steps, "--seed": args.seed, "--size": args.size, "--scale": args.scale,
+            "--guidance": args.guidance, "--true-cfg": args.true_cfg, "--negative": args.negative,
+            "--model": model.id, "weights": model.weights, "--dtype": args.dtype,
+            "config": batch.parameters_key(model.config.to_dict())}
+
+
+def _write_manifest(out_dir: Path, entries, source: str, lost: RenderFailed | None) -> dict[str, Any]:
+    try:
+        return batch.write_manifest(out_dir, entries, source)
+    except OSError as err:
+        if lost is None:
+            raise RenderFailed(f"{out_dir / batch.MANIFEST} could not be written ({err.strerror or err}); the PNGs "
+                               "stay, and the same command rewrites it") from None
+        raise lost from None
 
 
 def _batch_job(args, request: Request, model: Model, item: batch.BatchItem) -> Job:
@@ -892,12 +1060,18 @@ def _batch_job(args, request: Request, model: Model, item: batch.BatchItem) -> J
                item.overrides.get("guidance", request.guidance), seed, request.true_cfg)
 
 
-def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys, entries) -> tuple[int, int]:
-    """Render this process's share of the items that are not done; returns (rendered, claimed elsewhere)."""
+def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys, entries):
+    """Render this process's share of the items that are not done; returns (rendered, claimed elsewhere,
+    the RenderFailed that stopped it or None). An item whose render is non-finite is recorded as failed
+    and the others go on; a PNG that cannot be written stops the batch (its folder took no more)."""
     with state.split_between_processes(list(range(len(items)))) as mine:
-        todo = [i for i in mine if not batch.is_finished(out_dir, items[i], keys[i])]
+        done = {i for i in mine if batch.is_finished(out_dir, items[i], keys[i])}
+        for i in done:
+            if batch.has_leftovers(out_dir, items[i]):
+                batch.clean_leftovers(out_dir, items[i])
+        todo = [i for i in mine if i not in done]
     if not todo:
-        return 0, 0
+        return 0, 0, None
     renderer = Renderer(model, device, dtype)
     plans = {i: planned_stages(model, jobs[i].height, jobs[i].width, jobs[i].steps) for i in todo}
     progress = Progress(sum(s or 0 for i in todo for *_, s in plans[i]), args.quiet, position=state.process_index)
@@ -917,9 +1091,20 @@ def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
                 batch.remove_temporaries(out_dir, item)
                 rank = f"[{state.process_index}] " if state.num_processes > 1 else ""
                 progress.begin(f"{rank}item {number}/{len(todo)} ", len(plans[i]))
-                renderer.render(jobs[i], out_dir / item.filename, progress,
-                                {"index": item.index, "line": item.line, "process": state.process_index,
-                                 "pid": os.getpid()})
+                start = progress.bar.n
+                try:
+                    renderer.render(jobs[i], out_dir / item.filename, progress,
+                                    {"index": item.index, "line": item.line, "process": state.process_index,
+                                     "pid": os.getpid()})
+                except RenderFailed as err:
+                    progress.skip(max(0, steps - (progress.bar.n - start)))
+                    extra = {"kept": str(err.kept)} if err.kept else {}
+                    batch.record_failure(out_dir, item, keys[i], str(err), **extra)
+                    if err.stops_batch:
+                        return rendered, elsewhere, RenderFailed(f"{item.where}: {err}; the batch stopped there "
+                                                                 "(the same command resumes)", err.kept)
+                    continue
+                batch.clear_failure(out_dir, item)
                 rendered += 1
             finally:
                 claim.release()
@@ -928,8 +1113,9 @@ def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
         manifest = batch.write_manifest(out_dir, entries, str(args.file))
         raise Interrupted(f"interrupted; {manifest['done']}/{manifest['total']} finished PNGs kept in {out_dir} "
                           "(the same command resumes)") from None
-    progress.close()
-    return rendered, elsewhere
+    finally:
+        progress.close()
+    return rendered, elsewhere, None
 
 
 def cmd_techniques(args: argparse.Namespace) -> int:
@@ -1025,8 +1211,10 @@ def build_parser() -> argparse.ArgumentParser:
     bat = sub.add_parser("batch", help="render every prompt of a .txt / .jsonl / .csv file; a rerun resumes",
                          formatter_class=_HelpFormatter, allow_abbrev=False,
                          description="A rerun keeps each PNG whose parameters (prompt, negative, seed, size, steps, "
-                                     "guidance, model, dtype, config, hires version) are unchanged and renders the "
-                                     "rest; several runs on one folder share the work.")
+                                     "guidance, model and its weights, dtype, config, hires version) are unchanged and "
+                                     "renders the rest; several runs of one parameter set on one folder share the "
+                                     "work. Exit status: 0 all done, 1 a render failed (see manifest.json), 2 an input "
+                                     "error.")
     bat.add_argument("file", help="prompt file: .txt (a prompt a line), .jsonl or .csv (prompt + overrides)")
     bat.add_argument("--out", required=True, help="output folder (PNGs and manifest.json)")
     _common_options(bat)
@@ -1043,6 +1231,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except CliError as err:
+        print(f"hires {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RenderFailed as err:
+        print(f"hires {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except batch.FolderBusy as err:
         print(f"hires {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:

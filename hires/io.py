@@ -30,10 +30,24 @@ def current_umask() -> int:
     return mask
 
 
+def temporary_prefix(name: str) -> str:
+    return f".{name}."
+
+
+# mkstemp adds 8 random characters; ".tmp" follows. Claims (".claim") and failure notes (".failed")
+# beside a file are shorter.
+_TEMPORARY_EXTRA = 8 + len(".tmp")
+
+
+def longest_sibling_name(name: str) -> int:
+    """Bytes of the longest file name written beside `name` (its temporary file's)."""
+    return len(temporary_prefix(name).encode()) + _TEMPORARY_EXTRA
+
+
 def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)

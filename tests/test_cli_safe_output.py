@@ -2,8 +2,12 @@
 readers, the output proven before the work, and no wrong image ever saved as done."""
 
 import json
+import math
+import os
+from pathlib import Path
 
 import pytest
+import torch
 
 from hires import batch, cli
 from hires.cli import main
@@ -222,3 +226,306 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path, capsys, no
     assert generate(tmp_path, "--model", str(model), "--size", "64x64") == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err and "re-download or re-save" in err, err
+
+
+# -- no wrong image saved as done: NaN and infinity through generate, batch and the Python API -------
+FLUX_SAVED = {}
+
+
+def model_folder(tmp_path, family):
+    """The embedded sd15 testbed, or a tiny Flux built in code and saved (with its 64 px base in hires.json)."""
+    import shutil
+
+    if family == "sd15":
+        return copy_model(tmp_path, "sd15"), "unet", "conv_out.bias"
+    if "flux" not in FLUX_SAVED:  # built once per session: saving is slower than copying
+        import tempfile
+
+        import tiny_models
+
+        folder = Path(tempfile.mkdtemp(prefix="hires-tiny-flux-")) / "flux"
+        tiny_models.flux_pipeline().save_pretrained(folder)
+        (folder / "hires.json").write_text(json.dumps({"base_size": [64, 64]}))
+        FLUX_SAVED["flux"] = folder
+    target = tmp_path / "flux"
+    shutil.copytree(FLUX_SAVED["flux"], target)
+    return target, "transformer", "proj_out.bias"
+
+
+def hidden(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_renders_are_never_saved_on_any_surface(tmp_path, capsys, family, value):
+    import diffusers
+
+    import hires
+
+    model, component, tensor = model_folder(tmp_path, family)
+    weights = model / component / "diffusion_pytorch_model.safetensors"
+
+    def poison(values):
+        values[0] = value
+        return values
+
+    overwrite_tensor_in_place(weights, tensor, poison)
+    fast = ["--model", str(model), "--steps", "2", "--quiet"]
+
+    # the Python API: the pipeline raises instead of returning a NaN image
+    pipe = hires.apply(diffusers.DiffusionPipeline.from_pretrained(str(model)))
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(hires.guards.NonFiniteOutputError, match=rf"weights of {component} hold NaN or infinity"):
+        pipe("a red circle", height=128, width=128, num_inference_steps=2)
+    capsys.readouterr()  # the loading bars of from_pretrained
+
+    # hires generate: exit status 1, one line naming the weights, no PNG and nothing half-written
+    out = tmp_path / "gen" / "image.png"
+    assert main(["generate", "--prompt", "a red circle", "--size", "128x128", "--out", str(out), *fast]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no PNG was written" in err, err
+    assert f"weights of {component} hold NaN or infinity ({component}.{tensor}): the files of --model" in err
+    assert not out.exists() and hidden(out.parent) == []
+
+    # hires batch: every item failed in the manifest, no PNG, exit status 1; a rerun tries again
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle"}\n{"prompt": "a blue square", "size": "128x64"}\n')
+    folder = tmp_path / "batch"
+    for _ in range(2):
+        assert main(["batch", str(prompts), "--out", str(folder), "--size", "64x64", *fast]) == 1
+        err = capsys.readouterr().err
+        assert "2 of 2 items failed (no PNG written" in err and "p.jsonl:2: the render of 128x64" in err, err
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert [e["status"] for e in manifest["items"]] == ["failed", "failed"] and manifest["done"] == 0
+        assert all(f"{component}.{tensor}" in e["error"]["error"] for e in manifest["items"])
+        assert list(folder.glob("*.png")) == []
+
+
+def poison_non_square_calls(monkeypatch, family, value):
+    """The denoiser class's forward returns `value` everywhere in calls of a non-square size (one item)."""
+    import functools
+
+    import diffusers
+
+    cls = diffusers.UNet2DConditionModel if family == "sd15" else diffusers.FluxTransformer2DModel
+    original = cls.forward
+
+    @functools.wraps(original)  # hires binds the denoiser's arguments by its signature
+    def forward(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        hidden_states = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        if family == "sd15":
+            square = hidden_states.shape[-1] == hidden_states.shape[-2]
+        else:  # packed tokens of a square grid
+            square = math.isqrt(hidden_states.shape[1]) ** 2 == hidden_states.shape[1]
+        if square:
+            return output
+        sample = output[0] if isinstance(output, tuple) else output.sample
+        poisoned = torch.full_like(sample, value)
+        return (poisoned, *output[1:]) if isinstance(output, tuple) else type(output)(sample=poisoned)
+
+    monkeypatch.setattr(cls, "forward", forward)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_a_non_finite_item_fails_alone_and_a_rerun_retries_it(tmp_path, capsys, monkeypatch, family):
+    model, _, _ = model_folder(tmp_path, family)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle"}\n{"prompt": "a blue square", "size": "128x64"}\n'
+                       '{"prompt": "a green triangle"}\n')
+    out = tmp_path / "out"
+    command = ["batch", str(prompts), "--out", str(out), "--model", str(model), "--size", "64x64", "--steps", "2",
+               "--quiet"]
+    with monkeypatch.context() as patch:
+        poison_non_square_calls(patch, family, float("inf"))
+        assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "p.jsonl:2: the render of 128x64 (seed 1) ended with non-finite latents" in err, err
+    assert "1 of 3 items failed (no PNG written" in err and "the same command retries them" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["status"] for e in manifest["items"]] == ["done", "failed", "done"]
+    assert (manifest["done"], manifest["failed"]) == (2, 1)
+    assert not (out / "00001-a-blue-square.png").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert len(kept) == 2
+
+    assert main(command) == 0  # the cause is gone: only the failed item is rendered
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["status"] for e in manifest["items"]] == ["done"] * 3 and manifest["failed"] == 0
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept
+    assert hidden(out) == []  # the failure note is gone with the failure
+
+
+# -- the output proven before the work; a render whose write fails is kept ---------------------------
+@pytest.mark.skipif(not (os.path.isdir("/proc") and os.access("/proc", os.W_OK)),
+                    reason="needs a procfs that os.access calls writable")
+def test_a_folder_that_takes_no_files_is_refused_before_the_weights(tmp_path, capsys, no_weights):
+    assert main(["generate", "--prompt", "x", "--size", "64x64", "--out", "/proc/hires-probe.png", "--quiet"]) == 2
+    assert "its folder '/proc': a file cannot be created there" in capsys.readouterr().err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert main(["batch", str(prompts), "--out", "/proc/hires-renders", "--size", "64x64", "--quiet"]) == 2
+    assert "the folder '/proc/hires-renders' cannot be created" in capsys.readouterr().err
+
+
+def test_a_name_too_long_for_the_file_system_is_refused_before_the_weights(tmp_path, capsys, no_weights):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a", "name": "n" * 300}) + "\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(prompts), "--out", str(out), "--size", "64x64", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"(304 bytes) and the temporary file written beside it (318 bytes) exceed this file system's limit of {limit}" \
+        in err and f"use a file name of at most {limit - 14} bytes" in err
+    # a name that fits alone but not with its temporary file's 14 more bytes
+    fits_alone = "m" * (limit - 4 - 5)
+    prompts.write_text(json.dumps({"prompt": "a", "name": fits_alone}) + "\n")
+    assert main(["batch", str(prompts), "--out", str(out), "--size", "64x64", "--quiet"]) == 2
+    assert "exceed this file system's limit" in capsys.readouterr().err
+    assert not out.exists()  # the folder made for the proof is removed again
+    assert generate(tmp_path, "--size", "64x64", "--out", str(tmp_path / (fits_alone + ".png"))) == 2
+
+
+def test_too_little_free_space_is_refused_with_the_numbers(tmp_path, capsys, no_weights, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    assert generate(tmp_path, "--size", "128x128") == 2
+    err = capsys.readouterr().err
+    assert "the PNG needs up to 304.2 KiB and the file system has 1000 B free" in err, err  # 128 rows of 385 B + text
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    assert main(["batch", str(prompts), "--out", str(tmp_path / "out"), "--size", "64x64", "--quiet"]) == 2
+    assert "the 2 PNGs to render need up to" in capsys.readouterr().err
+
+
+def fail_final_renames(monkeypatch, folder):
+    """os.replace into `folder` fails as on a full disk; elsewhere (the temporary folder) it works."""
+    import errno
+
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).parent == folder:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_render_whose_write_fails_is_kept_and_said_where(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    from PIL import Image
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "o.png"
+    fail_final_renames(monkeypatch, tmp_path)
+    assert generate(tmp_path, "--size", "64x64", "--steps", "2") == 1
+    err = capsys.readouterr().err.strip()
+    kept = tmp_path / "tmp" / "hires-recovered" / "o.png"
+    assert err == f"hires generate: error: {out} could not be written (No space left on device); the render is kept " \
+                  f"at {kept}"
+    assert not out.exists() and json.loads(Image.open(kept).text["hires"])["steps"] == 2
+    assert hidden(tmp_path) == []  # no temporary file left behind
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    fail_final_renames(monkeypatch, folder)
+    assert main(["batch", str(prompts), "--out", str(folder), "--size", "64x64", "--steps", "2", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"p.txt:1: {folder / '00000-a-red-circle.png'} could not be written (No space left on device); the render " \
+           f"is kept at {tmp_path / 'tmp' / 'hires-recovered' / '00000-a-red-circle.png'}; the batch stopped there" in err
+    assert (tmp_path / "tmp" / "hires-recovered" / "00000-a-red-circle.png").is_file()
+    assert list(folder.glob("*.png")) == []
+
+
+# -- one parameter set per folder at a time; leftovers cleaned --------------------------------------
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    return env
+
+
+# A batch that waits, inside its first render, until the test creates the gate file.
+GATED_BATCH = """
+import pathlib, sys, time
+from hires import cli
+render = cli.Renderer.render
+def gated(self, *args, **kwargs):
+    while not pathlib.Path(sys.argv[1]).exists():
+        time.sleep(0.05)
+    return render(self, *args, **kwargs)
+cli.Renderer.render = gated
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_a_second_batch_with_other_parameters_is_refused_while_the_first_runs(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(3)))
+    out = tmp_path / "out"
+    gate = tmp_path / "go"
+    command = ["batch", str(prompts), "--out", str(out), "--size", "64x64", "--quiet"]
+    first = subprocess.Popen([sys.executable, "-c", GATED_BATCH, str(gate), *command, "--steps", "2"], env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob(".*.claim")) and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        assert main([*command, "--steps", "3"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {str(out)!r} is being rendered by another batch with other parameters (pid {first.pid}" in err
+        assert '--steps "2" there, "3" here' in err and "give this one another --out" in err
+        assert main([*command[:-1], "--steps", "2"]) == 0  # the same parameters share the folder: the others here
+        assert "rendered 2 here, 1 being rendered by another process" in capsys.readouterr().out
+    finally:
+        gate.touch()
+        _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-2000:]
+    records = [batch.read_png_record(p, verify=True) for p in out.glob("*.png")]
+    assert len(records) == 3 and {r["steps"] for r in records} == {2}
+    assert hidden(out) == []
+    assert main([*command, "--steps", "3"]) == 0  # once no batch runs, other parameters may take the folder
+
+
+def test_a_killed_batchs_lease_does_not_block_the_folder(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"{batch.LEASE_PREFIX}999999.dead{batch.LEASE_SUFFIX}").write_text(
+        json.dumps({"fingerprint": "other", "pid": 999999}))  # nobody holds its lock
+    lease = batch.lease_folder(out, "mine", {})
+    assert [p.name for p in out.iterdir()] == [lease.path.name]
+    with pytest.raises(batch.FolderBusy, match=r"pid \d+ on .*another --out"):
+        batch.lease_folder(out, "theirs", {"options": {"--steps": "3"}})
+    second = batch.lease_folder(out, "mine", {})
+    second.release()
+    lease.release()
+    assert list(out.iterdir()) == []
+
+
+def test_stale_claims_and_temporaries_beside_a_done_item_are_cleaned(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    out = tmp_path / "out"
+    command = ["batch", str(prompts), "--out", str(out), "--size", "64x64", "--steps", "2", "--quiet"]
+    assert main(command) == 0
+    stale = [out / ".00000-a-red-circle.png.claim", out / ".00000-a-red-circle.png.x1y2z3ab.tmp",
+             out / ".00000-a-red-circle.png.failed"]
+    stale[0].write_text(json.dumps({"pid": 999999, "host": "gone", "since": 0}))  # a killed run's, lock free
+    stale[1].write_bytes(b"\x89PNG half")
+    stale[2].write_text(json.dumps({"key": "old", "error": "x"}))
+    png = (out / "00000-a-red-circle.png").stat().st_mtime_ns
+    assert main(command) == 0
+    assert hidden(out) == [] and (out / "00000-a-red-circle.png").stat().st_mtime_ns == png
