@@ -659,6 +659,138 @@ def planned_stages(model: Model, height: int, width: int, steps: int,
     return stages
 
 
+# -- the memory planner's verdict, from the configs ------------------------------------------------
+def _uses_cfg(model: Model, guidance: float | None, true_cfg: float | None) -> bool:
+    """Whether the call runs classifier-free guidance, as the pipeline would decide it."""
+    family = model.info.family
+    if family.guidance_layout == "none":
+        return False
+    name = family.guidance_scale_name
+    scale = true_cfg if name == "true_cfg_scale" else guidance
+    if scale is None:
+        parameter = inspect.signature(type(model.pipe).__call__).parameters.get(name)
+        scale = parameter.default if parameter is not None and isinstance(parameter.default, (int, float)) else None
+    if scale is None or scale + family.guidance_scale_offset <= 1:
+        return False
+    # true CFG runs only with a negative prompt, which the CLI passes (empty) with --true-cfg
+    return not (family.guidance_layout == "separate" and family.cfg_switch) or true_cfg is not None
+
+
+def _sequential_cfg_allowed(model: Model) -> bool:
+    """As hires.planning decides it: batched CFG may be split unless a technique needs both halves at once."""
+    memory = model.config.memory
+    if model.info.family.guidance_layout != "batched" or memory.sequential_cfg is False:
+        return False
+    try:
+        from .runtime import technique_records
+
+        records = technique_records()
+    except Exception:  # noqa: BLE001 - the verdict is advice; the runtime decides again
+        return True
+    return not any("whole_cfg_batch" in r.capabilities and getattr(model.config.technique_config(r), "enabled", False)
+                   for r in records)
+
+
+def _plan_call(model: Model, stages, height: int, width: int, cfg: bool, dtype, device: str, budget):
+    """The whole call's memory plan, as the runtime plans it (hires.planning), from the skeleton's configs."""
+    import torch
+
+    from . import memory_planner as mp
+    from .planning import structure_guidance_passes
+
+    info, config, pipe = model.info, model.config, model.pipe
+    denoiser = getattr(pipe, info.family.denoiser_attr)
+    channels = pipe.vae.config.latent_channels
+    passes = [mp.DenoiserPass(h, w, f"stage {i + 1} steps" if len(stages) > 1 else "the call's steps", cfg)
+              for i, (h, w, steps) in enumerate(stages) if steps is not None]
+    if config.structure_guidance.enabled:
+        _, vae_passes = structure_guidance_passes(info, config.structure_guidance, height, width, 1, channels)
+    else:
+        latent = (1, channels, height // info.latent_factor, width // info.latent_factor)
+        vae_passes = [mp.VAEPass("decode", latent, "the call's decode")]
+    others = sum(mp.module_bytes(m, dtype) for name, m in pipe.components.items()
+                 if isinstance(m, torch.nn.Module) and m is not denoiser and m is not pipe.vae)
+    tiling = config.vae_tiling
+    return mp.plan_call(
+        denoiser, pipe.vae, denoiser_passes=passes, vae_passes=vae_passes, latent_factor=info.latent_factor,
+        dtype=dtype, batch=1, cfg=cfg, cfg_batched=info.family.guidance_layout == "batched", budget=budget,
+        other_weights=others, tile_vae=None if not tiling.enabled or tiling.mode == "auto" else tiling.mode == "always",
+        tile_size=tiling.tile_size if tiling.enabled else None, feed_forward_chunks=config.memory.feed_forward_chunks,
+        sequential_cfg=config.memory.sequential_cfg if _sequential_cfg_allowed(model) else False,
+        name=f"{width}x{height} {info.name}", device_type=device.split(":")[0])
+
+
+def check_memory(model: Model, height: int, width: int, steps: int, guidance: float | None, true_cfg: float | None,
+                 dtype, device: str, where: str, cache: dict | None = None) -> None:
+    """Refuse, before any weights load, what the runtime would refuse after loading them: a decoded image
+    beyond the free memory (above the base size), and, with MemoryConfig on, the planner's whole-call plan
+    (every stage, every VAE pass). One line with the numbers and command-line remedies."""
+    from . import memory_planner as mp
+
+    info, memory = model.info, model.config.memory
+    above = height * width > info.base_height * info.base_width
+    budget = memory.max_memory if memory.enabled and memory.max_memory else None
+    planned = memory.enabled and (above or not memory.above_base_only)
+    if not above and not planned:
+        return
+    cfg = _uses_cfg(model, guidance, true_cfg)
+    key = (height, width, steps, cfg)
+    if cache is not None and key in cache:
+        if cache[key] is not None:
+            raise CliError(f"{where} {width}x{height}: {cache[key]}")
+        return
+    problem = None
+    try:
+        if above:
+            mp.check_request(height, width, device, budget, "the request")
+        if planned:
+            _plan_call(model, planned_stages(model, height, width, steps), height, width, cfg, dtype, device, budget)
+    except mp.MemoryBudgetError as err:
+        problem = _memory_remedies(model, str(err), height, width, steps, cfg, dtype, device, budget)
+    except ValueError as err:  # e.g. no budget given and no way to read this device's free memory
+        problem = f"the memory planner cannot plan it on {device}: {err}"
+    if cache is not None:
+        cache[key] = problem
+    if problem is not None:
+        raise CliError(f"{where} {width}x{height}: {problem}")
+
+
+def _memory_remedies(model: Model, refusal: str, height: int, width: int, steps: int, cfg: bool, dtype, device: str,
+                     budget) -> str:
+    """The planner's numbers without its Python advice, and what to do on the command line."""
+    import torch
+
+    from . import memory_planner as mp
+
+    numbers = refusal.split("; try ")[0].split("; ask for at most")[0]
+    unit = model.info.size_multiple
+
+    def side(value: float) -> int:  # round sides: the planner's tiled estimates are fastest on them
+        step = 256 if value >= 512 and 256 % unit == 0 else unit
+        return max(unit, int(value) // step * step)
+
+    fitting = None
+    for attempt in range(1, 7):  # sides x 0.7, 0.49, ...: a size that fits, verified by the same plan
+        h, w = side(height * 0.7 ** attempt), side(width * 0.7 ** attempt)
+        try:
+            mp.check_request(h, w, device, budget, "the request")
+            if model.config.memory.enabled:
+                _plan_call(model, planned_stages(model, h, w, steps), h, w, cfg, dtype, device, budget)
+            fitting = (w, h)
+            break
+        except (mp.MemoryBudgetError, CliError):
+            continue
+    remedies = [f"--size {fitting[0]}x{fitting[1]} fits" if fitting else "a much smaller --size"]
+    if dtype == torch.float32 and "decoded image alone" not in numbers:  # the float32 image floor stays
+        remedies.append("--dtype bfloat16 halves the weights and activations")
+    if budget is not None:
+        remedies.append("a larger memory.max_memory in --config, if that much will be free")
+    else:
+        remedies.append('if more memory will be free when it runs, say how much in --config, e.g. {"memory": '
+                        '{"enabled": true, "max_memory": "48GiB"}}')
+    return f"does not fit in memory: {numbers}; try " + "; or ".join(remedies)
+
+
 # -- progress -----------------------------------------------------------------------------------
 class Progress:
     """One display for a whole command: the steps of every stage (and every item of a batch).
@@ -908,6 +1040,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height, width = resolve_size(model, request.size, request.scale, "--size")
         stages = planned_stages(model, height, width, request.steps,
                                 None if image is None else (image.height, image.width))
+        if image is None:  # an upscale's own passes start from the picture: the runtime plans those
+            check_memory(model, height, width, request.steps, request.guidance, request.true_cfg, dtype, device,
+                         "--size")
         prove_output_folder(out.parent, [out.name], png_bytes_bound(height, width), f"--out {str(out)!r}: its folder")
         renderer = Renderer(model, device, dtype)
         job = Job(args.prompt, args.negative, height, width, request.steps, request.guidance, request.seed,
@@ -961,6 +1096,14 @@ def print_plan(args, request: Request, config_values, device: str, dtype, image_
         except ValueError as err:  # e.g. no budget given and no such device to measure
             raise CliError(f"--dry-run on --device {device}: {err}") from None
         print(f"stage {number}: {w}x{h}, {label}; memory {estimate}")
+    if image_size is None:
+        try:  # the same check a run makes before it loads the weights
+            check_memory(model, height, width, request.steps, request.guidance, request.true_cfg, dtype, device,
+                         "--size")
+            print("verdict: a run would load the weights and render (the whole-call memory check passes)")
+        except CliError as err:
+            print(f"verdict: a run would stop before loading the weights: {err}")
+            status = 2
     if budget is None:
         print(f"(budget: free memory of this machine's {'GPU' if device.startswith('cuda') else 'RAM'}; "
               f"set HiresConfig.memory.max_memory to plan for another device, e.g. {format_bytes(80 * 2**30)})")
@@ -991,7 +1134,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if state.num_processes > 1 and (args.device is None or args.device == state.device.type):
             device = str(state.device)  # each rank its own GPU
         model = model_for(args, request, config_values, dtype)
-        jobs = [_batch_job(args, request, model, item) for item in items]  # every item checked before any render
+        verdicts: dict = {}  # one memory plan per distinct size, steps and guidance
+        jobs = [_batch_job(args, request, model, item, dtype, device, verdicts)
+                for item in items]  # every item checked before any render
         keys = [batch.parameters_key(job.parameters(model, str(dtype).removeprefix("torch."))) for job in jobs]
         entries = [(item, key, job.parameters(model, str(dtype).removeprefix("torch.")))
                    for item, key, job in zip(items, keys, jobs)]
@@ -1043,7 +1188,8 @@ def _write_manifest(out_dir: Path, entries, source: str, lost: RenderFailed | No
         raise lost from None
 
 
-def _batch_job(args, request: Request, model: Model, item: batch.BatchItem) -> Job:
+def _batch_job(args, request: Request, model: Model, item: batch.BatchItem, dtype=None, device: str = "cpu",
+               verdicts: dict | None = None) -> Job:
     size = item.overrides.get("size")
     if size is not None:
         height, width = resolve_size(model, parse_size(size, "size"), None, f"{item.where}: size")
@@ -1056,8 +1202,12 @@ def _batch_job(args, request: Request, model: Model, item: batch.BatchItem) -> J
     steps = item.overrides.get("steps", request.steps)
     check_steps_for_model(model, steps, f"{item.where}: steps" if "steps" in item.overrides else "--steps")
     planned_stages(model, height, width, steps)  # a plan the sampling layer would refuse, refused now
-    return Job(item.prompt, item.overrides.get("negative", args.negative), height, width, steps,
-               item.overrides.get("guidance", request.guidance), seed, request.true_cfg)
+    job = Job(item.prompt, item.overrides.get("negative", args.negative), height, width, steps,
+              item.overrides.get("guidance", request.guidance), seed, request.true_cfg)
+    if dtype is not None:
+        check_memory(model, height, width, steps, job.guidance, job.true_cfg, dtype, device,
+                     f"{item.where}: {'size' if size is not None else '--size'}", verdicts)
+    return job
 
 
 def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys, entries):
