@@ -102,7 +102,7 @@ def check_scale(value: Any, where: str) -> float:
 def parse_size(value: Any, where: str) -> tuple[int, int]:
     """'1024x768' -> (height 768, width 1024): sizes are written width x height, like image editors."""
     parts = value.lower().replace("*", "x").split("x") if isinstance(value, str) else []
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(re.fullmatch(r"[0-9]+", p.strip()) for p in parts):  # ASCII digits only
         raise ValueError(f"{where}={value!r} must look like WIDTHxHEIGHT in pixels, e.g. 128x128")
     if any(len(p.strip()) > len(str(MAX_SIDE)) for p in parts):  # before int(): a 5000-digit side is refused by int
         raise ValueError(f"{where}={value!r}: a side has more than {MAX_SIDE} pixels; e.g. 4096x4096")
@@ -182,6 +182,8 @@ def _check_overrides(values: dict[str, Any], where: str, from_text: bool) -> dic
         raise PromptFileError(f"{where}: {err}") from None
     if "name" in values and not (isinstance(values["name"], str) and re.fullmatch(r"[A-Za-z0-9._-]+", values["name"])):
         raise PromptFileError(f"{where}: name={values['name']!r} may contain only letters, digits, '.', '_' and '-'")
+    if "name" in values and values["name"].startswith("."):  # hidden, beside hires's own claim and lease files
+        raise PromptFileError(f"{where}: name={values['name']!r} must not start with '.'; e.g. {values['name'].lstrip('.') or 'image'!r}")
     return values
 
 
@@ -224,8 +226,8 @@ def read_prompt_file(path: str | Path) -> list[BatchItem]:
         values = _check_overrides(dict(values), f"{path}:{number}", from_text=suffix == ".csv")
         prompt = values.pop("prompt")
         items.append(BatchItem(index=index, line=number, prompt=prompt, overrides=values, source=str(path)))
-    names = [item.name for item in items]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    names = [item.name.casefold() for item in items]  # "Cat" and "cat" are one file on macOS and Windows
+    duplicates = sorted({item.name for item in items if names.count(item.name.casefold()) > 1})
     if duplicates:
         raise PromptFileError(f"{path}: output names repeat ({', '.join(duplicates)}); give each item a unique 'name'")
     if not items:
@@ -243,7 +245,14 @@ def _csv_rows(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
             if header is None:
                 header = [c.strip() for c in cells]
                 if "prompt" not in header:
-                    raise PromptFileError(f"{path}:{start}: the header row needs a 'prompt' column (got {header})")
+                    hint = ""
+                    if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
+                        hint = "; the file looks separated by another character than ',': save it as comma-separated"
+                    raise PromptFileError(f"{path}:{start}: the header row needs a 'prompt' column (got {header}){hint}")
+                unknown = [c for c in header if c not in OVERRIDE_KEYS]
+                if unknown:
+                    raise PromptFileError(f"{path}:{start}: unknown column {unknown[0]!r}; valid columns are "
+                                          f"{', '.join(OVERRIDE_KEYS)} (closest: {closest_names(unknown[0], OVERRIDE_KEYS)})")
                 repeated = sorted({c for c in header if header.count(c) > 1})
                 if repeated:
                     raise PromptFileError(f"{path}:{start}: the header row names {', '.join(map(repr, repeated))} "

@@ -447,9 +447,6 @@ def load_pipeline(model: str, dtype=None):
 
 def load_pipeline_skeleton(path: str | Path):
     """The pipeline with its models on the meta device: configs, tokenizers and scheduler, no weights."""
-    import importlib
-
-    import diffusers
     import torch
     import transformers
     from accelerate import init_empty_weights
@@ -469,7 +466,7 @@ def load_pipeline_skeleton(path: str | Path):
         if library is None or class_name is None:
             components[name] = None
             continue
-        component_cls = getattr(importlib.import_module(library), class_name)
+        component_cls = _named_class(path, library, class_name, f"{name} ({library}.{class_name})")
         folder = path / name
         is_module = issubclass(component_cls, torch.nn.Module)
         check_component_folder(path, name, class_name, is_module)
@@ -477,18 +474,78 @@ def load_pipeline_skeleton(path: str | Path):
             if is_module:
                 with init_empty_weights():
                     if library == "diffusers":
-                        components[name] = component_cls.from_config(component_cls.load_config(folder))
+                        config = component_cls.load_config(folder)
+                        _check_config_class(path, name, component_cls, config.get("_class_name"))
+                        components[name] = component_cls.from_config(config)
                     else:
                         components[name] = component_cls(transformers.AutoConfig.from_pretrained(folder))
+                _check_weight_shapes(path, name, components[name])
             else:
                 components[name] = component_cls.from_pretrained(folder)
-        except (OSError, ValueError, KeyError) as err:  # a config that is missing, not JSON or not this class's
+        except (OSError, ValueError, KeyError, TypeError) as err:  # a config missing, not JSON or not this class's
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CliError(f"--model {str(path)!r}: {name}/ ({class_name}) cannot be read from its files: {first}; "
                            "re-download or re-save the model") from None
-    pipe = getattr(diffusers, index["_class_name"])(**components)
+    pipeline_cls = _named_class(path, "diffusers", index["_class_name"], "the pipeline")
+    pipe = pipeline_cls(**components)
     pipe.register_to_config(_name_or_path=str(path))  # as from_pretrained records it (hires.json is read there)
     return pipe
+
+
+def _named_class(path: Path, library: str, class_name: str, what: str) -> type:
+    """A class model_index.json names, or one line saying it does not exist in what is installed."""
+    import importlib
+
+    if not (isinstance(library, str) and isinstance(class_name, str)):
+        raise CliError(f"--model {str(path)!r}: model_index.json names {what} as {[library, class_name]}, not "
+                       '["library", "ClassName"]; re-download or re-save the model')
+    try:
+        module = importlib.import_module(library)
+    except ImportError:
+        raise CliError(f"--model {str(path)!r}: model_index.json names {what} from the library {library!r}, which is "
+                       f"not installed; install it (pip install {library}) or check the model") from None
+    value = getattr(module, class_name, None)
+    if not isinstance(value, type):
+        version = getattr(module, "__version__", None)
+        raise CliError(f"--model {str(path)!r}: model_index.json names {what}, but {library}"
+                       f"{' ' + version if version else ''} has no class {class_name!r}; update {library} or check the "
+                       "model")
+    return value
+
+
+def _check_config_class(path: Path, name: str, cls: type, written: Any) -> None:
+    """A component's config describes the class model_index.json names (not, say, a VAE's config in unet/)."""
+    import diffusers
+
+    other = getattr(diffusers, written, None) if isinstance(written, str) else None
+    if isinstance(other, type) and not (issubclass(other, cls) or issubclass(cls, other)):
+        raise CliError(f"--model {str(path)!r}: {name}/config.json describes a {written}, but model_index.json names "
+                       f"{name} a {cls.__name__}; re-download or re-save the model")
+
+
+def _check_weight_shapes(path: Path, name: str, module) -> None:
+    """The weights file's tensors (read from its header) fit the model its config builds."""
+    from .io import ReadError, safetensors_shapes, weights_files
+
+    files = [f for f in weights_files(path / name) if f.name in ("diffusion_pytorch_model.safetensors",
+                                                                 "model.safetensors")]
+    if not files:
+        return  # sharded, variant or pickled weights: their loader checks them
+    try:
+        stored = safetensors_shapes(files[0])
+    except ReadError as err:
+        raise CliError(f"--model {str(path)!r}: {err}") from None
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    common = set(stored) & set(expected)
+    if not common:
+        raise CliError(f"--model {str(path)!r}: {name}/{files[0].name} holds none of the tensors its config's "
+                       f"{type(module).__name__} has (e.g. {next(iter(expected), '?')}); the file belongs to another "
+                       "model: re-download or re-save it")
+    for key in sorted(common):
+        if stored[key] != expected[key]:
+            raise CliError(f"--model {str(path)!r}: {name}/{files[0].name} does not fit {name}/config.json: {key} is "
+                           f"{list(stored[key])} in the file and {list(expected[key])} in the model; re-download or "
+                           "re-save the model")
 
 
 def read_model_index(path: Path) -> dict[str, Any]:
@@ -592,6 +649,9 @@ def describe_model(options: argparse.Namespace, request: Request, config_values,
     path = local_model(options.model)
     scheduler = getattr(pipe, "scheduler", None)
     max_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    if isinstance(max_steps, int) and max_steps < 1:
+        raise CliError(f"--model {options.model!r}: its scheduler config says num_train_timesteps={max_steps}, so no "
+                       "step can run; re-download or re-save the model")
     return Model(str(path.resolve()) if path is not None else options.model, pipe, info, config,
                  max_steps=max_steps if isinstance(max_steps, int) and max_steps > 0 else None)
 
@@ -994,7 +1054,10 @@ def read_image(path: str):
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
+    except Image.DecompressionBombError:
+        raise CliError(f"--image {path!r} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, as a decompression "
+                       "bomb does; scale it down first (hires upscales it)") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:  # PIL's ways of saying "damaged"
         raise CliError(f"--image {path!r} cannot be read as an image: {err}") from None
 
 
@@ -1037,6 +1100,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                               None if image is None else (image.height, image.width))
         model = model_for(args, request, config_values, dtype)
         check_steps_for_model(model, request.steps, "--steps")
+        unit = model.info.size_multiple
+        if image is not None and min(image.width, image.height) < unit:
+            raise CliError(f"--image {args.image!r} is {image.width}x{image.height} pixels; an upscale starts from at "
+                           f"least {unit}x{unit} (this model's size multiple)")
         height, width = resolve_size(model, request.size, request.scale, "--size")
         stages = planned_stages(model, height, width, request.steps,
                                 None if image is None else (image.height, image.width))
@@ -1140,8 +1207,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
         keys = [batch.parameters_key(job.parameters(model, str(dtype).removeprefix("torch."))) for job in jobs]
         entries = [(item, key, job.parameters(model, str(dtype).removeprefix("torch.")))
                    for item, key, job in zip(items, keys, jobs)]
+        records = {item.filename: batch.read_png_record(out_dir / item.filename) for item in items}
+        for item in items:  # hires replaces its own renders only, never a file it did not write
+            target = out_dir / item.filename
+            if records[item.filename] is None and (target.exists() or target.is_symlink()):
+                raise CliError(f"{item.where}: {str(target)!r} exists and is not a hires render (it carries no hires "
+                               "record); move it away or give the item another 'name'")
         pending = [(item, job) for item, key, job in zip(items, keys, jobs)
-                   if (batch.read_png_record(out_dir / item.filename) or {}).get("key") != key]
+                   if (records[item.filename] or {}).get("key") != key]
         prove_output_folder(out_dir, [item.filename for item in items] + [batch.MANIFEST],
                             sum(png_bytes_bound(job.height, job.width) for _, job in pending) + 2**20, "--out",
                             images=len(pending))

@@ -85,13 +85,21 @@ def install(attachment) -> None:
 
 
 def check_arguments(call) -> None:
-    """Refuse a non-finite guidance value before any work: NaN compares false with everything, so a
-    pipeline given `guidance_scale=nan` silently runs without guidance instead of failing."""
+    """Refuse before any work a non-finite guidance value (NaN compares false with everything, so a
+    pipeline given `guidance_scale=nan` silently runs without guidance) and zero steps (a division by
+    zero deep in diffusers)."""
     values = call.arguments() if call is not None else {}
     for name in GUIDANCE_ARGUMENTS:
         value = values.get(name)
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+            finite = bool(torch.isfinite(value))  # a scalar tensor, compared with 1 the same way
+        else:
+            finite = not isinstance(value, float) or math.isfinite(value)
+        if not finite:
             raise ValueError(f"{name}={value!r} must be a finite number (typically 1 to 20)")
+    steps = values.get("num_inference_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 1:  # diffusers divides by it
+        raise ValueError(f"num_inference_steps={steps} must be a whole number of steps >= 1, e.g. 20")
 
 
 # -- the failure path: counting and looking for the cause (may read every weight) -----------------

@@ -80,6 +80,7 @@ class ReadError(ValueError):
     """A file that cannot be read as asked; the message names the file and what to do."""
 
 
+MAX_TEXT_BYTES = 256 * 2**20  # a prompt file or config beyond this is a mistake, not a workload
 _UTF16_32_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
                   b"\xfe\xff": "UTF-16"}
 
@@ -89,6 +90,12 @@ def read_text(path: Path, what: str) -> str:
     encoding is a `ReadError` that says to save it as UTF-8."""
     path = Path(path)
     try:
+        if path.exists() and not path.is_file() and not path.is_dir():  # a device or a pipe: it may never end
+            raise ReadError(f"{what} {str(path)!r} is not a regular file; give a file")
+        size = path.stat().st_size
+        if size > MAX_TEXT_BYTES:
+            raise ReadError(f"{what} {str(path)!r} is {size} bytes; text files of more than {MAX_TEXT_BYTES} bytes are "
+                            "not read (split it)")
         data = path.read_bytes()
     except OSError as err:
         raise ReadError(f"cannot read {what} {str(path)!r}: {err.strerror or err}") from None
@@ -192,24 +199,40 @@ def weights_file_identity(path: Path) -> tuple[int, int, str]:
     if stat.st_size == 0:
         raise ReadError(f"{str(path)!r} is empty (0 bytes): an interrupted download or save; re-download or re-save "
                         "the model")
-    with path.open("rb") as handle:
-        if path.name.lower().endswith(".safetensors"):
-            head = handle.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < length <= min(_SAFETENSORS_MAX_HEADER, stat.st_size - 8):
-                raise ReadError(f"{str(path)!r} is not a whole safetensors file ({stat.st_size} bytes, its header "
-                                "cannot be read); re-download or re-save the model")
-            header = handle.read(length)
-            try:
-                tensors = json.loads(header)
-                end = max((int(t["data_offsets"][1]) for k, t in tensors.items() if k != "__metadata__"), default=0)
-            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-                raise ReadError(f"{str(path)!r} is not a whole safetensors file (its header is not one); "
-                                "re-download or re-save the model") from None
-            if stat.st_size < 8 + length + end:
-                raise ReadError(f"{str(path)!r} is truncated: {stat.st_size} bytes of the {8 + length + end} its header "
-                                "describes (an interrupted download or save); re-download or re-save the model")
-            digest = hashlib.sha256(header).hexdigest()[:16]
-        else:
+    if path.name.lower().endswith(".safetensors"):
+        header, _ = _safetensors_header(path, stat.st_size)
+        digest = hashlib.sha256(header).hexdigest()[:16]
+    else:
+        with path.open("rb") as handle:
             digest = hashlib.sha256(handle.read(64 * 1024)).hexdigest()[:16]
     return stat.st_size, stat.st_mtime_ns, digest
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from a safetensors file's header alone."""
+    path = Path(path)
+    _, tensors = _safetensors_header(path, path.stat().st_size)
+    return {name: tuple(entry["shape"]) for name, entry in tensors.items() if name != "__metadata__"}
+
+
+def _safetensors_header(path: Path, size: int) -> tuple[bytes, dict[str, Any]]:
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= min(_SAFETENSORS_MAX_HEADER, size - 8):
+            raise ReadError(f"{str(path)!r} is not a whole safetensors file ({size} bytes, its header cannot be "
+                            "read); re-download or re-save the model")
+        header = handle.read(length)
+    try:
+        tensors = json.loads(header)
+        end = max((int(t["data_offsets"][1]) for k, t in tensors.items() if k != "__metadata__"), default=0)
+        for name, entry in tensors.items():
+            if name != "__metadata__":
+                tuple(int(n) for n in entry["shape"])
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ReadError(f"{str(path)!r} is not a whole safetensors file (its header is not one); "
+                        "re-download or re-save the model") from None
+    if size < 8 + length + end:
+        raise ReadError(f"{str(path)!r} is truncated: {size} bytes of the {8 + length + end} its header describes "
+                        "(an interrupted download or save); re-download or re-save the model")
+    return header, tensors

@@ -554,3 +554,99 @@ def test_the_planners_refusal_comes_before_the_weights_with_command_line_remedie
     assert main(["batch", str(prompts), "--out", str(out), "--config", str(config), "--size", "64x64", "--quiet"]) == 2
     assert "p.jsonl:2: size 1024x1024: does not fit in memory" in capsys.readouterr().err
     assert loads == [1] and not out.exists()
+
+
+# -- more bad inputs (found trying them as a new user and as an adversary) ------------------------
+def _edit_index(model, **changes):
+    index = json.loads((model / "model_index.json").read_text())
+    index.update(changes)
+    (model / "model_index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: _edit_index(m, _class_name="NoSuchPipeline"), "has no class 'NoSuchPipeline'; update diffusers"),
+        (lambda m: _edit_index(m, unet=["diffusers", "NoSuchModel"]), "has no class 'NoSuchModel'"),
+        (lambda m: _edit_index(m, unet=["no_such_library", "X"]), "from the library 'no_such_library', which is not "
+                                                                   "installed"),
+        (lambda m: __import__("shutil").copy(m / "vae" / "config.json", m / "unet" / "config.json"),
+         "unet/config.json describes a AutoencoderKL, but model_index.json names unet a UNet2DConditionModel"),
+        (lambda m: __import__("shutil").copy(m / "vae" / "diffusion_pytorch_model.safetensors",
+                                             m / "unet" / "diffusion_pytorch_model.safetensors"),
+         "unet/diffusion_pytorch_model.safetensors holds none of the tensors"),
+        (lambda m: (m / "scheduler" / "scheduler_config.json").write_text(
+            '{"_class_name": "DDIMScheduler", "num_train_timesteps": 0}'), "num_train_timesteps=0, so no step can run"),
+    ],
+)
+def test_a_model_folder_that_names_or_holds_the_wrong_thing_is_one_line(tmp_path, capsys, no_weights, damage, message):
+    model = copy_model(tmp_path)
+    damage(model)
+    assert generate(tmp_path, "--model", str(model), "--size", "64x64") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_weights_file_whose_shapes_do_not_fit_its_config_is_named(tmp_path, capsys, no_weights):
+    from safetensors.torch import load_file, save_file
+
+    model = copy_model(tmp_path)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors["conv_in.bias"] = torch.zeros(tensors["conv_in.bias"].shape[0] + 1)
+    save_file(tensors, weights)
+    assert generate(tmp_path, "--model", str(model), "--size", "64x64") == 2
+    assert "does not fit unet/config.json: conv_in.bias is [" in capsys.readouterr().err
+
+
+def test_input_images_too_small_or_too_large_to_read_are_refused(tmp_path, capsys):
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    assert generate(tmp_path, "--image", str(tmp_path / "dot.png"), "--size", "128x128") == 2
+    assert "is 1x1 pixels; an upscale starts from at least 8x8" in capsys.readouterr().err
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"  # a header declaring 30000x30000 pixels over a few bytes of data
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    assert generate(tmp_path, "--image", str(bomb), "--size", "128x128") == 2
+    assert "as a decompression bomb does; scale it down first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("p.jsonl", '{"prompt": "a", "name": ".."}\n', "name='..' must not start with '.'"),
+        ("p.jsonl", '{"prompt": "a", "name": "Cat"}\n{"prompt": "b", "name": "cat"}\n', "output names repeat (Cat, cat)"),
+        ("p.csv", "prompt;seed\na;1\n", "the file looks separated by another character than ',': save it as "
+                                        "comma-separated"),
+        ("p.csv", "prompt,sede\na,1\n", "p.csv:1: unknown column 'sede'"),
+        ("p.txt", "a\n", None),  # replaced below by a link to a device that never ends
+    ],
+)
+def test_prompt_files_an_adversary_might_write(tmp_path, capsys, no_model, name, text, message):
+    prompts = tmp_path / name
+    if message is None:
+        prompts.symlink_to("/dev/zero")
+        message = "is not a regular file; give a file"
+    else:
+        prompts.write_text(text)
+    assert main(["batch", str(prompts), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_batch_never_replaces_a_file_it_did_not_write(tmp_path, capsys, no_weights):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "00000-a.png").write_bytes(b"someone's photo")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    assert main(["batch", str(prompts), "--out", str(out), "--size", "64x64", "--quiet"]) == 2
+    assert "00000-a.png' exists and is not a hires render" in capsys.readouterr().err
+    assert (out / "00000-a.png").read_bytes() == b"someone's photo"

@@ -118,3 +118,23 @@ def test_ready_pipelines_refuse_a_zero_size_by_name_or_position():
         pipe("a red circle", 0, 64, num_inference_steps=1)
     with pytest.raises(ValueError, match=r"width=0 must be positive"):
         pipe("a red circle", width=0, height=64, num_inference_steps=1)
+
+
+def test_scalar_tensor_guidance_and_zero_steps_are_refused_by_name():
+    pipe = hires.apply(build("sd15"), hires.HiresConfig())
+    with pytest.raises(ValueError, match=r"guidance_scale=tensor\(nan\) must be a finite number"):
+        generate(pipe, "sd15", 64, steps=1, guidance_scale=torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match=r"num_inference_steps=0 must be a whole number of steps >= 1"):
+        generate(pipe, "sd15", 64, steps=0)  # plain diffusers: ZeroDivisionError
+
+
+def test_non_finite_inputs_are_named_as_the_likely_cause():
+    pipe = hires.apply(build("sd15"), hires.HiresConfig())
+    with pytest.raises(guards.NonFiniteOutputError, match=r"no guidance value or weight explains it; check latents=") as info:
+        generate(pipe, "sd15", 64, steps=2, latents=torch.full((1, 4, 8, 8), float("nan")))
+    assert info.value.kind == "unknown"
+    embeds = torch.zeros(1, 16, 32)
+    with pytest.raises(guards.NonFiniteOutputError, match=r"the prompt embeddings are non-finite") as info:
+        pipe(prompt_embeds=torch.full_like(embeds, float("nan")), negative_prompt_embeds=embeds, height=64, width=64,
+             num_inference_steps=2, output_type="pt")
+    assert info.value.kind == "inputs"
