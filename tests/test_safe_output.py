@@ -138,3 +138,17 @@ def test_non_finite_inputs_are_named_as_the_likely_cause():
         pipe(prompt_embeds=torch.full_like(embeds, float("nan")), negative_prompt_embeds=embeds, height=64, width=64,
              num_inference_steps=2, output_type="pt")
     assert info.value.kind == "inputs"
+
+
+def test_a_float16_vae_overflow_is_named_with_its_remedy():
+    pipe = build("sd15")
+    with torch.no_grad():  # weights still finite in float16 whose activations overflow it (|x| > 65504)
+        conv = pipe.vae.decoder.conv_in
+        conv.weight.mul_(60000 / conv.weight.abs().max())
+    pipe.to(torch.float16)
+    assert guards.first_non_finite_weight(pipe) is None
+    hires.apply(pipe, hires.HiresConfig())
+    with pytest.raises(guards.NonFiniteOutputError, match=r"decoded image holds non-finite values.*float16 arithmetic "
+                                                          r"overflowed; run the VAE in float32") as info:
+        generate(pipe, "sd15", 64, steps=1, output_type="pil")
+    assert (info.value.stage, info.value.kind) == ("image", "float16")
