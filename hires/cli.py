@@ -479,7 +479,8 @@ def load_pipeline_skeleton(path: str | Path):
                         components[name] = component_cls.from_config(config)
                     else:
                         components[name] = component_cls(transformers.AutoConfig.from_pretrained(folder))
-                _check_weight_shapes(path, name, components[name])
+                if library == "diffusers":  # transformers renames checkpoint keys while loading: not comparable
+                    _check_weight_shapes(path, name, components[name])
             else:
                 components[name] = component_cls.from_pretrained(folder)
         except (OSError, ValueError, KeyError, TypeError) as err:  # a config missing, not JSON or not this class's
@@ -524,11 +525,11 @@ def _check_config_class(path: Path, name: str, cls: type, written: Any) -> None:
 
 
 def _check_weight_shapes(path: Path, name: str, module) -> None:
-    """The weights file's tensors (read from its header) fit the model its config builds."""
+    """A diffusers model's weights file (its header's tensor names and shapes) fits the model its config
+    builds: weights of another model in a folder fail here, not after loading."""
     from .io import ReadError, safetensors_shapes, weights_files
 
-    files = [f for f in weights_files(path / name) if f.name in ("diffusion_pytorch_model.safetensors",
-                                                                 "model.safetensors")]
+    files = [f for f in weights_files(path / name) if f.name == "diffusion_pytorch_model.safetensors"]
     if not files:
         return  # sharded, variant or pickled weights: their loader checks them
     try:
