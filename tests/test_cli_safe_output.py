@@ -229,27 +229,31 @@ def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path, capsys, no
 
 
 # -- no wrong image saved as done: NaN and infinity through generate, batch and the Python API -------
-FLUX_SAVED = {}
+@pytest.fixture(scope="module")
+def saved_flux(tmp_path_factory):
+    """A tiny Flux built in code and saved once (with its 64 px base in hires.json)."""
+    import tiny_models
+
+    folder = tmp_path_factory.mktemp("tiny-flux") / "flux"
+    tiny_models.flux_pipeline().save_pretrained(folder)
+    (folder / "hires.json").write_text(json.dumps({"base_size": [64, 64]}))
+    return folder
 
 
-def model_folder(tmp_path, family):
-    """The embedded sd15 testbed, or a tiny Flux built in code and saved (with its 64 px base in hires.json)."""
+@pytest.fixture
+def model_folder(tmp_path, request):
+    """model_folder(family): a copy of the embedded sd15 testbed or of the tiny Flux, with its denoiser's
+    name and the name of its output bias."""
     import shutil
 
-    if family == "sd15":
-        return copy_model(tmp_path, "sd15"), "unet", "conv_out.bias"
-    if "flux" not in FLUX_SAVED:  # built once per session: saving is slower than copying
-        import tempfile
+    def make(family):
+        if family == "sd15":
+            return copy_model(tmp_path, "sd15"), "unet", "conv_out.bias"
+        target = tmp_path / "flux"
+        shutil.copytree(request.getfixturevalue("saved_flux"), target)
+        return target, "transformer", "proj_out.bias"
 
-        import tiny_models
-
-        folder = Path(tempfile.mkdtemp(prefix="hires-tiny-flux-")) / "flux"
-        tiny_models.flux_pipeline().save_pretrained(folder)
-        (folder / "hires.json").write_text(json.dumps({"base_size": [64, 64]}))
-        FLUX_SAVED["flux"] = folder
-    target = tmp_path / "flux"
-    shutil.copytree(FLUX_SAVED["flux"], target)
-    return target, "transformer", "proj_out.bias"
+    return make
 
 
 def hidden(folder):
@@ -258,12 +262,12 @@ def hidden(folder):
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_renders_are_never_saved_on_any_surface(tmp_path, capsys, family, value):
+def test_non_finite_renders_are_never_saved_on_any_surface(tmp_path, capsys, model_folder, family, value):
     import diffusers
 
     import hires
 
-    model, component, tensor = model_folder(tmp_path, family)
+    model, component, tensor = model_folder(family)
     weights = model / component / "diffusion_pytorch_model.safetensors"
 
     def poison(values):
@@ -329,8 +333,8 @@ def poison_non_square_calls(monkeypatch, family, value):
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
-def test_a_non_finite_item_fails_alone_and_a_rerun_retries_it(tmp_path, capsys, monkeypatch, family):
-    model, _, _ = model_folder(tmp_path, family)
+def test_a_non_finite_item_fails_alone_and_a_rerun_retries_it(tmp_path, capsys, monkeypatch, model_folder, family):
+    model, _, _ = model_folder(family)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a red circle"}\n{"prompt": "a blue square", "size": "128x64"}\n'
                        '{"prompt": "a green triangle"}\n')
