@@ -81,6 +81,8 @@ def test_a_scale_too_small_for_one_pixel_block_is_refused_with_the_smallest(tmp_
         ("p.csv", b"prompt,seed,seed\na,1,2\n", "p.csv:1: the header row names 'seed' more than once"),
         ("p.jsonl", b'{"prompt": "a", "prompt": "b"}\n', "p.jsonl:1: key 'prompt' is given more than once"),
         ("p.jsonl", b'{"prompt": "a", "guidance": 1e309}\n', "p.jsonl:1: guidance=1e309 is beyond the largest float"),
+        ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "a blue square", "guidance": 1e308}\n',
+         "p.jsonl:2: guidance=1e+308 must be a finite number >= 0 and at most 100"),
         ("p.jsonl", b'{"prompt": "a", "seed": -Infinity}\n', "p.jsonl:1: seed=-Infinity is not a number JSON allows"),
         ("p.txt", "caf\u00e9 au lait\n".encode("latin-1"), "is not UTF-8: byte 0xe9 at line 1, column 4 is not valid "
                                                            "UTF-8 (Latin-1"),
