@@ -7,7 +7,9 @@ How hires attaches (DESIGN.md's patching rule):
   (to validate the requested size before any work) and `progress_bar` (every supported pipeline
   runs its denoising loop inside `with self.progress_bar(...)`, which gives a call boundary that is
   also crossed when the call raises). Pipelines are not `nn.Module`s, so no hook registry exists
-  for them; deleting the two attributes restores the class's methods exactly.
+  for them; deleting the two attributes restores the class's methods exactly;
+- the finite-output guard (hires.guards) checks the loop's final latents as that boundary closes
+  and shadows `image_processor.postprocess` to check the decoded image, one ledger entry.
 
 Per-call state (`CallState`) is built at the first denoiser call inside that boundary, from the
 latent the denoiser actually receives and the scheduler's timesteps, and dropped when the loop
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from . import registry
+from . import guards, registry
 from .config import HiresConfig, validate_size
 from .families import ModelInfo, read_model_info
 
@@ -362,10 +364,15 @@ class _CallScope:
         return self.bar.__enter__()
 
     def __exit__(self, exc_type, exc, tb):
+        completed = False
         try:
-            return self.bar.__exit__(exc_type, exc, tb)
+            result = self.bar.__exit__(exc_type, exc, tb)
+            if exc_type is None:  # before any decode: non-finite latents raise (one reduction per call)
+                guards.check_latents(self.attachment, self.frame, self.call_locals)
+                completed = True
+            return result
         finally:
-            self.attachment.end_call(completed=exc_type is None)
+            self.attachment.end_call(completed=completed)
             if self.attachment.stages is not None:
                 self.attachment.stages.call_ended(self.frame)
             self.frame = None
@@ -466,6 +473,7 @@ class Attachment:
         if hasattr(type(self.pipe), "check_inputs"):  # ZImagePipeline has none: it checks sizes itself, first
             self.wrap_method(self.pipe, "check_inputs", self._make_check_inputs)
         self.wrap_method(self.pipe, "progress_bar", self._make_progress_bar)
+        guards.install(self)  # decoded images are checked before the pipeline turns them into its output
 
     def _check_modules_not_shared(self) -> None:
         """Pipelines made with `from_pipe` share their modules; one module carries one attachment's hooks."""
@@ -503,6 +511,7 @@ class Attachment:
                     f"{type(self.pipe).__name__}.__call__ got unknown keyword argument(s) "
                     f"{', '.join(f'{k}={v!r}' for k, v in swallowed.items())}; valid arguments are: {', '.join(valid)}"
                 )
+            guards.check_arguments(call)
             bound = signature.bind_partial(*args, **kwargs).arguments
             for side in ("height", "width"):
                 if bound.get(side) is not None:
@@ -653,8 +662,17 @@ def apply(pipe, config: HiresConfig | None = None):
     return pipe
 
 
+def _check_pipeline(pipe, function: str) -> None:
+    from diffusers import DiffusionPipeline
+
+    if not isinstance(pipe, DiffusionPipeline):
+        raise TypeError(f"hires.{function}(pipe={pipe!r}): pipe must be a diffusers pipeline (a DiffusionPipeline "
+                        f"such as StableDiffusionPipeline), not {type(pipe).__name__}")
+
+
 def remove(pipe):
     """Take everything hires attached out of `pipe`; a no-op on a pipeline never applied."""
+    _check_pipeline(pipe, "remove")
     attachment = pipe.__dict__.pop(_ATTACHMENT_ATTR, None)
     if attachment is not None:
         attachment.detach()
@@ -668,5 +686,6 @@ def model_info(pipe) -> ModelInfo:
 
 def last_call(pipe) -> CallRecord | None:
     """Summary of the last finished call of an applied pipeline (None if none ran)."""
+    _check_pipeline(pipe, "last_call")
     attachment = get_attachment(pipe)
     return None if attachment is None else attachment.last_call

@@ -62,7 +62,7 @@ def test_malformed_prompt_files_name_the_line_and_the_remedy(tmp_path, name, tex
 def test_unreadable_prompt_file(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(batch.PromptFileError, match="cannot read prompt file"):
+    with pytest.raises(batch.PromptFileError, match="is UTF-16-encoded .*save it as UTF-8"):
         batch.read_prompt_file(path)
     with pytest.raises(batch.PromptFileError, match="cannot read prompt file"):
         batch.read_prompt_file(tmp_path / "missing.txt")

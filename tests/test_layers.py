@@ -21,7 +21,7 @@ LAYERS = {
     "families": ["hires.families", "hires.presets", "hires.presets_redilation"],
     "techniques": ["hires.techniques", "hires.sampling.schedules", "hires.sampling.wavelets", "hires.memory_planner",
                    "hires.planner"],
-    "runtime": ["hires.runtime", "hires.sampling"],
+    "runtime": ["hires.runtime", "hires.guards", "hires.sampling"],
     "surfaces": ["hires.pipelines", "hires.cli", "hires.batch", "hires.__main__", "hires"],
 }
 ORDER = list(LAYERS)
