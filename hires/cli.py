@@ -204,9 +204,11 @@ def resolve_dtype(name: str, device: str):
 
 
 # -- the HiresConfig ------------------------------------------------------------------------------
-def technique_names(config) -> list[str]:
-    """HiresConfig fields that are technique sub-configs (with an `enabled` switch)."""
-    return [f.name for f in dataclasses.fields(config) if hasattr(getattr(config, f.name), "enabled")]
+def technique_names() -> list[str]:
+    """Every technique of the catalogue, built-in and registered (hires.techniques)."""
+    from .techniques import all_techniques
+
+    return [record.name for record in all_techniques()]
 
 
 def _check_json_types(cls: type, values: Any, where: str) -> None:
@@ -217,10 +219,11 @@ def _check_json_types(cls: type, values: Any, where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         field = fields.get(key)
-        if field is None:
+        nested = _technique_config_class(key) if cls.__name__ == "HiresConfig" else None
+        if field is None and nested is None:
             continue  # HiresConfig.from_dict names unknown keys with the valid ones
-        kind = str(field.type).replace(" ", "")
-        nested = next((c for c in _subconfig_classes() if c.__name__ == kind), None)
+        kind = str(field.type).replace(" ", "") if field is not None else ""
+        nested = nested or next((c for c in _subconfig_classes() if c.__name__ == kind), None)
         if nested is not None:
             _check_json_types(nested, value, f"{where}.{key}")
             continue
@@ -235,10 +238,16 @@ def _check_json_types(cls: type, values: Any, where: str) -> None:
 
 
 def _subconfig_classes() -> list[type]:
-    from .config import HiresConfig
+    from .techniques import all_techniques
 
-    defaults = HiresConfig()
-    return [type(getattr(defaults, name)) for name in technique_names(defaults)]
+    return [record.config_type for record in all_techniques()]
+
+
+def _technique_config_class(name: str) -> type | None:
+    """The config class of the technique `name` (a --config key), built-in or registered."""
+    from .techniques import all_techniques
+
+    return next((record.config_type for record in all_techniques() if record.name == name), None)
 
 
 def read_config_file(path: str | None) -> dict[str, Any] | None:
@@ -276,7 +285,7 @@ def build_config(options: argparse.Namespace, values: dict[str, Any] | None, inf
         config = HiresConfig.from_dict(values)
     else:
         config = automatic_config(info) if options.preset == "auto" else HiresConfig()
-    techniques = technique_names(config)
+    techniques = technique_names()
     both = sorted(set(options.enable) & set(options.disable))
     if both:
         raise CliError(f"--enable and --disable both name {', '.join(both)}; choose one")
@@ -285,7 +294,7 @@ def build_config(options: argparse.Namespace, values: dict[str, Any] | None, inf
         if name not in techniques:
             raise CliError(f"--{'enable' if on else 'disable'} {name!r} is not a technique; techniques are "
                            f"{', '.join(techniques)} (closest: {closest_names(name, techniques)})")
-        changes[name] = dataclasses.replace(getattr(config, name), enabled=on)
+        changes[name] = dataclasses.replace(config.technique(name), enabled=on)
     if base_size is not None:
         changes["base_size"] = base_size[0] if base_size[0] == base_size[1] else base_size
     try:
@@ -433,7 +442,8 @@ def planned_stages(model: Model, height: int, width: int, steps: int,
     stages: list[tuple[int, int, int | None]] = [(height, width, steps)]
     try:
         if config.structure_guidance.enabled:
-            from .sampling import progressive, schedules
+            from .sampling import schedules
+            from .techniques.structure_guidance import guidance as progressive
 
             sizes = progressive.stage_sizes(info, config.structure_guidance, height, width, start=image_size)
             renoise = progressive.per_stage(config.structure_guidance, "renoise", len(sizes) - 1)
@@ -441,7 +451,7 @@ def planned_stages(model: Model, height: int, width: int, steps: int,
                 (h, w, schedules.stage_steps(steps, progressive.stage_renoise(r, steps)))
                 for (h, w), r in zip(sizes[1:], renoise)]
         if config.bottleneck.enabled and stages[0][2] is not None:
-            from .sampling import bottleneck
+            from .techniques.bottleneck import slices as bottleneck
 
             base_h, base_w, base_steps = stages[0]
             plans = bottleneck.plan_stages(info, config.bottleneck, base_h, base_w, base_steps)
@@ -589,7 +599,7 @@ class Renderer:
         if "use_resolution_binning" in self.call_parameters:
             call["use_resolution_binning"] = False  # --size is the size rendered: PixArt's bins would resize it
         if image is not None:
-            from .sampling import progressive
+            from .techniques.structure_guidance import guidance as progressive
 
             result = progressive.generate(self.pipe, image=image, **call)
         else:
@@ -599,7 +609,7 @@ class Renderer:
         parameters = job.parameters(self.model, self.dtype, image_digest)
         record = {**dataclasses.asdict(job), "key": batch.parameters_key(parameters), "model": self.model.id,
                   "family": self.model.info.name, "dtype": self.dtype, "device": self.device,
-                  "hires": {name: dataclasses.asdict(getattr(config, name)) for name in config.enabled_techniques()},
+                  "hires": {name: dataclasses.asdict(config.technique(name)) for name in config.enabled_techniques()},
                   "request": parameters, **(extra or {})}
         from .io import write_png_atomically
 
@@ -682,7 +692,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def print_plan(args, request: Request, config_values, device: str, dtype, image_size) -> int:
     """--dry-run: the stages, steps and memory estimate of a request, without loading weights."""
-    from .memory_planner import MemoryBudgetError, format_bytes, plan
+    from .techniques.memory.estimate import MemoryBudgetError, format_bytes, plan
 
     path = local_model(args.model)
     if path is None:
@@ -815,15 +825,14 @@ def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
 
 def cmd_techniques(args: argparse.Namespace) -> int:
     """Every technique: its config class, the families it applies to and its options with defaults."""
-    from .config import HiresConfig
     from .families import FAMILIES, ModelInfo
+    from .techniques import all_techniques
 
-    defaults = HiresConfig()
     probes = [ModelInfo(family=f, base_height=1024, base_width=1024, latent_factor=8,
                         patch_size=1 if f.architecture == "unet" else 2,
                         prediction_type="flow" if f.prediction_source == "flow" else "epsilon") for f in FAMILIES]
-    for name in technique_names(defaults):
-        sub = getattr(defaults, name)
+    for record in all_techniques():
+        name, sub = record.name, record.config_type()
         families = []
         for info in probes:
             try:

@@ -18,15 +18,15 @@ One owner per question:
   arguments" for plain pipelines, subclasses, the ready pipelines and community pipelines;
 - the attachment's ledger (`shadow` / `wrap_method` / `unshadow`) is the only way hires overrides
   an attribute of the pipeline, its scheduler or a module, so `remove` restores from one list;
-- `TECHNIQUE_MODULES` lists the technique modules; each declares a `hires.registry.Technique`
-  record (config type, installer, order, capabilities) and installers run in record order.
+- the catalogue (`hires.techniques`) lists the techniques' records (config type, installer, order,
+  relations), extensions registered with `hires.registry.register` beside them; installers run in
+  record order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import inspect
 import sys
 import zlib
@@ -38,25 +38,11 @@ from diffusers.hooks import HookRegistry, ModelHook
 from . import registry
 from .config import HiresConfig, validate_size
 from .families import ModelInfo, read_model_info
+from .techniques import all_techniques
 
 HOOK_PREFIX = "hires."
 CALL_STATE_HOOK = HOOK_PREFIX + "call_state"
 _ATTACHMENT_ATTR = "_hires_attachment"
-# Modules declaring the built-in techniques (a `TECHNIQUE` record, or `TECHNIQUES` for several).
-TECHNIQUE_MODULES = (
-    "hires.sampling.progressive",
-    "hires.sampling.flow_alignment",
-    "hires.sampling.bottleneck",
-    "hires.techniques.redilation",
-    "hires.techniques.rau_net",
-    "hires.techniques.attention",
-    "hires.techniques.scale_fusion",
-    "hires.techniques.apg",
-    "hires.techniques.positions",
-    "hires.planning",
-    "hires.sampling.skip_residual",
-    "hires.techniques.dilated_sampling",
-)
 # Values of the pipeline's __call__ that techniques read, as the pipeline resolved them.
 _CALL_LOCALS = ("generator", "guidance_scale", "true_cfg_scale", "do_true_cfg", "num_inference_steps")
 
@@ -371,16 +357,6 @@ class _CallScope:
             self.frame = None
 
 
-def technique_records() -> list[registry.Technique]:
-    """Every technique, built-in and registered, in install order."""
-    records = []
-    for name in TECHNIQUE_MODULES:
-        module = importlib.import_module(name)
-        records.extend(getattr(module, "TECHNIQUES", None) or [module.TECHNIQUE])
-    records.extend(registry.extensions())
-    return sorted(records, key=lambda r: r.order)
-
-
 class Attachment:
     """Everything hires attached to one pipeline, so `remove` can take all of it out."""
 
@@ -451,14 +427,13 @@ class Attachment:
 
     def attach(self) -> None:
         self._check_modules_not_shared()
-        self.techniques = [(record, sub) for record in technique_records()
-                           if (sub := self.config.technique_config(record)) is not None and sub.enabled]
+        self.techniques = installed_techniques(self.config)
         frame_list = self.info.family.denoiser_io == "frame_list"
         if frame_list:  # innermost: back to the denoiser's own list form
             view = _FrameListView()
             self.add_hook(self.denoiser, _FrameListCall(view), FRAME_LIST_HOOK + ".call")
         for record, sub in self.techniques:
-            record.install(self, sub)
+            record.installer()(self, sub)
         # Registered last, so it is the outermost hook: the state is current before technique hooks run.
         self.add_hook(self.denoiser, _CallStateHook(self), CALL_STATE_HOOK)
         if frame_list:  # outside everything: every hires hook sees the tensor view
@@ -517,7 +492,7 @@ class Attachment:
     def _check_memory_floor(self, height: int, width: int) -> None:
         """Above the base size, refuse before any work a size that cannot fit whatever hires does."""
         from .config import parse_bytes
-        from .memory_planner import check_request
+        from .techniques.memory.estimate import check_request
 
         memory = self.config.memory
         budget = parse_bytes(memory.max_memory, "MemoryConfig.max_memory") if memory.enabled and memory.max_memory \
@@ -617,6 +592,21 @@ class Attachment:
     def _step_index(self, timestep) -> int:
         t = torch.as_tensor(timestep).detach().flatten()[0].double().cpu() / self.info.family.timestep_input_scale
         return int(torch.argmin((self.state.timesteps - t).abs()))
+
+
+def installed_techniques(config: HiresConfig) -> list[tuple[registry.Technique, Any]]:
+    """(record, config) of every technique `config` installs, in install order: the enabled ones, and those
+    only another technique's per-stage settings switch on (StructureGuidanceConfig.apg), which install
+    with their own, disabled, config and act in those stages only."""
+    staged = config.stage_settings()
+    found = []
+    for record in all_techniques():
+        sub = config.technique_config(record)
+        if sub is None:
+            continue
+        if sub.enabled or any(entry.enabled for entry in staged.get(record.name, ())):
+            found.append((record, sub))
+    return found
 
 
 def get_attachment(pipe) -> Attachment | None:

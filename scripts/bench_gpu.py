@@ -12,7 +12,7 @@ round by round: plain diffusers ("direct"), `hires.apply(pipe)` (the automatic p
 with window attention, and `HiresConfig()` (everything off; its time over direct is the plugin's own
 overhead, ≈1.00×). Seconds are wall-clock around each call with the device synchronised, one warm-up
 call per row excluded, median of `--runs`; peak is `torch.cuda.max_memory_allocated()` reset before
-each call (max over runs); the planner column is `hires.memory_planner.plan(...)` for the same size.
+each call (max over runs); the planner column is `hires.techniques.memory.estimate.plan(...)` for the same size.
 A call that runs out of memory is an "OOM" row (another torch error: an "error: ..." row); direct and
 everything-off calls the planner says cannot fit are skipped.
 
@@ -43,7 +43,7 @@ for path in (ROOT, ROOT / "scripts", ROOT / "tests"):
         sys.path.insert(0, str(path))
 
 import hires  # noqa: E402
-from hires import memory_planner  # noqa: E402
+from hires.techniques.memory import estimate as memory_planner  # noqa: E402
 
 MODELS = ("sdxl", "flux")
 GPU_SIZES = (2048, 4096, 8192)
@@ -314,7 +314,7 @@ def report(options, device: torch.device, dtype: torch.dtype, rows: list[list[st
             f"windows = the preset with `WindowAttentionConfig(enabled=False)`; everything off = `hires.apply(pipe, HiresConfig())` (its × direct "
             f"is the plugin's own overhead).  \n"
             f"Peak: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, max over runs (n/a on CPU). "
-            f"Planner: `hires.memory_planner.plan(...)` for a plain call at that size (untiled VAE, no chunking, "
+            f"Planner: `hires.techniques.memory.estimate.plan(...)` for a plain call at that size (untiled VAE, no chunking, "
             f"batched CFG; weights + max(one denoiser forward, one decode)); direct and everything off are skipped "
             f"where it exceeds the budget ({budget}).\n\n"
             + markdown_table(rows))

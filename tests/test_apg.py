@@ -8,8 +8,8 @@ import torch
 
 import hires
 from hires.runtime import get_attachment
-from hires.techniques.apg import PRESETS, adaptive_projected_guidance, resolve, x0_coefficients
-from hires.techniques.guidance import ensure_guidance_hook
+from hires.techniques.apg.combiner import PRESETS, adaptive_projected_guidance, resolve, x0_coefficients
+from hires.denoiser.guidance import ensure_guidance_hook
 from test_guidance import TRUE_CFG, Recorder, cfg_kwargs
 from tiny_models import build, generate
 
@@ -405,7 +405,7 @@ def test_under_model_cpu_offload_apg_gives_the_same_prediction():
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_structure_guidance_stages_take_their_own_apg(family):
-    from hires.sampling import progressive
+    from hires.techniques.structure_guidance import guidance as progressive
 
     eta, beta, r = 0.2, -0.5, CLIP_AT_SOME_STEPS[family, "output"]
     own = hires.APGConfig(enabled=True, eta=eta, momentum=beta, norm_threshold=r, space="output")
@@ -461,7 +461,8 @@ def test_stage_apg_needs_cfg_only_in_its_stages():
 
 def test_with_structure_guidance_the_guided_steps_keep_the_guides_low_band():
     """The swap acts on what the scheduler receives: APG's combined x0 carries the guide's low band."""
-    from hires.sampling import progressive, wavelets
+    from hires.sampling import wavelets
+    from hires.techniques.structure_guidance import guidance as progressive
 
     pipe = build("sd15")
     structure = hires.StructureGuidanceConfig(enabled=True, space="latent", guided_steps=2, renoise=0.5, sharpen_alpha=0.0,

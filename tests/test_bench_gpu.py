@@ -36,7 +36,7 @@ def by_key(rows):
 
 
 def test_smoke_run_writes_every_row_with_numeric_seconds(tmp_path):
-    from hires.sampling import progressive
+    from hires.techniques.structure_guidance import guidance as progressive
 
     calls = set()  # (model's denoiser class, side, techniques on, stage sides) of every call
 

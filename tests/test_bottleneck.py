@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
-from hires.sampling import bottleneck, progressive, schedules, stages
+from hires.sampling import schedules, stages
+from hires.techniques.bottleneck import slices as bottleneck
+from hires.techniques.structure_guidance import guidance as progressive
 from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate
 
 BN = hires.BottleneckConfig

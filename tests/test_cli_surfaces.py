@@ -60,8 +60,8 @@ def test_techniques_lists_every_technique_its_families_and_options(capsys):
     assert main(["techniques"]) == 0
     out = capsys.readouterr().out
     config = hires.HiresConfig()
-    for name in cli.technique_names(config):
-        sub = getattr(config, name)
+    for name in cli.technique_names():
+        sub = config.technique(name)
         assert f"{name} ({type(sub).__name__}):" in out
         for field in dataclasses.fields(sub):
             assert f"  {name}.{field.name}: " in out

@@ -12,8 +12,8 @@ import torch
 
 import hires
 from hires import presets
-from hires.config import _SUBCONFIG_TYPES
-from hires.sampling import progressive
+from hires.techniques import BUILT_IN
+from hires.techniques.structure_guidance import guidance as progressive
 from tiny_models import build, generate
 
 BAD = [
@@ -60,12 +60,11 @@ def test_from_dict_rejects_string_booleans_and_takes_json_lists_for_tuples():
 
 
 def test_defaults_and_every_preset_still_construct_and_round_trip():
-    for cls in _SUBCONFIG_TYPES.values():
+    for cls in (record.config_type for record in BUILT_IN):
         default = cls()
         assert cls(**{f.name: getattr(default, f.name) for f in dataclasses.fields(cls)}) == default
     for config in presets.AUTOMATIC.values():
-        values = json.loads(json.dumps(dataclasses.asdict(config)))
-        values.pop("extensions")
+        values = json.loads(json.dumps(config.to_dict()))
         assert hires.HiresConfig.from_dict(values) == config
 
 

@@ -16,7 +16,7 @@ import hires.families
 import tiny_models
 from hires.runtime import get_attachment
 from hires.sampling import schedules, stages
-from hires.techniques import dilated_sampling as ds
+from hires.techniques.dilated_sampling import lattices as ds
 from tiny_models import build, generate
 
 DS = hires.DilatedSamplingConfig
@@ -228,7 +228,8 @@ def test_composes_with_structure_guidance_and_skip_residual():
     hires.apply(pipe, config)
     image = generate(pipe, "flux", 128, steps=4, seed=0)
     assert hires.last_call(pipe).notes["log.dilated_sampling"]["strides"] == (2, 2)  # the 128 px stage
-    from hires.sampling import progressive, skip_residual
+    from hires.techniques.structure_guidance import guidance as progressive
+    from hires.techniques.skip_residual import blend as skip_residual
 
     assert len(progressive.last_run(pipe)) == 2 and skip_residual.last_run(pipe)
     assert torch.isfinite(image).all()

@@ -13,7 +13,7 @@ import torch
 import hires
 from hires.config import FlowAlignmentConfig, HiresConfig, StructureGuidanceConfig
 from hires.runtime import HOOK_PREFIX, get_attachment
-from hires.sampling import flow_alignment as FA
+from hires.techniques.flow_alignment import alignment as FA
 from hires.sampling.stages import unpack
 from tiny_models import build, generate
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import hires
 from hires.sampling import latent_space, schedules
 from hires.sampling.stages import unpack
-from hires.techniques import attention as A
+from hires.techniques.entropy_scaling import scaling as E
+from hires.techniques.window_attention import windows as W
 from surface_support import technique_options, techniques_for
 from tiny_models import build, generate
 
@@ -212,7 +213,7 @@ def test_flux2_reference_image_tokens_are_not_counted_as_the_image():
     out = generate(pipe, "flux2", SIZE, image=reference)
     record = hires.last_call(pipe)
     assert out.shape == (1, 3, SIZE, SIZE) and (record.height, record.width) == (SIZE, SIZE)
-    windows = record.notes[A.LOG_WINDOWS]
+    windows = record.notes[W.LOG_WINDOWS]
     assert all(w["grid"] == (8, 8) and w["windows"] == 4 for w in windows.values()), windows
 
 
@@ -238,10 +239,10 @@ def test_windowed_attention_with_a_mask_against_one_masked_attention():
     allowed = is_text[:, None] | is_text[None, :] | (window_id[:, None] == window_id[None, :])
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=additive.masked_fill(~allowed, float("-inf")))
 
-    got = A.windowed_attention(q, k, v, (rows, cols), window, offset, image_start=text, attn_mask=additive)
+    got = W.windowed_attention(q, k, v, (rows, cols), window, offset, image_start=text, attn_mask=additive)
     rows_ok = keep[:, :, None].expand(-1, -1, 8)[:, None].expand(-1, 2, -1, -1)  # padded query rows are NaN in both
     torch.testing.assert_close(got[rows_ok], expected[rows_ok], rtol=1e-5, atol=1e-5)
-    boolean = A.windowed_attention(q, k, v, (rows, cols), window, offset, image_start=text, attn_mask=pad)
+    boolean = W.windowed_attention(q, k, v, (rows, cols), window, offset, image_start=text, attn_mask=pad)
     torch.testing.assert_close(boolean[rows_ok], expected[rows_ok], rtol=1e-5, atol=1e-5)
 
 
@@ -278,6 +279,6 @@ def test_chroma_img2img_runs_a_technique_and_is_plain_after_remove():
     plain = generate(pipe, "chroma", SIZE, image=image, strength=0.7)
     hires.apply(pipe, hires.HiresConfig(entropy_scaling=hires.EntropyScalingConfig(enabled=True)))
     assert not torch.equal(generate(pipe, "chroma", SIZE, image=image, strength=0.7), plain)
-    assert any(f > 1 for f in hires.last_call(pipe).notes[A.LOG_FACTORS].values())
+    assert any(f > 1 for f in hires.last_call(pipe).notes[E.LOG_FACTORS].values())
     hires.remove(pipe)
     assert torch.equal(generate(pipe, "chroma", SIZE, image=image, strength=0.7), plain)

@@ -5,7 +5,7 @@ import torch
 
 import hires
 from hires.runtime import get_attachment
-from hires.techniques.guidance import GUIDANCE_HOOK, GuidanceCall, ensure_guidance_hook, prediction_channels
+from hires.denoiser.guidance import GUIDANCE_HOOK, GuidanceCall, ensure_guidance_hook, prediction_channels
 from tiny_models import CFG_ARGUMENTS, FAMILY_NAMES, NO_CFG, SEPARATE_CFG, build, generate
 
 TRUE_CFG = CFG_ARGUMENTS["flux"]

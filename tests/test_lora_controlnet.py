@@ -105,7 +105,7 @@ def test_controlnet_pipeline_apply_generate_remove_is_bit_identical(family):
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_controlnet_image_follows_each_progressive_stage(family):
     """Each stage is a pipeline call at its own size; the pipeline resizes the control image to it."""
-    from hires.sampling import progressive
+    from hires.techniques.structure_guidance import guidance as progressive
 
     pipe = controlnet_pipeline(family)
     seen = []

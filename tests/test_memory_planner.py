@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 import hires
 import tiny_models
-from hires import memory_planner
+from hires.techniques.memory import estimate as memory_planner
 from hires.config import HiresConfig, MemoryConfig
-from hires.memory_planner import MemoryBudgetError
-from hires.techniques import memory as memory_technique
+from hires.techniques.memory.estimate import MemoryBudgetError
+from hires.techniques.memory import chunking as memory_technique
 
 
 # -- counting live bytes, against hand-counted allocations ------------------------------------
@@ -216,7 +216,7 @@ _PRESET_GUIDANCE = dict(enabled=True, space="latent", upscale_space="pixel", lad
 
 
 def test_structure_guidance_passes_count_every_decode_and_encode():
-    from hires import planning
+    from hires.techniques.memory import install as planning
     from hires.config import StructureGuidanceConfig
     from hires.families import read_model_info
 
@@ -302,7 +302,7 @@ def _preset_config(max_memory, **tiling):
 def test_the_preset_call_is_planned_whole_and_tiles_each_pass_as_planned(monkeypatch):
     """Structure guidance as the automatic preset runs it, a budget that only tiled VAE passes fit:
     every decode and encode is decided on its own, as the whole-call plan predicted."""
-    from hires import planning
+    from hires.techniques.memory import install as planning
 
     pipe = tiny_models.build("sd15")
     hires.apply(pipe, _preset_config("64GiB", tile_size=4))

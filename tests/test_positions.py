@@ -16,7 +16,7 @@ import hires
 from hires.config import HiresConfig, PositionConfig
 from hires.runtime import HOOK_PREFIX
 from hires.sampling import schedules
-from hires.techniques import positions as P
+from hires.techniques.positions import encodings as P
 from tiny_models import build, generate
 
 DIT_FAMILIES = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")

@@ -9,7 +9,8 @@ import torch
 
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
-from hires.sampling import latent_space, progressive, schedules, wavelets
+from hires.sampling import latent_space, schedules, wavelets
+from hires.techniques.structure_guidance import guidance as progressive
 from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate
 
 SG = hires.StructureGuidanceConfig

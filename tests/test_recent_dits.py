@@ -14,7 +14,8 @@ import hires
 import tiny_models
 from hires.config import HiresConfig, PositionConfig
 from hires.families import detect_family
-from hires.sampling import latent_space, progressive
+from hires.sampling import latent_space
+from hires.techniques.structure_guidance import guidance as progressive
 from surface_support import PRESET, call_arguments, technique_options, techniques_for
 
 NEW_FAMILIES = ("qwenimage", "zimage")

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import hires
 from hires.config import RedilationConfig
-from hires.presets_redilation import PRESETS, map_to_depth, preset_for
-from hires.techniques import redilation
-from hires.techniques.redilation import (active_step_count, dilatable_convs, dilation_for_step, resolve_preset_names,
+from hires.techniques.redilation.presets import PRESETS, map_to_depth, preset_for
+from hires.techniques.redilation import dilation as redilation
+from hires.techniques.redilation.dilation import (active_step_count, dilatable_convs, dilation_for_step, resolve_preset_names,
                                          run_dilated)
 from tiny_models import build, generate
 

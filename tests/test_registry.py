@@ -10,7 +10,8 @@ from diffusers.hooks import ModelHook
 
 import hires
 from hires import registry
-from hires.runtime import HOOK_PREFIX, get_attachment, technique_records
+from hires.runtime import HOOK_PREFIX, get_attachment
+from hires.techniques import BUILT_IN, all_techniques
 from tiny_models import build, generate
 
 
@@ -57,7 +58,7 @@ def toy():
 def test_a_registered_technique_installs_in_its_order_and_is_removed_exactly(toy):
     pipe = build("sd15")
     plain = generate(pipe, "sd15", 64)
-    names = [r.name for r in technique_records()]
+    names = [r.name for r in all_techniques()]
     assert names.index("attention_backend") < names.index("toy") < names.index("apg")  # order 60 < 65 < 70
     hires.apply(pipe, hires.HiresConfig(extensions=(ToyConfig(enabled=True, gain=0.5),)))
     assert get_attachment(pipe).enabled_with("stages") == []
@@ -82,7 +83,7 @@ def test_a_toy_composes_with_built_in_techniques(toy):
     hires.apply(pipe, config)
     assert [r.name for r, _ in get_attachment(pipe).techniques] == ["structure_guidance", "toy"]
     generate(pipe, "sd15", 128)
-    from hires.sampling import progressive
+    from hires.techniques.structure_guidance import guidance as progressive
 
     assert [r.height for r in progressive.last_run(pipe)] == [64, 128]
 
@@ -101,11 +102,12 @@ def test_registration_errors_are_clear(toy):
 
 
 def test_every_built_in_technique_has_one_record_and_a_config_field():
-    records = technique_records()
-    names = [r.name for r in records]
+    names = [r.name for r in BUILT_IN]
     assert len(set(names)) == len(names)
-    fields = {f.name: f for f in dataclasses.fields(hires.HiresConfig) if f.name not in ("extensions", "base_size")}
-    assert set(names) == set(fields)
-    for record in records:
+    assert len({r.order for r in BUILT_IN}) == len(BUILT_IN)  # no two installers compete for one place
+    fields = [f.name for f in dataclasses.fields(hires.HiresConfig) if f.name not in ("extensions", "base_size")]
+    assert fields == names  # HiresConfig's fields are the catalogue's lines, in its order
+    for record in BUILT_IN:
         assert isinstance(getattr(hires.HiresConfig(), record.name), record.config_type)
-    assert [r.order for r in records] == sorted(r.order for r in records)
+        assert getattr(hires, record.config_type.__name__) is record.config_type  # hires.APGConfig, ...
+    assert [r.order for r in BUILT_IN] == sorted(r.order for r in BUILT_IN)  # the catalogue reads in install order

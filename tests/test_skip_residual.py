@@ -9,7 +9,9 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 import hires
-from hires.sampling import progressive, schedules, skip_residual, stages
+from hires.sampling import schedules, stages
+from hires.techniques.structure_guidance import guidance as progressive
+from hires.techniques.skip_residual import blend as skip_residual
 from tiny_models import build, generate
 
 SG = hires.StructureGuidanceConfig

@@ -27,8 +27,9 @@ import hires
 import tiny_models
 from hires.presets import AUTOMATIC
 from hires.runtime import get_attachment
-from hires.sampling import bottleneck, progressive
-from hires.techniques import tiled_vae
+from hires.techniques.bottleneck import slices as bottleneck
+from hires.techniques.structure_guidance import guidance as progressive
+from hires.techniques.memory import tiled_vae
 from surface_support import (
     BASE, NO_ATTENTION_REWRITE, PIPELINE_BASE, PRESET, PROMPT, READY, REPO, SEED, SIZE, STEPS, TRUE_CFG, call_arguments,
     has_base_size_option, options_of, technique_options, techniques_for,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import hires
 import tiny_models
 from hires.config import HiresConfig, MemoryConfig, VAETilingConfig
-from hires.techniques import tiled_vae
+from hires.techniques.memory import tiled_vae
 
 # float32 tolerance: differences come only from summation order (per-tile convolutions, our
 # GroupNorm in float32 vs torch's fused kernel); relative to the output's largest magnitude.
@@ -188,7 +188,7 @@ def test_encode_through_the_installed_hook():
 
 
 def test_auto_mode_tiles_only_when_the_untiled_decode_does_not_fit(count_tiled):
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     pipe = tiny_models.build("sd15")
     latent = (1, 4, 16, 16)
@@ -239,7 +239,7 @@ def test_lean_attention_equals_the_processor_and_the_formula():
 
 
 def test_lean_parts_hold_less_than_the_stock_mid_block(monkeypatch):
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     monkeypatch.setattr(tiled_vae, "ATTENTION_QUERY_CHUNK", 1024)  # 16 chunks, as 2**16 at SDXL's 8192 px
     vae = memory_planner.meta_copy(tiny_models.make_vae(), torch.float32)
@@ -271,7 +271,7 @@ def test_bfloat16_held_tiles_stay_close_to_the_float32_tiled_pass(kind):
 
 
 def test_bfloat16_held_tiles_are_estimated_smaller():
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     vae = tiny_models.make_vae()
     for kind, shape in (("decode", (1, 4, 64, 64)), ("encode", (1, 3, 512, 512))):

@@ -8,8 +8,8 @@ import torch
 import hires
 import tiny_models
 from hires.families import LatentConvention
-from hires.sampling.progressive import VAECodec
-from hires.techniques import tiled_vae
+from hires.techniques.structure_guidance.guidance import VAECodec
+from hires.techniques.memory import tiled_vae
 
 
 def overflowing_vae(force_upcast: bool):

@@ -41,6 +41,7 @@ from . import latent_space, schedules
 
 # __call__ arguments that resize the request inside the pipeline; stages pass exact sizes instead.
 RESIZING_ARGUMENTS = {"use_resolution_binning": False}
+ENGINE_ATTRIBUTE = "_hires_stage_engine"
 
 
 def pack(latents: torch.Tensor, patch: int) -> torch.Tensor:
@@ -145,6 +146,7 @@ class StageEngine:
         self.pending: _Pending | None = None
         self.last_run: tuple[Stage, ...] | None = None
         self._scheduler_shadows: list = []
+        attachment.shadow(self.pipe, ENGINE_ATTRIBUTE, self)  # found by `planner_of`, taken out by hires.remove
         attachment.wrap_method(self.pipe, "encode_prompt", self._wrap_encode_prompt)
         attachment.wrap_method(self.pipe, "prepare_latents", self._wrap_prepare_latents)
         if hasattr(self.pipe, "prepare_image") and "control_image" in attachment.calls.parameters:
@@ -413,10 +415,15 @@ def engine_of(attachment) -> StageEngine:
     return attachment.stages
 
 
-def last_run_of(attachment, owner: str) -> list[Stage] | None:
+def planner_of(pipe, name: str):
+    """The planner added as `name` to the stage engine attached to `pipe`, or None."""
+    engine = pipe.__dict__.get(ENGINE_ATTRIBUTE)
+    return engine.planner(name) if engine is not None else None
+
+
+def last_run_of(engine: StageEngine | None, owner: str) -> list[Stage] | None:
     """The stages `owner` planned in the last staged call (a stage sliced by another planner counts
     once, as its parent), or None if none ran."""
-    engine = attachment.stages if attachment is not None else None
     if engine is None or engine.last_run is None:
         return None
     found = []

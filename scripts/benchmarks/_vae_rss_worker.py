@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         return vae.decode(z).sample
 
     if options.way == "ours":
-        from hires.techniques.tiled_vae import tiled_decode
+        from hires.techniques.memory.tiled_vae import tiled_decode
 
         def decode(z):
             return tiled_decode(vae, z, tile_size=options.tile, grouping=options.grouping)  # z as vae.decode gets it

@@ -175,7 +175,7 @@ def _sd15_unet_flops(latent: int) -> float:
 
 def cost_table(runs: int, latents=(64, 128, 256)) -> Table:
     """APG's own time per step (measured) and its work next to the real SD1.5 UNet's FLOPs."""
-    from hires.techniques.apg import adaptive_projected_guidance
+    from hires.techniques.apg.combiner import adaptive_projected_guidance
 
     rows = []
     for latent in latents:

@@ -84,7 +84,8 @@ def flop_table() -> Table:
     from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, UNet2DConditionModel
 
     from hires.config import WindowAttentionConfig
-    from hires.techniques.attention import LOG_WINDOWS, install_window_attention
+    from hires.techniques.window_attention.windows import LOG_WINDOWS
+    from hires.techniques.window_attention.windows import install as install_window_attention
 
     rows = []
     specs = (("SDXL UNet", "sdxl", 1, lambda: UNet2DConditionModel(**FULL_SIZE_UNETS["sdxl"]), _sdxl_inputs),

@@ -118,7 +118,7 @@ def memory_table() -> Table:
     from _vae_rss_worker import REAL_VAE
 
     from diffusers import AutoencoderKL
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     with torch.device("meta"):
         meta_vae = AutoencoderKL(**REAL_VAE)
@@ -145,7 +145,7 @@ def memory_table() -> Table:
         title="Peak memory of a real-size SDXL VAE decode (float32, CPU, peak RSS of a subprocess)",
         what=("Peak RSS (VmHWM) above the process's RSS before decoding (model and latent loaded), real computation, "
               "random latent, 1 run each, torch threads 2; glibc mmap threshold fixed at 1 MiB. Planner: "
-              "hires.memory_planner.vae_peak_bytes(..., device_type='cpu') (architecture on the meta device; CPU "
+              "hires.techniques.memory.estimate.vae_peak_bytes(..., device_type='cpu') (architecture on the meta device; CPU "
               "convolutions hold oneDNN's copy of their input), difference to measured in brackets; it does not model "
               "diffusers' own tiling. Tile in latent px. Seconds: wall time of the decode while the exactness "
               "table's workers shared the CPU."),

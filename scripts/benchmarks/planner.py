@@ -48,7 +48,7 @@ def _choice(p, cfg: bool) -> str:
 
 
 def planner_table() -> Table:
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     rows = []
     for family, side, cfg in CASES:
@@ -65,7 +65,7 @@ def planner_table() -> Table:
                 rows.append([family, f"{side}x{side}", f"{budget / 2**30:.0f}", "-", "-", "-", "-", "-", f"refused: {error}"])
     return Table(
         title="Memory planner on real-size architectures (bf16, batch 1, a CUDA device; estimates, not measurements)",
-        what=("hires.memory_planner.plan(..., device_type='cuda') on SDXL base (CFG), FLUX.1-dev (no true CFG), "
+        what=("hires.techniques.memory.estimate.plan(..., device_type='cuda') on SDXL base (CFG), FLUX.1-dev (no true CFG), "
               "FLUX.2-dev (no CFG) and Qwen-Image (true CFG: two calls a step; its causal 3D VAE is never tiled) built "
               "on the meta device from public config values; weights = denoiser + VAE only (text encoders offloaded or "
               "counted by the caller). Attention counted as a memory-efficient kernel; CUDA convolution workspaces "
@@ -86,7 +86,7 @@ def text_encoder_bytes(family: str, dtype: torch.dtype) -> int:
     """Weights of the family's text encoders (public config values, meta device), kept on the device."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   projection_dim=768, vocab_size=49408, max_position_embeddings=77)
@@ -104,7 +104,8 @@ def text_encoder_bytes(family: str, dtype: torch.dtype) -> int:
 
 def preset_call_plan(family: str, side: int, dtype: torch.dtype, budget: int):
     """The whole-call plan of the automatic preset at side x side on a CUDA device (or the refusal)."""
-    from hires import memory_planner, planning
+    from hires.techniques.memory import estimate as memory_planner
+    from hires.techniques.memory import install as planning
     from hires.config import StructureGuidanceConfig
     from hires.families import FAMILIES, ModelInfo
 
@@ -128,7 +129,7 @@ def _pass_choices(plan) -> str:
 
 
 def preset_table() -> Table:
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     rows = []
     for family, side, dtype, budget in PRESET_CASES:
@@ -145,7 +146,7 @@ def preset_table() -> Table:
                      f"{peak.what} ({peak.kind}, {peak.choice()})", str(len(plan.vae_passes())), _pass_choices(plan)])
     return Table(
         title="Memory planner: the automatic preset's whole call on real-size architectures (estimates, a CUDA device)",
-        what=("hires.memory_planner.plan_call over hires.planning.structure_guidance_passes (structure guidance with "
+        what=("hires.techniques.memory.estimate.plan_call over hires.techniques.memory.install.structure_guidance_passes (structure guidance with "
               "space='latent', upscale_space='pixel', ladder='doubling': per stage after the base one decode at the "
               "previous size and one encode at the stage's, then the call's decode), batch 1, SDXL with CFG, Flux "
               "without true CFG. Resident: denoiser and text encoders in the dtype, the VAE in float32 during its "

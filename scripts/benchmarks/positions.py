@@ -20,7 +20,7 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from hires.config import PositionConfig
 from hires.families import FAMILIES
 from hires.sampling import schedules
-from hires.techniques import positions as P
+from hires.techniques.positions import encodings as P
 
 from .common import Table, fmt, interleaved_times, ratio
 

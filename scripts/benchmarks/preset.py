@@ -70,7 +70,7 @@ def _models(family: str):
 def denoiser_step_flops(family: str, height: int, width: int, windows: bool) -> int:
     """One denoising step at height x width px (the CFG batch included)."""
     from hires.config import WindowAttentionConfig
-    from hires.techniques.attention import install_window_attention
+    from hires.techniques.window_attention.windows import install as install_window_attention
 
     spec = SPECS[family]
     model, _ = _models(family)
@@ -100,7 +100,7 @@ def _tiling_overhead_per_pixel(family: str, kind: str) -> float:
     """Extra FLOPs per output pixel of hires' tiled VAE (it recomputes each segment's prefix once per
     GroupNorm): measured at 2048 px, where counting tiles on meta is quick; the overhead is local
     work, so it scales with the area (measured 1024 -> 2048 -> 4096: x4.1, x4.05 per doubling)."""
-    from hires.techniques import tiled_vae
+    from hires.techniques.memory import tiled_vae
 
     _, vae = _models(family)
     side = 2048
@@ -113,7 +113,7 @@ def _tiling_overhead_per_pixel(family: str, kind: str) -> float:
 
 
 def _tiles(family: str, kind: str, side: int) -> bool:
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     _, vae = _models(family)
     channels = SPECS[family].latent_channels
@@ -144,7 +144,8 @@ class StageCost:
 
 def preset_plan(family: str, config, side: int) -> list[StageCost]:
     """The stages `config` runs for a side x side request, as hires' planner lays them out."""
-    from hires.sampling import progressive, schedules
+    from hires.sampling import schedules
+    from hires.techniques.structure_guidance import guidance as progressive
 
     enabled = set(config.enabled_techniques())
     if enabled - MODELLED:

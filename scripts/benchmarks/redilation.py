@@ -147,7 +147,7 @@ def _conv_flops(unet, latent: tuple[int, int], dilations: dict[str, float], disp
     """(plain, re-dilated) FLOPs of the dilatable convs for one batch-2 pass, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hires.techniques.redilation import DISPERSED_KERNEL, dilatable_convs
+    from hires.techniques.redilation.dilation import DISPERSED_KERNEL, dilatable_convs
 
     shapes = {}
     handles = [m.register_forward_hook(lambda mod, args, out, n=n: shapes.__setitem__(n, args[0].shape))
@@ -181,8 +181,8 @@ def _conv_flops(unet, latent: tuple[int, int], dilations: dict[str, float], disp
 
 
 def _flops_table() -> Table:
-    from hires.presets_redilation import family_presets
-    from hires.techniques.redilation import dilatable_convs, resolve_preset_names
+    from hires.techniques.redilation.presets import family_presets
+    from hires.techniques.redilation.dilation import dilatable_convs, resolve_preset_names
 
     rows = []
     for family, base in (("sd15", 64), ("sdxl", 128)):

@@ -20,7 +20,7 @@ adaptive_projected_guidance_momentum = beta, adaptive_projected_guidance_rescale
 one only when nothing changes delta (eta=1, no clipping, no momentum).
 
 Which pair: APG acts on the pair the pipeline's own denoiser call produced. With noise-damped
-guidance on as well (hires.techniques.guidance offsets), that is the strong-dilation pair and the
+guidance on as well (hires.denoiser.guidance offsets), that is the strong-dilation pair and the
 offset (weak-dilation uncond - uncond) is added to APG's result.
 
 Progressive stages: `StructureGuidanceConfig.apg` gives each stage after the base its own APGConfig
@@ -48,9 +48,7 @@ import math
 
 import torch
 
-from ..config import APGConfig
-from ..registry import Technique
-from .guidance import GuidanceCall, ensure_guidance_hook
+from ...denoiser.guidance import GuidanceCall, ensure_guidance_hook
 
 TECHNIQUE_NAME = "apg"
 
@@ -269,12 +267,9 @@ class APGCombiner:
 
 
 def install(attachment, config) -> None:
-    """hires.apply's installer; progressive's installer calls it with a disabled `config` when only
-    structure-guidance stages ask for APG (StructureGuidanceConfig.apg)."""
+    """hires.apply's installer. A disabled `config` is installed where only another technique's per-stage
+    settings ask for APG (StructureGuidanceConfig.apg): plain CFG outside those stages."""
     settings = resolve(config, attachment.info) if config.enabled else None
     combiner = APGCombiner(attachment, settings)
-    owner = "APGConfig" if config.enabled else "StructureGuidanceConfig.apg"
+    owner = "APGConfig" if config.enabled else " / ".join(attachment.config.stage_settings_fields(TECHNIQUE_NAME))
     ensure_guidance_hook(attachment).set_combiner(combiner, owner=owner, active=combiner.active)
-
-
-TECHNIQUE = Technique(TECHNIQUE_NAME, APGConfig, install, order=70, capabilities=frozenset({"guidance", "whole_cfg_batch"}))

@@ -52,13 +52,11 @@ from fractions import Fraction
 
 import torch
 
-from ..config import BottleneckConfig
-from ..registry import Technique
-from ..runtime import get_attachment
-from . import schedules
-from ..families import round_to
-from .progressive import resize
-from .stages import Stage, engine_of, last_run_of
+from ...families import round_to
+from ...sampling import schedules
+from ...sampling.stages import Stage, engine_of, last_run_of, planner_of
+from ..structure_guidance.guidance import resize
+from .config import BottleneckConfig
 
 HOOK_NAME = "hires.bottleneck"
 DEFAULT_STEP_FRACTIONS = (0.1, 0.7, 0.2)
@@ -249,14 +247,11 @@ def install(attachment, config: BottleneckConfig) -> None:
 
 def last_run(pipe) -> tuple[StageRecord, ...] | None:
     """The stages of the last bottleneck call on `pipe` (None if none finished)."""
-    attachment = get_attachment(pipe)
-    if attachment is None or TECHNIQUE_NAME not in attachment.enabled_with("stages"):
+    planner = planner_of(pipe, TECHNIQUE_NAME)
+    if planner is None:
         raise ValueError("bottleneck sampling is not applied to this pipeline: call hires.apply(pipe, "
                          "HiresConfig(bottleneck=BottleneckConfig(enabled=True))) first")
-    stages = last_run_of(attachment, TECHNIQUE_NAME)
+    stages = last_run_of(planner.attachment.stages, TECHNIQUE_NAME)
     if stages is None:
         return None
     return tuple(StageRecord(s.height, s.width, s.steps, s.timesteps, s.data[0].shift) for s in stages)
-
-
-TECHNIQUE = Technique(TECHNIQUE_NAME, BottleneckConfig, install, order=20, capabilities=frozenset({"stages", "scheduler"}))

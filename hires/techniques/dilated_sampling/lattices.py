@@ -50,9 +50,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
-from ..config import DilatedSamplingConfig
-from ..registry import Technique
-from ..sampling import schedules
+from ...sampling import schedules
+from .config import DilatedSamplingConfig
 
 HOOK_NAME = "hires.dilated_sampling"
 TECHNIQUE_NAME = "dilated_sampling"
@@ -382,8 +381,3 @@ class DilatedSamplingHook(ModelHook):
 def install(attachment, config: DilatedSamplingConfig) -> None:
     config.validate_for(attachment.info)
     attachment.add_hook(attachment.denoiser, DilatedSamplingHook(attachment, config), HOOK_NAME)
-
-
-# Before every other denoiser hook (structure guidance's, the guidance hook at 10+), so it is the
-# innermost: both halves of a CFG pair are fused before any guidance technique combines them.
-TECHNIQUE = Technique(TECHNIQUE_NAME, DilatedSamplingConfig, install, order=5)

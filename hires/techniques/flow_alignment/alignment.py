@@ -42,10 +42,10 @@ import inspect
 import torch
 from diffusers.hooks import ModelHook
 
-from ..config import FlowAlignmentConfig
-from ..registry import Technique
-from . import progressive, schedules, wavelets
-from .stages import engine_of, pack, tile_batch, unpack
+from ...sampling import schedules, wavelets
+from ...sampling.stages import engine_of, pack, tile_batch, unpack
+from ..structure_guidance import guidance as progressive
+from .config import FlowAlignmentConfig
 
 TECHNIQUE_NAME = "flow_alignment"
 HOOK_NAME = "hires.flow_alignment"
@@ -234,12 +234,7 @@ class _FlowAlignmentHook(ModelHook):
 
 def install(attachment, config: FlowAlignmentConfig) -> None:
     """hires.apply's installer: a planner after structure guidance's and a denoiser hook outside its
-    (HiresConfig.validate_for has checked that structure guidance is on)."""
+    (the record requires structure guidance, which HiresConfig.validate_for checks)."""
     alignment = FlowAlignment(attachment, config)
     engine_of(attachment).add_planner(TECHNIQUE_NAME, alignment)
     attachment.add_hook(attachment.denoiser, _FlowAlignmentHook(alignment), HOOK_NAME)
-
-
-# Order 12: after structure guidance (10), whose planner and hook must come first, before bottleneck (20).
-# Batched CFG: the previous step's velocity is the combination of the batch's two halves.
-TECHNIQUE = Technique(TECHNIQUE_NAME, FlowAlignmentConfig, install, order=12, capabilities=frozenset({"whole_cfg_batch"}))

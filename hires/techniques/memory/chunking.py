@@ -1,6 +1,6 @@
 """The memory mechanisms: feed-forward chunking and sequential classifier-free guidance.
 
-The planner (hires.memory_planner) decides; hires.planning installs the decisions with these.
+The planner (`estimate`) decides; `install` installs the decisions with these.
 
 - Feed-forward chunking uses diffusers' own mechanism (`set_chunk_feed_forward`, what
   `enable_forward_chunking` sets on every block): a named hook on each block that has it sets the
@@ -21,7 +21,6 @@ import math
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-
 
 FF_HOOK = "hires.ff_chunks"
 SEQUENTIAL_CFG_HOOK = "hires.sequential_cfg"

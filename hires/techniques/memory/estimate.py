@@ -13,7 +13,7 @@ sequential CFG?) or raises `MemoryBudgetError` with the numbers and what to try.
 plans a whole call: every denoiser size (`DenoiserPass`) and every VAE decode and encode
 (`VAEPass`), each against what stays resident meanwhile (the denoiser too), the VAE in float32
 where a float16 pipeline's VAE asks for the upcast (`vae_compute_dtype`); its `CallPlan` says the
-choice per pass and which pass is the peak. hires.planning derives a staged call's passes.
+choice per pass and which pass is the peak. hires.techniques.memory.install derives a staged call's passes.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def vae_peak_bytes(vae, kind: str, shape: tuple[int, ...], dtype: torch.dtype, t
 
 @functools.lru_cache(maxsize=256)
 def _vae_peak_cached(cls, config_items, kind, shape, dtype, tiled, tile_size, grouping, device_type, storage) -> int:
-    from .techniques import tiled_vae
+    from . import tiled_vae
 
     vae = _meta_vae(config_items, cls, dtype)
     x = torch.empty(shape, dtype=dtype, device="meta")
@@ -336,7 +336,7 @@ def denoiser_peak_bytes(denoiser, latent_h: int, latent_w: int, dtype: torch.dty
 
 @functools.lru_cache(maxsize=128)
 def _denoiser_peak_cached(cls, config_items, latent_h, latent_w, dtype, batch, chunks, builder, device_type) -> int:
-    from .techniques import memory as memory_technique
+    from . import chunking as memory_technique
 
     with torch.device("meta"):
         model = cls.from_config(dict(config_items))
@@ -458,7 +458,7 @@ def _denoiser_choice(denoiser, latent_h, latent_w, dtype, batch, cfg, cfg_batche
                      sequential_cfg, device_type) -> tuple[tuple[bool, int], int]:
     """((sequential CFG, feed-forward chunks), activations): cheapest first (batched CFG, no
     chunking); the most frugal choice is tried second, so an impossible request costs two estimates."""
-    from .techniques.memory import chunkable_blocks
+    from .chunking import chunkable_blocks
 
     cfg_halves = 2 if cfg else 1
 
@@ -719,7 +719,7 @@ def vae_tiling_decision(vae, kind: str, shape: tuple[int, ...], dtype: torch.dty
     memory, else None. The free memory is `max_memory` less the VAE's weights and `resident` (the
     other weights on its device), or the device's free memory. The tiled path computes in float32
     where the VAE needs the upcast (tiled_vae.needs_upcast), so it is estimated so."""
-    from .techniques.tiled_vae import needs_upcast
+    from .tiled_vae import needs_upcast
 
     device = next(iter(vae.parameters())).device
     tiled_dtype = torch.float32 if needs_upcast(vae) else dtype

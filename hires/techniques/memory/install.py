@@ -1,8 +1,8 @@
 """Installers of the memory technique and of VAE tiling: the planner decides, the mechanisms act.
 
-hires.memory_planner estimates peaks and chooses (VAE tiling, feed-forward chunks, sequential CFG);
-hires.techniques.memory and hires.techniques.tiled_vae carry those choices out. This module, above
-both, connects them, so neither mechanism imports the planner.
+`estimate` estimates peaks and chooses (VAE tiling, feed-forward chunks, sequential CFG); `chunking`
+and `tiled_vae` carry those choices out. This module connects them, so neither mechanism imports the
+planner.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import functools
 import torch
 from diffusers.hooks import ModelHook
 
-from . import memory_planner
-from .config import MemoryConfig, VAETilingConfig
-from .registry import Technique
-from .techniques import tiled_vae
-from .techniques.memory import (
+from . import estimate as memory_planner
+from . import tiled_vae
+from ...sampling.stages import planner_of
+from .chunking import (
     FF_HOOK,
     SEQUENTIAL_CFG_HOOK,
     Choices,
@@ -25,6 +24,7 @@ from .techniques.memory import (
     SequentialCFGHook,
     chunkable_blocks,
 )
+from .config import MemoryConfig, VAETilingConfig
 
 PLAN_HOOK = "hires.memory_plan"
 PLANNER_NAME = "memory"
@@ -40,7 +40,7 @@ def structure_guidance_passes(info, config, height: int, width: int, batch: int,
     encode at the stage's; in latent space no VAE pass. With `space="pixel"` every guided step also
     decodes and encodes at the stage's size. The call's own decode (`decodes`) is at the request size.
     """
-    from .sampling.progressive import stage_sizes
+    from ..structure_guidance.guidance import stage_sizes
 
     factor = info.latent_factor
     sizes = stage_sizes(info, config, height, width)
@@ -134,11 +134,7 @@ class CallMemoryPlanner:
 
 def call_plan(pipe) -> memory_planner.CallPlan | None:
     """The whole-call memory plan of the last staged call on `pipe` (None: none, or memory is off)."""
-    from .runtime import get_attachment
-
-    attachment = get_attachment(pipe)
-    engine = attachment.stages if attachment is not None else None
-    planner = engine.planner(PLANNER_NAME) if engine is not None else None
+    planner = planner_of(pipe, PLANNER_NAME)
     return planner.current if planner is not None else None
 
 
@@ -263,9 +259,3 @@ def install_vae_tiling(attachment, config: VAETilingConfig) -> None:
     memory = attachment.config.memory
     max_memory = memory.max_memory if memory.enabled else None
     tiled_vae.install_tiling(attachment, config.mode, config.tile_size, _tiling_decision(attachment, max_memory), config.halo)
-
-
-TECHNIQUES = [
-    Technique("memory", MemoryConfig, install_memory, order=90, capabilities=frozenset({"vae"})),
-    Technique("vae_tiling", VAETilingConfig, install_vae_tiling, order=100, capabilities=frozenset({"vae"})),
-]

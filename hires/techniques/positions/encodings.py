@@ -79,9 +79,8 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.models.embeddings import PatchEmbed, get_1d_rotary_pos_embed
 
-from ..config import PositionConfig
-from ..registry import Technique
-from ..sampling.schedules import flow_sigma, mu_for_shift, pipeline_shift_mu
+from ...sampling.schedules import flow_sigma, mu_for_shift, pipeline_shift_mu
+from .config import PositionConfig
 
 HOOK = "hires.positions"
 
@@ -818,6 +817,3 @@ def install(attachment, config: PositionConfig) -> None:
     if settings.timestep_shift is not None and settings.timestep_shift != "dynamic":
         attachment.add_hook(attachment.denoiser, _TimestepShiftHook(attachment, settings.timestep_shift, settings.shift),
                             HOOK + ".timestep_shift")
-
-
-TECHNIQUE = Technique("positions", PositionConfig, install, order=80, capabilities=frozenset({"scheduler"}))

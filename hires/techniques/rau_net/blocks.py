@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
-from ..config import RAUNetConfig, closest_names
-from ..registry import Technique
+from ...validation import closest_names
+from .config import RAUNetConfig
 
 HOOK_PREFIX = "hires.rau_net"
 LOG_PLAN = "log.rau_net"
@@ -279,6 +279,3 @@ def install(attachment, config: RAUNetConfig) -> RAUNet:
             "resolution and cannot be added to RAU-Net's downsampled skip connections; use RAU-Net without "
             "ControlNet, or RedilationConfig / progressive structure guidance with it")
     return RAUNet(attachment, config)
-
-
-TECHNIQUE = Technique("rau_net", RAUNetConfig, install, order=35)

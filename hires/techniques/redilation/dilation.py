@@ -11,12 +11,12 @@ one. Everything goes through named hooks on those conv modules; nothing is swapp
   (step / num_steps < stop_fraction) or from a timestep threshold (timestep >= min_timestep).
 - Progressive: at step i < tau the factor is max(ceil(d * (tau - i) / tau), 2), capped at d (which
   changes nothing for the official integer factors); factors <= 2 stay.
-- Dispersion: during its steps a listed conv runs a 5x5 kernel R k (hires.techniques.dispersion) at
+- Dispersion: during its steps a listed conv runs a 5x5 kernel R k (hires.techniques.redilation.dispersion) at
   dilation max(d_i / 2, 1), where d_i is its re-dilation factor at that step (1 if none), as the
   official runtime does.
 - Noise-damped guidance: prediction = u_weak + w (c - u), (c, u) from the strongly dilated pass and
   u_weak from an extra unconditional pass with the weaker `ndcfg_dilations` map. It is an offset
-  (u_weak - u) on the shared guidance hook (hires.techniques.guidance), so APG, when on, acts on the
+  (u_weak - u) on the shared guidance hook (hires.denoiser.guidance), so APG, when on, acts on the
   strong pair.
 
 The conv hook runs the module's own forward with the dilation and padding of every kxk conv inside
@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
-from ..config import RedilationConfig, closest_names
-from ..presets_redilation import family_presets, map_to_depth, preset_for
-from ..registry import Technique
+from ...denoiser.guidance import ensure_guidance_hook, pipeline_runs_cfg
+from ...validation import closest_names
+from .config import RedilationConfig
 from .dispersion import disperse_kernel
-from .guidance import ensure_guidance_hook, pipeline_runs_cfg
+from .presets import family_presets, map_to_depth, preset_for
 
 HOOK_NAME = "hires.redilation"
 NDCFG_OFFSET = "noise_damped_guidance"
@@ -485,6 +485,3 @@ def install(attachment, config: RedilationConfig) -> Redilation:
     if controller.may_use_ndcfg():
         ensure_guidance_hook(attachment).add_offset(NDCFG_OFFSET, controller.ndcfg_offset)
     return controller
-
-
-TECHNIQUE = Technique("redilation", RedilationConfig, install, order=30, capabilities=frozenset({"guidance"}))

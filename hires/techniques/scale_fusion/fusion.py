@@ -16,7 +16,7 @@
   on the attention call itself.
 Text tokens of joint attention (SD3, Flux) keep their global outputs and are keys of every window.
 
-It runs inside hires' attention-processor wrapper (hires.techniques.attention): the layer's one
+It runs inside hires' attention-processor wrapper (hires.denoiser.attention): the layer's one
 torch SDPA call is replaced by the fused computation, so the processors stay the user's own, entropy
 scaling composes (its factor scales both branches), and no N x N map is built: every branch is
 torch SDPA on the full sequence, on windows or on sub-grids. Active only where a layer's grid
@@ -32,9 +32,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..config import ScaleFusionConfig
-from ..registry import Technique
-from .attention import LayerCall, install_attention_processors
+from ...denoiser.attention import AttentionChange, LayerCall, LayerRewrite, add_attention_change
+from .config import ScaleFusionConfig
 
 LOG_FUSION = "log.scale_fusion"
 
@@ -164,17 +163,24 @@ def fused_attention(query, key, value, grid, window, row_starts, col_starts, ker
 
 # -- the layer plan --------------------------------------------------------------------------------
 
-class ScaleFusion:
-    """Given to hires' attention wrapper: plans each self-attention layer's fused call."""
+class ScaleFusion(AttentionChange):
+    """Plans each self-attention layer's fused call above its base-size grid."""
+
+    owner = "ScaleFusionConfig"
 
     def __init__(self, config: ScaleFusionConfig):
         self.config = config
+
+    def rewrite(self, call: LayerCall, rewrite: LayerRewrite, state, layer: str) -> LayerRewrite:
+        fused = self.plan(call, state, layer)
+        return rewrite if fused is None else rewrite.by(self.owner, attend=fused)
 
     def plan(self, call: LayerCall, state, layer: str) -> Callable | None:
         """The fused attention for this layer and step, or None where its grid fits its base grid."""
         grid, base = call.grid, call.base_grid
         if grid[0] <= base[0] and grid[1] <= base[1]:
             return None
+        image_start = call.image_position(self.owner, layer)
         config = self.config
         window = tuple(min(config.window or b, g) for g, b in zip(grid, base))
         generator = state.generator(f"scale_fusion.{layer}.{max(state.step_index, 0)}")
@@ -188,17 +194,19 @@ class ScaleFusion:
         state.log.setdefault(LOG_FUSION, {})[layer] = {
             "grid": grid, "window": window, "windows": len(row_starts) * len(col_starts), "kernel": kernel,
             "dilation": dilation}
-        return functools.partial(fused_attention, grid=grid, window=window, row_starts=row_starts,
-                                 col_starts=col_starts, kernel_size=kernel, sigma=config.blur_sigma,
-                                 dilation=dilation, image_start=call.image_start)
+        fused = functools.partial(fused_attention, grid=grid, window=window, row_starts=row_starts,
+                                  col_starts=col_starts, kernel_size=kernel, sigma=config.blur_sigma,
+                                  dilation=dilation, image_start=image_start)
+
+        def attend(query, key, value, scale=None, dropout_p=0.0, attn_mask=None):
+            if attn_mask is not None:
+                raise ValueError(
+                    f"scale fusion on layer {layer!r}: its attention call has a mask (Chroma's text padding "
+                    "mask), which scale fusion's branches cannot honour; turn ScaleFusionConfig off for this model")
+            return fused(query, key, value, scale=scale, dropout_p=dropout_p)
+
+        return attend
 
 
 def install(attachment, config: ScaleFusionConfig) -> None:
-    if attachment.config.window_attention.enabled:
-        raise ValueError("ScaleFusionConfig and WindowAttentionConfig both split image self-attention into windows "
-                         "(scale fusion already has a windowed local branch); enable one of them")
-    install_attention_processors(attachment, fusion=ScaleFusion(config))
-
-
-TECHNIQUE = Technique("scale_fusion", ScaleFusionConfig, install, order=55,
-                      capabilities=frozenset({"attention_processors", "torch_sdpa"}))
+    add_attention_change(attachment, ScaleFusion(config))

@@ -29,11 +29,9 @@ import dataclasses
 
 import torch
 
-from ..config import SkipResidualConfig
-from ..registry import Technique
-from ..runtime import get_attachment
-from . import schedules
-from .stages import Stage, engine_of, tile_batch
+from ...sampling import schedules
+from ...sampling.stages import Stage, engine_of, planner_of, tile_batch
+from .config import SkipResidualConfig
 
 TECHNIQUE_NAME = "skip_residual"
 
@@ -97,17 +95,12 @@ class SkipResidual:
 
 
 def install(attachment, config: SkipResidualConfig) -> None:
-    if not attachment.enabled_with("stages"):
-        raise ValueError("SkipResidualConfig(enabled=True) blends into stages that start from an upscaled result, "
-                         "and no staged technique is on: enable structure_guidance (e.g. StructureGuidanceConfig("
-                         "enabled=True, renoise=0.7)), or disable skip_residual")
     engine_of(attachment).add_planner(TECHNIQUE_NAME, SkipResidual(attachment, config))
 
 
 def last_run(pipe) -> tuple[SkipRecord, ...] | None:
     """The blend weights of the last staged call on `pipe`, one record per blended stage (None if none)."""
-    attachment = get_attachment(pipe)
-    planner = attachment.stages.planner(TECHNIQUE_NAME) if attachment is not None and attachment.stages else None
+    planner = planner_of(pipe, TECHNIQUE_NAME)
     if planner is None:
         raise ValueError("skip residual is not applied to this pipeline: call hires.apply(pipe, HiresConfig("
                          "structure_guidance=StructureGuidanceConfig(enabled=True), skip_residual="
@@ -115,7 +108,3 @@ def last_run(pipe) -> tuple[SkipRecord, ...] | None:
     if not planner.last:
         return None
     return tuple(SkipRecord(stage.height, stage.width, tuple(weights)) for stage, weights in planner.last)
-
-
-# After the staged planners (structure guidance 10, bottleneck 20), so their stages are planned first.
-TECHNIQUE = Technique(TECHNIQUE_NAME, SkipResidualConfig, install, order=25)

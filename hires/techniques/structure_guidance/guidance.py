@@ -41,15 +41,13 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
-from ..config import StructureGuidanceConfig
-from ..families import base_area_size, round_to
-from ..registry import Technique
-from ..runtime import get_attachment
-from ..techniques.guidance import ensure_guidance_hook
-from ..memory_planner import has_frame_axis
-from ..techniques.tiled_vae import vae_precision
-from . import latent_space, schedules, wavelets
-from .stages import Stage, engine_of, last_run_of, pack, tile_batch, unpack
+from ...denoiser.guidance import ensure_guidance_hook
+from ...families import base_area_size, round_to
+from ...sampling import latent_space, schedules, wavelets
+from ...sampling.stages import Stage, engine_of, last_run_of, pack, planner_of, tile_batch, unpack
+from ..memory.estimate import has_frame_axis
+from ..memory.tiled_vae import vae_precision
+from .config import StructureGuidanceConfig
 
 HOOK_NAME = "hires.structure_guidance"
 WAVELET_MODE = "symmetric"  # as the paper's pytorch_wavelets DWTForward(mode="symmetric")
@@ -490,16 +488,10 @@ def install(attachment, config: StructureGuidanceConfig) -> None:
     # CFG combination already is APG's / noise-damped guidance's result, so the swap stays exact.
     ensure_guidance_hook(attachment)
     attachment.add_hook(attachment.denoiser, _StructureGuidanceHook(guidance), HOOK_NAME)
-    stage_apgs = config.apg if isinstance(config.apg, tuple) else (config.apg,)
-    if any(a is not None and a.enabled for a in stage_apgs) and not attachment.config.apg.enabled:
-        from ..techniques import apg  # only stages ask for APG: install it, off for the base generation
-
-        apg.install(attachment, attachment.config.apg)
 
 
 def _planner(pipe) -> StructureGuidance:
-    attachment = get_attachment(pipe)
-    planner = attachment.stages.planner(TECHNIQUE_NAME) if attachment is not None and attachment.stages is not None else None
+    planner = planner_of(pipe, TECHNIQUE_NAME)
     if planner is None:
         raise ValueError("structure guidance is not applied to this pipeline: call hires.apply(pipe, "
                          "HiresConfig(structure_guidance=StructureGuidanceConfig(enabled=True))) first")
@@ -509,7 +501,7 @@ def _planner(pipe) -> StructureGuidance:
 def last_run(pipe) -> tuple[StageRecord, ...] | None:
     """The stages of the last progressive call on `pipe` (None if none ran)."""
     planner = _planner(pipe)
-    stages = last_run_of(planner.attachment, TECHNIQUE_NAME)
+    stages = last_run_of(planner.attachment.stages, TECHNIQUE_NAME)
     if stages is None:
         return None
     return tuple(StageRecord(s.height, s.width, s.steps, s.timesteps, tuple(sorted(s.data.guided)),
@@ -527,7 +519,3 @@ def generate(pipe, prompt=None, height: int | None = None, width: int | None = N
         return pipe(prompt=prompt, height=height, width=width, **call_kwargs)
     finally:
         planner.pending_image = None
-
-
-TECHNIQUE = Technique(TECHNIQUE_NAME, StructureGuidanceConfig, install, order=10,
-                      capabilities=frozenset({"stages", "guidance", "scheduler", "vae"}))
