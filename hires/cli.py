@@ -437,28 +437,19 @@ def resolve_size(model: Model, size: tuple[int, int] | None, scale: float | None
 
 def planned_stages(model: Model, height: int, width: int, steps: int,
                    image_size: tuple[int, int] | None = None) -> list[tuple[int, int, int | None]]:
-    """(height, width, steps) of every stage a call runs (steps None: the input image, not denoised)."""
-    config, info = model.config, model.info
-    stages: list[tuple[int, int, int | None]] = [(height, width, steps)]
+    """(height, width, steps) of every stage a call runs (steps None: the input image, not denoised), from
+    the stage plan an applied pipeline's call would make (hires.runtime.stage_plan)."""
+
+    from .runtime import StageRequest, stage_plan
+
+    parameters = tuple(inspect.signature(type(model.pipe).__call__).parameters)
+    request = StageRequest(height, width, steps, parameters=parameters, image_size=image_size)
     try:
-        if config.structure_guidance.enabled:
-            from .sampling import schedules
-            from .techniques.structure_guidance import guidance as progressive
-
-            sizes = progressive.stage_sizes(info, config.structure_guidance, height, width, start=image_size)
-            renoise = progressive.per_stage(config.structure_guidance, "renoise", len(sizes) - 1)
-            stages = [(*sizes[0], None if image_size else steps)] + [
-                (h, w, schedules.stage_steps(steps, progressive.stage_renoise(r, steps)))
-                for (h, w), r in zip(sizes[1:], renoise)]
-        if config.bottleneck.enabled and stages[0][2] is not None:
-            from .techniques.bottleneck import slices as bottleneck
-
-            base_h, base_w, base_steps = stages[0]
-            plans = bottleneck.plan_stages(info, config.bottleneck, base_h, base_w, base_steps)
-            stages = [(p.height, p.width, p.steps) for p in plans] + stages[1:]
+        planned = stage_plan(model.info, model.config, request)
     except ValueError as err:
         raise CliError(f"{width}x{height}, {steps} steps: {err}") from None
-    return stages
+    stages = [(s.height, s.width, s.planned_steps) for s in planned]
+    return [(*image_size, None)] + stages if image_size is not None else stages
 
 
 # -- progress -----------------------------------------------------------------------------------

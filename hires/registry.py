@@ -43,14 +43,18 @@ class Technique:
     name: str  # the HiresConfig key, the CLI's --enable NAME
     config_type: type  # a dataclass with an `enabled` field
     # install(attachment, config), from hires.apply; a "package.module:function" string is imported on first
-    # install, so the catalogue stays torch-free
-    install: Callable[[Any, Any], None] | str
-    order: int  # installers run in ascending order; the stage techniques first
+    # install, so the catalogue stays torch-free; None: nothing to install beyond its planner
+    install: Callable[[Any, Any], None] | str | None
+    order: int  # installers (and planners) run in ascending order; the stage techniques first
     capabilities: frozenset[str] = frozenset()  # what it provides (CAPABILITIES)
     # other techniques (by name) or capabilities this one needs an enabled technique for, with the reason
     requires: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # techniques (by name) that cannot be on beside this one, with the reason
     excludes: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # planner(info, config, attachment or None) -> its stage planner (hires.sampling.stages): made by the runtime
+    # before the installers run (they find it as attachment.stages.planner(name)), and without a pipeline for
+    # the stage plan of a dry run; a "package.module:name" string as for `install`
+    planner: Callable[..., Any] | str | None = None
 
     def __post_init__(self):
         if not (isinstance(self.name, str) and _NAME.fullmatch(self.name)):
@@ -71,8 +75,12 @@ class Technique:
                 raise TypeError(f"Technique {self.name!r}: {relation}={value!r} must map technique names (or, for "
                                 "requires, capabilities) to the reason")
 
-    def installer(self) -> Callable[[Any, Any], None]:
+    def installer(self) -> Callable[[Any, Any], None] | None:
         return resolve(self.install)
+
+    def make_planner(self, info, config, attachment=None):
+        """This technique's stage planner for `config` (None: it plans no stages)."""
+        return None if self.planner is None else resolve(self.planner)(info, config, attachment)
 
 
 _EXTENSIONS: dict[str, Technique] = {}

@@ -38,6 +38,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from . import registry
 from .config import HiresConfig, validate_size
 from .families import ModelInfo, read_model_info
+from .sampling.stages import StageEngine, StageRequest, plan_stages
 from .techniques import all_techniques
 
 HOOK_PREFIX = "hires."
@@ -60,14 +61,19 @@ class CallState:
     # The pipeline __call__'s own values of _CALL_LOCALS (those it has), read when the loop starts.
     call_locals: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The stage engine's stage this call runs (None for a call that is not a stage), and the per-stage
-    # settings it pushed, keyed by technique name (e.g. {"apg": APGConfig(...)}).
+    # settings it pushed, by their type (read with `stage_setting`).
     stage: Any = None
-    stage_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stage_settings: dict[type, Any] = dataclasses.field(default_factory=dict)
     # Notes kept in `hires.last_call(pipe).notes` for inspection (key "log.<technique>...").
     log: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Tokens the denoiser's image sequence carries after the image itself (Flux.2's reference images).
     trailing_tokens: int = 0
     _slots: dict[type, Any] = dataclasses.field(default_factory=dict)
+
+    def stage_setting(self, kind: type):
+        """The setting of type `kind` the stage engine pushed onto this stage's call (e.g. an APGConfig
+        of StructureGuidanceConfig.apg), or None."""
+        return self.stage_settings.get(kind)
 
     def slot(self, kind: type):
         """This call's instance of a technique's per-call dataclass `kind`, created on first use."""
@@ -432,8 +438,16 @@ class Attachment:
         if frame_list:  # innermost: back to the denoiser's own list form
             view = _FrameListView()
             self.add_hook(self.denoiser, _FrameListCall(view), FRAME_LIST_HOOK + ".call")
+        planners = [(record.name, record.make_planner(self.info, sub, self)) for record, sub in self.techniques
+                    if record.planner is not None]
+        if planners:
+            self.stages = StageEngine(self)
+            for name, planner in planners:
+                self.stages.add_planner(name, planner)
         for record, sub in self.techniques:
-            record.installer()(self, sub)
+            install = record.installer()
+            if install is not None:
+                install(self, sub)
         # Registered last, so it is the outermost hook: the state is current before technique hooks run.
         self.add_hook(self.denoiser, _CallStateHook(self), CALL_STATE_HOOK)
         if frame_list:  # outside everything: every hires hook sees the tensor view
@@ -586,12 +600,20 @@ class Attachment:
         timesteps = self._call_timesteps if self._call_timesteps is not None else torch.zeros(0, dtype=torch.float64)
         stage = self.stages.current if self.stages is not None else None
         return CallState(info=info, height=height, width=width, timesteps=timesteps, call_locals=self._call_locals,
-                         stage=stage, stage_overrides=dict(stage.overrides) if stage is not None else {},
+                         stage=stage, stage_settings=dict(stage.settings) if stage is not None else {},
                          trailing_tokens=trailing)
 
     def _step_index(self, timestep) -> int:
         t = torch.as_tensor(timestep).detach().flatten()[0].double().cpu() / self.info.family.timestep_input_scale
         return int(torch.argmin((self.state.timesteps - t).abs()))
+
+
+def stage_plan(info: ModelInfo, config: HiresConfig, request: StageRequest) -> list:
+    """The stages a call of `request` runs with `config`, planned without a pipeline (a dry run): the
+    same planners, in the same order, as an applied pipeline's call."""
+    planners = [(record.name, record.make_planner(info, sub)) for record, sub in installed_techniques(config)
+                if record.planner is not None]
+    return plan_stages(planners, request)
 
 
 def installed_techniques(config: HiresConfig) -> list[tuple[registry.Technique, Any]]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
 from hires.sampling import schedules, stages
+from hires.sampling import resize as resize_math
 from hires.techniques.bottleneck import slices as bottleneck
 from hires.techniques.structure_guidance import guidance as progressive
 from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate
@@ -70,7 +71,7 @@ def test_time_shift_equals_the_exponential_mu_shift():
     t = torch.linspace(1, 0.02, 50, dtype=torch.float64)
     for s in (0.5, 1.0, 3.0, 6.0):
         mu = math.log(s)
-        assert torch.allclose(bottleneck.time_shift(t, s), math.exp(mu) / (math.exp(mu) + (1 / t - 1)))
+        assert torch.allclose(schedules.time_shift(t, s), math.exp(mu) / (math.exp(mu) + (1 / t - 1)))
 
 
 def _schedulers():
@@ -263,7 +264,7 @@ def test_each_stage_starts_from_the_resized_clean_estimate_of_the_last(family_na
         output, _, sample, sigma = records[last]
         x0 = spatial(sample, side) - sigma * spatial(output, side)
         _, _, start, next_sigma = records[first]
-        expected = progressive.resize(x0, (next_side, next_side), "lanczos")
+        expected = resize_math.resize(x0, (next_side, next_side), "lanczos")
         if packed:  # flow: (1 - sigma) x0 + sigma * 0
             expected = (1 - next_sigma) * expected
         assert torch.allclose(spatial(start, next_side), expected, atol=1e-4)

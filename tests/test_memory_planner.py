@@ -215,15 +215,24 @@ def test_a_cuda_budget_without_cuda_asks_for_an_explicit_budget():
 _PRESET_GUIDANCE = dict(enabled=True, space="latent", upscale_space="pixel", ladder="doubling")
 
 
-def test_structure_guidance_passes_count_every_decode_and_encode():
+def _passes(info, guidance, side: int, batch: int = 1, decodes: bool = True):
+    """The call's passes from the stage plan an applied pipeline would make (hires.runtime.stage_plan)."""
+    from hires.config import HiresConfig
+    from hires.runtime import StageRequest, stage_plan
     from hires.techniques.memory import install as planning
+
+    stages = stage_plan(info, HiresConfig(structure_guidance=guidance), StageRequest(side, side, 20))
+    return planning.call_passes(info, stages, batch, latent_channels=4, decodes=decodes)
+
+
+def test_structure_guidance_stages_count_every_decode_and_encode():
     from hires.config import StructureGuidanceConfig
     from hires.families import read_model_info
 
     pipe = tiny_models.build("sdxl")
     info = read_model_info(pipe)
     preset = StructureGuidanceConfig(**_PRESET_GUIDANCE)
-    denoiser, vae = planning.structure_guidance_passes(info, preset, 256, 256, batch=1, latent_channels=4)
+    denoiser, vae = _passes(info, preset, 256)
     assert [(p.height, p.width) for p in denoiser] == [(64, 64), (128, 128), (256, 256)]
     # per stage after the base: decode the previous result at its size, encode the upscaled image; then the call's decode
     assert [(p.kind, p.shape) for p in vae] == [
@@ -231,14 +240,14 @@ def test_structure_guidance_passes_count_every_decode_and_encode():
         ("decode", (1, 4, 16, 16)), ("encode", (1, 3, 256, 256)),
         ("decode", (1, 4, 32, 32))]
     pixel = StructureGuidanceConfig(enabled=True, space="pixel", ladder="doubling")
-    _, pixel_passes = planning.structure_guidance_passes(info, pixel, 256, 256, batch=2, latent_channels=4, decodes=False)
+    _, pixel_passes = _passes(info, pixel, 256, batch=2, decodes=False)
     # and each guided step decodes and encodes at the stage's size
     assert [(p.kind, p.shape[-1]) for p in pixel_passes] == [
         ("decode", 8), ("encode", 128), ("decode", 16), ("encode", 128),
         ("decode", 16), ("encode", 256), ("decode", 32), ("encode", 256)]
     assert all(p.shape[0] == 2 for p in pixel_passes)
     latent = StructureGuidanceConfig(enabled=True, space="latent", ladder="doubling")
-    assert [p.what for p in planning.structure_guidance_passes(info, latent, 256, 256, 1, 4)[1]] == ["the call's decode"]
+    assert [p.what for p in _passes(info, latent, 256)[1]] == ["the call's decode"]
 
 
 def test_call_plan_counts_encodes_and_the_float32_upcast():

@@ -169,9 +169,9 @@ def test_timestep_shift_math():
         assert got == calculate_shift(tokens, 256, 4096, 0.5, 1.15)  # same float operations
     sigma = np.linspace(1.0, 0.05, 7)
     for shift in (3.0, 6.0):
-        exponential = math.exp(P.mu_for_shift(shift, "exponential"))
+        exponential = math.exp(schedules.mu_for_shift(shift, "exponential"))
         np.testing.assert_allclose(exponential / (exponential + (1 / sigma - 1)), shift * sigma / (1 + (shift - 1) * sigma))
-        linear = P.mu_for_shift(shift, "linear")
+        linear = schedules.mu_for_shift(shift, "linear")
         np.testing.assert_allclose(linear / (linear + (1 / sigma - 1)), shift * sigma / (1 + (shift - 1) * sigma))
 
 

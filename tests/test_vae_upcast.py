@@ -8,8 +8,8 @@ import torch
 import hires
 import tiny_models
 from hires.families import LatentConvention
-from hires.techniques.structure_guidance.guidance import VAECodec
-from hires.techniques.memory import tiled_vae
+from hires.sampling import latent_space
+from hires.sampling.latent_space import VAECodec
 
 
 def overflowing_vae(force_upcast: bool):
@@ -59,9 +59,9 @@ def test_tiled_decode_and_encode_follow_force_upcast(force_upcast):
 
 
 def test_needs_upcast_only_for_float16_with_the_flag():
-    assert tiled_vae.needs_upcast(overflowing_vae(True))
-    assert not tiled_vae.needs_upcast(overflowing_vae(False))
-    assert not tiled_vae.needs_upcast(overflowing_vae(True).float())
+    assert latent_space.needs_upcast(overflowing_vae(True))
+    assert not latent_space.needs_upcast(overflowing_vae(False))
+    assert not latent_space.needs_upcast(overflowing_vae(True).float())
 
 
 @pytest.mark.parametrize("space", ["pixel", "latent"])

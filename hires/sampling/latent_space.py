@@ -13,6 +13,8 @@ field counts only where the pipeline's own code reads it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -82,3 +84,56 @@ def from_vae(convention, vae, latent: torch.Tensor) -> torch.Tensor:
         return _unpatchify((_patchify(latent, patch) - mean) / std, patch)
     offset, gain = _affine(convention, vae, latent)
     return (latent - offset) / gain
+
+
+# -- running the VAE as the pipeline does ------------------------------------------------------------
+def needs_upcast(vae) -> bool:
+    """True where the VAE asks to run in float32 (`config.force_upcast`) but sits in float16: the
+    stock SDXL VAE overflows to NaN in float16, which is why diffusers' pipelines upcast it."""
+    return bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
+
+
+@contextlib.contextmanager
+def vae_precision(vae):
+    """Run the VAE in float32 inside the block where `needs_upcast(vae)`, as diffusers' pipelines do
+    around their decode, and put it back in float16 after (exact: float16 values survive float32)."""
+    if not needs_upcast(vae):
+        yield vae.dtype
+        return
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(torch.float16)
+
+
+def has_frame_axis(vae) -> bool:
+    """Whether `vae` is a video VAE taking (B, C, frames, H, W) (Qwen-Image's causal 3D VAE), which
+    hires' tiled decode does not cover."""
+    return bool(getattr(vae, "temperal_downsample", None))
+
+
+class VAECodec:
+    """Decode / encode between the denoiser's latent space and pixels in [-1, 1], in float32 out, in the
+    latent convention of the family's pipeline (`hires.families.LatentConvention`)."""
+
+    def __init__(self, pipe, convention):
+        self.pipe = pipe
+        self.convention = convention
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        with vae_precision(vae) as dtype:
+            x = to_vae(self.convention, vae, z).to(dtype)
+            if has_frame_axis(vae):
+                return vae.decode(x[:, :, None], return_dict=False)[0][:, :, 0].float()
+            return vae.decode(x, return_dict=False)[0].float()
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        with vae_precision(vae) as dtype:
+            if has_frame_axis(vae):
+                x = vae.encode(image.to(dtype)[:, :, None]).latent_dist.mode()[:, :, 0]
+            else:
+                x = vae.encode(image.to(dtype)).latent_dist.mode()
+        return from_vae(self.convention, vae, x)

@@ -1,10 +1,13 @@
 """The stage engine: every multi-stage method (structure guidance, bottleneck sampling) runs here.
 
-A staged technique is a *planner*: given the user's call and the plan so far, it returns the plan
-it wants, a list of `Stage`s. The engine starts from the trivial plan (one stage at the requested
-size, from pure noise, the pipeline's own schedule) and asks each planner in install order, so
-composition is explicit: structure guidance turns the trivial plan into its ladder, then bottleneck
-sampling replaces every stage that samples from pure noise with its high-low-high slices.
+A staged technique is a *planner*: given the call (`StageRequest`) and the plan so far, it returns
+the plan it wants, a list of `Stage`s. `plan_stages` starts from the trivial plan (one stage at the
+requested size, from pure noise, the pipeline's own schedule) and asks each planner in install
+order, so composition is explicit: structure guidance turns the trivial plan into its ladder, then
+bottleneck sampling replaces every stage that samples from pure noise with its high-low-high slices.
+The plan is data first (sizes, planned steps, the VAE passes each stage runs, per-stage settings),
+so the same derivation serves a running call, the memory planner (which plans every pass of the
+plan) and `hires generate --dry-run` (planners built without a pipeline: hires.runtime.stage_plan).
 
 How a call runs. When the user's call reaches `encode_prompt` (the first method every supported
 pipeline calls after validating its inputs), the engine reads the call's arguments from its frame
@@ -12,7 +15,7 @@ pipeline calls after validating its inputs), the engine reads the call's argumen
 runs every stage as a nested call of the same pipeline at the stage's size with
 `output_type="latent"`. While a stage runs, the engine
 - passes the stage's own call arguments (guidance scale, size conditioning) and pushes its
-  per-technique settings onto the stage call's state (`CallState.stage`, `.stage_overrides`);
+  per-technique settings onto the stage call's state (`CallState.stage`, `.stage_setting(type)`);
 - lets the stage shape the schedule the pipeline builds (`Stage.schedule`: truncate, slice, shift);
 - returns from `prepare_latents` the stage's start: `Stage.start(stage, previous)` gives a clean
   latent which is noised to the stage's first timestep with the call's generator;
@@ -31,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +80,29 @@ def replace_latents(result, tensor):
     return (tensor, *result[1:]) if isinstance(result, tuple) else tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class StageRequest:
+    """What planners see of a call."""
+
+    height: int
+    width: int
+    steps: int | None  # num_inference_steps
+    arguments: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the call's named arguments
+    parameters: tuple[str, ...] = ()  # the names the pipeline's __call__ takes
+    generator: Any = None
+    image_size: tuple[int, int] | None = None  # a picture the stages start from instead of a base generation
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEPass:
+    """A VAE decode (of a latent for an image of height x width pixels) or encode (of such an image)."""
+
+    kind: str  # "decode" or "encode"
+    height: int
+    width: int
+    what: str
+
+
 @dataclasses.dataclass(eq=False)
 class Stage:
     """One nested pipeline call of a plan."""
@@ -86,7 +112,13 @@ class Stage:
     owner: str  # the technique that planned it ("call": the trivial plan's stage)
     generator: Any = None
     call_arguments: dict = dataclasses.field(default_factory=dict)  # __call__ arguments of this stage
-    overrides: dict = dataclasses.field(default_factory=dict)  # pushed onto the stage call's CallState
+    # settings of other techniques for this stage, by their type: CallState.stage_setting(type) reads them
+    settings: dict = dataclasses.field(default_factory=dict)
+    planned_steps: int | None = None  # the denoising steps it will run, for a schedule of the request's steps
+    vae_passes: tuple[VAEPass, ...] = ()  # what its start runs through the VAE (the call's own decode aside)
+    # it re-runs the tail of the schedule from the previous stage's upscaled, finished result (structure
+    # guidance's later stages): techniques that guide such a refinement toward that result act on it
+    refines: bool = False
     # schedule(stage, scheduler, set_timesteps, args, kwargs) builds this stage's schedule by calling
     # set_timesteps itself; None: the pipeline's own.
     schedule: Callable | None = None
@@ -115,6 +147,10 @@ class Stage:
     @property
     def trivial(self) -> bool:
         return self.start is None and self.schedule is None and not self.stops_early and not self.after_step
+
+    def set(self, setting: Any) -> None:
+        """Push `setting` (of its type) onto this stage's call."""
+        self.settings[type(setting)] = setting
 
     def drop_tensors(self) -> None:
         """Let go of the latents once the run is over (`last_run` keeps the record, not the tensors)."""
@@ -153,7 +189,7 @@ class StageEngine:
             attachment.wrap_method(self.pipe, "prepare_image", _wrap_prepare_image)
 
     def add_planner(self, name: str, planner) -> None:
-        """`planner.plan(call_arguments, stages) -> stages`; planners run in the order they were added."""
+        """`planner.plan(request, stages) -> stages`; planners run in the order they were added."""
         self.planners.append((name, planner))
 
     def planner(self, name: str):
@@ -203,9 +239,10 @@ class StageEngine:
         height, width = arguments.get("height"), arguments.get("width")
         if height is None or width is None:
             return
-        stages = [Stage(int(height), int(width), owner="call", generator=arguments.get("generator"))]
-        for _, planner in self.planners:
-            stages = planner.plan(arguments, stages)
+        steps = arguments.get("num_inference_steps")
+        request = StageRequest(int(height), int(width), steps, arguments, tuple(self.attachment.calls.parameters),
+                               arguments.get("generator"))
+        stages = plan_stages(self.planners, request)
         if len(stages) == 1 and stages[0].trivial:
             return  # nothing to stage: a plain call
         self._check_latents(arguments, stages)
@@ -408,11 +445,13 @@ def _wrap_prepare_image(original):
     return prepare_image
 
 
-def engine_of(attachment) -> StageEngine:
-    """The attachment's stage engine, created on first use (by the first staged technique's installer)."""
-    if attachment.stages is None:
-        attachment.stages = StageEngine(attachment)
-    return attachment.stages
+def plan_stages(planners, request: StageRequest) -> list[Stage]:
+    """The stages of a call: the trivial plan, then each (name, planner) in turn."""
+    stages = [Stage(request.height, request.width, owner="call", generator=request.generator,
+                    planned_steps=request.steps)]
+    for _, planner in planners:
+        stages = planner.plan(request, stages)
+    return stages
 
 
 def planner_of(pipe, name: str):

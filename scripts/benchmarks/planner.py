@@ -104,17 +104,18 @@ def text_encoder_bytes(family: str, dtype: torch.dtype) -> int:
 
 def preset_call_plan(family: str, side: int, dtype: torch.dtype, budget: int):
     """The whole-call plan of the automatic preset at side x side on a CUDA device (or the refusal)."""
+    from hires.config import HiresConfig, StructureGuidanceConfig
+    from hires.families import FAMILIES, ModelInfo
+    from hires.runtime import StageRequest, stage_plan
     from hires.techniques.memory import estimate as memory_planner
     from hires.techniques.memory import install as planning
-    from hires.config import StructureGuidanceConfig
-    from hires.families import FAMILIES, ModelInfo
 
     record = next(f for f in FAMILIES if f.name == family)
     info = ModelInfo(record, 1024, 1024, 8, 1 if family == "sdxl" else 2, "epsilon" if family == "sdxl" else "flow")
     guidance = StructureGuidanceConfig(enabled=True, space="latent", upscale_space="pixel", ladder="doubling")
     denoiser, vae = real_size_models(family)
-    denoiser_passes, vae_passes = planning.structure_guidance_passes(info, guidance, side, side, 1,
-                                                                     vae.config.latent_channels)
+    stages = stage_plan(info, HiresConfig(structure_guidance=guidance), StageRequest(side, side, 50))
+    denoiser_passes, vae_passes = planning.call_passes(info, stages, 1, vae.config.latent_channels)
     return memory_planner.plan_call(denoiser, vae, denoiser_passes=denoiser_passes, vae_passes=vae_passes, dtype=dtype,
                                     cfg=family == "sdxl", budget=budget, other_weights=text_encoder_bytes(family, dtype),
                                     name=f"{family} {side}x{side}", device_type="cuda")
@@ -146,7 +147,7 @@ def preset_table() -> Table:
                      f"{peak.what} ({peak.kind}, {peak.choice()})", str(len(plan.vae_passes())), _pass_choices(plan)])
     return Table(
         title="Memory planner: the automatic preset's whole call on real-size architectures (estimates, a CUDA device)",
-        what=("hires.techniques.memory.estimate.plan_call over hires.techniques.memory.install.structure_guidance_passes (structure guidance with "
+        what=("hires.techniques.memory.estimate.plan_call over hires.runtime.stage_plan's stages and their VAE passes (structure guidance with "
               "space='latent', upscale_space='pixel', ladder='doubling': per stage after the base one decode at the "
               "previous size and one encode at the stage's, then the call's decode), batch 1, SDXL with CFG, Flux "
               "without true CFG. Resident: denoiser and text encoders in the dtype, the VAE in float32 during its "

@@ -38,7 +38,7 @@ def _schedule_table() -> Table:
         tokens = (px // 16) ** 2
         mu = schedules.scheduler_shift_mu(scheduler.config, tokens)
         row = [str(px), str(tokens), fmt(mu, 2)]
-        for applied in (mu, min(mu, base_mu), P.mu_for_shift(6.0, "exponential")):
+        for applied in (mu, min(mu, base_mu), schedules.mu_for_shift(6.0, "exponential")):
             scheduler.set_timesteps(sigmas=sigmas, mu=applied)
             schedule = scheduler.sigmas[:-1]
             row += [fmt(float(schedule[-1]), 3), str(int((schedule > 0.9).sum()))]

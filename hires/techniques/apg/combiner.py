@@ -49,6 +49,7 @@ import math
 import torch
 
 from ...denoiser.guidance import GuidanceCall, ensure_guidance_hook
+from .config import APGConfig
 
 TECHNIQUE_NAME = "apg"
 
@@ -232,7 +233,7 @@ class APGCombiner:
 
     def settings_for(self, state) -> APGSettings | None:
         """The stage's own APG (pushed by the stage engine, e.g. StructureGuidanceConfig.apg) or the call's."""
-        config = state.stage_overrides.get(TECHNIQUE_NAME)
+        config = state.stage_setting(APGConfig)
         if config is None:
             return self.settings
         if not config.enabled:

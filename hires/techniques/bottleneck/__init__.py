@@ -3,4 +3,5 @@
 from ...registry import Technique
 from .config import BottleneckConfig
 
-TECHNIQUE = Technique("bottleneck", BottleneckConfig, f"{__name__}.slices:install", order=20, capabilities={"stages"})
+TECHNIQUE = Technique("bottleneck", BottleneckConfig, install=None, order=20, capabilities={"stages"},
+                      planner=f"{__name__}.slices:Bottleneck")

@@ -56,4 +56,6 @@ class BottleneckConfig:
         choice(owner, "resample", self.resample, ("lanczos", "bicubic"))
 
     def validate_for(self, info) -> None:
-        return None
+        if self.shifts is not None and info.prediction_type != "flow":
+            raise ValueError(f"BottleneckConfig.shifts={self.shifts!r} is a flow-matching time shift; {info.name} "
+                             f"predicts {info.prediction_type!r}. Leave shifts=None for this family")

@@ -54,8 +54,8 @@ import torch
 
 from ...families import round_to
 from ...sampling import schedules
-from ...sampling.stages import Stage, engine_of, last_run_of, planner_of
-from ..structure_guidance.guidance import resize
+from ...sampling.stages import Stage, last_run_of, planner_of
+from ...sampling.resize import resize
 from .config import BottleneckConfig
 
 HOOK_NAME = "hires.bottleneck"
@@ -103,11 +103,6 @@ def split_steps(total: int, fractions: tuple[float, ...]) -> list[int]:
         j = max((k for k in range(len(counts)) if counts[k] > 1), key=lambda k: (counts[k] - exact[k], k))
         counts[j] -= 1
     return counts
-
-
-def time_shift(t, shift: float):
-    """The SD3/Flux static time shift s t / (1 + (s - 1) t)."""
-    return shift * t / (1 + (shift - 1) * t)
 
 
 def plan_stages(info, config: BottleneckConfig, height: int, width: int, num_steps: int) -> list[StagePlan]:
@@ -171,19 +166,19 @@ class StageRecord:
 class Bottleneck:
     """The planner: every stage that samples from pure noise with its full schedule becomes K slices."""
 
-    def __init__(self, attachment, config: BottleneckConfig):
+    def __init__(self, info, config: BottleneckConfig, attachment=None):
         self.attachment = attachment
         self.config = config
-        self.info = attachment.info
+        self.info = info
 
-    def plan(self, arguments: dict, stages: list) -> list:
+    def plan(self, request, stages: list) -> list:
         planned = []
         for stage in stages:
-            planned.extend(self._slices(arguments, stage) if stage.trivial else [stage])
+            planned.extend(self._slices(request, stage) if stage.trivial else [stage])
         return planned
 
-    def _slices(self, arguments: dict, parent: Stage) -> list:
-        steps = arguments.get("num_inference_steps")
+    def _slices(self, request, parent: Stage) -> list:
+        steps = request.steps
         if not isinstance(steps, int):
             raise ValueError(f"num_inference_steps={steps!r}: bottleneck sampling splits the call's step count "
                              "between its stages and needs it as an int")
@@ -191,9 +186,10 @@ class Bottleneck:
         slices = []
         for i, plan in enumerate(plans):
             slices.append(Stage(plan.height, plan.width, owner=TECHNIQUE_NAME, generator=parent.generator,
-                                call_arguments=dict(parent.call_arguments), overrides=dict(parent.overrides),
+                                call_arguments=dict(parent.call_arguments), settings=dict(parent.settings),
                                 schedule=self._schedule, start=self._start if i else None,
-                                stops_early=i < len(plans) - 1, data=(plan, steps), parent=parent))
+                                stops_early=i < len(plans) - 1, data=(plan, steps), parent=parent,
+                                planned_steps=plan.steps))
         return slices
 
     def _start(self, stage: Stage, previous: Stage) -> torch.Tensor:
@@ -203,7 +199,7 @@ class Bottleneck:
     def _schedule(self, stage: Stage, scheduler, set_timesteps, args, kwargs) -> None:
         """The call's own N-step schedule at this stage's size and shift, sliced to the stage's steps."""
         plan, total_steps = stage.data
-        _with_shift(scheduler, plan.shift, set_timesteps, args, kwargs)
+        schedules.set_timesteps_with_shift(scheduler, set_timesteps, args, kwargs, plan.shift)
         total = len(scheduler.timesteps)
         if total != total_steps:
             raise ValueError(f"bottleneck sampling slices the call's {total_steps}-step schedule, but "
@@ -215,34 +211,7 @@ class Bottleneck:
             keep_first(scheduler, plan.steps)
 
 
-def _with_shift(scheduler, shift, set_timesteps, args, kwargs) -> None:
-    if shift is None:
-        set_timesteps(*args, **kwargs)
-    elif scheduler.config.get("use_dynamic_shifting", False):
-        mu = schedules.mu_for_shift(shift, scheduler.config.get("time_shift_type", "exponential"))
-        set_timesteps(*args, **{**kwargs, "mu": mu})
-    else:
-        before = scheduler.shift
-        scheduler.set_shift(shift)
-        try:
-            set_timesteps(*args, **kwargs)
-        finally:
-            scheduler.set_shift(before)
-
-
 TECHNIQUE_NAME = "bottleneck"
-
-
-def validate(config: BottleneckConfig, info) -> None:
-    if config.shifts is not None and info.prediction_type != "flow":
-        raise ValueError(f"BottleneckConfig.shifts={config.shifts!r} is a flow-matching time shift; {info.name} "
-                         f"predicts {info.prediction_type!r}. Leave shifts=None for this family")
-
-
-def install(attachment, config: BottleneckConfig) -> None:
-    """hires.apply's installer: validate against the family, plan slices through the stage engine."""
-    validate(config, attachment.info)
-    engine_of(attachment).add_planner(TECHNIQUE_NAME, Bottleneck(attachment, config))
 
 
 def last_run(pipe) -> tuple[StageRecord, ...] | None:

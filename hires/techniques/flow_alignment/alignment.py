@@ -28,9 +28,10 @@ half (batched, or Flux's separate true-CFG calls) with the same v_ref, v_prev an
 exactly the guided velocity the pipeline's combination u + w (c - u) would give them. Flux's
 distilled guidance is a single prediction: the map acts on it directly.
 
-The weights per stage reach the stage's call through the stage engine's public overrides
-(`Stage.overrides`, `CallState.stage_overrides`): this technique is a planner after structure
-guidance that tags its upscaled stages; it reads nothing of structure guidance's own state.
+The weights per stage reach the stage's call through the stage engine's per-stage settings
+(`Stage.set`, `CallState.stage_setting`): this technique is a planner after structure guidance that
+tags the stages that refine an upscaled result (`Stage.refines`); it reads nothing of structure
+guidance's own.
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ...sampling import schedules, wavelets
-from ...sampling.stages import engine_of, pack, tile_batch, unpack
-from ..structure_guidance import guidance as progressive
+from ...sampling.stages import pack, tile_batch, unpack
 from .config import FlowAlignmentConfig
 
 TECHNIQUE_NAME = "flow_alignment"
@@ -121,7 +121,7 @@ def stage_weights(config: FlowAlignmentConfig, stages: int) -> list[tuple[float,
 # -- the planner and the hook ---------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class StageWeights:
-    """What this technique pushes onto an upscaled stage's call (`CallState.stage_overrides`)."""
+    """What this technique pushes onto an upscaled stage's call (`CallState.stage_setting`)."""
 
     alpha: float
     beta: float
@@ -139,16 +139,16 @@ class _AlignmentCall:
 
 
 class FlowAlignment:
-    def __init__(self, attachment, config: FlowAlignmentConfig):
+    def __init__(self, info, config: FlowAlignmentConfig, attachment=None):
         self.attachment = attachment
         self.config = config
-        self.info = attachment.info
+        self.info = info
 
-    def plan(self, arguments: dict, stages: list) -> list:
-        """Tag structure guidance's upscaled stages (those started from a clean latent) with their weights."""
-        upscaled = [s for s in stages if s.owner == progressive.TECHNIQUE_NAME and s.start is not None]
+    def plan(self, request, stages: list) -> list:
+        """Tag the stages that refine an upscaled result (structure guidance's later ones) with their weights."""
+        upscaled = [s for s in stages if s.refines]
         for stage, (alpha, beta) in zip(upscaled, stage_weights(self.config, len(upscaled))):
-            stage.overrides = {**stage.overrides, TECHNIQUE_NAME: StageWeights(alpha, beta)}
+            stage.set(StageWeights(alpha, beta))
         return stages
 
     def low_pass(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +211,7 @@ class _FlowAlignmentHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         self.pending = None
         state = self.alignment.attachment.state
-        weights = state.stage_overrides.get(TECHNIQUE_NAME) if state is not None else None
+        weights = state.stage_setting(StageWeights) if state is not None else None
         if weights is None or state.stage is None or state.stage.x0 is None:
             return args, kwargs
         bound = self.signature.bind_partial(module, *args, **kwargs).arguments
@@ -235,6 +235,5 @@ class _FlowAlignmentHook(ModelHook):
 def install(attachment, config: FlowAlignmentConfig) -> None:
     """hires.apply's installer: a planner after structure guidance's and a denoiser hook outside its
     (the record requires structure guidance, which HiresConfig.validate_for checks)."""
-    alignment = FlowAlignment(attachment, config)
-    engine_of(attachment).add_planner(TECHNIQUE_NAME, alignment)
+    alignment = attachment.stages.planner(TECHNIQUE_NAME)
     attachment.add_hook(attachment.denoiser, _FlowAlignmentHook(alignment), HOOK_NAME)

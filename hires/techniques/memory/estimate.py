@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ...sampling.latent_space import has_frame_axis, needs_upcast
+
 GiB = 2**30
 
 
@@ -196,12 +198,6 @@ def _vae_peak_cached(cls, config_items, kind, shape, dtype, tiled, tile_size, gr
             fn = lambda: vae._encode(x)  # noqa: E731
     with (tiled_vae.one_tile_per_pass() if tiled else contextlib.nullcontext()):
         return meta_peak_bytes(fn, device_type)
-
-
-def has_frame_axis(vae) -> bool:
-    """Whether `vae` is a video VAE taking (B, C, frames, H, W) (Qwen-Image's causal 3D VAE), which
-    hires' tiled decode does not cover."""
-    return bool(getattr(vae, "temperal_downsample", None))
 
 
 def vae_latent_shape(vae, batch: int, latent_h: int, latent_w: int) -> tuple[int, ...]:
@@ -718,9 +714,7 @@ def vae_tiling_decision(vae, kind: str, shape: tuple[int, ...], dtype: torch.dty
     """(tile size in latent px, grouping, storage dtype) when the untiled pass would not fit the free
     memory, else None. The free memory is `max_memory` less the VAE's weights and `resident` (the
     other weights on its device), or the device's free memory. The tiled path computes in float32
-    where the VAE needs the upcast (tiled_vae.needs_upcast), so it is estimated so."""
-    from .tiled_vae import needs_upcast
-
+    where the VAE needs the upcast (latent_space.needs_upcast), so it is estimated so."""
     device = next(iter(vae.parameters())).device
     tiled_dtype = torch.float32 if needs_upcast(vae) else dtype
     upcast_extra = module_bytes(vae, tiled_dtype) - module_bytes(vae) if tiled_dtype != vae.dtype else 0

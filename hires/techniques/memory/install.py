@@ -31,38 +31,24 @@ PLANNER_NAME = "memory"
 
 
 # -- the VAE passes of a call ---------------------------------------------------------------------
-def structure_guidance_passes(info, config, height: int, width: int, batch: int, latent_channels: int,
-                              decodes: bool = True) -> tuple[list[memory_planner.DenoiserPass], list[memory_planner.VAEPass]]:
-    """The denoiser sizes and every VAE pass of a structure-guidance call at height x width.
-
-    Each stage after the base starts from the previous result upscaled: in pixel space
-    (`upscale_space` or `space` "pixel") that is one decode at the previous stage's size and one
-    encode at the stage's; in latent space no VAE pass. With `space="pixel"` every guided step also
-    decodes and encodes at the stage's size. The call's own decode (`decodes`) is at the request size.
-    """
-    from ..structure_guidance.guidance import stage_sizes
-
+def call_passes(info, stages, batch: int, latent_channels: int, decodes: bool = True,
+                uses_cfg=None) -> tuple[list[memory_planner.DenoiserPass], list[memory_planner.VAEPass]]:
+    """The denoiser sizes and every VAE pass of a staged call: each stage's steps and what its start runs
+    through the VAE (`Stage.vae_passes`, as its planner planned them), then the call's own decode at the
+    last stage's size where `decodes`. `uses_cfg(stage)`: whether that stage's calls run CFG (None: the call's)."""
     factor = info.latent_factor
-    sizes = stage_sizes(info, config, height, width)
 
-    def latent(size):
-        return (batch, latent_channels, size[0] // factor, size[1] // factor)
+    def shape(kind, height, width):
+        return (batch, latent_channels, height // factor, width // factor) if kind == "decode" else (batch, 3, height, width)
 
-    def image(size):
-        return (batch, 3, size[0], size[1])
-
-    denoiser = [memory_planner.DenoiserPass(h, w, f"stage {i + 1} steps") for i, (h, w) in enumerate(sizes)]
-    vae = []
-    for i in range(1, len(sizes)):
-        previous, size, label = sizes[i - 1], sizes[i], f"stage {i + 1}"
-        if (config.upscale_space or config.space) == "pixel":
-            vae.append(memory_planner.VAEPass("decode", latent(previous), f"{label} start: decode of {previous[1]}x{previous[0]}"))
-            vae.append(memory_planner.VAEPass("encode", image(size), f"{label} start: encode of the upscaled image"))
-        if config.space == "pixel":
-            vae.append(memory_planner.VAEPass("decode", latent(size), f"{label} guided steps: decode"))
-            vae.append(memory_planner.VAEPass("encode", image(size), f"{label} guided steps: encode"))
+    denoiser = [memory_planner.DenoiserPass(s.height, s.width, f"stage {i + 1} steps",
+                                            uses_cfg(s) if uses_cfg is not None else None)
+                for i, s in enumerate(stages)]
+    vae = [memory_planner.VAEPass(p.kind, shape(p.kind, p.height, p.width), f"stage {i + 1} {p.what}")
+           for i, s in enumerate(stages) for p in s.vae_passes]
     if decodes:
-        vae.append(memory_planner.VAEPass("decode", latent(sizes[-1]), "the call's decode"))
+        vae.append(memory_planner.VAEPass("decode", shape("decode", stages[-1].height, stages[-1].width),
+                                          "the call's decode"))
     return denoiser, vae
 
 
@@ -96,29 +82,21 @@ class CallMemoryPlanner:
         self.sequential_allowed = sequential_allowed
         self.current: memory_planner.CallPlan | None = None  # the running staged call's plan
 
-    def plan(self, arguments: dict, stages: list) -> list:
+    def plan(self, request, stages: list) -> list:
         self.current = None
         if len(stages) == 1 and stages[0].trivial:
             return stages  # a plain call: its own first step plans it
-        self.current = self.plan_stages(arguments, stages)
+        self.current = self.plan_stages(request, stages)
         return stages
 
-    def plan_stages(self, arguments: dict, stages: list) -> memory_planner.CallPlan:
+    def plan_stages(self, request, stages: list) -> memory_planner.CallPlan:
         attachment, pipe = self.attachment, self.attachment.pipe
         info, denoiser = attachment.info, attachment.denoiser
-        height, width = int(arguments["height"]), int(arguments["width"])
+        height, width, arguments = request.height, request.width, request.arguments
         batch = _call_batch(arguments)
-        decodes = arguments.get("output_type") != "latent"
-        guidance = attachment.config.structure_guidance
-        if guidance.enabled:
-            _, vae_passes = structure_guidance_passes(info, guidance, height, width, batch,
-                                                      pipe.vae.config.latent_channels, decodes)
-        else:
-            latent = (batch, pipe.vae.config.latent_channels, height // info.latent_factor, width // info.latent_factor)
-            vae_passes = [memory_planner.VAEPass("decode", latent, "the call's decode")] if decodes else []
-        denoiser_passes = [memory_planner.DenoiserPass(s.height, s.width, f"stage {i + 1} steps",
-                                                       _uses_cfg(info.family, arguments, s))
-                           for i, s in enumerate(stages)]
+        denoiser_passes, vae_passes = call_passes(
+            info, stages, batch, pipe.vae.config.latent_channels, decodes=arguments.get("output_type") != "latent",
+            uses_cfg=lambda stage: _uses_cfg(info.family, arguments, stage))
         device = torch.device(pipe._execution_device)
         budget, other = memory_planner.call_budget(pipe, denoiser, self.config, device)
         tiling = attachment.config.vae_tiling

@@ -48,28 +48,10 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
+from ...sampling.latent_space import vae_precision
+
 HOOK_NAME = "hires.tiled_vae"
 DEFAULT_TILE_LATENT = 64  # tile core side in latent pixels (512 px for a factor-8 VAE)
-
-
-def needs_upcast(vae) -> bool:
-    """True where the VAE asks to run in float32 (`config.force_upcast`) but sits in float16: the
-    stock SDXL VAE overflows to NaN in float16, which is why diffusers' pipelines upcast it."""
-    return bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
-
-
-@contextlib.contextmanager
-def vae_precision(vae):
-    """Run the VAE in float32 inside the block where `needs_upcast(vae)`, as diffusers' pipelines do
-    around their decode, and put it back in float16 after (exact: float16 values survive float32)."""
-    if not needs_upcast(vae):
-        yield vae.dtype
-        return
-    vae.to(torch.float32)
-    try:
-        yield torch.float32
-    finally:
-        vae.to(torch.float16)
 
 
 # -- units and segments ----------------------------------------------------------------------------

@@ -79,7 +79,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.models.embeddings import PatchEmbed, get_1d_rotary_pos_embed
 
-from ...sampling.schedules import flow_sigma, mu_for_shift, pipeline_shift_mu
+from ...sampling.schedules import base_size_mu, clamped_mu, flow_sigma, static_shift, static_shift_mu
 from .config import PositionConfig
 
 HOOK = "hires.positions"
@@ -290,13 +290,6 @@ def rotary_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, mscale: float =
     cos = angles.cos().repeat_interleave(2, dim=1) * mscale
     sin = angles.sin().repeat_interleave(2, dim=1) * mscale
     return cos.float(), sin.float()
-
-
-# -- math: timestep shift ------------------------------------------------------------------------
-
-def shifted_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
-    """A static timestep shift: s*sigma / (1 + (s-1) sigma)."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
 # -- resolving a config for one model --------------------------------------------------------------
@@ -717,22 +710,18 @@ class _TimestepShiftHook(ModelHook):
                 steps = values.get("num_inference_steps")
                 if steps is None and bound.arguments.get("sigmas") is not None:
                     steps = len(bound.arguments["sigmas"])
-                base_mu = pipeline_shift_mu(info.family.shift_rule, scheduler.config, info.base_tokens, steps)
                 if self.policy == "clamp":
-                    new_mu = min(mu, base_mu)
+                    new_mu = clamped_mu(mu, info, scheduler.config, steps)
+                elif self.shift is None:
+                    new_mu = base_size_mu(info, scheduler.config, steps)
                 else:
-                    shift_type = scheduler.config.get("time_shift_type", "exponential")
-                    new_mu = base_mu if self.shift is None else mu_for_shift(self.shift, shift_type)
+                    new_mu = static_shift_mu(scheduler, self.shift)
                 bound.arguments["mu"] = new_mu
                 self.decision = {"policy": self.policy, "tokens": tokens, "mu": mu, "applied_mu": new_mu}
                 return original(*bound.args, **bound.kwargs)
             if self.policy == "static" and self.shift is not None:
-                saved_shift = scheduler.shift
-                scheduler.set_shift(self.shift)
-                try:
+                with static_shift(scheduler, self.shift) as saved_shift:
                     result = original(*args, **kwargs)
-                finally:
-                    scheduler.set_shift(saved_shift)
                 self.decision = {"policy": "static", "tokens": tokens, "shift": saved_shift, "applied_shift": self.shift}
                 return result
             return original(*args, **kwargs)

@@ -30,7 +30,7 @@ import dataclasses
 import torch
 
 from ...sampling import schedules
-from ...sampling.stages import Stage, engine_of, planner_of, tile_batch
+from ...sampling.stages import Stage, planner_of, tile_batch
 from .config import SkipResidualConfig
 
 TECHNIQUE_NAME = "skip_residual"
@@ -58,12 +58,12 @@ class SkipRecord:
 class SkipResidual:
     """The planner that adds the blend to every stage that starts from an upscaled result."""
 
-    def __init__(self, attachment, config: SkipResidualConfig):
+    def __init__(self, info, config: SkipResidualConfig, attachment=None):
         self.attachment = attachment
         self.config = config
         self.last: list[tuple[Stage, list[float]]] = []
 
-    def plan(self, arguments: dict, stages: list) -> list:
+    def plan(self, request, stages: list) -> list:
         self.last = []
         previous = None
         for stage in stages:
@@ -92,10 +92,6 @@ class SkipResidual:
             return blend(latents, noised, weight)
 
         return after_step
-
-
-def install(attachment, config: SkipResidualConfig) -> None:
-    engine_of(attachment).add_planner(TECHNIQUE_NAME, SkipResidual(attachment, config))
 
 
 def last_run(pipe) -> tuple[SkipRecord, ...] | None:

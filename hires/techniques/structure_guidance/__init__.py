@@ -5,4 +5,4 @@ from ...registry import Technique
 from .config import StructureGuidanceConfig
 
 TECHNIQUE = Technique("structure_guidance", StructureGuidanceConfig, f"{__name__}.guidance:install", order=10,
-                      capabilities={"stages"})
+                      capabilities={"stages"}, planner=f"{__name__}.guidance:StructureGuidance")

@@ -15,7 +15,8 @@ pipeline and lets the user's own call only decode:
 Every stage is a pipeline call, so the runtime's call state (and every other technique) sees the
 stage's own size; `hires.last_call(pipe)` describes the last stage, `last_run(pipe)` all stages.
 Per-stage options (renoise, guided_steps, guidance_scale, apg: one value, or one per stage after the
-base) go to the stage's call; `apg` is pushed onto the stage call's state (`CallState.stage_overrides`).
+base) go to the stage's call; `apg` (APG's settings for the stage) is pushed onto the stage call's state
+(`CallState.stage_setting`).
 Requests whose base stage would not be smaller than the request (at or below the base area) are
 plain calls.
 
@@ -38,15 +39,15 @@ import inspect
 import math
 
 import torch
-import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
 from ...denoiser.guidance import ensure_guidance_hook
 from ...families import base_area_size, round_to
-from ...sampling import latent_space, schedules, wavelets
-from ...sampling.stages import Stage, engine_of, last_run_of, pack, planner_of, tile_batch, unpack
-from ..memory.estimate import has_frame_axis
-from ..memory.tiled_vae import vae_precision
+from ...sampling import schedules, wavelets
+from ...sampling.latent_space import VAECodec
+from ...sampling.resize import clamp_to_source_range, resize, unsharp_mask
+from ...sampling.stages import Stage, VAEPass, last_run_of, pack, planner_of, tile_batch, unpack
+from ...validation import STAGE_SETTINGS
 from .config import StructureGuidanceConfig
 
 HOOK_NAME = "hires.structure_guidance"
@@ -76,73 +77,7 @@ def stage_renoise(renoise: float | None, total_steps: int) -> float:
     schedule when it has FEW_STEPS steps or fewer."""
     value = DEFAULT_RENOISE if renoise is None else renoise
     return max(value, FEW_STEP_RENOISE) if total_steps <= FEW_STEPS else value
-LANCZOS_TAPS = 3
 _SIZE_CONDITIONING = ("original_size", "target_size")
-
-
-# -- image math --------------------------------------------------------------------------------
-def _lanczos_matrix(n_in: int, n_out: int, device) -> torch.Tensor:
-    """(n_out, n_in) Lanczos-3 resampling weights (half-pixel centres, edge samples repeated)."""
-    scale = n_in / n_out
-    support = LANCZOS_TAPS * max(scale, 1.0)  # widen when shrinking, so it also antialiases
-    centres = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5
-    offsets = torch.arange(-math.ceil(support), math.ceil(support) + 1, dtype=torch.float64)
-    taps = torch.floor(centres)[:, None] + offsets[None, :]
-    x = (centres[:, None] - taps) / max(scale, 1.0)
-    weights = torch.sinc(x) * torch.sinc(x / LANCZOS_TAPS) * (x.abs() < LANCZOS_TAPS)
-    weights = weights / weights.sum(dim=1, keepdim=True)
-    matrix = torch.zeros(n_out, n_in, dtype=torch.float64)
-    matrix.scatter_add_(1, taps.clamp(0, n_in - 1).long(), weights)
-    return matrix.to(device=device, dtype=torch.float32)
-
-
-def resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """Resize (B, C, H, W) to `size` in float32 and cast back: bicubic / bilinear / lanczos."""
-    work = x.float()
-    if mode in ("bicubic", "bilinear"):
-        out = F.interpolate(work, size=size, mode=mode, align_corners=False)
-    elif mode == "lanczos":
-        rows = _lanczos_matrix(x.shape[-2], size[0], x.device)
-        cols = _lanczos_matrix(x.shape[-1], size[1], x.device)
-        out = torch.einsum("oh,bchw,pw->bcop", rows, work, cols)
-    else:
-        raise ValueError(f"mode={mode!r} is not a resize mode; use 'bicubic', 'bilinear' or 'lanczos'")
-    return out.to(x.dtype)
-
-
-def clamp_to_source_range(upscaled: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Clamp each upscaled pixel to the min/max of the 3x3 source pixels around the one it falls in.
-
-    Bicubic / Lanczos resampling and the unsharp mask overshoot at edges (a bright rim on the dark
-    side, a dark one on the bright side); the guide then teaches the model a halo. Inside smooth
-    regions the range is wide and nothing changes."""
-    src = source.float()
-    padded = F.pad(src, (1, 1, 1, 1), mode="replicate")
-    high = F.max_pool2d(padded, 3, stride=1)
-    low = -F.max_pool2d(-padded, 3, stride=1)
-    size = upscaled.shape[-2:]
-    high, low = F.interpolate(high, size=size, mode="nearest-exact"), F.interpolate(low, size=size, mode="nearest-exact")
-    return torch.minimum(torch.maximum(upscaled.float(), low), high).to(upscaled.dtype)
-
-
-def gaussian_kernel(sigma: float, size: int = SHARPEN_KERNEL) -> torch.Tensor:
-    half = (size - 1) / 2
-    k = torch.exp(-((torch.arange(size, dtype=torch.float64) - half) ** 2) / (2 * sigma**2))
-    return (k / k.sum()).float()
-
-
-def unsharp_mask(x: torch.Tensor, alpha: float, sigma: float, size: int = SHARPEN_KERNEL) -> torch.Tensor:
-    """(1 + alpha) x - alpha blur(x), blur a separable Gaussian with reflect padding (float32)."""
-    if alpha == 0:
-        return x
-    work = x.float()
-    channels = work.shape[1]
-    k = gaussian_kernel(sigma, size).to(work.device)
-    pad = size // 2
-    blurred = F.pad(work, (pad, pad, pad, pad), mode="reflect")
-    blurred = F.conv2d(blurred, k.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
-    blurred = F.conv2d(blurred, k.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)
-    return ((1 + alpha) * work - alpha * blurred).to(x.dtype)
 
 
 # -- the stage plan ----------------------------------------------------------------------------
@@ -274,52 +209,71 @@ def _draw_uniform(generator, low: float, high: float) -> float:
 
 
 class StructureGuidance:
-    """The planner of structure guidance's stages and its low-band guidance."""
+    """The planner of structure guidance's stages and its low-band guidance (`attachment` None: a plan
+    without a pipeline, for a dry run)."""
 
-    def __init__(self, attachment, config: StructureGuidanceConfig):
+    def __init__(self, info, config: StructureGuidanceConfig, attachment=None):
         self.attachment = attachment
         self.config = config
-        self.info = attachment.info
-        self.pipe = attachment.pipe
-        self.vae = VAECodec(attachment.pipe, attachment.info.family.latent_convention)
+        self.info = info
+        self.vae = VAECodec(attachment.pipe, info.family.latent_convention) if attachment is not None else None
         self.pending_image: torch.Tensor | None = None
 
-    def plan(self, arguments: dict, stages: list) -> list:
+    def plan(self, request, stages: list) -> list:
         if len(stages) != 1 or not stages[0].trivial:
             return stages
         config, info = self.config, self.info
         height, width = stages[0].height, stages[0].width
         image = self.pending_image
-        start = tuple(image.shape[-2:]) if image is not None else None
+        start = tuple(image.shape[-2:]) if image is not None else request.image_size
         sizes = stage_sizes(info, config, height, width, start)
-        if image is None and len(sizes) < 2:
+        if start is None and len(sizes) < 2:
             return stages  # at or below the base size: a plain call
         generator = stages[0].generator
         later = len(sizes) - 1
         renoise = per_stage(config, "renoise", later)
         guided = per_stage(config, "guided_steps", later)
         scales = per_stage(config, "guidance_scale", later)
-        apgs = per_stage(config, "apg", later)
-        parameters = self.attachment.calls.parameters
-        conditioning = {name: arguments.get(name) for name in _SIZE_CONDITIONING if name in parameters}
+        # per-stage settings of other techniques (StructureGuidanceConfig.apg), pushed onto each stage's call
+        settings = [per_stage(config, f.name, later) for f in dataclasses.fields(config) if STAGE_SETTINGS in f.metadata]
+        conditioning = {name: request.arguments.get(name) for name in _SIZE_CONDITIONING if name in request.parameters}
         conditioning = {k: (v if v is not None and tuple(v) != (height, width) else base_area_size(info, height, width))
                         for k, v in conditioning.items()}
         plan = []
-        if image is None:
+        if start is None:
             plan.append(Stage(*sizes[0], owner=TECHNIQUE_NAME, generator=generator, call_arguments=dict(conditioning),
-                              data=_Guide()))
+                              planned_steps=request.steps, data=_Guide()))
         for i, (h, w) in enumerate(sizes[1:]):
             guide = _Guide(renoise=renoise[i], guided_steps=guided[i],
                            guidance_scale=scales[i])
             call_arguments = dict(conditioning)
             if scales[i] is not None:
                 call_arguments[info.family.guidance_scale_name] = scales[i]
-            plan.append(Stage(h, w, owner=TECHNIQUE_NAME, generator=generator, call_arguments=call_arguments,
-                              overrides={} if apgs[i] is None else {"apg": apgs[i]}, schedule=self._schedule,
-                              start=self._start, data=guide))
+            steps = None if request.steps is None else schedules.stage_steps(
+                request.steps, stage_renoise(renoise[i], request.steps))
+            stage = Stage(h, w, owner=TECHNIQUE_NAME, generator=generator, call_arguments=call_arguments,
+                          schedule=self._schedule, start=self._start, data=guide, planned_steps=steps, refines=True,
+                          vae_passes=self._vae_passes(sizes[i], (h, w), first=start is not None and i == 0))
+            for values in settings:
+                if values[i] is not None:
+                    stage.set(values[i])
+            plan.append(stage)
         if image is not None:
             plan[0].data.origin = image
         return plan
+
+    def _vae_passes(self, previous: tuple[int, int], size: tuple[int, int], first: bool) -> tuple:
+        """What a later stage runs through the VAE: in pixel space (`upscale_space` or `space` "pixel") its
+        start decodes the previous result (the user's picture needs none) and encodes the upscaled image;
+        in latent space nothing. With `space="pixel"` every guided step also decodes and encodes."""
+        config, passes = self.config, []
+        if (config.upscale_space or config.space) == "pixel" or first:
+            if not first:
+                passes.append(VAEPass("decode", *previous, f"start: decode of {previous[1]}x{previous[0]}"))
+            passes.append(VAEPass("encode", *size, "start: encode of the upscaled image"))
+        if config.space == "pixel":
+            passes += [VAEPass("decode", *size, "guided steps: decode"), VAEPass("encode", *size, "guided steps: encode")]
+        return tuple(passes)
 
     def _start(self, stage, previous) -> torch.Tensor:
         """Upscale the previous result (or the user's picture) to the stage: its x0 and the guide's low band."""
@@ -330,7 +284,7 @@ class StructureGuidance:
 
         def upscale(x, size):
             up = resize(x, size, config.upscale)
-            up = unsharp_mask(up, config.sharpen_alpha, sigma) if sigma else up
+            up = unsharp_mask(up, config.sharpen_alpha, sigma, SHARPEN_KERNEL) if sigma else up
             return clamp_to_source_range(up, x) if config.anti_ringing else up
 
         if (config.upscale_space or config.space) == "latent" and previous is not None:
@@ -352,8 +306,7 @@ class StructureGuidance:
         if kwargs.get("mu") is not None:  # flow: the base size's shift (see the module docstring)
             sigmas = kwargs.get("sigmas")
             steps = len(sigmas) if sigmas is not None else kwargs.get("num_inference_steps", args[0] if args else None)
-            base_mu = schedules.pipeline_shift_mu(self.info.family.shift_rule, scheduler.config, self.info.base_tokens, steps)
-            kwargs = {**kwargs, "mu": min(kwargs["mu"], base_mu)}
+            kwargs = {**kwargs, "mu": schedules.clamped_mu(kwargs["mu"], self.info, scheduler.config, steps)}
         set_timesteps(*args, **kwargs)
         total = len(scheduler.timesteps)
         guide.renoise = stage_renoise(guide.renoise, total)
@@ -377,7 +330,7 @@ class StructureGuidance:
         channels = x.shape[1]
         prediction, rest = full[:, :channels], full[:, channels:]  # PixArt's learned sigma stays as it is
         t = torch.as_tensor(timestep).flatten()[0].double() / info.family.timestep_input_scale
-        level = schedules.noise_level(self.pipe.scheduler, info.prediction_type, t).to(x.device)
+        level = schedules.noise_level(self.attachment.pipe.scheduler, info.prediction_type, t).to(x.device)
         x0 = schedules.predicted_x0(prediction, x, info.prediction_type, level)
         x0 = self._swap(x0, state)
         new = schedules.output_from_x0(x0, x, info.prediction_type, level).to(output.dtype)
@@ -410,32 +363,6 @@ class StructureGuidance:
         image = wavelets.swap_low_band(image, tile_batch(guide, image.shape[0]).to(image.device), config.wavelet, level, WAVELET_MODE)
         delta = self.vae.encode(image) - guided
         return x0 + (torch.cat([delta, delta]) if halves else delta)
-
-
-class VAECodec:
-    """Decode / encode between the denoiser's latent space and pixels in [-1, 1], in float32 out, in the
-    latent convention of the family's pipeline (`hires.families.LatentConvention`)."""
-
-    def __init__(self, pipe, convention):
-        self.pipe = pipe
-        self.convention = convention
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        with vae_precision(vae) as dtype:
-            x = latent_space.to_vae(self.convention, vae, z).to(dtype)
-            if has_frame_axis(vae):
-                return vae.decode(x[:, :, None], return_dict=False)[0][:, :, 0].float()
-            return vae.decode(x, return_dict=False)[0].float()
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
-        with vae_precision(vae) as dtype:
-            if has_frame_axis(vae):
-                x = vae.encode(image.to(dtype)[:, :, None]).latent_dist.mode()[:, :, 0]
-            else:
-                x = vae.encode(image.to(dtype)).latent_dist.mode()
-        return latent_space.from_vae(self.convention, vae, x)
 
 
 def info_batched(info) -> bool:
@@ -480,10 +407,9 @@ TECHNIQUE_NAME = "structure_guidance"
 
 
 def install(attachment, config: StructureGuidanceConfig) -> None:
-    """hires.apply's installer: validate against the family, plan stages through the stage engine."""
+    """hires.apply's installer: validate against the family; its planner (the record's) plans the stages."""
     validate(config, attachment.info)
-    guidance = StructureGuidance(attachment, config)
-    engine_of(attachment).add_planner(TECHNIQUE_NAME, guidance)
+    guidance = attachment.stages.planner(TECHNIQUE_NAME)
     # The guidance hook goes in first, beneath ours: the low-band swap then acts on outputs whose
     # CFG combination already is APG's / noise-damped guidance's result, so the swap stays exact.
     ensure_guidance_hook(attachment)
