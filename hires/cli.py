@@ -700,14 +700,14 @@ def print_plan(args, request: Request, config_values, device: str, dtype, image_
           f"device {device}")
     print(f"techniques: {', '.join(config.enabled_techniques()) or 'none'}")
     # Flux.2 [dev] never runs CFG; true-CFG families run its halves as separate calls
-    cfg = info.family.guidance_layout != "none" and (request.guidance is None or request.guidance > 1)
+    cfg = info.family.runs_cfg and (request.guidance is None or request.guidance > 1)
     budget = config.memory.max_memory
     status = 0
     for number, (h, w, steps) in enumerate(stages):
         label = "input image" if steps is None else f"{steps} steps"
         try:
             estimate = plan(denoiser, model.pipe.vae, height=h, width=w, latent_factor=info.latent_factor, dtype=dtype,
-                            cfg=cfg, cfg_batched=info.family.guidance_layout == "batched", budget=budget,
+                            cfg=cfg, cfg_batched=info.family.cfg_batched, budget=budget,
                             name=info.name, device_type=device.split(":")[0]).summary()
         except MemoryBudgetError as err:
             estimate, status = f"DOES NOT FIT: {err}", 2
@@ -816,12 +816,10 @@ def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
 
 def cmd_techniques(args: argparse.Namespace) -> int:
     """Every technique: its config class, the families it applies to and its options with defaults."""
-    from .families import FAMILIES, ModelInfo
+    from .families import FAMILIES, nominal_info
     from .techniques import all_techniques
 
-    probes = [ModelInfo(family=f, base_height=1024, base_width=1024, latent_factor=8,
-                        patch_size=1 if f.architecture == "unet" else 2,
-                        prediction_type="flow" if f.prediction_source == "flow" else "epsilon") for f in FAMILIES]
+    probes = [nominal_info(f) for f in FAMILIES]
     for record in all_techniques():
         name, sub = record.name, record.config_type()
         families = []

@@ -38,6 +38,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from . import registry
 from .config import HiresConfig, validate_size
 from .families import ModelInfo, read_model_info
+from .sampling.latents import adapter_for
 from .sampling.stages import StageEngine, StageRequest, plan_stages
 from .techniques import all_techniques
 
@@ -120,9 +121,9 @@ class CallState:
     def guidance_scale(self) -> float | None:
         """The classifier-free guidance scale the pipeline combines with (None if not running CFG)."""
         family = self.info.family
-        if family.guidance_layout == "none":
+        if not family.runs_cfg:
             return None
-        if family.guidance_layout == "separate" and family.cfg_switch and not self.call_locals.get(family.cfg_switch, False):
+        if family.cfg_separate and family.cfg_switch and not self.call_locals.get(family.cfg_switch, False):
             return None
         scale = self.call_locals.get(family.guidance_scale_name)
         if scale is None:
@@ -275,71 +276,6 @@ class _CallStateHook(ModelHook):
         return args, kwargs
 
 
-FRAME_LIST_HOOK = HOOK_PREFIX + "frame_list"
-
-
-class _FrameListView:
-    """What the two halves of the frame-list adapter share during one denoiser call."""
-
-    def __init__(self):
-        self.sample = self.time = self.frames = self.model_time = None
-        self.velocity = self.raw_output = None
-
-
-def _output_list(output):
-    return output[0] if isinstance(output, tuple) else output.sample
-
-
-def _with_output(output, value):
-    if isinstance(output, tuple):
-        return (value, *output[1:])
-    return dataclasses.replace(output, sample=value)
-
-
-class _FrameListTensorView(ModelHook):
-    """Z-Image's transformer takes a list of (C, 1, h, w) latents and the time 1 - sigma, and returns a
-    list of negated velocities. Hooks below this one see (B, C, h, w), sigma and the velocity; an
-    unchanged view is handed back as the very objects the pipeline passed or the model returned, so a
-    call no technique touches is bit-identical."""
-
-    def __init__(self, view: _FrameListView):
-        super().__init__()
-        self.view = view
-
-    def new_forward(self, module, x, t, *args, **kwargs):
-        if not isinstance(x, list) or not x or not isinstance(x[0], torch.Tensor):
-            return self.fn_ref.original_forward(x, t, *args, **kwargs)  # omni inputs: nothing hires sees
-        view = self.view
-        view.frames, view.model_time = x, t
-        view.sample = torch.stack([frame[:, 0] for frame in x])
-        view.time = 1 - t
-        view.velocity = view.raw_output = None
-        output = self.fn_ref.original_forward(view.sample, view.time, *args, **kwargs)
-        velocity = _output_list(output)
-        if velocity is view.velocity:
-            return view.raw_output
-        return _with_output(output, [frame[:, None] for frame in (-velocity).unbind(0)])
-
-
-class _FrameListCall(ModelHook):
-    """The inner half: the denoiser's own list form, from the view's tensors (or the originals)."""
-
-    def __init__(self, view: _FrameListView):
-        super().__init__()
-        self.view = view
-
-    def new_forward(self, module, sample, time, *args, **kwargs):
-        view = self.view
-        if not isinstance(sample, torch.Tensor) or view.sample is None:
-            return self.fn_ref.original_forward(sample, time, *args, **kwargs)
-        frames = view.frames if sample is view.sample else [latent[:, None] for latent in sample.unbind(0)]
-        model_time = view.model_time if time is view.time else 1 - time
-        output = self.fn_ref.original_forward(frames, model_time, *args, **kwargs)
-        view.raw_output = output
-        view.velocity = -torch.stack([frame[:, 0] for frame in _output_list(output)])
-        return _with_output(output, view.velocity)
-
-
 class _CallScope:
     """Wraps the pipeline's own progress bar: entering starts a call, exiting ends it."""
 
@@ -375,6 +311,7 @@ class Attachment:
         self.state: CallState | None = None
         self.last_call: CallRecord | None = None
         self.stages = None  # the stage engine (hires.sampling.stages), when a staged technique is on
+        self.latents = adapter_for(info)  # between the denoiser's latents and (B, C, h, w) (hires.sampling.latents)
         self.techniques: list[tuple[registry.Technique, Any]] = []  # enabled (record, config), in order
         self._in_call = False
         self._call_timesteps: torch.Tensor | None = None
@@ -434,10 +371,9 @@ class Attachment:
     def attach(self) -> None:
         self._check_modules_not_shared()
         self.techniques = installed_techniques(self.config)
-        frame_list = self.info.family.denoiser_io == "frame_list"
-        if frame_list:  # innermost: back to the denoiser's own list form
-            view = _FrameListView()
-            self.add_hook(self.denoiser, _FrameListCall(view), FRAME_LIST_HOOK + ".call")
+        view = self.latents.denoiser_view()  # a denoiser that does not take tensors (Z-Image's list of latents)
+        if view is not None:  # innermost: back to the denoiser's own form
+            self.add_hook(self.denoiser, *view[0])
         planners = [(record.name, record.make_planner(self.info, sub, self)) for record, sub in self.techniques
                     if record.planner is not None]
         if planners:
@@ -450,8 +386,8 @@ class Attachment:
                 install(self, sub)
         # Registered last, so it is the outermost hook: the state is current before technique hooks run.
         self.add_hook(self.denoiser, _CallStateHook(self), CALL_STATE_HOOK)
-        if frame_list:  # outside everything: every hires hook sees the tensor view
-            self.add_hook(self.denoiser, _FrameListTensorView(view), FRAME_LIST_HOOK + ".view")
+        if view is not None:  # outside everything: every hires hook sees the tensor view
+            self.add_hook(self.denoiser, *view[1])
         if hasattr(type(self.pipe), "check_inputs"):  # ZImagePipeline has none: it checks sizes itself, first
             self.wrap_method(self.pipe, "check_inputs", self._make_check_inputs)
         self.wrap_method(self.pipe, "progress_bar", self._make_progress_bar)
@@ -575,25 +511,8 @@ class Attachment:
 
     def _new_state(self, arguments: dict) -> CallState:
         info = self.info
-        latents = next(iter(v for k, v in arguments.items() if k != "self"))
-        trailing = 0  # image-sequence tokens after the image's own (Flux.2's reference images)
-        if info.family.latent_layout == "packed" and info.family.packed_grid_source == "img_shapes":
-            # Qwen-Image: per batch item (frames, rows, cols), or a list of them led by the image's
-            # (ControlNet pipelines pass the bare tuples).
-            shape = arguments["img_shapes"][0]
-            _, rows, cols = shape[0] if isinstance(shape, list) else shape
-            latent_h, latent_w = int(rows) * info.patch_size, int(cols) * info.patch_size
-        elif info.family.latent_layout == "packed":
-            # Packed latents carry their grid in img_ids (row in column 1, column in column 2).
-            ids = arguments["img_ids"]
-            ids = ids[0] if ids.ndim == 3 else ids
-            own = ids[:, 0] == 0  # Flux.2 appends reference images' tokens at time ids 10, 20, ...
-            trailing = int((~own).sum())
-            ids = ids[own]
-            rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-            latent_h, latent_w = rows * info.patch_size, cols * info.patch_size
-        else:
-            latent_h, latent_w = latents.shape[-2:]
+        # trailing: image-sequence tokens after the image's own (Flux.2's reference images)
+        latent_h, latent_w, trailing = self.latents.grid(arguments)
         height, width = int(latent_h) * info.latent_factor, int(latent_w) * info.latent_factor
         validate_size("height", height, info.size_multiple, info.name)
         validate_size("width", width, info.size_multiple, info.name)

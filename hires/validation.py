@@ -96,7 +96,7 @@ def factor_map(owner: str, name: str, value: Any, minimum: float) -> tuple[tuple
 
 
 def require_unet(owner: str, info, instead: str) -> None:
-    if info.family.architecture != "unet":
+    if not info.family.is_unet:
         raise ValueError(
             f"{owner} acts on UNet convolutions; family {info.name!r} is a diffusion transformer "
             f"without them. For {info.name!r} use {instead}"

@@ -130,7 +130,7 @@ def techniques_for(family: str) -> list[str]:
         names.append("dype")
     names.append("skip_residual")
     record = _family_record(family)
-    if record.packed_grid_source == "img_ids" and record.denoiser_io == "tensor" and family not in MASKED_ATTENTION:
+    if record.layout.sub_grids_refused is None and family not in MASKED_ATTENTION:
         names += ["dilated_sampling", "dilated_sampling_local"]
     if family not in UNTILEABLE_VAE:
         names += ["vae_tiling", "memory", "memory_staged"]

@@ -8,7 +8,7 @@ import torch
 
 import hires
 from hires.runtime import get_attachment
-from hires.techniques.apg.combiner import PRESETS, adaptive_projected_guidance, resolve, x0_coefficients
+from hires.techniques.apg.combiner import adaptive_projected_guidance, resolve, x0_coefficients
 from hires.denoiser.guidance import ensure_guidance_hook
 from test_guidance import TRUE_CFG, Recorder, cfg_kwargs
 from tiny_models import build, generate
@@ -264,7 +264,7 @@ def test_the_scheduler_receives_the_apg_prediction(family, space):
 def test_presets_scale_the_threshold_with_the_latent_size(family):
     pipe = build(family)
     config = hires.APGConfig(enabled=True)
-    preset = PRESETS[family]
+    preset = hires.model_info(pipe).family.apg
     settings = resolve(config, get_attachment(hires.apply(pipe, hires.HiresConfig(apg=config))).info)
     assert (settings.eta, settings.momentum) == (preset.eta, preset.momentum)
     assert settings.threshold_for(torch.zeros(2, 4, 16, 16)) == pytest.approx(preset.rms_threshold_x0 * 32)
@@ -291,7 +291,7 @@ def test_active_range_leaves_other_steps_as_plain_cfg():
     assert hires.last_call(pipe).notes["log.apg.steps"] == [1, 2]
     assert torch.equal(rec.stepped[0], rec_plain.stepped[0])  # untouched before start
     assert not torch.equal(rec.stepped[1], rec_plain.stepped[1])
-    preset = PRESETS[family]
+    preset = hires.model_info(pipe).family.apg
     expected = _expected_predictions(pipe, family, rec, 5.0, preset.eta, lambda t: preset.rms_threshold_x0 * math.sqrt(t[0].numel()),
                                      preset.momentum, "x0", active=lambda step: step in (1, 2))
     for want, got in zip(expected, rec.stepped):

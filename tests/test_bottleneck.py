@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
-from hires.sampling import schedules, stages
+from hires.sampling import latents, schedules, stages
 from hires.sampling import resize as resize_math
 from hires.techniques.bottleneck import slices as bottleneck
 from hires.techniques.structure_guidance import guidance as progressive
@@ -43,7 +43,7 @@ class _Denoiser:
             state = attachment.state
             self.sizes.append((state.height, state.width))
             timestep = signature.bind_partial(module, *args, **kwargs).arguments[family.timestep_argument]
-            if family.denoiser_io == "frame_list":  # Z-Image's transformer takes 1 - sigma
+            if family.layout.frame_list:  # Z-Image's transformer takes 1 - sigma
                 timestep = 1 - timestep
             self.timesteps.append(round(float(torch.as_tensor(timestep).flatten()[0]) / scale, 2))
 
@@ -259,7 +259,7 @@ def test_each_stage_starts_from_the_resized_clean_estimate_of_the_last(family_na
     _call(pipe, family_name, 64, steps=10)
     assert len(records) == 10
     packed = family_name == "flux"
-    spatial = (lambda x, side: progressive.unpack(x, side, side, 2)) if packed else (lambda x, side: x)
+    spatial = (lambda x, side: latents.unpack(x, side, side, 2)) if packed else (lambda x, side: x)
     for last, first, side, next_side in [(0, 1, 8, 4), (7, 8, 4, 8)]:
         output, _, sample, sigma = records[last]
         x0 = spatial(sample, side) - sigma * spatial(output, side)

@@ -14,7 +14,7 @@ import hires
 from hires.config import FlowAlignmentConfig, HiresConfig, StructureGuidanceConfig
 from hires.runtime import HOOK_PREFIX, get_attachment
 from hires.techniques.flow_alignment import alignment as FA
-from hires.sampling.stages import unpack
+from hires.sampling.latents import unpack
 from tiny_models import build, generate
 
 FLOW_FAMILIES = ("flux", "sd3")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import hires
 from hires.sampling import latent_space, schedules
-from hires.sampling.stages import unpack
+from hires.sampling.latents import unpack
 from hires.techniques.entropy_scaling import scaling as E
 from hires.techniques.window_attention import windows as W
 from surface_support import technique_options, techniques_for
@@ -130,7 +130,7 @@ def test_non_square_sizes(new_family, technique, size):
 
 
 def pipe_convention(pipe):
-    return hires.model_info(pipe).family.latent_convention
+    return hires.model_info(pipe).family.layout
 
 
 # -- Flux.2's latent normalisation ---------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def test_chunk_size_divides_every_sequence():
 # -- inside tiny pipelines -----------------------------------------------------------------------
 def test_memory_technique_with_room_is_bit_identical_and_logs_its_plan(family):
     pipe = tiny_models.build(family)
-    if hires.model_info(pipe).family.vae_untileable:  # the planner could not tile this VAE: refused up front
+    if hires.model_info(pipe).family.vae.untileable:  # the planner could not tile this VAE: refused up front
         with pytest.raises(ValueError, match=r"MemoryConfig\(enabled=True\) does not apply to family.*causal 3D VAE"):
             hires.apply(pipe, HiresConfig(memory=MemoryConfig(enabled=True, max_memory="64GiB")))
         assert not hires.is_applied(pipe)

@@ -11,6 +11,7 @@ import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
 from hires.sampling import latent_space, schedules, wavelets
 from hires.sampling import resize as resize_math
+from hires.sampling.latents import pack, unpack
 from hires.techniques.structure_guidance import guidance as progressive
 from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate
 
@@ -24,10 +25,10 @@ def _call(pipe, family, size, steps=6, seed=0, output_type="latent", **extra):
 def _spatial(pipe, family, latents, size):
     """Flux returns packed latents for output_type='latent'; Flux.2 [klein] the VAE's own latent."""
     family_record = hires.model_info(pipe).family
-    if family_record.latent_output == "vae":
-        return latent_space.from_vae(family_record.latent_convention, pipe.vae, latents)
-    if family_record.latent_layout == "packed":
-        return progressive.unpack(latents, size // 8, size // 8, 2)
+    if family_record.layout.returns_vae_latent:
+        return latent_space.from_vae(family_record.layout, pipe.vae, latents)
+    if family_record.layout.packed:
+        return unpack(latents, size // 8, size // 8, 2)
     return latents
 
 
@@ -73,9 +74,9 @@ def test_pack_and_unpack_equal_fluxs_own_layout():
     from diffusers import FluxPipeline
 
     z = torch.randn(2, 4, 6, 8)
-    packed = progressive.pack(z, 2)
+    packed = pack(z, 2)
     assert torch.equal(packed, FluxPipeline._pack_latents(z, 2, 4, 6, 8))
-    assert torch.equal(progressive.unpack(packed, 6, 8, 2), z)
+    assert torch.equal(unpack(packed, 6, 8, 2), z)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "flow", "sample"])

@@ -147,7 +147,7 @@ def test_structure_guidance_codec_decodes_as_the_pipeline_does():
     packed = _generate(pipe, "qwenimage", 64, output_type="latent")
     image = _generate(pipe, "qwenimage", 64)  # postprocessed to [0, 1]
     latent = pipe._unpack_latents(packed, 64, 64, pipe.vae_scale_factor)[:, :, 0]
-    convention = hires.model_info(pipe).family.latent_convention
+    convention = hires.model_info(pipe).family.layout
     codec = latent_space.VAECodec(pipe, convention)
     decoded = codec.decode(latent)
     torch.testing.assert_close((decoded / 2 + 0.5).clamp(0, 1), image, atol=1e-6, rtol=0)

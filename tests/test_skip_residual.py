@@ -10,6 +10,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 import hires
 from hires.sampling import schedules, stages
+from hires.sampling import latents
 from hires.techniques.structure_guidance import guidance as progressive
 from hires.techniques.skip_residual import blend as skip_residual
 from tiny_models import build, generate
@@ -126,7 +127,7 @@ def test_each_step_starts_from_the_blend_toward_the_noised_start(family_name, mo
     lh = lw = 16
 
     def spatial(sample):
-        return stages.unpack(sample, lh, lw, 2) if flux else sample
+        return latents.unpack(sample, lh, lw, 2) if flux else sample
 
     def noised(t):
         if flux:

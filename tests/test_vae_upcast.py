@@ -7,7 +7,7 @@ import torch
 
 import hires
 import tiny_models
-from hires.families import LatentConvention
+from hires.families import LatentLayout
 from hires.sampling import latent_space
 from hires.sampling.latent_space import VAECodec
 
@@ -35,7 +35,7 @@ class _Pipe:
 def test_structure_guidance_codec_follows_force_upcast(force_upcast):
     vae = overflowing_vae(force_upcast)
     before = {k: v.clone() for k, v in vae.state_dict().items()}
-    codec = VAECodec(_Pipe(vae), LatentConvention())
+    codec = VAECodec(_Pipe(vae), LatentLayout())
     z, image = latent_and_image()
     with torch.no_grad():
         finite = torch.isfinite(codec.decode(z)).all() and torch.isfinite(codec.encode(image)).all()

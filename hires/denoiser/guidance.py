@@ -46,6 +46,8 @@ from typing import Any, Callable
 import torch
 from diffusers.hooks import ModelHook
 
+from .outputs import output_tensor, with_tensor
+
 GUIDANCE_HOOK = "hires.guidance"
 
 Combiner = Callable[[torch.Tensor, torch.Tensor, float, Any], "torch.Tensor | None"]
@@ -108,7 +110,7 @@ def _no_guidance_error(owner: str, attachment, state) -> ValueError:
     family = attachment.info.family
     name = family.guidance_scale_name
     value = state.call_locals.get(name)
-    if family.guidance_layout == "separate" and family.cfg_switch:
+    if family.cfg_separate and family.cfg_switch:
         remedy = (f"pass {name} > 1 together with a negative_prompt (true classifier-free guidance), "
                   f"or disable {owner}")
         got = f"{name}={value!r}, negative prompt given: {bool(state.call_locals.get(family.cfg_switch, False))}"
@@ -117,22 +119,6 @@ def _no_guidance_error(owner: str, attachment, state) -> ValueError:
         got = f"{name}={value!r}"
     return ValueError(f"{owner} needs classifier-free guidance, but this {type(attachment.pipe).__name__} call runs "
                       f"without it ({got}); {remedy}")
-
-
-def _output_tensor(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple):
-        return output[0]
-    return output.sample  # diffusers' BaseOutput of every supported denoiser
-
-
-def _with_tensor(output, tensor: torch.Tensor):
-    if isinstance(output, torch.Tensor):
-        return tensor
-    if isinstance(output, tuple):
-        return (tensor,) + tuple(output[1:])
-    return dataclasses.replace(output, sample=tensor)
 
 
 def _sample(arguments: dict) -> torch.Tensor:
@@ -146,7 +132,7 @@ class GuidanceHook(ModelHook):
     def __init__(self, attachment):
         super().__init__()
         self.attachment = attachment
-        self.layout = attachment.info.family.guidance_layout
+        self.separate = attachment.info.family.cfg_separate  # a cond call, then an uncond call (true CFG)
         self.cond_first = attachment.info.family.cfg_cond_first
         self.timestep_input_scale = attachment.info.family.timestep_input_scale
         self.channels = prediction_channels(attachment.denoiser.config)
@@ -181,7 +167,7 @@ class GuidanceHook(ModelHook):
             if self.combiner is not None and self.combiner_active(state):
                 raise _no_guidance_error(self.combiner_owner, self.attachment, state)
             return output
-        if self.layout == "separate":
+        if self.separate:
             return self._separate(output, scale, state, args, kwargs)
         return self._batched(output, scale, state, args, kwargs)
 
@@ -217,7 +203,7 @@ class GuidanceHook(ModelHook):
         return guided
 
     def _batched(self, output, scale, state, args, kwargs):
-        tensor = _output_tensor(output)
+        tensor = output_tensor(output)
         batch = tensor.shape[0]
         if batch % 2:
             return output
@@ -240,10 +226,10 @@ class GuidanceHook(ModelHook):
             result[cond_half] = new_cond
         else:
             result[cond_half, : self.channels] = new_cond
-        return _with_tensor(output, result)
+        return with_tensor(output, result)
 
     def _separate(self, output, scale, state, args, kwargs):
-        tensor = _output_tensor(output)
+        tensor = output_tensor(output)
         slot = state.slot(GuidanceCall)
         pending, slot.pending_cond = slot.pending_cond, None
         if pending is None:  # the cond call of this step: keep it for the uncond call that follows
@@ -259,4 +245,4 @@ class GuidanceHook(ModelHook):
         else:
             result = tensor.clone()
             result[:, : self.channels] = new_uncond
-        return _with_tensor(output, result)
+        return with_tensor(output, result)

@@ -1,6 +1,6 @@
 """Between a pipeline's latent space (what its denoiser sees, unpacked to (B, C, h, w)) and what its
-VAE decodes, as the family's pipeline converts (`hires.families.LatentConvention`): a VAE config
-field counts only where the pipeline's own code reads it.
+VAE decodes, as the family's pipeline converts (`hires.families.LatentLayout`'s convention fields): a
+VAE config field counts only where the pipeline's own code reads it.
 
 - scaling only (SD 1.x/2.x, PixArt; SDXL without per-channel statistics): z = v * scaling_factor;
 - with the shift (SD3, Flux, Chroma, Z-Image): z = (v - shift_factor) * scaling_factor;
@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from ..families import vae_kind
 
 
 def _patchify(z: torch.Tensor, patch: int) -> torch.Tensor:
@@ -65,7 +67,7 @@ def _affine(convention, vae, like: torch.Tensor) -> tuple[torch.Tensor | float, 
 
 
 def to_vae(convention, vae, z: torch.Tensor) -> torch.Tensor:
-    """The VAE's own latent (float32) of a pipeline latent `z` (`convention`: the family's LatentConvention)."""
+    """The VAE's own latent (float32) of a pipeline latent `z` (`convention`: the family's LatentLayout)."""
     z = z.float()
     if convention.batch_norm_patches:
         patch = _patch(vae)
@@ -107,15 +109,10 @@ def vae_precision(vae):
         vae.to(torch.float16)
 
 
-def has_frame_axis(vae) -> bool:
-    """Whether `vae` is a video VAE taking (B, C, frames, H, W) (Qwen-Image's causal 3D VAE), which
-    hires' tiled decode does not cover."""
-    return bool(getattr(vae, "temperal_downsample", None))
-
-
 class VAECodec:
     """Decode / encode between the denoiser's latent space and pixels in [-1, 1], in float32 out, in the
-    latent convention of the family's pipeline (`hires.families.LatentConvention`)."""
+    latent convention of the family's pipeline (`convention`: its `hires.families.LatentLayout`); a VAE with
+    a frame axis (`hires.families.vae_kind`) gets and gives one frame."""
 
     def __init__(self, pipe, convention):
         self.pipe = pipe
@@ -125,14 +122,14 @@ class VAECodec:
         vae = self.pipe.vae
         with vae_precision(vae) as dtype:
             x = to_vae(self.convention, vae, z).to(dtype)
-            if has_frame_axis(vae):
+            if vae_kind(vae).frame_axis:
                 return vae.decode(x[:, :, None], return_dict=False)[0][:, :, 0].float()
             return vae.decode(x, return_dict=False)[0].float()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         with vae_precision(vae) as dtype:
-            if has_frame_axis(vae):
+            if vae_kind(vae).frame_axis:
                 x = vae.encode(image.to(dtype)[:, :, None]).latent_dist.mode()[:, :, 0]
             else:
                 x = vae.encode(image.to(dtype)).latent_dist.mode()

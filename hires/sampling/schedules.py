@@ -167,15 +167,24 @@ def flux2_empirical_mu(tokens: int, steps: int) -> float:
     return float(at_200(tokens) + slope * (steps - 200))
 
 
+def _flux2_rule(scheduler_config, tokens: int, steps: int | None) -> float:
+    if steps is None:
+        raise ValueError("Flux.2's shift depends on the step count; num_inference_steps is unknown here")
+    return flux2_empirical_mu(tokens, int(steps))
+
+
+# The families' mu rules (hires.families.Family.shift_rule).
+SHIFT_RULES = {
+    "linear": lambda scheduler_config, tokens, steps: scheduler_shift_mu(scheduler_config, tokens),
+    "flux2_empirical": _flux2_rule,
+}
+
+
 def pipeline_shift_mu(rule: str, scheduler_config, tokens: int, steps: int | None) -> float:
     """mu a family's pipeline computes for `tokens` image tokens (`hires.families.Family.shift_rule`)."""
-    if rule == "linear":
-        return scheduler_shift_mu(scheduler_config, tokens)
-    if rule == "flux2_empirical":
-        if steps is None:
-            raise ValueError("Flux.2's shift depends on the step count; num_inference_steps is unknown here")
-        return flux2_empirical_mu(tokens, int(steps))
-    raise ValueError(f"shift rule {rule!r}: expected 'linear' or 'flux2_empirical'")
+    if rule not in SHIFT_RULES:
+        raise ValueError(f"shift rule {rule!r}: expected one of {', '.join(map(repr, SHIFT_RULES))}")
+    return SHIFT_RULES[rule](scheduler_config, tokens, steps)
 
 
 def base_size_mu(info, scheduler_config, steps: int | None) -> float:

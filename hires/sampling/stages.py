@@ -40,26 +40,11 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import latent_space, schedules
+from . import schedules
 
 # __call__ arguments that resize the request inside the pipeline; stages pass exact sizes instead.
 RESIZING_ARGUMENTS = {"use_resolution_binning": False}
 ENGINE_ATTRIBUTE = "_hires_stage_engine"
-
-
-def pack(latents: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/p * w/p, C p p): Flux's packed token layout."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
-
-
-def unpack(tokens: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
-    """Inverse of `pack` for a latent grid of height x width."""
-    b, _, d = tokens.shape
-    c = d // (patch * patch)
-    x = tokens.view(b, height // patch, width // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, height, width)
 
 
 def tile_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -176,6 +161,7 @@ class StageEngine:
         self.attachment = attachment
         self.pipe = attachment.pipe
         self.info = attachment.info
+        self.latents = attachment.latents  # the layout's adapter (hires.sampling.latents)
         self.planners: list[tuple[str, Any]] = []
         self.current: Stage | None = None
         self.running = False
@@ -258,7 +244,7 @@ class StageEngine:
             self.running = False
             self.current = None
             self.pipe.__dict__.update(saved)  # the user's call set its own state before encode_prompt
-        self.pending = _Pending(call.frame, self._as_denoiser_latents(stages[-1].output))
+        self.pending = _Pending(call.frame, self.latents.output_to_latents(stages[-1].output, self.pipe.vae))
         for stage in stages:
             stage.drop_tensors()
         self.last_run = tuple(stages)
@@ -307,28 +293,15 @@ class StageEngine:
         spatial = self._spatial(latents, stage, returned=False)
         for hook in stage.after_step:
             spatial = hook(stage, index, spatial)
-        if self.info.family.latent_layout == "packed":
-            spatial = pack(spatial, self.info.patch_size)
-        return _with_latents(output, spatial.to(latents.dtype))
+        return _with_latents(output, self.latents.from_spatial(spatial).to(latents.dtype))
 
     def _spatial(self, latents: torch.Tensor, stage: Stage, returned: bool = True) -> torch.Tensor:
         """(B, C, h, w) denoiser latents of a stage's output (`returned`: what the pipeline returned for
         output_type="latent"; else latents as the denoiser sees them)."""
-        info = self.info
-        if returned and info.family.latent_output == "vae":
-            return latent_space.from_vae(info.family.latent_convention, self.pipe.vae, latents)
-        if info.family.latent_layout != "packed":
-            return latents
-        f = info.latent_factor
-        return unpack(latents, stage.height // f, stage.width // f, info.patch_size)
-
-    def _as_denoiser_latents(self, output: torch.Tensor) -> torch.Tensor:
-        """A pipeline's output_type="latent" result as its prepare_latents returns latents."""
-        info = self.info
-        if info.family.latent_output != "vae":
-            return output
-        latents = latent_space.from_vae(info.family.latent_convention, self.pipe.vae, output)
-        return pack(latents, info.patch_size).to(output.dtype) if info.family.latent_layout == "packed" else latents
+        f = self.info.latent_factor
+        if returned:
+            return self.latents.output_to_spatial(latents, stage.height // f, stage.width // f, self.pipe.vae)
+        return self.latents.to_spatial(latents, stage.height // f, stage.width // f)
 
     def _fill(self, stage: Stage) -> None:
         """Write the stage's start, noised to its first timestep, into the tensor its loop starts from."""
@@ -338,9 +311,7 @@ class StageEngine:
         noisy = schedules.renoise(self.pipe.scheduler, x0, noise, stage.start_timestep)
         if stage.after_step:
             stage.noise = noise
-        if self.info.family.latent_layout == "packed":
-            noisy = pack(noisy, self.info.patch_size)
-        target.copy_(noisy.to(target.dtype))
+        target.copy_(self.latents.from_spatial(noisy).to(target.dtype))
         stage.target = None
 
     def _maybe_finish(self) -> None:

@@ -62,7 +62,7 @@ def saturation_stats(decoded: torch.Tensor) -> dict[str, float]:
 
 def _call_kwargs(pipe, guidance: float) -> dict:
     info = hires.model_info(pipe)
-    if info.family.guidance_layout == "separate":  # Flux: true CFG needs a negative prompt
+    if info.family.cfg_separate:  # Flux: true CFG needs a negative prompt
         return {info.family.guidance_scale_name: guidance, "negative_prompt": ""}
     return {info.family.guidance_scale_name: guidance}
 
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
 
     pipe = DiffusionPipeline.from_pretrained(options.model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    extra = {"max_sequence_length": 8} if hires.model_info(pipe).family.guidance_layout == "separate" else {}
+    extra = {"max_sequence_length": 8} if hires.model_info(pipe).family.cfg_separate else {}
     try:
         import testbed_common as tc
 

@@ -147,38 +147,6 @@ def x0_coefficients(prediction_type: str, scheduler, step_index: int, timestep: 
     )
 
 
-# -- presets -----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class APGPreset:
-    eta: float
-    momentum: float
-    # r as a root-mean-square per element: the threshold is rms * sqrt(elements per sample), so the
-    # same share of the update is clipped at every size (a plain L2 norm grows with sqrt(area)).
-    rms_threshold_x0: float
-    rms_threshold_output: float
-    source: str
-
-
-_ETA_SOURCE = "eta 0: the paper's setting in most experiments (shared/references/attention_guidance.md (b))"
-_MOMENTUM_SOURCE = "momentum -0.5: diffusers AdaptiveProjectedMixGuidance default (HunyuanImage 2.1), within the paper-era -0.5..-0.75"
-# ComfyUI's APG node (acts on the denoised x0) defaults to norm_threshold 5; diffusers' guider (acts
-# on the raw output) to 15. Both are read here as norms on an SDXL-size latent (4 x 128 x 128 =
-# 65536 elements, sqrt = 256) and turned into per-element values.
-_X0_RMS, _OUTPUT_RMS = 5.0 / 256.0, 15.0 / 256.0
-_THRESHOLD_SOURCE = ("r: ComfyUI nodes_apg default 5 (x0) / diffusers AdaptiveProjectedGuidance default 15 (output), "
-                     "per element at a 4x128x128 latent; no per-family values are published, to be tuned on the testbed")
-
-
-def _preset() -> APGPreset:
-    return APGPreset(eta=0.0, momentum=-0.5, rms_threshold_x0=_X0_RMS, rms_threshold_output=_OUTPUT_RMS,
-                     source="; ".join((_ETA_SOURCE, _MOMENTUM_SOURCE, _THRESHOLD_SOURCE)))
-
-
-# One entry per CFG family; they share the published values until the testbed says otherwise.
-PRESETS: dict[str, APGPreset] = {family: _preset() for family in ("sd15", "sd21", "sdxl", "pixart", "sd3", "flux",
-                                                                    "qwenimage", "zimage", "flux2_klein", "chroma")}
-
-
 @dataclasses.dataclass(frozen=True)
 class APGSettings:
     """An APGConfig with the family preset filled in."""
@@ -202,9 +170,10 @@ class APGSettings:
 
 
 def resolve(config, info) -> APGSettings:
-    preset = PRESETS.get(info.name)
+    """`config` with its family's defaults filled in (hires.families.Family.apg)."""
+    preset = info.family.apg
     if preset is None:
-        raise ValueError(f"APGConfig has no preset for family {info.name!r}; presets exist for {', '.join(PRESETS)}")
+        raise ValueError(f"APGConfig has no defaults for family {info.name!r}, which runs no classifier-free guidance")
     rms = preset.rms_threshold_x0 if config.space == "x0" else preset.rms_threshold_output
     return APGSettings(
         eta=preset.eta if config.eta is None else float(config.eta),

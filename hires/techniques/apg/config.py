@@ -36,7 +36,7 @@ class APGConfig:
             raise ValueError(f"{owner}.eta={self.eta!r} must be a finite number >= 0")
 
     def validate_for(self, info) -> None:
-        if info.family.guidance_layout == "none":
+        if not info.family.runs_cfg:
             raise ValueError(
                 f"APGConfig changes how classifier-free guidance combines, but family {info.name!r} never runs CFG "
                 f"(its {info.family.guidance_scale_name} feeds a distilled guidance embedding); disable APGConfig "

@@ -41,15 +41,9 @@ class DilatedSamplingConfig:
 
     def validate_for(self, info) -> None:
         family = info.family
-        if family.latent_layout not in ("spatial", "packed") or (family.latent_layout == "packed"
-                                                                 and "height" not in family.rope_axis_sides):
-            raise ValueError(f"DilatedSamplingConfig: {info.name} latents ({family.latent_layout!r} layout) cannot be "
-                             "split into sub-lattices: it needs a spatial latent, or packed tokens whose position ids "
-                             "name their height and width axes (Family.rope_axis_sides); disable dilated_sampling")
-        if family.packed_grid_source != "img_ids" or family.denoiser_io != "tensor":
-            raise ValueError(f"DilatedSamplingConfig: {info.name}'s denoiser takes its token grid from "
-                             f"{family.packed_grid_source!r} and its latents as a {family.denoiser_io!r}; the sub-lattice "
-                             "pass builds per-lattice position ids for Flux-style img_ids and tensor latents only; "
-                             "disable dilated_sampling")
+        reason = family.layout.sub_grids_refused
+        if reason:
+            raise ValueError(f"DilatedSamplingConfig: {info.name}'s latent cannot be split into sub-lattices and "
+                             f"windows the denoiser takes on their own: {reason}; disable dilated_sampling")
         if family.attention_masked:
             raise ValueError(f"DilatedSamplingConfig: {info.name}: {family.attention_masked}; disable dilated_sampling")

@@ -31,7 +31,7 @@ are dropped.
 
 Families. The sub-lattices are taken in the latent grid: Flux's packed tokens (2x2 patches) are
 unpacked first and each sub-lattice packed again, with position ids of the sub-lattice's own base
-grid built from the family's `rope_axis_sides`; SD3 and PixArt patchify inside the model, so their
+grid built from the layout's `id_axes` (hires.sampling.latents); SD3 and PixArt patchify inside the model, so their
 spatial latents are split directly and they place a base-size input on their base grid themselves.
 During the batched passes `attachment.state` is a copy with the crops' size, so hooks that read
 the call's size (RoPE scaling, entropy factors, attention windows) treat them as base-size calls.
@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
+from ...denoiser.outputs import output_tensor, with_tensor
 from ...sampling import schedules
 from .config import DilatedSamplingConfig
 
@@ -123,21 +124,6 @@ def merge_lattices(y: torch.Tensor, strides: tuple[int, int]) -> torch.Tensor:
     return x.reshape(b, c, h * sh, w * sw)
 
 
-def grid_ids(template: torch.Tensor, rows: int, cols: int, axis_sides: tuple) -> torch.Tensor:
-    """Position ids (rows cols, axes) of a rows x cols token grid, row-major as Flux packs: the axes
-    `axis_sides` names "height" / "width" count rows / columns, the others keep the template's first
-    token's value."""
-    ids = template[0].expand(rows * cols, template.shape[-1]).clone()
-    r = torch.arange(rows, device=ids.device, dtype=ids.dtype).repeat_interleave(cols)
-    c = torch.arange(cols, device=ids.device, dtype=ids.dtype).repeat(rows)
-    for axis, side in enumerate(axis_sides):
-        if side == "height":
-            ids[:, axis] = r
-        elif side == "width":
-            ids[:, axis] = c
-    return ids
-
-
 def fuse(full: torch.Tensor, dilated: torch.Tensor, weight: float) -> torch.Tensor:
     """weight dilated + (1 - weight) full, in float32."""
     return weight * dilated.float() + (1 - weight) * full.float()
@@ -199,19 +185,6 @@ class DilatedCall:
     windows_step: int | None = None  # the step the last boxes were drawn for
 
 
-def _pack(x: torch.Tensor, patch: int) -> torch.Tensor:
-    b, c, h, w = x.shape
-    y = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return y.reshape(b, (h // patch) * (w // patch), c * patch * patch)
-
-
-def _unpack(tokens: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
-    b, _, d = tokens.shape
-    c = d // (patch * patch)
-    x = tokens.reshape(b, height // patch, width // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, height, width)
-
-
 def _expand_batch(value, batch: int, times: int, window: slice):
     """Every per-sample tensor (first dimension = batch) repeated `times` times sample by sample, the
     `window` of that batch; other values as they are (dicts, e.g. added_cond_kwargs, looked into)."""
@@ -220,20 +193,6 @@ def _expand_batch(value, batch: int, times: int, window: slice):
     if isinstance(value, dict):
         return {k: _expand_batch(v, batch, times, window) for k, v in value.items()}
     return value
-
-
-def _output_tensor(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    return output[0] if isinstance(output, tuple) else output.sample
-
-
-def _with_tensor(output, tensor: torch.Tensor):
-    if isinstance(output, torch.Tensor):
-        return tensor
-    if isinstance(output, tuple):
-        return (tensor, *output[1:])
-    return dataclasses.replace(output, sample=tensor)
 
 
 class DilatedSamplingHook(ModelHook):
@@ -274,54 +233,43 @@ class DilatedSamplingHook(ModelHook):
             log["windows"] = tuple(slot.windows)
         else:
             output = self.fn_ref.original_forward(**arguments)
-            full = _output_tensor(output)
+            full = output_tensor(output)
         if strides == (1, 1):
-            return _with_tensor(output, full.to(_output_tensor(output).dtype))
+            return with_tensor(output, full.to(output_tensor(output).dtype))
         timestep = float(torch.as_tensor(arguments["timestep"]).flatten()[0]) / info.family.timestep_input_scale
         cosine = schedules.cosine_factor(self.attachment.pipe.scheduler, info.prediction_type, timestep)
         weight = cosine**config.fusion_exponent
         slot.weights.append(weight)
         log["weights"] = tuple(slot.weights)
         dilated = self.dilated_prediction(arguments, state, strides, cosine)
-        dtype = _output_tensor(output).dtype
-        return _with_tensor(output, fuse(full, dilated, weight).to(dtype))
+        dtype = output_tensor(output).dtype
+        return with_tensor(output, fuse(full, dilated, weight).to(dtype))
 
     # -- the batched passes ------------------------------------------------------------------------
     def _spatial_sample(self, arguments: dict, state) -> torch.Tensor:
-        sample = arguments[self.sample_name]
-        if self.info.family.latent_layout == "packed":
-            return _unpack(sample, state.latent_height, state.latent_width, self.info.patch_size)
-        return sample
+        return self.attachment.latents.to_spatial(arguments[self.sample_name], state.latent_height, state.latent_width)
 
     def _run_batched(self, arguments: dict, crops: torch.Tensor, count: int):
         """The denoiser on `crops` (B count, C, h, w: sample b's crops at b count ...), every other
         per-sample argument repeated to match, in calls of at most max_batch crops per sample.
         Returns the spatial predictions (float32) and the output object of the last call."""
-        info, config = self.info, self.config
-        packed = info.family.latent_layout == "packed"
-        patch = info.patch_size
+        info, config, latents = self.info, self.config, self.attachment.latents
         batch = crops.shape[0] // count
         h, w = crops.shape[-2:]
-        inputs = crops.to(arguments[self.sample_name].dtype)
-        if packed:
-            img_ids = arguments["img_ids"]
-            sub_ids = grid_ids(img_ids.reshape(-1, img_ids.shape[-1]), h // patch, w // patch, info.family.rope_axis_sides)
-            inputs = _pack(inputs, patch)
+        inputs = latents.from_spatial(crops.to(arguments[self.sample_name].dtype))
+        grid_arguments = latents.sub_grid_arguments(arguments, h, w)  # the crops' own position ids
         chunk = (config.max_batch or count) * batch
         # Hooks that read the call's size (RoPE scaling, entropy factors, windows) see the crops' size.
         state = self.attachment.state
         self.attachment.state = dataclasses.replace(state, height=h * info.latent_factor, width=w * info.latent_factor)
         try:
-            outputs, output = self._forward_chunks(arguments, inputs, batch, count, chunk,
-                                                   sub_ids if packed else None)
+            outputs, output = self._forward_chunks(arguments, inputs, batch, count, chunk, grid_arguments)
         finally:
             self.attachment.state = state
-        predicted = torch.cat(outputs).float()
-        if packed:
-            predicted = _unpack(predicted, h, w, patch)
-        return predicted, output
+        return latents.to_spatial(torch.cat(outputs).float(), h, w), output
 
-    def _forward_chunks(self, arguments: dict, inputs: torch.Tensor, batch: int, count: int, chunk: int, sub_ids):
+    def _forward_chunks(self, arguments: dict, inputs: torch.Tensor, batch: int, count: int, chunk: int,
+                        grid_arguments: dict):
         outputs, output = [], None
         for start in range(0, inputs.shape[0], chunk):
             window = slice(start, start + chunk)
@@ -333,15 +281,14 @@ class DilatedSamplingHook(ModelHook):
                     piece[name] = value  # per-token position ids (Flux's img_ids / txt_ids), not per sample
                 else:
                     piece[name] = _expand_batch(value, batch, count, window)
-            if sub_ids is not None:
-                piece["img_ids"] = sub_ids
+            piece.update(grid_arguments)
             piece[self.sample_name] = inputs[window]
             output = self.fn_ref.original_forward(**piece)
-            outputs.append(_output_tensor(output))
+            outputs.append(output_tensor(output))
         return outputs, output
 
     def _as_output_layout(self, spatial: torch.Tensor) -> torch.Tensor:
-        return _pack(spatial, self.info.patch_size) if self.info.family.latent_layout == "packed" else spatial
+        return self.attachment.latents.from_spatial(spatial)
 
     def dilated_prediction(self, arguments: dict, state, strides: tuple[int, int], cosine: float) -> torch.Tensor:
         """The denoiser's prediction for every position, each from its sub-lattice (same layout as its output)."""

@@ -44,7 +44,8 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ...sampling import schedules, wavelets
-from ...sampling.stages import pack, tile_batch, unpack
+from ...denoiser.outputs import output_tensor, with_tensor
+from ...sampling.stages import tile_batch
 from .config import FlowAlignmentConfig
 
 TECHNIQUE_NAME = "flow_alignment"
@@ -158,11 +159,10 @@ class FlowAlignment:
         return fft_low_pass(x, mask)
 
     def guide(self, output: torch.Tensor, sample: torch.Tensor, timestep, state, weights: StageWeights) -> torch.Tensor:
-        info = self.info
-        packed = info.family.latent_layout == "packed"
+        info, latents = self.info, self.attachment.latents
         lh, lw = state.latent_height, state.latent_width
-        x = unpack(sample, lh, lw, info.patch_size) if packed else sample
-        velocity = (unpack(output, lh, lw, info.patch_size) if packed else output).float()
+        x = latents.to_spatial(sample, lh, lw)
+        velocity = latents.to_spatial(output, lh, lw).float()
         t = torch.as_tensor(timestep).flatten()[0].double() / info.family.timestep_input_scale
         sigma = float(schedules.flow_sigma(self.attachment.pipe.scheduler, t))
         call = state.slot(_AlignmentCall)
@@ -183,14 +183,14 @@ class FlowAlignment:
         call.outputs.append(guided)
         state.log["log.flow_alignment.steps"] = list(call.steps_aligned)
         guided = guided.to(output.dtype)
-        return pack(guided, info.patch_size) if packed else guided
+        return latents.from_spatial(guided)
 
     def _combined(self, outputs: list, state) -> torch.Tensor:
         """The step's velocity as the pipeline combined it from its calls' guided outputs."""
         scale = state.guidance_scale
         if scale is None:
             return outputs[0]
-        if self.info.family.guidance_layout == "separate":  # Flux true CFG: the cond call, then the uncond
+        if self.info.family.cfg_separate:  # true CFG: the cond call, then the uncond
             if len(outputs) != 2:
                 return outputs[0]
             cond, uncond = outputs
@@ -224,12 +224,8 @@ class _FlowAlignmentHook(ModelHook):
             return output
         sample, timestep, state, weights = self.pending
         self.pending = None
-        prediction = output[0] if isinstance(output, tuple) else output.sample
-        guided = self.alignment.guide(prediction, sample, timestep, state, weights)
-        if isinstance(output, tuple):
-            return (guided, *output[1:])
-        output.sample = guided
-        return output
+        guided = self.alignment.guide(output_tensor(output), sample, timestep, state, weights)
+        return with_tensor(output, guided)
 
 
 def install(attachment, config: FlowAlignmentConfig) -> None:

@@ -26,7 +26,7 @@ class VAETilingConfig:
                 raise ValueError(f"{owner}.{name}={value!r} must be a {'positive' if name == 'tile_size' else 'non-negative'} int (latent pixels) or None")
 
     def validate_for(self, info) -> None:
-        reason = info.family.vae_untileable
+        reason = info.family.vae.untileable
         if reason:
             raise ValueError(f"VAETilingConfig(enabled=True) does not apply to family {info.name!r}: {reason}")
 
@@ -51,7 +51,7 @@ class MemoryConfig:
             raise ValueError(f"{owner}.feed_forward_chunks={self.feed_forward_chunks!r} must be a positive int or None")
 
     def validate_for(self, info) -> None:
-        reason = info.family.vae_untileable
+        reason = info.family.vae.untileable
         if reason:
             raise ValueError(f"MemoryConfig(enabled=True) does not apply to family {info.name!r}: the planner's "
                              f"way out of a large decode is hires' tiled VAE, and {reason}")

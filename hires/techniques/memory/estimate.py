@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ...sampling.latent_space import has_frame_axis, needs_upcast
+from ...families import denoiser_family, vae_kind
+from ...sampling.latent_space import needs_upcast
 
 GiB = 2**30
 
@@ -181,7 +182,7 @@ def _vae_peak_cached(cls, config_items, kind, shape, dtype, tiled, tile_size, gr
 
     vae = _meta_vae(config_items, cls, dtype)
     x = torch.empty(shape, dtype=dtype, device="meta")
-    if has_frame_axis(vae):
+    if vae_kind(vae).frame_axis:
         if tiled:
             raise ValueError(f"{cls.__name__} is a video VAE (latents with a frame axis); hires does not tile it")
         fn = (lambda: vae._decode(x)) if kind == "decode" else (lambda: vae._encode(x))  # noqa: E731
@@ -202,109 +203,88 @@ def _vae_peak_cached(cls, config_items, kind, shape, dtype, tiled, tile_size, gr
 
 def vae_latent_shape(vae, batch: int, latent_h: int, latent_w: int) -> tuple[int, ...]:
     """The latent `vae.decode` receives for one image: a frame axis of 1 for a video VAE."""
-    if has_frame_axis(vae):
+    if vae_kind(vae).frame_axis:
         return (batch, vae.config.z_dim, 1, latent_h, latent_w)
     return (batch, vae.config.latent_channels, latent_h, latent_w)
 
 
 # -- denoiser -------------------------------------------------------------------------------------
-# Dummy forward inputs per denoiser class (shapes only): text length of the family's usual encoder.
-def _unet_inputs(model, batch, latent_h, latent_w, dtype):
+# Dummy forward inputs per denoiser class (shapes only); `family` gives the text length of its encoders and
+# the position-id axes (hires.families).
+def _unet_inputs(model, family, batch, latent_h, latent_w, dtype):
     config = model.config
     kwargs = dict(
         sample=torch.empty(batch, config.in_channels, latent_h, latent_w, dtype=dtype),
         timestep=torch.empty(batch),
-        encoder_hidden_states=torch.empty(batch, 77, config.cross_attention_dim, dtype=dtype),
+        encoder_hidden_states=torch.empty(batch, family.text_tokens, config.cross_attention_dim, dtype=dtype),
     )
     if config.addition_embed_type == "text_time":
         time_ids = 6
         text = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, text, dtype=dtype), "time_ids": torch.empty(batch, time_ids, dtype=dtype)}
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, text, dtype=dtype),
+                                       "time_ids": torch.empty(batch, time_ids, dtype=dtype)}
     return kwargs
 
 
-def _pixart_inputs(model, batch, latent_h, latent_w, dtype):
+def _pixart_inputs(model, family, batch, latent_h, latent_w, dtype):
     config = model.config
     return dict(
         hidden_states=torch.empty(batch, config.in_channels, latent_h, latent_w, dtype=dtype),
-        encoder_hidden_states=torch.empty(batch, 300, config.caption_channels, dtype=dtype),
+        encoder_hidden_states=torch.empty(batch, family.text_tokens, config.caption_channels, dtype=dtype),
         timestep=torch.empty(batch),
         added_cond_kwargs={"resolution": None, "aspect_ratio": None},
     )
 
 
-def _sd3_inputs(model, batch, latent_h, latent_w, dtype):
+def _sd3_inputs(model, family, batch, latent_h, latent_w, dtype):
     config = model.config
     return dict(
         hidden_states=torch.empty(batch, config.in_channels, latent_h, latent_w, dtype=dtype),
-        encoder_hidden_states=torch.empty(batch, 77 + 256, config.joint_attention_dim, dtype=dtype),
+        encoder_hidden_states=torch.empty(batch, family.text_tokens, config.joint_attention_dim, dtype=dtype),
         pooled_projections=torch.empty(batch, config.pooled_projection_dim, dtype=dtype),
         timestep=torch.empty(batch),
     )
 
 
-def _flux_inputs(model, batch, latent_h, latent_w, dtype):
+def _packed_ids_inputs(model, family, batch, latent_h, latent_w, dtype):
+    """Flux, Flux.2, Chroma: packed tokens with a position id per token on the layout's id axes."""
     config = model.config
-    tokens, text = (latent_h // 2) * (latent_w // 2), 512
-    kwargs = dict(
-        hidden_states=torch.empty(batch, tokens, config.in_channels, dtype=dtype),
-        encoder_hidden_states=torch.empty(batch, text, config.joint_attention_dim, dtype=dtype),
-        pooled_projections=torch.empty(batch, config.pooled_projection_dim, dtype=dtype),
-        timestep=torch.empty(batch),
-        img_ids=torch.empty(tokens, 3),
-        txt_ids=torch.empty(text, 3),
-    )
-    if config.guidance_embeds:
-        kwargs["guidance"] = torch.empty(batch)
-    return kwargs
-
-
-def _flux2_inputs(model, batch, latent_h, latent_w, dtype):
-    config = model.config
-    tokens, text = (latent_h // 2) * (latent_w // 2), 512
+    patch, axes, text = family.layout.patch_size, len(family.layout.id_axes), family.text_tokens
+    tokens = (latent_h // patch) * (latent_w // patch)
     kwargs = dict(
         hidden_states=torch.empty(batch, tokens, config.in_channels, dtype=dtype),
         encoder_hidden_states=torch.empty(batch, text, config.joint_attention_dim, dtype=dtype),
         timestep=torch.empty(batch),
-        img_ids=torch.empty(tokens, 4),
-        txt_ids=torch.empty(text, 4),
+        img_ids=torch.empty(tokens, axes),
+        txt_ids=torch.empty(text, axes),
     )
-    if config.guidance_embeds:
+    if getattr(config, "pooled_projection_dim", None):
+        kwargs["pooled_projections"] = torch.empty(batch, config.pooled_projection_dim, dtype=dtype)
+    if getattr(config, "guidance_embeds", False):
         kwargs["guidance"] = torch.empty(batch)
+    if family.attention_masked:  # ChromaPipeline passes its text padding mask; the model expands it per block
+        kwargs["attention_mask"] = torch.empty(batch, text + tokens, dtype=dtype)
     return kwargs
 
 
-def _chroma_inputs(model, batch, latent_h, latent_w, dtype):
+def _qwenimage_inputs(model, family, batch, latent_h, latent_w, dtype):
     config = model.config
-    tokens, text = (latent_h // 2) * (latent_w // 2), 512
-    return dict(
-        hidden_states=torch.empty(batch, tokens, config.in_channels, dtype=dtype),
-        encoder_hidden_states=torch.empty(batch, text, config.joint_attention_dim, dtype=dtype),
-        timestep=torch.empty(batch),
-        img_ids=torch.empty(tokens, 3),
-        txt_ids=torch.empty(text, 3),
-        # ChromaPipeline always passes its text padding mask; the transformer expands it to (S, S) per block.
-        attention_mask=torch.empty(batch, text + tokens, dtype=dtype),
-    )
-
-
-def _qwenimage_inputs(model, batch, latent_h, latent_w, dtype):
-    config = model.config
-    rows, cols, text = latent_h // 2, latent_w // 2, 512
+    patch = family.layout.patch_size
+    rows, cols = latent_h // patch, latent_w // patch
     return dict(
         hidden_states=torch.empty(batch, rows * cols, config.in_channels, dtype=dtype),
-        encoder_hidden_states=torch.empty(batch, text, config.joint_attention_dim, dtype=dtype),
+        encoder_hidden_states=torch.empty(batch, family.text_tokens, config.joint_attention_dim, dtype=dtype),
         timestep=torch.empty(batch),
         img_shapes=[[(1, rows, cols)]] * batch,
     )
 
 
-def _zimage_inputs(model, batch, latent_h, latent_w, dtype):
+def _zimage_inputs(model, family, batch, latent_h, latent_w, dtype):
     config = model.config
     return dict(
         x=[torch.empty(config.in_channels, 1, latent_h, latent_w, dtype=dtype)] * batch,
         t=torch.empty(batch),
-        cap_feats=[torch.empty(512, config.cap_feat_dim, dtype=dtype)] * batch,
+        cap_feats=[torch.empty(family.text_tokens, config.cap_feat_dim, dtype=dtype)] * batch,
     )
 
 
@@ -312,9 +292,9 @@ DENOISER_INPUTS = {
     "UNet2DConditionModel": _unet_inputs,
     "PixArtTransformer2DModel": _pixart_inputs,
     "SD3Transformer2DModel": _sd3_inputs,
-    "FluxTransformer2DModel": _flux_inputs,
-    "Flux2Transformer2DModel": _flux2_inputs,
-    "ChromaTransformer2DModel": _chroma_inputs,
+    "FluxTransformer2DModel": _packed_ids_inputs,
+    "Flux2Transformer2DModel": _packed_ids_inputs,
+    "ChromaTransformer2DModel": _packed_ids_inputs,
     "QwenImageTransformer2DModel": _qwenimage_inputs,
     "ZImageTransformer2DModel": _zimage_inputs,
 }
@@ -324,20 +304,22 @@ def denoiser_peak_bytes(denoiser, latent_h: int, latent_w: int, dtype: torch.dty
                         feed_forward_chunks: int = 1, device_type: str | None = None) -> int:
     """Peak activation bytes of one forward of `denoiser`'s architecture at a latent size on `device_type`."""
     builder = next((DENOISER_INPUTS[c.__name__] for c in type(denoiser).__mro__ if c.__name__ in DENOISER_INPUTS), None)
-    if builder is None:
+    family = denoiser_family(denoiser)
+    if builder is None or family is None:
         raise TypeError(f"denoiser={type(denoiser).__name__} has no memory model; known: {', '.join(DENOISER_INPUTS)}")
-    return _denoiser_peak_cached(type(denoiser), _frozen_config(denoiser.config), latent_h, latent_w, dtype, batch,
-                                 feed_forward_chunks, builder, device_type or default_device_type())
+    return _denoiser_peak_cached(type(denoiser), _frozen_config(denoiser.config), family, latent_h, latent_w, dtype,
+                                 batch, feed_forward_chunks, builder, device_type or default_device_type())
 
 
 @functools.lru_cache(maxsize=128)
-def _denoiser_peak_cached(cls, config_items, latent_h, latent_w, dtype, batch, chunks, builder, device_type) -> int:
+def _denoiser_peak_cached(cls, config_items, family, latent_h, latent_w, dtype, batch, chunks, builder,
+                          device_type) -> int:
     from . import chunking as memory_technique
 
     with torch.device("meta"):
         model = cls.from_config(dict(config_items))
         model = _cast(model, dtype)
-        kwargs = builder(model, batch, latent_h, latent_w, dtype)
+        kwargs = builder(model, family, batch, latent_h, latent_w, dtype)
     with memory_technique.feed_forward_chunking(model, chunks):
         return meta_peak_bytes(lambda: model(**kwargs, return_dict=False), device_type)
 
@@ -474,7 +456,7 @@ def _vae_choice(vae, kind, shape, dtype, free, tile_vae, tile_size, device_type,
     hires' tiled path computes in (float32 for an upcast VAE), default `dtype`."""
     untiled = vae_peak_bytes(vae, kind, shape, dtype, tiled=False, device_type=device_type)
     if tile_vae is None:
-        tile_vae = untiled > free and not has_frame_axis(vae)  # a video VAE is decoded whole or refused
+        tile_vae = untiled > free and not vae_kind(vae).frame_axis  # a video VAE is decoded whole or refused
     if not tile_vae:
         return None, untiled, untiled
     option, cost = _first_fitting(
@@ -765,7 +747,7 @@ def plan_for_call(attachment, config, state, args, kwargs, sequential_allowed: b
     device, dtype = parameter.device, parameter.dtype
     first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
     cfg = state.guidance_scale is not None
-    batched = attachment.info.family.guidance_layout == "batched"
+    batched = attachment.info.family.cfg_batched
     batch = max(1, first.shape[0] // (2 if cfg and batched else 1))
     budget, other = call_budget(pipe, denoiser, config, device)
     sequential = config.sequential_cfg if sequential_allowed else False

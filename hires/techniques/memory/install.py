@@ -60,13 +60,13 @@ def _call_batch(arguments: dict) -> int:
 
 
 def _uses_cfg(family, arguments: dict, stage) -> bool:
-    if family.guidance_layout == "none":  # Flux.2 [dev]: guidance_scale feeds the guidance embedding
+    if not family.runs_cfg:  # Flux.2 [dev]: guidance_scale feeds the guidance embedding
         return False
     name = family.guidance_scale_name
     scale = stage.call_arguments.get(name, arguments.get(name))
     if scale is None or scale <= 1:
         return False
-    if family.guidance_layout == "separate" and family.cfg_switch:  # true CFG runs only with a negative prompt
+    if family.cfg_separate and family.cfg_switch:  # true CFG runs only with a negative prompt
         return arguments.get("negative_prompt") is not None or arguments.get("negative_prompt_embeds") is not None
     return True
 
@@ -103,7 +103,7 @@ class CallMemoryPlanner:
         return memory_planner.plan_call(
             denoiser, pipe.vae, denoiser_passes=denoiser_passes, vae_passes=vae_passes,
             latent_factor=info.latent_factor, dtype=next(iter(denoiser.parameters())).dtype, batch=batch,
-            cfg_batched=info.family.guidance_layout == "batched", budget=budget, other_weights=other,
+            cfg_batched=info.family.cfg_batched, budget=budget, other_weights=other,
             tile_vae=None if not tiling.enabled or tiling.mode == "auto" else tiling.mode == "always",
             tile_size=tiling.tile_size if tiling.enabled else None, feed_forward_chunks=self.config.feed_forward_chunks,
             sequential_cfg=self.config.sequential_cfg if self.sequential_allowed else False,
@@ -210,7 +210,7 @@ def install_memory(attachment, config: MemoryConfig) -> None:
     if config.feed_forward_chunks != 1:
         for block in blocks:
             attachment.add_hook(block, FeedForwardChunkHook(choices), FF_HOOK)
-    batched = attachment.info.family.guidance_layout == "batched"
+    batched = attachment.info.family.cfg_batched
     clashing = attachment.enabled_with("whole_cfg_batch")
     if config.sequential_cfg and batched and clashing:
         raise ValueError(

@@ -60,7 +60,7 @@ class PositionConfig:
                                  f"got yarn_beta_fast={betas[0]!r}, yarn_beta_slow={betas[1]!r}")
 
     def validate_for(self, info) -> None:
-        if info.family.architecture != "dit":
+        if info.family.is_unet:
             raise ValueError(
                 f"PositionConfig changes a diffusion transformer's positional encoding; family {info.name!r} "
                 "is a UNet and has none. For UNets use RedilationConfig, EntropyScalingConfig or progressive "

@@ -498,7 +498,7 @@ class _RopeHook(ModelHook):
         self.settings = settings
         unit = attachment.info.token_side
         self.base_lengths = {"height": attachment.info.base_height // unit, "width": attachment.info.base_width // unit}
-        self.axis_sides = attachment.info.family.rope_axis_sides
+        self.axis_sides = attachment.info.family.layout.id_axes
 
     def axis_scales(self, state) -> list[float | None]:
         return axis_scales(self.axis_sides, state)
@@ -623,7 +623,7 @@ class _RopeTables:
         self.original = original
         unit = attachment.info.token_side
         self.base_lengths = {"height": attachment.info.base_height // unit, "width": attachment.info.base_width // unit}
-        self.axis_sides = attachment.info.family.rope_axis_sides
+        self.axis_sides = attachment.info.family.layout.id_axes
 
     def __getattr__(self, name):  # theta, axes_dims, axes_lens, freqs_cis: the model's own
         if name == "original":

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
+from ...denoiser.outputs import output_tensor, with_tensor
 from ...validation import closest_names
 from .config import RAUNetConfig
 
@@ -190,19 +191,6 @@ class RAUNet:
         return slot
 
 
-def _output_tensor(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-
-
-def _with_tensor(output, tensor: torch.Tensor):
-    if isinstance(output, tuple):
-        return (tensor, *output[1:])
-    if hasattr(output, "sample"):
-        output.sample = tensor
-        return output
-    return tensor
-
-
 class _DownsamplerHook(ModelHook):
     """Records the input size (for the mirrored upsampler); the RAU downsampler also runs strided."""
 
@@ -249,9 +237,9 @@ class _PoolHook(ModelHook):
         call = self.controller.call()
         if call is None or not call.pooled:
             return output
-        features = _output_tensor(output)
+        features = output_tensor(output)
         call.pooled_size = tuple(features.shape[-2:])
-        return _with_tensor(output, pool_features(features))
+        return with_tensor(output, pool_features(features))
 
 
 class _RestoreHook(ModelHook):
@@ -265,11 +253,11 @@ class _RestoreHook(ModelHook):
         call = self.controller.call()
         if call is None or not call.pooled or call.pooled_size is None:
             return output
-        features = _output_tensor(output)
+        features = output_tensor(output)
         mode = self.controller.config.upsample_mode
         resized = F.interpolate(features, size=call.pooled_size, mode=mode,
                                 **({} if mode == "nearest" else {"align_corners": False}))
-        return _with_tensor(output, resized)
+        return with_tensor(output, resized)
 
 
 def install(attachment, config: RAUNetConfig) -> RAUNet:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 
 from ...denoiser.guidance import ensure_guidance_hook, pipeline_runs_cfg
+from ...denoiser.outputs import output_tensor
 from ...validation import closest_names
 from .config import RedilationConfig
 from .dispersion import disperse_kernel
@@ -382,7 +383,7 @@ class Redilation:
         # Only the uncond half of the weak pass is used: run that half alone.
         half_args, half_kwargs = _first_half(args, 2 * half), _first_half(kwargs, 2 * half)
         with self._weak():
-            output = _output_tensor(run(half_args, half_kwargs))
+            output = output_tensor(run(half_args, half_kwargs))
         steps = state.log.setdefault("log.redilation.ndcfg_steps", [])
         steps.append(state.step_index)
         weak_uncond = output[:, : uncond.shape[1]].to(uncond.dtype)
@@ -405,14 +406,6 @@ def _first_half(value, full: int):
     if isinstance(value, (list, tuple)):
         return type(value)(_first_half(v, full) for v in value)
     return value
-
-
-def _output_tensor(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output.sample
 
 
 def effective_conv_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -42,11 +42,12 @@ import torch
 from diffusers.hooks import ModelHook
 
 from ...denoiser.guidance import ensure_guidance_hook
+from ...denoiser.outputs import output_tensor, with_tensor
 from ...families import base_area_size, round_to
 from ...sampling import schedules, wavelets
 from ...sampling.latent_space import VAECodec
 from ...sampling.resize import clamp_to_source_range, resize, unsharp_mask
-from ...sampling.stages import Stage, VAEPass, last_run_of, pack, planner_of, tile_batch, unpack
+from ...sampling.stages import Stage, VAEPass, last_run_of, planner_of, tile_batch
 from ...validation import STAGE_SETTINGS
 from .config import StructureGuidanceConfig
 
@@ -216,7 +217,7 @@ class StructureGuidance:
         self.attachment = attachment
         self.config = config
         self.info = info
-        self.vae = VAECodec(attachment.pipe, info.family.latent_convention) if attachment is not None else None
+        self.vae = VAECodec(attachment.pipe, info.family.layout) if attachment is not None else None
         self.pending_image: torch.Tensor | None = None
 
     def plan(self, request, stages: list) -> list:
@@ -322,11 +323,10 @@ class StructureGuidance:
     # -- the denoiser-side guidance -----------------------------------------------------------
     def guide_output(self, output: torch.Tensor, sample: torch.Tensor, timestep, state) -> torch.Tensor:
         """The model output with its predicted x0's low band replaced by the stage's guide."""
-        info = self.info
-        packed = info.family.latent_layout == "packed"
+        info, latents = self.info, self.attachment.latents
         lh, lw = state.latent_height, state.latent_width
-        x = unpack(sample, lh, lw, info.patch_size) if packed else sample
-        full = unpack(output, lh, lw, info.patch_size) if packed else output
+        x = latents.to_spatial(sample, lh, lw)
+        full = latents.to_spatial(output, lh, lw)
         channels = x.shape[1]
         prediction, rest = full[:, :channels], full[:, channels:]  # PixArt's learned sigma stays as it is
         t = torch.as_tensor(timestep).flatten()[0].double() / info.family.timestep_input_scale
@@ -336,7 +336,7 @@ class StructureGuidance:
         new = schedules.output_from_x0(x0, x, info.prediction_type, level).to(output.dtype)
         if rest.shape[1]:
             new = torch.cat([new, rest], dim=1)
-        return pack(new, info.patch_size) if packed else new
+        return latents.from_spatial(new)
 
     def _swap(self, x0: torch.Tensor, state) -> torch.Tensor:
         data = state.stage.data
@@ -351,7 +351,7 @@ class StructureGuidance:
             return wavelets.swap_low_band(x0, tile_batch(guide, x0.shape[0]).to(x0.device), config.wavelet, level, WAVELET_MODE)
         # Pixel space: the VAE is not linear, so swap the guided prediction once and move every
         # half by the same amount; the pipeline's combination then yields exactly the swapped x0.
-        halves = state.guidance_scale is not None and info_batched(self.info) and x0.shape[0] % 2 == 0
+        halves = state.guidance_scale is not None and self.info.family.cfg_batched and x0.shape[0] % 2 == 0
         if halves:
             uncond, cond = x0.chunk(2)
             if self.info.family.cfg_cond_first:
@@ -363,10 +363,6 @@ class StructureGuidance:
         image = wavelets.swap_low_band(image, tile_batch(guide, image.shape[0]).to(image.device), config.wavelet, level, WAVELET_MODE)
         delta = self.vae.encode(image) - guided
         return x0 + (torch.cat([delta, delta]) if halves else delta)
-
-
-def info_batched(info) -> bool:
-    return info.family.guidance_layout == "batched"
 
 
 class _StructureGuidanceHook(ModelHook):
@@ -394,13 +390,9 @@ class _StructureGuidanceHook(ModelHook):
             return output
         sample, timestep, state = self.pending
         self.pending = None
-        prediction = output[0] if isinstance(output, tuple) else output.sample
-        guided = self.guidance.guide_output(prediction, sample, timestep, state)
+        guided = self.guidance.guide_output(output_tensor(output), sample, timestep, state)
         state.stage.data.guided.add(state.step_index)
-        if isinstance(output, tuple):
-            return (guided, *output[1:])
-        output.sample = guided
-        return output
+        return with_tensor(output, guided)
 
 
 TECHNIQUE_NAME = "structure_guidance"
