@@ -683,6 +683,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def print_plan(args, request: Request, config_values, device: str, dtype, image_size) -> int:
     """--dry-run: the stages, steps and memory estimate of a request, without loading weights."""
+    from .runtime import estimate_adaptations
     from .techniques.memory.estimate import MemoryBudgetError, format_bytes, plan
 
     path = local_model(args.model)
@@ -702,13 +703,14 @@ def print_plan(args, request: Request, config_values, device: str, dtype, image_
     # Flux.2 [dev] never runs CFG; true-CFG families run its halves as separate calls
     cfg = info.family.runs_cfg and (request.guidance is None or request.guidance > 1)
     budget = config.memory.max_memory
+    adaptations = estimate_adaptations(info, config)  # what the techniques make the denoiser do (SD3's table)
     status = 0
     for number, (h, w, steps) in enumerate(stages):
         label = "input image" if steps is None else f"{steps} steps"
         try:
             estimate = plan(denoiser, model.pipe.vae, height=h, width=w, latent_factor=info.latent_factor, dtype=dtype,
                             cfg=cfg, cfg_batched=info.family.cfg_batched, budget=budget,
-                            name=info.name, device_type=device.split(":")[0]).summary()
+                            name=info.name, device_type=device.split(":")[0], adaptations=adaptations).summary()
         except MemoryBudgetError as err:
             estimate, status = f"DOES NOT FIT: {err}", 2
         except ValueError as err:  # e.g. no budget given and no such device to measure

@@ -55,6 +55,10 @@ class Technique:
     # before the installers run (they find it as attachment.stages.planner(name)), and without a pipeline for
     # the stage plan of a dry run; a "package.module:name" string as for `install`
     planner: Callable[..., Any] | str | None = None
+    # adapts_estimate(info, config) -> a hashable callable `adaptation(model)` returning a context manager, or
+    # None: what the memory planner's meta-device copy of the denoiser must do to run as this technique
+    # makes the real one run (SD3's position table past its end); a "package.module:name" string as above
+    adapts_estimate: Callable[..., Any] | str | None = None
 
     def __post_init__(self):
         if not (isinstance(self.name, str) and _NAME.fullmatch(self.name)):
@@ -77,6 +81,10 @@ class Technique:
 
     def installer(self) -> Callable[[Any, Any], None] | None:
         return resolve(self.install)
+
+    def estimate_adaptation(self, info, config):
+        """What the memory planner's estimate must do to follow this technique on `info` (None: nothing)."""
+        return None if self.adapts_estimate is None else resolve(self.adapts_estimate)(info, config)
 
     def make_planner(self, info, config, attachment=None):
         """This technique's stage planner for `config` (None: it plans no stages)."""

@@ -313,6 +313,7 @@ class Attachment:
         self.stages = None  # the stage engine (hires.sampling.stages), when a staged technique is on
         self.latents = adapter_for(info)  # between the denoiser's latents and (B, C, h, w) (hires.sampling.latents)
         self.techniques: list[tuple[registry.Technique, Any]] = []  # enabled (record, config), in order
+        self.estimate_adaptations: tuple = ()  # for the memory planner's estimates (Technique.adapts_estimate)
         self._in_call = False
         self._call_timesteps: torch.Tensor | None = None
         self._call_locals: dict[str, Any] = {}
@@ -371,6 +372,7 @@ class Attachment:
     def attach(self) -> None:
         self._check_modules_not_shared()
         self.techniques = installed_techniques(self.config)
+        self.estimate_adaptations = estimate_adaptations(self.info, self.config)
         view = self.latents.denoiser_view()  # a denoiser that does not take tensors (Z-Image's list of latents)
         if view is not None:  # innermost: back to the denoiser's own form
             self.add_hook(self.denoiser, *view[0])
@@ -533,6 +535,13 @@ def stage_plan(info: ModelInfo, config: HiresConfig, request: StageRequest) -> l
     planners = [(record.name, record.make_planner(info, sub)) for record, sub in installed_techniques(config)
                 if record.planner is not None]
     return plan_stages(planners, request)
+
+
+def estimate_adaptations(info: ModelInfo, config: HiresConfig) -> tuple:
+    """What the memory planner's meta-device denoiser must do to run as the techniques `config` installs
+    make the real one run (Technique.adapts_estimate), in install order."""
+    found = (record.estimate_adaptation(info, sub) for record, sub in installed_techniques(config))
+    return tuple(adaptation for adaptation in found if adaptation is not None)
 
 
 def installed_techniques(config: HiresConfig) -> list[tuple[registry.Technique, Any]]:

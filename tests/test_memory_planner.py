@@ -348,3 +348,35 @@ def test_a_staged_call_that_cannot_fit_is_refused_before_its_first_stage():
     assert forwards == []
     assert "stage 3" in str(error.value) and "try" in str(error.value)
     hires.remove(pipe)
+
+
+# -- the estimate follows what the installed techniques make the denoiser do -----------------------
+def test_the_automatic_preset_plans_sd3_past_its_position_table():
+    """SD3's patch embedding refuses grids past pos_embed_max_size; with PositionConfig (in SD3's automatic
+    preset) hires extends the table, and the planner's meta-device estimate must run the same way: the
+    preset at 4x the tiny SD3's side (a 16-patch grid, table 12) raised in the planner before."""
+    pipe = tiny_models.build("sd3")
+    side = 4 * hires.model_info(pipe).base_height
+    table = pipe.transformer.pos_embed.pos_embed_max_size
+    assert side // 8 // 2 > table  # the request is past the table
+    hires.apply(pipe)
+    image = tiny_models.generate(pipe, "sd3", size=side, steps=2, output_type="pt")
+    assert image.shape[-2:] == (side, side)
+    notes = hires.last_call(pipe).notes
+    assert notes["log.positions.table"][1:] == (side // 16, side // 16, table)
+    assert f"{side}x{side}" in notes["log.memory_call_plan"]
+    hires.remove(pipe)
+
+
+def test_a_denoiser_estimate_past_sd3s_table_runs_with_the_positions_adaptation():
+    from hires.techniques.positions.encodings import TableExtension
+
+    transformer = tiny_models.build("sd3").transformer
+    latent = 2 * 2 * transformer.pos_embed.pos_embed_max_size  # twice the table's side in patches
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        memory_planner.denoiser_peak_bytes(transformer, latent, latent, torch.float32, 1, device_type="cpu")
+    extended = memory_planner.denoiser_peak_bytes(transformer, latent, latent, torch.float32, 1, device_type="cpu",
+                                                  adaptations=(TableExtension("interpolate"),))
+    at_table = memory_planner.denoiser_peak_bytes(transformer, latent // 2, latent // 2, torch.float32, 1,
+                                                  device_type="cpu")
+    assert extended > at_table  # four times the image tokens (the text tokens stay)

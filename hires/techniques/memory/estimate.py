@@ -301,26 +301,33 @@ DENOISER_INPUTS = {
 
 
 def denoiser_peak_bytes(denoiser, latent_h: int, latent_w: int, dtype: torch.dtype, batch: int,
-                        feed_forward_chunks: int = 1, device_type: str | None = None) -> int:
-    """Peak activation bytes of one forward of `denoiser`'s architecture at a latent size on `device_type`."""
+                        feed_forward_chunks: int = 1, device_type: str | None = None, adaptations: tuple = ()) -> int:
+    """Peak activation bytes of one forward of `denoiser`'s architecture at a latent size on `device_type`.
+
+    `adaptations`: what the installed techniques make the denoiser do that its meta-device copy must do too
+    (hires.registry.Technique.adapts_estimate; SD3's table past its end), each `adaptation(model)` a context."""
     builder = next((DENOISER_INPUTS[c.__name__] for c in type(denoiser).__mro__ if c.__name__ in DENOISER_INPUTS), None)
     family = denoiser_family(denoiser)
     if builder is None or family is None:
         raise TypeError(f"denoiser={type(denoiser).__name__} has no memory model; known: {', '.join(DENOISER_INPUTS)}")
     return _denoiser_peak_cached(type(denoiser), _frozen_config(denoiser.config), family, latent_h, latent_w, dtype,
-                                 batch, feed_forward_chunks, builder, device_type or default_device_type())
+                                 batch, feed_forward_chunks, builder, device_type or default_device_type(),
+                                 tuple(adaptations))
 
 
 @functools.lru_cache(maxsize=128)
 def _denoiser_peak_cached(cls, config_items, family, latent_h, latent_w, dtype, batch, chunks, builder,
-                          device_type) -> int:
+                          device_type, adaptations) -> int:
     from . import chunking as memory_technique
 
     with torch.device("meta"):
         model = cls.from_config(dict(config_items))
         model = _cast(model, dtype)
         kwargs = builder(model, family, batch, latent_h, latent_w, dtype)
-    with memory_technique.feed_forward_chunking(model, chunks):
+    with contextlib.ExitStack() as stack:
+        for adaptation in adaptations:
+            stack.enter_context(adaptation(model))
+        stack.enter_context(memory_technique.feed_forward_chunking(model, chunks))
         return meta_peak_bytes(lambda: model(**kwargs, return_dict=False), device_type)
 
 
@@ -433,7 +440,7 @@ def _check_size(height: int, width: int, latent_factor: int) -> None:
 
 
 def _denoiser_choice(denoiser, latent_h, latent_w, dtype, batch, cfg, cfg_batched, free, feed_forward_chunks,
-                     sequential_cfg, device_type) -> tuple[tuple[bool, int], int]:
+                     sequential_cfg, device_type, adaptations=()) -> tuple[tuple[bool, int], int]:
     """((sequential CFG, feed-forward chunks), activations): cheapest first (batched CFG, no
     chunking); the most frugal choice is tried second, so an impossible request costs two estimates."""
     from .chunking import chunkable_blocks
@@ -443,7 +450,7 @@ def _denoiser_choice(denoiser, latent_h, latent_w, dtype, batch, cfg, cfg_batche
     def cost(option):
         sequential, chunks = option
         b = batch * (1 if (sequential or not cfg_batched) else cfg_halves)
-        return denoiser_peak_bytes(denoiser, latent_h, latent_w, dtype, b, chunks, device_type)
+        return denoiser_peak_bytes(denoiser, latent_h, latent_w, dtype, b, chunks, device_type, adaptations)
 
     sequential_options = (sequential_cfg,) if sequential_cfg is not None else ((False, True) if cfg and cfg_batched else (False,))
     chunk_options = ((feed_forward_chunks,) if feed_forward_chunks is not None
@@ -471,7 +478,7 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
          batch: int = 1, cfg: bool = True, cfg_batched: bool = True, budget: int | None = None,
          weights: int | None = None, tile_vae: bool | None = None, tile_size: int | None = None,
          feed_forward_chunks: int | None = None, sequential_cfg: bool | None = None,
-         name: str = "model", device_type: str | None = None) -> MemoryPlan:
+         name: str = "model", device_type: str | None = None, adaptations: tuple = ()) -> MemoryPlan:
     """Choose VAE tiling, feed-forward chunks and CFG layout so the request (its denoiser and one
     decode at its size) fits `budget`, or raise. `plan_call` plans every pass of a call.
 
@@ -479,7 +486,8 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
     any device); `weights` defaults to their parameter bytes in `dtype`; `budget` to the free
     memory of `device_type` (default: CUDA if available, else CPU), whose kernels' workspaces are
     counted. Choices given (not None) are kept; the others are searched, cheapest first (no tiling,
-    no chunking, batched CFG). The decode runs in `vae_compute_dtype(vae, dtype)`.
+    no chunking, batched CFG). The decode runs in `vae_compute_dtype(vae, dtype)`; `adaptations` as for
+    `denoiser_peak_bytes`.
     """
     device_type = device_type or default_device_type()
     _check_size(height, width, latent_factor)
@@ -494,7 +502,8 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
     free = budget - weights
     tiling, vae_cost, untiled = _vae_choice(vae, "decode", latent, vae_dtype, free - extra, tile_vae, tile_size, device_type)
     (sequential, chunks), denoiser_cost = _denoiser_choice(denoiser, latent_h, latent_w, dtype, batch, cfg, cfg_batched,
-                                                           free, feed_forward_chunks, sequential_cfg, device_type)
+                                                           free, feed_forward_chunks, sequential_cfg, device_type,
+                                                           adaptations)
     result = MemoryPlan(height=height, width=width, dtype=dtype, batch=batch, budget=budget, weights=weights,
                         denoiser_peak=denoiser_cost, vae_untiled_peak=untiled,
                         vae_tiled_peak=vae_cost if tiling else None, tile_vae=tiling is not None,
@@ -642,7 +651,8 @@ def plan_call(denoiser, vae, *, denoiser_passes, vae_passes, latent_factor: int 
               dtype: torch.dtype = torch.float16, batch: int = 1, cfg: bool = True, cfg_batched: bool = True,
               budget: int | None = None, other_weights: int = 0, tile_vae: bool | None = None,
               tile_size: int | None = None, feed_forward_chunks: int | None = None,
-              sequential_cfg: bool | None = None, name: str = "model", device_type: str | None = None) -> CallPlan:
+              sequential_cfg: bool | None = None, name: str = "model", device_type: str | None = None,
+              adaptations: tuple = ()) -> CallPlan:
     """Plan every pass of one call, or raise `MemoryBudgetError` with each pass's numbers.
 
     `denoiser_passes`: `DenoiserPass`es (or (height, width) pairs), one per size the denoiser runs
@@ -651,7 +661,7 @@ def plan_call(denoiser, vae, *, denoiser_passes, vae_passes, latent_factor: int 
     in `dtype`, the VAE's (in float32 while it runs upcast, see `vae_compute_dtype`) and
     `other_weights` (text encoders and the like on the device). Every VAE pass is tiled where its
     untiled estimate does not fit (`tile_vae=None`), with the least costly tiling that fits. The
-    call's peak is the largest pass's.
+    call's peak is the largest pass's. `adaptations` as for `denoiser_peak_bytes`.
     """
     device_type = device_type or default_device_type()
     if budget is None:
@@ -667,7 +677,7 @@ def plan_call(denoiser, vae, *, denoiser_passes, vae_passes, latent_factor: int 
         uses_cfg = cfg if entry.cfg is None else entry.cfg
         (sequential, chunks), cost = _denoiser_choice(
             denoiser, entry.height // latent_factor, entry.width // latent_factor, dtype, batch, uses_cfg, cfg_batched,
-            budget - during_steps, feed_forward_chunks, sequential_cfg, device_type)
+            budget - during_steps, feed_forward_chunks, sequential_cfg, device_type, adaptations)
         passes.append(PassPlan(entry.what, "denoiser", (entry.height, entry.width), dtype, during_steps, cost,
                                feed_forward_chunks=chunks, sequential_cfg=sequential if uses_cfg and cfg_batched else None))
     for entry in vae_passes:
@@ -760,4 +770,5 @@ def plan_for_call(attachment, config, state, args, kwargs, sequential_allowed: b
                      vae_passes=vae_passes, latent_factor=factor, dtype=dtype, batch=batch, cfg=cfg, cfg_batched=batched,
                      budget=budget, other_weights=other, feed_forward_chunks=config.feed_forward_chunks,
                      sequential_cfg=sequential, name=f"{state.width}x{state.height} {attachment.info.name}",
-                     tile_vae=tile_vae, tile_size=tiling.tile_size if tiling.enabled else None, device_type=device.type)
+                     tile_vae=tile_vae, tile_size=tiling.tile_size if tiling.enabled else None, device_type=device.type,
+                     adaptations=attachment.estimate_adaptations)

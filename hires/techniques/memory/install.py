@@ -107,7 +107,8 @@ class CallMemoryPlanner:
             tile_vae=None if not tiling.enabled or tiling.mode == "auto" else tiling.mode == "always",
             tile_size=tiling.tile_size if tiling.enabled else None, feed_forward_chunks=self.config.feed_forward_chunks,
             sequential_cfg=self.config.sequential_cfg if self.sequential_allowed else False,
-            name=f"{width}x{height} {info.name} in {len(stages)} stages", device_type=device.type)
+            name=f"{width}x{height} {info.name} in {len(stages)} stages", device_type=device.type,
+            adaptations=attachment.estimate_adaptations)
 
 
 def call_plan(pipe) -> memory_planner.CallPlan | None:

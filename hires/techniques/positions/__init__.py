@@ -4,4 +4,5 @@
 from ...registry import Technique
 from .config import PositionConfig
 
-TECHNIQUE = Technique("positions", PositionConfig, f"{__name__}.encodings:install", order=80)
+TECHNIQUE = Technique("positions", PositionConfig, f"{__name__}.encodings:install", order=80,
+                      adapts_estimate=f"{__name__}.encodings:estimate_adaptation")

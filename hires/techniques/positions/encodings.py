@@ -69,6 +69,7 @@ bit-identical to plain diffusers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import math
@@ -441,12 +442,7 @@ class _TableExtensionHook(ModelHook):
             tables = state.slot(_PositionsCall).tables
             key = (rows, cols, module.pos_embed.device, module.pos_embed.dtype)
             if key not in tables:
-                if self.mode == "interpolate":
-                    table = interpolate_table(module.pos_embed, side, rows, cols)
-                else:
-                    table = extrapolate_table(module.pos_embed.shape[-1], side, module.base_size,
-                                              module.interpolation_scale, rows, cols)
-                tables[key] = table.to(device=module.pos_embed.device, dtype=module.pos_embed.dtype)
+                tables[key] = extended_table(module, self.mode, rows, cols)
                 state.log["log.positions.table"] = (self.mode, rows, cols, side)
             return tables[key]
 
@@ -455,6 +451,53 @@ class _TableExtensionHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         finally:
             self.attachment.unshadow(entry)
+
+
+def extended_table(module: PatchEmbed, mode: str, rows: int, cols: int) -> torch.Tensor:
+    """(1, rows*cols, D) positions of a grid past `module`'s table, interpolated or extrapolated (`mode`), on
+    the table's device and in its dtype."""
+    side = module.pos_embed_max_size
+    if mode == "interpolate":
+        table = interpolate_table(module.pos_embed, side, rows, cols)
+    else:
+        table = extrapolate_table(module.pos_embed.shape[-1], side, module.base_size, module.interpolation_scale,
+                                  rows, cols)
+    return table.to(device=module.pos_embed.device, dtype=module.pos_embed.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableExtension:
+    """What the memory planner's meta-device copy of an SD3 transformer must do to follow this technique:
+    take grids past the table, as `_TableExtensionHook` lets the real one."""
+
+    mode: str
+
+    @contextlib.contextmanager
+    def __call__(self, model: torch.nn.Module):
+        patched = [m for m in model.modules() if isinstance(m, PatchEmbed) and m.pos_embed_max_size]
+        for module in patched:
+            original = module.cropped_pos_embed
+
+            def cropped_pos_embed(height, width, module=module, original=original):
+                rows, cols = height // module.patch_size, width // module.patch_size
+                if rows <= module.pos_embed_max_size and cols <= module.pos_embed_max_size:
+                    return original(height, width)
+                return extended_table(module, self.mode, rows, cols)
+
+            module.cropped_pos_embed = cropped_pos_embed
+        try:
+            yield model
+        finally:
+            for module in patched:
+                del module.cropped_pos_embed
+
+
+def estimate_adaptation(info, config: PositionConfig):
+    """The record's `adapts_estimate`: what the memory planner's meta-device denoiser must do to follow
+    `config` on `info`'s family (None: nothing, its positions change no shape)."""
+    if info.family.position_encoding not in _ESTIMATE_ADAPTATIONS:
+        return None
+    return _ESTIMATE_ADAPTATIONS[info.family.position_encoding](resolve(config, info))
 
 
 def check_sincos_table(module: PatchEmbed) -> None:
@@ -795,6 +838,10 @@ _INSTALLERS = {
     "rope_centred": _install_centred_rope,
     "rope_id_tables": _install_rope_tables,
 }
+
+
+# Encodings whose positions decide what shapes the denoiser takes: SD3's cropped table refuses larger grids.
+_ESTIMATE_ADAPTATIONS = {"sincos_cropped_table": lambda settings: TableExtension(settings.table)}
 
 
 def install(attachment, config: PositionConfig) -> None:
