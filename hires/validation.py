@@ -1,7 +1,11 @@
-"""Checks every config uses: field types against annotations, choices, fractions and ranges, module maps.
+"""Checks every config uses: field types against annotations, choices, ranges, module maps.
 
-Torch-free, imports nothing of hires: the technique configs (hires.techniques.<name>.config) and
-HiresConfig (hires.config) build on it.
+A config field declares what it takes with `option(default, low=..., high=..., choices=...)`, and
+`typed` checks every field of the class before the class's own (cross-field) checks: the type its
+annotation names, then the choices, then the range; a float (or each float of a tuple) must be finite
+(a config file's 1e309 is inf, refused) unless its range includes inf. Errors name the field, the value
+and what would work. Torch-free, imports nothing of hires: the technique configs
+(hires.techniques.<name>.config) and HiresConfig (hires.config) build on it.
 """
 
 from __future__ import annotations
@@ -59,24 +63,52 @@ def is_technique_config(value: Any) -> bool:
             and "enabled" in {f.name for f in dataclasses.fields(value)})
 
 
-def choice(owner: str, name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{owner}.{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+BOUNDS = "hires.bounds"
+CHOICES = "hires.choices"
 
 
-def fraction(owner: str, name: str, value: Any, low_open: bool = False) -> None:
-    if value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0 < value <= 1 if low_open else 0 <= value <= 1)
-    if not ok:
-        raise ValueError(f"{owner}.{name}={value!r} must be a fraction of the schedule in {'(0, 1]' if low_open else '[0, 1]'}")
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The range of a number: [low, high], either end open or absent. NaN is never in it, inf only where
+    `high` is inf and closed (math.inf as a value that means "off")."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if math.isnan(value) or (math.isinf(value) and not (value > 0 and self.high == math.inf and not self.high_open)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, integral: bool = False) -> str:
+        kind = "an int" if integral else "a finite number"
+        if self.low is not None and self.high is not None and math.isfinite(self.high):
+            return f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}{')' if self.high_open else ']'}"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
+        if self.high is not None and math.isfinite(self.high):
+            parts.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
+        text = f"{kind} {' and '.join(parts)}".strip()
+        return text + (" (or math.inf)" if self.high == math.inf and not self.high_open else "")
 
 
-def step_range(owner: str, start: float, stop: float) -> None:
-    fraction(owner, "start", start)
-    fraction(owner, "stop", stop)
-    if start >= stop:
-        raise ValueError(f"{owner}.start={start} must be below {owner}.stop={stop} (fractions of the schedule)")
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def option(default: Any = None, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False, choices: tuple | None = None, **metadata: Any):
+    """A config field taking `default`, with its range (of each number, for a tuple) and/or its choices."""
+    if low is not None or high is not None:
+        metadata[BOUNDS] = Bounds(low, high, low_open, high_open)
+    if choices is not None:
+        metadata[CHOICES] = tuple(choices)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def factor_map(owner: str, name: str, value: Any, minimum: float) -> tuple[tuple[str, float], ...] | None:
@@ -89,8 +121,8 @@ def factor_map(owner: str, name: str, value: Any, minimum: float) -> tuple[tuple
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
             raise TypeError(f"{owner}.{name} must map module names to factors, got item {item!r}")
         module, factor = item
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= minimum:
-            raise ValueError(f"{owner}.{name}[{module!r}]={factor!r} must be a number >= {minimum}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not Bounds(minimum).holds(factor):
+            raise ValueError(f"{owner}.{name}[{module!r}]={factor!r} must be a finite number >= {minimum}")
         pairs.append((module, float(factor)))
     return tuple(sorted(pairs))
 
@@ -144,23 +176,22 @@ def parse_bytes(value: int | str, name: str) -> int:
             amount = float(number)
         except ValueError:
             amount = -1
-        if unit in _UNITS and amount > 0:
+        if unit in _UNITS and amount > 0 and math.isfinite(amount):
             return int(amount * _UNITS[unit])
     raise ValueError(f"{name}={value!r} must be a positive number of bytes or a string like '24GiB' or '80GB'")
 
 
 def per_stage(owner: str, name: str, value: Any, check, expected: str) -> Any:
-    """A value for every stage, or a tuple with one value per stage; each checked by `check`."""
+    """A value for every stage, or a tuple with one value per stage; each checked by `check` (a predicate or
+    the `Bounds` of a number: finite where they do not include inf)."""
     values = value if isinstance(value, (tuple, list)) else (value,)
+    holds = check.holds if isinstance(check, Bounds) else check
     for v in values:
-        if v is not None and (isinstance(v, bool) or not check(v)):
-            raise ValueError(f"{owner}.{name}={value!r}: each value must be {expected} (one for all stages, or a tuple per stage)")
+        number_ok = not isinstance(check, Bounds) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        if v is not None and (isinstance(v, bool) or not number_ok or not holds(v)):
+            raise ValueError(f"{owner}.{name}={value!r}: each value must be {expected} (one for all stages, or a tuple "
+                             "per stage)")
     return tuple(value) if isinstance(value, list) else value
-
-
-def positive_number(owner: str, name: str, value: Any, allow_zero: bool = False) -> None:
-    if not (value > 0 or (allow_zero and value == 0)):
-        raise ValueError(f"{owner}.{name}={value!r} must be a number {'>= 0' if allow_zero else '> 0'}")
 
 
 def _describe(annotation: str) -> str:
@@ -194,9 +225,10 @@ def _matches(value: Any, annotation: str) -> bool:
 
 
 def typed(cls: type) -> type:
-    """Check every field of a config against its annotation before the class's own checks run: a string
-    "no" must not switch a technique on, and a bare number must not stand for a pair. JSON lists are
-    taken where a tuple is expected. Fields typed `Any` (or a bare `tuple`) are checked by the class."""
+    """Check every field of a config before the class's own checks run: its type against its annotation (a
+    string "no" must not switch a technique on, a bare number must not stand for a pair), its choices, and
+    each number's range (declared with `option`; finite unless the range includes inf). JSON lists are taken
+    where a tuple is expected. Fields typed `Any` (or a bare `tuple`) are checked by the class."""
     own = cls.__post_init__
 
     def __post_init__(self):
@@ -208,13 +240,29 @@ def typed(cls: type) -> type:
                 object.__setattr__(self, f.name, value)
             if annotation in ("Any", "tuple", "tuple | None") or STAGE_SETTINGS in f.metadata:
                 continue
-            if not _matches(value, annotation):
-                shown = f"the string {value!r}" if isinstance(value, str) else repr(value)
-                raise TypeError(f"{cls.__name__}.{f.name}={shown} is not valid: it must be {_describe(annotation)}")
+            _check_field(cls.__name__, f, value, annotation)
         own(self)
 
     cls.__post_init__ = __post_init__
     return cls
+
+
+def _check_field(owner: str, f: dataclasses.Field, value: Any, annotation: str) -> None:
+    choices = f.metadata.get(CHOICES)
+    listed = f"; choose one of {', '.join(map(repr, choices))}" if choices else ""
+    if not _matches(value, annotation):
+        shown = f"the string {value!r}" if isinstance(value, str) else repr(value)
+        raise TypeError(f"{owner}.{f.name}={shown} is not valid: it must be {_describe(annotation)}{listed}")
+    if choices and value is not None and value not in choices:
+        raise ValueError(f"{owner}.{f.name}={value!r} is not valid{listed}")
+    numbers = value if isinstance(value, tuple) else (value,)
+    numbers = [v for v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    bounds = f.metadata.get(BOUNDS, Bounds())
+    integral = "float" not in annotation
+    for number in numbers:
+        if not bounds.holds(number):
+            shown = repr(value) if len(numbers) == 1 and not isinstance(value, tuple) else f"{value!r}: {number!r}"
+            raise ValueError(f"{owner}.{f.name}={shown} must be {bounds.describe(integral)}")
 
 
 def validate_size(name: str, value: Any, multiple: int, family_name: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ...validation import choice, step_range, typed
+from ...validation import option, typed
 
 
 @typed
@@ -17,23 +17,20 @@ class APGConfig:
     """
 
     enabled: bool = False
-    eta: float | None = None  # weight of the guidance part parallel to the conditional prediction
-    norm_threshold: float | None = None  # r: the guidance update's norm is clipped to this (math.inf: off)
-    momentum: float | None = None  # beta, negative for the paper's reverse momentum; 0: off
-    space: str = "x0"  # "x0": on the denoised prediction as in the paper; "output": on the raw model output
-    start: float = 0.0  # active for steps whose schedule fraction is in [start, stop)
-    stop: float = 1.0
+    eta: float | None = option(None, low=0)  # weight of the guidance part parallel to the conditional prediction
+    # r: the guidance update's norm is clipped to this (math.inf: off)
+    norm_threshold: float | None = option(None, low=0, high=math.inf, low_open=True)
+    # beta, negative for the paper's reverse momentum; 0: off
+    momentum: float | None = option(None, low=-1, high=1, low_open=True, high_open=True)
+    # "x0": on the denoised prediction as in the paper; "output": on the raw model output
+    space: str = option("x0", choices=("x0", "output"))
+    start: float = option(0.0, low=0, high=1)  # active for steps whose schedule fraction is in [start, stop)
+    stop: float = option(1.0, low=0, high=1)
 
     def __post_init__(self):
-        owner = "APGConfig"
-        choice(owner, "space", self.space, ("x0", "output"))
-        step_range(owner, self.start, self.stop)
-        if self.norm_threshold is not None and not (self.norm_threshold > 0):
-            raise ValueError(f"{owner}.norm_threshold={self.norm_threshold!r} must be > 0 (math.inf turns clipping off)")
-        if self.momentum is not None and not (-1 < self.momentum < 1):
-            raise ValueError(f"{owner}.momentum={self.momentum!r} must be in (-1, 1); the paper uses negative values")
-        if self.eta is not None and not (self.eta >= 0 and math.isfinite(self.eta)):
-            raise ValueError(f"{owner}.eta={self.eta!r} must be a finite number >= 0")
+        if self.start >= self.stop:
+            raise ValueError(f"APGConfig.start={self.start} must be below APGConfig.stop={self.stop} (fractions of "
+                             "the schedule)")
 
     def validate_for(self, info) -> None:
         if not info.family.runs_cfg:

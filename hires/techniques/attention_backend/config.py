@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...validation import choice, typed
+from ...validation import option, typed
 
 ATTENTION_BACKENDS = ("native", "flash", "_native_flash", "_native_efficient", "_native_math", "xformers", "sage", "flex")
 
@@ -15,10 +15,10 @@ class AttentionBackendConfig:
     """Which attention kernel runs, through diffusers' own attention dispatcher / SDPA backends."""
 
     enabled: bool = False
-    backend: str = "native"
+    backend: str = option("native", choices=ATTENTION_BACKENDS)
 
     def __post_init__(self):
-        choice("AttentionBackendConfig", "backend", self.backend, ATTENTION_BACKENDS)
+        return None
 
     def validate_for(self, info) -> None:
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...validation import positive_number, typed
+from ...validation import option, typed
 
 
 @typed
@@ -20,24 +20,21 @@ class DilatedSamplingConfig:
     """
 
     enabled: bool = False
-    fusion_exponent: float = 1.0  # DemoFusion's cosine_scale_2: weight of the dilated prediction
-    sigma: float = 1.0  # blur sigma at pure noise (DemoFusion's code default; its demos use 0.8); 0: no blur
-    blur_exponent: float = 1.0  # DemoFusion's cosine_scale_3: sigma * (0.99 cosf ** blur_exponent + 0.01)
-    max_batch: int | None = None  # sub-lattices per denoiser call (DemoFusion's view_batch_size); None: all
+    # DemoFusion's cosine_scale_2: weight of the dilated prediction
+    fusion_exponent: float = option(1.0, low=0, low_open=True)
+    # blur sigma at pure noise (DemoFusion's code default; its demos use 0.8); 0: no blur
+    sigma: float = option(1.0, low=0)
+    # DemoFusion's cosine_scale_3: sigma * (0.99 cosf ** blur_exponent + 0.01)
+    blur_exponent: float = option(1.0, low=0, low_open=True)
+    # sub-lattices per denoiser call (DemoFusion's view_batch_size); None: all in one call
+    max_batch: int | None = option(None, low=1)
     # MultiDiffusion local paths: the full-size prediction replaced by the mean over overlapping base-size
     # windows (stride window_stride x window, jittered from the call's generator), batched like the sub-lattices
     local_windows: bool = False
-    window_stride: float = 0.5  # DemoFusion: stride 64 of a 128 latent window
+    window_stride: float = option(0.5, low=0, high=1, low_open=True)  # DemoFusion: stride 64 of a 128 latent window
 
     def __post_init__(self):
-        owner = "DilatedSamplingConfig"
-        positive_number(owner, "fusion_exponent", self.fusion_exponent)
-        positive_number(owner, "sigma", self.sigma, allow_zero=True)
-        positive_number(owner, "blur_exponent", self.blur_exponent)
-        if not 0 < self.window_stride <= 1:
-            raise ValueError(f"{owner}.window_stride={self.window_stride!r} must be a fraction of the window in (0, 1]")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise ValueError(f"{owner}.max_batch={self.max_batch!r} must be a whole number >= 1, or None for one call")
+        return None
 
     def validate_for(self, info) -> None:
         family = info.family

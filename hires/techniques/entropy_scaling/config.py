@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...validation import choice, require_rewritable_attention, typed
+from ...validation import option, require_rewritable_attention, typed
 
 
 @typed
@@ -17,14 +17,13 @@ class EntropyScalingConfig:
 
     enabled: bool = False
     # "self": image self-attention only (cross-attention keys are text tokens, factor 1); "all": every layer
-    layers: str = "self"
+    layers: str = option("self", choices=("self", "all"))
     # joint text-image attention (SD3, Flux): "exclude" counts image keys only in N and T; "include" counts
     # the text keys in both
-    text_tokens: str = "exclude"
+    text_tokens: str = option("exclude", choices=("exclude", "include"))
 
     def __post_init__(self):
-        choice("EntropyScalingConfig", "layers", self.layers, ("self", "all"))
-        choice("EntropyScalingConfig", "text_tokens", self.text_tokens, ("exclude", "include"))
+        return None
 
     def validate_for(self, info) -> None:
         require_rewritable_attention("EntropyScalingConfig", info)

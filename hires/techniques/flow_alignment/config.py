@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ...validation import choice, per_stage, typed
+from ...validation import Bounds, option, per_stage, typed
 
 
 @typed
@@ -23,23 +23,15 @@ class FlowAlignmentConfig:
     enabled: bool = False
     alphas: Any = None  # direction alignment per stage; None: 1.0 in the first upscaled stage, 0.25 after
     betas: Any = None  # acceleration alignment per stage; None: 0.5
-    band: str = "fft"  # "fft": Butterworth low-pass of the 2D FFT; "dwt": the level-1 Haar approximation
-    cutoff: float = 0.2  # Butterworth cutoff, as a fraction of the half-band (HiFlow: 0.2)
-    order: int = 4  # Butterworth order (HiFlow: 4)
+    # "fft": Butterworth low-pass of the 2D FFT; "dwt": the level-1 Haar approximation
+    band: str = option("fft", choices=("fft", "dwt"))
+    cutoff: float = option(0.2, low=0, high=1, low_open=True)  # Butterworth cutoff, of the half-band (HiFlow: 0.2)
+    order: int = option(4, low=1)  # Butterworth order (HiFlow: 4)
 
     def __post_init__(self):
-        owner = "FlowAlignmentConfig"
-        choice(owner, "band", self.band, ("fft", "dwt"))
-        object.__setattr__(self, "alphas", per_stage(owner, "alphas", self.alphas,
-                                                       lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
-                                                       "a weight in [0, 1]"))
-        object.__setattr__(self, "betas", per_stage(owner, "betas", self.betas,
-                                                      lambda v: isinstance(v, (int, float)) and 0 <= v <= 1,
-                                                      "a weight in [0, 1]"))
-        if not 0 < self.cutoff <= 1:
-            raise ValueError(f"{owner}.cutoff={self.cutoff!r} must be in (0, 1] (a fraction of the half-band; HiFlow: 0.2)")
-        if self.order < 1:
-            raise ValueError(f"{owner}.order={self.order!r} must be an int >= 1 (HiFlow: 4)")
+        owner, weight = "FlowAlignmentConfig", Bounds(0, 1)
+        object.__setattr__(self, "alphas", per_stage(owner, "alphas", self.alphas, weight, "a weight in [0, 1]"))
+        object.__setattr__(self, "betas", per_stage(owner, "betas", self.betas, weight, "a weight in [0, 1]"))
 
     def validate_for(self, info) -> None:
         if info.prediction_type != "flow":

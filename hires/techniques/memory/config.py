@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...validation import choice, parse_bytes, typed
+from ...validation import option, parse_bytes, typed
 
 
 @typed
@@ -13,17 +13,13 @@ class VAETilingConfig:
     """Tiled VAE decode/encode with whole-image GroupNorm statistics (no seams, no tone shifts)."""
 
     enabled: bool = False
-    mode: str = "auto"  # "auto": tile when the memory planner says so; "always"; "never"
-    tile_size: int | None = None  # tile side in latent pixels; None: chosen by the planner
-    halo: int | None = None  # context around each tile in latent pixels; None: enough for exact results
+    # "auto": tile when the memory planner says so; "always"; "never"
+    mode: str = option("auto", choices=("auto", "always", "never"))
+    tile_size: int | None = option(None, low=1)  # tile side in latent pixels; None: chosen by the planner
+    halo: int | None = option(None, low=0)  # context around each tile in latent pixels; None: enough for exact results
 
     def __post_init__(self):
-        owner = "VAETilingConfig"
-        choice(owner, "mode", self.mode, ("auto", "always", "never"))
-        for name in ("tile_size", "halo"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "tile_size" else 0)):
-                raise ValueError(f"{owner}.{name}={value!r} must be a {'positive' if name == 'tile_size' else 'non-negative'} int (latent pixels) or None")
+        return None
 
     def validate_for(self, info) -> None:
         reason = info.family.vae.untileable
@@ -38,7 +34,7 @@ class MemoryConfig:
 
     enabled: bool = False
     max_memory: int | str | None = None  # bytes or "24GiB"; None: the device's free memory
-    feed_forward_chunks: int | None = None  # None: chosen by the planner; 1: no chunking
+    feed_forward_chunks: int | None = option(None, low=1)  # None: chosen by the planner; 1: no chunking
     sequential_cfg: bool | None = None  # run the uncond/cond halves one after the other; None: planner
     # plan and tile only calls above the model's base area (the automatic preset: base-size calls stay plain diffusers)
     above_base_only: bool = False
@@ -47,8 +43,6 @@ class MemoryConfig:
         owner = "MemoryConfig"
         if self.max_memory is not None:
             object.__setattr__(self, "max_memory", parse_bytes(self.max_memory, f"{owner}.max_memory"))
-        if self.feed_forward_chunks is not None and (not isinstance(self.feed_forward_chunks, int) or self.feed_forward_chunks < 1):
-            raise ValueError(f"{owner}.feed_forward_chunks={self.feed_forward_chunks!r} must be a positive int or None")
 
     def validate_for(self, info) -> None:
         reason = info.family.vae.untileable

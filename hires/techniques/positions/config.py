@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...validation import choice, typed
+from ...validation import option, typed
 
 
 @typed
@@ -17,17 +17,17 @@ class PositionConfig:
 
     enabled: bool = False
     # Flux RoPE: "none" (plain integer positions), "interpolation" (PI), "ntk" (NTK-aware base), "yarn"
-    rope: str | None = None
-    yarn_beta_fast: float | None = None  # YaRN ramp ends, in rotations over the base grid
-    yarn_beta_slow: float | None = None
+    rope: str | None = option(None, choices=("none", "interpolation", "ntk", "yarn"))
+    yarn_beta_fast: float | None = option(None, low=0, low_open=True)  # YaRN ramp ends, in rotations over the base grid
+    yarn_beta_slow: float | None = option(None, low=0, low_open=True)
     # SD3's learned table past pos_embed_max_size: "interpolate" (resize the table) or "extrapolate"
-    table: str | None = None
+    table: str | None = option(None, choices=("interpolate", "extrapolate"))
     # PixArt-Sigma's sin-cos interpolation scale (positions are i * base / N / scale)
-    interpolation_scale: float | None = None
+    interpolation_scale: float | None = option(None, low=0, low_open=True)
     # flow families' timestep shift at high token counts: "dynamic" (diffusers' own, unbounded),
     # "clamp" (dynamic mu clamped to its value at the base size), "static" (a fixed shift)
-    timestep_shift: str | None = None
-    shift: float | None = None  # for timestep_shift="static"
+    timestep_shift: str | None = option(None, choices=("dynamic", "clamp", "static"))
+    shift: float | None = option(None, low=0, low_open=True)  # for timestep_shift="static"
     # RoPE families, DyPE: the YaRN ramps / NTK factor follow the noise level of each step
     # (kappa = sigma^2: full extrapolation at pure noise, fading as sigma -> 0); None: off
     timestep_dependent: bool | None = None
@@ -37,25 +37,15 @@ class PositionConfig:
         if self.timestep_dependent and self.rope in ("none", "interpolation"):
             raise ValueError(f"{owner}.timestep_dependent=True (DyPE) scales the YaRN ramps or the NTK factor by the "
                              f"noise level; rope={self.rope!r} has neither. Use rope='yarn' (DyPE's default) or 'ntk'")
-        if self.rope is not None:
-            choice(owner, "rope", self.rope, ("none", "interpolation", "ntk", "yarn"))
-        if self.table is not None:
-            choice(owner, "table", self.table, ("interpolate", "extrapolate"))
-        if self.timestep_shift is not None:
-            choice(owner, "timestep_shift", self.timestep_shift, ("dynamic", "clamp", "static"))
-        if self.shift is not None and not self.shift > 0:
-            raise ValueError(f"{owner}.shift={self.shift!r} must be > 0")
         if self.shift is not None and self.timestep_shift not in (None, "static"):
             raise ValueError(f"{owner}.shift={self.shift} conflicts with timestep_shift={self.timestep_shift!r}; "
                              "a fixed shift needs timestep_shift='static'")
-        if self.interpolation_scale is not None and not self.interpolation_scale > 0:
-            raise ValueError(f"{owner}.interpolation_scale={self.interpolation_scale!r} must be > 0")
         betas = (self.yarn_beta_fast, self.yarn_beta_slow)
         if any(b is not None for b in betas):
             if self.rope not in (None, "yarn"):
                 raise ValueError(f"{owner}: yarn_beta_fast/yarn_beta_slow={betas} act only with rope='yarn' "
                                  f"(got rope={self.rope!r}); use rope='yarn' or drop them")
-            if None not in betas and not betas[0] > betas[1] > 0:
+            if None not in betas and not betas[0] > betas[1]:
                 raise ValueError(f"{owner}: needs yarn_beta_fast > yarn_beta_slow > 0 (rotations over the base grid), "
                                  f"got yarn_beta_fast={betas[0]!r}, yarn_beta_slow={betas[1]!r}")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...validation import choice, require_unet, step_window, typed
+from ...validation import option, require_unet, step_window, typed
 
 
 @typed
@@ -19,16 +19,17 @@ class RAUNetConfig:
 
     enabled: bool = False
     downsampler: str | None = None  # module name of the strided downsampler, e.g. "down_blocks.0.downsamplers.0"
-    downsampler_steps: tuple[float, float] | None = None  # [start, stop) schedule fractions it is active in
+    # [start, stop) schedule fractions it is active in
+    downsampler_steps: tuple[float, float] | None = option(None, low=0, high=1)
     pooled_block: str | None = None  # module name of the pooled down block, e.g. "down_blocks.1"
-    pooled_steps: tuple[float, float] | None = None
-    upsample_mode: str = "bicubic"  # how the matching up block resizes the pooled features back
+    pooled_steps: tuple[float, float] | None = option(None, low=0, high=1)
+    # how the matching up block resizes the pooled features back
+    upsample_mode: str = option("bicubic", choices=("bicubic", "bilinear", "nearest"))
 
     def __post_init__(self):
         owner = "RAUNetConfig"
         object.__setattr__(self, "downsampler_steps", step_window(owner, "downsampler_steps", self.downsampler_steps))
         object.__setattr__(self, "pooled_steps", step_window(owner, "pooled_steps", self.pooled_steps))
-        choice(owner, "upsample_mode", self.upsample_mode, ("bicubic", "bilinear", "nearest"))
 
     def validate_for(self, info) -> None:
         require_unet("RAUNetConfig", info, "WindowAttentionConfig, EntropyScalingConfig or progressive structure "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ...validation import factor_map, fraction, require_unet, typed
+from ...validation import factor_map, option, require_unet, typed
 
 
 @typed
@@ -20,26 +20,23 @@ class RedilationConfig:
     # module name (or block prefix such as "mid_block") -> dilation factor (fractional allowed, >= 1)
     dilations: Any = None
     # dilation is active while the step's fraction of the schedule is below this...
-    stop_fraction: float | None = None
+    stop_fraction: float | None = option(None, low=0, high=1, low_open=True)
     # ...or, instead, while the scheduler timestep is at least this (give one or the other)
-    min_timestep: float | None = None
+    min_timestep: float | None = option(None, low=0)
     progressive: bool | None = None  # decay the factor over the active steps, never below 2
     # dispersed convolution: 3x3 kernels mapped to 5x5 by the least-squares map, on these modules
     dispersion_modules: tuple[str, ...] | None = None
-    dispersion_stop_fraction: float | None = None
-    dispersion_eta: float = 0.05  # weight of the pixel-level term
+    dispersion_stop_fraction: float | None = option(None, low=0, high=1)
+    dispersion_eta: float = option(0.05, low=0)  # weight of the pixel-level term
     # noise-damped guidance: weak-dilation uncond + w * (strong cond - strong uncond)
     noise_damped_guidance: bool | None = None
     ndcfg_dilations: Any = None
-    ndcfg_stop_fraction: float | None = None
+    ndcfg_stop_fraction: float | None = option(None, low=0, high=1)
 
     def __post_init__(self):
         owner = "RedilationConfig"
         object.__setattr__(self, "dilations", factor_map(owner, "dilations", self.dilations, 1.0))
         object.__setattr__(self, "ndcfg_dilations", factor_map(owner, "ndcfg_dilations", self.ndcfg_dilations, 1.0))
-        fraction(owner, "stop_fraction", self.stop_fraction, low_open=True)
-        fraction(owner, "dispersion_stop_fraction", self.dispersion_stop_fraction)
-        fraction(owner, "ndcfg_stop_fraction", self.ndcfg_stop_fraction)
         if self.stop_fraction is not None and self.min_timestep is not None:
             raise ValueError(
                 f"{owner}: stop_fraction={self.stop_fraction} and min_timestep={self.min_timestep} conflict; "
@@ -47,8 +44,6 @@ class RedilationConfig:
             )
         if self.dispersion_modules is not None:
             object.__setattr__(self, "dispersion_modules", tuple(self.dispersion_modules))
-        if not (isinstance(self.dispersion_eta, (int, float)) and self.dispersion_eta >= 0):
-            raise ValueError(f"{owner}.dispersion_eta={self.dispersion_eta!r} must be a number >= 0")
 
     def validate_for(self, info) -> None:
         require_unet("RedilationConfig", info, "EntropyScalingConfig, PositionConfig or progressive structure guidance")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...validation import positive_number, typed
+from ...validation import option, typed
 
 
 @typed
@@ -20,10 +20,10 @@ class SkipResidualConfig:
     """
 
     enabled: bool = False
-    exponent: float = 3.0  # DemoFusion's cosine_scale_1; FreeScale uses 2.0
+    exponent: float = option(3.0, low=0, low_open=True)  # DemoFusion's cosine_scale_1; FreeScale uses 2.0
 
     def __post_init__(self):
-        positive_number("SkipResidualConfig", "exponent", self.exponent)
+        return None
 
     def validate_for(self, info) -> None:
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...validation import require_rewritable_attention, typed
+from ...validation import option, require_rewritable_attention, typed
 
 
 @typed
@@ -14,12 +14,11 @@ class WindowAttentionConfig:
 
     enabled: bool = False
     # window side in tokens; None: the layer's base-size token count at the call's aspect ratio
-    window: int | None = None
+    window: int | None = option(None, low=1)
     shift: bool = True  # shift windows every step by offsets drawn from the call's generator
 
     def __post_init__(self):
-        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
-            raise ValueError(f"WindowAttentionConfig.window={self.window!r} must be a positive int (tokens) or None")
+        return None
 
     def validate_for(self, info) -> None:
         require_rewritable_attention("WindowAttentionConfig", info)
