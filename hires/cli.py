@@ -827,7 +827,7 @@ def cmd_techniques(args: argparse.Namespace) -> int:
         families = []
         for info in probes:
             try:
-                type(sub)(enabled=True).validate_for(info)
+                getattr(type(sub)(enabled=True), "validate_for", lambda info: None)(info)
                 families.append(info.name)
             except (TypeError, ValueError):
                 pass

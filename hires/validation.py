@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 from typing import Any, Mapping
@@ -229,9 +230,9 @@ def typed(cls: type) -> type:
     string "no" must not switch a technique on, a bare number must not stand for a pair), its choices, and
     each number's range (declared with `option`; finite unless the range includes inf). JSON lists are taken
     where a tuple is expected. Fields typed `Any` (or a bare `tuple`) are checked by the class."""
-    own = cls.__post_init__
+    own = getattr(cls, "__post_init__", None)
 
-    def __post_init__(self):
+    def check(self):
         for f in dataclasses.fields(self):
             annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "Any")
             value = getattr(self, f.name)
@@ -241,9 +242,23 @@ def typed(cls: type) -> type:
             if annotation in ("Any", "tuple", "tuple | None") or STAGE_SETTINGS in f.metadata:
                 continue
             _check_field(cls.__name__, f, value, annotation)
-        own(self)
 
-    cls.__post_init__ = __post_init__
+    if own is None:  # the dataclass's __init__ calls no __post_init__: check after it
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            check(self)
+
+        cls.__init__ = __init__
+    else:
+        @functools.wraps(own)
+        def __post_init__(self):
+            check(self)
+            own(self)
+
+        cls.__post_init__ = __post_init__
     return cls
 
 

@@ -17,8 +17,6 @@ class AttentionBackendConfig:
     enabled: bool = False
     backend: str = option("native", choices=ATTENTION_BACKENDS)
 
-    def __post_init__(self):
-        return None
 
     def validate_for(self, info) -> None:
         return None

@@ -33,8 +33,6 @@ class DilatedSamplingConfig:
     local_windows: bool = False
     window_stride: float = option(0.5, low=0, high=1, low_open=True)  # DemoFusion: stride 64 of a 128 latent window
 
-    def __post_init__(self):
-        return None
 
     def validate_for(self, info) -> None:
         family = info.family

@@ -22,8 +22,6 @@ class EntropyScalingConfig:
     # the text keys in both
     text_tokens: str = option("exclude", choices=("exclude", "include"))
 
-    def __post_init__(self):
-        return None
 
     def validate_for(self, info) -> None:
         require_rewritable_attention("EntropyScalingConfig", info)

@@ -18,8 +18,6 @@ class VAETilingConfig:
     tile_size: int | None = option(None, low=1)  # tile side in latent pixels; None: chosen by the planner
     halo: int | None = option(None, low=0)  # context around each tile in latent pixels; None: enough for exact results
 
-    def __post_init__(self):
-        return None
 
     def validate_for(self, info) -> None:
         reason = info.family.vae.untileable

@@ -22,8 +22,6 @@ class ScaleFusionConfig:
     jitter: bool = True  # shift interior windows by up to 1/8 window, drawn from the call's generator
     blur_sigma: float = option(1.0, low=0, low_open=True)  # G's sigma in tokens; kernel side 2 ceil(scale) - 1 (FreeScale)
 
-    def __post_init__(self):
-        return None
 
     def validate_for(self, info) -> None:
         require_rewritable_attention("ScaleFusionConfig", info)

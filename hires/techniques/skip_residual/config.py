@@ -22,8 +22,6 @@ class SkipResidualConfig:
     enabled: bool = False
     exponent: float = option(3.0, low=0, low_open=True)  # DemoFusion's cosine_scale_1; FreeScale uses 2.0
 
-    def __post_init__(self):
-        return None
 
     def validate_for(self, info) -> None:
         return None

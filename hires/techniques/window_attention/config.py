@@ -17,8 +17,6 @@ class WindowAttentionConfig:
     window: int | None = option(None, low=1)
     shift: bool = True  # shift windows every step by offsets drawn from the call's generator
 
-    def __post_init__(self):
-        return None
 
     def validate_for(self, info) -> None:
         require_rewritable_attention("WindowAttentionConfig", info)
