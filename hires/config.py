@@ -45,7 +45,8 @@ class _Composition:
         if isinstance(self.extensions, list):
             object.__setattr__(self, "extensions", tuple(self.extensions))
         if not isinstance(self.extensions, tuple):
-            raise TypeError(f"HiresConfig.extensions={self.extensions!r} must be a tuple of registered technique configs")
+            raise TypeError(f"HiresConfig.extensions={self.extensions!r} "
+                            f"must be a tuple of registered technique configs")
         seen = set()
         for value in self.extensions:
             record = technique_of(type(value))
@@ -60,7 +61,8 @@ class _Composition:
             for entry in entries:
                 if entry is not None and not isinstance(entry, target.config_type):
                     raise TypeError(f"{record.config_type.__name__}.{name} entry {entry!r} must be a "
-                                    f"hires.{target.config_type.__name__} (the per-stage settings of {target.name}) or None")
+                                    f"hires.{target.config_type.__name__} (the "
+                                    f"per-stage settings of {target.name}) or None")
 
     # -- one path for built-in and registered techniques ----------------------------------------
     def technique(self, name: str) -> Any:
@@ -174,8 +176,8 @@ class _Composition:
                     raise ValueError(f"{own}(enabled=True) needs {needed}: {why}; {_remedy(needed)}")
             for other, why in record.excludes.items():
                 if other in names:
-                    raise ValueError(f"{own} and {technique_named(other).config_type.__name__} cannot both be enabled: "
-                                     f"{why}")
+                    other_config = technique_named(other).config_type.__name__
+                    raise ValueError(f"{own} and {other_config} cannot both be enabled: {why}")
 
 
 def _remedy(needed: str) -> str:

@@ -5,9 +5,9 @@ stage upscaling the previous result once through the VAE (decode, bicubic with t
 clamp, encode) and guiding its steps with the low wavelet band of that latent, the guide's weight
 fading linearly from 1 at the stage's first step toward 0 at its last (`handover="fade"`);
 window attention (windows of the base area at the call's aspect) in the stages above the base size;
-the memory planner with VAE tiling where a pass would not fit, on calls above the base area. Every part leaves a call at the model's base
-size unchanged (structure guidance runs one stage there, the windows cover the whole grid, the
-planner changes nothing that fits), so the preset only acts above the base size.
+the memory planner with VAE tiling where a pass would not fit, on calls above the base area. Every part
+leaves a call at the model's base size unchanged (structure guidance runs one stage there, the windows
+cover the whole grid, the planner changes nothing that fits), so the preset only acts above the base size.
 
 Evidence for the fading hand-over (2026-12-06, testbed v2 UNet, tuning seeds 7000+, not the report seeds):
 with the previous rule (60% of the steps guided, then none) a 20-step call (6-step stage) handed the low band

@@ -24,7 +24,8 @@ CAPABILITIES = {
     "whole_cfg_batch": "needs both CFG halves in one denoiser call: the memory planner's sequential CFG cannot run "
                        "beside it",
     "torch_sdpa": "replaces torch's scaled_dot_product_attention call (needs a torch SDPA attention backend)",
-    "softmax_scale": "changes the attention softmax scale (needs a torch SDPA backend where the processors do not hand "
+    "softmax_scale": "changes the attention softmax scale (needs a torch "
+                     "SDPA backend where the processors do not hand "
                      "queries to diffusers' dispatcher)",
 }
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -67,7 +68,8 @@ class Technique:
         object.__setattr__(self, "capabilities", frozenset(self.capabilities))
         unknown = sorted(self.capabilities - set(CAPABILITIES))
         if unknown:
-            raise ValueError(f"Technique {self.name!r}: unknown capabilities {unknown}; known: {', '.join(CAPABILITIES)}")
+            raise ValueError(f"Technique {self.name!r}: unknown capabilities "
+                             f"{unknown}; known: {', '.join(CAPABILITIES)}")
         if not (dataclasses.is_dataclass(self.config_type) and isinstance(self.config_type, type) and "enabled" in
                 {f.name for f in dataclasses.fields(self.config_type)}):
             raise TypeError(f"Technique {self.name!r}: config_type={self.config_type!r} must be a dataclass with an "

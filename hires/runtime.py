@@ -400,7 +400,8 @@ class Attachment:
             registry_ = getattr(module, "_diffusers_hook", None) if module is not None else None
             if registry_ is not None and any(n.startswith(HOOK_PREFIX) for n in registry_.hooks):
                 raise ValueError(
-                    f"{type(module).__name__} of this {type(self.pipe).__name__} already carries hires hooks of another "
+                    f"{type(module).__name__} of this {type(self.pipe).__name__} "
+                    f"already carries hires hooks of another "
                     "pipeline (pipelines made with from_pipe share their modules); call hires.remove() on the other "
                     "pipeline first, or give this one its own copy of the module")
 
@@ -435,7 +436,8 @@ class Attachment:
                 if bound.get(side) is not None:
                     validate_size(side, bound[side], self.info.size_multiple, self.info.name)
             height, width = bound.get("height"), bound.get("width")
-            if height is not None and width is not None and height * width > self.info.base_height * self.info.base_width:
+            base_area = self.info.base_height * self.info.base_width
+            if height is not None and width is not None and height * width > base_area:
                 self._check_memory_floor(height, width)
             return original(*args, **kwargs)
 
@@ -454,7 +456,8 @@ class Attachment:
     def _make_progress_bar(self, original):
         def progress_bar(iterable=None, total=None):
             call = self.calls.called_by(sys._getframe(1))
-            if iterable is None and call is not None and self.stages is not None and self.stages.decodes_only(call.frame):
+            decodes_only = call is not None and self.stages is not None and self.stages.decodes_only(call.frame)
+            if iterable is None and decodes_only:
                 bar = self._silent(original, total)  # its stages showed the steps; an empty bar would not
             else:
                 bar = original(iterable=iterable, total=total)

@@ -79,7 +79,8 @@ class Bounds:
     high_open: bool = False
 
     def holds(self, value: float) -> bool:
-        if math.isnan(value) or (math.isinf(value) and not (value > 0 and self.high == math.inf and not self.high_open)):
+        infinity_allowed = self.high == math.inf and not self.high_open
+        if math.isnan(value) or (math.isinf(value) and not (value > 0 and infinity_allowed)):
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
@@ -88,7 +89,8 @@ class Bounds:
     def describe(self, integral: bool = False) -> str:
         kind = "an int" if integral else "a finite number"
         if self.low is not None and self.high is not None and math.isfinite(self.high):
-            return f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}{')' if self.high_open else ']'}"
+            opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {opening}{_number(self.low)}, {_number(self.high)}{closing}"
         parts = []
         if self.low is not None:
             parts.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
@@ -153,8 +155,9 @@ def step_window(owner: str, name: str, value: Any) -> tuple[float, float] | None
     """A [start, stop) window of schedule fractions; start == stop switches that part off."""
     if value is None:
         return None
-    ok = isinstance(value, tuple) and len(value) == 2 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in value) and value[0] <= value[1]
+    fractions = isinstance(value, tuple) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in value)
+    ok = fractions and value[0] <= value[1]
     if not ok:
         raise ValueError(f"{owner}.{name}={value!r} must be (start, stop) fractions of the schedule with "
                          "0 <= start <= stop <= 1, e.g. (0.0, 0.4); (0.0, 0.0) turns that part off")
@@ -190,7 +193,8 @@ def per_stage(owner: str, name: str, value: Any, check, expected: str) -> Any:
     for v in values:
         number_ok = not isinstance(check, Bounds) or (isinstance(v, (int, float)) and not isinstance(v, bool))
         if v is not None and (isinstance(v, bool) or not number_ok or not holds(v)):
-            raise ValueError(f"{owner}.{name}={value!r}: each value must be {expected} (one for all stages, or a tuple "
+            raise ValueError(f"{owner}.{name}={value!r}: each value must "
+                             f"be {expected} (one for all stages, or a tuple "
                              "per stage)")
     return tuple(value) if isinstance(value, list) else value
 
@@ -211,7 +215,8 @@ def _matches(value: Any, annotation: str) -> bool:
             return True
         if part == "int" and isinstance(value, int) and not isinstance(value, bool):
             return True
-        if part == "float" and isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+        if part == "float" and isinstance(value,
+                                          (int, float)) and not isinstance(value, bool) and not math.isnan(value):
             return True
         if part == "str" and isinstance(value, str):
             return True
@@ -283,7 +288,8 @@ def _check_field(owner: str, f: dataclasses.Field, value: Any, annotation: str) 
 def validate_size(name: str, value: Any, multiple: int, family_name: str) -> None:
     """A requested image side must be a positive integer multiple of the family's size multiple."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} must be an int (pixels), a positive multiple of {multiple} for {family_name}")
+        raise TypeError(f"{name}={value!r} must be an int (pixels), a "
+                        f"positive multiple of {multiple} for {family_name}")
     if value <= 0:
         raise ValueError(f"{name}={value} must be positive: use a positive multiple of {multiple} for {family_name}")
     if value % multiple:

@@ -95,7 +95,8 @@ def technique_options(family: str, technique: str) -> dict:
         return {"memory": options}
     if technique == "memory_staged":  # the automatic preset's kind of call, planned whole before its base stage
         return {"memory": {"enabled": True, "max_memory": "64GiB"},
-                "structure_guidance": {"enabled": True, "space": "latent", "upscale_space": "pixel", "ladder": "doubling"}}
+                "structure_guidance": {"enabled": True, "space": "latent",
+                                       "upscale_space": "pixel", "ladder": "doubling"}}
     if technique == "attention_backend":
         return {"attention_backend": {"enabled": True, "backend": "native"}}
     if technique == "rau_net" and family == "sdxl":

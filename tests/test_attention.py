@@ -147,7 +147,8 @@ def test_self_attention_processor_equals_explicit_softmax(family, path):
     factor = math.sqrt(math.log(tokens) / math.log(base))
     out = _wrapped(attn, attachment)(attn, x)
     heads = attn.heads
-    ref = _softmax_attention(_heads(attn.to_q(x), heads), _heads(attn.to_k(x), heads), _heads(attn.to_v(x), heads), factor)
+    ref = _softmax_attention(_heads(attn.to_q(x), heads), _heads(attn.to_k(x), heads),
+                             _heads(attn.to_v(x), heads), factor)
     ref = attn.to_out[0](ref.flatten(2))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert attachment.state.log[E.LOG_FACTORS]["layer"] == pytest.approx(factor)
@@ -193,8 +194,10 @@ def test_flux_dispatcher_processors_equal_explicit_softmax(text_tokens):
     c = torch.randn(1, n_txt, attn.query_dim, dtype=torch.float64)
     img, txt = _wrapped(attn, attachment, entropy=entropy)(attn, x, c)
     d = attn.head_dim
-    q = torch.cat([attn.norm_added_q(attn.add_q_proj(c).unflatten(-1, (-1, d))), attn.norm_q(attn.to_q(x).unflatten(-1, (-1, d)))], 1)
-    k = torch.cat([attn.norm_added_k(attn.add_k_proj(c).unflatten(-1, (-1, d))), attn.norm_k(attn.to_k(x).unflatten(-1, (-1, d)))], 1)
+    q = torch.cat([attn.norm_added_q(attn.add_q_proj(c).unflatten(-1, (-1, d))),
+                   attn.norm_q(attn.to_q(x).unflatten(-1, (-1, d)))], 1)
+    k = torch.cat([attn.norm_added_k(attn.add_k_proj(c).unflatten(-1, (-1, d))),
+                   attn.norm_k(attn.to_k(x).unflatten(-1, (-1, d)))], 1)
     v = torch.cat([attn.add_v_proj(c).unflatten(-1, (-1, d)), attn.to_v(x).unflatten(-1, (-1, d))], 1)
     ref = _softmax_attention(q, k, v, factor).flatten(2)
     torch.testing.assert_close(img, attn.to_out[0](ref[:, n_txt:]), rtol=1e-10, atol=1e-10)
@@ -252,11 +255,14 @@ def test_windowed_flux_joint_processor_keeps_text_global():
     img, txt = _wrapped(attn, attachment, entropy=None, window=WINDOWS)(attn, x, c)
     record = attachment.state.log[W.LOG_WINDOWS]["layer"]
     assert record["windows"] == 9 and any(record["offset"])
-    q = torch.cat([attn.norm_added_q(attn.add_q_proj(c).unflatten(-1, (-1, d))), attn.norm_q(attn.to_q(x).unflatten(-1, (-1, d)))], 1)
-    k = torch.cat([attn.norm_added_k(attn.add_k_proj(c).unflatten(-1, (-1, d))), attn.norm_k(attn.to_k(x).unflatten(-1, (-1, d)))], 1)
+    q = torch.cat([attn.norm_added_q(attn.add_q_proj(c).unflatten(-1, (-1, d))),
+                   attn.norm_q(attn.to_q(x).unflatten(-1, (-1, d)))], 1)
+    k = torch.cat([attn.norm_added_k(attn.add_k_proj(c).unflatten(-1, (-1, d))),
+                   attn.norm_k(attn.to_k(x).unflatten(-1, (-1, d)))], 1)
     v = torch.cat([attn.add_v_proj(c).unflatten(-1, (-1, d)), attn.to_v(x).unflatten(-1, (-1, d))], 1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    ref = _window_reference(q, k, v, (8, 12), (3, 5), record["offset"], n_txt, 1 / math.sqrt(d)).transpose(1, 2).flatten(2)
+    ref = _window_reference(q, k, v, (8, 12), (3, 5), record["offset"], n_txt,
+                            1 / math.sqrt(d)).transpose(1, 2).flatten(2)
     torch.testing.assert_close(img, attn.to_out[0](ref[:, n_txt:]), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(txt, attn.to_add_out(ref[:, :n_txt]), rtol=1e-10, atol=1e-10)
 
@@ -338,12 +344,15 @@ def test_recorded_factors_equal_sqrt_log_ratio_at_2x_and_4x(family):
         now = _observed_image_keys(pipe, family, size)
         assert now.pop("text") == text
         for text_tokens in ("exclude", "include"):
-            hires.apply(pipe, hires.HiresConfig(entropy_scaling=EntropyScalingConfig(enabled=True, text_tokens=text_tokens)))
+            hires.apply(pipe,
+                        hires.HiresConfig(entropy_scaling=EntropyScalingConfig(enabled=True, text_tokens=text_tokens)))
             out = generate(pipe, family, size)
             factors = hires.last_call(pipe).notes[E.LOG_FACTORS]
-            joint = family in ("sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage") and text_tokens == "include"
+            joint = family in ("sd3", "flux", "flux2", "flux2_klein", "chroma",
+                               "qwenimage") and text_tokens == "include"
             extra = text if joint else 0
-            expected = {layer: math.sqrt(math.log(now[layer] + extra) / math.log(base[layer] + extra)) for layer in now}
+            expected = {layer: math.sqrt(math.log(now[layer] + extra) / math.log(base[layer] + extra))
+                        for layer in now}
             assert factors == pytest.approx(expected, rel=1e-12), (family, size, text_tokens)
             assert all(f > 1 for f in factors.values())
             assert not torch.equal(out, plain)
@@ -450,7 +459,8 @@ def test_native_backend_is_bit_identical_and_removable(family):
     plain = generate(pipe, family, size)
     hires.apply(pipe, hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="native")))
     assert torch.equal(generate(pipe, family, size), plain)
-    hires.apply(pipe, hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="_native_math")))
+    hires.apply(pipe,
+                hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="_native_math")))
     torch.testing.assert_close(generate(pipe, family, size), plain, rtol=1e-4, atol=1e-4)
     hires.remove(pipe)
     assert torch.equal(generate(pipe, family, size), plain)
@@ -514,7 +524,8 @@ def test_backend_errors_name_the_problem():
                                             attention_backend=AttentionBackendConfig(enabled=True, backend="flex")))
     assert not hires.is_applied(flux)
     with pytest.raises(ValueError, match="backend='xformers' cannot run here"):
-        hires.apply(flux, hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="xformers")))
+        hires.apply(flux,
+                    hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="xformers")))
     with pytest.raises(ValueError, match="backend"):
         AttentionBackendConfig(enabled=True, backend="fastest")
     with pytest.raises(ValueError, match="window"):

@@ -121,7 +121,10 @@ def test_clean_estimate_and_transition_follow_each_convention(name):
         reference = (1 - sigma) * up + sigma * noise
     else:
         a = float(scheduler.alphas_cumprod[int(start)])
-        reference = up + math.sqrt((1 - a) / a) * noise if name == "euler" else math.sqrt(a) * up + math.sqrt(1 - a) * noise
+        if name == "euler":
+            reference = up + math.sqrt((1 - a) / a) * noise
+        else:
+            reference = math.sqrt(a) * up + math.sqrt(1 - a) * noise
     assert torch.allclose(moved, reference, atol=1e-4)
 
 
@@ -140,7 +143,8 @@ def test_plans_round_sizes_and_slice_the_schedule():
     plan = bottleneck.plan_stages(info, BN(enabled=True), 200, 96, 20)
     assert [(p.height, p.width) for p in plan] == [(200, 96), (96, 48), (200, 96)]  # 100 -> 96, 48 -> 48
     assert [(p.start, p.end) for p in plan] == [(0, 2), (2, 16), (16, 20)]
-    plan = bottleneck.plan_stages(info, BN(enabled=True, scales=(1, 0.5, 0.25, 0.5, 1), renoise=(0.9, 0.7, 0.5, 0.3)), 128, 128, 20)
+    plan = bottleneck.plan_stages(info, BN(enabled=True, scales=(1, 0.5, 0.25, 0.5, 1),
+                                           renoise=(0.9, 0.7, 0.5, 0.3)), 128, 128, 20)
     assert [p.height for p in plan] == [128, 64, 32, 64, 128]
     # renoise r restarts a stage where a fraction r of the schedule is still ahead
     assert [(p.start, p.end) for p in plan] == [(0, 2), (2, 7), (6, 12), (10, 16), (14, 20)]
@@ -213,7 +217,8 @@ def test_flux_slices_follow_the_pipeline_schedule_at_each_stage_size():
     u = np.linspace(1.0, 1 / 10, 10)
     for stage, (start, end) in zip(run, [(0, 1), (1, 8), (8, 10)]):
         tokens = (stage.height // 16) * (stage.width // 16)
-        mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+        mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len,
+                             config.base_shift, config.max_shift)
         expected = math.exp(mu) / (math.exp(mu) + (1 / u - 1)) * 1000
         assert np.allclose(stage.timesteps, expected[start:end], atol=1e-2)
 

@@ -392,7 +392,8 @@ def test_local_windows_run_between_strides_and_are_seeded():
 
 def test_hooks_that_read_the_call_size_see_the_sub_lattice_size():
     pipe = build("flux")
-    hires.apply(pipe, hires.HiresConfig(dilated_sampling=DS(enabled=True), positions=hires.PositionConfig(enabled=True)))
+    hires.apply(pipe, hires.HiresConfig(dilated_sampling=DS(enabled=True),
+                                        positions=hires.PositionConfig(enabled=True)))
     attachment = get_attachment(pipe)
     seen = []
     handle = pipe.transformer.pos_embed.register_forward_pre_hook(

@@ -151,14 +151,17 @@ def test_latent_space_is_what_the_pipeline_decodes(family):
     generate(pipe, family, 64, steps=2, callback_on_step_end=keep)
     del pipe.vae.decode
     z = unpack(final[-1], 8, 8, 2)  # the denoiser's latents on the 8x8 latent grid
-    torch.testing.assert_close(latent_space.to_vae(pipe_convention(pipe), pipe.vae, z), decoded[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(latent_space.from_vae(pipe_convention(pipe), pipe.vae, decoded[0]), z, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latent_space.to_vae(pipe_convention(pipe), pipe.vae, z),
+                               decoded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(latent_space.from_vae(pipe_convention(pipe), pipe.vae, decoded[0]),
+                               z, rtol=1e-4, atol=1e-5)
     # independently: channel 4c + 2i + j of the patchified latent is pixel (2y + i, 2x + j) of channel c
     bn = pipe.vae.bn
     mean, std = bn.running_mean, torch.sqrt(bn.running_var + pipe.vae.config.batch_norm_eps)
     c, i, j, y, x = 1, 1, 0, 2, 3
     k = 4 * c + 2 * i + j
-    assert math.isclose(float(decoded[0][0, c, 2 * y + i, 2 * x + j]), float(z[0, c, 2 * y + i, 2 * x + j] * std[k] + mean[k]),
+    assert math.isclose(float(decoded[0][0, c, 2 * y + i, 2 * x + j]),
+                        float(z[0, c, 2 * y + i, 2 * x + j] * std[k] + mean[k]),
                         rel_tol=1e-5, abs_tol=1e-6)
 
 
@@ -261,7 +264,8 @@ def test_structure_guidance_stages_keep_flux2s_own_base_shift(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", record)
-    pipe = hires.apply(build("flux2"), hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True)))
+    pipe = hires.apply(build("flux2"),
+                       hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True)))
     generate(pipe, "flux2", SIZE, steps=3)
     base_mu = schedules.flux2_empirical_mu(16, 3)
     assert schedules.flux2_empirical_mu(64, 3) > base_mu  # so the 2x stage is capped

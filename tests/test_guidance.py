@@ -105,7 +105,8 @@ def test_the_scheduler_receives_exactly_the_combiners_prediction(family):
         assert received.shape == expected.shape
         torch.testing.assert_close(received, expected, rtol=1e-5, atol=1e-5)
         # and it is not plain CFG (the check can fail)
-        assert not torch.allclose(received, pipeline_rescale(family, uncond + scale * (cond - uncond), cond), atol=1e-3)
+        assert not torch.allclose(received, pipeline_rescale(family, uncond + scale * (cond - uncond), cond),
+                                  atol=1e-3)
 
 
 @pytest.mark.parametrize("family", ["sd15", "pixart", "flux"])

@@ -70,7 +70,8 @@ def test_codec_equals_the_pipelines_own_decode(family, statistics):
     info, z, vae_latent = _final_and_decoded(pipe, family)
     convention = info.family.layout
     torch.testing.assert_close(latent_space.to_vae(convention, pipe.vae, z), vae_latent.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(latent_space.from_vae(convention, pipe.vae, vae_latent), z.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latent_space.from_vae(convention, pipe.vae, vae_latent),
+                               z.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_sd_codec_ignores_the_shift_and_sdxl_reads_statistics_with_the_scale():

@@ -154,7 +154,8 @@ def test_the_table_names_real_modules():
     modules = all_modules()
     for layer, patterns in LAYERS.items():
         for pattern in patterns:
-            assert any(_matches(pattern, name) for name in modules), f"LAYERS[{layer!r}] names {pattern!r}: no such module"
+            assert any(_matches(pattern,
+                                name) for name in modules), f"LAYERS[{layer!r}] names {pattern!r}: no such module"
 
 
 def test_a_module_the_table_does_not_know_is_reported():

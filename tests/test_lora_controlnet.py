@@ -80,8 +80,10 @@ def controlnet_pipeline(family):
     else:
         controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
         cls = StableDiffusionXLControlNetPipeline if family == "sdxl" else StableDiffusionControlNetPipeline
-        components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor", "safety_checker")}
-        extra = {} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        left_out = ("image_encoder", "feature_extractor", "safety_checker")
+        components = {k: v for k, v in pipe.components.items() if k not in left_out}
+        extra = {} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None,
+                                             "requires_safety_checker": False}
         result = cls(**components, controlnet=controlnet, **extra)
     result.set_progress_bar_config(disable=True)
     return result

@@ -115,14 +115,16 @@ def test_impossible_budget_is_refused_with_the_numbers():
 
 def test_fitting_budget_plans_without_tiling_and_a_tight_one_tiles_the_vae():
     pipe, denoiser = _models()
-    roomy = memory_planner.plan(denoiser, pipe.vae, height=512, width=512, dtype=torch.float32, budget=2**34, tile_size=8)
+    roomy = memory_planner.plan(denoiser, pipe.vae, height=512, width=512,
+                                dtype=torch.float32, budget=2**34, tile_size=8)
     assert not roomy.tile_vae and roomy.feed_forward_chunks == 1 and not roomy.sequential_cfg
     assert roomy.peak <= roomy.budget
     tiled = memory_planner.vae_peak_bytes(pipe.vae, "decode", (1, 4, 64, 64), torch.float32, tiled=True, tile_size=8)
     assert roomy.denoiser_peak < tiled < roomy.vae_untiled_peak
     # The untiled decode does not fit, the denoiser and a tiled decode do.
     budget = roomy.weights + (tiled + roomy.vae_untiled_peak) // 2
-    tight = memory_planner.plan(denoiser, pipe.vae, height=512, width=512, dtype=torch.float32, budget=budget, tile_size=8)
+    tight = memory_planner.plan(denoiser, pipe.vae, height=512, width=512,
+                                dtype=torch.float32, budget=budget, tile_size=8)
     assert tight.tile_vae and tight.tile_size == 8 and tight.vae_peak == tiled and tight.peak <= budget
 
 
@@ -201,7 +203,8 @@ def test_sequential_cfg_refuses_guidance_that_needs_both_halves():
 
     pipe = tiny_models.build("sd15")
     with pytest.raises(ValueError, match="sequential_cfg=True cannot be combined with apg"):
-        hires.apply(pipe, HiresConfig(apg=APGConfig(enabled=True), memory=MemoryConfig(enabled=True, sequential_cfg=True)))
+        hires.apply(pipe, HiresConfig(apg=APGConfig(enabled=True),
+                                      memory=MemoryConfig(enabled=True, sequential_cfg=True)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -234,7 +237,8 @@ def test_structure_guidance_stages_count_every_decode_and_encode():
     preset = StructureGuidanceConfig(**_PRESET_GUIDANCE)
     denoiser, vae = _passes(info, preset, 256)
     assert [(p.height, p.width) for p in denoiser] == [(64, 64), (128, 128), (256, 256)]
-    # per stage after the base: decode the previous result at its size, encode the upscaled image; then the call's decode
+    # per stage after the base: decode the previous result at its size, encode the upscaled image; then the call's
+    # decode
     assert [(p.kind, p.shape) for p in vae] == [
         ("decode", (1, 4, 8, 8)), ("encode", (1, 3, 128, 128)),
         ("decode", (1, 4, 16, 16)), ("encode", (1, 3, 256, 256)),
@@ -278,7 +282,8 @@ def test_call_plan_tiles_only_the_passes_that_need_it_and_says_so():
     roomy = memory_planner.plan_call(unet, vae, vae_passes=[small, large], budget=2**34, **kwargs)
     assert all(p.tiling is None for p in roomy.vae_passes())
     small_pass, large_pass = roomy.vae_passes()
-    tiled = memory_planner.vae_peak_bytes(vae, "decode", large[1], torch.float32, tiled=True, tile_size=4, device_type="cuda")
+    tiled = memory_planner.vae_peak_bytes(vae, "decode", large[1], torch.float32,
+                                          tiled=True, tile_size=4, device_type="cuda")
     assert small_pass.untiled < tiled < large_pass.untiled
     budget = large_pass.resident + max(tiled, small_pass.untiled, roomy.denoiser_passes()[0].activations) + 1
     tight = memory_planner.plan_call(unet, vae, vae_passes=[small, large], budget=budget, **kwargs)
@@ -320,7 +325,8 @@ def test_the_preset_call_is_planned_whole_and_tiles_each_pass_as_planned(monkeyp
     assert [p.kind for p in roomy.vae_passes()] == ["decode", "encode", "decode", "encode", "decode"]
     resident = roomy.vae_passes()[0].resident
     largest = max(roomy.vae_passes(), key=lambda p: p.untiled)
-    tiled = memory_planner.vae_peak_bytes(pipe.vae, largest.kind, largest.shape, torch.float32, tiled=True, tile_size=4,
+    tiled = memory_planner.vae_peak_bytes(pipe.vae, largest.kind, largest.shape,
+                                          torch.float32, tiled=True, tile_size=4,
                                           device_type="cpu")
     needed = max(tiled, *(p.activations for p in roomy.denoiser_passes()))
     assert needed < largest.untiled
@@ -343,7 +349,8 @@ def test_a_staged_call_that_cannot_fit_is_refused_before_its_first_stage():
     forwards = []
     pipe.unet.register_forward_pre_hook(lambda module, args: forwards.append(1))
     hires.apply(pipe, _preset_config("1MiB"))
-    with pytest.raises(MemoryBudgetError, match=r"256x256 sdxl in 3 stages float32 batch 1 needs ≈.* budget 1\.0 MiB") as error:
+    with pytest.raises(MemoryBudgetError,
+                       match=r"256x256 sdxl in 3 stages float32 batch 1 needs ≈.* budget 1\.0 MiB") as error:
         tiny_models.generate(pipe, "sdxl", size=256, steps=2)
     assert forwards == []
     assert "stage 3" in str(error.value) and "try" in str(error.value)

@@ -95,7 +95,8 @@ def test_x0_conversions_match_the_forward_process(prediction):
 
 
 def _schedulers():
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           FlowMatchEulerDiscreteScheduler)
 
     betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     return {
@@ -260,11 +261,14 @@ def test_anti_ringing_clamp_matches_loops_and_removes_bicubic_overshoot():
 
 
 @pytest.mark.parametrize("upscale_space,decodes,encodes", [("pixel", 1, 1), ("latent", 0, 0)])
-def test_latent_guidance_upscales_in_pixels_with_one_round_trip_per_stage(upscale_space, decodes, encodes, monkeypatch):
+def test_latent_guidance_upscales_in_pixels_with_one_round_trip_per_stage(upscale_space, decodes,
+                                                                          encodes, monkeypatch):
     calls = {"decode": 0, "encode": 0}
     stand_in = _InvertibleVAE()
-    monkeypatch.setattr(latent_space.VAECodec, "decode", lambda self, z: calls.__setitem__("decode", calls["decode"] + 1) or stand_in.decode(z))
-    monkeypatch.setattr(latent_space.VAECodec, "encode", lambda self, x: calls.__setitem__("encode", calls["encode"] + 1) or stand_in.encode(x))
+    monkeypatch.setattr(latent_space.VAECodec, "decode", lambda self,
+                        z: calls.__setitem__("decode", calls["decode"] + 1) or stand_in.decode(z))
+    monkeypatch.setattr(latent_space.VAECodec, "encode", lambda self,
+                        x: calls.__setitem__("encode", calls["encode"] + 1) or stand_in.encode(x))
     pipe = _apply(build("sd15"), guided_steps=2, renoise=0.5, space="latent", upscale_space=upscale_space)
     _call(pipe, "sd15", 192, steps=6)  # two stages after the base
     assert calls == {"decode": 2 * decodes, "encode": 2 * encodes}

@@ -256,7 +256,8 @@ def test_zimage_hooks_see_a_tensor_view_and_the_pipeline_gets_its_lists_back():
     class Look(ModelHook):
         def new_forward(self, module, sample, time, *args, **kwargs):
             output = self.fn_ref.original_forward(sample, time, *args, **kwargs)
-            seen.append((sample.shape, float(time.flatten()[0]), output[0] if isinstance(output, tuple) else output.sample))
+            seen.append((sample.shape, float(time.flatten()[0]),
+                         output[0] if isinstance(output, tuple) else output.sample))
             return output
 
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(Look(), "test.look")
@@ -268,7 +269,11 @@ def test_zimage_hooks_see_a_tensor_view_and_the_pipeline_gets_its_lists_back():
     registry.register_hook(Look(), "test.look")
     registry.register_hook(view, "hires.frame_list.view")
     original_step = pipe.scheduler.step
-    pipe.scheduler.step = lambda model_output, *a, **k: stepped.append(model_output.clone()) or original_step(model_output, *a, **k)
+    def step(model_output, *args, **kwargs):
+        stepped.append(model_output.clone())
+        return original_step(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = step
     try:
         _generate(pipe, "zimage", 128, steps=2, guidance_scale=0.0)
     finally:

@@ -150,7 +150,8 @@ def count_tiled(monkeypatch):
 def test_tiled_decode_inside_every_family_and_remove_is_bit_identical(family, count_tiled):
     pipe = tiny_models.build(family)
     if hires.model_info(pipe).family.vae.untileable:  # Qwen-Image's causal 3D VAE: refused, never seamed
-        with pytest.raises(ValueError, match=r"VAETilingConfig\(enabled=True\) does not apply to family.*causal 3D VAE"):
+        with pytest.raises(ValueError,
+                           match=r"VAETilingConfig\(enabled=True\) does not apply to family.*causal 3D VAE"):
             hires.apply(pipe, HiresConfig(vae_tiling=VAETilingConfig(enabled=True, mode="always", tile_size=3)))
         assert not hires.is_applied(pipe) and not hasattr(pipe.vae, "_diffusers_hook")
         return
@@ -233,7 +234,8 @@ def test_lean_attention_equals_the_processor_and_the_formula():
         d = q.shape[-1] // attn.heads
         heads = [torch.softmax(q[..., i * d:(i + 1) * d] @ k[..., i * d:(i + 1) * d].transpose(1, 2) / d**0.5, -1)
                  @ v[..., i * d:(i + 1) * d] for i in range(attn.heads)]
-        formula = (attn.to_out[0](torch.cat(heads, -1)).transpose(1, 2).reshape(x.shape) + x) / attn.rescale_output_factor
+        formula = (attn.to_out[0](torch.cat(heads, -1)).transpose(1,
+                                                                  2).reshape(x.shape) + x) / attn.rescale_output_factor
     assert relative_error(ours, theirs) < REL_TOL
     assert relative_error(ours, formula) < REL_TOL
 
@@ -275,7 +277,9 @@ def test_bfloat16_held_tiles_are_estimated_smaller():
 
     vae = tiny_models.make_vae()
     for kind, shape in (("decode", (1, 4, 64, 64)), ("encode", (1, 3, 512, 512))):
-        exact = memory_planner.vae_peak_bytes(vae, kind, shape, torch.float32, tiled=True, tile_size=8, grouping="level")
-        held = memory_planner.vae_peak_bytes(vae, kind, shape, torch.float32, tiled=True, tile_size=8, grouping="level",
+        exact = memory_planner.vae_peak_bytes(vae, kind, shape, torch.float32,
+                                              tiled=True, tile_size=8, grouping="level")
+        held = memory_planner.vae_peak_bytes(vae, kind, shape, torch.float32,
+                                             tiled=True, tile_size=8, grouping="level",
                                              storage=torch.bfloat16)
         assert held < 0.9 * exact

@@ -200,7 +200,8 @@ def describe_call(state, hidden_states, encoder_hidden_states, joint: bool, toke
     # Models trained on aspect buckets see such grids natively: a call whose base-area size is not
     # smaller than itself (SDXL's 832x1216) is one window, untouched; a 2:1 request gets 2:1 windows.
     area_h, area_w = base_area_size(info, state.height, state.width)
-    _, window_grid = layer_grids(image, call_grid, (min(area_h, state.height) // unit, min(area_w, state.width) // unit))
+    _, window_grid = layer_grids(image, call_grid, (min(area_h, state.height) // unit,
+                                                    min(area_w, state.width) // unit))
     if text == 0:
         start = 0
     else:

@@ -92,7 +92,8 @@ def prediction_channels(denoiser_config) -> int | None:
     Models with learned variance (PixArt-Sigma) output twice their input channels, the second half
     being the variance the pipeline drops; the same test the pipelines use.
     """
-    get = denoiser_config.get if isinstance(denoiser_config, dict) else lambda k, d=None: getattr(denoiser_config, k, d)
+    get = denoiser_config.get if isinstance(denoiser_config,
+                                            dict) else lambda k, d=None: getattr(denoiser_config, k, d)
     inputs, outputs = get("in_channels"), get("out_channels")
     return inputs if inputs and outputs and outputs == 2 * inputs else None
 
@@ -179,7 +180,8 @@ class GuidanceHook(ModelHook):
         if half is not None:
             sample = sample[half]
         timestep = arguments.get(self.attachment.info.family.timestep_argument)
-        t = float(torch.as_tensor(timestep).flatten()[0]) / self.timestep_input_scale if timestep is not None else float("nan")
+        t = float("nan") if timestep is None else float(torch.as_tensor(timestep).flatten()[0])
+        t /= self.timestep_input_scale
         return GuidanceStep(sample=self._prediction(sample), timestep=t, args=args, kwargs=kwargs)
 
     def _prediction(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -214,7 +216,8 @@ class GuidanceHook(ModelHook):
         if not torch.equal(sample[:half], sample[half:]):
             return output
         # [uncond, cond], or [cond, uncond] where the family stacks the cond half first (Z-Image)
-        uncond_half, cond_half = (slice(half, None), slice(0, half)) if self.cond_first else (slice(0, half), slice(half, None))
+        uncond_half, cond_half = (slice(half, None),
+                                  slice(0, half)) if self.cond_first else (slice(0, half), slice(half, None))
         uncond, cond = self._prediction(tensor[uncond_half]), self._prediction(tensor[cond_half])
         guided = self._guided(uncond, cond, scale, state, self._step(args, kwargs, arguments, slice(0, half)))
         if guided is None:

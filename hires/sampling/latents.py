@@ -130,7 +130,8 @@ class PackedByShapes(PackedByIds):
         return int(rows) * self.patch, int(cols) * self.patch, 0
 
     def sub_grid_arguments(self, arguments, latent_height, latent_width):
-        raise NotImplementedError("hires builds no img_shapes for a part of the latent (LatentLayout.sub_grids_refused)")
+        raise NotImplementedError("hires builds no img_shapes for a part of "
+                                  "the latent (LatentLayout.sub_grids_refused)")
 
     def ids_for_grid(self, template, rows, cols):
         raise NotImplementedError("img_shapes layouts build no per-grid ids (LatentLayout.sub_grids_refused)")
@@ -141,7 +142,9 @@ class FrameList(LatentAdapter):
 
     def denoiser_view(self):
         view = _FrameListView()
-        return (_FrameListCall(view), FRAME_LIST_HOOK + ".call"), (_FrameListTensorView(view), FRAME_LIST_HOOK + ".view")
+        inner = (_FrameListCall(view), FRAME_LIST_HOOK + ".call")
+        outer = (_FrameListTensorView(view), FRAME_LIST_HOOK + ".view")
+        return inner, outer
 
 
 _PACKED = {"img_ids": PackedByIds, "img_shapes": PackedByShapes}

@@ -51,7 +51,8 @@ def clamp_to_source_range(upscaled: torch.Tensor, source: torch.Tensor) -> torch
     high = F.max_pool2d(padded, 3, stride=1)
     low = -F.max_pool2d(-padded, 3, stride=1)
     size = upscaled.shape[-2:]
-    high, low = F.interpolate(high, size=size, mode="nearest-exact"), F.interpolate(low, size=size, mode="nearest-exact")
+    high, low = F.interpolate(high, size=size,
+                              mode="nearest-exact"), F.interpolate(low, size=size, mode="nearest-exact")
     return torch.minimum(torch.maximum(upscaled.float(), low), high).to(upscaled.dtype)
 
 

@@ -148,7 +148,8 @@ def mu_for_shift(shift: float, time_shift_type: str) -> float:
 
 def scheduler_shift_mu(scheduler_config, tokens: int) -> float:
     """mu the flow pipelines compute for `tokens` image tokens from the scheduler's config."""
-    get = scheduler_config.get if hasattr(scheduler_config, "get") else lambda k, d=None: getattr(scheduler_config, k, d)
+    get = scheduler_config.get if hasattr(scheduler_config,
+                                          "get") else lambda k, d=None: getattr(scheduler_config, k, d)
     return dynamic_shift_mu(tokens, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
                             get("base_shift", 0.5), get("max_shift", 1.15))
 
@@ -226,7 +227,8 @@ def set_timesteps_with_shift(scheduler, set_timesteps, args, kwargs, shift: floa
             set_timesteps(*args, **kwargs)
 
 
-def clean_estimate(scheduler, prediction: str, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+def clean_estimate(scheduler, prediction: str, model_output: torch.Tensor,
+                   timestep, sample: torch.Tensor) -> torch.Tensor:
     """The predicted x0 of one scheduler step's inputs (float32), for any prediction type.
 
     Euler-type VP schedulers keep x0 + sigma eps; the denoiser saw it scaled by `scale_model_input`,

@@ -186,7 +186,8 @@ class StageEngine:
     def _wrap_encode_prompt(self, original):
         def encode_prompt(*args, **kwargs):
             call = self.attachment.calls.called_by(sys._getframe(1))
-            if call is not None and not self.running and (self.pending is None or self.pending.frame is not call.frame):
+            new_call = call is not None and (self.pending is None or self.pending.frame is not call.frame)
+            if new_call and not self.running:
                 self._abandon()
                 self._maybe_run(call)
             return original(*args, **kwargs)
@@ -333,9 +334,10 @@ class StageEngine:
     # -- the scheduler during a run ---------------------------------------------------------
     def _shadow_scheduler(self, capture_steps: bool) -> None:
         scheduler = self.pipe.scheduler
-        self._scheduler_shadows.append(self.attachment.wrap_method(scheduler, "set_timesteps", self._wrap_set_timesteps))
+        wrap = self.attachment.wrap_method
+        self._scheduler_shadows.append(wrap(scheduler, "set_timesteps", self._wrap_set_timesteps))
         if capture_steps:
-            self._scheduler_shadows.append(self.attachment.wrap_method(scheduler, "step", self._wrap_step))
+            self._scheduler_shadows.append(wrap(scheduler, "step", self._wrap_step))
 
     def _unshadow_scheduler(self) -> None:
         for entry in reversed(self._scheduler_shadows):

@@ -95,7 +95,8 @@ def compare_saturation(pipe, prompts: list[str], seeds: list[int], *, guidance: 
                     if colours is not None:
                         import testbed_common as tc
 
-                        image = ((decoded[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                        image = ((decoded[0] / 2 + 0.5).clamp(0, 1).permute(1, 2,
+                                                                            0).numpy() * 255).round().astype(np.uint8)
                         ones.append(tc.count_objects(image, colours[j]).n_objects == 1)
         finally:
             if config is not None:
@@ -138,7 +139,8 @@ def overhead_table(runs: int, sizes=(128, 256), steps: int = 4) -> Table:
         loop = _loop(pipe, size, steps)
         # apply/remove is outside the timed loop's cost in practice; here it is a few microseconds.
         functions = {name: _with(pipe, config, loop) for name, config in configs.items()}
-        for clock, measure in (("wall", interleaved_times), ("CPU", functools.partial(interleaved_times, clock=time.process_time))):
+        for clock, measure in (("wall", interleaved_times),
+                               ("CPU", functools.partial(interleaved_times, clock=time.process_time))):
             times = measure(functions, runs)
             hires.remove(pipe)
             rows.append([f"{size}x{size} (latent {size // 8}^2)", clock, fmt(float(np.median(times["CFG"])), 3),
@@ -256,7 +258,8 @@ def main(argv=None) -> int:
     print(f"{options.model}: guidance {options.guidance}, {options.steps} steps, {len(prompts)} prompts x "
           f"{options.seeds} seeds ({time.time() - start:.0f} s)")
     for name, row in res.items():
-        print(f"  {name:4s} " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        cells = (f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        print(f"  {name:4s} " + "  ".join(cells))
     return 0
 
 

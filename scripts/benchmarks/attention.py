@@ -166,7 +166,8 @@ def overhead_table(runs: int) -> Table:
                                  generator=torch.Generator().manual_seed(0), **CALL_KWARGS[family])
 
             with torch.no_grad():
-                times = interleaved_times({"plain": call(pipe), "entropy": call(scaled), "windows": call(windowed)}, runs)
+                times = interleaved_times({"plain": call(pipe), "entropy": call(scaled),
+                                           "windows": call(windowed)}, runs)
             factors = hires.last_call(scaled).notes["log.entropy_factors"]
             tokens = (size // 8) ** 2 if family == "sd15" else (size // 16) ** 2
             rows.append([family + "-style mid-size", f"{size}² ({tokens} image tokens)",
@@ -177,9 +178,11 @@ def overhead_table(runs: int) -> Table:
         torch.set_num_threads(threads)
     return Table(
         title="Overhead of entropy scaling (and windows) vs plain attention, equal size",
-        what=(f"Median wall time of a 1-step pipeline call (latents out), {runs} interleaved rounds after one warm-up, "
+        what=(f"Median wall time of a 1-step pipeline call (latents "
+              f"out), {runs} interleaved rounds after one warm-up, "
               "CPU, 1 torch thread; ratio of medians within the run. Target for entropy scaling: <= 1.02x. "
-              "Models: random-weight mid-size SD-style UNet and Flux-style transformer on the tiny pipelines (64 px base)."),
+              "Models: random-weight mid-size SD-style UNet and "
+              "Flux-style transformer on the tiny pipelines (64 px base)."),
         header=["model", "size", "entropy factors", "plain median s", "entropy / plain", "windows / plain"],
         rows=rows,
     )

@@ -40,7 +40,9 @@ def _model(family_name: str):
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     with torch.device("meta"):
-        return FluxTransformer2DModel(**FLUX_DEV) if family_name == "flux" else UNet2DConditionModel(**FULL_SIZE_UNETS["sdxl"])
+        if family_name == "flux":
+            return FluxTransformer2DModel(**FLUX_DEV)
+        return UNet2DConditionModel(**FULL_SIZE_UNETS["sdxl"])
 
 
 @functools.lru_cache(maxsize=None)

@@ -106,7 +106,8 @@ def _tiling_overhead_per_pixel(family: str, kind: str) -> float:
     side = 2048
     channels = SPECS[family].latent_channels
     if kind == "decode":
-        tiled = _flops(lambda: tiled_vae.tiled_decode(vae, torch.empty(1, channels, side // 8, side // 8, device="meta")))
+        tiled = _flops(lambda: tiled_vae.tiled_decode(vae, torch.empty(1, channels, side // 8,
+                                                                       side // 8, device="meta")))
     else:
         tiled = _flops(lambda: tiled_vae.tiled_encode(vae, torch.empty(1, 3, side, side, device="meta")))
     return (tiled - _untiled_vae_flops(family, kind, side)) / side**2
@@ -149,7 +150,8 @@ def preset_plan(family: str, config, side: int) -> list[StageCost]:
 
     enabled = set(config.enabled_techniques())
     if enabled - MODELLED:
-        raise NotImplementedError(f"the preset enables {sorted(enabled - MODELLED)}, whose FLOPs this count does not model")
+        raise NotImplementedError(f"the preset enables {sorted(enabled - MODELLED)}, whose FLOPs this count does not "
+                                  "model")
     spec = SPECS[family]
     info = _fake_attachment(_models(family)[0], family, spec.patch, side).state.info
     sg = config.structure_guidance
@@ -194,13 +196,16 @@ def preset_table() -> Table:
             vae = sum(s.vae for s in stages)
             direct = direct_flops(family, side)
             ladder = " -> ".join(f"{s.side}:{s.steps}" for s in stages)
-            tiled = sorted({f"{k} {s}" for st in stages for k, sides in (("decode", st.decodes), ("encode", st.encodes))
+            tiled = sorted({f"{k} {s}" for st in stages for k,
+                            sides in (("decode", st.decodes), ("encode", st.encodes))
                             for s in sides if vae_flops(family, k, s)[1]})
-            rows.append([spec.label, f"{side}²", ladder, fmt(direct / 1e15, 2), fmt(denoiser / 1e15, 2), fmt(vae / 1e15, 2),
+            rows.append([spec.label, f"{side}²", ladder, fmt(direct / 1e15, 2),
+                         fmt(denoiser / 1e15, 2), fmt(vae / 1e15, 2),
                          fmt((denoiser + vae) / 1e15, 2), fmt((denoiser + vae) / direct), ", ".join(tiled) or "none"])
     return Table(
         title="FLOPs of the automatic preset at real size (denoiser + VAE), against direct generation",
-        what=("Stages, steps and VAE passes from hires' own planner for `hires.apply(pipe)` (hires.presets.AUTOMATIC); "
+        what=("Stages, steps and VAE passes from hires' own planner "
+              "for `hires.apply(pipe)` (hires.presets.AUTOMATIC); "
               "each denoiser step and VAE pass counted by torch FlopCounterMode on the real-size SDXL base UNet / "
               "FLUX.1-dev transformer and their VAEs built on the meta device (public config values), window "
               "attention installed where the preset enables it; SDXL denoiser batch 2 (CFG), Flux batch 1 "

@@ -73,10 +73,13 @@ def install(attachment, config: AttentionBackendConfig) -> None:
     model = attachment.denoiser
     dispatcher = _uses_dispatcher(model)
     # A replaced SDPA call needs torch SDPA; a softmax factor only where it cannot go into the dispatcher's queries.
-    needs_torch_sdpa = attachment.enabled_with("torch_sdpa") + ([] if dispatcher else attachment.enabled_with("softmax_scale"))
+    needs_torch_sdpa = attachment.enabled_with("torch_sdpa")
+    if not dispatcher:
+        needs_torch_sdpa += attachment.enabled_with("softmax_scale")
     if needs_torch_sdpa and config.backend not in TORCH_SDPA_BACKENDS:
         raise ValueError(
-            f"AttentionBackendConfig.backend={config.backend!r} conflicts with {' and '.join(needs_torch_sdpa)}, which "
+            f"AttentionBackendConfig.backend={config.backend!r} "
+            f"conflicts with {' and '.join(needs_torch_sdpa)}, which "
             f"change torch's scaled_dot_product_attention call; use one of {', '.join(map(repr, TORCH_SDPA_BACKENDS))}"
         )
     attachment.add_hook(model, _BackendHook(backend_context(config.backend, dispatcher)), BACKEND_HOOK)

@@ -6,7 +6,8 @@ import dataclasses
 
 from ...validation import option, typed
 
-ATTENTION_BACKENDS = ("native", "flash", "_native_flash", "_native_efficient", "_native_math", "xformers", "sage", "flex")
+ATTENTION_BACKENDS = ("native", "flash", "_native_flash", "_native_efficient",
+                      "_native_math", "xformers", "sage", "flex")
 
 
 @typed

@@ -30,7 +30,8 @@ class BottleneckConfig:
         owner = "BottleneckConfig"
         scales = tuple(self.scales)
         if len(scales) < 3:
-            raise ValueError(f"{owner}.scales={self.scales!r} must be 3 or more side factors in (0, 1], e.g. (1.0, 0.5, 1.0)")
+            raise ValueError(f"{owner}.scales={self.scales!r} must be 3 or "
+                             f"more side factors in (0, 1], e.g. (1.0, 0.5, 1.0)")
         if scales[0] != 1.0 or scales[-1] != 1.0:
             raise ValueError(f"{owner}.scales={self.scales!r} must start and end at 1.0: bottleneck sampling begins "
                              "and returns to the requested size")

@@ -122,7 +122,8 @@ def plan_stages(info, config: BottleneckConfig, height: int, width: int, num_ste
             start = min(num_steps - 1, int(math.floor((1 - r) * num_steps + 0.5)))
             if start > ends[i - 1] or start >= ends[i]:
                 raise ValueError(
-                    f"BottleneckConfig.renoise[{i - 1}]={r} restarts stage {i} at step {start} of {num_steps}, after the "
+                    f"BottleneckConfig.renoise[{i - 1}]={r} restarts "
+                    f"stage {i} at step {start} of {num_steps}, after the "
                     f"stage's own steps {ends[i - 1]}..{ends[i] - 1} would begin; use renoise >= "
                     f"{1 - ends[i - 1] / num_steps:.3f} (the fraction of the schedule still ahead at that transition)")
         stages.append(StagePlan(size[0], size[1], start, ends[i], shifts[i]))

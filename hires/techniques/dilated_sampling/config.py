@@ -41,4 +41,5 @@ class DilatedSamplingConfig:
             raise ValueError(f"DilatedSamplingConfig: {info.name}'s latent cannot be split into sub-lattices and "
                              f"windows the denoiser takes on their own: {reason}; disable dilated_sampling")
         if family.attention_masked:
-            raise ValueError(f"DilatedSamplingConfig: {info.name}: {family.attention_masked}; disable dilated_sampling")
+            raise ValueError(f"DilatedSamplingConfig: {info.name}: {family.attention_masked}; "
+                             "disable dilated_sampling")

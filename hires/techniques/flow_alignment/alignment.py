@@ -109,7 +109,8 @@ def stage_weights(config: FlowAlignmentConfig, stages: int) -> list[tuple[float,
         value = getattr(config, name)
         if isinstance(value, tuple):
             if len(value) != stages:
-                raise ValueError(f"FlowAlignmentConfig.{name}={value!r} has {len(value)} values but structure guidance "
+                raise ValueError(f"FlowAlignmentConfig.{name}={value!r} has "
+                                 f"{len(value)} values but structure guidance "
                                  f"plans {stages} stage(s) after the base; give one value or {stages}")
             return list(value)
         return [value] * stages
@@ -158,7 +159,8 @@ class FlowAlignment:
         mask = butterworth_mask(x.shape[-2], x.shape[-1], self.config.cutoff, self.config.order, x.device)
         return fft_low_pass(x, mask)
 
-    def guide(self, output: torch.Tensor, sample: torch.Tensor, timestep, state, weights: StageWeights) -> torch.Tensor:
+    def guide(self, output: torch.Tensor, sample: torch.Tensor,
+              timestep, state, weights: StageWeights) -> torch.Tensor:
         info, latents = self.info, self.attachment.latents
         lh, lw = state.latent_height, state.latent_width
         x = latents.to_spatial(sample, lh, lw)

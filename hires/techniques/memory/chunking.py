@@ -102,7 +102,9 @@ def feed_forward_chunking(model: torch.nn.Module, chunks: int):
 
 def _split(value, n: int, half: int):
     if isinstance(value, torch.Tensor):
-        return value[half * (value.shape[0] // 2):(half + 1) * (value.shape[0] // 2)] if value.ndim and value.shape[0] == n else value
+        if not value.ndim or value.shape[0] != n:
+            return value
+        return value[half * (n // 2):(half + 1) * (n // 2)]
     if isinstance(value, dict):
         return {k: _split(v, n, half) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -130,7 +130,8 @@ def meta_peak_bytes(fn: Callable[[], Any], device_type: str | None = None) -> in
 def module_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
     total = 0
     for tensor in list(module.parameters()) + list(module.buffers()):
-        size = torch.empty((), dtype=dtype).element_size() if dtype is not None and tensor.is_floating_point() else tensor.element_size()
+        cast = dtype is not None and tensor.is_floating_point()
+        size = torch.empty((), dtype=dtype).element_size() if cast else tensor.element_size()
         total += tensor.numel() * size
     return total
 
@@ -172,7 +173,8 @@ def vae_peak_bytes(vae, kind: str, shape: tuple[int, ...], dtype: torch.dtype, t
     `storage` is the tiled path's dtype for the tensors it holds whole (None: `dtype`)."""
     if kind not in ("decode", "encode"):
         raise ValueError(f"kind={kind!r} must be 'decode' or 'encode'")
-    return _vae_peak_cached(type(vae), _frozen_config(vae.config), kind, tuple(shape), dtype, tiled, tile_size, grouping,
+    return _vae_peak_cached(type(vae), _frozen_config(vae.config), kind,
+                            tuple(shape), dtype, tiled, tile_size, grouping,
                             device_type or default_device_type(), storage if tiled else None)
 
 
@@ -306,7 +308,8 @@ def denoiser_peak_bytes(denoiser, latent_h: int, latent_w: int, dtype: torch.dty
 
     `adaptations`: what the installed techniques make the denoiser do that its meta-device copy must do too
     (hires.registry.Technique.adapts_estimate; SD3's table past its end), each `adaptation(model)` a context."""
-    builder = next((DENOISER_INPUTS[c.__name__] for c in type(denoiser).__mro__ if c.__name__ in DENOISER_INPUTS), None)
+    names = [c.__name__ for c in type(denoiser).__mro__]
+    builder = next((DENOISER_INPUTS[name] for name in names if name in DENOISER_INPUTS), None)
     family = denoiser_family(denoiser)
     if builder is None or family is None:
         raise TypeError(f"denoiser={type(denoiser).__name__} has no memory model; known: {', '.join(DENOISER_INPUTS)}")
@@ -421,7 +424,8 @@ TILE_CHOICES = (128, 96, 64, 48, 32)  # latent px, largest first
 GROUPINGS = ("unit", "level")  # tiled VAE: least recompute first, least memory second
 
 
-def tiling_options(tile_size: int | None = None, dtype: torch.dtype = torch.float32) -> list[tuple[int, str, torch.dtype | None]]:
+def tiling_options(tile_size: int | None = None,
+                   dtype: torch.dtype = torch.float32) -> list[tuple[int, str, torch.dtype | None]]:
     """(tile, grouping, storage dtype) in order of preference (fastest and exact first, least memory
     last): whole tensors held in the compute dtype `dtype`, then, when nothing else fits and `dtype`
     is float32, in bfloat16."""
@@ -452,7 +456,8 @@ def _denoiser_choice(denoiser, latent_h, latent_w, dtype, batch, cfg, cfg_batche
         b = batch * (1 if (sequential or not cfg_batched) else cfg_halves)
         return denoiser_peak_bytes(denoiser, latent_h, latent_w, dtype, b, chunks, device_type, adaptations)
 
-    sequential_options = (sequential_cfg,) if sequential_cfg is not None else ((False, True) if cfg and cfg_batched else (False,))
+    sequential_options = (sequential_cfg,
+                          ) if sequential_cfg is not None else ((False, True) if cfg and cfg_batched else (False,))
     chunk_options = ((feed_forward_chunks,) if feed_forward_chunks is not None
                      else (CHUNK_CHOICES if chunkable_blocks(denoiser) else (1,)))
     return _first_fitting([(s, c) for s in sequential_options for c in chunk_options], cost, free)
@@ -500,8 +505,10 @@ def plan(denoiser, vae, *, height: int, width: int, latent_factor: int = 8, dtyp
     latent_h, latent_w = height // latent_factor, width // latent_factor
     latent = vae_latent_shape(vae, batch, latent_h, latent_w)
     free = budget - weights
-    tiling, vae_cost, untiled = _vae_choice(vae, "decode", latent, vae_dtype, free - extra, tile_vae, tile_size, device_type)
-    (sequential, chunks), denoiser_cost = _denoiser_choice(denoiser, latent_h, latent_w, dtype, batch, cfg, cfg_batched,
+    tiling, vae_cost, untiled = _vae_choice(vae, "decode", latent, vae_dtype,
+                                            free - extra, tile_vae, tile_size, device_type)
+    (sequential, chunks), denoiser_cost = _denoiser_choice(denoiser, latent_h, latent_w,
+                                                           dtype, batch, cfg, cfg_batched,
                                                            free, feed_forward_chunks, sequential_cfg, device_type,
                                                            adaptations)
     result = MemoryPlan(height=height, width=width, dtype=dtype, batch=batch, budget=budget, weights=weights,
@@ -600,7 +607,8 @@ class PassPlan:
 
     def choice(self) -> str:
         if self.kind == "denoiser":
-            layout = "" if self.sequential_cfg is None else f", {'sequential' if self.sequential_cfg else 'batched'} CFG"
+            cfg = "sequential" if self.sequential_cfg else "batched"
+            layout = "" if self.sequential_cfg is None else f", {cfg} CFG"
             return f"FF chunks {self.feed_forward_chunks}{layout}"
         if self.tiling is None:
             return "untiled"
@@ -610,8 +618,9 @@ class PassPlan:
 
     def line(self) -> str:
         shape = f"{self.shape[1]}x{self.shape[0]}" if self.kind == "denoiser" else "x".join(map(str, self.shape))
-        return (f"{self.what} ({self.kind} {shape} {str(self.dtype).removeprefix('torch.')}, {self.choice()}): "
-                f"{format_bytes(self.resident)} weights + {format_bytes(self.activations)} = {format_bytes(self.peak)}")
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"{self.what} ({self.kind} {shape} {dtype}, {self.choice()}): {format_bytes(self.resident)} weights "
+                f"+ {format_bytes(self.activations)} = {format_bytes(self.peak)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -642,7 +651,8 @@ class CallPlan:
     def summary(self) -> str:
         peak = self.peak_pass
         head = (f"{self.name} {str(self.dtype).removeprefix('torch.')} batch {self.batch}, VAE in "
-                f"{str(self.vae_dtype).removeprefix('torch.')}: peak {format_bytes(self.peak)} ({self.peak / 1e9:.2f} GB) "
+                f"{str(self.vae_dtype).removeprefix('torch.')}: peak "
+                f"{format_bytes(self.peak)} ({self.peak / 1e9:.2f} GB) "
                 f"in {peak.what} of {format_bytes(self.budget)} ({self.budget / 1e9:.2f} GB)")
         return "\n".join([head] + ["  " + p.line() for p in self.passes])
 
@@ -679,7 +689,8 @@ def plan_call(denoiser, vae, *, denoiser_passes, vae_passes, latent_factor: int 
             denoiser, entry.height // latent_factor, entry.width // latent_factor, dtype, batch, uses_cfg, cfg_batched,
             budget - during_steps, feed_forward_chunks, sequential_cfg, device_type, adaptations)
         passes.append(PassPlan(entry.what, "denoiser", (entry.height, entry.width), dtype, during_steps, cost,
-                               feed_forward_chunks=chunks, sequential_cfg=sequential if uses_cfg and cfg_batched else None))
+                               feed_forward_chunks=chunks,
+                               sequential_cfg=sequential if uses_cfg and cfg_batched else None))
     for entry in vae_passes:
         entry = entry if isinstance(entry, VAEPass) else VAEPass(*entry)
         tiling, cost, untiled = _vae_choice(vae, entry.kind, tuple(entry.shape), vae_dtype, budget - during_vae,
@@ -689,13 +700,14 @@ def plan_call(denoiser, vae, *, denoiser_passes, vae_passes, latent_factor: int 
     result = CallPlan(name=name, budget=budget, dtype=dtype, vae_dtype=vae_dtype, batch=batch, passes=tuple(passes))
     if result.peak > budget:
         peak = result.peak_pass
-        size = peak.shape if peak.kind == "denoiser" else (peak.shape[-2] * (1 if peak.kind == "encode" else latent_factor),
-                                                           peak.shape[-1] * (1 if peak.kind == "encode" else latent_factor))
+        pixels = 1 if peak.kind == "encode" else latent_factor  # an encode's input is the image itself
+        size = peak.shape if peak.kind == "denoiser" else (peak.shape[-2] * pixels, peak.shape[-1] * pixels)
         tips = _tips(dtype, peak.resident, budget, peak.activations, size[1], size[0], latent_factor)
         over = [p for p in passes if p.peak > budget]
         raise MemoryBudgetError(
             f"{name} {str(dtype).removeprefix('torch.')} batch {batch} needs ≈{format_bytes(result.peak)} in "
-            f"{peak.what}, budget {format_bytes(budget)}; {len(over)} of its {len(passes)} passes do not fit even with "
+            f"{peak.what}, budget {format_bytes(budget)}; {len(over)} "
+            f"of its {len(passes)} passes do not fit even with "
             f"the most frugal choice: " + "; ".join(p.line() for p in over) + "; try " + "; or ".join(tips))
     return result
 
@@ -737,7 +749,8 @@ def pipeline_weights(pipe, device: torch.device) -> int:
 
 def bytes_on_device(module: torch.nn.Module, device: torch.device) -> int:
     """Bytes of `module`'s parameters and buffers that live on `device`."""
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()) if t.device == device)
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors if t.device == device)
 
 
 def call_budget(pipe, denoiser, config, device: torch.device) -> tuple[int, int]:
@@ -767,8 +780,10 @@ def plan_for_call(attachment, config, state, args, kwargs, sequential_allowed: b
     latent = (batch, pipe.vae.config.latent_channels, state.height // factor, state.width // factor)
     vae_passes = [VAEPass("decode", latent, "the call's decode")] if decodes else []
     return plan_call(denoiser, pipe.vae, denoiser_passes=[DenoiserPass(state.height, state.width, "the call's steps")],
-                     vae_passes=vae_passes, latent_factor=factor, dtype=dtype, batch=batch, cfg=cfg, cfg_batched=batched,
+                     vae_passes=vae_passes, latent_factor=factor,
+                     dtype=dtype, batch=batch, cfg=cfg, cfg_batched=batched,
                      budget=budget, other_weights=other, feed_forward_chunks=config.feed_forward_chunks,
                      sequential_cfg=sequential, name=f"{state.width}x{state.height} {attachment.info.name}",
-                     tile_vae=tile_vae, tile_size=tiling.tile_size if tiling.enabled else None, device_type=device.type,
+                     tile_vae=tile_vae, tile_size=tiling.tile_size if tiling.enabled else None,
+                     device_type=device.type,
                      adaptations=attachment.estimate_adaptations)

@@ -39,7 +39,8 @@ def call_passes(info, stages, batch: int, latent_channels: int, decodes: bool = 
     factor = info.latent_factor
 
     def shape(kind, height, width):
-        return (batch, latent_channels, height // factor, width // factor) if kind == "decode" else (batch, 3, height, width)
+        return (batch, latent_channels, height // factor,
+                width // factor) if kind == "decode" else (batch, 3, height, width)
 
     denoiser = [memory_planner.DenoiserPass(s.height, s.width, f"stage {i + 1} steps",
                                             uses_cfg(s) if uses_cfg is not None else None)
@@ -105,7 +106,8 @@ class CallMemoryPlanner:
             latent_factor=info.latent_factor, dtype=next(iter(denoiser.parameters())).dtype, batch=batch,
             cfg_batched=info.family.cfg_batched, budget=budget, other_weights=other,
             tile_vae=None if not tiling.enabled or tiling.mode == "auto" else tiling.mode == "always",
-            tile_size=tiling.tile_size if tiling.enabled else None, feed_forward_chunks=self.config.feed_forward_chunks,
+            tile_size=tiling.tile_size if tiling.enabled else None,
+            feed_forward_chunks=self.config.feed_forward_chunks,
             sequential_cfg=self.config.sequential_cfg if self.sequential_allowed else False,
             name=f"{width}x{height} {info.name} in {len(stages)} stages", device_type=device.type,
             adaptations=attachment.estimate_adaptations)
@@ -184,7 +186,8 @@ def _decide(vae, kind, shape, dtype, tile_size, attachment, max_memory, above_ba
     resident = 0
     if max_memory is not None:
         device = next(iter(vae.parameters())).device
-        resident = memory_planner.pipeline_weights(attachment.pipe, device) - memory_planner.bytes_on_device(vae, device)
+        resident = memory_planner.pipeline_weights(attachment.pipe,
+                                                   device) - memory_planner.bytes_on_device(vae, device)
     return memory_planner.vae_tiling_decision(vae, kind, shape, dtype, max_memory=max_memory, tile_size=tile_size,
                                               resident=resident)
 
@@ -227,14 +230,17 @@ def install_memory(attachment, config: MemoryConfig) -> None:
         call_planner = CallMemoryPlanner(attachment, config, sequential_allowed)
         attachment.stages.add_planner(PLANNER_NAME, call_planner)
     # Registered after the sequential hook, so it sees the whole batch.
-    attachment.add_hook(denoiser, MemoryPlanHook(attachment, config, choices, sequential_allowed, call_planner), PLAN_HOOK)
+    attachment.add_hook(denoiser, MemoryPlanHook(attachment, config, choices,
+                                                 sequential_allowed, call_planner), PLAN_HOOK)
     if not attachment.config.vae_tiling.enabled:
         # An enabled VAETilingConfig installs its own (after this one) with its mode and sizes.
-        tiled_vae.install_tiling(attachment, "auto", None, _tiling_decision(attachment, config.max_memory, config.above_base_only))
+        tiled_vae.install_tiling(attachment, "auto", None,
+                                 _tiling_decision(attachment, config.max_memory, config.above_base_only))
 
 
 def install_vae_tiling(attachment, config: VAETilingConfig) -> None:
     """Installer of `VAETilingConfig`: tiled decode/encode on the pipeline's VAE."""
     memory = attachment.config.memory
     max_memory = memory.max_memory if memory.enabled else None
-    tiled_vae.install_tiling(attachment, config.mode, config.tile_size, _tiling_decision(attachment, max_memory), config.halo)
+    tiled_vae.install_tiling(attachment, config.mode, config.tile_size,
+                             _tiling_decision(attachment, max_memory), config.halo)

@@ -111,7 +111,8 @@ def _resnet_unit(name: str, resnet) -> Unit:
 
 def _upsampler_unit(name: str, upsampler) -> Unit:
     if getattr(upsampler, "use_conv_transpose", False) or not getattr(upsampler, "interpolate", True):
-        raise TypeError(f"{name}: {type(upsampler).__name__} without nearest interpolation is not supported by tiled decode")
+        raise TypeError(f"{name}: {type(upsampler).__name__} without nearest "
+                        f"interpolation is not supported by tiled decode")
     conv = getattr(upsampler, "conv", None) if getattr(upsampler, "name", "conv") == "conv" else upsampler.Conv2d_0
     radius = math.ceil(_conv_radius(conv) / 2) if conv is not None else 0
     return Unit(name, lambda x: upsampler(x), radius, Fraction(2), store_output=False)
@@ -143,7 +144,8 @@ def decoder_plan(decoder) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[
     units: list[Unit] = []
     for b, block in enumerate(decoder.up_blocks):
         if not hasattr(block, "resnets"):
-            raise TypeError(f"decoder.up_blocks[{b}] ({type(block).__name__}) has no resnets; tiled decode needs UpDecoderBlock2D-like blocks")
+            raise TypeError(f"decoder.up_blocks[{b}] ({type(block).__name__}) has no "
+                            f"resnets; tiled decode needs UpDecoderBlock2D-like blocks")
         for r, resnet in enumerate(block.resnets):
             units.append(_resnet_unit(f"up_blocks.{b}.resnets.{r}", resnet))
         for u, upsampler in enumerate(block.upsamplers or []):
@@ -162,7 +164,8 @@ def encoder_plan(encoder, quant_conv) -> tuple[list[Unit], Callable[[torch.Tenso
     units = [Unit("conv_in", lambda x: encoder.conv_in(x), _conv_radius(encoder.conv_in), Fraction(1))]
     for b, block in enumerate(encoder.down_blocks):
         if not hasattr(block, "resnets"):
-            raise TypeError(f"encoder.down_blocks[{b}] ({type(block).__name__}) has no resnets; tiled encode needs DownEncoderBlock2D-like blocks")
+            raise TypeError(f"encoder.down_blocks[{b}] ({type(block).__name__}) has no "
+                            f"resnets; tiled encode needs DownEncoderBlock2D-like blocks")
         for r, resnet in enumerate(block.resnets):
             units.append(_resnet_unit(f"down_blocks.{b}.resnets.{r}", resnet))
         for d, downsampler in enumerate(block.downsamplers or []):
@@ -343,7 +346,8 @@ def run_segment(segment: Segment, x: torch.Tensor, tile: int, halo: int | None =
                 out = y.new_empty(y.shape[:2] + (int(height * scale), int(width * scale)), dtype=out_dtype or x.dtype)
             oy, ox = int((top - r0) * scale), int((left - c0) * scale)
             oh, ow = int(tile_h * scale), int(tile_w * scale)
-            out[..., int(top * scale): int(top * scale) + oh, int(left * scale): int(left * scale) + ow] = y[..., oy: oy + oh, ox: ox + ow]
+            out[..., int(top * scale): int(top * scale) + oh,
+                int(left * scale): int(left * scale) + ow] = y[..., oy: oy + oh, ox: ox + ow]
             del y
         if finished:
             return out
@@ -497,7 +501,8 @@ class TiledVAEHook(ModelHook):
             with vae_precision(module) as dtype:
                 return tiled_encode(module, x.to(dtype), *choice[:2], hook.halo, *choice[2:]).to(x.dtype)
 
-        self._shadows = [self.attachment.shadow(module, name, fn) for name, fn in (("_decode", _decode), ("_encode", _encode))]
+        self._shadows = [self.attachment.shadow(module, name, fn) for name,
+                         fn in (("_decode", _decode), ("_encode", _encode))]
         return module
 
     def deinitalize_hook(self, module):

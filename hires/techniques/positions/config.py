@@ -18,7 +18,8 @@ class PositionConfig:
     enabled: bool = False
     # Flux RoPE: "none" (plain integer positions), "interpolation" (PI), "ntk" (NTK-aware base), "yarn"
     rope: str | None = option(None, choices=("none", "interpolation", "ntk", "yarn"))
-    yarn_beta_fast: float | None = option(None, low=0, low_open=True)  # YaRN ramp ends, in rotations over the base grid
+    # YaRN ramp ends, in rotations over the base grid
+    yarn_beta_fast: float | None = option(None, low=0, low_open=True)
     yarn_beta_slow: float | None = option(None, low=0, low_open=True)
     # SD3's learned table past pos_embed_max_size: "interpolate" (resize the table) or "extrapolate"
     table: str | None = option(None, choices=("interpolate", "extrapolate"))

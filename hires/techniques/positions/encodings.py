@@ -197,7 +197,8 @@ def yarn_ramp(rotations: torch.Tensor, beta_fast: float, beta_slow: float) -> to
     return ((rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0.0, 1.0)
 
 
-def yarn_frequencies(dim: int, theta: float, scale: float, base_length: int, beta_fast: float, beta_slow: float) -> torch.Tensor:
+def yarn_frequencies(dim: int, theta: float, scale: float, base_length: int,
+                     beta_fast: float, beta_slow: float) -> torch.Tensor:
     """NTK-by-parts: f * (ramp + (1 - ramp) / s), ramp over the rotations L f / 2pi in the base grid."""
     freqs = rope_frequencies(dim, theta)
     keep = yarn_ramp(base_length * freqs / (2 * math.pi), beta_fast, beta_slow)
@@ -252,7 +253,8 @@ def dype_yarn_frequencies(dim: int, theta: float, scale: float, base_length: int
     half = dim // 2
     to_ntk = 1 - index_ramp(*correction_range(beta_fast * kappa, beta_slow * kappa, dim, theta, base_length), half)
     freqs = interpolated * (1 - to_ntk) + ntk * to_ntk
-    to_original = 1 - index_ramp(*correction_range(gamma_fast * kappa, gamma_slow * kappa, dim, theta, base_length), half)
+    to_original = 1 - index_ramp(*correction_range(gamma_fast * kappa, gamma_slow * kappa,
+                                                   dim, theta, base_length), half)
     return freqs * (1 - to_original) + original * to_original
 
 
@@ -285,7 +287,8 @@ def axis_frequencies(method: str, dim: int, theta: float, scale: float, base_len
     raise ValueError(f"rope method={method!r}; use 'interpolation', 'ntk' or 'yarn'")
 
 
-def rotary_cos_sin(positions: torch.Tensor, freqs: torch.Tensor, mscale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(positions: torch.Tensor, freqs: torch.Tensor,
+                   mscale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, dim) float32 cos and sin, each frequency repeated for its pair of channels (Flux's layout)."""
     angles = torch.outer(positions.to(freqs.dtype), freqs.to(positions.device))
     cos = angles.cos().repeat_interleave(2, dim=1) * mscale
@@ -340,10 +343,13 @@ def resolve(config: PositionConfig, info) -> ResolvedPositions:
         raise ValueError(f"PositionConfig.timestep_dependent=True (DyPE) needs rope='yarn' or 'ntk', got "
                          f"rope={resolved.rope!r}")
     if resolved.timestep_dependent and info.prediction_type != "flow":
-        raise ValueError(f"PositionConfig.timestep_dependent=True (DyPE) follows a flow-matching model's sigma; family "
+        raise ValueError(f"PositionConfig.timestep_dependent=True (DyPE) "
+                         f"follows a flow-matching model's sigma; family "
                          f"{info.name!r} predicts {info.prediction_type!r}")
-    if resolved.rope is not None and resolved.rope != "yarn" and (config.yarn_beta_fast, config.yarn_beta_slow) != (None, None):
-        raise ValueError(f"PositionConfig.yarn_beta_fast/yarn_beta_slow=({config.yarn_beta_fast}, {config.yarn_beta_slow}) "
+    if resolved.rope is not None and resolved.rope != "yarn" and (config.yarn_beta_fast,
+                                                                  config.yarn_beta_slow) != (None, None):
+        raise ValueError(f"PositionConfig.yarn_beta_fast/yarn_beta_slow=({config.yarn_beta_fast}, "
+                         f"{config.yarn_beta_slow}) "
                          f"set with rope={resolved.rope!r}; the ramp ends act only with rope='yarn'")
     if resolved.rope == "yarn":
         fast, slow = resolved.yarn_beta_fast, resolved.yarn_beta_slow
@@ -495,9 +501,8 @@ class TableExtension:
 def estimate_adaptation(info, config: PositionConfig):
     """The record's `adapts_estimate`: what the memory planner's meta-device denoiser must do to follow
     `config` on `info`'s family (None: nothing, its positions change no shape)."""
-    if info.family.position_encoding not in _ESTIMATE_ADAPTATIONS:
-        return None
-    return _ESTIMATE_ADAPTATIONS[info.family.position_encoding](resolve(config, info))
+    make = _ESTIMATE_ADAPTATIONS.get(info.family.position_encoding)
+    return None if make is None else make(resolve(config, info))
 
 
 def check_sincos_table(module: PatchEmbed) -> None:
@@ -540,7 +545,8 @@ class _RopeHook(ModelHook):
         self.attachment = attachment
         self.settings = settings
         unit = attachment.info.token_side
-        self.base_lengths = {"height": attachment.info.base_height // unit, "width": attachment.info.base_width // unit}
+        self.base_lengths = {"height": attachment.info.base_height // unit,
+                             "width": attachment.info.base_width // unit}
         self.axis_sides = attachment.info.family.layout.id_axes
 
     def axis_scales(self, state) -> list[float | None]:
@@ -570,7 +576,8 @@ class _RopeHook(ModelHook):
             else:
                 side = self.axis_sides[axis]
                 if kappa is None:
-                    freqs, mscale = axis_frequencies(self.settings.rope, dim, module.theta, scale, self.base_lengths[side],
+                    freqs, mscale = axis_frequencies(self.settings.rope, dim, module.theta,
+                                                     scale, self.base_lengths[side],
                                                      self.settings.yarn_beta_fast, self.settings.yarn_beta_slow)
                 else:
                     freqs, mscale = dype_axis_frequencies(self.settings.rope, dim, module.theta, scale,
@@ -620,7 +627,8 @@ class _CentredRopeHook(_RopeHook):
             if cached_key == key:
                 return cached
         if len(shapes) != 1 or int(shapes[0][0]) != 1:
-            raise ValueError(f"PositionConfig on {type(self.attachment.denoiser).__name__}: image shapes {shapes} hold "
+            raise ValueError(f"PositionConfig on {type(self.attachment.denoiser).__name__}: "
+                             f"image shapes {shapes} hold "
                              "more than one image or frame; hires rescales the positions of one image")
         _, rows, cols = (int(v) for v in shapes[0])
         text_start = max(rows // 2, cols // 2)
@@ -665,7 +673,8 @@ class _RopeTables:
         self.settings = settings
         self.original = original
         unit = attachment.info.token_side
-        self.base_lengths = {"height": attachment.info.base_height // unit, "width": attachment.info.base_width // unit}
+        self.base_lengths = {"height": attachment.info.base_height // unit,
+                             "width": attachment.info.base_width // unit}
         self.axis_sides = attachment.info.family.layout.id_axes
 
     def __getattr__(self, name):  # theta, axes_dims, axes_lens, freqs_cis: the model's own
@@ -765,7 +774,8 @@ class _TimestepShiftHook(ModelHook):
             if self.policy == "static" and self.shift is not None:
                 with static_shift(scheduler, self.shift) as saved_shift:
                     result = original(*args, **kwargs)
-                self.decision = {"policy": "static", "tokens": tokens, "shift": saved_shift, "applied_shift": self.shift}
+                self.decision = {"policy": "static", "tokens": tokens,
+                                 "shift": saved_shift, "applied_shift": self.shift}
                 return result
             return original(*args, **kwargs)
 
@@ -791,7 +801,8 @@ class _TimestepShiftHook(ModelHook):
 def _install_sincos_interpolated(attachment, settings: ResolvedPositions) -> None:
     module = _find_module(attachment.denoiser, PatchEmbed, "patch embedding")
     if settings.interpolation_scale is not None and settings.interpolation_scale != module.interpolation_scale:
-        attachment.add_hook(module, _SincosScaleHook(attachment, float(settings.interpolation_scale)), HOOK + ".sincos_scale")
+        attachment.add_hook(module, _SincosScaleHook(attachment, float(settings.interpolation_scale)),
+                            HOOK + ".sincos_scale")
 
 
 def _install_cropped_table(attachment, settings: ResolvedPositions) -> None:
@@ -851,5 +862,6 @@ def install(attachment, config: PositionConfig) -> None:
         attachment.add_hook(attachment.denoiser, _ResolutionBinningCheck(attachment), HOOK + ".binning_check")
     _INSTALLERS[attachment.info.family.position_encoding](attachment, settings)
     if settings.timestep_shift is not None and settings.timestep_shift != "dynamic":
-        attachment.add_hook(attachment.denoiser, _TimestepShiftHook(attachment, settings.timestep_shift, settings.shift),
+        attachment.add_hook(attachment.denoiser,
+                            _TimestepShiftHook(attachment, settings.timestep_shift, settings.shift),
                             HOOK + ".timestep_shift")

@@ -81,7 +81,8 @@ class Layout:
     downsampler: str
     pooled_block: str
     pooled_first: str  # the module whose output is pooled: the pooled block's first attention (or resnet)
-    restored_last: str  # the module whose output is resized back: the matching up block's pair before the shallower skip
+    # the module whose output is resized back: the matching up block's pair before the shallower skip
+    restored_last: str
     upsampler_sources: dict[str, str]  # every up-block upsampler -> the downsampler at its mirrored level
 
 

@@ -46,4 +46,5 @@ class RedilationConfig:
             object.__setattr__(self, "dispersion_modules", tuple(self.dispersion_modules))
 
     def validate_for(self, info) -> None:
-        require_unet("RedilationConfig", info, "EntropyScalingConfig, PositionConfig or progressive structure guidance")
+        require_unet("RedilationConfig", info,
+                     "EntropyScalingConfig, PositionConfig or progressive structure guidance")

@@ -169,7 +169,8 @@ def resolve_names(pairs, conv_names, where: str, family: str) -> dict[str, Any]:
     return {conv: value for conv, (_, value) in resolved.items()}
 
 
-def resolve_preset_names(pairs, family: str, conv_names: list[str], unet_depth: int) -> tuple[dict[str, Any], list[str]]:
+def resolve_preset_names(pairs, family: str, conv_names: list[str],
+                         unet_depth: int) -> tuple[dict[str, Any], list[str]]:
     """A preset's (full-size name, value) pairs resolved on a UNet of `unet_depth` levels.
 
     Returns {conv name: value} and the preset names left out because this UNet lacks their level

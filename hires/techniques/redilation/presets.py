@@ -62,10 +62,12 @@ def _blocks(factor: float, *names: str) -> tuple[tuple[str, float], ...]:
     return tuple((name, factor) for name in names)
 
 
-_SD_INNER = ("down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2")
+_SD_INNER = ("down_blocks.1", "down_blocks.2", "down_blocks.3",
+             "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2")
 _SD15_2048 = (("down_blocks.1", 2), ("down_blocks.2", 3), ("down_blocks.3", 4), ("mid_block", 4),
               ("up_blocks.0", 4), ("up_blocks.1", 3), ("up_blocks.2", 2))
-_SD15_2048_NDCFG = (("down_blocks.2", 3), ("down_blocks.3", 4), ("mid_block", 4), ("up_blocks.0", 4), ("up_blocks.1", 3))
+_SD15_2048_NDCFG = (("down_blocks.2", 3), ("down_blocks.3", 4),
+                    ("mid_block", 4), ("up_blocks.0", 4), ("up_blocks.1", 3))
 _SD_DISPERSION = ("down_blocks.2.downsamplers", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1")
 
 _SD21_2048_NDCFG = (("down_blocks.2.resnets", 3), ("down_blocks.2.downsamplers", 4), ("down_blocks.3", 4),
@@ -113,7 +115,8 @@ def preset_for(family: str, area_ratio: float, aspect: float) -> RedilationPrese
         raise ValueError(f"area_ratio={area_ratio!r} must be > 0 and aspect={aspect!r} >= 1 (long / short side)")
     table = family_presets(family).presets
     for preset in table:
-        if math.isclose(preset.area_ratio, area_ratio, rel_tol=1e-6) and math.isclose(preset.aspect, aspect, rel_tol=1e-6):
+        if math.isclose(preset.area_ratio, area_ratio,
+                        rel_tol=1e-6) and math.isclose(preset.aspect, aspect, rel_tol=1e-6):
             return preset
     nearest = min(table, key=lambda p: (round(abs(math.log(area_ratio / p.area_ratio)), 9),
                                         round(abs(math.log(aspect / p.aspect)), 9), p.area_ratio))

@@ -18,9 +18,11 @@ class ScaleFusionConfig:
     enabled: bool = False
     # "full" self-attention, or "dilated": FreeScale's fast mode (interleaved sub-grids)
     global_branch: str = option("full", choices=("full", "dilated"))
-    window: int | None = option(None, low=2)  # local window side in tokens; None: the layer's grid side at the base size
+    # local window side in tokens; None: the layer's grid side at the base size
+    window: int | None = option(None, low=2)
     jitter: bool = True  # shift interior windows by up to 1/8 window, drawn from the call's generator
-    blur_sigma: float = option(1.0, low=0, low_open=True)  # G's sigma in tokens; kernel side 2 ceil(scale) - 1 (FreeScale)
+    # G's sigma in tokens; kernel side 2 ceil(scale) - 1 (FreeScale)
+    blur_sigma: float = option(1.0, low=0, low_open=True)
 
 
     def validate_for(self, info) -> None:

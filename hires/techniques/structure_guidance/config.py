@@ -58,8 +58,11 @@ class StructureGuidanceConfig:
         if self.stages is not None:
             stages = tuple(self.stages)
             for stage in stages:
-                ok = (isinstance(stage, float) and 1 < stage < math.inf) or (isinstance(stage, int) and not isinstance(stage, bool) and stage > 0) or (
-                    isinstance(stage, (tuple, list)) and len(stage) == 2 and all(isinstance(v, int) and v > 0 for v in stage))
+                factor = isinstance(stage, float) and 1 < stage < math.inf
+                side = isinstance(stage, int) and not isinstance(stage, bool) and stage > 0
+                pair = isinstance(stage, (tuple, list)) and len(stage) == 2 and all(
+                    isinstance(v, int) and v > 0 for v in stage)
+                ok = factor or side or pair
                 if not ok:
                     raise ValueError(f"{owner}.stages entry {stage!r} must be a pixel side (int), (height, width), "
                                      "or a float factor > 1 of the base side")

@@ -236,9 +236,11 @@ class StructureGuidance:
         guided = per_stage(config, "guided_steps", later)
         scales = per_stage(config, "guidance_scale", later)
         # per-stage settings of other techniques (StructureGuidanceConfig.apg), pushed onto each stage's call
-        settings = [per_stage(config, f.name, later) for f in dataclasses.fields(config) if STAGE_SETTINGS in f.metadata]
+        settings = [per_stage(config, f.name,
+                              later) for f in dataclasses.fields(config) if STAGE_SETTINGS in f.metadata]
         conditioning = {name: request.arguments.get(name) for name in _SIZE_CONDITIONING if name in request.parameters}
-        conditioning = {k: (v if v is not None and tuple(v) != (height, width) else base_area_size(info, height, width))
+        conditioning = {k: (v if v is not None and tuple(v) != (height,
+                                                                width) else base_area_size(info, height, width))
                         for k, v in conditioning.items()}
         plan = []
         if start is None:
@@ -273,7 +275,8 @@ class StructureGuidance:
                 passes.append(VAEPass("decode", *previous, f"start: decode of {previous[1]}x{previous[0]}"))
             passes.append(VAEPass("encode", *size, "start: encode of the upscaled image"))
         if config.space == "pixel":
-            passes += [VAEPass("decode", *size, "guided steps: decode"), VAEPass("encode", *size, "guided steps: encode")]
+            passes += [VAEPass("decode", *size, "guided steps: decode"),
+                       VAEPass("encode", *size, "guided steps: encode")]
         return tuple(passes)
 
     def _start(self, stage, previous) -> torch.Tensor:
@@ -315,8 +318,10 @@ class StructureGuidance:
         if guide.guided_steps is None:
             guide.guided_steps = guided_steps_for(steps, self.config)
         if guide.guided_steps > steps:
-            raise ValueError(f"StructureGuidanceConfig.guided_steps={guide.guided_steps} exceeds the {steps} steps of the "
-                             f"{stage.height}x{stage.width} stage (renoise {guide.renoise} of {total}); lower it or raise "
+            raise ValueError(f"StructureGuidanceConfig.guided_steps={guide.guided_steps} "
+                             f"exceeds the {steps} steps of the "
+                             f"{stage.height}x{stage.width} stage (renoise "
+                             f"{guide.renoise} of {total}); lower it or raise "
                              "renoise / num_inference_steps")
         schedules.truncate_schedule(scheduler, total - steps)
 
@@ -348,7 +353,8 @@ class StructureGuidance:
         config = self.config
         level = config.wavelet_level
         if config.space == "latent":  # affine in x0, so swapping each half equals swapping the guided x0
-            return wavelets.swap_low_band(x0, tile_batch(guide, x0.shape[0]).to(x0.device), config.wavelet, level, WAVELET_MODE)
+            return wavelets.swap_low_band(x0, tile_batch(guide, x0.shape[0]).to(x0.device),
+                                          config.wavelet, level, WAVELET_MODE)
         # Pixel space: the VAE is not linear, so swap the guided prediction once and move every
         # half by the same amount; the pipeline's combination then yields exactly the swapped x0.
         halves = state.guidance_scale is not None and self.info.family.cfg_batched and x0.shape[0] % 2 == 0
@@ -360,7 +366,8 @@ class StructureGuidance:
         else:
             guided = x0
         image = self.vae.decode(guided)
-        image = wavelets.swap_low_band(image, tile_batch(guide, image.shape[0]).to(image.device), config.wavelet, level, WAVELET_MODE)
+        image = wavelets.swap_low_band(image, tile_batch(guide, image.shape[0]).to(image.device),
+                                       config.wavelet, level, WAVELET_MODE)
         delta = self.vae.encode(image) - guided
         return x0 + (torch.cat([delta, delta]) if halves else delta)
 

@@ -91,7 +91,8 @@ def windowed_attention(
             def to_windows(x):
                 lead = x.shape[:2]  # (batch, heads); (1, 1) for the index grid
                 x = x[area].reshape(*lead, n_rows, size_r, n_cols, size_c, x.shape[-1])
-                return x.permute(0, 2, 4, 1, 3, 5, 6).reshape(lead[0] * n_rows * n_cols, lead[1], size_r * size_c, x.shape[-1])
+                return x.permute(0, 2, 4, 1, 3, 5, 6).reshape(lead[0] * n_rows * n_cols, lead[1],
+                                                              size_r * size_c, x.shape[-1])
 
             q_w, k_w, v_w = to_windows(q_grid), to_windows(k_grid), to_windows(v_grid)
             if has_text:
@@ -111,9 +112,11 @@ def windowed_attention(
                     *mask_rows.shape[:-1], key_index.shape[1]))
                 mask_w = mask_w.transpose(1, 2)
                 mask_w = mask_w.reshape(batch * windows, *mask_w.shape[2:])
-            out = attend(q_w, k_w, v_w, dropout_p=dropout_p, scale=scale, **({} if mask_w is None else {"attn_mask": mask_w}))
+            out = attend(q_w, k_w, v_w, dropout_p=dropout_p, scale=scale,
+                         **({} if mask_w is None else {"attn_mask": mask_w}))
             out = out.reshape(batch, n_rows, n_cols, heads, size_r, size_c, out.shape[-1])
-            out_grid[area] = out.permute(0, 3, 1, 4, 2, 5, 6).reshape(batch, heads, n_rows * size_r, n_cols * size_c, -1)
+            out_grid[area] = out.permute(0, 3, 1, 4, 2, 5, 6).reshape(batch, heads, n_rows * size_r,
+                                                                      n_cols * size_c, -1)
 
     if any(offset):
         out_grid = torch.roll(out_grid, shifts=offset, dims=(2, 3))
