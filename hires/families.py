@@ -238,6 +238,9 @@ class Family:
     # Latent base side used when the pipeline has no `base_size_source` attribute (ZImagePipeline has no
     # default_sample_size; its __call__ defaults to 1024 px).
     base_latent_default: int | None = None
+    # The family whose automatic preset (hires.presets.PRESETS) this one runs, where that family's evidence
+    # stands for it; None: the preset of its own name.
+    automatic_preset: str | None = None
 
     @property
     def is_unet(self) -> bool:
@@ -327,6 +330,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_size_multiple=8,
         rau_net=_SD_RAU_NET,
         denoiser_config_match=(("use_linear_projection", True),),
+        automatic_preset="sd15",
     ),
     Family(
         name="sdxl",
@@ -423,6 +427,7 @@ FAMILIES: tuple[Family, ...] = (
         guidance_scale_name="guidance_scale",
         apg=None,
         shift_rule="flux2_empirical",
+        automatic_preset="flux",  # a flow DiT of Flux's design: the testbed's Flux evidence stands for it
     ),
     # Flux.2 [klein]: the Flux.2 transformer without a guidance embedding and a Qwen3 text encoder. The
     # base models run true CFG (a cond call, then a call on the empty prompt, at guidance_scale > 1);
@@ -442,6 +447,7 @@ FAMILIES: tuple[Family, ...] = (
         guidance_layout="separate",
         guidance_scale_name="guidance_scale",
         shift_rule="flux2_empirical",
+        automatic_preset="flux",
     ),
     # Chroma: Flux's packing and 3-axis RoPE ids, a T5 encoder only (no CLIP, no guidance embedding), and
     # true CFG with a negative prompt at guidance_scale > 1 (a cond call, then an uncond call).
@@ -464,6 +470,7 @@ FAMILIES: tuple[Family, ...] = (
             "fusion's global and local branches and dilated sampling's sub-lattice pass (a base-size token count) "
             "do not carry it"
         ),
+        automatic_preset="flux",
     ),
     # Qwen-Image: latents packed 2x2 by the pipeline (as Flux), the grid given to the transformer as
     # img_shapes; base side from the pipeline's default_sample_size (128: 1024 px, diffusers' default).

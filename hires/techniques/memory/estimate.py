@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ...families import denoiser_family, vae_kind
+from ...families import FAMILIES, denoiser_family, vae_kind
 from ...sampling.latent_space import needs_upcast
 
 GiB = 2**30
@@ -269,7 +269,8 @@ def _packed_ids_inputs(model, family, batch, latent_h, latent_w, dtype):
     return kwargs
 
 
-def _qwenimage_inputs(model, family, batch, latent_h, latent_w, dtype):
+def _packed_shapes_inputs(model, family, batch, latent_h, latent_w, dtype):
+    """Qwen-Image: packed tokens whose grid is given as img_shapes."""
     config = model.config
     patch = family.layout.patch_size
     rows, cols = latent_h // patch, latent_w // patch
@@ -290,16 +291,15 @@ def _zimage_inputs(model, family, batch, latent_h, latent_w, dtype):
     )
 
 
+# Denoisers whose inputs are their own; the others take their layout's (a new family of Flux's layout
+# needs no entry here).
 DENOISER_INPUTS = {
     "UNet2DConditionModel": _unet_inputs,
     "PixArtTransformer2DModel": _pixart_inputs,
     "SD3Transformer2DModel": _sd3_inputs,
-    "FluxTransformer2DModel": _packed_ids_inputs,
-    "Flux2Transformer2DModel": _packed_ids_inputs,
-    "ChromaTransformer2DModel": _packed_ids_inputs,
-    "QwenImageTransformer2DModel": _qwenimage_inputs,
     "ZImageTransformer2DModel": _zimage_inputs,
 }
+LAYOUT_INPUTS = {"img_ids": _packed_ids_inputs, "img_shapes": _packed_shapes_inputs}
 
 
 def denoiser_peak_bytes(denoiser, latent_h: int, latent_w: int, dtype: torch.dtype, batch: int,
@@ -309,10 +309,13 @@ def denoiser_peak_bytes(denoiser, latent_h: int, latent_w: int, dtype: torch.dty
     `adaptations`: what the installed techniques make the denoiser do that its meta-device copy must do too
     (hires.registry.Technique.adapts_estimate; SD3's table past its end), each `adaptation(model)` a context."""
     names = [c.__name__ for c in type(denoiser).__mro__]
-    builder = next((DENOISER_INPUTS[name] for name in names if name in DENOISER_INPUTS), None)
     family = denoiser_family(denoiser)
-    if builder is None or family is None:
-        raise TypeError(f"denoiser={type(denoiser).__name__} has no memory model; known: {', '.join(DENOISER_INPUTS)}")
+    builder = next((DENOISER_INPUTS[name] for name in names if name in DENOISER_INPUTS), None)
+    if builder is None and family is not None:
+        builder = LAYOUT_INPUTS.get(family.layout.packed_grid)
+    if builder is None:
+        known = list(dict.fromkeys(f.denoiser_class for f in FAMILIES))
+        raise TypeError(f"denoiser={type(denoiser).__name__} has no memory model; known: {', '.join(known)}")
     return _denoiser_peak_cached(type(denoiser), _frozen_config(denoiser.config), family, latent_h, latent_w, dtype,
                                  batch, feed_forward_chunks, builder, device_type or default_device_type(),
                                  tuple(adaptations))
