@@ -38,13 +38,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 
 import torch
-from diffusers.hooks import ModelHook
 
+from ...denoiser.outputs import PredictionHook
 from ...sampling import schedules, wavelets
-from ...denoiser.outputs import output_tensor, with_tensor
 from ...sampling.stages import tile_batch
 from .config import FlowAlignmentConfig
 
@@ -201,33 +199,19 @@ class FlowAlignment:
         return (uncond + scale * (cond - uncond)).repeat(2, *([1] * (cond.ndim - 1)))
 
 
-class _FlowAlignmentHook(ModelHook):
+class _FlowAlignmentHook(PredictionHook):
     """Aligns the velocity of every denoiser call in an upscaled stage (outside structure guidance's hook)."""
 
     def __init__(self, alignment: FlowAlignment):
-        super().__init__()
+        super().__init__(alignment.attachment)
         self.alignment = alignment
-        self.signature = inspect.signature(type(alignment.attachment.denoiser).forward)
-        self.pending = None
 
-    def pre_forward(self, module, *args, **kwargs):
-        self.pending = None
-        state = self.alignment.attachment.state
-        weights = state.stage_setting(StageWeights) if state is not None else None
-        if weights is None or state.stage is None or state.stage.x0 is None:
-            return args, kwargs
-        bound = self.signature.bind_partial(module, *args, **kwargs).arguments
-        sample = next(v for k, v in bound.items() if k != "self")
-        self.pending = (sample, bound[self.alignment.attachment.info.family.timestep_argument], state, weights)
-        return args, kwargs
+    def wanted(self, state):
+        weights = state.stage_setting(StageWeights)
+        return None if weights is None or state.stage is None or state.stage.x0 is None else weights
 
-    def post_forward(self, module, output):
-        if self.pending is None:
-            return output
-        sample, timestep, state, weights = self.pending
-        self.pending = None
-        guided = self.alignment.guide(output_tensor(output), sample, timestep, state, weights)
-        return with_tensor(output, guided)
+    def change(self, prediction, sample, timestep, state, weights):
+        return self.alignment.guide(prediction, sample, timestep, state, weights)
 
 
 def install(attachment, config: FlowAlignmentConfig) -> None:

@@ -35,14 +35,12 @@ the call's generator.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 
 import torch
-from diffusers.hooks import ModelHook
 
 from ...denoiser.guidance import ensure_guidance_hook
-from ...denoiser.outputs import output_tensor, with_tensor
+from ...denoiser.outputs import PredictionHook
 from ...families import base_area_size, round_to
 from ...sampling import schedules, wavelets
 from ...sampling.latent_space import VAECodec
@@ -372,34 +370,23 @@ class StructureGuidance:
         return x0 + (torch.cat([delta, delta]) if halves else delta)
 
 
-class _StructureGuidanceHook(ModelHook):
+class _StructureGuidanceHook(PredictionHook):
     """Swaps the low band of the predicted x0 during a stage's first guided steps."""
 
     def __init__(self, guidance: StructureGuidance):
-        super().__init__()
+        super().__init__(guidance.attachment)
         self.guidance = guidance
-        self.signature = inspect.signature(type(guidance.attachment.denoiser).forward)
-        self.pending = None
 
-    def pre_forward(self, module, *args, **kwargs):
-        self.pending = None
-        state = self.guidance.attachment.state
-        guide = getattr(state.stage, "data", None) if state is not None else None
+    def wanted(self, state):
+        guide = getattr(state.stage, "data", None)
         if not isinstance(guide, _Guide) or guide.guide is None or state.step_index >= guide.guided_steps:
-            return args, kwargs
-        bound = self.signature.bind_partial(module, *args, **kwargs).arguments
-        sample = next(v for k, v in bound.items() if k != "self")
-        self.pending = (sample, bound[self.guidance.attachment.info.family.timestep_argument], state)
-        return args, kwargs
+            return None
+        return guide
 
-    def post_forward(self, module, output):
-        if self.pending is None:
-            return output
-        sample, timestep, state = self.pending
-        self.pending = None
-        guided = self.guidance.guide_output(output_tensor(output), sample, timestep, state)
-        state.stage.data.guided.add(state.step_index)
-        return with_tensor(output, guided)
+    def change(self, prediction, sample, timestep, state, guide):
+        guided = self.guidance.guide_output(prediction, sample, timestep, state)
+        guide.guided.add(state.step_index)
+        return guided
 
 
 TECHNIQUE_NAME = "structure_guidance"
