@@ -1,4 +1,4 @@
-"""The apg configuration (torch-free)."""
+"""The APG configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The attention backend configuration (torch-free)."""
+"""The attention-backend configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

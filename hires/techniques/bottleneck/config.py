@@ -1,4 +1,4 @@
-"""The bottleneck configuration (torch-free)."""
+"""The bottleneck-sampling configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The dilated sampling configuration (torch-free)."""
+"""The dilated-sampling configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The entropy scaling configuration (torch-free)."""
+"""The entropy-scaling configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

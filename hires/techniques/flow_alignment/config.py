@@ -1,4 +1,4 @@
-"""The flow alignment configuration (torch-free)."""
+"""The flow-alignment configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The memory configuration (torch-free)."""
+"""The memory-planner and VAE-tiling configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

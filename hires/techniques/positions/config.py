@@ -1,4 +1,4 @@
-"""The positions configuration (torch-free)."""
+"""The positional-extrapolation configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

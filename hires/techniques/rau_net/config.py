@@ -1,4 +1,4 @@
-"""The rau net configuration (torch-free)."""
+"""The RAU-Net configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The redilation configuration (torch-free)."""
+"""The re-dilation configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The scale fusion configuration (torch-free)."""
+"""The scale-fusion configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

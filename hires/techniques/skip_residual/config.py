@@ -1,4 +1,4 @@
-"""The skip residual configuration (torch-free)."""
+"""The skip-residual configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The structure guidance configuration (torch-free)."""
+"""The structure-guidance configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 

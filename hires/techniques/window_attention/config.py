@@ -1,4 +1,4 @@
-"""The window attention configuration (torch-free)."""
+"""The window-attention configuration: fields, defaults, ranges and checks (torch-free)."""
 
 from __future__ import annotations
 
