@@ -183,7 +183,8 @@ def _check_overrides(values: dict[str, Any], where: str, from_text: bool) -> dic
     if "name" in values and not (isinstance(values["name"], str) and re.fullmatch(r"[A-Za-z0-9._-]+", values["name"])):
         raise PromptFileError(f"{where}: name={values['name']!r} may contain only letters, digits, '.', '_' and '-'")
     if "name" in values and values["name"].startswith("."):  # hidden, beside hires's own claim and lease files
-        raise PromptFileError(f"{where}: name={values['name']!r} must not start with '.'; e.g. {values['name'].lstrip('.') or 'image'!r}")
+        suggestion = values['name'].lstrip('.') or 'image'
+        raise PromptFileError(f"{where}: name={values['name']!r} must not start with '.'; e.g. {suggestion!r}")
     return values
 
 
@@ -248,11 +249,13 @@ def _csv_rows(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
                     hint = ""
                     if len(header) == 1 and any(sep in header[0] for sep in ";\t|"):
                         hint = "; the file looks separated by another character than ',': save it as comma-separated"
-                    raise PromptFileError(f"{path}:{start}: the header row needs a 'prompt' column (got {header}){hint}")
+                    raise PromptFileError(f"{path}:{start}: the header row needs a 'prompt' column "
+                                          f"(got {header}){hint}")
                 unknown = [c for c in header if c not in OVERRIDE_KEYS]
                 if unknown:
                     raise PromptFileError(f"{path}:{start}: unknown column {unknown[0]!r}; valid columns are "
-                                          f"{', '.join(OVERRIDE_KEYS)} (closest: {closest_names(unknown[0], OVERRIDE_KEYS)})")
+                                          f"{', '.join(OVERRIDE_KEYS)} "
+                                          f"(closest: {closest_names(unknown[0], OVERRIDE_KEYS)})")
                 repeated = sorted({c for c in header if header.count(c) > 1})
                 if repeated:
                     raise PromptFileError(f"{path}:{start}: the header row names {', '.join(map(repr, repeated))} "
@@ -312,7 +315,8 @@ def read_png_record(path: Path, verify: bool = False) -> dict[str, Any] | None:
             if verify:
                 image.load()  # a truncated file raises here
             return json.loads(image.text[PNG_JSON_KEY])
-    except (OSError, EOFError, SyntaxError, ValueError, KeyError, AttributeError):  # PIL's ways of saying "not a whole PNG"
+    # PIL's ways of saying "not a whole PNG"
+    except (OSError, EOFError, SyntaxError, ValueError, KeyError, AttributeError):
         return None
 
 
@@ -621,7 +625,8 @@ def _busy_reason(out_dir: Path, holder: dict[str, Any], summary: dict[str, Any])
     theirs, ours = holder.get("options") or {}, summary.get("options") or {}
     differences = [f"{key} {json.dumps(theirs.get(key))} there, {json.dumps(ours.get(key))} here"
                    for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key)]
-    since = time.strftime("%H:%M:%S", time.localtime(holder["since"])) if isinstance(holder.get("since"), float) else "?"
+    since = holder.get("since")
+    since = time.strftime("%H:%M:%S", time.localtime(since)) if isinstance(since, float) else "?"
     what = "; ".join(differences) if differences else "its prompt file holds other items"
     return (f"--out {str(out_dir)!r} is being rendered by another batch with other parameters (pid "
             f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {since}: {what}); one folder holds one "

@@ -8,7 +8,8 @@
 Order of work: every option and prompt-file value is checked first, then the model's configs and
 files are read (no weights) to check sizes, steps and the HiresConfig, then the output location is
 proven (a probe file, name lengths, free space); only then are weights loaded. A render with
-non-finite output is never written (hires.guards). torch and diffusers are imported inside the commands, so `--help` is instant.
+non-finite output is never written (hires.guards). torch and diffusers are imported inside the
+commands, so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -298,9 +299,11 @@ def resolve_dtype(name: str, device: str):
 
 
 # -- the HiresConfig ------------------------------------------------------------------------------
-def technique_names(config) -> list[str]:
-    """HiresConfig fields that are technique sub-configs (with an `enabled` switch)."""
-    return [f.name for f in dataclasses.fields(config) if hasattr(getattr(config, f.name), "enabled")]
+def technique_names() -> list[str]:
+    """Every technique of the catalogue, built-in and registered (hires.techniques)."""
+    from .techniques import all_techniques
+
+    return [record.name for record in all_techniques()]
 
 
 def _check_json_types(cls: type, values: Any, where: str) -> None:
@@ -311,10 +314,11 @@ def _check_json_types(cls: type, values: Any, where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         field = fields.get(key)
-        if field is None:
+        nested = _technique_config_class(key) if cls.__name__ == "HiresConfig" else None
+        if field is None and nested is None:
             continue  # HiresConfig.from_dict names unknown keys with the valid ones
-        kind = str(field.type).replace(" ", "")
-        nested = next((c for c in _subconfig_classes() if c.__name__ == kind), None)
+        kind = str(field.type).replace(" ", "") if field is not None else ""
+        nested = nested or next((c for c in _subconfig_classes() if c.__name__ == kind), None)
         if nested is not None:
             if not isinstance(value, dict):
                 raise CliError(f"{where}.{key}={json.dumps(value)} must be a JSON object of {key} options, e.g. "
@@ -327,7 +331,8 @@ def _check_json_types(cls: type, values: Any, where: str) -> None:
         if allowed <= {"str", "None"} and not isinstance(value, str):
             choices = _string_choices(cls, key)
             raise CliError(f"{where}.{key}={json.dumps(value)} must be a JSON string"
-                           + (f", one of {choices}" if choices else "") + ("" if "None" not in allowed else " (or null)"))
+                           + (f", one of {choices}" if choices else "")
+                           + ("" if "None" not in allowed else " (or null)"))
         if allowed <= {"bool", "None"} and not isinstance(value, bool):
             raise CliError(f"{where}.{key}={json.dumps(value)} must be a JSON boolean (true or false)")
         numeric = allowed & {"int", "float"} and not allowed & {"bool", "Any", "str"}
@@ -347,10 +352,16 @@ def _string_choices(cls: type, key: str) -> str | None:
 
 
 def _subconfig_classes() -> list[type]:
-    from .config import HiresConfig
+    from .techniques import all_techniques
 
-    defaults = HiresConfig()
-    return [type(getattr(defaults, name)) for name in technique_names(defaults)]
+    return [record.config_type for record in all_techniques()]
+
+
+def _technique_config_class(name: str) -> type | None:
+    """The config class of the technique `name` (a --config key), built-in or registered."""
+    from .techniques import all_techniques
+
+    return next((record.config_type for record in all_techniques() if record.name == name), None)
 
 
 def read_config_file(path: str | None) -> dict[str, Any] | None:
@@ -372,7 +383,8 @@ def read_config_file(path: str | None) -> dict[str, Any] | None:
     except ValueError as err:
         raise CliError(f"--config {path!r}: {err}") from None
     if not isinstance(values, dict):
-        raise CliError(f"--config {path!r} must hold a JSON object of HiresConfig options, got {type(values).__name__}")
+        raise CliError(f"--config {path!r} must hold a JSON object of HiresConfig options, "
+                       f"got {type(values).__name__}")
     _check_json_types(HiresConfig, values, f"--config {path!r}: HiresConfig")
     try:
         HiresConfig.from_dict(values)  # every error it knows, before any model is read
@@ -390,7 +402,7 @@ def build_config(options: argparse.Namespace, values: dict[str, Any] | None, inf
         config = HiresConfig.from_dict(values)
     else:
         config = automatic_config(info) if options.preset == "auto" else HiresConfig()
-    techniques = technique_names(config)
+    techniques = technique_names()
     both = sorted(set(options.enable) & set(options.disable))
     if both:
         raise CliError(f"--enable and --disable both name {', '.join(both)}; choose one")
@@ -399,7 +411,7 @@ def build_config(options: argparse.Namespace, values: dict[str, Any] | None, inf
         if name not in techniques:
             raise CliError(f"--{'enable' if on else 'disable'} {name!r} is not a technique; techniques are "
                            f"{', '.join(techniques)} (closest: {closest_names(name, techniques)})")
-        changes[name] = dataclasses.replace(getattr(config, name), enabled=on)
+        changes[name] = dataclasses.replace(config.technique(name), enabled=on)
     if base_size is not None:
         changes["base_size"] = base_size[0] if base_size[0] == base_size[1] else base_size
     try:
@@ -509,8 +521,8 @@ def _named_class(path: Path, library: str, class_name: str, what: str) -> type:
     if not isinstance(value, type):
         version = getattr(module, "__version__", None)
         raise CliError(f"--model {str(path)!r}: model_index.json names {what}, but {library}"
-                       f"{' ' + version if version else ''} has no class {class_name!r}; update {library} or check the "
-                       "model")
+                       f"{' ' + version if version else ''} has no class {class_name!r}; update {library} or "
+                       "check the model")
     return value
 
 
@@ -683,8 +695,9 @@ def resolve_size(model: Model, size: tuple[int, int] | None, scale: float | None
         width = round(info.base_width * scale / unit) * unit
         if height < unit or width < unit:
             smallest = unit / min(info.base_height, info.base_width)
-            raise CliError(f"--scale {scale:g} of the {info.base_width}x{info.base_height} base gives {width}x{height} "
-                           f"pixels; the smallest size is {unit}x{unit} pixels (--scale {smallest:g})")
+            raise CliError(f"--scale {scale:g} of the {info.base_width}x{info.base_height} base gives "
+                           f"{width}x{height} pixels; the smallest size is {unit}x{unit} pixels "
+                           f"(--scale {smallest:g})")
     elif size is not None:
         height, width = size
     else:
@@ -695,36 +708,30 @@ def resolve_size(model: Model, size: tuple[int, int] | None, scale: float | None
     return height, width
 
 
+def _stage_plan(model: Model, height: int, width: int, steps: int, image_size: tuple[int, int] | None = None) -> list:
+    """The stages an applied pipeline's call would plan (hires.runtime.stage_plan), from the configs."""
+    from .runtime import StageRequest, stage_plan
+
+    parameters = tuple(inspect.signature(type(model.pipe).__call__).parameters)
+    request = StageRequest(height, width, steps, parameters=parameters, image_size=image_size)
+    try:
+        return stage_plan(model.info, model.config, request)
+    except ValueError as err:
+        raise CliError(f"{width}x{height}, {steps} steps: {err}") from None
+
+
 def planned_stages(model: Model, height: int, width: int, steps: int,
                    image_size: tuple[int, int] | None = None) -> list[tuple[int, int, int | None]]:
     """(height, width, steps) of every stage a call runs (steps None: the input image, not denoised)."""
-    config, info = model.config, model.info
-    stages: list[tuple[int, int, int | None]] = [(height, width, steps)]
-    try:
-        if config.structure_guidance.enabled:
-            from .sampling import progressive, schedules
-
-            sizes = progressive.stage_sizes(info, config.structure_guidance, height, width, start=image_size)
-            renoise = progressive.per_stage(config.structure_guidance, "renoise", len(sizes) - 1)
-            stages = [(*sizes[0], None if image_size else steps)] + [
-                (h, w, schedules.stage_steps(steps, progressive.stage_renoise(r, steps)))
-                for (h, w), r in zip(sizes[1:], renoise)]
-        if config.bottleneck.enabled and stages[0][2] is not None:
-            from .sampling import bottleneck
-
-            base_h, base_w, base_steps = stages[0]
-            plans = bottleneck.plan_stages(info, config.bottleneck, base_h, base_w, base_steps)
-            stages = [(p.height, p.width, p.steps) for p in plans] + stages[1:]
-    except ValueError as err:
-        raise CliError(f"{width}x{height}, {steps} steps: {err}") from None
-    return stages
+    stages = [(s.height, s.width, s.planned_steps) for s in _stage_plan(model, height, width, steps, image_size)]
+    return [(*image_size, None)] + stages if image_size is not None else stages
 
 
 # -- the memory planner's verdict, from the configs ------------------------------------------------
 def _uses_cfg(model: Model, guidance: float | None, true_cfg: float | None) -> bool:
     """Whether the call runs classifier-free guidance, as the pipeline would decide it."""
     family = model.info.family
-    if family.guidance_layout == "none":
+    if not family.runs_cfg:
         return False
     name = family.guidance_scale_name
     scale = true_cfg if name == "true_cfg_scale" else guidance
@@ -734,51 +741,42 @@ def _uses_cfg(model: Model, guidance: float | None, true_cfg: float | None) -> b
     if scale is None or scale + family.guidance_scale_offset <= 1:
         return False
     # true CFG runs only with a negative prompt, which the CLI passes (empty) with --true-cfg
-    return not (family.guidance_layout == "separate" and family.cfg_switch) or true_cfg is not None
+    return not (family.cfg_separate and family.cfg_switch) or true_cfg is not None
 
 
 def _sequential_cfg_allowed(model: Model) -> bool:
-    """As hires.planning decides it: batched CFG may be split unless a technique needs both halves at once."""
-    memory = model.config.memory
-    if model.info.family.guidance_layout != "batched" or memory.sequential_cfg is False:
+    """As the memory technique decides it: batched CFG may be split unless a technique needs both halves at once."""
+    from .runtime import installed_techniques
+
+    if not model.info.family.cfg_batched or model.config.memory.sequential_cfg is False:
         return False
-    try:
-        from .runtime import technique_records
-
-        records = technique_records()
-    except Exception:  # noqa: BLE001 - the verdict is advice; the runtime decides again
-        return True
-    return not any("whole_cfg_batch" in r.capabilities and getattr(model.config.technique_config(r), "enabled", False)
-                   for r in records)
+    return not any("whole_cfg_batch" in record.capabilities for record, _ in installed_techniques(model.config))
 
 
-def _plan_call(model: Model, stages, height: int, width: int, cfg: bool, dtype, device: str, budget):
-    """The whole call's memory plan, as the runtime plans it (hires.planning), from the skeleton's configs."""
+def _plan_call(model: Model, height: int, width: int, steps: int, cfg: bool, dtype, device: str, budget):
+    """The whole call's memory plan, as the memory technique plans it at run time, from the skeleton's configs."""
     import torch
 
-    from . import memory_planner as mp
-    from .planning import structure_guidance_passes
+    from .techniques.memory import estimate as mp
+    from .runtime import estimate_adaptations
+    from .techniques.memory.install import call_passes
 
     info, config, pipe = model.info, model.config, model.pipe
     denoiser = getattr(pipe, info.family.denoiser_attr)
-    channels = pipe.vae.config.latent_channels
-    passes = [mp.DenoiserPass(h, w, f"stage {i + 1} steps" if len(stages) > 1 else "the call's steps", cfg)
-              for i, (h, w, steps) in enumerate(stages) if steps is not None]
-    if config.structure_guidance.enabled:
-        _, vae_passes = structure_guidance_passes(info, config.structure_guidance, height, width, 1, channels)
-    else:
-        latent = (1, channels, height // info.latent_factor, width // info.latent_factor)
-        vae_passes = [mp.VAEPass("decode", latent, "the call's decode")]
+    stages = _stage_plan(model, height, width, steps)
+    passes, vae_passes = call_passes(info, stages, 1, pipe.vae.config.latent_channels, uses_cfg=lambda stage: cfg)
     others = sum(mp.module_bytes(m, dtype) for name, m in pipe.components.items()
                  if isinstance(m, torch.nn.Module) and m is not denoiser and m is not pipe.vae)
     tiling = config.vae_tiling
     return mp.plan_call(
         denoiser, pipe.vae, denoiser_passes=passes, vae_passes=vae_passes, latent_factor=info.latent_factor,
-        dtype=dtype, batch=1, cfg=cfg, cfg_batched=info.family.guidance_layout == "batched", budget=budget,
-        other_weights=others, tile_vae=None if not tiling.enabled or tiling.mode == "auto" else tiling.mode == "always",
+        dtype=dtype, batch=1, cfg=cfg, cfg_batched=info.family.cfg_batched, budget=budget,
+        other_weights=others,
+        tile_vae=None if not tiling.enabled or tiling.mode == "auto" else tiling.mode == "always",
         tile_size=tiling.tile_size if tiling.enabled else None, feed_forward_chunks=config.memory.feed_forward_chunks,
         sequential_cfg=config.memory.sequential_cfg if _sequential_cfg_allowed(model) else False,
-        name=f"{width}x{height} {info.name}", device_type=device.split(":")[0])
+        name=f"{width}x{height} {info.name}", device_type=device.split(":")[0],
+        adaptations=estimate_adaptations(info, config))
 
 
 def check_memory(model: Model, height: int, width: int, steps: int, guidance: float | None, true_cfg: float | None,
@@ -786,7 +784,7 @@ def check_memory(model: Model, height: int, width: int, steps: int, guidance: fl
     """Refuse, before any weights load, what the runtime would refuse after loading them: a decoded image
     beyond the free memory (above the base size), and, with MemoryConfig on, the planner's whole-call plan
     (every stage, every VAE pass). One line with the numbers and command-line remedies."""
-    from . import memory_planner as mp
+    from .techniques.memory import estimate as mp
 
     info, memory = model.info, model.config.memory
     above = height * width > info.base_height * info.base_width
@@ -805,7 +803,7 @@ def check_memory(model: Model, height: int, width: int, steps: int, guidance: fl
         if above:
             mp.check_request(height, width, device, budget, "the request")
         if planned:
-            _plan_call(model, planned_stages(model, height, width, steps), height, width, cfg, dtype, device, budget)
+            _plan_call(model, height, width, steps, cfg, dtype, device, budget)
     except mp.MemoryBudgetError as err:
         problem = _memory_remedies(model, str(err), height, width, steps, cfg, dtype, device, budget)
     except ValueError as err:  # e.g. no budget given and no way to read this device's free memory
@@ -821,7 +819,7 @@ def _memory_remedies(model: Model, refusal: str, height: int, width: int, steps:
     """The planner's numbers without its Python advice, and what to do on the command line."""
     import torch
 
-    from . import memory_planner as mp
+    from .techniques.memory import estimate as mp
 
     numbers = refusal.split("; try ")[0].split("; ask for at most")[0]
     unit = model.info.size_multiple
@@ -836,7 +834,7 @@ def _memory_remedies(model: Model, refusal: str, height: int, width: int, steps:
         try:
             mp.check_request(h, w, device, budget, "the request")
             if model.config.memory.enabled:
-                _plan_call(model, planned_stages(model, h, w, steps), h, w, cfg, dtype, device, budget)
+                _plan_call(model, h, w, steps, cfg, dtype, device, budget)
             fitting = (w, h)
             break
         except (mp.MemoryBudgetError, CliError):
@@ -993,7 +991,7 @@ class Renderer:
 
         try:
             if image is not None:
-                from .sampling import progressive
+                from .techniques.structure_guidance import guidance as progressive
 
                 result = progressive.generate(self.pipe, image=image, **call)
             else:
@@ -1005,7 +1003,7 @@ class Renderer:
         parameters = job.parameters(self.model, self.dtype, image_digest)
         record = {**dataclasses.asdict(job), "key": batch.parameters_key(parameters), "model": self.model.id,
                   "family": self.model.info.name, "dtype": self.dtype, "device": self.device,
-                  "hires": {name: dataclasses.asdict(getattr(config, name)) for name in config.enabled_techniques()},
+                  "hires": {name: dataclasses.asdict(config.technique(name)) for name in config.enabled_techniques()},
                   "request": parameters, **(extra or {})}
         from .io import write_png_atomically
 
@@ -1132,7 +1130,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def print_plan(args, request: Request, config_values, device: str, dtype, image_size) -> int:
     """--dry-run: the stages, steps and memory estimate of a request, without loading weights."""
-    from .memory_planner import MemoryBudgetError, format_bytes, plan
+    from .runtime import estimate_adaptations
+    from .techniques.memory.estimate import MemoryBudgetError, format_bytes, plan
 
     path = local_model(args.model)
     if path is None:
@@ -1150,15 +1149,16 @@ def print_plan(args, request: Request, config_values, device: str, dtype, image_
           f"device {device}")
     print(f"techniques: {', '.join(config.enabled_techniques()) or 'none'}")
     # Flux.2 [dev] never runs CFG; true-CFG families run its halves as separate calls
-    cfg = info.family.guidance_layout != "none" and (request.guidance is None or request.guidance > 1)
+    cfg = info.family.runs_cfg and (request.guidance is None or request.guidance > 1)
     budget = config.memory.max_memory
+    adaptations = estimate_adaptations(info, config)  # what the techniques make the denoiser do (SD3's table)
     status = 0
     for number, (h, w, steps) in enumerate(stages):
         label = "input image" if steps is None else f"{steps} steps"
         try:
             estimate = plan(denoiser, model.pipe.vae, height=h, width=w, latent_factor=info.latent_factor, dtype=dtype,
-                            cfg=cfg, cfg_batched=info.family.guidance_layout == "batched", budget=budget,
-                            name=info.name, device_type=device.split(":")[0]).summary()
+                            cfg=cfg, cfg_batched=info.family.cfg_batched, budget=budget,
+                            name=info.name, device_type=device.split(":")[0], adaptations=adaptations).summary()
         except MemoryBudgetError as err:
             estimate, status = f"DOES NOT FIT: {err}", 2
         except ValueError as err:  # e.g. no budget given and no such device to measure
@@ -1344,19 +1344,16 @@ def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
 
 def cmd_techniques(args: argparse.Namespace) -> int:
     """Every technique: its config class, the families it applies to and its options with defaults."""
-    from .config import HiresConfig
-    from .families import FAMILIES, ModelInfo
+    from .families import FAMILIES, nominal_info
+    from .techniques import all_techniques
 
-    defaults = HiresConfig()
-    probes = [ModelInfo(family=f, base_height=1024, base_width=1024, latent_factor=8,
-                        patch_size=1 if f.architecture == "unet" else 2,
-                        prediction_type="flow" if f.prediction_source == "flow" else "epsilon") for f in FAMILIES]
-    for name in technique_names(defaults):
-        sub = getattr(defaults, name)
+    probes = [nominal_info(f) for f in FAMILIES]
+    for record in all_techniques():
+        name, sub = record.name, record.config_type()
         families = []
         for info in probes:
             try:
-                type(sub)(enabled=True).validate_for(info)
+                getattr(type(sub)(enabled=True), "validate_for", lambda info: None)(info)
                 families.append(info.name)
             except (TypeError, ValueError):
                 pass
@@ -1398,7 +1395,8 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
                              "runs a negative pass, with --negative or an empty negative prompt; default: off)")
     parser.add_argument("--guidance", default=None,
                         help="classifier-free guidance scale, a finite number >= 0 (default: the pipeline's own)")
-    parser.add_argument("--seed", default=0, help="random seed in [0, 2**63); batch items without one get seed + index")
+    parser.add_argument("--seed", default=0,
+                        help="random seed in [0, 2**63); batch items without one get seed + index")
     parser.add_argument("--preset", default="auto", choices=("auto", "none"),
                         help="auto: the family's automatic preset (hires.presets); none: every technique off")
     parser.add_argument("--config", default=None, help="a JSON file of HiresConfig options (replaces --preset); "
@@ -1434,11 +1432,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bat = sub.add_parser("batch", help="render every prompt of a .txt / .jsonl / .csv file; a rerun resumes",
                          formatter_class=_HelpFormatter, allow_abbrev=False,
-                         description="A rerun keeps each PNG whose parameters (prompt, negative, seed, size, steps, "
-                                     "guidance, model and its weights, dtype, config, hires version) are unchanged and "
-                                     "renders the rest; several runs of one parameter set on one folder share the "
-                                     "work. Exit status: 0 all done, 1 a render failed (see manifest.json), 2 an input "
-                                     "error.")
+                         description="A rerun keeps each PNG whose parameters (prompt, negative, seed, size, "
+                                     "steps, guidance, model and its weights, dtype, config, hires version) are "
+                                     "unchanged and renders the rest; several runs of one parameter set on one "
+                                     "folder share the work. Exit status: 0 all done, 1 a render failed (see "
+                                     "manifest.json), 2 an input error.")
     bat.add_argument("file", help="prompt file: .txt (a prompt a line), .jsonl or .csv (prompt + overrides)")
     bat.add_argument("--out", required=True, help="output folder (PNGs and manifest.json)")
     _common_options(bat)

@@ -126,7 +126,8 @@ def first_non_finite_weight(pipe, only=None, skip=()) -> tuple[str, str] | None:
     """(component, tensor name) of the first parameter or buffer holding NaN or infinity, if any,
     among the pipeline's modules (`only` those named, none of `skip`)."""
     for component, module in getattr(pipe, "components", {}).items():
-        if (only is not None and component not in only) or component in skip or not isinstance(module, torch.nn.Module):
+        wanted = (only is None or component in only) and component not in skip
+        if not wanted or not isinstance(module, torch.nn.Module):
             continue
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.is_meta or not tensor.is_floating_point():
@@ -148,7 +149,8 @@ def _error(attachment, stage: str, tensor: torch.Tensor, call_locals: dict[str, 
 
     suspect = _guidance_suspect(call_locals)
     # the latents come from the text encoders and the denoiser; a decoded image from finite latents, the VAE
-    weights = first_non_finite_weight(pipe, skip=("vae",)) if stage == "latents" else first_non_finite_weight(pipe, only=("vae",))
+    weights = (first_non_finite_weight(pipe, skip=("vae",)) if stage == "latents"
+               else first_non_finite_weight(pipe, only=("vae",)))
     embeds = [t for key in ("prompt_embeds", "negative_prompt_embeds") for t in _tensors(frame_locals.get(key))]
     if suspect is not None:
         name, value = suspect
@@ -162,7 +164,8 @@ def _error(attachment, stage: str, tensor: torch.Tensor, call_locals: dict[str, 
                  "damaged or come from a diverged training run: re-download or re-save them")
     elif any(not _finite(t) for t in embeds):
         fields.update(kind="inputs")
-        cause = "the prompt embeddings are non-finite; check prompt_embeds= / negative_prompt_embeds= given to the call"
+        cause = ("the prompt embeddings are non-finite; check prompt_embeds= / negative_prompt_embeds= given to "
+                 "the call")
     elif _dtype(attachment.denoiser if stage == "latents" else getattr(pipe, "vae", None)) == torch.float16:
         fields.update(kind="float16")
         cause = ("float16 arithmetic overflowed"

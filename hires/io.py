@@ -94,8 +94,8 @@ def read_text(path: Path, what: str) -> str:
             raise ReadError(f"{what} {str(path)!r} is not a regular file; give a file")
         size = path.stat().st_size
         if size > MAX_TEXT_BYTES:
-            raise ReadError(f"{what} {str(path)!r} is {size} bytes; text files of more than {MAX_TEXT_BYTES} bytes are "
-                            "not read (split it)")
+            raise ReadError(f"{what} {str(path)!r} is {size} bytes; text files of more than {MAX_TEXT_BYTES} bytes "
+                            "are not read (split it)")
         data = path.read_bytes()
     except OSError as err:
         raise ReadError(f"cannot read {what} {str(path)!r}: {err.strerror or err}") from None

@@ -47,7 +47,8 @@ def generate(tmp_path, *args):
         (["--size", "0x64"], "--size='0x64': width and height must be positive"),
         (["--size", "64x64", "--scale", "2"], "--size 64x64 and --scale 2 conflict"),
         (["--size", "64x64", "--device", "foo"], "--device 'foo' is not a torch device; available here: cpu"),
-        (["--size", "64x64", "--device", "meta"], "--device 'meta' is not available on this machine; available here: cpu"),
+        (["--size", "64x64", "--device", "meta"],
+         "--device 'meta' is not available on this machine; available here: cpu"),
     ],
 )
 def test_bad_values_are_refused_before_the_model_is_read(tmp_path, capsys, no_model, args, message):
@@ -125,7 +126,8 @@ def test_output_file_checks_come_first(tmp_path, capsys, no_model):
     assert f"--out {str(folder)!r} is a folder; give a file name" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main(["generate", "--prompt", "x", "--size", "64x64", "--out", str(blocker / "a" / "o.png"), "--quiet"]) == 2
+    assert main(["generate", "--prompt", "x", "--size", "64x64",
+                 "--out", str(blocker / "a" / "o.png"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "cannot be created" in err and "is a file, not a folder" in err
     assert not (blocker.parent / "a").exists()
@@ -152,7 +154,8 @@ def test_a_missing_output_folder_is_created_only_when_writing(tmp_path, capsys):
 @pytest.mark.parametrize(
     "name, text, message",
     [
-        ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "steps": true}\n', "p.jsonl:2: steps=True must be a whole number"),
+        ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "steps": true}\n',
+         "p.jsonl:2: steps=True must be a whole number"),
         ("p.jsonl", '{"prompt": "a", "seed": 9223372036854775808}\n', "p.jsonl:1: seed=9223372036854775808 must be"),
         ("p.jsonl", '{"prompt": "a", "guidance": NaN}\n', "p.jsonl:1: guidance=NaN is not a number JSON allows"),
         ("p.jsonl", '{"prompt": "a", "guidance": "5"}\n', "p.jsonl:1: guidance='5' must be a finite number >= 0"),

@@ -219,7 +219,8 @@ def test_weights_replaced_in_place_are_rendered_again(tmp_path, capsys):
          "vae/diffusion_pytorch_model.safetensors' is truncated: 50000 bytes of the"),
         (lambda m: (m / "unet" / "diffusion_pytorch_model.safetensors").rename(m / "unet" / "weights.txt"),
          "unet' holds no weights file"),
-        (lambda m: (m / "unet" / "config.json").unlink(), "unet/ (UNet2DConditionModel) cannot be read from its files"),
+        (lambda m: (m / "unet" / "config.json").unlink(),
+         "unet/ (UNet2DConditionModel) cannot be read from its files"),
     ],
 )
 def test_a_damaged_model_folder_is_one_line_naming_the_file(tmp_path, capsys, no_weights, damage, message):
@@ -382,8 +383,9 @@ def test_a_name_too_long_for_the_file_system_is_refused_before_the_weights(tmp_p
     out = tmp_path / "out"
     assert main(["batch", str(prompts), "--out", str(out), "--size", "64x64", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert f"(304 bytes) and the temporary file written beside it (318 bytes) exceed this file system's limit of {limit}" \
-        in err and f"use a file name of at most {limit - 14} bytes" in err
+    assert ("(304 bytes) and the temporary file written beside it (318 bytes) exceed this file system's limit of "
+            f"{limit}") in err \
+        and f"use a file name of at most {limit - 14} bytes" in err
     # a name that fits alone but not with its temporary file's 14 more bytes
     fits_alone = "m" * (limit - 4 - 5)
     prompts.write_text(json.dumps({"prompt": "a", "name": fits_alone}) + "\n")
@@ -446,8 +448,9 @@ def test_a_render_whose_write_fails_is_kept_and_said_where(tmp_path, capsys, mon
     fail_final_renames(monkeypatch, folder)
     assert main(["batch", str(prompts), "--out", str(folder), "--size", "64x64", "--steps", "2", "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert f"p.txt:1: {folder / '00000-a-red-circle.png'} could not be written (No space left on device); the render " \
-           f"is kept at {tmp_path / 'tmp' / 'hires-recovered' / '00000-a-red-circle.png'}; the batch stopped there" in err
+    recovered = tmp_path / "tmp" / "hires-recovered" / "00000-a-red-circle.png"
+    assert f"p.txt:1: {folder / '00000-a-red-circle.png'} could not be written (No space left on device); " \
+           f"the render is kept at {recovered}; the batch stopped there" in err
     assert (tmp_path / "tmp" / "hires-recovered" / "00000-a-red-circle.png").is_file()
     assert list(folder.glob("*.png")) == []
 
@@ -582,7 +585,8 @@ def _edit_index(model, **changes):
                                              m / "unet" / "diffusion_pytorch_model.safetensors"),
          "unet/diffusion_pytorch_model.safetensors holds none of the tensors"),
         (lambda m: (m / "scheduler" / "scheduler_config.json").write_text(
-            '{"_class_name": "DDIMScheduler", "num_train_timesteps": 0}'), "num_train_timesteps=0, so no step can run"),
+            '{"_class_name": "DDIMScheduler", "num_train_timesteps": 0}'),
+         "num_train_timesteps=0, so no step can run"),
     ],
 )
 def test_a_model_folder_that_names_or_holds_the_wrong_thing_is_one_line(tmp_path, capsys, no_weights, damage, message):
@@ -629,7 +633,8 @@ def test_input_images_too_small_or_too_large_to_read_are_refused(tmp_path, capsy
     "name, text, message",
     [
         ("p.jsonl", '{"prompt": "a", "name": ".."}\n', "name='..' must not start with '.'"),
-        ("p.jsonl", '{"prompt": "a", "name": "Cat"}\n{"prompt": "b", "name": "cat"}\n', "output names repeat (Cat, cat)"),
+        ("p.jsonl", '{"prompt": "a", "name": "Cat"}\n{"prompt": "b", "name": "cat"}\n',
+         "output names repeat (Cat, cat)"),
         ("p.csv", "prompt;seed\na;1\n", "the file looks separated by another character than ',': save it as "
                                         "comma-separated"),
         ("p.csv", "prompt,sede\na,1\n", "p.csv:1: unknown column 'sede'"),

@@ -6,7 +6,8 @@ import torch
 
 import hires
 import tiny_models
-from hires.sampling import progressive, schedules
+from hires.sampling import schedules
+from hires.techniques.structure_guidance import guidance as progressive
 
 STEPS = 4
 

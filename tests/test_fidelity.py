@@ -55,7 +55,8 @@ def test_readme_command_one_draws_one_red_circle_for_seeds_0_to_7(tmp_path):
         colour = nearest_colour(image, largest_object(image))
         assert (count, colour) == (1, "red"), f"{png.name}: {count} red objects, largest object {colour}"
     single = tmp_path / "out.png"
-    assert cli.main(["generate", "--prompt", "a red circle", "--size", "128x128", "--out", str(single), "--quiet"]) == 0
+    assert cli.main(["generate", "--prompt", "a red circle", "--size",
+                     "128x128", "--out", str(single), "--quiet"]) == 0
     first = np.asarray(Image.open(single).convert("RGB"))
     assert any(np.array_equal(first, np.asarray(Image.open(p).convert("RGB"))) for p in pngs)
 

@@ -10,7 +10,7 @@ import torch
 import tiny_models
 from hires.families import read_model_info
 from hires.sampling import latent_space
-from hires.sampling.stages import unpack
+from hires.sampling.latents import unpack
 
 SIZE = 64
 SHIFT = 0.37  # a shift the pipelines that ignore it must not see
@@ -68,9 +68,10 @@ CASES = [(family, False) for family in tiny_models.FAMILY_NAMES] + [("sdxl", Tru
 def test_codec_equals_the_pipelines_own_decode(family, statistics):
     pipe = _pipeline(family, statistics)
     info, z, vae_latent = _final_and_decoded(pipe, family)
-    convention = info.family.latent_convention
+    convention = info.family.layout
     torch.testing.assert_close(latent_space.to_vae(convention, pipe.vae, z), vae_latent.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(latent_space.from_vae(convention, pipe.vae, vae_latent), z.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latent_space.from_vae(convention, pipe.vae, vae_latent),
+                               z.float(), rtol=1e-4, atol=1e-5)
 
 
 def test_sd_codec_ignores_the_shift_and_sdxl_reads_statistics_with_the_scale():
@@ -80,16 +81,16 @@ def test_sd_codec_ignores_the_shift_and_sdxl_reads_statistics_with_the_scale():
     sd = _pipeline("sd15", statistics=False)
     s = sd.vae.config.scaling_factor
     assert sd.vae.config.shift_factor == SHIFT
-    torch.testing.assert_close(latent_space.from_vae(read_model_info(sd).family.latent_convention, sd.vae, v), v * s)
+    torch.testing.assert_close(latent_space.from_vae(read_model_info(sd).family.layout, sd.vae, v), v * s)
 
     xl = _pipeline("sdxl", statistics=True)
     mean = torch.tensor(xl.vae.config.latents_mean).view(1, -1, 1, 1)
     std = torch.tensor(xl.vae.config.latents_std).view(1, -1, 1, 1)
     s = xl.vae.config.scaling_factor
-    torch.testing.assert_close(latent_space.from_vae(read_model_info(xl).family.latent_convention, xl.vae, v),
+    torch.testing.assert_close(latent_space.from_vae(read_model_info(xl).family.layout, xl.vae, v),
                                (v - mean) * s / std)
 
     flux = _pipeline("flux", statistics=False)
     s = flux.vae.config.scaling_factor
-    torch.testing.assert_close(latent_space.from_vae(read_model_info(flux).family.latent_convention, flux.vae, v),
+    torch.testing.assert_close(latent_space.from_vae(read_model_info(flux).family.layout, flux.vae, v),
                                (v - SHIFT) * s)

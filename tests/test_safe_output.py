@@ -38,8 +38,8 @@ def test_an_overflowing_guidance_raises_naming_it(family, surface):
     else:
         hires.apply(pipe, hires.HiresConfig() if surface == "apply" else None)
     for output_type in ("pt", "pil"):
-        with pytest.raises(guards.NonFiniteOutputError, match=rf"non-finite latents.*likely cause: {name}="
-                                                              rf"{re.escape(repr(value))} .*pass a finite {name}") as info:
+        expected = rf"non-finite latents.*likely cause: {name}={re.escape(repr(value))} .*pass a finite {name}"
+        with pytest.raises(guards.NonFiniteOutputError, match=expected) as info:
             generate(pipe, family, 64, steps=2, output_type=output_type, **{name: value}, **extra)
         assert (info.value.stage, info.value.kind, info.value.parameter) == ("latents", "guidance", name)
     assert hires.last_call(pipe).completed is False
@@ -130,7 +130,8 @@ def test_scalar_tensor_guidance_and_zero_steps_are_refused_by_name():
 
 def test_non_finite_inputs_are_named_as_the_likely_cause():
     pipe = hires.apply(build("sd15"), hires.HiresConfig())
-    with pytest.raises(guards.NonFiniteOutputError, match=r"no guidance value or weight explains it; check latents=") as info:
+    expected = r"no guidance value or weight explains it; check latents="
+    with pytest.raises(guards.NonFiniteOutputError, match=expected) as info:
         generate(pipe, "sd15", 64, steps=2, latents=torch.full((1, 4, 8, 8), float("nan")))
     assert info.value.kind == "unknown"
     embeds = torch.zeros(1, 16, 32)

@@ -1,6 +1,6 @@
 """Between a pipeline's latent space (what its denoiser sees, unpacked to (B, C, h, w)) and what its
-VAE decodes, as the family's pipeline converts (`hires.families.LatentConvention`): a VAE config
-field counts only where the pipeline's own code reads it.
+VAE decodes, as the family's pipeline converts (`hires.families.LatentLayout`'s convention fields): a
+VAE config field counts only where the pipeline's own code reads it.
 
 - scaling only (SD 1.x/2.x, PixArt; SDXL without per-channel statistics): z = v * scaling_factor;
 - with the shift (SD3, Flux, Chroma, Z-Image): z = (v - shift_factor) * scaling_factor;
@@ -13,7 +13,11 @@ field counts only where the pipeline's own code reads it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from ..families import vae_kind
 
 
 def _patchify(z: torch.Tensor, patch: int) -> torch.Tensor:
@@ -63,7 +67,7 @@ def _affine(convention, vae, like: torch.Tensor) -> tuple[torch.Tensor | float, 
 
 
 def to_vae(convention, vae, z: torch.Tensor) -> torch.Tensor:
-    """The VAE's own latent (float32) of a pipeline latent `z` (`convention`: the family's LatentConvention)."""
+    """The VAE's own latent (float32) of a pipeline latent `z` (`convention`: the family's LatentLayout)."""
     z = z.float()
     if convention.batch_norm_patches:
         patch = _patch(vae)
@@ -82,3 +86,51 @@ def from_vae(convention, vae, latent: torch.Tensor) -> torch.Tensor:
         return _unpatchify((_patchify(latent, patch) - mean) / std, patch)
     offset, gain = _affine(convention, vae, latent)
     return (latent - offset) / gain
+
+
+# -- running the VAE as the pipeline does ------------------------------------------------------------
+def needs_upcast(vae) -> bool:
+    """True where the VAE asks to run in float32 (`config.force_upcast`) but sits in float16: the
+    stock SDXL VAE overflows to NaN in float16, which is why diffusers' pipelines upcast it."""
+    return bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
+
+
+@contextlib.contextmanager
+def vae_precision(vae):
+    """Run the VAE in float32 inside the block where `needs_upcast(vae)`, as diffusers' pipelines do
+    around their decode, and put it back in float16 after (exact: float16 values survive float32)."""
+    if not needs_upcast(vae):
+        yield vae.dtype
+        return
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(torch.float16)
+
+
+class VAECodec:
+    """Decode / encode between the denoiser's latent space and pixels in [-1, 1], in float32 out, in the
+    latent convention of the family's pipeline (`convention`: its `hires.families.LatentLayout`); a VAE with
+    a frame axis (`hires.families.vae_kind`) gets and gives one frame."""
+
+    def __init__(self, pipe, convention):
+        self.pipe = pipe
+        self.convention = convention
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        with vae_precision(vae) as dtype:
+            x = to_vae(self.convention, vae, z).to(dtype)
+            if vae_kind(vae).frame_axis:
+                return vae.decode(x[:, :, None], return_dict=False)[0][:, :, 0].float()
+            return vae.decode(x, return_dict=False)[0].float()
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        with vae_precision(vae) as dtype:
+            if vae_kind(vae).frame_axis:
+                x = vae.encode(image.to(dtype)[:, :, None]).latent_dist.mode()[:, :, 0]
+            else:
+                x = vae.encode(image.to(dtype)).latent_dist.mode()
+        return from_vae(self.convention, vae, x)
