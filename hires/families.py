@@ -248,6 +248,8 @@ class Family:
     # Modular Diffusers pipeline classes (diffusers.ModularPipeline subclasses, by name) of this family
     # (hires.modular attaches to them); subclasses are recognised too.
     modular_classes: tuple[str, ...] = ()
+    # `attention_masked` of the modular pipeline where it differs from the classic one's.
+    modular_attention_masked: str | None = None
 
     @property
     def is_unet(self) -> bool:
@@ -511,6 +513,10 @@ FAMILIES: tuple[Family, ...] = (
         cfg_switch="do_true_cfg",
         vae=QWEN_IMAGE_VAE,
         modular_classes=("QwenImageModularPipeline",),
+        modular_attention_masked=(
+            "QwenImageModularPipeline passes its text padding mask (encoder_hidden_states_mask) to every attention "
+            "call; scale fusion's global and local branches do not carry it"
+        ),
     ),
     # Z-Image: single-stream DiT. Latents spatial (patchified 2x2 inside the transformer); 3-axis RoPE looked
     # up in per-axis tables by integer ids: axis 0 the sequence (caption 1..L, image at L + 1), axes 1 and 2

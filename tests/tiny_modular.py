@@ -135,6 +135,14 @@ def _loops(block):
             yield from _loops(sub)
 
 
+def shared_parts(pipe) -> dict:
+    """The modules and tokenizers of `pipe`, for a second pipeline on the very same objects."""
+    from diffusers import SchedulerMixin
+
+    return {k: v for k, v in pipe.components.items()
+            if isinstance(v, (torch.nn.Module, SchedulerMixin)) or "tokenizer" in k}
+
+
 def build(family: str, classic=None):
     """The tiny modular pipeline of `family`."""
     return init(blocks(family), family, components(family, classic))

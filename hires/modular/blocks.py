@@ -47,6 +47,8 @@ def modular_info(pipe, base_size=None) -> ModelInfo:
     formulation); no CFG where the pipeline has no guider (Flux, Flux.2, the distilled models)."""
     info = read_model_info(pipe, base_size)
     family = info.family
+    if family.modular_attention_masked is not None:
+        family = dataclasses.replace(family, attention_masked=family.modular_attention_masked)
     guider = getattr(pipe, "guider", None)
     if family.runs_cfg and guider is not None and _plain_cfg(guider):
         family = dataclasses.replace(family, guidance_layout="separate", guidance_scale_name=GUIDANCE_SCALE,
@@ -61,7 +63,10 @@ def check_guider(pipe, config: HiresConfig) -> None:
     """A guidance technique acts through hires' hook on a plain ClassifierFreeGuidance guider; refuse any other."""
     guider = getattr(pipe, "guider", None)
     uses_apg = config.apg.enabled or any(entry.enabled for entry in config.stage_settings().get("apg", ()))
-    if uses_apg and guider is not None and not _plain_cfg(guider):
+    if uses_apg and guider is None:
+        raise ValueError(f"APGConfig changes how classifier-free guidance combines, but this {type(pipe).__name__} "
+                         "has no guider component: it runs no CFG; disable APGConfig for this pipeline")
+    if uses_apg and not _plain_cfg(guider):
         raise ValueError(
             f"APGConfig on a {type(pipe).__name__} needs its guider to be a plain ClassifierFreeGuidance "
             f"(guidance_rescale=0), got {type(guider).__name__}: hires applies APG itself, on x0 and with a "
@@ -233,7 +238,8 @@ class HiresStagesStep(ModularPipelineBlocks):
 
 
 def _stage_state(state: PipelineState) -> PipelineState:
-    return PipelineState(values=dict(state.values), kwargs_mapping={k: list(v) for k, v in state.kwargs_mapping.items()})
+    mapping = {kind: list(names) for kind, names in state.kwargs_mapping.items()}
+    return PipelineState(values=dict(state.values), kwargs_mapping=mapping)
 
 
 def _run_stages(engine, inner, components, state: PipelineState):
@@ -301,10 +307,10 @@ def _run_stages(engine, inner, components, state: PipelineState):
 
 
 # -- a folder that ModularPipelineBlocks.from_pretrained(folder, trust_remote_code=True) loads ------------------
-_FOLDER_MODULE = '''"""hires' stage techniques as a Modular Diffusers block (written by hires.modular.save_block_folder).
+_FOLDER_MODULE = '''"""hires' stage techniques as a Modular Diffusers block (hires.modular.save_block_folder wrote it).
 
-Load it with ModularPipelineBlocks.from_pretrained(folder, trust_remote_code=True, inner=blocks.sub_blocks["denoise"])
-and put it in the denoise entry's place: blocks.sub_blocks["denoise"] = that block.
+Load it with ModularPipelineBlocks.from_pretrained(folder, trust_remote_code=True,
+inner=blocks.sub_blocks["denoise"]) and put it in the denoise entry's place: blocks.sub_blocks["denoise"] = block.
 """
 
 import json

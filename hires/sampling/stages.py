@@ -312,8 +312,8 @@ class StageEngine:
         """The stage's start noised to its first timestep, in the form (and dtype) of `latents`, the tensor
         the stage's loop would start from (for a runner that hands the loop its latents itself)."""
         if stage.start_timestep is None:
-            raise RuntimeError(f"{stage.owner} stage {stage.height}x{stage.width}: its loop opened before its schedule "
-                               "was set")
+            raise RuntimeError(f"{stage.owner} stage {stage.height}x{stage.width}: its loop opened before its "
+                               "schedule was set")
         stage.target = torch.empty_like(latents)
         target = stage.target
         self._fill(stage)
