@@ -317,3 +317,30 @@ def test_flux3_reads_its_half_step_position_ids_and_its_default_base():
         hires.remove(pipe)
     assert seen[0] == 0.5 * (SIZE // 16 - 1)  # half a unit per token row ...
     assert (last.height, last.width) == (SIZE, SIZE)  # ... read back as the 128 px grid it is
+
+
+def test_hires_apg_on_the_raw_output_is_diffusers_adaptive_projected_guidance_in_its_original_formulation():
+    """The formula the README compares: hires' APG with w on the raw output and an absolute threshold r equals
+    diffusers' AdaptiveProjectedGuidance(guidance_scale=w - 1, use_original_formulation=True) with rescale r."""
+    from diffusers import AdaptiveProjectedGuidance, ClassifierFreeGuidance
+
+    family, w, r, eta, beta = "sdxl", 5.0, 2.0, 0.0, -0.5
+    pipe = tmod.build(family, tm.build(family))
+    pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=w))
+    hires.apply(pipe, hires.HiresConfig(apg=hires.APGConfig(enabled=True, eta=eta, norm_threshold=r, momentum=beta,
+                                                            space="output"), base_size=BASE))
+    ours = tmod.generate(pipe, family, steps=3)
+    hires.remove(pipe)
+    plain_cfg = tmod.generate(pipe, family, steps=3)
+    pipe.update_components(guider=AdaptiveProjectedGuidance(
+        guidance_scale=w - 1, adaptive_projected_guidance_momentum=beta, adaptive_projected_guidance_rescale=r,
+        eta=eta, use_original_formulation=True))
+    theirs = tmod.generate(pipe, family, steps=3)
+    assert (ours - plain_cfg).abs().max() > 1e-3  # APG changed the image ...
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)  # ... exactly as the guider does
+
+
+def test_scale_fusion_is_refused_on_modular_qwen_image_for_its_text_mask():
+    pipe = pipeline("qwenimage")
+    with pytest.raises(ValueError, match="ScaleFusionConfig.*encoder_hidden_states_mask"):
+        hires.apply(pipe, hires.HiresConfig(scale_fusion=hires.ScaleFusionConfig(enabled=True), base_size=BASE))
