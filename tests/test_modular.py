@@ -265,12 +265,17 @@ def test_the_stages_block_loads_from_a_custom_block_folder(tmp_path):
 
 
 def test_apg_needs_a_plain_cfg_guider():
-    from diffusers import AdaptiveProjectedGuidance
+    from diffusers import AdaptiveProjectedGuidance, ClassifierFreeGuidance
 
     pipe = tmod.build("sdxl", tm.build("sdxl"))
     pipe.update_components(guider=AdaptiveProjectedGuidance(guidance_scale=5.0))
     with pytest.raises(ValueError, match="APGConfig.*ClassifierFreeGuidance.*AdaptiveProjectedGuidance"):
         hires.apply(pipe, hires.HiresConfig(apg=hires.APGConfig(enabled=True), base_size=BASE))
+    # a step window runs the cond pass alone on some steps: hires could not pair the passes
+    pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=5.0, start=0.2))
+    with pytest.raises(ValueError, match=r"APGConfig.*ClassifierFreeGuidance\(guidance_rescale=0.0, start=0.2"):
+        hires.apply(pipe, hires.HiresConfig(apg=hires.APGConfig(enabled=True), base_size=BASE))
+    pipe.update_components(guider=AdaptiveProjectedGuidance(guidance_scale=5.0))
     hires.apply(pipe, preset(pipe))  # techniques that leave CFG alone run beside any guider
     assert run(pipe, "sdxl", size=SIZE).shape[-2:] == (SIZE, SIZE)
     hires.remove(pipe)

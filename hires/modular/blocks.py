@@ -37,8 +37,10 @@ def is_modular(pipe) -> bool:
 
 
 def _plain_cfg(guider) -> bool:
-    """A guider whose combination hires' guidance hook can stand in for: classic CFG without rescaling."""
-    return type(guider) is ClassifierFreeGuidance and not getattr(guider, "guidance_rescale", 0.0)
+    """A guider whose combination hires' guidance hook can stand in for: classic CFG without rescaling, on every
+    step (a step window would run the cond pass alone on some steps, and the hook pairs cond and uncond passes)."""
+    return (type(guider) is ClassifierFreeGuidance and not getattr(guider, "guidance_rescale", 0.0)
+            and getattr(guider, "_start", 0.0) == 0.0 and getattr(guider, "_stop", 1.0) == 1.0)
 
 
 def modular_info(pipe, base_size=None) -> ModelInfo:
@@ -69,9 +71,16 @@ def check_guider(pipe, config: HiresConfig) -> None:
     if uses_apg and not _plain_cfg(guider):
         raise ValueError(
             f"APGConfig on a {type(pipe).__name__} needs its guider to be a plain ClassifierFreeGuidance "
-            f"(guidance_rescale=0), got {type(guider).__name__}: hires applies APG itself, on x0 and with a "
-            "size-independent norm threshold; set pipe.update_components(guider=ClassifierFreeGuidance(...)) "
-            "or disable APGConfig")
+            f"(guidance_rescale=0, start=0, stop=1), got {type(guider).__name__}{_guider_options(guider)}: hires "
+            "applies APG itself, on x0 and with a size-independent norm threshold; set "
+            "pipe.update_components(guider=ClassifierFreeGuidance(...)) or disable APGConfig")
+
+
+def _guider_options(guider) -> str:
+    if type(guider) is not ClassifierFreeGuidance:
+        return ""
+    return (f"(guidance_rescale={guider.guidance_rescale}, start={getattr(guider, '_start', 0.0)}, "
+            f"stop={getattr(guider, '_stop', 1.0)})")
 
 
 def graph_blocks(block):
