@@ -49,10 +49,6 @@ def modular(request):
     hires.remove(pipe)
 
 
-def record_name(family: str) -> str:
-    return hires.model_info(pipeline(family)).name
-
-
 def run(pipe, family, size=BASE, **kwargs):
     return tmod.generate(pipe, family, size=size, steps=STEPS, **kwargs)
 
@@ -87,43 +83,62 @@ def test_the_preset_is_exact_at_the_base_size_and_after_remove_and_stages_above_
     assert not any("progress_bar" in loop.__dict__ for loop in hires.modular.loop_blocks(pipe._blocks))
 
 
+def _record(family: str):
+    name = "flux3" if family.startswith("flux3") else family
+    return next(f for f in hires.families.FAMILIES if f.name == name)
+
+
 def modular_techniques(family: str) -> list[str]:
     """The techniques that apply to the family's modular pipeline: those of its classic pipeline
     (tests/surface_support.py), APG only where the pipeline has a CFG guider; Flux 3's own list."""
-    record = record_name(family)
-    if record == "flux3":
+    record = _record(family)
+    if record.name == "flux3":
         names = ["structure_guidance_latent", "structure_guidance_pixel", "bottleneck", "flow_alignment",
                  "attention_backend", "positions", "dype", "skip_residual", "dilated_sampling",
                  "dilated_sampling_local", "vae_tiling", "memory", "memory_staged", "apg"]
     else:
-        names = [n for n in surface_support.techniques_for(record) if n != surface_support.PRESET]
-    facts = hires.model_info(pipeline(family)).family
-    if not facts.runs_cfg:
+        names = [n for n in surface_support.techniques_for(record.name) if n != surface_support.PRESET]
+    if family not in tmod.GUIDERS:
         names = [n for n in names if n != "apg"]
-    if facts.attention_masked:
+    if record.modular_attention_masked:
         names = [n for n in names if n not in ("scale_fusion", "dilated_sampling", "dilated_sampling_local")]
     return names
 
 
 def technique_config(family: str, technique: str) -> hires.HiresConfig:
-    options = surface_support.technique_options(record_name(family), technique)
-    if record_name(family) == "flux3" and technique == "memory":
+    options = surface_support.technique_options(_record(family).name, technique)
+    if _record(family).name == "flux3" and technique == "memory":
         options["memory"].pop("feed_forward_chunks", None)  # Flux 3's blocks have no diffusers chunking
     return hires.HiresConfig.from_dict({**options, "base_size": BASE})
 
 
-TECHNIQUE_CASES = [(family, technique) for family in TECHNIQUE_FAMILIES
-                   for technique in ["structure_guidance_latent", "structure_guidance_pixel", "bottleneck",
-                                     "flow_alignment", "redilation", "rau_net", "entropy_scaling",
-                                     "window_attention", "scale_fusion", "attention_backend", "apg", "positions",
-                                     "dype", "skip_residual", "dilated_sampling", "dilated_sampling_local",
-                                     "vae_tiling", "memory", "memory_staged"]]
+TECHNIQUE_CASES = [(family, technique) for family in TECHNIQUE_FAMILIES for technique in modular_techniques(family)]
+
+
+ALL_TECHNIQUES = ("structure_guidance_latent", "structure_guidance_pixel", "bottleneck", "flow_alignment",
+                  "redilation", "rau_net", "entropy_scaling", "window_attention", "scale_fusion",
+                  "attention_backend", "apg", "positions", "dype", "skip_residual", "dilated_sampling",
+                  "dilated_sampling_local", "vae_tiling", "memory", "memory_staged")
+
+
+@pytest.mark.parametrize("family", TECHNIQUE_FAMILIES)
+def test_the_techniques_run_below_are_those_hires_accepts_for_the_modular_pipeline(family):
+    info = hires.model_info(pipeline(family))
+    accepted = []
+    for technique in ALL_TECHNIQUES:
+        try:
+            technique_config(family, technique).validate_for(info)
+        except ValueError:
+            continue
+        accepted.append(technique)
+    listed = modular_techniques(family)
+    assert set(listed) <= set(accepted)
+    # DyPE (PositionConfig.timestep_dependent) is for plain RoPE ids only, which its installer checks
+    assert set(accepted) - set(listed) <= {"dype"}
 
 
 @pytest.mark.parametrize("family,technique", TECHNIQUE_CASES)
 def test_every_applicable_technique_runs_above_the_base_size(family, technique):
-    if technique not in modular_techniques(family):
-        pytest.skip(f"{technique} does not apply to {family}'s modular pipeline")
     pipe = pipeline(family)
     plain = run(pipe, family)
     steps = 3 if technique == "bottleneck" else STEPS  # one step per stage at least
