@@ -7,7 +7,9 @@ How hires attaches (DESIGN.md's patching rule):
   (to validate the requested size before any work) and `progress_bar` (every supported pipeline
   runs its denoising loop inside `with self.progress_bar(...)`, which gives a call boundary that is
   also crossed when the call raises). Pipelines are not `nn.Module`s, so no hook registry exists
-  for them; deleting the two attributes restores the class's methods exactly;
+  for them; deleting the two attributes restores the class's methods exactly. A Modular Diffusers pipeline
+  has neither: each denoise loop block's `progress_bar` is shadowed instead, and its graph's denoise entry
+  runs the stages (hires.modular);
 - the finite-output guard (hires.guards) checks the loop's final latents as that boundary closes
   and shadows `image_processor.postprocess` to check the decoded image, one ledger entry.
 

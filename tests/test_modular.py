@@ -59,6 +59,21 @@ def stage_sizes(pipe) -> list[tuple[int, int]]:
     return [(stage.height, stage.width) for stage in engine.last_run]
 
 
+def snapshot(pipe):
+    """Instance attribute names of the pipeline, of every module and other component, and of every block of its
+    graph: what "no trace" after hires.remove is checked against."""
+    parts = {"pipe": sorted(pipe.__dict__)}
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            for sub_name, module in component.named_modules():
+                parts[f"{name}.{sub_name}"] = sorted(module.__dict__)
+        elif component is not None and hasattr(component, "__dict__"):
+            parts[name] = sorted(component.__dict__)
+    for index, block in enumerate(hires.modular.blocks.graph_blocks(pipe._blocks)):
+        parts[f"block {index} {type(block).__name__}"] = sorted(block.__dict__)
+    return parts
+
+
 def preset(pipe) -> hires.HiresConfig:
     return dataclasses.replace(automatic_config(hires.model_info(pipe)), base_size=BASE)
 
@@ -67,6 +82,7 @@ def preset(pipe) -> hires.HiresConfig:
 def test_the_preset_is_exact_at_the_base_size_and_after_remove_and_stages_above_it(modular):
     family, pipe = modular
     plain = run(pipe, family)
+    before = snapshot(pipe)
     hires.apply(pipe, preset(pipe))
     assert torch.equal(run(pipe, family), plain)
     assert hires.last_call(pipe).height == BASE
@@ -79,8 +95,8 @@ def test_the_preset_is_exact_at_the_base_size_and_after_remove_and_stages_above_
     hires.remove(pipe)
     assert list(pipe._blocks.sub_blocks) == graph_before
     assert type(pipe._blocks.sub_blocks["denoise"]).__name__ != "HiresStagesStep"
+    assert snapshot(pipe) == before
     assert torch.equal(run(pipe, family), plain)
-    assert not any("progress_bar" in loop.__dict__ for loop in hires.modular.loop_blocks(pipe._blocks))
 
 
 def _record(family: str):
@@ -364,3 +380,21 @@ def test_scale_fusion_is_refused_on_modular_qwen_image_for_its_text_mask():
     pipe = pipeline("qwenimage")
     with pytest.raises(ValueError, match="ScaleFusionConfig.*encoder_hidden_states_mask"):
         hires.apply(pipe, hires.HiresConfig(scale_fusion=hires.ScaleFusionConfig(enabled=True), base_size=BASE))
+
+
+def test_a_per_stage_guidance_scale_is_the_guiders_during_that_stage():
+    family = "sdxl"
+    pipe = pipeline(family)
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(pipe.guider.guidance_scale))
+    config = hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True, space="latent",
+                                                                                guidance_scale=3.0), base_size=BASE)
+    hires.apply(pipe, config)
+    try:
+        run(pipe, family, size=SIZE)
+    finally:
+        handle.remove()
+        hires.remove(pipe)
+    base_passes = 2 * STEPS  # cond and uncond at every step of the base stage
+    assert seen[:base_passes] == [5.0] * base_passes and set(seen[base_passes:]) == {3.0}
+    assert pipe.guider.guidance_scale == 5.0 and "guidance_scale" in pipe.guider.__dict__
