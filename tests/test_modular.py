@@ -18,9 +18,8 @@ from hires.presets import automatic_config
 from hires.sampling.stages import ENGINE_ATTRIBUTE
 
 BASE, SIZE, STEPS = 64, 128, 2
-# The families whose every applicable technique runs through the modular pipeline (Flux.2 [klein] and SD3 run
-# the automatic preset and the classic comparison).
-TECHNIQUE_FAMILIES = ("sdxl", "flux", "flux2", "qwenimage", "zimage", "flux3", "flux3_distilled")
+# Every family's modular pipeline runs every technique that applies to it.
+TECHNIQUE_FAMILIES = tmod.FAMILIES
 STAGED = ("structure_guidance_latent", "structure_guidance_pixel", "bottleneck", "flow_alignment", "skip_residual",
           "memory_staged")
 
