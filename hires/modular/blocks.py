@@ -181,8 +181,8 @@ class _LoopScope:
 class HiresStagesStep(ModularPipelineBlocks):
     """Runs the block it wraps (a graph's `denoise` entry) once per stage of hires' stage plan.
 
-    By hand: `blocks.sub_blocks["denoise"] = HiresStagesStep(blocks.sub_blocks["denoise"], config)`, before or
-    after `init_pipeline()`. On its first call it applies hires with `config` (None: the automatic preset) to the
+    By hand: `blocks.sub_blocks["denoise"] = HiresStagesStep(blocks.sub_blocks["denoise"], config)` before
+    `init_pipeline()` (or on `pipe._blocks`, the live graph: `pipe.blocks` is a copy). On its first call it applies hires with `config` (None: the automatic preset) to the
     pipeline running it, unless hires is applied already; `hires.remove(pipe)` takes the hooks out and the block
     then runs the wrapped block as it is. A call at the base size (one trivial stage) runs the wrapped block on
     the call's own state, so it is exactly the graph without this block.
@@ -227,9 +227,9 @@ class HiresStagesStep(ModularPipelineBlocks):
         if self.attaches and not components.__dict__.get(ATTACHED_BY_BLOCK):
             import hires
 
-            components.__dict__[ATTACHED_BY_BLOCK] = True
             if not hires.is_applied(components):
-                hires.apply(components, self.hires_config)
+                hires.apply(components, self.hires_config)  # a refused config raises on every call
+            components.__dict__[ATTACHED_BY_BLOCK] = True
         attachment = components.__dict__.get(ATTACHMENT_ATTRIBUTE)
         if attachment is None:
             return self.inner(components, state)
