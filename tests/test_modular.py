@@ -397,3 +397,24 @@ def test_a_per_stage_guidance_scale_is_the_guiders_during_that_stage():
     base_passes = 2 * STEPS  # cond and uncond at every step of the base stage
     assert seen[:base_passes] == [5.0] * base_passes and set(seen[base_passes:]) == {3.0}
     assert pipe.guider.guidance_scale == 5.0 and "guidance_scale" in pipe.guider.__dict__
+
+
+def test_the_stages_block_survives_a_workflow_selection():
+    """get_workflow() flattens every block with sub_blocks; the stages block keeps its wrapped block to itself."""
+    from hires.modular import HiresStagesStep
+
+    family = "sdxl"
+    applied = pipeline(family)
+    config = _structure_config()
+    hires.apply(applied, config)
+    expected = run(applied, family, size=SIZE)
+    hires.remove(applied)
+    graph = tmod.blocks(family)
+    graph.sub_blocks["denoise"] = HiresStagesStep(graph.sub_blocks["denoise"], config)
+    workflow = graph.get_workflow("text2image")
+    assert isinstance(workflow.sub_blocks["denoise"], HiresStagesStep)
+    selected = tmod.init(workflow, family, tmod.shared_parts(applied))
+    try:
+        assert torch.equal(run(selected, family, size=SIZE), expected)
+    finally:
+        hires.remove(selected)

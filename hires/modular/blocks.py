@@ -182,10 +182,11 @@ class HiresStagesStep(ModularPipelineBlocks):
     """Runs the block it wraps (a graph's `denoise` entry) once per stage of hires' stage plan.
 
     By hand: `blocks.sub_blocks["denoise"] = HiresStagesStep(blocks.sub_blocks["denoise"], config)` before
-    `init_pipeline()` (or on `pipe._blocks`, the live graph: `pipe.blocks` is a copy). On its first call it applies hires with `config` (None: the automatic preset) to the
-    pipeline running it, unless hires is applied already; `hires.remove(pipe)` takes the hooks out and the block
-    then runs the wrapped block as it is. A call at the base size (one trivial stage) runs the wrapped block on
-    the call's own state, so it is exactly the graph without this block.
+    `init_pipeline()` (or on `pipe._blocks`, the live graph: `pipe.blocks` is a copy). On its first call it
+    applies hires with `config` (None: the automatic preset) to the pipeline running it, unless hires is applied
+    already; `hires.remove(pipe)` takes the hooks out and the block then runs the wrapped block as it is. A call
+    at the base size (one trivial stage) runs the wrapped block on the call's own state, so it is exactly the
+    graph without this block.
 
     The wrapped block is not one of `sub_blocks`: a workflow selection (`get_workflow`) would flatten it away.
     """
