@@ -27,6 +27,10 @@ runs every stage as a nested call of the same pipeline at the stage's size with
 The user's own call then only decodes: its schedule is emptied and its `prepare_latents` returns
 the last stage's latent. Every override is a ledger shadow of the attachment, taken out when the
 user's call has been set up, when a stage raises, by the next call, or by `hires.remove`.
+
+A Modular Diffusers pipeline has neither `encode_prompt` nor `prepare_latents`: its stages block
+(hires.modular) runs the graph's denoise entry once per stage with the same planners and scheduler
+shadows, hands each stage's loop its start (`start_latents`) and keeps its result (`stage_result`).
 """
 
 from __future__ import annotations
