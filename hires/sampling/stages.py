@@ -27,6 +27,10 @@ runs every stage as a nested call of the same pipeline at the stage's size with
 The user's own call then only decodes: its schedule is emptied and its `prepare_latents` returns
 the last stage's latent. Every override is a ledger shadow of the attachment, taken out when the
 user's call has been set up, when a stage raises, by the next call, or by `hires.remove`.
+
+A Modular Diffusers pipeline has neither `encode_prompt` nor `prepare_latents`: its stages block
+(hires.modular) runs the graph's denoise entry once per stage with the same planners and scheduler
+shadows, hands each stage's loop its start (`start_latents`) and keeps its result (`stage_result`).
 """
 
 from __future__ import annotations
@@ -157,7 +161,9 @@ class _Pending:
 class StageEngine:
     """One per attachment: owns encode_prompt / prepare_latents and, during a run, the scheduler."""
 
-    def __init__(self, attachment):
+    def __init__(self, attachment, entry_points: bool = True):
+        """`entry_points=False`: the pipeline has no encode_prompt / prepare_latents (a Modular Diffusers
+        pipeline, whose stages block runs the stages: hires.modular)."""
         self.attachment = attachment
         self.pipe = attachment.pipe
         self.info = attachment.info
@@ -169,6 +175,8 @@ class StageEngine:
         self.last_run: tuple[Stage, ...] | None = None
         self._scheduler_shadows: list = []
         attachment.shadow(self.pipe, ENGINE_ATTRIBUTE, self)  # found by `planner_of`, taken out by hires.remove
+        if not entry_points:
+            return
         attachment.wrap_method(self.pipe, "encode_prompt", self._wrap_encode_prompt)
         attachment.wrap_method(self.pipe, "prepare_latents", self._wrap_prepare_latents)
         if hasattr(self.pipe, "prepare_image") and "control_image" in attachment.calls.parameters:
@@ -235,11 +243,11 @@ class StageEngine:
         self._check_latents(arguments, stages)
         saved = {k: v for k, v in self.pipe.__dict__.items() if k.startswith("_") and not k.startswith("_hires")}
         self.running = True
-        self._shadow_scheduler(any(s.stops_early or s.after_step for s in stages))
+        self.shadow_scheduler(any(s.stops_early or s.after_step for s in stages))
         try:
             self._run(arguments, stages)
         except BaseException:
-            self._unshadow_scheduler()
+            self.unshadow_scheduler()
             raise
         finally:
             self.running = False
@@ -304,6 +312,21 @@ class StageEngine:
             return self.latents.output_to_spatial(latents, stage.height // f, stage.width // f, self.pipe.vae)
         return self.latents.to_spatial(latents, stage.height // f, stage.width // f)
 
+    def start_latents(self, stage: Stage, latents: torch.Tensor) -> torch.Tensor:
+        """The stage's start noised to its first timestep, in the form (and dtype) of `latents`, the tensor
+        the stage's loop would start from (for a runner that hands the loop its latents itself)."""
+        if stage.start_timestep is None:
+            raise RuntimeError(f"{stage.owner} stage {stage.height}x{stage.width}: its loop opened before its "
+                               "schedule was set")
+        stage.target = torch.empty_like(latents)
+        target = stage.target
+        self._fill(stage)
+        return target
+
+    def stage_result(self, stage: Stage, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) of a stage's final latents as its loop holds them."""
+        return self._spatial(latents, stage, returned=False)
+
     def _fill(self, stage: Stage) -> None:
         """Write the stage's start, noised to its first timestep, into the tensor its loop starts from."""
         target = stage.target
@@ -319,7 +342,7 @@ class StageEngine:
         pending = self.pending
         if pending is not None and pending.schedule_done and pending.latents_done:
             pending.latents = None
-            self._unshadow_scheduler()
+            self.unshadow_scheduler()
 
     def call_ended(self, frame) -> None:
         """The denoising loop of the call running in `frame` has exited."""
@@ -329,17 +352,17 @@ class StageEngine:
     def _abandon(self) -> None:
         """Drop what a call that raised after its stages left behind."""
         self.pending = None
-        self._unshadow_scheduler()
+        self.unshadow_scheduler()
 
     # -- the scheduler during a run ---------------------------------------------------------
-    def _shadow_scheduler(self, capture_steps: bool) -> None:
+    def shadow_scheduler(self, capture_steps: bool) -> None:
         scheduler = self.pipe.scheduler
         wrap = self.attachment.wrap_method
         self._scheduler_shadows.append(wrap(scheduler, "set_timesteps", self._wrap_set_timesteps))
         if capture_steps:
             self._scheduler_shadows.append(wrap(scheduler, "step", self._wrap_step))
 
-    def _unshadow_scheduler(self) -> None:
+    def unshadow_scheduler(self) -> None:
         for entry in reversed(self._scheduler_shadows):
             self.attachment.unshadow(entry)
         self._scheduler_shadows.clear()
