@@ -664,7 +664,6 @@ def load_modular_skeleton(path: Path):
     with library_output(True):  # update_components says each part was made without a ComponentSpec
         pipe.update_components(**parts)
     drop_unloaded_steps(pipe)
-    pipe.register_to_config(_name_or_path=str(path))
     return pipe
 
 
@@ -677,7 +676,6 @@ def load_modular_pipeline(path: Path, dtype=None):
     pipe = _modular_from_folder(path)
     pipe.load_components(**({} if dtype is None else {"torch_dtype": dtype}))
     drop_unloaded_steps(pipe)
-    pipe.register_to_config(_name_or_path=str(path))
     return pipe
 
 

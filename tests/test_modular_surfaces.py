@@ -125,6 +125,23 @@ def test_every_surface_gives_the_image_of_apply_above_the_base_size(folders, fam
     assert np.array_equal(np.asarray(Image.open(tmp_path / "renders" / "one.png").convert("RGB")), expected)
 
 
+def test_a_hires_json_beside_the_modular_index_gives_every_surface_the_base(folders, tmp_path):
+    folder = tmp_path / "flux3"
+    shutil.copytree(folders["flux3_distilled"], folder)
+    (folder / "hires.json").write_text(json.dumps({"base_size": [BASE, BASE]}))
+    pipe = loaded(folder)
+    hires.apply(pipe)  # the automatic preset, at the recorded base
+    assert hires.model_info(pipe).base_height == BASE
+    expected = render(pipe)
+    assert [(s.height, s.width) for s in pipe.__dict__[ENGINE_ATTRIBUTE].last_run] == [(BASE, BASE), (SIZE, SIZE)]
+    assert np.array_equal(render(loaded(folder, hires.HiresFlux3DistilledModularPipeline)), expected)
+    out = tmp_path / "o.png"
+    assert main(["generate", "--prompt", PROMPT, "--model", str(folder), "--size", f"{SIZE}x{SIZE}", "--steps",
+                 str(STEPS), "--seed", str(SEED), "--dtype", "float32", "--device", "cpu", "--out", str(out),
+                 "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), expected)
+
+
 def test_guidance_sets_the_guider_scale_as_a_user_would(folders, tmp_path):
     from diffusers import ClassifierFreeGuidance
 
