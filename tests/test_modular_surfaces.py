@@ -232,6 +232,25 @@ def test_image_upscaling_is_refused_on_a_modular_folder(folders, tmp_path, capsy
     assert "--image: Flux3DistilledModularPipeline is a Modular Diffusers pipeline" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family", tmod.FAMILIES)
+def test_each_family_s_ready_class_equals_apply_on_the_same_modules(family):
+    import dataclasses
+
+    from hires.presets import automatic_config
+
+    pipe = tmod.build(family)
+    config = dataclasses.replace(automatic_config(hires.model_info(pipe)), base_size=BASE)
+    hires.apply(pipe, config)
+    expected = tmod.generate(pipe, family, size=SIZE, steps=STEPS)
+    hires.remove(pipe)  # the ready pipeline shares its modules
+    ready_cls = getattr(hires, f"Hires{type(pipe).__name__}")
+    ready = tmod.init(tmod.blocks(family), family, tmod.shared_parts(pipe), cls=ready_cls)
+    assert torch.equal(tmod.generate(ready, family, size=SIZE, steps=STEPS, hires_config=config), expected)
+    assert hires.last_call(ready).height == SIZE
+    with pytest.raises(ValueError, match="height"):
+        tmod.generate(ready, family, size=SIZE + 1, steps=STEPS)
+
+
 @pytest.mark.parametrize("name", sorted(n for n in hires._READY_PIPELINES if n.endswith("ModularPipeline")))
 def test_each_ready_modular_class_is_its_diffusers_class_with_hires(name):
     import diffusers

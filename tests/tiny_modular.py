@@ -116,11 +116,12 @@ def components(family: str, classic=None) -> dict:
     return {k: v for k, v in classic.components.items() if v is not None}
 
 
-def init(graph, family: str, parts: dict):
-    """`graph.init_pipeline()` given `parts` (the names its blocks expect) and the family's guider."""
+def init(graph, family: str, parts: dict, cls=None):
+    """`graph.init_pipeline()` (or the pipeline class `cls` on `graph`) given `parts` (the names its blocks expect)
+    and the family's guider."""
     from diffusers import ClassifierFreeGuidance
 
-    pipe = graph.init_pipeline()
+    pipe = graph.init_pipeline() if cls is None else cls(blocks=graph)
     pipe.update_components(**{k: v for k, v in parts.items() if k in pipe.component_names})
     if family in GUIDERS:
         pipe.update_components(guider=ClassifierFreeGuidance(**GUIDERS[family]))
