@@ -471,7 +471,6 @@ def load_pipeline(model: str, dtype=None):
 
 def load_pipeline_skeleton(path: str | Path):
     """The pipeline with its models on the meta device: configs, tokenizers and scheduler, no weights."""
-
     path = Path(path).expanduser()
     if is_modular_folder(path):
         return load_modular_skeleton(path)
@@ -631,7 +630,8 @@ def modular_components(path: Path) -> dict[str, str]:
             continue  # a component the graph can take that the pipeline was saved without (a ControlNet)
         spec = value[2]
         subfolder = spec.get("subfolder") or ""
-        if not isinstance(subfolder, str) or not subfolder or not (path / subfolder).is_dir():
+        inside = isinstance(subfolder, str) and (path / subfolder).resolve().is_relative_to(path.resolve())
+        if not inside or not subfolder or not (path / subfolder).is_dir():
             where = spec.get("pretrained_model_name_or_path")
             raise CliError(f"--model {str(path)!r}: {MODULAR_INDEX} lists {name} ({value[1]}) from "
                            f"{where!r}{f' ({subfolder}/)' if subfolder else ''}, whose files are not in this "
@@ -1107,6 +1107,7 @@ class Renderer:
             pipe.set_progress_bar_config(disable=True)  # Progress shows all stages in one display
         hires.apply(pipe, model.config)
         self.pipe = pipe
+        self.guider = getattr(pipe, "guider", None) if self.modular else None  # the folder's own, for items without
         self.call_parameters = (call_parameter_names(pipe) if self.modular
                                 else inspect.signature(type(pipe).__call__).parameters)
 
@@ -1120,8 +1121,8 @@ class Renderer:
                                     **progress.callbacks(self.call_parameters))
         if job.negative is not None:
             call["negative_prompt"] = job.negative
-        if job.guidance is not None and self.modular and "guidance_scale" not in self.call_parameters:
-            self._set_guider_scale(job.guidance)  # a modular pipeline's CFG scale is its guider's
+        if self.guider is not None and "guidance_scale" not in self.call_parameters:
+            self._use_guider_scale(job.guidance)  # a modular pipeline's CFG scale is its guider's
         elif job.guidance is not None:
             call["guidance_scale"] = job.guidance
         if job.true_cfg is not None:
@@ -1164,10 +1165,13 @@ class Renderer:
                                stops_batch=True) from None
 
 
-    def _set_guider_scale(self, scale: float) -> None:
-        guider = self.pipe.guider
-        if guider.guidance_scale != scale:
-            self.pipe.update_components(guider=type(guider).from_config({**guider.config, "guidance_scale": scale}))
+    def _use_guider_scale(self, scale: float | None) -> None:
+        """The folder's guider, at `scale` where one is given (a batch item without one gets the folder's)."""
+        guider = self.guider
+        if scale is not None and scale != guider.guidance_scale:
+            guider = type(guider).from_config({**guider.config, "guidance_scale": scale})
+        if self.pipe.guider is not guider:
+            self.pipe.update_components(guider=guider)
 
 
 # Each call argument the guard may blame, as the command line spells it.
@@ -1538,7 +1542,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL),
-                        help="a saved diffusers pipeline folder or a hub id (default: the embedded testbed model, "
+                        help="a saved diffusers pipeline folder (classic or Modular Diffusers) or a hub id "
+                             "(default: the embedded testbed model, "
                              "hires/assets/testbed_sd15)")
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels (default: the model's base size)")

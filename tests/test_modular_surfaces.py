@@ -157,6 +157,19 @@ def test_guidance_sets_the_guider_scale_as_a_user_would(folders, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), expected)
     assert main(_argv(folders["flux3_distilled"], config_file, out, "--guidance", "2.5")) == 2
 
+    default = loaded(folders["sdxl"])
+    hires.apply(default, hires.HiresConfig.from_dict(options))
+    # a batch item without guidance gets the folder's guider back, after one with it
+    items = [{"prompt": PROMPT, "seed": SEED, "guidance": 2.5, "name": "given"}, {"prompt": PROMPT, "seed": SEED,
+                                                                                  "name": "folder"}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(item) + "\n" for item in items))
+    assert main(["batch", str(prompts), "--out", str(tmp_path / "renders"),
+                 *_options(folders["sdxl"], config_file)]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "renders" / "given.png").convert("RGB")), expected)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "renders" / "folder.png").convert("RGB")),
+                          render(default))
+
 
 def test_dry_run_plans_the_stages_from_the_configs(folders, tmp_path, capsys, monkeypatch):
     config_file = tmp_path / "hires.json"
