@@ -27,7 +27,7 @@ from hires.cli import main
 from hires.modular import drop_unloaded_steps, loop_blocks
 from hires.presets import AUTOMATIC
 from hires.sampling.stages import ENGINE_ATTRIBUTE
-from surface_support import options_of
+from surface_support import options_of, technique_options
 
 FAMILIES = ("sdxl", "flux3", "flux3_distilled")
 READY = {"sdxl": "HiresStableDiffusionXLModularPipeline", "flux3": "HiresFlux3ModularPipeline",
@@ -37,6 +37,11 @@ SIZE = 2 * BASE
 STEPS = 3
 SEED = 7
 PROMPT = "a red circle"
+PRESET = "preset"
+# Each family's automatic preset (structure guidance, with window attention on SDXL), and more of Flux 3's techniques
+CASES = [*((family, PRESET) for family in FAMILIES),
+         *(("flux3", technique) for technique in ("bottleneck", "flow_alignment", "positions")),
+         ("flux3_distilled", "bottleneck")]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +54,10 @@ def folders(tmp_path_factory):
     return paths
 
 
-def preset_options(family: str) -> dict:
-    """The family's automatic preset with the tiny base, as the JSON of a --config file."""
-    options = options_of(AUTOMATIC["flux3" if family.startswith("flux3") else family])
+def preset_options(family: str, technique: str = PRESET) -> dict:
+    """The family's automatic preset (or one technique) with the tiny base, as the JSON of a --config file."""
+    name = "flux3" if family.startswith("flux3") else family
+    options = options_of(AUTOMATIC[name]) if technique == PRESET else technique_options(name, technique)
     options["base_size"] = BASE
     return options
 
@@ -89,9 +95,9 @@ def _argv(folder, config, out, *extra) -> list[str]:
     return ["generate", "--prompt", PROMPT, *_options(folder, config), "--out", str(out), *extra]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_surface_gives_the_image_of_apply_above_the_base_size(folders, family, tmp_path):
-    options = preset_options(family)
+@pytest.mark.parametrize("family, technique", [pytest.param(*case, id="-".join(case)) for case in CASES])
+def test_every_surface_gives_the_image_of_apply_above_the_base_size(folders, family, technique, tmp_path):
+    options = preset_options(family, technique)
     config_file = tmp_path / "hires.json"
     config_file.write_text(json.dumps(options))
     config = hires.HiresConfig.from_dict(options)
@@ -102,8 +108,10 @@ def test_every_surface_gives_the_image_of_apply_above_the_base_size(folders, fam
     hires.apply(pipe, config)
     expected = render(pipe)
     assert expected.shape == (SIZE, SIZE, 3)
-    stages = [(stage.height, stage.width) for stage in pipe.__dict__[ENGINE_ATTRIBUTE].last_run]
-    assert stages == [(BASE, BASE), (SIZE, SIZE)], "structure guidance ran no stage above the base"
+    if technique in (PRESET, "flow_alignment"):
+        stages = [(stage.height, stage.width) for stage in pipe.__dict__[ENGINE_ATTRIBUTE].last_run]
+        assert stages == [(BASE, BASE), (SIZE, SIZE)], "structure guidance ran no stage above the base"
+    assert hires.last_call(pipe).height == SIZE
     hires.remove(pipe)
     assert not np.array_equal(render(pipe), expected), "hires changed nothing above the base size"
 
