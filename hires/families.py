@@ -434,7 +434,7 @@ FAMILIES: tuple[Family, ...] = (
     # step-distilled ones (pipeline config is_distilled) run none, which `do_classifier_free_guidance` says.
     Family(
         name="flux2_klein",
-        pipeline_classes=("Flux2KleinPipeline",),
+        pipeline_classes=("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"),
         denoiser_attr="transformer",
         denoiser_class="Flux2Transformer2DModel",
         architecture="dit",
@@ -528,6 +528,20 @@ FAMILIES: tuple[Family, ...] = (
 
 SUPPORTED_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.pipeline_classes))
 
+# Pipelines of a supported model that hires refuses, and why.
+REFUSED_PIPELINES = {
+    "Flux2KleinKVPipeline": (
+        "its __init__ replaces the transformer's attention processors with KV-cache ones (Flux2KVAttnProcessor, "
+        "Flux2KVParallelSelfAttnProcessor) whose first step prepends the reference image's tokens and caches their "
+        "keys and values for the later steps; hires' latent layout and attention techniques do not know that "
+        "sequence. Use Flux2KleinPipeline (reference images as conditioning) or Flux2KleinInpaintPipeline"
+    ),
+    "ChromaInpaintPipeline": (
+        "in diffusers 0.42.1 its call reads transformer.config.guidance_embeds, which ChromaTransformer2DModel's "
+        "config does not have, so it fails before its first step with or without hires. Use ChromaImg2ImgPipeline"
+    ),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
@@ -599,6 +613,9 @@ def _config_value(config, key: str):
 def detect_family(pipe) -> Family:
     """The family of `pipe`; any other pipeline raises `TypeError` listing the supported classes."""
     names = _pipeline_class_names(pipe)
+    refused = next((n for n in REFUSED_PIPELINES if n in names), None)
+    if refused is not None:
+        raise TypeError(f"pipe={type(pipe).__name__} is not supported by hires: {REFUSED_PIPELINES[refused]}")
     candidates = [f for f in FAMILIES if names & set(f.pipeline_classes)]
     for family in candidates:
         denoiser = getattr(pipe, family.denoiser_attr, None)
