@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import closest_names
+from .validation import check_strength
 
 # Per-item keys a prompt file may set; anything else is an error naming the line.
 OVERRIDE_KEYS = ("prompt", "negative", "size", "steps", "guidance", "seed", "name", "image", "strength")
@@ -88,13 +89,6 @@ def check_guidance(value: Any, where: str) -> float:
         raise ValueError(f"{where}={value!r} must be a finite number >= 0 and at most {MAX_GUIDANCE:g} "
                          "(classifier-free guidance scale; scales in use are 1 to 20, far larger ones overflow into "
                          "NaN), e.g. 5")
-    return float(value)
-
-
-def check_strength(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"{where}={value!r} must be a number from 0 (the upscaled image as it is, through the VAE) "
-                         "to 1 (regenerated from noise, guided by the image's low band), e.g. 0.3")
     return float(value)
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from . import batch
-from .batch import check_guidance, check_scale, check_seed, check_steps, check_strength, parse_size
+from .batch import check_guidance, check_scale, check_seed, check_steps, parse_size
+from .validation import check_strength
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "testbed_sd15"  # trained by scripts/train_testbed.py; base 64 px

@@ -112,6 +112,14 @@ def test_a_bad_strength_is_refused_before_any_work(strength):
     assert progressive.last_run(pipe) is None
 
 
+def test_an_img2img_call_with_a_nan_strength_is_refused_before_its_stages():
+    pipe = _flux_img2img()  # FluxImg2ImgPipeline's own check (strength < 0 or > 1) lets NaN through
+    hires.apply(pipe, hires.HiresConfig(structure_guidance=SG(enabled=True)))
+    with pytest.raises(ValueError, match="strength=nan must be a number from 0"):
+        _img2img(pipe, float("nan"))
+    assert progressive.last_run(pipe) is None
+
+
 def test_strength_without_a_picture_is_refused():
     pipe = build("sd15")
     hires.apply(pipe, hires.HiresConfig(structure_guidance=SG(enabled=True)))
@@ -383,3 +391,32 @@ def test_a_ready_pipeline_upscales_with_a_strength_as_an_applied_one_does():
     first = upscale(ready)
     hires.apply(base, config)
     assert torch.equal(first, upscale(base))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_controlnet_img2img_keeps_its_steps_under_the_preset(family):
+    # Before: SDXL's ControlNet img2img sliced a 3-step stage to 0 steps and returned an empty batch.
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetImg2ImgPipeline,
+        StableDiffusionXLControlNetImg2ImgPipeline,
+    )
+
+    base = build(family)
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    components = {k: v for k, v in base.components.items()
+                  if k not in ("image_encoder", "feature_extractor", "safety_checker")}
+    if family == "sdxl":
+        pipe = StableDiffusionXLControlNetImg2ImgPipeline(**components, controlnet=controlnet)
+    else:
+        pipe = StableDiffusionControlNetImg2ImgPipeline(**components, controlnet=controlnet, safety_checker=None,
+                                                        feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    control = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    runs = []
+    pipe.unet.conv_in.register_forward_hook(lambda m, a, o: runs.append(1))
+    hires.apply(pipe)
+    out = generate(pipe, family, 128, steps=10, image=PICTURE, control_image=control, strength=0.3)
+    assert out.shape == (1, 3, 128, 128) and torch.isfinite(out).all()
+    assert [(s.height, s.steps) for s in progressive.last_run(pipe)] == [(128, 3)] and len(runs) == 3

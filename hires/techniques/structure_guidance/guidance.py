@@ -54,7 +54,7 @@ from ...sampling import schedules, wavelets
 from ...sampling.latent_space import VAECodec
 from ...sampling.resize import clamp_to_source_range, resize, unsharp_mask
 from ...sampling.stages import Stage, VAEPass, last_run_of, planner_of, tile_batch
-from ...validation import STAGE_SETTINGS
+from ...validation import STAGE_SETTINGS, check_strength
 from .config import StructureGuidanceConfig
 
 HOOK_NAME = "hires.structure_guidance"
@@ -77,13 +77,6 @@ def guide_weight(step_index: int, guided_steps: int, handover: str) -> float:
     if step_index >= guided_steps:
         return 0.0
     return 1.0 if handover == "hard" else 1.0 - step_index / guided_steps
-
-
-def check_strength(strength) -> None:
-    """Refuse a strength that is not a number from 0 to 1."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-        raise ValueError(f"strength={strength!r} must be a number from 0 (the upscaled image as it is) to 1 "
-                         "(regenerated from noise, guided by the image's low band), e.g. strength=0.3")
 
 
 def takes_picture(parameters) -> bool:
@@ -252,7 +245,8 @@ class StructureGuidance:
                 pipe = self.attachment.pipe
                 processed = pipe.image_processor.preprocess(picture).to(device=pipe._execution_device,
                                                                         dtype=torch.float32)
-                return processed, request.arguments.get("strength")
+                strength = request.arguments.get("strength")
+                return processed, None if strength is None else check_strength(strength)
         return None, request.strength
 
     def plan(self, request, stages: list) -> list:
