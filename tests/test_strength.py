@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import hires
-from hires.techniques.structure_guidance import guidance as progressive
 from hires.runtime import get_attachment
+from hires.sampling import resize as resize_math
+from hires.techniques.structure_guidance import guidance as progressive
 from tiny_models import TEXT_LEN, build, generate
 
 SG = hires.StructureGuidanceConfig
@@ -77,6 +78,18 @@ def test_strength_zero_is_the_upscaled_picture_through_the_vae_and_one_the_whole
     assert calls == [] and [r.steps for r in progressive.last_run(pipe)] == [0]
     # independently: bicubic 2x of the picture in [-1, 1], the VAE's mean latent, decoded
     up = F.interpolate(PICTURE * 2 - 1, size=(128, 128), mode="bicubic", align_corners=False).clamp(-1, 1)
+    with torch.no_grad():
+        decoded = pipe.vae.decode(pipe.vae.encode(up).latent_dist.mean).sample
+    torch.testing.assert_close(out, (decoded / 2 + 0.5).clamp(0, 1), atol=2e-3, rtol=0)
+
+    # at 4x with the default upscale (sharpening, anti-ringing clamp): one upscale straight to the request, unsharpened
+    hires.apply(pipe, hires.HiresConfig(structure_guidance=SG(enabled=True)))
+    out = progressive.generate(pipe, "a red circle", 256, 256, image=PICTURE, strength=0, num_inference_steps=6,
+                               generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert calls == []
+    assert [(r.height, r.steps, r.sharpen_sigma) for r in progressive.last_run(pipe)] == [(256, 0, None)]
+    x = PICTURE * 2 - 1
+    up = resize_math.clamp_to_source_range(resize_math.resize(x, (256, 256), "bicubic"), x).clamp(-1, 1)
     with torch.no_grad():
         decoded = pipe.vae.decode(pipe.vae.encode(up).latent_dist.mean).sample
     torch.testing.assert_close(out, (decoded / 2 + 0.5).clamp(0, 1), atol=2e-3, rtol=0)
@@ -420,3 +433,11 @@ def test_controlnet_img2img_keeps_its_steps_under_the_preset(family):
     out = generate(pipe, family, 128, steps=10, image=PICTURE, control_image=control, strength=0.3)
     assert out.shape == (1, 3, 128, 128) and torch.isfinite(out).all()
     assert [(s.height, s.steps) for s in progressive.last_run(pipe)] == [(128, 3)] and len(runs) == 3
+
+
+def test_an_img2img_call_whose_stages_would_start_from_noise_is_refused():
+    pipe = _flux_img2img()
+    hires.apply(pipe, hires.HiresConfig(bottleneck=hires.BottleneckConfig(enabled=True)))
+    with pytest.raises(ValueError, match="image= cannot be combined with bottleneck.* the picture would be lost"):
+        _img2img(pipe, 0.5, image=F.interpolate(PICTURE, size=(128, 128), mode="bilinear"))
+    assert get_attachment(pipe).stages.last_run is None

@@ -248,6 +248,7 @@ class StageEngine:
         if len(stages) == 1 and stages[0].trivial:
             return  # nothing to stage: a plain call
         self._check_latents(arguments, stages)
+        self._check_picture(arguments, stages)
         saved = {k: v for k, v in self.pipe.__dict__.items() if k.startswith("_") and not k.startswith("_hires")}
         self.running = True
         self._shadow_scheduler(any(s.stops_early or s.after_step for s in stages))
@@ -276,6 +277,17 @@ class StageEngine:
         owners = sorted({s.owner if s.parent is None else s.parent.owner for s in stages})
         raise ValueError(f"latents= cannot be combined with {' and '.join(owners)}: its stages prepare their own "
                          "latents at other sizes; pass generator= for reproducible results")
+
+    def _check_picture(self, arguments: dict, stages: list[Stage]) -> None:
+        """An img2img call's picture must reach its stages: one that starts from pure noise would lose it."""
+        if not self.slices_by_strength or arguments.get("image") is None:
+            return
+        owners = sorted({s.owner for s in stages if s.start is None})
+        if owners:
+            raise ValueError(f"image= cannot be combined with {' and '.join(owners)} in an img2img call: its stages "
+                             "start from pure noise, so the picture would be lost; upscale a picture with structure "
+                             "guidance (its stages start from the picture, with strength=), or leave "
+                             f"{' and '.join(owners)} off for img2img calls")
 
     def _run(self, arguments: dict, stages: list[Stage]) -> None:
         call_parameters = self.attachment.calls.parameters

@@ -29,8 +29,9 @@ width, image=..., strength=...)`, or an img2img / inpaint pipeline's own call wi
 `strength` at a size larger than the image (an image at least as large as the request is a plain
 img2img call). There is then no base stage: the first stage starts from the upscaled picture. `strength`
 is the renoise of every stage after the picture, exactly (no few-step floor): 0 runs no step, so the
-result is the upscaled picture through the VAE; 1 runs every step from pure noise, still guided by the
-picture's low band. Without a strength the stages keep their `renoise`. An img2img pipeline's own
+result is the picture upscaled straight to the request (no intermediate stage, no sharpening; the
+anti-ringing clamp as configured) once through the VAE; 1 runs every step from pure noise, still guided
+by the picture's low band. Without a strength the stages keep their `renoise`. An img2img pipeline's own
 `image` argument gets the picture resized to each stage's size (Z-Image's img2img pipeline takes only
 an image of its call's size, so it upscales through `generate`, which gives its call the picture at the
 requested size). SDXL size conditioning (`original_size`,
@@ -211,6 +212,7 @@ class _Guide:
     # the same picture, for an img2img pipeline's own `image` argument, resized to each stage's size
     picture: torch.Tensor | None = None
     sharpen_sigma: float | None = None
+    sharpens: bool = True  # False: a stage that runs no step, whose upscale is the result itself, is not sharpened
     guided: set = dataclasses.field(default_factory=set)
 
     def drop_tensors(self) -> None:
@@ -262,8 +264,10 @@ class StructureGuidance:
         if start is None and len(sizes) < 2:
             return stages  # at or below the base size: a plain call
         generator = stages[0].generator
-        later = len(sizes) - 1
         exact = start is not None and strength is not None
+        if exact and strength == 0:  # nothing is denoised: one upscale straight to the request, once through the VAE
+            sizes = [sizes[0], sizes[-1]]
+        later = len(sizes) - 1
         renoise = [float(strength)] * later if exact else per_stage(config, "renoise", later)
         guided = per_stage(config, "guided_steps", later)
         scales = per_stage(config, "guidance_scale", later)
@@ -279,12 +283,12 @@ class StructureGuidance:
             plan.append(Stage(*sizes[0], owner=TECHNIQUE_NAME, generator=generator, call_arguments=dict(conditioning),
                               planned_steps=request.steps, data=_Guide()))
         for i, (h, w) in enumerate(sizes[1:]):
+            denoises = not (exact and renoise[i] == 0)
             guide = _Guide(renoise=renoise[i], exact=exact, guided_steps=guided[i],
-                           guidance_scale=scales[i])
+                           guidance_scale=scales[i], sharpens=denoises)
             call_arguments = dict(conditioning)
             if scales[i] is not None:
                 call_arguments[info.family.guidance_scale_name] = scales[i]
-            denoises = not (exact and renoise[i] == 0)
             steps = None if request.steps is None else 0 if not denoises else schedules.stage_steps(
                 request.steps, renoise[i] if exact else stage_renoise(renoise[i], request.steps))
             stage = Stage(h, w, owner=TECHNIQUE_NAME, generator=generator, call_arguments=call_arguments,
@@ -323,7 +327,8 @@ class StructureGuidance:
         if guide.picture is not None:  # the pipeline encodes its `image` at the call's size (Z-Image: as given)
             sized = resize(guide.picture.float(), (stage.height, stage.width), config.upscale)
             stage.call_arguments["image"] = ((sized + 1) / 2).clamp(0, 1)
-        guide.sharpen_sigma = _draw_uniform(stage.generator, *config.sharpen_sigma) if config.sharpen_alpha else None
+        sharpen = config.sharpen_alpha and guide.sharpens
+        guide.sharpen_sigma = _draw_uniform(stage.generator, *config.sharpen_sigma) if sharpen else None
         sigma = guide.sharpen_sigma
 
         def upscale(x, size):
