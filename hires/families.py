@@ -89,6 +89,8 @@ class LatentLayout:
     statistics_scaled: bool = True
     # Flux.2: v is z patchified 2x2, denormalised by the VAE's batch-norm running statistics, un-patchified.
     batch_norm_patches: bool = False
+    # The position-id step of one token on the height and width axes (Flux 3 counts half a unit per token).
+    id_step: float = 1.0
 
     @property
     def packed(self) -> bool:
@@ -119,6 +121,8 @@ PACKED_IDS = LatentLayout(patch_size=2, packed_grid="img_ids", id_axes=(None, "h
 # images), row, column, and a layer axis that is 0 for image tokens; batch-norm statistics per 2x2 patch.
 PACKED_IDS_BATCH_NORM = LatentLayout(patch_size=2, packed_grid="img_ids", id_axes=(None, "height", "width", None),
                                      batch_norm_patches=True)
+# Flux 3: Flux.2's four axes and batch-norm patches; its ids advance half a unit per token (image_rope_scale 0.5).
+PACKED_HALF_IDS_BATCH_NORM = dataclasses.replace(PACKED_IDS_BATCH_NORM, id_step=0.5)
 # Qwen-Image: axis 0 counts frames (0 for an image); unscaled per-channel statistics.
 PACKED_SHAPES = LatentLayout(patch_size=2, packed_grid="img_shapes", id_axes=(None, "height", "width"),
                              channel_statistics=True, statistics_scaled=False)
@@ -241,6 +245,11 @@ class Family:
     # The family whose automatic preset (hires.presets.PRESETS) this one runs, where that family's evidence
     # stands for it; None: the preset of its own name.
     automatic_preset: str | None = None
+    # Modular Diffusers pipeline classes (diffusers.ModularPipeline subclasses, by name) of this family
+    # (hires.modular attaches to them); subclasses are recognised too.
+    modular_classes: tuple[str, ...] = ()
+    # `attention_masked` of the modular pipeline where it differs from the classic one's.
+    modular_attention_masked: str | None = None
 
     @property
     def is_unet(self) -> bool:
@@ -350,6 +359,7 @@ FAMILIES: tuple[Family, ...] = (
         position_encoding="none",
         pipeline_size_multiple=8,
         rau_net=_SDXL_RAU_NET,
+        modular_classes=("StableDiffusionXLModularPipeline",),
     ),
     Family(
         name="pixart",
@@ -381,6 +391,7 @@ FAMILIES: tuple[Family, ...] = (
         text_tokens=77 + 256,  # CLIP's 77 and T5's 256
         timestep_input_scale=1.0,
         position_encoding="sincos_cropped_table",
+        modular_classes=("StableDiffusion3ModularPipeline",),
     ),
     # Flux's transformer config has no image size; the pipeline's default_sample_size is what
     # diffusers itself uses. Latents are packed 2x2 by the pipeline, hence patch 2.
@@ -405,6 +416,7 @@ FAMILIES: tuple[Family, ...] = (
         guidance_layout="separate",
         guidance_scale_name="true_cfg_scale",
         cfg_switch="do_true_cfg",
+        modular_classes=("FluxModularPipeline",),
     ),
     # Flux.2 [dev]: the pipeline patchifies the 32-channel latent 2x2 and packs it (one token per 2x2
     # latent patch, 128 channels); like Flux its base is the pipeline's default_sample_size. Position ids
@@ -428,6 +440,7 @@ FAMILIES: tuple[Family, ...] = (
         apg=None,
         shift_rule="flux2_empirical",
         automatic_preset="flux",  # a flow DiT of Flux's design: the testbed's Flux evidence stands for it
+        modular_classes=("Flux2ModularPipeline",),
     ),
     # Flux.2 [klein]: the Flux.2 transformer without a guidance embedding and a Qwen3 text encoder. The
     # base models run true CFG (a cond call, then a call on the empty prompt, at guidance_scale > 1);
@@ -448,6 +461,7 @@ FAMILIES: tuple[Family, ...] = (
         guidance_scale_name="guidance_scale",
         shift_rule="flux2_empirical",
         automatic_preset="flux",
+        modular_classes=("Flux2KleinModularPipeline", "Flux2KleinBaseModularPipeline"),
     ),
     # Chroma: Flux's packing and 3-axis RoPE ids, a T5 encoder only (no CLIP, no guidance embedding), and
     # true CFG with a negative prompt at guidance_scale > 1 (a cond call, then an uncond call).
@@ -498,6 +512,11 @@ FAMILIES: tuple[Family, ...] = (
         guidance_scale_name="true_cfg_scale",
         cfg_switch="do_true_cfg",
         vae=QWEN_IMAGE_VAE,
+        modular_classes=("QwenImageModularPipeline",),
+        modular_attention_masked=(
+            "QwenImageModularPipeline passes its text padding mask (encoder_hidden_states_mask) to every attention "
+            "call; scale fusion's global and local branches do not carry it"
+        ),
     ),
     # Z-Image: single-stream DiT. Latents spatial (patchified 2x2 inside the transformer); 3-axis RoPE looked
     # up in per-axis tables by integer ids: axis 0 the sequence (caption 1..L, image at L + 1), axes 1 and 2
@@ -523,10 +542,41 @@ FAMILIES: tuple[Family, ...] = (
             "sequences padded to multiples of 32 with learned pad tokens that stay keys, so the image "
             "token grid and key counts hires rescales are not what the layer sees"
         ),
+        modular_classes=("ZImageModularPipeline",),
+    ),
+    # Flux 3: only a Modular Diffusers pipeline (Flux3ModularPipeline; Flux3DistilledModularPipeline, the flow-map
+    # distilled model, subclasses it). Flux.2's latent layout (the VAE's 32 channels patchified 2x2 into 128-channel
+    # tokens, batch-norm statistics per patch) with position ids that advance half a unit per token; four RoPE axes
+    # (time, row, column, text). No base size in any config: Flux3PrepareLatentsStep defaults to 1024 px. The
+    # scheduler keeps a constant shift (6.93, no mu); CFG runs through the guider as a cond, then an uncond pass.
+    Family(
+        name="flux3",
+        pipeline_classes=(),
+        modular_classes=("Flux3ModularPipeline",),
+        denoiser_attr="transformer",
+        denoiser_class="Flux3Transformer2DModel",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        base_latent_default=128,
+        prediction_source="flow",
+        layout=PACKED_HALF_IDS_BATCH_NORM,
+        text_tokens=512,
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope",
+        guidance_layout="separate",
+        guidance_scale_name="guidance_scale",
+        shift_rule="static",
+        attention_unsupported=(
+            "Flux 3's attention processor (Flux3AttnProcessor) serves its text-only, image-only and reference-only "
+            "mode blocks alike, and its single blocks attend over text, image and reference tokens, so the image "
+            "token grid hires rescales is not what every layer sees"
+        ),
+        automatic_preset="flux3",
     ),
 )
 
 SUPPORTED_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.pipeline_classes))
+SUPPORTED_MODULAR_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.modular_classes))
 
 # Pipelines of a supported model that hires refuses, and why.
 REFUSED_PIPELINES = {
@@ -602,21 +652,23 @@ def base_area_size(info: ModelInfo, height: int, width: int) -> tuple[int, int]:
     return round_to(height * shrink, m), round_to(width * shrink, m)
 
 
-def _pipeline_class_names(pipe) -> set[str]:
-    return {cls.__name__ for cls in type(pipe).__mro__ if cls.__module__.startswith("diffusers")}
-
-
 def _config_value(config, key: str):
     return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
 
 
 def detect_family(pipe) -> Family:
-    """The family of `pipe`; any other pipeline raises `TypeError` listing the supported classes."""
-    names = _pipeline_class_names(pipe)
-    refused = next((n for n in REFUSED_PIPELINES if n in names), None)
+    """The family of `pipe`; any other pipeline raises `TypeError` listing the supported classes. The class
+    nearest in `pipe`'s class hierarchy decides (Flux2KleinModularPipeline subclasses Flux2ModularPipeline)."""
+    order = [cls.__name__ for cls in type(pipe).__mro__ if cls.__module__.startswith("diffusers")]
+    refused = next((n for n in order if n in REFUSED_PIPELINES), None)
     if refused is not None:
         raise TypeError(f"pipe={type(pipe).__name__} is not supported by hires: {REFUSED_PIPELINES[refused]}")
-    candidates = [f for f in FAMILIES if names & set(f.pipeline_classes)]
+
+    def nearest(family: Family) -> int:
+        return min((order.index(c) for c in family.pipeline_classes + family.modular_classes if c in order),
+                   default=len(order))
+
+    candidates = sorted((f for f in FAMILIES if nearest(f) < len(order)), key=nearest)
     for family in candidates:
         denoiser = getattr(pipe, family.denoiser_attr, None)
         if denoiser is None:
@@ -625,7 +677,7 @@ def detect_family(pipe) -> Family:
             return family
     raise TypeError(
         f"pipe={type(pipe).__name__} is not supported by hires; supported pipeline classes (and their "
-        f"subclasses): {', '.join(SUPPORTED_PIPELINES)}"
+        f"subclasses): {', '.join(SUPPORTED_PIPELINES)}; Modular Diffusers: {', '.join(SUPPORTED_MODULAR_PIPELINES)}"
     )
 
 

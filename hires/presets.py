@@ -72,6 +72,8 @@ PRESETS: dict[str, HiresConfig] = {
     # causal 3D VAE cannot be tiled (no memory planner), Z-Image's padded attention cannot be windowed.
     "qwenimage": _preset(memory=False),
     "zimage": _preset(windows=False),
+    # Flux 3: not measured; as Flux's without the windows, which its shared attention processor cannot take.
+    "flux3": _preset(windows=False),
 }
 # Every family's automatic preset.
 AUTOMATIC: dict[str, HiresConfig] = {family.name: PRESETS[family.automatic_preset or family.name]

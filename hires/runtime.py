@@ -7,7 +7,9 @@ How hires attaches (DESIGN.md's patching rule):
   (to validate the requested size before any work) and `progress_bar` (every supported pipeline
   runs its denoising loop inside `with self.progress_bar(...)`, which gives a call boundary that is
   also crossed when the call raises). Pipelines are not `nn.Module`s, so no hook registry exists
-  for them; deleting the two attributes restores the class's methods exactly;
+  for them; deleting the two attributes restores the class's methods exactly. A Modular Diffusers pipeline
+  has neither: each denoise loop block's `progress_bar` is shadowed instead, and its graph's denoise entry
+  runs the stages (hires.modular);
 - the finite-output guard (hires.guards) checks the loop's final latents as that boundary closes
   and shadows `image_processor.postprocess` to check the decoded image, one ledger entry.
 
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from . import guards, registry
+from . import guards, modular, registry
 from .config import HiresConfig, validate_size
 from .families import ModelInfo, read_model_info
 from .sampling.latents import adapter_for
@@ -327,6 +329,7 @@ class Attachment:
         self._hooks: list[_ModuleHookRecord] = []
         self._saved_processors: list[tuple[torch.nn.Module, dict]] = []
         self._shadows: list[_Shadow] = []
+        self._undo: list = []  # what `detach` calls besides the ledger (a modular pipeline's graph edit)
         self._forward_signature = inspect.signature(type(self.denoiser).forward)
 
     # -- attaching -------------------------------------------------------------------------
@@ -372,6 +375,10 @@ class Attachment:
         else:
             owner.__dict__.pop(entry.name, None)
 
+    def on_detach(self, undo) -> None:
+        """Call `undo()` when hires is removed (for a change that is no attribute: a block graph entry)."""
+        self._undo.append(undo)
+
     def enabled_with(self, capability: str) -> list[str]:
         """Names of the enabled techniques that declare `capability` (hires.registry.CAPABILITIES)."""
         return [record.name for record, _ in self.techniques if capability in record.capabilities]
@@ -385,8 +392,9 @@ class Attachment:
             self.add_hook(self.denoiser, *view[0])
         planners = [(record.name, record.make_planner(self.info, sub, self)) for record, sub in self.techniques
                     if record.planner is not None]
+        is_modular = modular.is_modular(self.pipe)
         if planners:
-            self.stages = StageEngine(self)
+            self.stages = StageEngine(self, entry_points=not is_modular)
             for name, planner in planners:
                 self.stages.add_planner(name, planner)
         for record, sub in self.techniques:
@@ -397,9 +405,12 @@ class Attachment:
         self.add_hook(self.denoiser, _CallStateHook(self), CALL_STATE_HOOK)
         if view is not None:  # outside everything: every hires hook sees the tensor view
             self.add_hook(self.denoiser, *view[1])
-        if hasattr(type(self.pipe), "check_inputs"):  # ZImagePipeline has none: it checks sizes itself, first
-            self.wrap_method(self.pipe, "check_inputs", self._make_check_inputs)
-        self.wrap_method(self.pipe, "progress_bar", self._make_progress_bar)
+        if is_modular:  # the loop blocks' progress bars, and a stages block on the graph (hires.modular)
+            modular.attach(self, lambda bar, call_locals, loop: _CallScope(self, bar, call_locals, loop))
+        else:
+            if hasattr(type(self.pipe), "check_inputs"):  # ZImagePipeline has none: it checks sizes itself, first
+                self.wrap_method(self.pipe, "check_inputs", self._make_check_inputs)
+            self.wrap_method(self.pipe, "progress_bar", self._make_progress_bar)
         guards.install(self)  # decoded images are checked before the pipeline turns them into its output
 
     def _check_modules_not_shared(self) -> None:
@@ -422,6 +433,9 @@ class Attachment:
         self._saved_processors.clear()
         for entry in reversed(list(self._shadows)):
             self.unshadow(entry)
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
         self.state = None
 
     # -- the call boundary -----------------------------------------------------------------
@@ -447,12 +461,12 @@ class Attachment:
             height, width = bound.get("height"), bound.get("width")
             base_area = self.info.base_height * self.info.base_width
             if height is not None and width is not None and height * width > base_area:
-                self._check_memory_floor(height, width)
+                self.check_memory_floor(height, width)
             return original(*args, **kwargs)
 
         return check_inputs
 
-    def _check_memory_floor(self, height: int, width: int) -> None:
+    def check_memory_floor(self, height: int, width: int) -> None:
         """Above the base size, refuse before any work a size that cannot fit whatever hires does."""
         from .config import parse_bytes
         from .techniques.memory.estimate import check_request
@@ -588,11 +602,15 @@ def apply(pipe, config: HiresConfig | None = None):
     """
     if config is not None and not isinstance(config, HiresConfig):
         raise TypeError(f"config={config!r} must be a hires.HiresConfig (or None for the automatic preset)")
-    info = read_model_info(pipe, None if config is None else config.base_size)  # TypeError if unsupported
+    base_size = None if config is None else config.base_size
+    # TypeError if unsupported; a modular pipeline's CFG facts come from its guider
+    info = modular.modular_info(pipe, base_size) if modular.is_modular(pipe) else read_model_info(pipe, base_size)
     if config is None:
         from .presets import automatic_config
 
         config = automatic_config(info)
+    if modular.is_modular(pipe):
+        modular.check_guider(pipe, config)
     config.validate_for(info)
     remove(pipe)
     attachment = Attachment(pipe, config, info)
@@ -608,9 +626,10 @@ def apply(pipe, config: HiresConfig | None = None):
 def _check_pipeline(pipe, function: str) -> None:
     from diffusers import DiffusionPipeline
 
-    if not isinstance(pipe, DiffusionPipeline):
+    if not isinstance(pipe, DiffusionPipeline) and not modular.is_modular(pipe):
         raise TypeError(f"hires.{function}(pipe={pipe!r}): pipe must be a diffusers pipeline (a DiffusionPipeline "
-                        f"such as StableDiffusionPipeline), not {type(pipe).__name__}")
+                        f"such as StableDiffusionPipeline, or a Modular Diffusers ModularPipeline such as "
+                        f"StableDiffusionXLModularPipeline), not {type(pipe).__name__}")
 
 
 def remove(pipe):
@@ -624,7 +643,7 @@ def remove(pipe):
 
 def model_info(pipe) -> ModelInfo:
     """The family and the facts hires reads from `pipe`'s configs (works without `apply`)."""
-    return read_model_info(pipe)
+    return modular.modular_info(pipe) if modular.is_modular(pipe) else read_model_info(pipe)
 
 
 def last_call(pipe) -> CallRecord | None:

@@ -69,7 +69,7 @@ def test_techniques_lists_every_technique_its_families_and_options(capsys):
     families = dict(re.findall(r"^(\w+) \(\w+\):.*\n  families: (.*)$", out, flags=re.MULTILINE))
     assert families["redilation"] == "sd15, sd21, sdxl"  # UNet convolutions only
     # DiT positions only
-    assert families["positions"] == "pixart, sd3, flux, flux2, flux2_klein, chroma, qwenimage, zimage"
+    assert families["positions"] == "pixart, sd3, flux, flux2, flux2_klein, chroma, qwenimage, zimage, flux3"
     # Z-Image's padded single-stream attention is refused; Qwen-Image's VAE is never tiled
     assert families["entropy_scaling"] == "sd15, sd21, sdxl, pixart, sd3, flux, flux2, flux2_klein, chroma, qwenimage"
     assert "qwenimage" not in families["vae_tiling"] and "zimage" in families["vae_tiling"]

@@ -23,6 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "hires"
 # - sampling: what techniques build on: the stage engine, schedule / wavelet / resize / latent math,
 #   the CFG-pair hook and the attention wrapper on the denoiser;
 # - techniques: each technique's mechanism modules;
+# - modular: the call boundary and the stages block of Modular Diffusers pipelines, which the runtime attaches;
 # - runtime: apply / remove and the call state; surfaces: what users touch.
 LAYERS = {
     "config": ["hires.validation", "hires.registry", "hires.io", "hires.config", "hires.techniques",
@@ -30,6 +31,7 @@ LAYERS = {
     "families": ["hires.families", "hires.presets"],
     "sampling": ["hires.sampling", "hires.sampling.*", "hires.denoiser", "hires.denoiser.*"],
     "techniques": ["hires.techniques.*.*"],
+    "modular": ["hires.modular", "hires.modular.*"],
     "runtime": ["hires.runtime", "hires.guards"],
     "surfaces": ["hires", "hires.__main__", "hires.pipelines", "hires.cli", "hires.batch"],
 }

@@ -100,8 +100,9 @@ class PackedByIds(LatentAdapter):
         own = ids[:, 0] == 0  # Flux.2 appends reference images' tokens at time ids 10, 20, ...
         trailing = int((~own).sum())
         ids = ids[own]
-        axes = self.layout.id_axes
-        rows, cols = int(ids[:, axes.index("height")].max()) + 1, int(ids[:, axes.index("width")].max()) + 1
+        axes, step = self.layout.id_axes, self.layout.id_step
+        rows = int(round(float(ids[:, axes.index("height")].max()) / step)) + 1
+        cols = int(round(float(ids[:, axes.index("width")].max()) / step)) + 1
         return rows * self.patch, cols * self.patch, trailing
 
     def sub_grid_arguments(self, arguments, latent_height, latent_width):
@@ -113,9 +114,13 @@ class PackedByIds(LatentAdapter):
         """Position ids (rows cols, axes) of a rows x cols token grid, row-major as the pipeline packs: the
         height and width axes count rows and columns, the others keep the template's first token's value."""
         ids = template[0].expand(rows * cols, template.shape[-1]).clone()
-        axes = self.layout.id_axes
-        ids[:, axes.index("height")] = torch.arange(rows, device=ids.device, dtype=ids.dtype).repeat_interleave(cols)
-        ids[:, axes.index("width")] = torch.arange(cols, device=ids.device, dtype=ids.dtype).repeat(rows)
+        axes, step = self.layout.id_axes, self.layout.id_step
+        row_ids = torch.arange(rows, device=ids.device, dtype=ids.dtype)
+        col_ids = torch.arange(cols, device=ids.device, dtype=ids.dtype)
+        if step != 1:
+            row_ids, col_ids = row_ids * step, col_ids * step
+        ids[:, axes.index("height")] = row_ids.repeat_interleave(cols)
+        ids[:, axes.index("width")] = col_ids.repeat(rows)
         return ids
 
 

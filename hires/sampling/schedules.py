@@ -174,8 +174,15 @@ def _flux2_rule(scheduler_config, tokens: int, steps: int | None) -> float:
     return flux2_empirical_mu(tokens, int(steps))
 
 
+def _static_rule(scheduler_config, tokens: int, steps: int | None) -> float:
+    # A constant shift whatever the size (Flux 3): the mu that gives the scheduler's own shift.
+    return mu_for_shift(float(scheduler_config.get("shift", 1.0)),
+                        scheduler_config.get("time_shift_type", "exponential"))
+
+
 # The families' mu rules (hires.families.Family.shift_rule).
 SHIFT_RULES = {
+    "static": _static_rule,
     "linear": lambda scheduler_config, tokens, steps: scheduler_shift_mu(scheduler_config, tokens),
     "flux2_empirical": _flux2_rule,
 }

@@ -28,6 +28,10 @@ The user's own call then only decodes: its schedule is emptied and its `prepare_
 the last stage's latent. Every override is a ledger shadow of the attachment, taken out when the
 user's call has been set up, when a stage raises, by the next call, or by `hires.remove`.
 
+A Modular Diffusers pipeline has neither `encode_prompt` nor `prepare_latents`: its stages block
+(hires.modular) runs the graph's denoise entry once per stage with the same planners and scheduler
+shadows, hands each stage's loop its start (`start_latents`) and keeps its result (`stage_result`).
+
 img2img and inpaint pipelines (those with `get_timesteps`) slice the schedule by their `strength`
 themselves. During a staged call that slicing is shadowed: a stage runs the schedule its planner shaped,
 whole, so the steps planned are the steps run and the loop starts at the timestep its start was noised
@@ -168,7 +172,9 @@ class _Pending:
 class StageEngine:
     """One per attachment: owns encode_prompt / prepare_latents and, during a run, the scheduler."""
 
-    def __init__(self, attachment):
+    def __init__(self, attachment, entry_points: bool = True):
+        """`entry_points=False`: the pipeline has no encode_prompt / prepare_latents (a Modular Diffusers
+        pipeline, whose stages block runs the stages: hires.modular)."""
         self.attachment = attachment
         self.pipe = attachment.pipe
         self.info = attachment.info
@@ -180,12 +186,14 @@ class StageEngine:
         self.last_run: tuple[Stage, ...] | None = None
         self._scheduler_shadows: list = []
         attachment.shadow(self.pipe, ENGINE_ATTRIBUTE, self)  # found by `planner_of`, taken out by hires.remove
+        # img2img and inpaint pipelines: strength slices the schedule in get_timesteps
+        self.slices_by_strength = entry_points and hasattr(self.pipe, "get_timesteps")
+        if not entry_points:
+            return
         attachment.wrap_method(self.pipe, "encode_prompt", self._wrap_encode_prompt)
         attachment.wrap_method(self.pipe, "prepare_latents", self._wrap_prepare_latents)
         if hasattr(self.pipe, "prepare_image") and "control_image" in attachment.calls.parameters:
             attachment.wrap_method(self.pipe, "prepare_image", _wrap_prepare_image)
-        # img2img and inpaint pipelines: strength slices the schedule in get_timesteps
-        self.slices_by_strength = hasattr(self.pipe, "get_timesteps")
         if self.slices_by_strength:
             attachment.wrap_method(self.pipe, "get_timesteps", self._wrap_get_timesteps)
 
@@ -251,11 +259,11 @@ class StageEngine:
         self._check_picture(arguments, stages)
         saved = {k: v for k, v in self.pipe.__dict__.items() if k.startswith("_") and not k.startswith("_hires")}
         self.running = True
-        self._shadow_scheduler(any(s.stops_early or s.after_step for s in stages))
+        self.shadow_scheduler(any(s.stops_early or s.after_step for s in stages))
         try:
             self._run(arguments, stages)
         except BaseException:
-            self._unshadow_scheduler()
+            self.unshadow_scheduler()
             raise
         finally:
             self.running = False
@@ -343,6 +351,21 @@ class StageEngine:
             return self.latents.output_to_spatial(latents, stage.height // f, stage.width // f, self.pipe.vae)
         return self.latents.to_spatial(latents, stage.height // f, stage.width // f)
 
+    def start_latents(self, stage: Stage, latents: torch.Tensor) -> torch.Tensor:
+        """The stage's start noised to its first timestep, in the form (and dtype) of `latents`, the tensor
+        the stage's loop would start from (for a runner that hands the loop its latents itself)."""
+        if stage.start_timestep is None:
+            raise RuntimeError(f"{stage.owner} stage {stage.height}x{stage.width}: its loop opened before its "
+                               "schedule was set")
+        stage.target = torch.empty_like(latents)
+        target = stage.target
+        self._fill(stage)
+        return target
+
+    def stage_result(self, stage: Stage, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) of a stage's final latents as its loop holds them."""
+        return self._spatial(latents, stage, returned=False)
+
     def _fill(self, stage: Stage) -> None:
         """Write the stage's start, noised to its first timestep, into the tensor its loop starts from."""
         target = stage.target
@@ -358,7 +381,7 @@ class StageEngine:
         pending = self.pending
         if pending is not None and pending.schedule_done and pending.latents_done:
             pending.latents = None
-            self._unshadow_scheduler()
+            self.unshadow_scheduler()
 
     def call_ended(self, frame) -> None:
         """The denoising loop of the call running in `frame` has exited."""
@@ -370,7 +393,7 @@ class StageEngine:
         """Drop what a call that raised after its stages left behind."""
         self._end_pass_through()
         self.pending = None
-        self._unshadow_scheduler()
+        self.unshadow_scheduler()
 
     # -- img2img and inpaint pipelines ------------------------------------------------------
     def _wrap_get_timesteps(self, original):
@@ -426,14 +449,14 @@ class StageEngine:
         pending.passes_through.clear()
 
     # -- the scheduler during a run ---------------------------------------------------------
-    def _shadow_scheduler(self, capture_steps: bool) -> None:
+    def shadow_scheduler(self, capture_steps: bool) -> None:
         scheduler = self.pipe.scheduler
         wrap = self.attachment.wrap_method
         self._scheduler_shadows.append(wrap(scheduler, "set_timesteps", self._wrap_set_timesteps))
         if capture_steps:
             self._scheduler_shadows.append(wrap(scheduler, "step", self._wrap_step))
 
-    def _unshadow_scheduler(self) -> None:
+    def unshadow_scheduler(self) -> None:
         for entry in reversed(self._scheduler_shadows):
             self.attachment.unshadow(entry)
         self._scheduler_shadows.clear()

@@ -269,6 +269,14 @@ def _packed_ids_inputs(model, family, batch, latent_h, latent_w, dtype):
     return kwargs
 
 
+def _flux3_inputs(model, family, batch, latent_h, latent_w, dtype):
+    """Flux 3: Flux's packed inputs; the flow-map (distilled) model also takes the step's target timestep."""
+    kwargs = _packed_ids_inputs(model, family, batch, latent_h, latent_w, dtype)
+    if getattr(model.config, "flow_map", False):
+        kwargs["target_timestep"] = torch.empty(batch)
+    return kwargs
+
+
 def _packed_shapes_inputs(model, family, batch, latent_h, latent_w, dtype):
     """Qwen-Image: packed tokens whose grid is given as img_shapes."""
     config = model.config
@@ -298,6 +306,7 @@ DENOISER_INPUTS = {
     "PixArtTransformer2DModel": _pixart_inputs,
     "SD3Transformer2DModel": _sd3_inputs,
     "ZImageTransformer2DModel": _zimage_inputs,
+    "Flux3Transformer2DModel": _flux3_inputs,
 }
 LAYOUT_INPUTS = {"img_ids": _packed_ids_inputs, "img_shapes": _packed_shapes_inputs}
 

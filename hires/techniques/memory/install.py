@@ -56,7 +56,10 @@ def call_passes(info, stages, batch: int, latent_channels: int, decodes: bool = 
 def _call_batch(arguments: dict) -> int:
     embeds = arguments.get("prompt_embeds")
     prompt = arguments.get("prompt")
-    prompts = embeds.shape[0] if embeds is not None else (len(prompt) if isinstance(prompt, (list, tuple)) else 1)
+    if embeds is not None:  # a tensor, or a list of per-prompt tensors (modular Z-Image)
+        prompts = len(embeds) if isinstance(embeds, (list, tuple)) else embeds.shape[0]
+    else:
+        prompts = len(prompt) if isinstance(prompt, (list, tuple)) else 1
     return prompts * (arguments.get("num_images_per_prompt") or 1)
 
 

@@ -818,8 +818,10 @@ def _install_cropped_table(attachment, settings: ResolvedPositions) -> None:
 def _install_rope(attachment, settings: ResolvedPositions) -> None:
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
     from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed
+    from diffusers.models.transformers.transformer_flux3 import Flux3PosEmbed
 
-    module = _find_module(attachment.denoiser, (FluxPosEmbed, Flux2PosEmbed), "rotary position embedding")
+    module = _find_module(attachment.denoiser, (FluxPosEmbed, Flux2PosEmbed, Flux3PosEmbed),
+                          "rotary position embedding")
     if settings.rope != "none":
         attachment.add_hook(module, _RopeHook(attachment, settings), HOOK + ".rope")
 

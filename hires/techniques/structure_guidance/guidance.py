@@ -241,8 +241,9 @@ class StructureGuidance:
         """The user's picture the stages start from (None: a base generation) and the call's strength."""
         if self.pending_image is not None:
             return self.pending_image, self.pending_strength
-        if self.attachment is not None and takes_picture(request.parameters):
-            picture = request.arguments.get("image")
+        engine = self.attachment.stages if self.attachment is not None else None
+        if engine is not None and engine.slices_by_strength and takes_picture(request.parameters):
+            picture = request.arguments.get("image")  # a classic img2img / inpaint pipeline's own call
             if picture is not None:
                 pipe = self.attachment.pipe
                 processed = pipe.image_processor.preprocess(picture).to(device=pipe._execution_device,
