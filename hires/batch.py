@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import closest_names
+from .validation import check_strength
 
 # Per-item keys a prompt file may set; anything else is an error naming the line.
-OVERRIDE_KEYS = ("prompt", "negative", "size", "steps", "guidance", "seed", "name")
+OVERRIDE_KEYS = ("prompt", "negative", "size", "steps", "guidance", "seed", "name", "image", "strength")
 MANIFEST = "manifest.json"
 PNG_JSON_KEY = "hires"
 SEED_LIMIT = 2**63  # seeds are in [0, 2**63): what every torch generator accepts
@@ -166,10 +167,11 @@ def _check_overrides(values: dict[str, Any], where: str, from_text: bool) -> dic
     if not isinstance(prompt, str) or not prompt.strip():
         raise PromptFileError(f"{where}: needs a non-empty 'prompt' string (got {prompt!r})")
     if from_text:
-        for key, convert in (("steps", _whole_number), ("seed", _whole_number), ("guidance", _number)):
+        for key, convert in (("steps", _whole_number), ("seed", _whole_number), ("guidance", _number),
+                             ("strength", _number)):
             if key in values:
                 values[key] = convert(values[key])
-    checks = {"steps": check_steps, "seed": check_seed, "guidance": check_guidance}
+    checks = {"steps": check_steps, "seed": check_seed, "guidance": check_guidance, "strength": check_strength}
     try:
         for key, check in checks.items():
             if key in values:
@@ -178,6 +180,12 @@ def _check_overrides(values: dict[str, Any], where: str, from_text: bool) -> dic
             parse_size(values["size"], "size")
         if "negative" in values and not isinstance(values["negative"], str):
             raise ValueError(f"negative={values['negative']!r} must be a string (the negative prompt)")
+        if "image" in values and not (isinstance(values["image"], str) and values["image"].strip()):
+            raise ValueError(f"image={values['image']!r} must be a picture's path (relative to the prompt file's "
+                             "folder, or absolute)")
+        if "strength" in values and "image" not in values:
+            raise ValueError(f"strength={values['strength']!r} needs an 'image' in the same item: it says how much "
+                             "of that picture is redrawn")
     except ValueError as err:
         raise PromptFileError(f"{where}: {err}") from None
     if "name" in values and not (isinstance(values["name"], str) and re.fullmatch(r"[A-Za-z0-9._-]+", values["name"])):
@@ -226,6 +234,8 @@ def read_prompt_file(path: str | Path) -> list[BatchItem]:
     for index, (number, values) in enumerate(rows):
         values = _check_overrides(dict(values), f"{path}:{number}", from_text=suffix == ".csv")
         prompt = values.pop("prompt")
+        if "image" in values:  # a picture beside the prompt file is named from its folder
+            values["image"] = str(path.parent / Path(values["image"]).expanduser())
         items.append(BatchItem(index=index, line=number, prompt=prompt, overrides=values, source=str(path)))
     names = [item.name.casefold() for item in items]  # "Cat" and "cat" are one file on macOS and Windows
     duplicates = sorted({item.name for item in items if names.count(item.name.casefold()) > 1})

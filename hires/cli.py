@@ -27,6 +27,7 @@ from typing import Any
 
 from . import batch
 from .batch import check_guidance, check_scale, check_seed, check_steps, parse_size
+from .validation import check_strength
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "testbed_sd15"  # trained by scripts/train_testbed.py; base 64 px
@@ -837,22 +838,24 @@ def resolve_size(model: Model, size: tuple[int, int] | None, scale: float | None
     return height, width
 
 
-def _stage_plan(model: Model, height: int, width: int, steps: int, image_size: tuple[int, int] | None = None) -> list:
+def _stage_plan(model: Model, height: int, width: int, steps: int, image_size: tuple[int, int] | None = None,
+                strength: float | None = None) -> list:
     """The stages an applied pipeline's call would plan (hires.runtime.stage_plan), from the configs."""
     from .runtime import StageRequest, stage_plan
 
     parameters = call_parameter_names(model.pipe)
-    request = StageRequest(height, width, steps, parameters=parameters, image_size=image_size)
+    request = StageRequest(height, width, steps, parameters=parameters, image_size=image_size, strength=strength)
     try:
         return stage_plan(model.info, model.config, request)
     except ValueError as err:
         raise CliError(f"{width}x{height}, {steps} steps: {err}") from None
 
 
-def planned_stages(model: Model, height: int, width: int, steps: int,
-                   image_size: tuple[int, int] | None = None) -> list[tuple[int, int, int | None]]:
+def planned_stages(model: Model, height: int, width: int, steps: int, image_size: tuple[int, int] | None = None,
+                   strength: float | None = None) -> list[tuple[int, int, int | None]]:
     """(height, width, steps) of every stage a call runs (steps None: the input image, not denoised)."""
-    stages = [(s.height, s.width, s.planned_steps) for s in _stage_plan(model, height, width, steps, image_size)]
+    stages = [(s.height, s.width, s.planned_steps)
+              for s in _stage_plan(model, height, width, steps, image_size, strength)]
     return [(*image_size, None)] + stages if image_size is not None else stages
 
 
@@ -1067,12 +1070,16 @@ class Job:
     guidance: float | None
     seed: int
     true_cfg: float | None = None
+    strength: float | None = None  # with an input image: how much of it is redrawn (None: the stages' renoise)
 
     def parameters(self, model: Model, dtype: str, image_digest: str | None = None) -> dict[str, Any]:
         """What decides the image's pixels (its key is their hash); the device does not change the request."""
         from . import __version__
 
-        return {**dataclasses.asdict(self), "model": model.id, "weights": model.weights, "dtype": dtype,
+        own = dataclasses.asdict(self)
+        if own["strength"] is None:  # absent, not null: renders made before strength existed keep their key
+            del own["strength"]
+        return {**own, "model": model.id, "weights": model.weights, "dtype": dtype,
                 "config": model.config.to_dict(), "image": image_digest, "hires_version": __version__}
 
     def parameters_text(self, model: str, family: str) -> str:
@@ -1136,7 +1143,7 @@ class Renderer:
             if image is not None:
                 from .techniques.structure_guidance import guidance as progressive
 
-                result = progressive.generate(self.pipe, image=image, **call)
+                result = progressive.generate(self.pipe, image=image, strength=job.strength, **call)
             elif self.modular:
                 result = None
                 picture = self.pipe(**call, output="images")[0]
@@ -1203,17 +1210,17 @@ def _is_skeleton(pipe) -> bool:
                for m in pipe.components.values())
 
 
-def read_image(path: str):
+def read_image(path: str, option: str = "--image"):
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except Image.DecompressionBombError:
-        raise CliError(f"--image {path!r} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, as a decompression "
+        raise CliError(f"{option} {path!r} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, as a decompression "
                        "bomb does; scale it down first (hires upscales it)") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:  # PIL's ways of saying "damaged"
-        raise CliError(f"--image {path!r} cannot be read as an image: {err}") from None
+        raise CliError(f"{option} {path!r} cannot be read as an image: {err}") from None
 
 
 def file_digest(path: str) -> str:
@@ -1241,6 +1248,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_size_bound(*request.size, "--size")
     if args.image is not None and "structure_guidance" in args.disable:
         raise CliError("--image upscales with structure guidance; it conflicts with --disable structure_guidance")
+    strength = None if args.strength is None else _check(
+        check_strength, _number_from_text(args.strength, float), "--strength")
+    if strength is not None and args.image is None:
+        raise CliError(f"--strength {args.strength} needs --image: it says how much of that picture is redrawn")
     if args.dry_run and request.size is None:
         raise CliError("--dry-run needs --size WIDTHxHEIGHT (it reads no weights to resolve --scale)")
     config_values = read_config_file(args.config)
@@ -1252,28 +1263,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         dtype = resolve_dtype(args.dtype, device)
         if args.dry_run:
             return print_plan(args, request, config_values, device, dtype,
-                              None if image is None else (image.height, image.width))
+                              None if image is None else (image.height, image.width), strength)
         model = model_for(args, request, config_values, dtype)
         check_steps_for_model(model, request.steps, "--steps")
-        unit = model.info.size_multiple
-        from .modular import is_modular
-
-        if image is not None and is_modular(model.pipe):
-            raise CliError(f"--image: {type(model.pipe).__name__} is a Modular Diffusers pipeline, where hires' "
-                           "staged techniques refuse image-to-image calls; leave --image out")
-        if image is not None and min(image.width, image.height) < unit:
-            raise CliError(f"--image {args.image!r} is {image.width}x{image.height} pixels; an upscale starts from at "
-                           f"least {unit}x{unit} (this model's size multiple)")
-        height, width = resolve_size(model, request.size, request.scale, "--size")
+        if image is not None:
+            check_picture_size(model, image, f"--image {args.image!r}")
+        if image is not None and request.scale is not None:  # with --image, --scale is a factor of the picture
+            height, width = picture_scaled(model, image, request.scale)
+        else:
+            height, width = resolve_size(model, request.size, request.scale, "--size")
         stages = planned_stages(model, height, width, request.steps,
-                                None if image is None else (image.height, image.width))
+                                None if image is None else (image.height, image.width), strength)
         if image is None:  # an upscale's own passes start from the picture: the runtime plans those
             check_memory(model, height, width, request.steps, request.guidance, request.true_cfg, dtype, device,
                          "--size")
         prove_output_folder(out.parent, [out.name], png_bytes_bound(height, width), f"--out {str(out)!r}: its folder")
         renderer = Renderer(model, device, dtype)
         job = Job(args.prompt, args.negative, height, width, request.steps, request.guidance, request.seed,
-                  request.true_cfg)
+                  request.true_cfg, strength)
         progress = Progress(sum(s or 0 for *_, s in stages), args.quiet)
         progress.begin("", sum(s is not None for *_, s in stages))
         try:
@@ -1289,7 +1296,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_plan(args, request: Request, config_values, device: str, dtype, image_size) -> int:
+def check_picture_size(model: Model, image, where: str) -> None:
+    from .modular import is_modular
+
+    if is_modular(model.pipe):
+        raise CliError(f"{where}: {type(model.pipe).__name__} is a Modular Diffusers pipeline, where hires' staged "
+                       "techniques refuse image-to-image calls; generate without a picture")
+    unit = model.info.size_multiple
+    if min(image.width, image.height) < unit:
+        raise CliError(f"{where} is {image.width}x{image.height} pixels; an upscale starts from at least "
+                       f"{unit}x{unit} (this model's size multiple)")
+
+
+def picture_scaled(model: Model, image, scale: float) -> tuple[int, int]:
+    """(height, width) of --scale times the --image picture, at the model's size multiple."""
+    unit = model.info.size_multiple
+    height, width = (max(unit, round(side * scale / unit) * unit) for side in (image.height, image.width))
+    check_size_bound(height, width, f"--scale {scale:g}")
+    for side, value in (("height", height), ("width", width)):
+        _check_size_multiple(model.info, side, value, f"--scale {scale:g} of the {image.width}x{image.height} picture")
+    return height, width
+
+
+def print_plan(args, request: Request, config_values, device: str, dtype, image_size, strength=None) -> int:
     """--dry-run: the stages, steps and memory estimate of a request, without loading weights."""
     from .runtime import estimate_adaptations
     from .techniques.memory.estimate import MemoryBudgetError, format_bytes, plan
@@ -1302,7 +1331,7 @@ def print_plan(args, request: Request, config_values, device: str, dtype, image_
     check_steps_for_model(model, request.steps, "--steps")
     info, config = model.info, model.config
     height, width = resolve_size(model, request.size, None, "--size")
-    stages = planned_stages(model, height, width, request.steps, image_size)
+    stages = planned_stages(model, height, width, request.steps, image_size, strength)
     denoiser = getattr(model.pipe, info.family.denoiser_attr)
     print(f"model: {args.model} ({type(model.pipe).__name__}, family {info.name}, base {info.base_width}x"
           f"{info.base_height}, {info.prediction_type} prediction)")
@@ -1349,6 +1378,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     check_creatable_folder(out_dir, "--out")
     if request.size is not None:
         check_size_bound(*request.size, "--size")
+    with_picture = next((item for item in items if "image" in item.overrides), None)
+    if with_picture is not None:  # as --image does: its upscale is structure guidance's
+        if "structure_guidance" in args.disable:
+            raise CliError(f"{with_picture.where}: 'image' upscales with structure guidance; it conflicts with "
+                           "--disable structure_guidance")
+        args.enable = [*args.enable, "structure_guidance"]
     config_values = read_config_file(args.config)
     with library_output(args.quiet):
         import torch
@@ -1364,11 +1399,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
             device = str(state.device)  # each rank its own GPU
         model = model_for(args, request, config_values, dtype)
         verdicts: dict = {}  # one memory plan per distinct size, steps and guidance
-        jobs = [_batch_job(args, request, model, item, dtype, device, verdicts)
+        pictures: dict = {}  # item index -> (path, digest, (height, width)) of its input picture
+        jobs = [_batch_job(args, request, model, item, dtype, device, verdicts, pictures)
                 for item in items]  # every item checked before any render
-        keys = [batch.parameters_key(job.parameters(model, str(dtype).removeprefix("torch."))) for job in jobs]
-        entries = [(item, key, job.parameters(model, str(dtype).removeprefix("torch.")))
-                   for item, key, job in zip(items, keys, jobs)]
+        digests = [pictures[item.index][1] if item.index in pictures else None for item in items]
+        dtype_name = str(dtype).removeprefix("torch.")
+        keys = [batch.parameters_key(job.parameters(model, dtype_name, d)) for job, d in zip(jobs, digests)]
+        entries = [(item, key, job.parameters(model, dtype_name, d))
+                   for item, key, job, d in zip(items, keys, jobs, digests)]
         records = {item.filename: batch.read_png_record(out_dir / item.filename) for item in items}
         for item in items:  # hires replaces its own renders only, never a file it did not write
             target = out_dir / item.filename
@@ -1384,7 +1422,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                                    {"file": str(Path(args.file).absolute()), "options": _batch_options(args, model)})
         try:
             rendered, elsewhere, lost = _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
-                                                      entries)
+                                                      entries, pictures)
             state.wait_for_everyone()
             manifest = _write_manifest(out_dir, entries, str(args.file), lost)
         finally:
@@ -1424,10 +1462,19 @@ def _write_manifest(out_dir: Path, entries, source: str, lost: RenderFailed | No
 
 
 def _batch_job(args, request: Request, model: Model, item: batch.BatchItem, dtype=None, device: str = "cpu",
-               verdicts: dict | None = None) -> Job:
+               verdicts: dict | None = None, pictures: dict | None = None) -> Job:
     size = item.overrides.get("size")
+    path = item.overrides.get("image")
+    image = None
+    if path is not None:  # read now, so a picture that cannot be used stops the batch before its first render
+        image = read_image(path, f"{item.where}: image")
+        check_picture_size(model, image, f"{item.where}: image {path!r}")
+        if pictures is not None:
+            pictures[item.index] = (path, file_digest(path), (image.height, image.width))
     if size is not None:
         height, width = resolve_size(model, parse_size(size, "size"), None, f"{item.where}: size")
+    elif image is not None and request.scale is not None:
+        height, width = picture_scaled(model, image, request.scale)
     else:
         height, width = resolve_size(model, request.size, request.scale, "--size")
     seed = item.overrides.get("seed")
@@ -1436,16 +1483,21 @@ def _batch_job(args, request: Request, model: Model, item: batch.BatchItem, dtyp
                                                               f"index {item.index})")
     steps = item.overrides.get("steps", request.steps)
     check_steps_for_model(model, steps, f"{item.where}: steps" if "steps" in item.overrides else "--steps")
-    planned_stages(model, height, width, steps)  # a plan the sampling layer would refuse, refused now
+    strength = item.overrides.get("strength")
+    picture_size = None if image is None else (image.height, image.width)
+    try:  # a plan the sampling layer would refuse, refused now
+        planned_stages(model, height, width, steps, picture_size, strength)
+    except CliError as err:
+        raise CliError(f"{item.where}: {err}") from None
     job = Job(item.prompt, item.overrides.get("negative", args.negative), height, width, steps,
-              item.overrides.get("guidance", request.guidance), seed, request.true_cfg)
-    if dtype is not None:
+              item.overrides.get("guidance", request.guidance), seed, request.true_cfg, strength)
+    if dtype is not None and image is None:  # an upscale's own passes start from the picture: the runtime plans those
         check_memory(model, height, width, steps, job.guidance, job.true_cfg, dtype, device,
                      f"{item.where}: {'size' if size is not None else '--size'}", verdicts)
     return job
 
 
-def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys, entries):
+def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys, entries, pictures=None):
     """Render this process's share of the items that are not done; returns (rendered, claimed elsewhere,
     the RenderFailed that stopped it or None). An item whose render is non-finite is recorded as failed
     and the others go on; a PNG that cannot be written stops the batch (its folder took no more)."""
@@ -1458,7 +1510,10 @@ def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
     if not todo:
         return 0, 0, None
     renderer = Renderer(model, device, dtype)
-    plans = {i: planned_stages(model, jobs[i].height, jobs[i].width, jobs[i].steps) for i in todo}
+    pictures = pictures or {}
+    plans = {i: planned_stages(model, jobs[i].height, jobs[i].width, jobs[i].steps,
+                               pictures[items[i].index][2] if items[i].index in pictures else None, jobs[i].strength)
+             for i in todo}
     progress = Progress(sum(s or 0 for i in todo for *_, s in plans[i]), args.quiet, position=state.process_index)
     rendered = elsewhere = 0
     try:
@@ -1478,9 +1533,11 @@ def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
                 progress.begin(f"{rank}item {number}/{len(todo)} ", len(plans[i]))
                 start = progress.bar.n
                 try:
+                    picture = _batch_picture(item, pictures.get(item.index))
                     renderer.render(jobs[i], out_dir / item.filename, progress,
                                     {"index": item.index, "line": item.line, "process": state.process_index,
-                                     "pid": os.getpid()})
+                                     "pid": os.getpid()}, image=picture,
+                                    image_digest=pictures[item.index][1] if picture is not None else None)
                 except RenderFailed as err:
                     progress.skip(max(0, steps - (progress.bar.n - start)))
                     extra = {"kept": str(err.kept)} if err.kept else {}
@@ -1501,6 +1558,20 @@ def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
     finally:
         progress.close()
     return rendered, elsewhere, None
+
+
+def _batch_picture(item: batch.BatchItem, picture):
+    """An item's input picture, read again at its render: the one the batch was checked with, or a failed item."""
+    if picture is None:
+        return None
+    path, digest, _ = picture
+    try:
+        changed = file_digest(path) != digest
+    except OSError as err:
+        raise RenderFailed(f"image {path!r} cannot be read any more ({err.strerror or err})") from None
+    if changed:
+        raise RenderFailed(f"image {path!r} changed after the batch was checked; the same command renders it anew")
+    return read_image(path, f"{item.where}: image")
 
 
 def cmd_techniques(args: argparse.Namespace) -> int:
@@ -1586,7 +1657,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--out", required=True, help="output .png path")
     gen.add_argument("--image", default=None, help="upscale this picture (structure guidance from it) instead of "
-                                                   "generating the base image")
+                                                   "generating the base image; --scale is then a factor of its size")
+    gen.add_argument("--strength", default=None,
+                     help="with --image: how much of the picture is redrawn, 0 (the upscaled picture through the VAE) "
+                          "to 1 (regenerated from noise, guided by the picture's low band); default: structure "
+                          "guidance's renoise (0.3, 0.5 at 8 steps or fewer)")
     gen.add_argument("--dry-run", action="store_true",
                      help="print the plan (stages, steps, memory estimate) from the model's configs, load no weights")
     _common_options(gen)

@@ -447,7 +447,7 @@ FAMILIES: tuple[Family, ...] = (
     # step-distilled ones (pipeline config is_distilled) run none, which `do_classifier_free_guidance` says.
     Family(
         name="flux2_klein",
-        pipeline_classes=("Flux2KleinPipeline",),
+        pipeline_classes=("Flux2KleinPipeline", "Flux2KleinInpaintPipeline"),
         denoiser_attr="transformer",
         denoiser_class="Flux2Transformer2DModel",
         architecture="dit",
@@ -578,6 +578,20 @@ FAMILIES: tuple[Family, ...] = (
 SUPPORTED_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.pipeline_classes))
 SUPPORTED_MODULAR_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.modular_classes))
 
+# Pipelines of a supported model that hires refuses, and why.
+REFUSED_PIPELINES = {
+    "Flux2KleinKVPipeline": (
+        "its __init__ replaces the transformer's attention processors with KV-cache ones (Flux2KVAttnProcessor, "
+        "Flux2KVParallelSelfAttnProcessor) whose first step prepends the reference image's tokens and caches their "
+        "keys and values for the later steps; hires' latent layout and attention techniques do not know that "
+        "sequence. Use Flux2KleinPipeline (reference images as conditioning) or Flux2KleinInpaintPipeline"
+    ),
+    "ChromaInpaintPipeline": (
+        "in diffusers 0.42.1 its call reads transformer.config.guidance_embeds, which ChromaTransformer2DModel's "
+        "config does not have, so it fails before its first step with or without hires. Use ChromaImg2ImgPipeline"
+    ),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
@@ -646,6 +660,9 @@ def detect_family(pipe) -> Family:
     """The family of `pipe`; any other pipeline raises `TypeError` listing the supported classes. The class
     nearest in `pipe`'s class hierarchy decides (Flux2KleinModularPipeline subclasses Flux2ModularPipeline)."""
     order = [cls.__name__ for cls in type(pipe).__mro__ if cls.__module__.startswith("diffusers")]
+    refused = next((n for n in order if n in REFUSED_PIPELINES), None)
+    if refused is not None:
+        raise TypeError(f"pipe={type(pipe).__name__} is not supported by hires: {REFUSED_PIPELINES[refused]}")
 
     def nearest(family: Family) -> int:
         return min((order.index(c) for c in family.pipeline_classes + family.modular_classes if c in order),

@@ -18,6 +18,14 @@ import math
 from typing import Any, Mapping
 
 
+def check_strength(value: Any, where: str = "strength") -> float:
+    """An upscale's strength: a number from 0 (the upscaled picture through the VAE) to 1 (regenerated)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{where}={value!r} must be a number from 0 (the upscaled image as it is, through the VAE) "
+                         "to 1 (regenerated from noise, guided by the image's low band), e.g. 0.3")
+    return float(value)
+
+
 def closest_names(name: str, valid: list[str] | tuple[str, ...], n: int = 3) -> str:
     """A short 'did you mean' hint listing the valid names closest to `name`."""
     close = difflib.get_close_matches(name, list(valid), n=n, cutoff=0.5)

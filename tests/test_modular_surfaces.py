@@ -250,7 +250,13 @@ def test_image_upscaling_is_refused_on_a_modular_folder(folders, tmp_path, capsy
     Image.new("RGB", (BASE, BASE)).save(picture)
     assert main(["generate", "--model", str(folders["flux3_distilled"]), "--prompt", PROMPT, "--image",
                  str(picture), "--size", f"{SIZE}x{SIZE}", "--out", str(tmp_path / "o.png"), "--quiet"]) == 2
-    assert "--image: Flux3DistilledModularPipeline is a Modular Diffusers pipeline" in capsys.readouterr().err
+    assert f"--image {str(picture)!r}: Flux3DistilledModularPipeline is a Modular Diffusers pipeline" in \
+        capsys.readouterr().err
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT, "image": "in.png"}) + "\n")
+    assert main(["batch", str(prompts), "--model", str(folders["flux3_distilled"]), "--size", f"{SIZE}x{SIZE}",
+                 "--out", str(tmp_path / "renders"), "--quiet"]) == 2
+    assert f"{prompts}:1: image {str(picture)!r}: Flux3DistilledModularPipeline is a" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", tmod.FAMILIES)

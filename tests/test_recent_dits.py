@@ -170,8 +170,6 @@ def test_img2img_and_controlnet_variants_are_qwenimage_and_run_above_the_base_si
     assert detect_family(img2img).name == "qwenimage"
     picture = torch.rand(1, 3, 128, 128)
     plain = _generate(img2img, "qwenimage", 128, image=picture, strength=0.7, steps=10)
-    # Not the staged preset: an img2img call whose stages ran is left no steps by its own strength
-    # (the same for every family's img2img pipeline; see the report of issue #19).
     hires.apply(img2img, HiresConfig(entropy_scaling=hires.EntropyScalingConfig(enabled=True),
                                      positions=PositionConfig(enabled=True)))
     out = _generate(img2img, "qwenimage", 128, image=picture, strength=0.7, steps=10)

@@ -31,6 +31,13 @@ user's call has been set up, when a stage raises, by the next call, or by `hires
 A Modular Diffusers pipeline has neither `encode_prompt` nor `prepare_latents`: its stages block
 (hires.modular) runs the graph's denoise entry once per stage with the same planners and scheduler
 shadows, hands each stage's loop its start (`start_latents`) and keeps its result (`stage_result`).
+
+img2img and inpaint pipelines (those with `get_timesteps`) slice the schedule by their `strength`
+themselves. During a staged call that slicing is shadowed: a stage runs the schedule its planner shaped,
+whole, so the steps planned are the steps run and the loop starts at the timestep its start was noised
+to. Their user's call cannot run an empty schedule (they refuse fewer than one step and noise their
+image to the schedule's first timestep), so it keeps the last step of its schedule as a pass-through:
+the denoiser is not run and the scheduler's step returns its sample unchanged.
 """
 
 from __future__ import annotations
@@ -80,6 +87,7 @@ class StageRequest:
     parameters: tuple[str, ...] = ()  # the names the pipeline's __call__ takes
     generator: Any = None
     image_size: tuple[int, int] | None = None  # a picture the stages start from instead of a base generation
+    strength: float | None = None  # how much of its schedule each stage after that picture re-runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +122,7 @@ class Stage:
     # start(stage, previous stage) -> clean spatial latent to noise to the first timestep; None: pure noise.
     start: Callable | None = None
     stops_early: bool = False  # its result is the clean estimate at its last step, not its output
+    denoises: bool = True  # False: it runs no step (img2img strength 0); its result is its start
     # after_step(stage, step_index, latents) -> latents, for each scheduler step's result (spatial
     # layout, the batch the loop denoises); run in order
     after_step: list = dataclasses.field(default_factory=list)
@@ -144,6 +153,7 @@ class Stage:
     def drop_tensors(self) -> None:
         """Let go of the latents once the run is over (`last_run` keeps the record, not the tensors)."""
         self.x0 = self.noise = self.result = self.output = self.target = None
+        self.call_arguments = {k: v for k, v in self.call_arguments.items() if not isinstance(v, torch.Tensor)}
         if hasattr(self.data, "drop_tensors"):
             self.data.drop_tensors()
 
@@ -156,6 +166,7 @@ class _Pending:
     latents: torch.Tensor
     schedule_done: bool = False
     latents_done: bool = False
+    passes_through: list = dataclasses.field(default_factory=list)  # the shadows of its one pass-through step
 
 
 class StageEngine:
@@ -175,12 +186,16 @@ class StageEngine:
         self.last_run: tuple[Stage, ...] | None = None
         self._scheduler_shadows: list = []
         attachment.shadow(self.pipe, ENGINE_ATTRIBUTE, self)  # found by `planner_of`, taken out by hires.remove
+        # img2img and inpaint pipelines: strength slices the schedule in get_timesteps
+        self.slices_by_strength = entry_points and hasattr(self.pipe, "get_timesteps")
         if not entry_points:
             return
         attachment.wrap_method(self.pipe, "encode_prompt", self._wrap_encode_prompt)
         attachment.wrap_method(self.pipe, "prepare_latents", self._wrap_prepare_latents)
         if hasattr(self.pipe, "prepare_image") and "control_image" in attachment.calls.parameters:
             attachment.wrap_method(self.pipe, "prepare_image", _wrap_prepare_image)
+        if self.slices_by_strength:
+            attachment.wrap_method(self.pipe, "get_timesteps", self._wrap_get_timesteps)
 
     def add_planner(self, name: str, planner) -> None:
         """`planner.plan(request, stages) -> stages`; planners run in the order they were added."""
@@ -241,6 +256,7 @@ class StageEngine:
         if len(stages) == 1 and stages[0].trivial:
             return  # nothing to stage: a plain call
         self._check_latents(arguments, stages)
+        self._check_picture(arguments, stages)
         saved = {k: v for k, v in self.pipe.__dict__.items() if k.startswith("_") and not k.startswith("_hires")}
         self.running = True
         self.shadow_scheduler(any(s.stops_early or s.after_step for s in stages))
@@ -253,7 +269,10 @@ class StageEngine:
             self.running = False
             self.current = None
             self.pipe.__dict__.update(saved)  # the user's call set its own state before encode_prompt
-        self.pending = _Pending(call.frame, self.latents.output_to_latents(stages[-1].output, self.pipe.vae))
+        last = stages[-1]
+        latents = self.latents.output_to_latents(last.output, self.pipe.vae) if last.output is not None else \
+            self.latents.from_spatial(last.result)
+        self.pending = _Pending(call.frame, latents)
         for stage in stages:
             stage.drop_tensors()
         self.last_run = tuple(stages)
@@ -267,12 +286,32 @@ class StageEngine:
         raise ValueError(f"latents= cannot be combined with {' and '.join(owners)}: its stages prepare their own "
                          "latents at other sizes; pass generator= for reproducible results")
 
+    def _check_picture(self, arguments: dict, stages: list[Stage]) -> None:
+        """An img2img call's picture must reach its stages: one that starts from pure noise would lose it."""
+        if not self.slices_by_strength or arguments.get("image") is None:
+            return
+        owners = sorted({s.owner for s in stages if s.start is None})
+        if owners:
+            raise ValueError(f"image= cannot be combined with {' and '.join(owners)} in an img2img call: its stages "
+                             "start from pure noise, so the picture would be lost; upscale a picture with structure "
+                             "guidance (its stages start from the picture, with strength=), or leave "
+                             f"{' and '.join(owners)} off for img2img calls")
+
     def _run(self, arguments: dict, stages: list[Stage]) -> None:
         call_parameters = self.attachment.calls.parameters
         previous = None
         for index, stage in enumerate(stages):
             if stage.start is not None:
                 stage.x0 = stage.start(stage, previous)
+            if not stage.denoises:
+                if stage.x0 is None:
+                    raise RuntimeError(f"{stage.owner} stage {stage.height}x{stage.width}: no step and no start")
+                stage.result, stage.output = stage.x0, None
+                if previous is not None:
+                    previous.drop_tensors()
+                stage.x0 = None
+                previous = stage
+                continue
             kwargs = dict(arguments)
             kwargs.update(height=stage.height, width=stage.width, output_type="latent", return_dict=False)
             if index > 0 or stage.start is not None:
@@ -347,12 +386,67 @@ class StageEngine:
     def call_ended(self, frame) -> None:
         """The denoising loop of the call running in `frame` has exited."""
         if self.pending is not None and self.pending.frame is frame:
+            self._end_pass_through()
             self.pending = None
 
     def _abandon(self) -> None:
         """Drop what a call that raised after its stages left behind."""
+        self._end_pass_through()
         self.pending = None
         self.unshadow_scheduler()
+
+    # -- img2img and inpaint pipelines ------------------------------------------------------
+    def _wrap_get_timesteps(self, original):
+        engine = self
+
+        def get_timesteps(*args, **kwargs):
+            call = engine.attachment.calls.current(sys._getframe(1))
+            staged = engine.running or (engine.pending is not None and call is not None
+                                        and call.frame is engine.pending.frame)
+            if not staged:
+                return original(*args, **kwargs)
+            scheduler = engine.pipe.scheduler  # the schedule a stage (or the pass-through) already has
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
+            return scheduler.timesteps, len(scheduler.timesteps)
+
+        return get_timesteps
+
+    def _begin_pass_through(self, pending: _Pending) -> None:
+        """The user's call of an img2img pipeline runs one step that changes nothing (see the module docstring)."""
+        wrap = self.attachment.wrap_method
+        denoiser = self.attachment.denoiser
+        first = next(n for n in inspect.signature(type(denoiser).forward).parameters if n != "self")
+
+        def make_forward(original):
+            def forward(*args, **kwargs):
+                sample = args[0] if args else kwargs[first]
+                zeros = [torch.zeros_like(s) for s in sample] if isinstance(sample, list) else torch.zeros_like(sample)
+                return (zeros,)
+
+            return forward
+
+        def make_step(original):
+            names = list(inspect.signature(original).parameters)
+
+            def step(*args, **kwargs):
+                bound = dict(zip(names, args))
+                bound.update(kwargs)
+                sample = bound["sample"]
+                return (sample,) if not bound.get("return_dict", True) else _StepOutput(sample)
+
+            return step
+
+        pending.passes_through += [wrap(denoiser, "forward", make_forward),
+                                   wrap(self.pipe.scheduler, "step", make_step)]
+
+    def _end_pass_through(self) -> None:
+        pending = self.pending
+        if pending is None:
+            return
+        for entry in reversed(pending.passes_through):
+            self.attachment.unshadow(entry)
+        pending.passes_through.clear()
 
     # -- the scheduler during a run ---------------------------------------------------------
     def shadow_scheduler(self, capture_steps: bool) -> None:
@@ -387,7 +481,11 @@ class StageEngine:
             pending = engine.pending
             call = engine.attachment.calls.current(sys._getframe(1))
             if pending is not None and call is not None and call.frame is pending.frame and not pending.schedule_done:
-                scheduler.timesteps = scheduler.timesteps[:0]  # the user's own call: it only decodes
+                if engine.slices_by_strength:  # it keeps one step, a pass-through
+                    schedules.truncate_schedule(scheduler, len(scheduler.timesteps) - 1)
+                    engine._begin_pass_through(pending)
+                else:
+                    scheduler.timesteps = scheduler.timesteps[:0]  # the user's own call: it only decodes
                 pending.schedule_done = True
                 engine._maybe_finish()
 
@@ -415,6 +513,13 @@ class StageEngine:
             return output
 
         return step
+
+
+@dataclasses.dataclass
+class _StepOutput:
+    """A scheduler step's output for a pipeline that asked for an object (`.prev_sample`)."""
+
+    prev_sample: torch.Tensor
 
 
 def _with_latents(output, latents: torch.Tensor):

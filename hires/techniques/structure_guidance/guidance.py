@@ -25,7 +25,16 @@ base-size value, as HiFlow does): diffusers' dynamic shift is linear in the toke
 cap, which at 3-4K puts every step but the last at sigma > 0.97. A static shift is left as it is.
 
 Starting from the user's own picture instead of a base generation: `generate(pipe, prompt, height,
-width, image=...)` (stages above the image's size only). SDXL size conditioning (`original_size`,
+width, image=..., strength=...)`, or an img2img / inpaint pipeline's own call with its `image` and
+`strength` at a size larger than the image (an image at least as large as the request is a plain
+img2img call). There is then no base stage: the first stage starts from the upscaled picture. `strength`
+is the renoise of every stage after the picture, exactly (no few-step floor): 0 runs no step, so the
+result is the picture upscaled straight to the request (no intermediate stage, no sharpening; the
+anti-ringing clamp as configured) once through the VAE; 1 runs every step from pure noise, still guided
+by the picture's low band. Without a strength the stages keep their `renoise`. An img2img pipeline's own
+`image` argument gets the picture resized to each stage's size (Z-Image's img2img pipeline takes only
+an image of its call's size, so it upscales through `generate`, which gives its call the picture at the
+requested size). SDXL size conditioning (`original_size`,
 `target_size`) is the base size in every stage, as in DiffuseHigh, unless the user gave other values
 (the pipeline fills both with the requested size before hires sees them, so a value equal to the
 requested size counts as not given). Randomness (re-noise noise, sharpening sigma) is drawn from
@@ -46,7 +55,7 @@ from ...sampling import schedules, wavelets
 from ...sampling.latent_space import VAECodec
 from ...sampling.resize import clamp_to_source_range, resize, unsharp_mask
 from ...sampling.stages import Stage, VAEPass, last_run_of, planner_of, tile_batch
-from ...validation import STAGE_SETTINGS
+from ...validation import STAGE_SETTINGS, check_strength
 from .config import StructureGuidanceConfig
 
 HOOK_NAME = "hires.structure_guidance"
@@ -69,6 +78,11 @@ def guide_weight(step_index: int, guided_steps: int, handover: str) -> float:
     if step_index >= guided_steps:
         return 0.0
     return 1.0 if handover == "hard" else 1.0 - step_index / guided_steps
+
+
+def takes_picture(parameters) -> bool:
+    """Whether a pipeline's __call__ takes the picture it starts from (img2img / inpaint: `image` and `strength`)."""
+    return "image" in parameters and "strength" in parameters
 
 
 def stage_renoise(renoise: float | None, total_steps: int) -> float:
@@ -190,15 +204,19 @@ class _Guide:
     """Structure guidance's own part of a stage (`Stage.data`)."""
 
     renoise: float | None = None  # None: the default (stage_renoise); the base stage has no schedule hook
+    exact: bool = False  # renoise is the call's strength: no few-step floor
     guided_steps: int | None = None
     guidance_scale: float | None = None
     guide: torch.Tensor | None = None  # low band of the guide (latent or pixel space)
     origin: torch.Tensor | None = None  # the user's picture (B, 3, H, W) in [-1, 1], upscaled by the first stage
+    # the same picture, for an img2img pipeline's own `image` argument, resized to each stage's size
+    picture: torch.Tensor | None = None
     sharpen_sigma: float | None = None
+    sharpens: bool = True  # False: a stage that runs no step, whose upscale is the result itself, is not sharpened
     guided: set = dataclasses.field(default_factory=set)
 
     def drop_tensors(self) -> None:
-        self.guide = self.origin = None
+        self.guide = self.origin = self.picture = None
 
 
 def _draw_uniform(generator, low: float, high: float) -> float:
@@ -217,20 +235,41 @@ class StructureGuidance:
         self.info = info
         self.vae = VAECodec(attachment.pipe, info.family.layout) if attachment is not None else None
         self.pending_image: torch.Tensor | None = None
+        self.pending_strength: float | None = None
+
+    def _picture(self, request) -> tuple[torch.Tensor | None, float | None]:
+        """The user's picture the stages start from (None: a base generation) and the call's strength."""
+        if self.pending_image is not None:
+            return self.pending_image, self.pending_strength
+        engine = self.attachment.stages if self.attachment is not None else None
+        if engine is not None and engine.slices_by_strength and takes_picture(request.parameters):
+            picture = request.arguments.get("image")  # a classic img2img / inpaint pipeline's own call
+            if picture is not None:
+                pipe = self.attachment.pipe
+                processed = pipe.image_processor.preprocess(picture).to(device=pipe._execution_device,
+                                                                        dtype=torch.float32)
+                strength = request.arguments.get("strength")
+                return processed, None if strength is None else check_strength(strength)
+        return None, request.strength
 
     def plan(self, request, stages: list) -> list:
         if len(stages) != 1 or not stages[0].trivial:
             return stages
         config, info = self.config, self.info
         height, width = stages[0].height, stages[0].width
-        image = self.pending_image
+        image, strength = self._picture(request)
         start = tuple(image.shape[-2:]) if image is not None else request.image_size
+        if start is not None and self.pending_image is None and height * width <= start[0] * start[1]:
+            return stages  # an img2img call at or below its image's size is not an upscale: a plain call
         sizes = stage_sizes(info, config, height, width, start)
         if start is None and len(sizes) < 2:
             return stages  # at or below the base size: a plain call
         generator = stages[0].generator
+        exact = start is not None and strength is not None
+        if exact and strength == 0:  # nothing is denoised: one upscale straight to the request, once through the VAE
+            sizes = [sizes[0], sizes[-1]]
         later = len(sizes) - 1
-        renoise = per_stage(config, "renoise", later)
+        renoise = [float(strength)] * later if exact else per_stage(config, "renoise", later)
         guided = per_stage(config, "guided_steps", later)
         scales = per_stage(config, "guidance_scale", later)
         # per-stage settings of other techniques (StructureGuidanceConfig.apg), pushed onto each stage's call
@@ -245,15 +284,17 @@ class StructureGuidance:
             plan.append(Stage(*sizes[0], owner=TECHNIQUE_NAME, generator=generator, call_arguments=dict(conditioning),
                               planned_steps=request.steps, data=_Guide()))
         for i, (h, w) in enumerate(sizes[1:]):
-            guide = _Guide(renoise=renoise[i], guided_steps=guided[i],
-                           guidance_scale=scales[i])
+            denoises = not (exact and renoise[i] == 0)
+            guide = _Guide(renoise=renoise[i], exact=exact, guided_steps=guided[i],
+                           guidance_scale=scales[i], sharpens=denoises)
             call_arguments = dict(conditioning)
             if scales[i] is not None:
                 call_arguments[info.family.guidance_scale_name] = scales[i]
-            steps = None if request.steps is None else schedules.stage_steps(
-                request.steps, stage_renoise(renoise[i], request.steps))
+            steps = None if request.steps is None else 0 if not denoises else schedules.stage_steps(
+                request.steps, renoise[i] if exact else stage_renoise(renoise[i], request.steps))
             stage = Stage(h, w, owner=TECHNIQUE_NAME, generator=generator, call_arguments=call_arguments,
                           schedule=self._schedule, start=self._start, data=guide, planned_steps=steps, refines=True,
+                          denoises=denoises,
                           vae_passes=self._vae_passes(sizes[i], (h, w), first=start is not None and i == 0))
             for values in settings:
                 if values[i] is not None:
@@ -261,6 +302,9 @@ class StructureGuidance:
             plan.append(stage)
         if image is not None:
             plan[0].data.origin = image
+            if takes_picture(request.parameters):
+                for stage in plan:
+                    stage.data.picture = image
         return plan
 
     def _vae_passes(self, previous: tuple[int, int], size: tuple[int, int], first: bool) -> tuple:
@@ -281,7 +325,11 @@ class StructureGuidance:
         """Upscale the previous result (or the user's picture) to the stage: its x0 and the guide's low band."""
         config, info, guide = self.config, self.info, stage.data
         latent_size = (stage.height // info.latent_factor, stage.width // info.latent_factor)
-        guide.sharpen_sigma = _draw_uniform(stage.generator, *config.sharpen_sigma) if config.sharpen_alpha else None
+        if guide.picture is not None:  # the pipeline encodes its `image` at the call's size (Z-Image: as given)
+            sized = resize(guide.picture.float(), (stage.height, stage.width), config.upscale)
+            stage.call_arguments["image"] = ((sized + 1) / 2).clamp(0, 1)
+        sharpen = config.sharpen_alpha and guide.sharpens
+        guide.sharpen_sigma = _draw_uniform(stage.generator, *config.sharpen_sigma) if sharpen else None
         sigma = guide.sharpen_sigma
 
         def upscale(x, size):
@@ -311,7 +359,7 @@ class StructureGuidance:
             kwargs = {**kwargs, "mu": schedules.clamped_mu(kwargs["mu"], self.info, scheduler.config, steps)}
         set_timesteps(*args, **kwargs)
         total = len(scheduler.timesteps)
-        guide.renoise = stage_renoise(guide.renoise, total)
+        guide.renoise = guide.renoise if guide.exact else stage_renoise(guide.renoise, total)
         steps = schedules.stage_steps(total, guide.renoise)
         if guide.guided_steps is None:
             guide.guided_steps = guided_steps_for(steps, self.config)
@@ -420,14 +468,28 @@ def last_run(pipe) -> tuple[StageRecord, ...] | None:
                              s.data.guidance_scale, s.data.sharpen_sigma) for s in stages)
 
 
-def generate(pipe, prompt=None, height: int | None = None, width: int | None = None, image=None, **call_kwargs):
+def generate(pipe, prompt=None, height: int | None = None, width: int | None = None, image=None,
+             strength: float | None = None, **call_kwargs):
     """Call `pipe` with structure guidance; with `image` (PIL image, array or tensor in [0, 1]) the
-    stages start from that picture instead of a base generation. Returns the pipeline's output."""
+    stages start from that picture instead of a base generation, each re-running the last `strength`
+    of its schedule (0: the upscaled picture through the VAE; 1: from noise; None: their renoise).
+    Returns the pipeline's output."""
     planner = _planner(pipe)
+    if strength is not None:
+        check_strength(strength)
+        if image is None:
+            raise ValueError(f"strength={strength!r} needs image=: it says how much of the given picture is redrawn")
     if image is not None:
         processed = pipe.image_processor.preprocess(image)
         planner.pending_image = processed.to(device=pipe._execution_device, dtype=torch.float32)
+        planner.pending_strength = strength
+        if takes_picture(planner.attachment.calls.parameters) and height is not None and width is not None:
+            # an img2img pipeline's own call needs an image: the picture at the requested size (some, such as
+            # Z-Image's, take no other); the stages start from the picture itself
+            sized = resize(planner.pending_image, (height, width), planner.config.upscale)
+            call_kwargs["image"] = ((sized + 1) / 2).clamp(0, 1)
+            call_kwargs.setdefault("strength", 1.0 if strength is None else strength)
     try:
         return pipe(prompt=prompt, height=height, width=width, **call_kwargs)
     finally:
-        planner.pending_image = None
+        planner.pending_image = planner.pending_strength = None
