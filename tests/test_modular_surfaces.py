@@ -297,3 +297,18 @@ def test_every_supported_modular_class_has_its_ready_class():
     assert set(SUPPORTED_MODULAR_PIPELINES) <= ready
     supported = tuple(getattr(diffusers, n) for n in SUPPORTED_MODULAR_PIPELINES)
     assert all(issubclass(getattr(diffusers, n), supported) for n in ready)  # Flux 3 distilled: a Flux 3 subclass
+
+
+def test_a_batch_rerun_renders_nothing_until_the_weights_change(folders, tmp_path, capsys):
+    folder = tmp_path / "copy"
+    shutil.copytree(folders["flux3_distilled"], folder)
+    config_file = tmp_path / "hires.json"
+    config_file.write_text(json.dumps(preset_options("flux3_distilled")))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT, "name": "one"}) + "\n")
+    argv = ["batch", str(prompts), "--out", str(tmp_path / "renders"),
+            *[a for a in _options(folder, config_file) if a != "--quiet"]]
+    assert main(argv) == 0 and "(rendered 1 here)" in capsys.readouterr().out
+    assert main(argv) == 0 and "(rendered 0 here)" in capsys.readouterr().out
+    os.utime(next((folder / "vae").glob("*.safetensors")), (1, 1))
+    assert main(argv) == 0 and "(rendered 1 here)" in capsys.readouterr().out
