@@ -26,6 +26,17 @@ _READY_PIPELINES = (
     "HiresStableDiffusionPipeline",
     "HiresStableDiffusionXLPipeline",
     "HiresZImagePipeline",
+    # Modular Diffusers
+    "HiresFlux2KleinBaseModularPipeline",
+    "HiresFlux2KleinModularPipeline",
+    "HiresFlux2ModularPipeline",
+    "HiresFlux3DistilledModularPipeline",
+    "HiresFlux3ModularPipeline",
+    "HiresFluxModularPipeline",
+    "HiresQwenImageModularPipeline",
+    "HiresStableDiffusion3ModularPipeline",
+    "HiresStableDiffusionXLModularPipeline",
+    "HiresZImageModularPipeline",
 )
 
 

@@ -433,13 +433,23 @@ def with_base_size(info, config):
 
 
 # -- the model ----------------------------------------------------------------------------------
+MODEL_INDEX = "model_index.json"
+# What ModularPipeline.save_pretrained writes; a folder with a model_index.json too loads as the classic pipeline.
+MODULAR_INDEX = "modular_model_index.json"
+
+
 def local_model(model: str) -> Path | None:
     path = Path(model).expanduser()
     if not path.exists():
         return None
-    if not (path / "model_index.json").is_file():
-        raise CliError(f"--model {model!r} is a path but holds no diffusers pipeline (no model_index.json)")
+    if not (path / MODEL_INDEX).is_file() and not (path / MODULAR_INDEX).is_file():
+        raise CliError(f"--model {model!r} is a path but holds no diffusers pipeline (no {MODEL_INDEX}, nor the "
+                       f"{MODULAR_INDEX} of a Modular Diffusers pipeline)")
     return path
+
+
+def is_modular_folder(path: Path) -> bool:
+    return not (path / MODEL_INDEX).is_file() and (path / MODULAR_INDEX).is_file()
 
 
 def load_pipeline(model: str, dtype=None):
@@ -447,6 +457,8 @@ def load_pipeline(model: str, dtype=None):
 
     options = {} if dtype is None else {"dtype": dtype}
     path = local_model(model)
+    if path is not None and is_modular_folder(path):
+        return load_modular_pipeline(path, dtype)
     if path is not None:
         return DiffusionPipeline.from_pretrained(str(path), **options)
     try:
@@ -460,13 +472,11 @@ def load_pipeline(model: str, dtype=None):
 
 def load_pipeline_skeleton(path: str | Path):
     """The pipeline with its models on the meta device: configs, tokenizers and scheduler, no weights."""
-    import torch
-    import transformers
-    from accelerate import init_empty_weights
-
     path = Path(path).expanduser()
-    if not (path / "model_index.json").is_file():
-        raise CliError(f"{str(path)!r} is not a local diffusers pipeline folder (no model_index.json)")
+    if is_modular_folder(path):
+        return load_modular_skeleton(path)
+    if not (path / MODEL_INDEX).is_file():
+        raise CliError(f"{str(path)!r} is not a local diffusers pipeline folder (no {MODEL_INDEX})")
     index = read_model_index(path)
     components: dict[str, Any] = {}
     for name, value in index.items():
@@ -479,61 +489,72 @@ def load_pipeline_skeleton(path: str | Path):
         if library is None or class_name is None:
             components[name] = None
             continue
-        component_cls = _named_class(path, library, class_name, f"{name} ({library}.{class_name})")
-        folder = path / name
-        is_module = issubclass(component_cls, torch.nn.Module)
-        check_component_folder(path, name, class_name, is_module)
-        try:
-            if is_module:
-                with init_empty_weights():
-                    if library == "diffusers":
-                        config = component_cls.load_config(folder)
-                        _check_config_class(path, name, component_cls, config.get("_class_name"))
-                        components[name] = component_cls.from_config(config)
-                    else:
-                        components[name] = component_cls(transformers.AutoConfig.from_pretrained(folder))
-                if library == "diffusers":  # transformers renames checkpoint keys while loading: not comparable
-                    _check_weight_shapes(path, name, components[name])
-            else:
-                components[name] = component_cls.from_pretrained(folder)
-        except (OSError, ValueError, KeyError, TypeError) as err:  # a config missing, not JSON or not this class's
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CliError(f"--model {str(path)!r}: {name}/ ({class_name}) cannot be read from its files: {first}; "
-                           "re-download or re-save the model") from None
+        components[name] = _skeleton_component(path, name, name, library, class_name)
     pipeline_cls = _named_class(path, "diffusers", index["_class_name"], "the pipeline")
     pipe = pipeline_cls(**components)
     pipe.register_to_config(_name_or_path=str(path))  # as from_pretrained records it (hires.json is read there)
     return pipe
 
 
-def _named_class(path: Path, library: str, class_name: str, what: str) -> type:
-    """A class model_index.json names, or one line saying it does not exist in what is installed."""
+def _skeleton_component(path: Path, name: str, subfolder: str, library: str, class_name: str,
+                        index: str = MODEL_INDEX):
+    """One component of a model folder from its files: a model on the meta device (its config, and its weights
+    file checked against it), anything else (tokenizer, scheduler) loaded."""
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+
+    component_cls = _named_class(path, library, class_name, f"{name} ({library}.{class_name})", index)
+    folder = path / subfolder
+    is_module = issubclass(component_cls, torch.nn.Module)
+    check_component_folder(path, subfolder, class_name, is_module, index)
+    try:
+        if is_module:
+            with init_empty_weights():
+                if library == "diffusers":
+                    config = component_cls.load_config(folder)
+                    _check_config_class(path, subfolder, component_cls, config.get("_class_name"), index)
+                    component = component_cls.from_config(config)
+                else:
+                    component = component_cls(transformers.AutoConfig.from_pretrained(folder))
+            if library == "diffusers":  # transformers renames checkpoint keys while loading: not comparable
+                _check_weight_shapes(path, subfolder, component)
+            return component
+        return component_cls.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a config missing, not JSON or not this class's
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CliError(f"--model {str(path)!r}: {subfolder}/ ({class_name}) cannot be read from its files: {first}; "
+                       "re-download or re-save the model") from None
+
+
+def _named_class(path: Path, library: str, class_name: str, what: str, index: str = MODEL_INDEX) -> type:
+    """A class the model index names, or one line saying it does not exist in what is installed."""
     import importlib
 
     if not (isinstance(library, str) and isinstance(class_name, str)):
-        raise CliError(f"--model {str(path)!r}: model_index.json names {what} as {[library, class_name]}, not "
+        raise CliError(f"--model {str(path)!r}: {index} names {what} as {[library, class_name]}, not "
                        '["library", "ClassName"]; re-download or re-save the model')
     try:
         module = importlib.import_module(library)
     except ImportError:
-        raise CliError(f"--model {str(path)!r}: model_index.json names {what} from the library {library!r}, which is "
+        raise CliError(f"--model {str(path)!r}: {index} names {what} from the library {library!r}, which is "
                        f"not installed; install it (pip install {library}) or check the model") from None
     value = getattr(module, class_name, None)
     if not isinstance(value, type):
         version = getattr(module, "__version__", None)
-        raise CliError(f"--model {str(path)!r}: model_index.json names {what}, but {library}"
+        raise CliError(f"--model {str(path)!r}: {index} names {what}, but {library}"
                        f"{' ' + version if version else ''} has no class {class_name!r}; update {library} or "
                        "check the model")
     return value
 
 
-def _check_config_class(path: Path, name: str, cls: type, written: Any) -> None:
-    """A component's config describes the class model_index.json names (not, say, a VAE's config in unet/)."""
+def _check_config_class(path: Path, name: str, cls: type, written: Any, index: str = MODEL_INDEX) -> None:
+    """A component's config describes the class the model index names (not, say, a VAE's config in unet/)."""
     import diffusers
 
     other = getattr(diffusers, written, None) if isinstance(written, str) else None
     if isinstance(other, type) and not (issubclass(other, cls) or issubclass(cls, other)):
-        raise CliError(f"--model {str(path)!r}: {name}/config.json describes a {written}, but model_index.json names "
+        raise CliError(f"--model {str(path)!r}: {name}/config.json describes a {written}, but {index} names "
                        f"{name} a {cls.__name__}; re-download or re-save the model")
 
 
@@ -575,14 +596,107 @@ def read_model_index(path: Path) -> dict[str, Any]:
     return index
 
 
-def check_component_folder(path: Path, name: str, class_name: str, is_module: bool) -> None:
+def read_modular_index(path: Path) -> dict[str, Any]:
+    """modular_model_index.json, strictly read, naming a Modular Diffusers pipeline class diffusers has."""
+    from diffusers import ModularPipeline
+
+    from .io import ReadError, loads_strict, read_text
+
+    try:
+        index = loads_strict(read_text(path / MODULAR_INDEX, "modular model index"))
+    except (ReadError, ValueError) as err:
+        raise CliError(f"--model {str(path)!r}: {MODULAR_INDEX} cannot be read: {err}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise CliError(f"--model {str(path)!r}: {MODULAR_INDEX} names no pipeline class (_class_name); "
+                       "re-save the pipeline (ModularPipeline.save_pretrained)")
+    pipeline_cls = _named_class(path, "diffusers", index["_class_name"], "the pipeline", MODULAR_INDEX)
+    if not issubclass(pipeline_cls, ModularPipeline):
+        raise CliError(f"--model {str(path)!r}: {MODULAR_INDEX} names {index['_class_name']}, which is not a "
+                       "Modular Diffusers pipeline (a classic one is saved with a model_index.json)")
+    return index
+
+
+def modular_components(path: Path) -> dict[str, str]:
+    """component -> its subfolder, for every component modular_model_index.json lists. Each must lie in this
+    folder: the checks that run before any weights load read its files (a saved pipeline's index points at the
+    folder it was saved to; a copied one may still point at the hub)."""
+    folders = {}
+    for name, value in read_modular_index(path).items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue  # the graph's config values
+        if len(value) != 3 or not isinstance(value[2], dict):
+            raise CliError(f"--model {str(path)!r}: {MODULAR_INDEX} lists {name} as {value!r}, not [library, "
+                           "class, loading spec]; re-save the pipeline (ModularPipeline.save_pretrained)")
+        if value[0] is None and value[1] is None:
+            continue  # a component the graph can take that the pipeline was saved without (a ControlNet)
+        spec = value[2]
+        subfolder = spec.get("subfolder") or ""
+        inside = isinstance(subfolder, str) and (path / subfolder).resolve().is_relative_to(path.resolve())
+        if not inside or not subfolder or not (path / subfolder).is_dir():
+            where = spec.get("pretrained_model_name_or_path")
+            raise CliError(f"--model {str(path)!r}: {MODULAR_INDEX} lists {name} ({value[1]}) from "
+                           f"{where!r}{f' ({subfolder}/)' if subfolder else ''}, whose files are not in this "
+                           "folder; save the pipeline with every component loaded (load_components(), then "
+                           "save_pretrained(folder))")
+        folders[name] = subfolder
+    return folders
+
+
+def _modular_from_folder(path: Path):
+    from diffusers import ModularPipeline
+
+    try:
+        return ModularPipeline.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CliError(f"--model {str(path)!r}: {MODULAR_INDEX} describes no pipeline diffusers can build: {first}; "
+                       "re-save the pipeline (ModularPipeline.save_pretrained)") from None
+
+
+def load_modular_skeleton(path: Path):
+    """A saved Modular Diffusers pipeline with its models on the meta device, as load_pipeline_skeleton."""
+    from .modular import drop_unloaded_steps
+
+    index = read_modular_index(path)
+    folders = modular_components(path)
+    pipe = _modular_from_folder(path)
+    parts = {name: _skeleton_component(path, name, folder, index[name][0], index[name][1], MODULAR_INDEX)
+             for name, folder in folders.items()}
+    with library_output(True):  # update_components says each part was made without a ComponentSpec
+        pipe.update_components(**parts)
+    drop_unloaded_steps(pipe)
+    return pipe
+
+
+def load_modular_pipeline(path: Path, dtype=None):
+    """`ModularPipeline.from_pretrained(folder)` and `load_components()`, without the steps whose models the
+    folder does not hold (hires.modular.drop_unloaded_steps: Flux 3's prompt upsampler, a model of its own)."""
+    from .modular import drop_unloaded_steps
+
+    modular_components(path)
+    pipe = _modular_from_folder(path)
+    pipe.load_components(**({} if dtype is None else {"torch_dtype": dtype}))
+    drop_unloaded_steps(pipe)
+    return pipe
+
+
+def call_parameter_names(pipe) -> tuple[str, ...]:
+    """What a call of `pipe` takes by name: its __call__'s parameters, or a modular pipeline's graph inputs."""
+    from .modular import is_modular
+
+    if is_modular(pipe):
+        return tuple(dict.fromkeys(p.name for p in pipe._blocks.inputs if p.name))
+    return tuple(inspect.signature(type(pipe).__call__).parameters)
+
+
+def check_component_folder(path: Path, name: str, class_name: str, is_module: bool, index: str = MODEL_INDEX) -> None:
     """A component the model index lists is on disk: its folder, and for a model a whole weights file,
     so a damaged folder is one line naming the file, not a loader's traceback after minutes."""
     from .io import ReadError, weights_file_identity, weights_files
 
     folder = path / name
     if not folder.is_dir():
-        raise CliError(f"--model {str(path)!r}: model_index.json lists {name} ({class_name}) but the folder "
+        raise CliError(f"--model {str(path)!r}: {index} lists {name} ({class_name}) but the folder "
                        f"{str(folder)!r} is missing; re-download or re-save the model")
     if not is_module:
         return
@@ -606,9 +720,14 @@ def weights_identity(path: Path) -> str:
     from .io import ReadError, weights_file_identity, weights_files
 
     entries = []
-    for name, value in sorted(read_model_index(path).items()):
+    if is_modular_folder(path):
+        subfolders = sorted(set(modular_components(path).values()))
+    else:
+        subfolders = [name for name, value in sorted(read_model_index(path).items())
+                      if not name.startswith("_") and isinstance(value, list)]
+    for name in subfolders:
         folder = path / name
-        if name.startswith("_") or not isinstance(value, list) or not folder.is_dir():
+        if not folder.is_dir():
             continue
         for file in weights_files(folder):
             try:
@@ -657,9 +776,19 @@ def describe_model(options: argparse.Namespace, request: Request, config_values,
         info = dataclasses.replace(info, base_height=request.base_size[0], base_width=request.base_size[1])
     config = build_config(options, config_values, info, request.base_size)
     info = with_base_size(info, config)
-    if request.true_cfg is not None and "true_cfg_scale" not in inspect.signature(type(pipe).__call__).parameters:
+    names = call_parameter_names(pipe)
+    if request.true_cfg is not None and "true_cfg_scale" not in names:
         raise CliError(f"--true-cfg {options.true_cfg}: {type(pipe).__name__} has no true classifier-free guidance "
                        "(true_cfg_scale); use --guidance, or leave --true-cfg out")
+    from .modular import is_modular
+
+    if is_modular(pipe):
+        if (request.guidance is not None and "guidance_scale" not in names
+                and getattr(pipe, "guider", None) is None):
+            raise CliError(f"--guidance {options.guidance}: {type(pipe).__name__} runs no guidance (it takes no "
+                           "guidance_scale and has no guider); leave --guidance out")
+        if options.negative is not None and "negative_prompt" not in names:
+            raise CliError(f"--negative: {type(pipe).__name__} takes no negative prompt; leave --negative out")
     path = local_model(options.model)
     scheduler = getattr(pipe, "scheduler", None)
     max_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
@@ -714,7 +843,7 @@ def _stage_plan(model: Model, height: int, width: int, steps: int, image_size: t
     """The stages an applied pipeline's call would plan (hires.runtime.stage_plan), from the configs."""
     from .runtime import StageRequest, stage_plan
 
-    parameters = tuple(inspect.signature(type(model.pipe).__call__).parameters)
+    parameters = call_parameter_names(model.pipe)
     request = StageRequest(height, width, steps, parameters=parameters, image_size=image_size, strength=strength)
     try:
         return stage_plan(model.info, model.config, request)
@@ -738,7 +867,10 @@ def _uses_cfg(model: Model, guidance: float | None, true_cfg: float | None) -> b
         return False
     name = family.guidance_scale_name
     scale = true_cfg if name == "true_cfg_scale" else guidance
-    if scale is None:
+    guider = getattr(model.pipe, "guider", None)
+    if scale is None and family.cfg_separate and guider is not None:  # a modular pipeline: its guider's scale
+        scale = guider.guidance_scale
+    elif scale is None:
         parameter = inspect.signature(type(model.pipe).__call__).parameters.get(name)
         scale = parameter.default if parameter is not None and isinstance(parameter.default, (int, float)) else None
     if scale is None or scale + family.guidance_scale_offset <= 1:
@@ -967,15 +1099,24 @@ class Renderer:
 
         import hires
 
+        from .modular import is_modular, loop_blocks
+
         self.model = model
         self.device = device
         self.dtype = str(dtype).removeprefix("torch.")
         pipe = model.pipe if not _is_skeleton(model.pipe) else load_pipeline(model.id, dtype)
         pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)  # Progress shows all stages in one display
+        self.modular = is_modular(pipe)
+        if self.modular:  # each denoise loop has its own bar (nested ones too)
+            for loop in loop_blocks(pipe._blocks):
+                loop.set_progress_bar_config(disable=True)
+        else:
+            pipe.set_progress_bar_config(disable=True)  # Progress shows all stages in one display
         hires.apply(pipe, model.config)
         self.pipe = pipe
-        self.call_parameters = inspect.signature(type(pipe).__call__).parameters
+        self.guider = getattr(pipe, "guider", None) if self.modular else None  # the folder's own, for items without
+        self.call_parameters = (call_parameter_names(pipe) if self.modular
+                                else inspect.signature(type(pipe).__call__).parameters)
 
     def render(self, job: Job, out: Path, progress: Progress, extra: dict[str, Any] | None = None,
                image=None, image_digest: str | None = None) -> None:
@@ -987,7 +1128,9 @@ class Renderer:
                                     **progress.callbacks(self.call_parameters))
         if job.negative is not None:
             call["negative_prompt"] = job.negative
-        if job.guidance is not None:
+        if self.guider is not None and "guidance_scale" not in self.call_parameters:
+            self._use_guider_scale(job.guidance)  # a modular pipeline's CFG scale is its guider's
+        elif job.guidance is not None:
             call["guidance_scale"] = job.guidance
         if job.true_cfg is not None:
             call["true_cfg_scale"] = job.true_cfg
@@ -1001,11 +1144,15 @@ class Renderer:
                 from .techniques.structure_guidance import guidance as progressive
 
                 result = progressive.generate(self.pipe, image=image, strength=job.strength, **call)
+            elif self.modular:
+                result = None
+                picture = self.pipe(**call, output="images")[0]
             else:
                 result = self.pipe(**call)
         except NonFiniteOutputError as err:
             raise RenderFailed(non_finite_message(err, job, self.model, self.dtype)) from None
-        picture = result.images[0]
+        if result is not None:
+            picture = result.images[0]
         config = self.model.config
         parameters = job.parameters(self.model, self.dtype, image_digest)
         record = {**dataclasses.asdict(job), "key": batch.parameters_key(parameters), "model": self.model.id,
@@ -1023,6 +1170,15 @@ class Renderer:
             where = f"the render is kept at {kept}" if kept else "it could not be kept anywhere either"
             raise RenderFailed(f"{out} could not be written ({err.strerror or err}); {where}", kept,
                                stops_batch=True) from None
+
+
+    def _use_guider_scale(self, scale: float | None) -> None:
+        """The folder's guider, at `scale` where one is given (a batch item without one gets the folder's)."""
+        guider = self.guider
+        if scale is not None and scale != guider.guidance_scale:
+            guider = type(guider).from_config({**guider.config, "guidance_scale": scale})
+        if self.pipe.guider is not guider:
+            self.pipe.update_components(guider=guider)
 
 
 # Each call argument the guard may blame, as the command line spells it.
@@ -1141,6 +1297,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def check_picture_size(model: Model, image, where: str) -> None:
+    from .modular import is_modular
+
+    if is_modular(model.pipe):
+        raise CliError(f"{where}: {type(model.pipe).__name__} is a Modular Diffusers pipeline, where hires' staged "
+                       "techniques refuse image-to-image calls; generate without a picture")
     unit = model.info.size_multiple
     if min(image.width, image.height) < unit:
         raise CliError(f"{where} is {image.width}x{image.height} pixels; an upscale starts from at least "
@@ -1165,7 +1326,7 @@ def print_plan(args, request: Request, config_values, device: str, dtype, image_
     path = local_model(args.model)
     if path is None:
         raise CliError(f"--dry-run reads configs only from a local pipeline folder; --model {args.model!r} is not one "
-                       "(no model_index.json)")
+                       f"(no {MODEL_INDEX} or {MODULAR_INDEX})")
     model = describe_model(args, request, config_values, load_pipeline_skeleton(path))
     check_steps_for_model(model, request.steps, "--steps")
     info, config = model.info, model.config
@@ -1452,7 +1613,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL),
-                        help="a saved diffusers pipeline folder or a hub id (default: the embedded testbed model, "
+                        help="a saved diffusers pipeline folder (classic or Modular Diffusers) or a hub id "
+                             "(default: the embedded testbed model, "
                              "hires/assets/testbed_sd15)")
     parser.add_argument("--negative", default=None, help="negative prompt")
     parser.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels (default: the model's base size)")

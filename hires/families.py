@@ -682,14 +682,16 @@ def detect_family(pipe) -> Family:
 
 
 # A model folder may record its training size where its pipeline class cannot tell it: this file,
-# beside model_index.json, holding {"base_size": [height, width]} in pixels.
+# beside model_index.json (or modular_model_index.json), holding {"base_size": [height, width]} in pixels.
 BASE_SIZE_FILE = "hires.json"
 
 
 def recorded_base_size(pipe) -> tuple[int, int] | None:
     """The base size (pixels) recorded in the folder `pipe` was loaded from, if any."""
-    folder = _config_value(getattr(pipe, "config", {}), "_name_or_path")
-    path = Path(folder) / BASE_SIZE_FILE if folder else None
+    # a ModularPipeline keeps the folder it was loaded from as an attribute, not in its config
+    folder = (_config_value(getattr(pipe, "config", {}), "_name_or_path")
+              or getattr(pipe, "_pretrained_model_name_or_path", None))
+    path = Path(folder) / BASE_SIZE_FILE if isinstance(folder, (str, Path)) and folder else None
     if path is None or not path.is_file():
         return None
     try:

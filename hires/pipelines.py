@@ -7,6 +7,12 @@ Each class is its diffusers base class plus one call argument, `hires_config`. W
 config of the last call stays (the first call uses the family's automatic preset, hires.presets;
 `hires_config=HiresConfig()` turns every technique off). Being their own `__call__`,
 they also reject sizes diffusers would silently replace (0 means "default" to diffusers).
+
+The Modular Diffusers pipeline classes have theirs too, loaded as diffusers loads them:
+
+    pipe = hires.HiresFlux3ModularPipeline.from_pretrained(path)   # or (blocks=..., ...) as the base class
+    pipe.load_components(torch_dtype=torch.bfloat16)
+    images = pipe(prompt=..., height=2048, width=2048, output="images", hires_config=hires.HiresConfig(...))
 """
 
 from __future__ import annotations
@@ -15,14 +21,24 @@ import inspect
 
 from diffusers import (
     ChromaPipeline,
+    Flux2KleinBaseModularPipeline,
+    Flux2KleinModularPipeline,
     Flux2KleinPipeline,
+    Flux2ModularPipeline,
     Flux2Pipeline,
+    Flux3DistilledModularPipeline,
+    Flux3ModularPipeline,
+    FluxModularPipeline,
     FluxPipeline,
     PixArtSigmaPipeline,
+    QwenImageModularPipeline,
     QwenImagePipeline,
+    StableDiffusion3ModularPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLModularPipeline,
     StableDiffusionXLPipeline,
+    ZImageModularPipeline,
     ZImagePipeline,
 )
 
@@ -30,14 +46,19 @@ from .config import HiresConfig, validate_size
 from .runtime import apply, get_attachment
 
 
+def _attach(pipe, hires_config: HiresConfig | None):
+    """hires on `pipe` with `hires_config`, or with the config it has (the automatic preset at first)."""
+    attachment = get_attachment(pipe)
+    if hires_config is not None and (attachment is None or attachment.config != hires_config):
+        apply(pipe, hires_config)
+    elif attachment is None:
+        apply(pipe)
+    return get_attachment(pipe).info
+
+
 class HiresPipelineMixin:
     def __call__(self, *args, hires_config: HiresConfig | None = None, **kwargs):
-        attachment = get_attachment(self)
-        if hires_config is not None and (attachment is None or attachment.config != hires_config):
-            apply(self, hires_config)
-        elif attachment is None:
-            apply(self)
-        info = get_attachment(self).info
+        info = _attach(self, hires_config)
         # By name or by position: diffusers turns height=0 into its default size before hires sees it.
         base_call = super().__call__
         try:
@@ -80,6 +101,8 @@ class HiresFlux2KleinPipeline(HiresPipelineMixin, Flux2KleinPipeline):
 
 class HiresChromaPipeline(HiresPipelineMixin, ChromaPipeline):
     """ChromaPipeline with hires."""
+
+
 class HiresQwenImagePipeline(HiresPipelineMixin, QwenImagePipeline):
     """QwenImagePipeline with hires."""
 
@@ -87,6 +110,71 @@ class HiresQwenImagePipeline(HiresPipelineMixin, QwenImagePipeline):
 class HiresZImagePipeline(HiresPipelineMixin, ZImagePipeline):
     """ZImagePipeline (Z-Image and Z-Image Turbo) with hires."""
 
+
+class HiresModularPipelineMixin:
+    """A Modular Diffusers pipeline class plus `hires_config`, kept as for the classic ones. hires attaches on the
+    first call, so the graph may be edited and the components loaded (`load_components`) in between."""
+
+    def __call__(self, state=None, output=None, hires_config: HiresConfig | None = None, **kwargs):
+        info = _attach(self, hires_config)
+        for side in ("height", "width"):
+            if kwargs.get(side) is not None:
+                validate_size(side, kwargs[side], info.size_multiple, info.name)
+        return super().__call__(state, output, **kwargs)
+
+
+class HiresStableDiffusionXLModularPipeline(HiresModularPipelineMixin, StableDiffusionXLModularPipeline):
+    """StableDiffusionXLModularPipeline with hires."""
+
+
+class HiresStableDiffusion3ModularPipeline(HiresModularPipelineMixin, StableDiffusion3ModularPipeline):
+    """StableDiffusion3ModularPipeline with hires."""
+
+
+class HiresFluxModularPipeline(HiresModularPipelineMixin, FluxModularPipeline):
+    """FluxModularPipeline with hires."""
+
+
+class HiresFlux2ModularPipeline(HiresModularPipelineMixin, Flux2ModularPipeline):
+    """Flux2ModularPipeline (Flux.2 [dev]) with hires."""
+
+
+class HiresFlux2KleinModularPipeline(HiresModularPipelineMixin, Flux2KleinModularPipeline):
+    """Flux2KleinModularPipeline (Flux.2 [klein], step-distilled) with hires."""
+
+
+class HiresFlux2KleinBaseModularPipeline(HiresModularPipelineMixin, Flux2KleinBaseModularPipeline):
+    """Flux2KleinBaseModularPipeline (Flux.2 [klein] base) with hires."""
+
+
+class HiresQwenImageModularPipeline(HiresModularPipelineMixin, QwenImageModularPipeline):
+    """QwenImageModularPipeline with hires."""
+
+
+class HiresZImageModularPipeline(HiresModularPipelineMixin, ZImageModularPipeline):
+    """ZImageModularPipeline with hires."""
+
+
+class HiresFlux3ModularPipeline(HiresModularPipelineMixin, Flux3ModularPipeline):
+    """Flux3ModularPipeline with hires."""
+
+
+class HiresFlux3DistilledModularPipeline(HiresModularPipelineMixin, Flux3DistilledModularPipeline):
+    """Flux3DistilledModularPipeline (Flux 3's flow-map distilled model) with hires."""
+
+
+READY_MODULAR_PIPELINES = (
+    HiresStableDiffusionXLModularPipeline,
+    HiresStableDiffusion3ModularPipeline,
+    HiresFluxModularPipeline,
+    HiresFlux2ModularPipeline,
+    HiresFlux2KleinModularPipeline,
+    HiresFlux2KleinBaseModularPipeline,
+    HiresQwenImageModularPipeline,
+    HiresZImageModularPipeline,
+    HiresFlux3ModularPipeline,
+    HiresFlux3DistilledModularPipeline,
+)
 
 READY_PIPELINES = (
     HiresStableDiffusionPipeline,

@@ -2,7 +2,8 @@
 same image through (a) `hires.apply` on the plain diffusers pipeline, (b) the ready pipeline class,
 (c) the community-pipeline file and (d) `hires generate`; and it really runs above the base size.
 Also: `from_pipe` siblings sharing one denoiser, and the ready pipelines' bit-identity with plain
-diffusers under `HiresConfig()`.
+diffusers under `HiresConfig()`. The Modular Diffusers pipelines' surfaces (Flux 3's only ones among them):
+tests/test_modular_surfaces.py, and their custom-block folder in tests/test_modular.py.
 
 Each family's tiny pipeline is saved once per session and every surface loads it from there (a
 reloaded tiny Flux differs from the in-memory one by ~2e-6). Tests share only those read-only

@@ -8,6 +8,7 @@ Flux.2 and the Flux 3 distilled model have no guider.
 from __future__ import annotations
 
 import torch
+from transformers import ProcessorMixin
 
 import tiny_models as tm
 
@@ -47,24 +48,26 @@ CALL_KWARGS = {
     "flux3_distilled": {"text_encoder_out_layers": (1, 2)},
 }
 FLUX3_HIDDEN = 16
+# The text encoder's hidden layers Flux 3 stacks when the call names none (its text encoder step's default): a
+# saved tiny Flux 3 has that many layers, so the command line, which passes no such argument, can run it.
+FLUX3_DEFAULT_OUT_LAYERS = (4, 8, 12, 16, 20, 24, 28, 32)
 
 
-class ChatTokenizer:
-    """What Flux 3's text encoder step needs of its `tokenizer` (an AutoProcessor in real checkpoints)."""
+class ChatProcessor(ProcessorMixin):
+    """What Flux 3's text encoder step needs of its `tokenizer` (a Qwen3-VL AutoProcessor in real checkpoints, whose
+    image processor needs torchvision): a processor holding the tokenizer and the chat template, which
+    `save_pretrained` writes and `from_pretrained` reads back (the saved folder names this module as its library)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return self.tokenizer.apply_chat_template(messages, tokenize=tokenize,
-                                                  add_generation_prompt=add_generation_prompt)
+    def __init__(self, tokenizer=None, chat_template=None):
+        super().__init__(tokenizer, chat_template=chat_template)
 
 
-def make_qwen3_vl():
+def make_qwen3_vl(layers: int = 2):
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    text = dict(vocab_size=len(tm.WORDS) + 4, hidden_size=FLUX3_HIDDEN, intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512, pad_token_id=0,
+    text = dict(vocab_size=len(tm.WORDS) + 4, hidden_size=FLUX3_HIDDEN, intermediate_size=32,
+                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                max_position_embeddings=512, pad_token_id=0,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
     vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=FLUX3_HIDDEN,
                   deepstack_visual_indexes=[0], num_position_embeddings=16)
@@ -73,24 +76,25 @@ def make_qwen3_vl():
     return Qwen3VLForConditionalGeneration(config).eval()
 
 
-def make_flux3_transformer(flow_map: bool = False):
+def make_flux3_transformer(flow_map: bool = False, text_layers: int | None = None):
     from diffusers import Flux3Transformer2DModel
 
+    text_layers = len(CALL_KWARGS["flux3"]["text_encoder_out_layers"]) if text_layers is None else text_layers
     # in_channels = 4 x the VAE's 4 latent channels (2x2 patches); the RoPE axes sum to the head dimension
     return Flux3Transformer2DModel(in_channels=16, cond_in_channels=16, num_layers=1, num_single_layers=1,
                                    attention_head_dim=16, num_attention_heads=2,
-                                   joint_attention_dim=len(CALL_KWARGS["flux3"]["text_encoder_out_layers"])
-                                   * FLUX3_HIDDEN, timestep_channels=32, axes_dims_rope=(4, 4, 4, 4),
-                                   flow_map=flow_map).eval()
+                                   joint_attention_dim=text_layers * FLUX3_HIDDEN, timestep_channels=32,
+                                   axes_dims_rope=(4, 4, 4, 4), flow_map=flow_map).eval()
 
 
-def _flux3_components(distilled: bool) -> dict:
+def _flux3_components(distilled: bool, default_layers: bool = False) -> dict:
     torch.manual_seed(0)
     tokenizer = tm.make_tokenizer(tm.TEXT_LEN)
-    # role markers, so the empty negative prompt still has tokens
-    tokenizer.chat_template = tm.CHAT_TEMPLATE
-    return dict(transformer=make_flux3_transformer(distilled), vae=tm.make_flux2_vae(), text_encoder=make_qwen3_vl(),
-                tokenizer=ChatTokenizer(tokenizer))
+    taps = len(FLUX3_DEFAULT_OUT_LAYERS) if default_layers else None
+    encoder = make_qwen3_vl(max(FLUX3_DEFAULT_OUT_LAYERS)) if default_layers else make_qwen3_vl()
+    # the chat template's role markers, so the empty negative prompt still has tokens
+    return dict(transformer=make_flux3_transformer(distilled, taps), vae=tm.make_flux2_vae(), text_encoder=encoder,
+                tokenizer=ChatProcessor(tokenizer, chat_template=tm.CHAT_TEMPLATE))
 
 
 def blocks(family: str):
@@ -112,11 +116,12 @@ def components(family: str, classic=None) -> dict:
     return {k: v for k, v in classic.components.items() if v is not None}
 
 
-def init(graph, family: str, parts: dict):
-    """`graph.init_pipeline()` given `parts` (the names its blocks expect) and the family's guider."""
+def init(graph, family: str, parts: dict, cls=None):
+    """`graph.init_pipeline()` (or the pipeline class `cls` on `graph`) given `parts` (the names its blocks expect)
+    and the family's guider."""
     from diffusers import ClassifierFreeGuidance
 
-    pipe = graph.init_pipeline()
+    pipe = graph.init_pipeline() if cls is None else cls(blocks=graph)
     pipe.update_components(**{k: v for k, v in parts.items() if k in pipe.component_names})
     if family in GUIDERS:
         pipe.update_components(guider=ClassifierFreeGuidance(**GUIDERS[family]))
@@ -146,6 +151,14 @@ def shared_parts(pipe) -> dict:
 def build(family: str, classic=None):
     """The tiny modular pipeline of `family`."""
     return init(blocks(family), family, components(family, classic))
+
+
+def build_for_folder(family: str):
+    """The tiny modular pipeline of `family` that a saved folder holds for callers that pass only prompt, size,
+    steps and seed (the command line): Flux 3 with a text encoder deep enough for its default layer taps."""
+    if family.startswith("flux3"):
+        return init(blocks(family), family, _flux3_components(family == "flux3_distilled", default_layers=True))
+    return build(family)
 
 
 def generate(pipe, family: str, size: int = 64, steps: int = 2, seed: int = 0, **overrides) -> torch.Tensor:

@@ -20,11 +20,12 @@ from .blocks import (
     HiresStagesStep,
     attach,
     check_guider,
+    drop_unloaded_steps,
     is_modular,
     loop_blocks,
     modular_info,
     save_block_folder,
 )
 
-__all__ = ["BLOCK_FILE", "HiresStagesStep", "attach", "check_guider", "is_modular", "loop_blocks", "modular_info",
-           "save_block_folder"]
+__all__ = ["BLOCK_FILE", "HiresStagesStep", "attach", "check_guider", "drop_unloaded_steps", "is_modular",
+           "loop_blocks", "modular_info", "save_block_folder"]

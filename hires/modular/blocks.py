@@ -36,6 +36,20 @@ def is_modular(pipe) -> bool:
     return isinstance(pipe, ModularPipeline)
 
 
+def drop_unloaded_steps(pipe) -> list[str]:
+    """Take out of `pipe`'s graph each top-level step whose every model (its `from_pretrained` components) the
+    pipeline has not loaded, and return their names. A saved pipeline comes back with its graph class's full
+    graph: Flux 3's begins with a prompt upsampler, a model of its own that its folder need not hold; without it
+    the prompt is encoded as given (diffusers' own advice: pop that step)."""
+    dropped = []
+    for name, block in list(pipe._blocks.sub_blocks.items()):
+        models = [spec.name for spec in block.expected_components if spec.default_creation_method == "from_pretrained"]
+        if models and all(getattr(pipe, model, None) is None for model in models):
+            pipe._blocks.sub_blocks.pop(name)
+            dropped.append(name)
+    return dropped
+
+
 def _plain_cfg(guider) -> bool:
     """A guider whose combination hires' guidance hook can stand in for: classic CFG without rescaling, on every
     step (a step window would run the cond pass alone on some steps, and the hook pairs cond and uncond passes)."""
