@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 _READY_PIPELINES = (
     "HiresChromaPipeline",
+    "HiresErnieImagePipeline",
     "HiresFlux2KleinPipeline",
     "HiresFlux2Pipeline",
     "HiresFluxPipeline",

@@ -89,6 +89,10 @@ class LatentLayout:
     statistics_scaled: bool = True
     # Flux.2: v is z patchified 2x2, denormalised by the VAE's batch-norm running statistics, un-patchified.
     batch_norm_patches: bool = False
+    # ERNIE-Image: z is already the patchified latent (4C channels at half the VAE latent's side), and the
+    # pipeline adds this eps to the running variance instead of the VAE config's batch_norm_eps (None: that one).
+    patchified: bool = False
+    batch_norm_eps: float | None = None
 
     @property
     def packed(self) -> bool:
@@ -124,6 +128,9 @@ PACKED_SHAPES = LatentLayout(patch_size=2, packed_grid="img_shapes", id_axes=(No
                              channel_statistics=True, statistics_scaled=False)
 # Z-Image: patchified 2x2 inside the transformer; RoPE ids: axis 0 the sequence, axes 1 and 2 row and column.
 FRAME_LIST = LatentLayout(patch_size=2, id_axes=(None, "height", "width"), frame_list=True, shift=True)
+# ERNIE-Image: the Flux.2 VAE latent patchified 2x2 and normalised by the pipeline itself (ErnieImagePipeline's
+# decode: z * sqrt(running_var + 1e-5) + running_mean, then un-patchified); the denoiser takes it spatial.
+PATCHIFIED_BATCH_NORM = LatentLayout(batch_norm_patches=True, patchified=True, batch_norm_eps=1e-5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +235,8 @@ class Family:
     vae: VAEKind = STANDARD_VAE
     # Why hires cannot rewrite this family's attention (None: it can): entropy scaling and windows refuse with it.
     attention_unsupported: str | None = None
+    # Why hires cannot rescale this family's positions (None: it can): PositionConfig refuses with it.
+    positions_unsupported: str | None = None
     # The denoiser's timestep parameter (Z-Image's transformer calls it `t`).
     timestep_argument: str = "timestep"
     # Batched CFG: whether the pipeline stacks [cond, uncond] (Z-Image) instead of [uncond, cond], and
@@ -241,6 +250,9 @@ class Family:
     # The family whose automatic preset (hires.presets.PRESETS) this one runs, where that family's evidence
     # stands for it; None: the preset of its own name.
     automatic_preset: str | None = None
+    # Whether __call__ draws its first latents itself with its module's randn_tensor (ErnieImagePipeline)
+    # instead of through a prepare_latents method.
+    latents_drawn_inline: bool = False
 
     @property
     def is_unet(self) -> bool:
@@ -523,6 +535,40 @@ FAMILIES: tuple[Family, ...] = (
             "sequences padded to multiples of 32 with learned pad tokens that stay keys, so the image "
             "token grid and key counts hires rescales are not what the layer sees"
         ),
+    ),
+    # ERNIE-Image: single-stream DiT over [image, text] on the Flux.2 VAE latent the pipeline patchifies 2x2
+    # (pipe.vae_scale_factor 16, transformer patch 1); RoPE ids (text length, row, column), theta 256; CFG batched
+    # [uncond, cond] at guidance_scale > 1; the pipeline passes its own sigmas and no mu (the scheduler's static
+    # shift). No default_sample_size: its __call__ defaults to 1024 px. Its attention module hands the processor
+    # the text key-padding mask as the second positional argument and the model has no attn_processors.
+    Family(
+        name="ernie_image",
+        pipeline_classes=("ErnieImagePipeline",),
+        denoiser_attr="transformer",
+        denoiser_class="ErnieImageTransformer2DModel",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        base_latent_default=64,
+        prediction_source="flow",
+        layout=PATCHIFIED_BATCH_NORM,
+        text_tokens=512,
+        timestep_input_scale=1.0,
+        position_encoding="rope_text_offset",
+        attention_masked=(
+            "ErnieImagePipeline's transformer masks the padded text keys (batch, 1, 1, image + text tokens) in every "
+            "attention call; scale fusion's branches and dilated sampling's sub-lattice pass do not carry it"
+        ),
+        attention_unsupported=(
+            "ERNIE-Image's attention (ErnieImageSingleStreamAttnProcessor) is called with the mask and the RoPE "
+            "angles as positional arguments on a model without attn_processors, which hires' attention rewrite "
+            "does not read"
+        ),
+        positions_unsupported=(
+            "ERNIE-Image's RoPE (ErnieImageEmbedND3) hands its attention raw angles of (text length, row, column) "
+            "ids, which none of hires' position hooks rescales"
+        ),
+        automatic_preset="zimage",  # Flux's preset without windows (its attention cannot be rewritten)
+        latents_drawn_inline=True,
     ),
 )
 

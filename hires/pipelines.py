@@ -15,6 +15,7 @@ import inspect
 
 from diffusers import (
     ChromaPipeline,
+    ErnieImagePipeline,
     Flux2KleinPipeline,
     Flux2Pipeline,
     FluxPipeline,
@@ -88,6 +89,10 @@ class HiresZImagePipeline(HiresPipelineMixin, ZImagePipeline):
     """ZImagePipeline (Z-Image and Z-Image Turbo) with hires."""
 
 
+class HiresErnieImagePipeline(HiresPipelineMixin, ErnieImagePipeline):
+    """ErnieImagePipeline (ERNIE-Image) with hires."""
+
+
 READY_PIPELINES = (
     HiresStableDiffusionPipeline,
     HiresStableDiffusionXLPipeline,
@@ -99,4 +104,5 @@ READY_PIPELINES = (
     HiresChromaPipeline,
     HiresQwenImagePipeline,
     HiresZImagePipeline,
+    HiresErnieImagePipeline,
 )

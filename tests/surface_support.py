@@ -36,12 +36,14 @@ READY = {
     "chroma": ("HiresChromaPipeline", "hires_chroma.py"),
     "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
     "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
+    "ernie_image": ("HiresErnieImagePipeline", "hires_ernie_image.py"),
 }
 UNETS = ("sd15", "sd21", "sdxl")
+# The DiTs whose positions PositionConfig rescales (ERNIE-Image's RoPE ids it does not know).
 DITS = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")
 # Pipelines that hard-code their base (default_sample_size 128: 1024 px) where the tiny models' is 64 px:
 # a copy loaded from disk needs the tiny model's 64 px base set on it (or given as HiresConfig.base_size).
-PIPELINE_BASE = ("flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")
+PIPELINE_BASE = ("flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage", "ernie_image")
 FIXED_BASE = PIPELINE_BASE  # fam-flux2's name for the same set
 # Families whose pipeline never runs classifier-free guidance (APG does not apply).
 NO_CFG = ("flux2",)
@@ -50,11 +52,11 @@ TRUE_CFG = ("flux", "qwenimage")
 # Families whose VAE hires cannot tile (VAETilingConfig and MemoryConfig refuse them).
 UNTILEABLE_VAE = ("qwenimage",)
 # Families whose attention hires cannot rewrite (EntropyScalingConfig and WindowAttentionConfig refuse them).
-NO_ATTENTION_REWRITE = ("zimage",)
+NO_ATTENTION_REWRITE = ("zimage", "ernie_image")
 # Families whose pipeline passes an attention mask (ScaleFusionConfig and DilatedSamplingConfig refuse them).
-MASKED_ATTENTION = ("chroma",)
+MASKED_ATTENTION = ("chroma", "ernie_image")
 # Families whose blocks have no diffusers feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 there).
-NO_FEED_FORWARD_CHUNKS = ("flux", "flux2", "flux2_klein", "chroma", "zimage")
+NO_FEED_FORWARD_CHUNKS = ("flux", "flux2", "flux2_klein", "chroma", "zimage", "ernie_image")
 PRESET = "preset"  # hires.apply(pipe) without a config / no hires_config / --preset auto
 
 # Options per family that make PositionConfig change the computation at 2x (its defaults do not for

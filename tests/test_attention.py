@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 import types
 
 import pytest
@@ -312,10 +313,11 @@ def _refused(family) -> bool:
     """Whether the family's attention is one hires refuses to rewrite (Z-Image): checked, so the caller
     can stop there."""
     pipe = build(family)
-    if not hires.model_info(pipe).family.attention_unsupported:
+    reason = hires.model_info(pipe).family.attention_unsupported
+    if not reason:
         return False
     for config in (hires.HiresConfig(entropy_scaling=ENTROPY), hires.HiresConfig(window_attention=WINDOWS)):
-        with pytest.raises(ValueError, match=r"does not apply to family .*single-stream attention"):
+        with pytest.raises(ValueError, match=rf"does not apply to family '{family}': {re.escape(reason)}"):
             hires.apply(pipe, config)
         assert not hires.is_applied(pipe)
     return True

@@ -19,6 +19,7 @@ from tiny_models import build, generate
         ("qwenimage", (40, 64), r"height=40 is not a multiple of 16.*qwenimage.*use 32 or 48"),
         # ZImagePipeline has no check_inputs for hires to wrap: its own first check names the multiple
         ("zimage", (64, 72), r"Width must be divisible by 16 \(got 72\)"),
+        ("ernie_image", (64, 72), r"Height and width must be divisible by 16"),  # nor has ErnieImagePipeline
     ],
 )
 def test_sizes_the_family_cannot_do(family, size, message):

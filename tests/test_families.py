@@ -19,7 +19,10 @@ EXPECTED = {
     "chroma": (64, 16, "flow"),
     "qwenimage": (64, 16, "flow"),
     "zimage": (64, 16, "flow"),
+    "ernie_image": (64, 16, "flow"),
 }
+# Families whose pipeline's vae_scale_factor counts a 2x2 patchify beside the VAE's own 8x (ERNIE-Image).
+X16_LATENT = ("ernie_image",)
 
 
 def test_each_family_is_recognised_with_facts_read_from_its_configs(family):
@@ -27,7 +30,7 @@ def test_each_family_is_recognised_with_facts_read_from_its_configs(family):
     base, multiple, prediction = EXPECTED[family]
     assert info.name == family
     assert (info.base_height, info.base_width) == (base, base)
-    assert info.latent_factor == 8
+    assert info.latent_factor == (16 if family in X16_LATENT else 8)
     assert info.size_multiple == multiple
     assert info.prediction_type == prediction
 

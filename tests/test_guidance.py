@@ -20,7 +20,7 @@ def cfg_scale(family):
     """The CFG scale of `family`'s call with cfg_kwargs (uncond + w (cond - uncond)); Z-Image's
     guidance_scale 3 combines cond + 3 (cond - uncond): w = 4."""
     return (TRUE_CFG["true_cfg_scale"] if family in CFG_ARGUMENTS
-            else {"pixart": 4.5, "flux2_klein": 4.0, "zimage": 4.0}.get(family, 5.0))
+            else {"pixart": 4.5, "flux2_klein": 4.0, "zimage": 4.0, "ernie_image": 4.0}.get(family, 5.0))
 
 
 def pipeline_rescale(family, guided, cond):

@@ -22,6 +22,7 @@ READY = {
     "chroma": ("HiresChromaPipeline", "hires_chroma.py"),
     "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
     "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
+    "ernie_image": ("HiresErnieImagePipeline", "hires_ernie_image.py"),
 }
 
 
@@ -40,8 +41,8 @@ def test_ready_pipeline_from_pipe_matches_plain_and_takes_a_hires_config(family)
     assert hires.runtime.get_attachment(ready).config == automatic_config(hires.model_info(ready))
     assert torch.equal(generate(ready, family, 128, hires_config=hires.HiresConfig()), expected)
     config = hires.HiresConfig(entropy_scaling=hires.EntropyScalingConfig(enabled=True))
-    if hires.model_info(ready).family.attention_unsupported:  # Z-Image: entropy scaling is refused there
-        config = hires.HiresConfig(positions=hires.PositionConfig(enabled=True))
+    if hires.model_info(ready).family.attention_unsupported:  # Z-Image, ERNIE-Image: entropy scaling is refused
+        config = hires.HiresConfig(bottleneck=hires.BottleneckConfig(enabled=True))
     generate(ready, family, 128, hires_config=config)
     assert hires.runtime.get_attachment(ready).config == config
     with pytest.raises(ValueError, match="height=0 must be positive"):
@@ -64,7 +65,7 @@ def test_community_pipeline_file_loads_a_saved_tiny_pipeline(family, tmp_path):
     )
     loaded.set_progress_bar_config(disable=True)
     if family in FIXED_BASE:  # these pipelines hard-code a 1024 px base; the tiny model's is 64 px
-        loaded.default_sample_size = plain.default_sample_size = 8
+        loaded.default_sample_size = plain.default_sample_size = 64 // plain.vae_scale_factor
     assert type(loaded).__name__ == READY[family][0]
     assert isinstance(loaded, hires.pipelines.HiresPipelineMixin)
     assert torch.equal(generate(loaded, family, 64), expected)  # base size: the automatic preset is inert

@@ -76,7 +76,7 @@ def _prepare(pipe, family: str):
     pipe.set_progress_bar_config(disable=True)
     if family in PIPELINE_BASE:
         # FluxPipeline hard-codes default_sample_size 128 (1024 px); the tiny model's base is 64 px.
-        pipe.default_sample_size = BASE // 8
+        pipe.default_sample_size = BASE // pipe.vae_scale_factor
     return pipe
 
 

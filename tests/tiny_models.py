@@ -503,6 +503,49 @@ def zimage_pipeline():
     return pipe
 
 
+def make_mistral3_model(hidden: int = 16, layers: int = 3):
+    """Mistral3Model (ERNIE-Image's text encoder; the pipeline reads hidden_states[-2]) from a small config."""
+    from transformers import Mistral3Config, Mistral3Model
+
+    config = Mistral3Config(
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 16, "head_dim": 8},
+        text_config={"model_type": "mistral", "vocab_size": len(WORDS) + 4, "hidden_size": hidden,
+                     "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 1024, "pad_token_id": 0},
+        image_token_index=1,
+    )
+    return Mistral3Model(config).eval()
+
+
+def ernie_image_pipeline():
+    from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _seed(0)
+    transformer = ErnieImageTransformer2DModel(
+        hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=64,
+        in_channels=16, out_channels=16,  # the 4 Flux.2 VAE channels, patchified 2x2 by the pipeline
+        patch_size=1, text_in_dim=16, rope_theta=256, rope_axes_dim=(4, 6, 6),
+    ).eval()
+    # ERNIE-Image zero-initialises its modulation and output layers: random small ones make the output depend
+    # on the input.
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for module in (transformer.adaLN_modulation[-1], transformer.final_linear):
+            module.weight.copy_(0.2 * torch.randn(module.weight.shape, generator=generator))
+    pipe = ErnieImagePipeline(
+        transformer=transformer,
+        vae=make_flux2_vae(),
+        text_encoder=make_mistral3_model(16),
+        tokenizer=make_tokenizer(TEXT_LEN),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=4.0),  # ERNIE-Image's static shift
+    )
+    # ErnieImagePipeline has no default_sample_size (its __call__ defaults to 1024 px); the x16 latent of this
+    # tiny model is 4x4 at its 64 px base.
+    pipe.default_sample_size = BASE_LATENT // 2
+    return pipe
+
+
 BUILDERS = {
     "sd15": lambda: sd_pipeline(linear_projection=False),
     "sd21": lambda: sd_pipeline(linear_projection=True, prediction_type="v_prediction"),
@@ -515,6 +558,7 @@ BUILDERS = {
     "chroma": chroma_pipeline,
     "qwenimage": qwenimage_pipeline,
     "zimage": zimage_pipeline,
+    "ernie_image": ernie_image_pipeline,
 }
 
 # Call arguments each family needs on top of prompt/size/steps (text lengths kept tiny).
@@ -532,6 +576,7 @@ CALL_KWARGS = {
     "qwenimage": {"true_cfg_scale": 1.0, "max_sequence_length": TEXT_LEN},
     # Z-Image (base) runs CFG as cond + s (cond - uncond); Turbo runs s = 0.
     "zimage": {"guidance_scale": 3.0, "max_sequence_length": TEXT_LEN},
+    "ernie_image": {"guidance_scale": 4.0},  # no prompt rewriter (pe) in the tiny model
 }
 
 FAMILY_NAMES = tuple(BUILDERS)

@@ -154,6 +154,12 @@ class _Pending:
     latents_done: bool = False
 
 
+def _pipeline_module(pipe, family):
+    """The module of the family's diffusers pipeline class `pipe` is (or subclasses)."""
+    cls = next(c for c in type(pipe).__mro__ if c.__name__ in family.pipeline_classes)
+    return sys.modules[cls.__module__]
+
+
 class StageEngine:
     """One per attachment: owns encode_prompt / prepare_latents and, during a run, the scheduler."""
 
@@ -170,7 +176,12 @@ class StageEngine:
         self._scheduler_shadows: list = []
         attachment.shadow(self.pipe, ENGINE_ATTRIBUTE, self)  # found by `planner_of`, taken out by hires.remove
         attachment.wrap_method(self.pipe, "encode_prompt", self._wrap_encode_prompt)
-        attachment.wrap_method(self.pipe, "prepare_latents", self._wrap_prepare_latents)
+        if self.info.family.latents_drawn_inline:
+            # the pipeline's own module function its __call__ draws them with; calls of other pipelines pass through
+            attachment.wrap_method(_pipeline_module(self.pipe, self.info.family), "randn_tensor",
+                                   self._wrap_prepare_latents)
+        else:
+            attachment.wrap_method(self.pipe, "prepare_latents", self._wrap_prepare_latents)
         if hasattr(self.pipe, "prepare_image") and "control_image" in attachment.calls.parameters:
             attachment.wrap_method(self.pipe, "prepare_image", _wrap_prepare_image)
 

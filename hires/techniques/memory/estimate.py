@@ -291,6 +291,20 @@ def _zimage_inputs(model, family, batch, latent_h, latent_w, dtype):
     )
 
 
+def _ernie_image_inputs(model, family, batch, latent_h, latent_w, dtype):
+    config = model.config
+    # Its RoPE turns autocast off for the ids' device type, which torch has none of for "meta": the angles (a
+    # few bytes per token) come as an empty tensor of their shape, (batch, tokens, 1, head dim).
+    head_dim = 2 * sum(model.pos_embed.axes_dim) // 2
+    model.pos_embed.forward = lambda ids: torch.empty(*ids.shape[:-1], 1, head_dim, device=ids.device)
+    return dict(
+        hidden_states=torch.empty(batch, config.in_channels, latent_h, latent_w, dtype=dtype),
+        timestep=torch.empty(batch),
+        text_bth=torch.empty(batch, family.text_tokens, config.text_in_dim, dtype=dtype),
+        text_lens=torch.full((batch,), family.text_tokens, dtype=torch.long),
+    )
+
+
 # Denoisers whose inputs are their own; the others take their layout's (a new family of Flux's layout
 # needs no entry here).
 DENOISER_INPUTS = {
@@ -298,6 +312,7 @@ DENOISER_INPUTS = {
     "PixArtTransformer2DModel": _pixart_inputs,
     "SD3Transformer2DModel": _sd3_inputs,
     "ZImageTransformer2DModel": _zimage_inputs,
+    "ErnieImageTransformer2DModel": _ernie_image_inputs,
 }
 LAYOUT_INPUTS = {"img_ids": _packed_ids_inputs, "img_shapes": _packed_shapes_inputs}
 
