@@ -21,6 +21,7 @@ _READY_PIPELINES = (
     "HiresFlux2KleinPipeline",
     "HiresFlux2Pipeline",
     "HiresFluxPipeline",
+    "HiresKrea2Pipeline",
     "HiresPixArtSigmaPipeline",
     "HiresQwenImagePipeline",
     "HiresStableDiffusion3Pipeline",

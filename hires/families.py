@@ -126,6 +126,10 @@ PACKED_IDS_BATCH_NORM = LatentLayout(patch_size=2, packed_grid="img_ids", id_axe
 # Qwen-Image: axis 0 counts frames (0 for an image); unscaled per-channel statistics.
 PACKED_SHAPES = LatentLayout(patch_size=2, packed_grid="img_shapes", id_axes=(None, "height", "width"),
                              channel_statistics=True, statistics_scaled=False)
+# Krea-2: Flux's 2x2 packing; position_ids (text rows, all zero, then (0, row, column) per image token, no batch
+# axis) give the grid; Qwen-Image's VAE and its unscaled per-channel statistics.
+PACKED_POSITION_IDS = LatentLayout(patch_size=2, packed_grid="position_ids", id_axes=(None, "height", "width"),
+                                   channel_statistics=True, statistics_scaled=False)
 # Z-Image: patchified 2x2 inside the transformer; RoPE ids: axis 0 the sequence, axes 1 and 2 row and column.
 FRAME_LIST = LatentLayout(patch_size=2, id_axes=(None, "height", "width"), frame_list=True, shift=True)
 # ERNIE-Image: the Flux.2 VAE latent patchified 2x2 and normalised by the pipeline itself (ErnieImagePipeline's
@@ -569,6 +573,43 @@ FAMILIES: tuple[Family, ...] = (
         ),
         automatic_preset="zimage",  # Flux's preset without windows (its attention cannot be rewritten)
         latents_drawn_inline=True,
+    ),
+    # Krea-2: single-stream DiT over [text, image] with a Qwen3-VL text encoder whose tapped layers its own text
+    # fusion blocks merge; Flux-style RoPE ids (theta 1000) in one position_ids tensor, text rows first. CFG as a
+    # cond call, then an uncond call, combined cond + s (cond - uncond) (on at s > 0); dynamic shift up to 6400
+    # tokens (distilled checkpoints: a fixed mu). No default_sample_size: its __call__ defaults to 1024 px.
+    Family(
+        name="krea2",
+        pipeline_classes=("Krea2Pipeline",),
+        denoiser_attr="transformer",
+        denoiser_class="Krea2Transformer2DModel",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        base_latent_default=128,
+        prediction_source="flow",
+        layout=PACKED_POSITION_IDS,
+        text_tokens=512,
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope",
+        guidance_layout="separate",
+        guidance_scale_name="guidance_scale",
+        guidance_scale_offset=1.0,
+        vae=QWEN_IMAGE_VAE,
+        attention_masked=(
+            "Krea2Pipeline always passes its fixed-length text padding mask, which the transformer turns into a key "
+            "mask (batch, 1, 1, text + image tokens) for every attention call; scale fusion's branches and dilated "
+            "sampling's sub-lattice pass do not carry it"
+        ),
+        attention_unsupported=(
+            "Krea-2's attention (Krea2AttnProcessor) is called with the mask and the RoPE as positional arguments, "
+            "and the same attention class runs its text-fusion blocks over the tapped text layers, which hires' "
+            "attention rewrite does not tell apart"
+        ),
+        positions_unsupported=(
+            "Krea-2's RoPE embedder (Krea2RotaryPosEmbed, theta 1000) is none of the embedders hires' RoPE hook "
+            "replaces (FluxPosEmbed, Flux2PosEmbed)"
+        ),
+        automatic_preset="krea2",
     ),
 )
 

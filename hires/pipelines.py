@@ -19,6 +19,7 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Pipeline,
     FluxPipeline,
+    Krea2Pipeline,
     PixArtSigmaPipeline,
     QwenImagePipeline,
     StableDiffusion3Pipeline,
@@ -93,6 +94,10 @@ class HiresErnieImagePipeline(HiresPipelineMixin, ErnieImagePipeline):
     """ErnieImagePipeline (ERNIE-Image) with hires."""
 
 
+class HiresKrea2Pipeline(HiresPipelineMixin, Krea2Pipeline):
+    """Krea2Pipeline (Krea-2) with hires."""
+
+
 READY_PIPELINES = (
     HiresStableDiffusionPipeline,
     HiresStableDiffusionXLPipeline,
@@ -105,4 +110,5 @@ READY_PIPELINES = (
     HiresQwenImagePipeline,
     HiresZImagePipeline,
     HiresErnieImagePipeline,
+    HiresKrea2Pipeline,
 )

@@ -37,24 +37,25 @@ READY = {
     "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
     "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
     "ernie_image": ("HiresErnieImagePipeline", "hires_ernie_image.py"),
+    "krea2": ("HiresKrea2Pipeline", "hires_krea2.py"),
 }
 UNETS = ("sd15", "sd21", "sdxl")
-# The DiTs whose positions PositionConfig rescales (ERNIE-Image's RoPE ids it does not know).
+# The DiTs whose positions PositionConfig rescales (ERNIE-Image's and Krea-2's RoPE embedders it does not know).
 DITS = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")
 # Pipelines that hard-code their base (default_sample_size 128: 1024 px) where the tiny models' is 64 px:
 # a copy loaded from disk needs the tiny model's 64 px base set on it (or given as HiresConfig.base_size).
-PIPELINE_BASE = ("flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage", "ernie_image")
+PIPELINE_BASE = ("flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage", "ernie_image", "krea2")
 FIXED_BASE = PIPELINE_BASE  # fam-flux2's name for the same set
 # Families whose pipeline never runs classifier-free guidance (APG does not apply).
 NO_CFG = ("flux2",)
 # Families that run CFG only as true CFG: APG needs true_cfg_scale and a negative prompt.
 TRUE_CFG = ("flux", "qwenimage")
 # Families whose VAE hires cannot tile (VAETilingConfig and MemoryConfig refuse them).
-UNTILEABLE_VAE = ("qwenimage",)
+UNTILEABLE_VAE = ("qwenimage", "krea2")
 # Families whose attention hires cannot rewrite (EntropyScalingConfig and WindowAttentionConfig refuse them).
-NO_ATTENTION_REWRITE = ("zimage", "ernie_image")
+NO_ATTENTION_REWRITE = ("zimage", "ernie_image", "krea2")
 # Families whose pipeline passes an attention mask (ScaleFusionConfig and DilatedSamplingConfig refuse them).
-MASKED_ATTENTION = ("chroma", "ernie_image")
+MASKED_ATTENTION = ("chroma", "ernie_image", "krea2")
 # Families whose blocks have no diffusers feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 there).
 NO_FEED_FORWARD_CHUNKS = ("flux", "flux2", "flux2_klein", "chroma", "zimage", "ernie_image")
 PRESET = "preset"  # hires.apply(pipe) without a config / no hires_config / --preset auto
@@ -129,7 +130,7 @@ def techniques_for(family: str) -> list[str]:
         names.append("apg")
     if family in DITS:
         names.append("positions")
-    if _family_record(family).position_encoding == "rope":
+    if family in DITS and _family_record(family).position_encoding == "rope":
         names.append("dype")
     names.append("skip_residual")
     record = _family_record(family)

@@ -28,6 +28,15 @@ def test_sizes_the_family_cannot_do(family, size, message):
         generate(pipe, family, size)
 
 
+def test_krea2_sizes_are_checked_before_the_pipeline_rounds_them_up():
+    # Krea2Pipeline rounds a size up to its multiple of 16 (with a warning) before its check_inputs; the ready
+    # pipeline checks the request first.
+    pipe = hires.HiresKrea2Pipeline.from_pipe(build("krea2"))
+    pipe.default_sample_size = 8
+    with pytest.raises(ValueError, match=r"width=72 is not a multiple of 16.*krea2.*use 64 or 80"):
+        generate(pipe, "krea2", (64, 72), hires_config=hires.HiresConfig())
+
+
 def test_unknown_call_arguments_are_errors_even_where_the_pipeline_swallows_them():
     pipe = hires.apply(build("pixart"), hires.HiresConfig())
     with pytest.raises(TypeError,

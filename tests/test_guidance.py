@@ -18,9 +18,10 @@ def cfg_kwargs(family):
 
 def cfg_scale(family):
     """The CFG scale of `family`'s call with cfg_kwargs (uncond + w (cond - uncond)); Z-Image's
-    guidance_scale 3 combines cond + 3 (cond - uncond): w = 4."""
+    guidance_scale 3 combines cond + 3 (cond - uncond): w = 4 (Krea-2's 4.5 likewise: 5.5)."""
     return (TRUE_CFG["true_cfg_scale"] if family in CFG_ARGUMENTS
-            else {"pixart": 4.5, "flux2_klein": 4.0, "zimage": 4.0, "ernie_image": 4.0}.get(family, 5.0))
+            else {"pixart": 4.5, "flux2_klein": 4.0, "zimage": 4.0, "ernie_image": 4.0,
+                  "krea2": 5.5}.get(family, 5.0))
 
 
 def pipeline_rescale(family, guided, cond):

@@ -23,6 +23,7 @@ READY = {
     "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
     "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
     "ernie_image": ("HiresErnieImagePipeline", "hires_ernie_image.py"),
+    "krea2": ("HiresKrea2Pipeline", "hires_krea2.py"),
 }
 
 

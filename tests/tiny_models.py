@@ -546,6 +546,49 @@ def ernie_image_pipeline():
     return pipe
 
 
+def make_qwen3_vl_model(hidden: int = 16, layers: int = 3):
+    """Qwen3VLModel (Krea-2's text encoder: the pipeline taps several of its hidden states) from a small config."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    text = dict(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                max_position_embeddings=1024, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    return Qwen3VLModel(Qwen3VLConfig(text_config=text, vision_config=vision)).eval()
+
+
+KREA2_TEXT_LAYERS = (1, 2, 3)  # the hidden states Krea2Pipeline taps (0 is the embedding output)
+
+
+def krea2_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+
+    _seed(0)
+    transformer = Krea2Transformer2DModel(
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=2, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+        timestep_embed_dim=16, text_hidden_dim=16, num_text_layers=len(KREA2_TEXT_LAYERS),
+        text_num_attention_heads=2, text_num_key_value_heads=2, text_intermediate_size=32,
+        num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    pipe = Krea2Pipeline(
+        # Krea-2's shift parameters (its docstring: dynamic, up to 6400 tokens), scaled to the tiny base's 16.
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                  max_image_seq_len=100, base_shift=0.5, max_shift=1.15),
+        vae=make_qwenimage_vae(),  # Qwen-Image's VAE, as Krea-2's
+        text_encoder=make_qwen3_vl_model(16),
+        tokenizer=make_tokenizer(1100),  # the pipeline pads to max_sequence_length + 29 tokens, drops the first 34
+        transformer=transformer,
+        text_encoder_select_layers=KREA2_TEXT_LAYERS,
+    )
+    pipe.default_sample_size = BASE_LATENT  # Krea2Pipeline has none (its __call__ defaults to 1024 px)
+    return pipe
+
+
 BUILDERS = {
     "sd15": lambda: sd_pipeline(linear_projection=False),
     "sd21": lambda: sd_pipeline(linear_projection=True, prediction_type="v_prediction"),
@@ -559,6 +602,7 @@ BUILDERS = {
     "qwenimage": qwenimage_pipeline,
     "zimage": zimage_pipeline,
     "ernie_image": ernie_image_pipeline,
+    "krea2": krea2_pipeline,
 }
 
 # Call arguments each family needs on top of prompt/size/steps (text lengths kept tiny).
@@ -577,6 +621,8 @@ CALL_KWARGS = {
     # Z-Image (base) runs CFG as cond + s (cond - uncond); Turbo runs s = 0.
     "zimage": {"guidance_scale": 3.0, "max_sequence_length": TEXT_LEN},
     "ernie_image": {"guidance_scale": 4.0},  # no prompt rewriter (pe) in the tiny model
+    # Krea-2 combines cond + s (cond - uncond): CFG runs at any s > 0.
+    "krea2": {"guidance_scale": 4.5, "max_sequence_length": TEXT_LEN},
 }
 
 FAMILY_NAMES = tuple(BUILDERS)
@@ -584,7 +630,7 @@ FAMILY_NAMES = tuple(BUILDERS)
 # one denoiser call per step on [uncond, cond] ("batched" families), a cond call then an uncond call
 # (SEPARATE_CFG: Flux and Qwen-Image only with true CFG arguments, Klein and Chroma at guidance_scale > 1),
 # or none. Z-Image batches [cond, uncond].
-SEPARATE_CFG = ("flux", "flux2_klein", "chroma", "qwenimage")
+SEPARATE_CFG = ("flux", "flux2_klein", "chroma", "qwenimage", "krea2")
 NO_CFG = ("flux2",)  # Flux.2 [dev]: guidance_scale feeds the distilled guidance embedding
 # Extra call arguments that turn CFG on where the default call runs none (Flux, Qwen-Image: true CFG).
 CFG_ARGUMENTS = {"flux": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"},

@@ -137,6 +137,25 @@ class PackedByShapes(PackedByIds):
         raise NotImplementedError("img_shapes layouts build no per-grid ids (LatentLayout.sub_grids_refused)")
 
 
+class PackedByPositionIds(PackedByIds):
+    """Packed 2x2 tokens whose grid the denoiser reads from position_ids: one (tokens, axes) tensor of the text
+    rows, then the image's (Krea-2)."""
+
+    def grid(self, arguments):
+        tokens = next(v for k, v in arguments.items() if k != "self").shape[1]
+        ids = arguments["position_ids"][-tokens:]
+        axes = self.layout.id_axes
+        rows, cols = int(ids[:, axes.index("height")].max()) + 1, int(ids[:, axes.index("width")].max()) + 1
+        return rows * self.patch, cols * self.patch, 0
+
+    def sub_grid_arguments(self, arguments, latent_height, latent_width):
+        raise NotImplementedError("hires builds no position_ids for a part of "
+                                  "the latent (LatentLayout.sub_grids_refused)")
+
+    def ids_for_grid(self, template, rows, cols):
+        raise NotImplementedError("position_ids layouts build no per-grid ids (LatentLayout.sub_grids_refused)")
+
+
 class FrameList(LatentAdapter):
     """Z-Image: a list of (C, 1, h, w) latents in, a list of negated velocities out, time 1 - sigma."""
 
@@ -147,7 +166,7 @@ class FrameList(LatentAdapter):
         return inner, outer
 
 
-_PACKED = {"img_ids": PackedByIds, "img_shapes": PackedByShapes}
+_PACKED = {"img_ids": PackedByIds, "img_shapes": PackedByShapes, "position_ids": PackedByPositionIds}
 
 
 def adapter_for(info) -> LatentAdapter:

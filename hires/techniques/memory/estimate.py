@@ -282,6 +282,21 @@ def _packed_shapes_inputs(model, family, batch, latent_h, latent_w, dtype):
     )
 
 
+def _packed_position_ids_inputs(model, family, batch, latent_h, latent_w, dtype):
+    """Krea-2: packed tokens, one position_ids tensor (text rows, then image rows), its text padding mask, and
+    text embeddings of several tapped encoder layers."""
+    config = model.config
+    patch, text = family.layout.patch_size, family.text_tokens
+    tokens = (latent_h // patch) * (latent_w // patch)
+    return dict(
+        hidden_states=torch.empty(batch, tokens, config.in_channels, dtype=dtype),  # in_channels: 4C per token
+        encoder_hidden_states=torch.empty(batch, text, config.num_text_layers, config.text_hidden_dim, dtype=dtype),
+        timestep=torch.empty(batch),
+        position_ids=torch.empty(text + tokens, len(family.layout.id_axes)),
+        encoder_attention_mask=torch.ones(batch, text, dtype=torch.bool),
+    )
+
+
 def _zimage_inputs(model, family, batch, latent_h, latent_w, dtype):
     config = model.config
     return dict(
@@ -314,7 +329,8 @@ DENOISER_INPUTS = {
     "ZImageTransformer2DModel": _zimage_inputs,
     "ErnieImageTransformer2DModel": _ernie_image_inputs,
 }
-LAYOUT_INPUTS = {"img_ids": _packed_ids_inputs, "img_shapes": _packed_shapes_inputs}
+LAYOUT_INPUTS = {"img_ids": _packed_ids_inputs, "img_shapes": _packed_shapes_inputs,
+                 "position_ids": _packed_position_ids_inputs}
 
 
 def denoiser_peak_bytes(denoiser, latent_h: int, latent_w: int, dtype: torch.dtype, batch: int,
