@@ -114,7 +114,8 @@ def _sd35(config):
     return StableDiffusion3Pipeline(**{**build("sd3").components, "transformer": transformer})
 
 
-@pytest.mark.parametrize("config, table_fits_4096", [(SD35_LARGE, False), (SD35_MEDIUM, True)], ids=["large", "medium"])
+@pytest.mark.parametrize("config, table_fits_4096", [(SD35_LARGE, False), (SD35_MEDIUM, True)],
+                         ids=["large", "medium"])
 def test_sd35_is_sd3_and_its_preset_plans_4096_past_or_inside_its_table(config, table_fits_4096):
     from hires.presets import AUTOMATIC
     from hires.runtime import estimate_adaptations, stage_plan
