@@ -21,6 +21,7 @@ _READY_PIPELINES = (
     "HiresFlux2KleinPipeline",
     "HiresFlux2Pipeline",
     "HiresFluxPipeline",
+    "HiresHiDreamImagePipeline",
     "HiresKrea2Pipeline",
     "HiresPixArtSigmaPipeline",
     "HiresQwenImagePipeline",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,11 @@ class LatentLayout:
     # pipeline adds this eps to the running variance instead of the VAE config's batch_norm_eps (None: that one).
     patchified: bool = False
     batch_norm_eps: float | None = None
+    # HiDream-I1: the denoiser returns the negated velocity (the pipeline flips its sign before CFG); hires'
+    # hooks see the velocity.
+    negated_output: bool = False
+    # HiDream-I1: one text argument holds its batch on the second axis ((layers, batch, tokens, width) Llama states).
+    text_batch_second_axis: bool = False
 
     @property
     def packed(self) -> bool:
@@ -104,6 +110,9 @@ class LatentLayout:
         and windows need position ids built per grid), or None where it can."""
         if self.frame_list:
             return "its denoiser takes a list of latents and builds their position ids itself"
+        if self.text_batch_second_axis:
+            return ("its text states hold the batch on their second axis ((layers, batch, tokens, width)), which the "
+                    "batched pass over the parts does not repeat")
         if self.packed and self.packed_grid != "img_ids":
             return f"its token grid comes from {self.packed_grid}, for which hires builds no per-grid ids"
         if self.packed and not {"height", "width"} <= set(self.id_axes):
@@ -132,6 +141,9 @@ PACKED_POSITION_IDS = LatentLayout(patch_size=2, packed_grid="position_ids", id_
                                    channel_statistics=True, statistics_scaled=False)
 # Z-Image: patchified 2x2 inside the transformer; RoPE ids: axis 0 the sequence, axes 1 and 2 row and column.
 FRAME_LIST = LatentLayout(patch_size=2, id_axes=(None, "height", "width"), frame_list=True, shift=True)
+# HiDream-I1: patchified 2x2 inside the transformer, which returns the negated velocity; SD3's VAE convention.
+PATCHED_SHIFTED_NEGATED = LatentLayout(patch_size="patch_size", shift=True, negated_output=True,
+                                       text_batch_second_axis=True)
 # ERNIE-Image: the Flux.2 VAE latent patchified 2x2 and normalised by the pipeline itself (ErnieImagePipeline's
 # decode: z * sqrt(running_var + 1e-5) + running_mean, then un-patchified); the denoiser takes it spatial.
 PATCHIFIED_BATCH_NORM = LatentLayout(batch_norm_patches=True, patchified=True, batch_norm_eps=1e-5)
@@ -257,6 +269,10 @@ class Family:
     # Whether __call__ draws its first latents itself with its module's randn_tensor (ErnieImagePipeline)
     # instead of through a prepare_latents method.
     latents_drawn_inline: bool = False
+    # Whether __call__ rescales every request to the base area (sides floored to 16) with its module's
+    # math.sqrt of the area ratio, and its transformer pads non-square grids to `max_seq` tokens
+    # (HiDreamImagePipeline): with a technique on, hires has it denoise the size asked for.
+    resizes_to_base_area: bool = False
 
     @property
     def is_unet(self) -> bool:
@@ -611,6 +627,36 @@ FAMILIES: tuple[Family, ...] = (
         ),
         automatic_preset="krea2",
     ),
+    # HiDream-I1: double-stream then single-stream sparse (MoE) DiT with two CLIPs, T5 and Llama-3.1 text
+    # encoders; 3-axis RoPE ids (0, row, column) as 2x2 rotation matrices. The transformer takes the spatial
+    # latent as `timesteps`-conditioned input and returns the negated velocity. CFG batched [uncond, cond] at
+    # guidance_scale > 1; its mu is a constant (ignored by a static scheduler). Its pipeline rescales every
+    # request to default_sample_size squared (128: 1024 px), and non-square grids are padded to the transformer's
+    # max_seq tokens (larger ones would not run).
+    Family(
+        name="hidream",
+        pipeline_classes=("HiDreamImagePipeline",),
+        denoiser_attr="transformer",
+        denoiser_class="HiDreamImageTransformer2DModel",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        prediction_source="flow",
+        layout=PATCHED_SHIFTED_NEGATED,
+        text_tokens=128,  # T5's and Llama's max_sequence_length (each); the CLIPs give pooled embeddings only
+        timestep_input_scale=1.0,
+        position_encoding="rope_rotation_matrices",
+        timestep_argument="timesteps",
+        attention_unsupported=(
+            "HiDream-I1's transformer (HiDreamImageTransformer2DModel) has no attn_processors, and its attention "
+            "takes text through to_q_t / to_k_t projections that hires' rewrite reads as cross-attention"
+        ),
+        positions_unsupported=(
+            "HiDream-I1's RoPE (HiDreamImageEmbedND) hands its attention 2x2 rotation matrices of (0, row, column) "
+            "ids, which none of hires' position hooks rescales"
+        ),
+        automatic_preset="zimage",  # Flux's preset without windows (its attention cannot be rewritten)
+        resizes_to_base_area=True,
+    ),
 )
 
 SUPPORTED_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.pipeline_classes))
@@ -677,6 +723,12 @@ def base_area_size(info: ModelInfo, height: int, width: int) -> tuple[int, int]:
 
 def _pipeline_class_names(pipe) -> set[str]:
     return {cls.__name__ for cls in type(pipe).__mro__ if cls.__module__.startswith("diffusers")}
+
+
+def pipeline_module(pipe, family: Family):
+    """The module of the family's diffusers pipeline class that `pipe` is (or subclasses)."""
+    cls = next(c for c in type(pipe).__mro__ if c.__name__ in family.pipeline_classes)
+    return sys.modules[cls.__module__]
 
 
 def _config_value(config, key: str):

@@ -19,6 +19,7 @@ from diffusers import (
     Flux2KleinPipeline,
     Flux2Pipeline,
     FluxPipeline,
+    HiDreamImagePipeline,
     Krea2Pipeline,
     PixArtSigmaPipeline,
     QwenImagePipeline,
@@ -98,6 +99,10 @@ class HiresKrea2Pipeline(HiresPipelineMixin, Krea2Pipeline):
     """Krea2Pipeline (Krea-2) with hires."""
 
 
+class HiresHiDreamImagePipeline(HiresPipelineMixin, HiDreamImagePipeline):
+    """HiDreamImagePipeline (HiDream-I1) with hires."""
+
+
 READY_PIPELINES = (
     HiresStableDiffusionPipeline,
     HiresStableDiffusionXLPipeline,
@@ -111,4 +116,5 @@ READY_PIPELINES = (
     HiresZImagePipeline,
     HiresErnieImagePipeline,
     HiresKrea2Pipeline,
+    HiresHiDreamImagePipeline,
 )

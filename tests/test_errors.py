@@ -20,6 +20,8 @@ from tiny_models import build, generate
         # ZImagePipeline has no check_inputs for hires to wrap: its own first check names the multiple
         ("zimage", (64, 72), r"Width must be divisible by 16 \(got 72\)"),
         ("ernie_image", (64, 72), r"Height and width must be divisible by 16"),  # nor has ErnieImagePipeline
+        # HiDreamImagePipeline floors sizes to 16 before its check_inputs: hires checks the request first
+        ("hidream", (64, 72), r"width=72 is not a multiple of 16.*hidream.*use 64 or 80"),
     ],
 )
 def test_sizes_the_family_cannot_do(family, size, message):

@@ -21,6 +21,7 @@ EXPECTED = {
     "zimage": (64, 16, "flow"),
     "ernie_image": (64, 16, "flow"),
     "krea2": (64, 16, "flow"),
+    "hidream": (64, 16, "flow"),
 }
 # Families whose pipeline's vae_scale_factor counts a 2x2 patchify beside the VAE's own 8x (ERNIE-Image).
 X16_LATENT = ("ernie_image",)

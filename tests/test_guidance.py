@@ -33,6 +33,7 @@ def pipeline_rescale(family, guided, cond):
 
 
 FRAME_LIST = ("zimage",)  # a list of (C, 1, h, w) latents in and negated velocities out, [cond, uncond]
+NEGATED_OUTPUT = ("hidream",)  # the negated velocity out (the pipeline flips it back)
 
 
 class Recorder:
@@ -65,6 +66,8 @@ class Recorder:
         out = out[0] if isinstance(out, tuple) else out.sample
         if self.family in FRAME_LIST:  # the velocity the scheduler steps with, as a (B, C, h, w) tensor
             out = -torch.stack([frame[:, 0] for frame in out]).float()
+        if self.family in NEGATED_OUTPUT:
+            out = -out
         return out
 
     def raw_pairs(self):

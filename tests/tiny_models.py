@@ -39,14 +39,14 @@ def make_tokenizer(max_length: int = TEXT_LEN) -> PreTrainedTokenizerFast:
     )
 
 
-def _clip_config(hidden: int, projection: int = 0) -> CLIPTextConfig:
+def _clip_config(hidden: int, projection: int = 0, positions: int = TEXT_LEN) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(WORDS) + 4,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=TEXT_LEN,
+        max_position_embeddings=positions,
         projection_dim=projection or hidden,
         bos_token_id=2,
         eos_token_id=3,
@@ -54,8 +54,8 @@ def _clip_config(hidden: int, projection: int = 0) -> CLIPTextConfig:
     )
 
 
-def make_clip(hidden: int = 32, with_projection: bool = False, projection: int = 0):
-    config = _clip_config(hidden, projection)
+def make_clip(hidden: int = 32, with_projection: bool = False, projection: int = 0, positions: int = TEXT_LEN):
+    config = _clip_config(hidden, projection, positions)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
@@ -589,6 +589,47 @@ def krea2_pipeline():
     return pipe
 
 
+def make_llama(hidden: int = 16, layers: int = 2):
+    """LlamaForCausalLM (HiDream-I1's fourth text encoder: Llama-3.1) from a small config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=256, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+HIDREAM_LLAMA_LAYERS = 2  # the pipeline stacks hidden_states[1:]: one Llama layer per double and single block
+
+
+def hidream_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+
+    _seed(0)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2,
+        caption_channels=[32, 16],  # [T5 width, Llama width]
+        text_emb_dim=32,  # the two CLIP projections (16 + 16) concatenated
+        num_routed_experts=2, num_activated_experts=1,
+        axes_dims_rope=(4, 6, 6),  # (zero, row, column) axes; sums to the head dim
+        max_resolution=(BASE_LATENT, BASE_LATENT),  # max_seq: the base area's 16 tokens, as HiDream's 4096
+        llama_layers=list(range(HIDREAM_LLAMA_LAYERS)),
+    ).eval()
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # HiDream-I1 Full's static shift
+        vae=make_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        # HiDreamImagePipeline pads CLIP prompts to min(max_sequence_length, 218) tokens (its default: 128)
+        text_encoder=make_clip(16, with_projection=True, positions=128), tokenizer=make_tokenizer(),
+        text_encoder_2=make_clip(16, with_projection=True, positions=128), tokenizer_2=make_tokenizer(),
+        text_encoder_3=make_t5(32), tokenizer_3=make_tokenizer(),
+        text_encoder_4=make_llama(16, HIDREAM_LLAMA_LAYERS), tokenizer_4=make_tokenizer(),
+        transformer=transformer,
+    )
+    pipe.default_sample_size = BASE_LATENT  # HiDreamImagePipeline hard-codes 128 (1024 px)
+    return pipe
+
+
 BUILDERS = {
     "sd15": lambda: sd_pipeline(linear_projection=False),
     "sd21": lambda: sd_pipeline(linear_projection=True, prediction_type="v_prediction"),
@@ -603,6 +644,7 @@ BUILDERS = {
     "zimage": zimage_pipeline,
     "ernie_image": ernie_image_pipeline,
     "krea2": krea2_pipeline,
+    "hidream": hidream_pipeline,
 }
 
 # Call arguments each family needs on top of prompt/size/steps (text lengths kept tiny).
@@ -623,6 +665,7 @@ CALL_KWARGS = {
     "ernie_image": {"guidance_scale": 4.0},  # no prompt rewriter (pe) in the tiny model
     # Krea-2 combines cond + s (cond - uncond): CFG runs at any s > 0.
     "krea2": {"guidance_scale": 4.5, "max_sequence_length": TEXT_LEN},
+    "hidream": {"guidance_scale": 5.0, "max_sequence_length": TEXT_LEN},
 }
 
 FAMILY_NAMES = tuple(BUILDERS)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..families import pipeline_module
 from . import schedules
 
 # __call__ arguments that resize the request inside the pipeline; stages pass exact sizes instead.
@@ -154,12 +155,6 @@ class _Pending:
     latents_done: bool = False
 
 
-def _pipeline_module(pipe, family):
-    """The module of the family's diffusers pipeline class `pipe` is (or subclasses)."""
-    cls = next(c for c in type(pipe).__mro__ if c.__name__ in family.pipeline_classes)
-    return sys.modules[cls.__module__]
-
-
 class StageEngine:
     """One per attachment: owns encode_prompt / prepare_latents and, during a run, the scheduler."""
 
@@ -178,7 +173,7 @@ class StageEngine:
         attachment.wrap_method(self.pipe, "encode_prompt", self._wrap_encode_prompt)
         if self.info.family.latents_drawn_inline:
             # the pipeline's own module function its __call__ draws them with; calls of other pipelines pass through
-            attachment.wrap_method(_pipeline_module(self.pipe, self.info.family), "randn_tensor",
+            attachment.wrap_method(pipeline_module(self.pipe, self.info.family), "randn_tensor",
                                    self._wrap_prepare_latents)
         else:
             attachment.wrap_method(self.pipe, "prepare_latents", self._wrap_prepare_latents)

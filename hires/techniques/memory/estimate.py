@@ -306,6 +306,35 @@ def _zimage_inputs(model, family, batch, latent_h, latent_w, dtype):
     )
 
 
+def _one_expert_dispatch(moe, x, expert_indices, expert_weights):
+    k = moe.num_activated_experts
+    return moe.experts[0](x.repeat_interleave(k, dim=0)).view(x.shape[0], k, -1).sum(dim=1)
+
+
+def _hidream_inputs(model, family, batch, latent_h, latent_w, dtype):
+    config = model.config
+    patch = config.patch_size
+    if latent_h != latent_w:  # as hires runs it: a non-square grid padded to at least its own token count
+        model.max_seq = max(model.max_seq, (latent_h // patch) * (latent_w // patch))
+    # Its sparse feed-forward sorts tokens by expert with bincount, which has no meta kernel: counted as every
+    # token through one routed expert num_activated_experts times (all routed to one expert: the largest batch).
+    for module in model.modules():
+        if type(module).__name__ == "MOEFeedForwardSwiGLU":
+            module.moe_infer = functools.partial(_one_expert_dispatch, module)
+    # Its un-patchify reads each image's grid from a tensor (.item(), which the meta device has no value for).
+    model.unpatchify = lambda x, sizes, training: torch.empty(x.shape[0], config.out_channels, latent_h, latent_w,
+                                                              dtype=x.dtype, device=x.device)
+    t5_width, llama_width = config.caption_channels
+    return dict(
+        hidden_states=torch.empty(batch, config.in_channels, latent_h, latent_w, dtype=dtype),
+        timesteps=torch.empty(batch),
+        encoder_hidden_states_t5=torch.empty(batch, family.text_tokens, t5_width, dtype=dtype),
+        encoder_hidden_states_llama3=torch.empty(max(config.llama_layers) + 1, batch, family.text_tokens,
+                                                 llama_width, dtype=dtype),
+        pooled_embeds=torch.empty(batch, config.text_emb_dim, dtype=dtype),
+    )
+
+
 def _ernie_image_inputs(model, family, batch, latent_h, latent_w, dtype):
     config = model.config
     # Its RoPE turns autocast off for the ids' device type, which torch has none of for "meta": the angles (a
@@ -328,6 +357,7 @@ DENOISER_INPUTS = {
     "SD3Transformer2DModel": _sd3_inputs,
     "ZImageTransformer2DModel": _zimage_inputs,
     "ErnieImageTransformer2DModel": _ernie_image_inputs,
+    "HiDreamImageTransformer2DModel": _hidream_inputs,
 }
 LAYOUT_INPUTS = {"img_ids": _packed_ids_inputs, "img_shapes": _packed_shapes_inputs,
                  "position_ids": _packed_position_ids_inputs}
