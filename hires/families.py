@@ -255,8 +255,8 @@ class Family:
     positions_unsupported: str | None = None
     # The denoiser's timestep parameter (Z-Image's transformer calls it `t`).
     timestep_argument: str = "timestep"
-    # Batched CFG: whether the pipeline stacks [cond, uncond] (Z-Image) instead of [uncond, cond], and
-    # what it adds to guidance_scale to get w in uncond + w (cond - uncond) (Z-Image combines
+    # Batched CFG: whether the pipeline stacks [cond, uncond] (Z-Image) instead of [uncond, cond]; and (either
+    # layout) what it adds to guidance_scale to get w in uncond + w (cond - uncond) (Z-Image and Krea-2 combine
     # cond + s (cond - uncond), i.e. w = s + 1).
     cfg_cond_first: bool = False
     guidance_scale_offset: float = 0.0

@@ -339,7 +339,7 @@ def _ernie_image_inputs(model, family, batch, latent_h, latent_w, dtype):
     config = model.config
     # Its RoPE turns autocast off for the ids' device type, which torch has none of for "meta": the angles (a
     # few bytes per token) come as an empty tensor of their shape, (batch, tokens, 1, head dim).
-    head_dim = 2 * sum(model.pos_embed.axes_dim) // 2
+    head_dim = sum(model.pos_embed.axes_dim)
     model.pos_embed.forward = lambda ids: torch.empty(*ids.shape[:-1], 1, head_dim, device=ids.device)
     return dict(
         hidden_states=torch.empty(batch, config.in_channels, latent_h, latent_w, dtype=dtype),
