@@ -17,9 +17,12 @@ __version__ = "0.1.0"
 
 _READY_PIPELINES = (
     "HiresChromaPipeline",
+    "HiresErnieImagePipeline",
     "HiresFlux2KleinPipeline",
     "HiresFlux2Pipeline",
     "HiresFluxPipeline",
+    "HiresHiDreamImagePipeline",
+    "HiresKrea2Pipeline",
     "HiresPixArtSigmaPipeline",
     "HiresQwenImagePipeline",
     "HiresStableDiffusion3Pipeline",

@@ -482,7 +482,9 @@ def load_pipeline_skeleton(path: str | Path):
     for name, value in index.items():
         if name.startswith("_"):
             continue
-        if not isinstance(value, list):  # plain __init__ arguments such as requires_safety_checker
+        component = (isinstance(value, list) and len(value) == 2
+                     and all(part is None or isinstance(part, str) for part in value))
+        if not component:  # plain __init__ arguments: requires_safety_checker, Krea-2's text_encoder_select_layers
             components[name] = value
             continue
         library, class_name = value

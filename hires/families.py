@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,15 @@ class LatentLayout:
     batch_norm_patches: bool = False
     # The position-id step of one token on the height and width axes (Flux 3 counts half a unit per token).
     id_step: float = 1.0
+    # ERNIE-Image: z is already the patchified latent (4C channels at half the VAE latent's side), and the
+    # pipeline adds this eps to the running variance instead of the VAE config's batch_norm_eps (None: that one).
+    patchified: bool = False
+    batch_norm_eps: float | None = None
+    # HiDream-I1: the denoiser returns the negated velocity (the pipeline flips its sign before CFG); hires'
+    # hooks see the velocity.
+    negated_output: bool = False
+    # HiDream-I1: one text argument holds its batch on the second axis ((layers, batch, tokens, width) Llama states).
+    text_batch_second_axis: bool = False
 
     @property
     def packed(self) -> bool:
@@ -102,6 +112,9 @@ class LatentLayout:
         and windows need position ids built per grid), or None where it can."""
         if self.frame_list:
             return "its denoiser takes a list of latents and builds their position ids itself"
+        if self.text_batch_second_axis:
+            return ("its text states hold the batch on their second axis ((layers, batch, tokens, width)), which the "
+                    "batched pass over the parts does not repeat")
         if self.packed and self.packed_grid != "img_ids":
             return f"its token grid comes from {self.packed_grid}, for which hires builds no per-grid ids"
         if self.packed and not {"height", "width"} <= set(self.id_axes):
@@ -126,8 +139,18 @@ PACKED_HALF_IDS_BATCH_NORM = dataclasses.replace(PACKED_IDS_BATCH_NORM, id_step=
 # Qwen-Image: axis 0 counts frames (0 for an image); unscaled per-channel statistics.
 PACKED_SHAPES = LatentLayout(patch_size=2, packed_grid="img_shapes", id_axes=(None, "height", "width"),
                              channel_statistics=True, statistics_scaled=False)
+# Krea-2: Flux's 2x2 packing; position_ids (text rows, all zero, then (0, row, column) per image token, no batch
+# axis) give the grid; Qwen-Image's VAE and its unscaled per-channel statistics.
+PACKED_POSITION_IDS = LatentLayout(patch_size=2, packed_grid="position_ids", id_axes=(None, "height", "width"),
+                                   channel_statistics=True, statistics_scaled=False)
 # Z-Image: patchified 2x2 inside the transformer; RoPE ids: axis 0 the sequence, axes 1 and 2 row and column.
 FRAME_LIST = LatentLayout(patch_size=2, id_axes=(None, "height", "width"), frame_list=True, shift=True)
+# HiDream-I1: patchified 2x2 inside the transformer, which returns the negated velocity; SD3's VAE convention.
+PATCHED_SHIFTED_NEGATED = LatentLayout(patch_size="patch_size", shift=True, negated_output=True,
+                                       text_batch_second_axis=True)
+# ERNIE-Image: the Flux.2 VAE latent patchified 2x2 and normalised by the pipeline itself (ErnieImagePipeline's
+# decode: z * sqrt(running_var + 1e-5) + running_mean, then un-patchified); the denoiser takes it spatial.
+PATCHIFIED_BATCH_NORM = LatentLayout(batch_norm_patches=True, patchified=True, batch_norm_eps=1e-5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,10 +255,12 @@ class Family:
     vae: VAEKind = STANDARD_VAE
     # Why hires cannot rewrite this family's attention (None: it can): entropy scaling and windows refuse with it.
     attention_unsupported: str | None = None
+    # Why hires cannot rescale this family's positions (None: it can): PositionConfig refuses with it.
+    positions_unsupported: str | None = None
     # The denoiser's timestep parameter (Z-Image's transformer calls it `t`).
     timestep_argument: str = "timestep"
-    # Batched CFG: whether the pipeline stacks [cond, uncond] (Z-Image) instead of [uncond, cond], and
-    # what it adds to guidance_scale to get w in uncond + w (cond - uncond) (Z-Image combines
+    # Batched CFG: whether the pipeline stacks [cond, uncond] (Z-Image) instead of [uncond, cond]; and (either
+    # layout) what it adds to guidance_scale to get w in uncond + w (cond - uncond) (Z-Image and Krea-2 combine
     # cond + s (cond - uncond), i.e. w = s + 1).
     cfg_cond_first: bool = False
     guidance_scale_offset: float = 0.0
@@ -250,6 +275,13 @@ class Family:
     modular_classes: tuple[str, ...] = ()
     # `attention_masked` of the modular pipeline where it differs from the classic one's.
     modular_attention_masked: str | None = None
+    # Whether __call__ draws its first latents itself with its module's randn_tensor (ErnieImagePipeline)
+    # instead of through a prepare_latents method.
+    latents_drawn_inline: bool = False
+    # Whether __call__ rescales every request to the base area (sides floored to 16) with its module's
+    # math.sqrt of the area ratio, and its transformer pads non-square grids to `max_seq` tokens
+    # (HiDreamImagePipeline): with a technique on, hires has it denoise the size asked for.
+    resizes_to_base_area: bool = False
 
     @property
     def is_unet(self) -> bool:
@@ -573,6 +605,107 @@ FAMILIES: tuple[Family, ...] = (
         ),
         automatic_preset="flux3",
     ),
+    # ERNIE-Image: single-stream DiT over [image, text] on the Flux.2 VAE latent the pipeline patchifies 2x2
+    # (pipe.vae_scale_factor 16, transformer patch 1); RoPE ids (text length, row, column), theta 256; CFG batched
+    # [uncond, cond] at guidance_scale > 1; the pipeline passes its own sigmas and no mu (the scheduler's static
+    # shift). No default_sample_size: its __call__ defaults to 1024 px. Its attention module hands the processor
+    # the text key-padding mask as the second positional argument and the model has no attn_processors.
+    Family(
+        name="ernie_image",
+        pipeline_classes=("ErnieImagePipeline",),
+        denoiser_attr="transformer",
+        denoiser_class="ErnieImageTransformer2DModel",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        base_latent_default=64,
+        prediction_source="flow",
+        layout=PATCHIFIED_BATCH_NORM,
+        text_tokens=512,
+        timestep_input_scale=1.0,
+        position_encoding="rope_text_offset",
+        attention_masked=(
+            "ErnieImagePipeline's transformer masks the padded text keys (batch, 1, 1, image + text tokens) in every "
+            "attention call; scale fusion's branches and dilated sampling's sub-lattice pass do not carry it"
+        ),
+        attention_unsupported=(
+            "ERNIE-Image's attention (ErnieImageSingleStreamAttnProcessor) is called with the mask and the RoPE "
+            "angles as positional arguments on a model without attn_processors, which hires' attention rewrite "
+            "does not read"
+        ),
+        positions_unsupported=(
+            "ERNIE-Image's RoPE (ErnieImageEmbedND3) hands its attention raw angles of (text length, row, column) "
+            "ids, which none of hires' position hooks rescales"
+        ),
+        automatic_preset="zimage",  # Flux's preset without windows (its attention cannot be rewritten)
+        latents_drawn_inline=True,
+    ),
+    # Krea-2: single-stream DiT over [text, image] with a Qwen3-VL text encoder whose tapped layers its own text
+    # fusion blocks merge; Flux-style RoPE ids (theta 1000) in one position_ids tensor, text rows first. CFG as a
+    # cond call, then an uncond call, combined cond + s (cond - uncond) (on at s > 0); dynamic shift up to 6400
+    # tokens (distilled checkpoints: a fixed mu). No default_sample_size: its __call__ defaults to 1024 px.
+    Family(
+        name="krea2",
+        pipeline_classes=("Krea2Pipeline",),
+        denoiser_attr="transformer",
+        denoiser_class="Krea2Transformer2DModel",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        base_latent_default=128,
+        prediction_source="flow",
+        layout=PACKED_POSITION_IDS,
+        text_tokens=512,
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope",
+        guidance_layout="separate",
+        guidance_scale_name="guidance_scale",
+        guidance_scale_offset=1.0,
+        vae=QWEN_IMAGE_VAE,
+        attention_masked=(
+            "Krea2Pipeline always passes its fixed-length text padding mask, which the transformer turns into a key "
+            "mask (batch, 1, 1, text + image tokens) for every attention call; scale fusion's branches and dilated "
+            "sampling's sub-lattice pass do not carry it"
+        ),
+        attention_unsupported=(
+            "Krea-2's attention (Krea2AttnProcessor) is called with the mask and the RoPE as positional arguments, "
+            "and the same attention class runs its text-fusion blocks over the tapped text layers, which hires' "
+            "attention rewrite does not tell apart"
+        ),
+        positions_unsupported=(
+            "Krea-2's RoPE embedder (Krea2RotaryPosEmbed, theta 1000) is none of the embedders hires' RoPE hook "
+            "replaces (FluxPosEmbed, Flux2PosEmbed)"
+        ),
+        automatic_preset="krea2",
+    ),
+    # HiDream-I1: double-stream then single-stream sparse (MoE) DiT with two CLIPs, T5 and Llama-3.1 text
+    # encoders; 3-axis RoPE ids (0, row, column) as 2x2 rotation matrices. The transformer takes the spatial
+    # latent as `timesteps`-conditioned input and returns the negated velocity. CFG batched [uncond, cond] at
+    # guidance_scale > 1; its mu is a constant (ignored by a static scheduler). Its pipeline rescales every
+    # request to default_sample_size squared (128: 1024 px), and non-square grids are padded to the transformer's
+    # max_seq tokens (larger ones would not run).
+    Family(
+        name="hidream",
+        pipeline_classes=("HiDreamImagePipeline",),
+        denoiser_attr="transformer",
+        denoiser_class="HiDreamImageTransformer2DModel",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        prediction_source="flow",
+        layout=PATCHED_SHIFTED_NEGATED,
+        text_tokens=128,  # T5's and Llama's max_sequence_length (each); the CLIPs give pooled embeddings only
+        timestep_input_scale=1.0,
+        position_encoding="rope_rotation_matrices",
+        timestep_argument="timesteps",
+        attention_unsupported=(
+            "HiDream-I1's transformer (HiDreamImageTransformer2DModel) has no attn_processors, and its attention "
+            "takes text through to_q_t / to_k_t projections that hires' rewrite reads as cross-attention"
+        ),
+        positions_unsupported=(
+            "HiDream-I1's RoPE (HiDreamImageEmbedND) hands its attention 2x2 rotation matrices of (0, row, column) "
+            "ids, which none of hires' position hooks rescales"
+        ),
+        automatic_preset="zimage",  # Flux's preset without windows (its attention cannot be rewritten)
+        resizes_to_base_area=True,
+    ),
 )
 
 SUPPORTED_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.pipeline_classes))
@@ -650,6 +783,12 @@ def base_area_size(info: ModelInfo, height: int, width: int) -> tuple[int, int]:
     shrink = math.sqrt(info.base_height * info.base_width / (height * width))
     m = info.size_multiple
     return round_to(height * shrink, m), round_to(width * shrink, m)
+
+
+def pipeline_module(pipe, family: Family):
+    """The module of the family's diffusers pipeline class that `pipe` is (or subclasses)."""
+    cls = next(c for c in type(pipe).__mro__ if c.__name__ in family.pipeline_classes)
+    return sys.modules[cls.__module__]
 
 
 def _config_value(config, key: str):

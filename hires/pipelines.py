@@ -21,6 +21,7 @@ import inspect
 
 from diffusers import (
     ChromaPipeline,
+    ErnieImagePipeline,
     Flux2KleinBaseModularPipeline,
     Flux2KleinModularPipeline,
     Flux2KleinPipeline,
@@ -30,6 +31,8 @@ from diffusers import (
     Flux3ModularPipeline,
     FluxModularPipeline,
     FluxPipeline,
+    HiDreamImagePipeline,
+    Krea2Pipeline,
     PixArtSigmaPipeline,
     QwenImageModularPipeline,
     QwenImagePipeline,
@@ -111,6 +114,35 @@ class HiresZImagePipeline(HiresPipelineMixin, ZImagePipeline):
     """ZImagePipeline (Z-Image and Z-Image Turbo) with hires."""
 
 
+class HiresErnieImagePipeline(HiresPipelineMixin, ErnieImagePipeline):
+    """ErnieImagePipeline (ERNIE-Image) with hires."""
+
+
+class HiresKrea2Pipeline(HiresPipelineMixin, Krea2Pipeline):
+    """Krea2Pipeline (Krea-2) with hires."""
+
+
+class HiresHiDreamImagePipeline(HiresPipelineMixin, HiDreamImagePipeline):
+    """HiDreamImagePipeline (HiDream-I1) with hires."""
+
+
+READY_PIPELINES = (
+    HiresStableDiffusionPipeline,
+    HiresStableDiffusionXLPipeline,
+    HiresPixArtSigmaPipeline,
+    HiresStableDiffusion3Pipeline,
+    HiresFluxPipeline,
+    HiresFlux2Pipeline,
+    HiresFlux2KleinPipeline,
+    HiresChromaPipeline,
+    HiresQwenImagePipeline,
+    HiresZImagePipeline,
+    HiresErnieImagePipeline,
+    HiresKrea2Pipeline,
+    HiresHiDreamImagePipeline,
+)
+
+
 class HiresModularPipelineMixin:
     """A Modular Diffusers pipeline class plus `hires_config`, kept as for the classic ones. hires attaches on the
     first call, so the graph may be edited and the components loaded (`load_components`) in between."""
@@ -174,17 +206,4 @@ READY_MODULAR_PIPELINES = (
     HiresZImageModularPipeline,
     HiresFlux3ModularPipeline,
     HiresFlux3DistilledModularPipeline,
-)
-
-READY_PIPELINES = (
-    HiresStableDiffusionPipeline,
-    HiresStableDiffusionXLPipeline,
-    HiresPixArtSigmaPipeline,
-    HiresStableDiffusion3Pipeline,
-    HiresFluxPipeline,
-    HiresFlux2Pipeline,
-    HiresFlux2KleinPipeline,
-    HiresChromaPipeline,
-    HiresQwenImagePipeline,
-    HiresZImagePipeline,
 )

@@ -39,7 +39,8 @@ Earlier evidence (coherence testbed v2, 15 steps, 2026-12-02; one-object share /
   PixArt-Sigma keeps it too: at its defaults it changes no position, and it turns the pipeline's
   silent resolution binning into an error that says how to turn binning off. Neither is measured
   on the testbed (its DiT is a Flux). Z-Image's preset has no windows (its padded attention cannot
-  be windowed) and Qwen-Image's no planner (its causal 3D VAE cannot be tiled).
+  be windowed; ERNIE-Image and HiDream-I1 run it too) and Qwen-Image's no planner (its causal 3D VAE cannot be tiled);
+  Krea-2's has neither.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ PRESETS: dict[str, HiresConfig] = {
     "zimage": _preset(windows=False),
     # Flux 3: not measured; as Flux's without the windows, which its shared attention processor cannot take.
     "flux3": _preset(windows=False),
+    # Krea-2: as Flux's, less the windows (its attention cannot be rewritten) and the planner (Qwen-Image's VAE).
+    "krea2": _preset(windows=False, memory=False),
 }
 # Every family's automatic preset.
 AUTOMATIC: dict[str, HiresConfig] = {family.name: PRESETS[family.automatic_preset or family.name]

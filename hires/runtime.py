@@ -41,7 +41,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from . import guards, modular, registry
 from .config import HiresConfig, validate_size
-from .families import ModelInfo, read_model_info
+from .families import ModelInfo, pipeline_module, read_model_info
 from .sampling.latents import adapter_for
 from .sampling.stages import StageEngine, StageRequest, plan_stages
 from .techniques import all_techniques
@@ -308,6 +308,39 @@ class _CallScope:
             self.frame = None
 
 
+class _RequestedArea:
+    """The `math` module as HiDreamImagePipeline's own module sees it while hires is attached with a technique on:
+    the square root its __call__ takes of base area / requested area, to rescale every request to the base area,
+    is 1 for that pipeline's calls (so it denoises the size asked for), and its transformer pads a non-square
+    grid to at least that grid's own token count for the call (Family.resizes_to_base_area). The request is
+    checked there, before the pipeline floors it. Other callers and other pipelines get the real math."""
+
+    def __init__(self, attachment: "Attachment", module):
+        self.attachment = attachment
+        self.module = module
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def sqrt(self, value):
+        attachment = self.attachment
+        call = attachment.calls.called_by(sys._getframe(1))
+        if call is None:
+            return self.module.sqrt(value)
+        arguments = call.locals
+        for side in ("height", "width"):  # the request as given: the pipeline is about to floor it to 16
+            validate_size(side, arguments[side], attachment.info.size_multiple, attachment.info.name)
+        if not attachment.techniques:
+            return self.module.sqrt(value)
+        height, width = int(arguments["height"]), int(arguments["width"])
+        patch = attachment.info.token_side
+        tokens = (height // patch) * (width // patch)
+        denoiser = attachment.denoiser
+        if height != width and tokens > denoiser.max_seq:
+            attachment.call_shadows.append(attachment.shadow(denoiser, "max_seq", tokens))
+        return 1.0
+
+
 class Attachment:
     """Everything hires attached to one pipeline, so `remove` can take all of it out."""
 
@@ -330,6 +363,7 @@ class Attachment:
         self._saved_processors: list[tuple[torch.nn.Module, dict]] = []
         self._shadows: list[_Shadow] = []
         self._undo: list = []  # what `detach` calls besides the ledger (a modular pipeline's graph edit)
+        self.call_shadows: list[_Shadow] = []  # undone as the call that set them ends
         self._forward_signature = inspect.signature(type(self.denoiser).forward)
 
     # -- attaching -------------------------------------------------------------------------
@@ -412,6 +446,9 @@ class Attachment:
                 self.wrap_method(self.pipe, "check_inputs", self._make_check_inputs)
             self.wrap_method(self.pipe, "progress_bar", self._make_progress_bar)
         guards.install(self)  # decoded images are checked before the pipeline turns them into its output
+        if self.info.family.resizes_to_base_area:
+            module = pipeline_module(self.pipe, self.info.family)
+            self.shadow(module, "math", _RequestedArea(self, module.math))
 
     def _check_modules_not_shared(self) -> None:
         """Pipelines made with `from_pipe` share their modules; one module carries one attachment's hooks."""
@@ -522,6 +559,9 @@ class Attachment:
         self._in_call = False
         self.state = None
         self._call_timesteps = None
+        for entry in reversed(self.call_shadows):
+            self.unshadow(entry)
+        self.call_shadows.clear()
         self._call_locals = {}
 
     def on_denoiser_call(self, module, args, kwargs) -> None:

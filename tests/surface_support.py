@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -36,25 +37,32 @@ READY = {
     "chroma": ("HiresChromaPipeline", "hires_chroma.py"),
     "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
     "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
+    "ernie_image": ("HiresErnieImagePipeline", "hires_ernie_image.py"),
+    "krea2": ("HiresKrea2Pipeline", "hires_krea2.py"),
+    "hidream": ("HiresHiDreamImagePipeline", "hires_hidream.py"),
 }
 UNETS = ("sd15", "sd21", "sdxl")
+# The DiTs whose positions PositionConfig rescales (ERNIE-Image's, Krea-2's and HiDream-I1's RoPE it does not know).
 DITS = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")
 # Pipelines that hard-code their base (default_sample_size 128: 1024 px) where the tiny models' is 64 px:
 # a copy loaded from disk needs the tiny model's 64 px base set on it (or given as HiresConfig.base_size).
-PIPELINE_BASE = ("flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")
+PIPELINE_BASE = ("flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage", "ernie_image", "krea2", "hidream")
 FIXED_BASE = PIPELINE_BASE  # fam-flux2's name for the same set
 # Families whose pipeline never runs classifier-free guidance (APG does not apply).
 NO_CFG = ("flux2",)
 # Families that run CFG only as true CFG: APG needs true_cfg_scale and a negative prompt.
 TRUE_CFG = ("flux", "qwenimage")
 # Families whose VAE hires cannot tile (VAETilingConfig and MemoryConfig refuse them).
-UNTILEABLE_VAE = ("qwenimage",)
+UNTILEABLE_VAE = ("qwenimage", "krea2")
 # Families whose attention hires cannot rewrite (EntropyScalingConfig and WindowAttentionConfig refuse them).
-NO_ATTENTION_REWRITE = ("zimage",)
+NO_ATTENTION_REWRITE = ("zimage", "ernie_image", "krea2", "hidream")
 # Families whose pipeline passes an attention mask (ScaleFusionConfig and DilatedSamplingConfig refuse them).
-MASKED_ATTENTION = ("chroma",)
+MASKED_ATTENTION = ("chroma", "ernie_image", "krea2")
 # Families whose blocks have no diffusers feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 there).
-NO_FEED_FORWARD_CHUNKS = ("flux", "flux2", "flux2_klein", "chroma", "zimage")
+NO_FEED_FORWARD_CHUNKS = ("flux", "flux2", "flux2_klein", "chroma", "zimage", "ernie_image", "hidream")
+# Families whose pipeline rescales every request to its base area (HiDreamImagePipeline): plain diffusers
+# denoises a size above it only with its default_sample_size set to that size (`plain_at`).
+RESCALES_TO_BASE_AREA = ("hidream",)
 PRESET = "preset"  # hires.apply(pipe) without a config / no hires_config / --preset auto
 
 # Options per family that make PositionConfig change the computation at 2x (its defaults do not for
@@ -127,7 +135,7 @@ def techniques_for(family: str) -> list[str]:
         names.append("apg")
     if family in DITS:
         names.append("positions")
-    if _family_record(family).position_encoding == "rope":
+    if family in DITS and _family_record(family).position_encoding == "rope":
         names.append("dype")
     names.append("skip_residual")
     record = _family_record(family)
@@ -137,6 +145,23 @@ def techniques_for(family: str) -> list[str]:
         names += ["vae_tiling", "memory", "memory_staged"]
     names.append(PRESET)
     return names
+
+
+def plain_at(pipe, family: str, height: int, width: int):
+    """`pipe` (plain diffusers) set to denoise height x width as asked where its pipeline would rescale the request
+    to its base area: the plain computation a technique that changes nothing must equal."""
+    if family in RESCALES_TO_BASE_AREA:  # a hair above the request's area, so the pipeline's floor keeps it
+        pipe.default_sample_size = math.sqrt(height * width) * (1 + 1e-9) / pipe.vae_scale_factor
+    return pipe
+
+
+def denoised_size(family: str, height: int, width: int, base: int = BASE) -> tuple[int, int]:
+    """The size a plain pipeline of `family` denoises for a height x width request: HiDreamImagePipeline
+    rescales it to its base area, sides floored to 16, as its __call__ computes it."""
+    if family not in RESCALES_TO_BASE_AREA:
+        return height, width
+    scale = math.sqrt(base * base / (width * height))
+    return int(height * scale // 16 * 16), int(width * scale // 16 * 16)
 
 
 def _family_record(family: str):

@@ -112,7 +112,7 @@ def _loop_prediction(pipe, family_name, arguments, size, strides, sigma):
     sample = arguments[name]
     spatial = latents.unpack(sample, lat, lat, 2) if flux else sample
     blurred = _blur_2d(spatial.float(), strides, sigma)
-    multiple = 2 if family_name in ("flux", "sd3", "pixart") else 1
+    multiple = get_attachment(pipe).info.patch_size  # a sub-lattice side the denoiser's patches divide
     padded = math.ceil(lat / (strides[0] * multiple)) * strides[0] * multiple
     blurred = F.pad(blurred, (0, padded - lat, 0, padded - lat), mode="replicate")
     pieces = {}
@@ -191,7 +191,8 @@ def test_hooked_prediction_equals_the_sub_lattice_loop(family, size):
     assert notes["strides"] == (2, 2) and len(recorded.calls) == 3 == len(notes["weights"])
     moved = 0
     for (arguments, output), weight in zip(recorded.calls, notes["weights"]):
-        cosine = _reference_weight(pipe, family, float(torch.as_tensor(arguments["timestep"]).flatten()[0]))
+        timestep = arguments[hires.model_info(pipe).family.timestep_argument]
+        cosine = _reference_weight(pipe, family, float(torch.as_tensor(timestep).flatten()[0]))
         assert weight == pytest.approx(cosine, abs=1e-6)
         with torch.no_grad():
             full = _unhooked(pipe, arguments)

@@ -19,12 +19,24 @@ from tiny_models import build, generate
         ("qwenimage", (40, 64), r"height=40 is not a multiple of 16.*qwenimage.*use 32 or 48"),
         # ZImagePipeline has no check_inputs for hires to wrap: its own first check names the multiple
         ("zimage", (64, 72), r"Width must be divisible by 16 \(got 72\)"),
+        ("ernie_image", (64, 72), r"Height and width must be divisible by 16"),  # nor has ErnieImagePipeline
+        # HiDreamImagePipeline floors sizes to 16 before its check_inputs: hires checks the request first
+        ("hidream", (64, 72), r"width=72 is not a multiple of 16.*hidream.*use 64 or 80"),
     ],
 )
 def test_sizes_the_family_cannot_do(family, size, message):
     pipe = hires.apply(build(family), hires.HiresConfig())
     with pytest.raises(ValueError, match=message):
         generate(pipe, family, size)
+
+
+def test_krea2_sizes_are_checked_before_the_pipeline_rounds_them_up():
+    # Krea2Pipeline rounds a size up to its multiple of 16 (with a warning) before its check_inputs; the ready
+    # pipeline checks the request first.
+    pipe = hires.HiresKrea2Pipeline.from_pipe(build("krea2"))
+    pipe.default_sample_size = 8
+    with pytest.raises(ValueError, match=r"width=72 is not a multiple of 16.*krea2.*use 64 or 80"):
+        generate(pipe, "krea2", (64, 72), hires_config=hires.HiresConfig())
 
 
 def test_unknown_call_arguments_are_errors_even_where_the_pipeline_swallows_them():

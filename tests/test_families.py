@@ -3,7 +3,7 @@ import torch
 
 import hires
 from hires.families import detect_family
-from tiny_models import build
+from tiny_models import build, generate
 
 
 EXPECTED = {
@@ -19,7 +19,12 @@ EXPECTED = {
     "chroma": (64, 16, "flow"),
     "qwenimage": (64, 16, "flow"),
     "zimage": (64, 16, "flow"),
+    "ernie_image": (64, 16, "flow"),
+    "krea2": (64, 16, "flow"),
+    "hidream": (64, 16, "flow"),
 }
+# Families whose pipeline's vae_scale_factor counts a 2x2 patchify beside the VAE's own 8x (ERNIE-Image).
+X16_LATENT = ("ernie_image",)
 
 
 def test_each_family_is_recognised_with_facts_read_from_its_configs(family):
@@ -27,7 +32,7 @@ def test_each_family_is_recognised_with_facts_read_from_its_configs(family):
     base, multiple, prediction = EXPECTED[family]
     assert info.name == family
     assert (info.base_height, info.base_width) == (base, base)
-    assert info.latent_factor == 8
+    assert info.latent_factor == (16 if family in X16_LATENT else 8)
     assert info.size_multiple == multiple
     assert info.prediction_type == prediction
 
@@ -90,3 +95,69 @@ def test_the_pipelines_own_size_rule_counts_when_the_vae_factor_is_smaller():
     info = hires.model_info(load_pipeline_skeleton(DEFAULT_MODEL))
     assert (info.latent_factor, info.token_side, info.size_multiple) == (4, 4, 8)
     assert info.base_tokens == 16 * 16
+
+
+# SD3.5's released transformer configs (public copies of stabilityai/stable-diffusion-3.5-large and -medium,
+# transformer/config.json): the SD3 record reads them as SD3's, base 128 latents x 8 = 1024 px.
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+SD35_MEDIUM = dict(SD35_LARGE, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                   pos_embed_max_size=384, dual_attention_layers=tuple(range(13)))
+
+
+def _sd35(config):
+    """The tiny SD3 pipeline around a meta-device transformer of `config` (shapes only, no weights)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(config)
+    return StableDiffusion3Pipeline(**{**build("sd3").components, "transformer": transformer})
+
+
+@pytest.mark.parametrize("config, table_fits_4096", [(SD35_LARGE, False), (SD35_MEDIUM, True)],
+                         ids=["large", "medium"])
+def test_sd35_is_sd3_and_its_preset_plans_4096_past_or_inside_its_table(config, table_fits_4096):
+    from hires.presets import AUTOMATIC
+    from hires.runtime import estimate_adaptations, stage_plan
+    from hires.sampling.stages import StageRequest
+    from hires.techniques.memory import estimate
+
+    pipe = _sd35(config)
+    info = hires.model_info(pipe)
+    assert (info.name, info.base_height, info.base_width, info.size_multiple) == ("sd3", 1024, 1024, 16)
+    preset = AUTOMATIC["sd3"]
+    assert preset.positions.enabled and preset.structure_guidance.enabled
+    stages = stage_plan(info, preset, StageRequest(4096, 4096, 28))
+    assert [(s.height, s.width) for s in stages] == [(1024, 1024), (2048, 2048), (4096, 4096)]
+    # 4096 px is 256 tokens a side: inside Medium's 384-token table, past Large's 192 (where plain diffusers
+    # raises and PositionConfig interpolates the table).
+    assert (4096 // 16 <= config["pos_embed_max_size"]) is table_fits_4096
+    latent = 4096 // 8
+    adaptations = estimate_adaptations(info, preset)
+    assert estimate.denoiser_peak_bytes(pipe.transformer, latent, latent, torch.bfloat16, batch=2,
+                                        adaptations=adaptations) > 0
+    if not table_fits_4096:  # the memory planner's meta-device copy needs the positions' table extension too
+        with pytest.raises(ValueError, match=r"Height \(256\) cannot be greater than `pos_embed_max_size`: 192"):
+            estimate.denoiser_peak_bytes(pipe.transformer, latent, latent, torch.bfloat16, batch=2)
+
+
+def test_sd35_medium_dual_attention_blocks_get_windows_too():
+    """SD3.5 Medium's first 13 blocks add an image-only attention (attn2): the preset windows it as well."""
+    from diffusers import SD3Transformer2DModel
+
+    from hires.techniques.window_attention import windows
+
+    pipe = build("sd3")
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    config["dual_attention_layers"] = (0,)
+    torch.manual_seed(0)
+    pipe.transformer = SD3Transformer2DModel.from_config(config).eval()
+    plain = generate(pipe, "sd3", 64, steps=2)
+    hires.apply(pipe)
+    assert torch.equal(generate(pipe, "sd3", 64, steps=2), plain)
+    generate(pipe, "sd3", 256, steps=3)
+    windowed = hires.last_call(pipe).notes[windows.LOG_WINDOWS]
+    assert {"transformer_blocks.0.attn", "transformer_blocks.0.attn2"} <= set(windowed)
+    hires.remove(pipe)
+    assert torch.equal(generate(pipe, "sd3", 64, steps=2), plain)

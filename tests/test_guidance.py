@@ -18,9 +18,10 @@ def cfg_kwargs(family):
 
 def cfg_scale(family):
     """The CFG scale of `family`'s call with cfg_kwargs (uncond + w (cond - uncond)); Z-Image's
-    guidance_scale 3 combines cond + 3 (cond - uncond): w = 4."""
+    guidance_scale 3 combines cond + 3 (cond - uncond): w = 4 (Krea-2's 4.5 likewise: 5.5)."""
     return (TRUE_CFG["true_cfg_scale"] if family in CFG_ARGUMENTS
-            else {"pixart": 4.5, "flux2_klein": 4.0, "zimage": 4.0}.get(family, 5.0))
+            else {"pixart": 4.5, "flux2_klein": 4.0, "zimage": 4.0, "ernie_image": 4.0,
+                  "krea2": 5.5}.get(family, 5.0))
 
 
 def pipeline_rescale(family, guided, cond):
@@ -32,6 +33,7 @@ def pipeline_rescale(family, guided, cond):
 
 
 FRAME_LIST = ("zimage",)  # a list of (C, 1, h, w) latents in and negated velocities out, [cond, uncond]
+NEGATED_OUTPUT = ("hidream",)  # the negated velocity out (the pipeline flips it back)
 
 
 class Recorder:
@@ -64,6 +66,8 @@ class Recorder:
         out = out[0] if isinstance(out, tuple) else out.sample
         if self.family in FRAME_LIST:  # the velocity the scheduler steps with, as a (B, C, h, w) tensor
             out = -torch.stack([frame[:, 0] for frame in out]).float()
+        if self.family in NEGATED_OUTPUT:
+            out = -out
         return out
 
     def raw_pairs(self):

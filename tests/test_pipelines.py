@@ -22,6 +22,9 @@ READY = {
     "chroma": ("HiresChromaPipeline", "hires_chroma.py"),
     "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
     "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
+    "ernie_image": ("HiresErnieImagePipeline", "hires_ernie_image.py"),
+    "krea2": ("HiresKrea2Pipeline", "hires_krea2.py"),
+    "hidream": ("HiresHiDreamImagePipeline", "hires_hidream.py"),
 }
 
 
@@ -40,8 +43,8 @@ def test_ready_pipeline_from_pipe_matches_plain_and_takes_a_hires_config(family)
     assert hires.runtime.get_attachment(ready).config == automatic_config(hires.model_info(ready))
     assert torch.equal(generate(ready, family, 128, hires_config=hires.HiresConfig()), expected)
     config = hires.HiresConfig(entropy_scaling=hires.EntropyScalingConfig(enabled=True))
-    if hires.model_info(ready).family.attention_unsupported:  # Z-Image: entropy scaling is refused there
-        config = hires.HiresConfig(positions=hires.PositionConfig(enabled=True))
+    if hires.model_info(ready).family.attention_unsupported:  # Z-Image, ERNIE-Image: entropy scaling is refused
+        config = hires.HiresConfig(bottleneck=hires.BottleneckConfig(enabled=True))
     generate(ready, family, 128, hires_config=config)
     assert hires.runtime.get_attachment(ready).config == config
     with pytest.raises(ValueError, match="height=0 must be positive"):
@@ -58,13 +61,13 @@ def test_community_pipeline_file_loads_a_saved_tiny_pipeline(family, tmp_path):
     # Reloading tiny Flux is not bit-exact to the in-memory original (~2e-6), so compare two loads.
     plain = DiffusionPipeline.from_pretrained(tmp_path)
     plain.set_progress_bar_config(disable=True)
-    expected = generate(plain, family, 64)
     loaded = DiffusionPipeline.from_pretrained(
         tmp_path, custom_pipeline=str(ROOT / "pipelines" / READY[family][1]), trust_remote_code=True
     )
     loaded.set_progress_bar_config(disable=True)
     if family in FIXED_BASE:  # these pipelines hard-code a 1024 px base; the tiny model's is 64 px
-        loaded.default_sample_size = plain.default_sample_size = 8
+        loaded.default_sample_size = plain.default_sample_size = 64 // plain.vae_scale_factor
+    expected = generate(plain, family, 64)  # HiDreamImagePipeline rescales every request to its base area
     assert type(loaded).__name__ == READY[family][0]
     assert isinstance(loaded, hires.pipelines.HiresPipelineMixin)
     assert torch.equal(generate(loaded, family, 64), expected)  # base size: the automatic preset is inert

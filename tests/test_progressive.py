@@ -384,10 +384,13 @@ def test_the_invertible_stand_in_inverts():
 @pytest.mark.parametrize("space", ["latent", "pixel"])
 def test_guidance_pulls_the_low_band_toward_the_upscaled_base(family, space, monkeypatch):
     stand_in = _InvertibleVAE()
+    pipe = build(family)
+    factor = pipe.vae_scale_factor
+    if space == "pixel" and factor != 8:
+        pytest.skip(f"the invertible stand-in VAE decodes 4-channel x8 latents; {family}'s latent is x{factor}")
     if space == "pixel":
         monkeypatch.setattr(latent_space.VAECodec, "decode", lambda self, z: stand_in.decode(z))
         monkeypatch.setattr(latent_space.VAECodec, "encode", lambda self, x: stand_in.encode(x))
-    pipe = build(family)
     base = _spatial(pipe, family, _call(pipe, family, 64, steps=10), 64)
     distances = {}
     for guided, handover in ((0, "hard"), (3, "hard"), (3, "fade")):
@@ -395,7 +398,8 @@ def test_guidance_pulls_the_low_band_toward_the_upscaled_base(family, space, mon
         out = _spatial(pipe, family, _call(pipe, family, 128, steps=10), 128)
         hires.remove(pipe)
         if space == "latent":
-            ours, reference = out, resize_math.clamp_to_source_range(resize_math.resize(base, (16, 16)), base)
+            upscaled = resize_math.resize(base, (128 // factor, 128 // factor))
+            ours, reference = out, resize_math.clamp_to_source_range(upscaled, base)
         else:
             ours = stand_in.decode(out)
             source = stand_in.decode(base)

@@ -6,6 +6,7 @@ import torch
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
 from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate, step_callback
+from surface_support import denoised_size
 
 SIZE = 128  # 2x the tiny models' base side
 
@@ -75,7 +76,7 @@ def test_call_state_is_built_from_the_call_and_dropped_after_it(family):
     attachment = get_attachment(pipe)
     assert attachment.state is None
     record = hires.last_call(pipe)
-    assert (record.height, record.width) == (128, 64)
+    assert (record.height, record.width) == denoised_size(family, 128, 64)
     assert record.completed
     # one denoiser call per step: classifier-free guidance is batched, Flux and Flux.2 [dev] are
     # guidance-distilled; true-CFG families (Klein, Chroma) call it twice per step
@@ -93,7 +94,8 @@ def test_state_seen_by_hooks_during_the_call(family):
         seen.append((state.step_index, state.height, state.width, state.area_scale, state.num_steps))
 
     generate(pipe, family, (64, 128), steps=3, **step_callback(family, record))
-    assert seen == [(i, 64, 128, 2.0, 3) for i in range(3)]
+    height, width = denoised_size(family, 64, 128)
+    assert seen == [(i, height, width, height * width / 64**2, 3) for i in range(3)]
 
 
 def test_a_call_that_raises_leaves_no_state(family):

@@ -33,7 +33,7 @@ from hires.techniques.structure_guidance import guidance as progressive
 from hires.techniques.memory import tiled_vae
 from surface_support import (
     BASE, NO_ATTENTION_REWRITE, PIPELINE_BASE, PRESET, PROMPT,
-    READY, REPO, SEED, SIZE, STEPS, TRUE_CFG, call_arguments,
+    READY, REPO, SEED, SIZE, STEPS, TRUE_CFG, call_arguments, denoised_size, plain_at,
     has_base_size_option, options_of, technique_options, techniques_for,
 )
 
@@ -77,7 +77,7 @@ def _prepare(pipe, family: str):
     pipe.set_progress_bar_config(disable=True)
     if family in PIPELINE_BASE:
         # FluxPipeline hard-codes default_sample_size 128 (1024 px); the tiny model's base is 64 px.
-        pipe.default_sample_size = BASE // 8
+        pipe.default_sample_size = BASE // pipe.vae_scale_factor
     return pipe
 
 
@@ -133,7 +133,7 @@ def _generate(pipe, family: str, technique: str, **extra) -> Result:
                   len(counted))
 
 
-_REFERENCE: dict = {}  # (family, technique, plain) -> Result of surface (a), or of plain diffusers
+_REFERENCE: dict = {}  # (family, technique, plain, as_asked) -> Result of surface (a), or of plain diffusers
 
 
 def _plain_pipe(saved, family):
@@ -143,13 +143,16 @@ def _plain_pipe(saved, family):
     return _prepare(DiffusionPipeline.from_pretrained(saved[family]), family)
 
 
-def _reference(saved, family: str, technique: str, plain: bool = False) -> Result:
+def _reference(saved, family: str, technique: str, plain: bool = False, as_asked: bool = False) -> Result:
     """Surface (a): hires.apply on the plain diffusers pipeline, then the call; with `plain`, the same
-    call (the technique's call arguments) without hires."""
-    key = (family, technique, plain)
+    call (the technique's call arguments) without hires, and with `as_asked` too, plain diffusers set to
+    denoise the size asked for where its pipeline would rescale it (`plain_at`)."""
+    key = (family, technique, plain, as_asked)
     if key not in _REFERENCE:
         pipe = _plain_pipe(saved, family)
-        if not plain:
+        if plain and as_asked:
+            plain_at(pipe, family, SIZE, SIZE)
+        elif not plain:
             config = _config(family, technique)
             hires.apply(pipe) if config is None else hires.apply(pipe, config)
         _REFERENCE[key] = _generate(pipe, family, technique)
@@ -242,7 +245,7 @@ def test_the_technique_table_is_what_validate_for_accepts(family):
 @pytest.mark.parametrize("family, technique", _cases("apply"))
 def test_apply_runs_the_technique_above_the_base_size(saved, family, technique):
     _assert_ran(_reference(saved, family, technique),
-                _reference(saved, family, technique, plain=True), family, technique)
+                _reference(saved, family, technique, plain=True, as_asked=True), family, technique)
 
 
 def test_apg_on_flux_without_true_cfg_is_a_clear_error(saved):
@@ -274,7 +277,7 @@ def test_ready_pipeline_equals_apply(saved, construction, family, technique):
     config = _config(family, technique)
     result = _generate(ready, family, technique, **_hires_config_argument(config))
     assert get_attachment(ready).config == (AUTOMATIC[family] if config is None else config)
-    _assert_ran(result, _reference(saved, family, technique, plain=True), family, technique)
+    _assert_ran(result, _reference(saved, family, technique, plain=True, as_asked=True), family, technique)
     _assert_same_image(result, reference)
 
 
@@ -297,7 +300,7 @@ def test_community_pipeline_file_equals_apply(saved, family, technique):
         _prepare(pipe, family)
     result = _generate(pipe, family, technique, **_hires_config_argument(config))
     assert get_attachment(pipe).config == (AUTOMATIC[family] if config is None else config)
-    _assert_ran(result, _reference(saved, family, technique, plain=True), family, technique)
+    _assert_ran(result, _reference(saved, family, technique, plain=True, as_asked=True), family, technique)
     _assert_same_image(result, reference)
 
 
@@ -397,8 +400,9 @@ def test_cli_generate_equals_apply(saved, cli_root, family, technique):
 def test_ready_pipeline_with_everything_off_equals_plain_diffusers(saved, family):
     ready = _prepare(getattr(hires, READY[family][0]).from_pretrained(saved[family]), family)
     result = _generate(ready, family, PRESET, hires_config=hires.HiresConfig())
-    assert hires.is_applied(ready) and result.record is not None and (result.record.height,
-                                                                      result.record.width) == (SIZE, SIZE)
+    assert hires.is_applied(ready) and result.record is not None
+    # as plain diffusers denoises it (HiDreamImagePipeline: at its base area)
+    assert (result.record.height, result.record.width) == denoised_size(family, SIZE, SIZE)
     _assert_same_image(result, _reference(saved, family, PRESET, plain=True))
 
 

@@ -39,14 +39,14 @@ def make_tokenizer(max_length: int = TEXT_LEN) -> PreTrainedTokenizerFast:
     )
 
 
-def _clip_config(hidden: int, projection: int = 0) -> CLIPTextConfig:
+def _clip_config(hidden: int, projection: int = 0, positions: int = TEXT_LEN) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=len(WORDS) + 4,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=TEXT_LEN,
+        max_position_embeddings=positions,
         projection_dim=projection or hidden,
         bos_token_id=2,
         eos_token_id=3,
@@ -54,8 +54,8 @@ def _clip_config(hidden: int, projection: int = 0) -> CLIPTextConfig:
     )
 
 
-def make_clip(hidden: int = 32, with_projection: bool = False, projection: int = 0):
-    config = _clip_config(hidden, projection)
+def make_clip(hidden: int = 32, with_projection: bool = False, projection: int = 0, positions: int = TEXT_LEN):
+    config = _clip_config(hidden, projection, positions)
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
@@ -503,6 +503,133 @@ def zimage_pipeline():
     return pipe
 
 
+def make_mistral3_model(hidden: int = 16, layers: int = 3):
+    """Mistral3Model (ERNIE-Image's text encoder; the pipeline reads hidden_states[-2]) from a small config."""
+    from transformers import Mistral3Config, Mistral3Model
+
+    config = Mistral3Config(
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 16, "head_dim": 8},
+        text_config={"model_type": "mistral", "vocab_size": len(WORDS) + 4, "hidden_size": hidden,
+                     "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 1024, "pad_token_id": 0},
+        image_token_index=1,
+    )
+    return Mistral3Model(config).eval()
+
+
+def ernie_image_pipeline():
+    from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    _seed(0)
+    transformer = ErnieImageTransformer2DModel(
+        hidden_size=32, num_attention_heads=2, num_layers=2, ffn_hidden_size=64,
+        in_channels=16, out_channels=16,  # the 4 Flux.2 VAE channels, patchified 2x2 by the pipeline
+        patch_size=1, text_in_dim=16, rope_theta=256, rope_axes_dim=(4, 6, 6),
+    ).eval()
+    # ERNIE-Image zero-initialises its modulation and output layers: random small ones make the output depend
+    # on the input.
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for module in (transformer.adaLN_modulation[-1], transformer.final_linear):
+            module.weight.copy_(0.2 * torch.randn(module.weight.shape, generator=generator))
+    pipe = ErnieImagePipeline(
+        transformer=transformer,
+        vae=make_flux2_vae(),
+        text_encoder=make_mistral3_model(16),
+        tokenizer=make_tokenizer(TEXT_LEN),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=4.0),  # ERNIE-Image's static shift
+    )
+    # ErnieImagePipeline has no default_sample_size (its __call__ defaults to 1024 px); the x16 latent of this
+    # tiny model is 4x4 at its 64 px base.
+    pipe.default_sample_size = BASE_LATENT // 2
+    return pipe
+
+
+def make_qwen3_vl_model(hidden: int = 16, layers: int = 3):
+    """Qwen3VLModel (Krea-2's text encoder: the pipeline taps several of its hidden states) from a small config."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    text = dict(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                max_position_embeddings=1024, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    return Qwen3VLModel(Qwen3VLConfig(text_config=text, vision_config=vision)).eval()
+
+
+KREA2_TEXT_LAYERS = (1, 2, 3)  # the hidden states Krea2Pipeline taps (0 is the embedding output)
+
+
+def krea2_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+
+    _seed(0)
+    transformer = Krea2Transformer2DModel(
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=2, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+        timestep_embed_dim=16, text_hidden_dim=16, num_text_layers=len(KREA2_TEXT_LAYERS),
+        text_num_attention_heads=2, text_num_key_value_heads=2, text_intermediate_size=32,
+        num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    pipe = Krea2Pipeline(
+        # Krea-2's shift parameters (its docstring: dynamic, up to 6400 tokens), scaled to the tiny base's 16.
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=4,
+                                                  max_image_seq_len=100, base_shift=0.5, max_shift=1.15),
+        vae=make_qwenimage_vae(),  # Qwen-Image's VAE, as Krea-2's
+        text_encoder=make_qwen3_vl_model(16),
+        tokenizer=make_tokenizer(1100),  # the pipeline pads to max_sequence_length + 29 tokens, drops the first 34
+        transformer=transformer,
+        text_encoder_select_layers=KREA2_TEXT_LAYERS,
+    )
+    pipe.default_sample_size = BASE_LATENT  # Krea2Pipeline has none (its __call__ defaults to 1024 px)
+    return pipe
+
+
+def make_llama(hidden: int = 16, layers: int = 2):
+    """LlamaForCausalLM (HiDream-I1's fourth text encoder: Llama-3.1) from a small config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=256, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+HIDREAM_LLAMA_LAYERS = 2  # the pipeline stacks hidden_states[1:]: one Llama layer per double and single block
+
+
+def hidream_pipeline():
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline, HiDreamImageTransformer2DModel
+
+    _seed(0)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2,
+        caption_channels=[32, 16],  # [T5 width, Llama width]
+        text_emb_dim=32,  # the two CLIP projections (16 + 16) concatenated
+        num_routed_experts=2, num_activated_experts=1,
+        axes_dims_rope=(4, 6, 6),  # (zero, row, column) axes; sums to the head dim
+        max_resolution=(BASE_LATENT, BASE_LATENT),  # max_seq: the base area's 16 tokens, as HiDream's 4096
+        llama_layers=list(range(HIDREAM_LLAMA_LAYERS)),
+    ).eval()
+    pipe = HiDreamImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # HiDream-I1 Full's static shift
+        vae=make_vae(shift_factor=0.1159, scaling_factor=0.3611),
+        # HiDreamImagePipeline pads CLIP prompts to min(max_sequence_length, 218) tokens (its default: 128)
+        text_encoder=make_clip(16, with_projection=True, positions=128), tokenizer=make_tokenizer(),
+        text_encoder_2=make_clip(16, with_projection=True, positions=128), tokenizer_2=make_tokenizer(),
+        text_encoder_3=make_t5(32), tokenizer_3=make_tokenizer(),
+        text_encoder_4=make_llama(16, HIDREAM_LLAMA_LAYERS), tokenizer_4=make_tokenizer(),
+        transformer=transformer,
+    )
+    pipe.default_sample_size = BASE_LATENT  # HiDreamImagePipeline hard-codes 128 (1024 px)
+    return pipe
+
+
 BUILDERS = {
     "sd15": lambda: sd_pipeline(linear_projection=False),
     "sd21": lambda: sd_pipeline(linear_projection=True, prediction_type="v_prediction"),
@@ -515,6 +642,9 @@ BUILDERS = {
     "chroma": chroma_pipeline,
     "qwenimage": qwenimage_pipeline,
     "zimage": zimage_pipeline,
+    "ernie_image": ernie_image_pipeline,
+    "krea2": krea2_pipeline,
+    "hidream": hidream_pipeline,
 }
 
 # Call arguments each family needs on top of prompt/size/steps (text lengths kept tiny).
@@ -532,6 +662,10 @@ CALL_KWARGS = {
     "qwenimage": {"true_cfg_scale": 1.0, "max_sequence_length": TEXT_LEN},
     # Z-Image (base) runs CFG as cond + s (cond - uncond); Turbo runs s = 0.
     "zimage": {"guidance_scale": 3.0, "max_sequence_length": TEXT_LEN},
+    "ernie_image": {"guidance_scale": 4.0},  # no prompt rewriter (pe) in the tiny model
+    # Krea-2 combines cond + s (cond - uncond): CFG runs at any s > 0.
+    "krea2": {"guidance_scale": 4.5, "max_sequence_length": TEXT_LEN},
+    "hidream": {"guidance_scale": 5.0, "max_sequence_length": TEXT_LEN},
 }
 
 FAMILY_NAMES = tuple(BUILDERS)
@@ -539,7 +673,7 @@ FAMILY_NAMES = tuple(BUILDERS)
 # one denoiser call per step on [uncond, cond] ("batched" families), a cond call then an uncond call
 # (SEPARATE_CFG: Flux and Qwen-Image only with true CFG arguments, Klein and Chroma at guidance_scale > 1),
 # or none. Z-Image batches [cond, uncond].
-SEPARATE_CFG = ("flux", "flux2_klein", "chroma", "qwenimage")
+SEPARATE_CFG = ("flux", "flux2_klein", "chroma", "qwenimage", "krea2")
 NO_CFG = ("flux2",)  # Flux.2 [dev]: guidance_scale feeds the distilled guidance embedding
 # Extra call arguments that turn CFG on where the default call runs none (Flux, Qwen-Image: true CFG).
 CFG_ARGUMENTS = {"flux": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"},

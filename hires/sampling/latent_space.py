@@ -8,7 +8,8 @@ VAE config field counts only where the pipeline's own code reads it.
   latents_mean / latents_std) or z = (v - mean) / std (Qwen-Image's AutoencoderKLQwenImage);
 - Flux.2 (AutoencoderKLFlux2): the pipeline patchifies the VAE latent 2x2 (channel c*4 + 2*row + col,
   the order `hires.sampling.stages.pack` uses) and normalises each of those channels by the VAE's
-  batch-norm running statistics; z is that normalised latent, un-patchified.
+  batch-norm running statistics; z is that normalised latent, un-patchified (ERNIE-Image: z is the
+  normalised patchified latent itself, with the pipeline's own eps).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ def _unpatchify(z: torch.Tensor, patch: int) -> torch.Tensor:
     return z.reshape(b, c // (patch * patch), h * patch, w * patch)
 
 
-def _batch_norm_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_norm_statistics(convention, vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bn = vae.bn
+    eps = vae.config.batch_norm_eps if convention.batch_norm_eps is None else convention.batch_norm_eps
     mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, torch.float32)
-    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1).to(like.device, torch.float32) + vae.config.batch_norm_eps)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1).to(like.device, torch.float32) + eps)
     return mean, std
 
 
@@ -71,8 +73,9 @@ def to_vae(convention, vae, z: torch.Tensor) -> torch.Tensor:
     z = z.float()
     if convention.batch_norm_patches:
         patch = _patch(vae)
-        mean, std = _batch_norm_statistics(vae, z)
-        return _unpatchify(_patchify(z, patch) * std + mean, patch)
+        mean, std = _batch_norm_statistics(convention, vae, z)
+        patches = z if convention.patchified else _patchify(z, patch)
+        return _unpatchify(patches * std + mean, patch)
     offset, gain = _affine(convention, vae, z)
     return z * gain + offset
 
@@ -82,8 +85,9 @@ def from_vae(convention, vae, latent: torch.Tensor) -> torch.Tensor:
     latent = latent.float()
     if convention.batch_norm_patches:
         patch = _patch(vae)
-        mean, std = _batch_norm_statistics(vae, latent)
-        return _unpatchify((_patchify(latent, patch) - mean) / std, patch)
+        mean, std = _batch_norm_statistics(convention, vae, latent)
+        normalised = (_patchify(latent, patch) - mean) / std
+        return normalised if convention.patchified else _unpatchify(normalised, patch)
     offset, gain = _affine(convention, vae, latent)
     return (latent - offset) / gain
 

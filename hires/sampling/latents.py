@@ -6,6 +6,8 @@ pipeline hand around and the (B, C, h, w) latents every hires hook works on.
   (B, h/2 * w/2, 4C) tokens (`pack` / `unpack`); the token grid of a denoiser call is read from its
   `img_ids` (a row and a column id per token, on the axes `LatentLayout.id_axes` names) or its
   `img_shapes` ((frames, rows, cols) per image);
+- a negated output (HiDream-I1): the spatial layout, its denoiser's output negated between the model and
+  every hires hook (named hooks innermost and outermost), so the hooks see the velocity;
 - a list of latents (Z-Image): the transformer takes a list of (C, 1, h, w) latents and the time
   1 - sigma and returns a list of negated velocities; two named hooks around every hires hook
   (`denoiser_view`) present it as a (B, C, h, w) tensor, sigma and the velocity, and hand back the
@@ -24,6 +26,7 @@ from ..denoiser.outputs import output_tensor, with_tensor
 from . import latent_space
 
 FRAME_LIST_HOOK = "hires.frame_list"
+NEGATED_OUTPUT_HOOK = "hires.negated_output"
 
 
 def pack(latents: torch.Tensor, patch: int) -> torch.Tensor:
@@ -142,6 +145,39 @@ class PackedByShapes(PackedByIds):
         raise NotImplementedError("img_shapes layouts build no per-grid ids (LatentLayout.sub_grids_refused)")
 
 
+class PackedByPositionIds(PackedByIds):
+    """Packed 2x2 tokens whose grid the denoiser reads from position_ids: one (tokens, axes) tensor of the text
+    rows, then the image's (Krea-2)."""
+
+    def grid(self, arguments):
+        tokens = next(v for k, v in arguments.items() if k != "self").shape[1]
+        ids = arguments["position_ids"][-tokens:]
+        axes = self.layout.id_axes
+        rows, cols = int(ids[:, axes.index("height")].max()) + 1, int(ids[:, axes.index("width")].max()) + 1
+        return rows * self.patch, cols * self.patch, 0
+
+    def sub_grid_arguments(self, arguments, latent_height, latent_width):
+        raise NotImplementedError("hires builds no position_ids for a part of "
+                                  "the latent (LatentLayout.sub_grids_refused)")
+
+    def ids_for_grid(self, template, rows, cols):
+        raise NotImplementedError("position_ids layouts build no per-grid ids (LatentLayout.sub_grids_refused)")
+
+
+class NegatedOutput(LatentAdapter):
+    """A spatial denoiser that returns the negated velocity (HiDream-I1): hooks between the two halves see the
+    velocity; a sign flip twice over hands the pipeline its own values bit for bit."""
+
+    def denoiser_view(self):
+        return (_Negate(), NEGATED_OUTPUT_HOOK + ".call"), (_Negate(), NEGATED_OUTPUT_HOOK + ".view")
+
+
+class _Negate(ModelHook):
+    def new_forward(self, module, *args, **kwargs):
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        return with_tensor(output, -output_tensor(output))
+
+
 class FrameList(LatentAdapter):
     """Z-Image: a list of (C, 1, h, w) latents in, a list of negated velocities out, time 1 - sigma."""
 
@@ -152,13 +188,15 @@ class FrameList(LatentAdapter):
         return inner, outer
 
 
-_PACKED = {"img_ids": PackedByIds, "img_shapes": PackedByShapes}
+_PACKED = {"img_ids": PackedByIds, "img_shapes": PackedByShapes, "position_ids": PackedByPositionIds}
 
 
 def adapter_for(info) -> LatentAdapter:
     """The adapter of `info`'s family's layout."""
     layout = info.family.layout
     kind = FrameList if layout.frame_list else _PACKED.get(layout.packed_grid, LatentAdapter)
+    if layout.negated_output:
+        kind = NegatedOutput
     return kind(info)
 
 

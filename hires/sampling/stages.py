@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..families import pipeline_module
 from . import schedules
 
 # __call__ arguments that resize the request inside the pipeline; stages pass exact sizes instead.
@@ -191,7 +192,12 @@ class StageEngine:
         if not entry_points:
             return
         attachment.wrap_method(self.pipe, "encode_prompt", self._wrap_encode_prompt)
-        attachment.wrap_method(self.pipe, "prepare_latents", self._wrap_prepare_latents)
+        if self.info.family.latents_drawn_inline:
+            # the pipeline's own module function its __call__ draws them with; calls of other pipelines pass through
+            attachment.wrap_method(pipeline_module(self.pipe, self.info.family), "randn_tensor",
+                                   self._wrap_prepare_latents)
+        else:
+            attachment.wrap_method(self.pipe, "prepare_latents", self._wrap_prepare_latents)
         if hasattr(self.pipe, "prepare_image") and "control_image" in attachment.calls.parameters:
             attachment.wrap_method(self.pipe, "prepare_image", _wrap_prepare_image)
         if self.slices_by_strength:

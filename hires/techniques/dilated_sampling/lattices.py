@@ -236,7 +236,8 @@ class DilatedSamplingHook(ModelHook):
             full = output_tensor(output)
         if strides == (1, 1):
             return with_tensor(output, full.to(output_tensor(output).dtype))
-        timestep = float(torch.as_tensor(arguments["timestep"]).flatten()[0]) / info.family.timestep_input_scale
+        timestep = float(torch.as_tensor(arguments[info.family.timestep_argument]).flatten()[0])
+        timestep /= info.family.timestep_input_scale
         cosine = schedules.cosine_factor(self.attachment.pipe.scheduler, info.prediction_type, timestep)
         weight = cosine**config.fusion_exponent
         slot.weights.append(weight)

@@ -290,12 +290,70 @@ def _packed_shapes_inputs(model, family, batch, latent_h, latent_w, dtype):
     )
 
 
+def _packed_position_ids_inputs(model, family, batch, latent_h, latent_w, dtype):
+    """Krea-2: packed tokens, one position_ids tensor (text rows, then image rows), its text padding mask, and
+    text embeddings of several tapped encoder layers."""
+    config = model.config
+    patch, text = family.layout.patch_size, family.text_tokens
+    tokens = (latent_h // patch) * (latent_w // patch)
+    return dict(
+        hidden_states=torch.empty(batch, tokens, config.in_channels, dtype=dtype),  # in_channels: 4C per token
+        encoder_hidden_states=torch.empty(batch, text, config.num_text_layers, config.text_hidden_dim, dtype=dtype),
+        timestep=torch.empty(batch),
+        position_ids=torch.empty(text + tokens, len(family.layout.id_axes)),
+        encoder_attention_mask=torch.ones(batch, text, dtype=torch.bool),
+    )
+
+
 def _zimage_inputs(model, family, batch, latent_h, latent_w, dtype):
     config = model.config
     return dict(
         x=[torch.empty(config.in_channels, 1, latent_h, latent_w, dtype=dtype)] * batch,
         t=torch.empty(batch),
         cap_feats=[torch.empty(family.text_tokens, config.cap_feat_dim, dtype=dtype)] * batch,
+    )
+
+
+def _one_expert_dispatch(moe, x, expert_indices, expert_weights):
+    k = moe.num_activated_experts
+    return moe.experts[0](x.repeat_interleave(k, dim=0)).view(x.shape[0], k, -1).sum(dim=1)
+
+
+def _hidream_inputs(model, family, batch, latent_h, latent_w, dtype):
+    config = model.config
+    patch = config.patch_size
+    if latent_h != latent_w:  # as hires runs it: a non-square grid padded to at least its own token count
+        model.max_seq = max(model.max_seq, (latent_h // patch) * (latent_w // patch))
+    # Its sparse feed-forward sorts tokens by expert with bincount, which has no meta kernel: counted as every
+    # token through one routed expert num_activated_experts times (all routed to one expert: the largest batch).
+    for module in model.modules():
+        if type(module).__name__ == "MOEFeedForwardSwiGLU":
+            module.moe_infer = functools.partial(_one_expert_dispatch, module)
+    # Its un-patchify reads each image's grid from a tensor (.item(), which the meta device has no value for).
+    model.unpatchify = lambda x, sizes, training: torch.empty(x.shape[0], config.out_channels, latent_h, latent_w,
+                                                              dtype=x.dtype, device=x.device)
+    t5_width, llama_width = config.caption_channels
+    return dict(
+        hidden_states=torch.empty(batch, config.in_channels, latent_h, latent_w, dtype=dtype),
+        timesteps=torch.empty(batch),
+        encoder_hidden_states_t5=torch.empty(batch, family.text_tokens, t5_width, dtype=dtype),
+        encoder_hidden_states_llama3=torch.empty(max(config.llama_layers) + 1, batch, family.text_tokens,
+                                                 llama_width, dtype=dtype),
+        pooled_embeds=torch.empty(batch, config.text_emb_dim, dtype=dtype),
+    )
+
+
+def _ernie_image_inputs(model, family, batch, latent_h, latent_w, dtype):
+    config = model.config
+    # Its RoPE turns autocast off for the ids' device type, which torch has none of for "meta": the angles (a
+    # few bytes per token) come as an empty tensor of their shape, (batch, tokens, 1, head dim).
+    head_dim = sum(model.pos_embed.axes_dim)
+    model.pos_embed.forward = lambda ids: torch.empty(*ids.shape[:-1], 1, head_dim, device=ids.device)
+    return dict(
+        hidden_states=torch.empty(batch, config.in_channels, latent_h, latent_w, dtype=dtype),
+        timestep=torch.empty(batch),
+        text_bth=torch.empty(batch, family.text_tokens, config.text_in_dim, dtype=dtype),
+        text_lens=torch.full((batch,), family.text_tokens, dtype=torch.long),
     )
 
 
@@ -307,8 +365,11 @@ DENOISER_INPUTS = {
     "SD3Transformer2DModel": _sd3_inputs,
     "ZImageTransformer2DModel": _zimage_inputs,
     "Flux3Transformer2DModel": _flux3_inputs,
+    "ErnieImageTransformer2DModel": _ernie_image_inputs,
+    "HiDreamImageTransformer2DModel": _hidream_inputs,
 }
-LAYOUT_INPUTS = {"img_ids": _packed_ids_inputs, "img_shapes": _packed_shapes_inputs}
+LAYOUT_INPUTS = {"img_ids": _packed_ids_inputs, "img_shapes": _packed_shapes_inputs,
+                 "position_ids": _packed_position_ids_inputs}
 
 
 def denoiser_peak_bytes(denoiser, latent_h: int, latent_w: int, dtype: torch.dtype, batch: int,

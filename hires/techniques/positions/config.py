@@ -57,3 +57,6 @@ class PositionConfig:
                 "is a UNet and has none. For UNets use RedilationConfig, EntropyScalingConfig or progressive "
                 "structure guidance"
             )
+        if info.family.positions_unsupported:
+            raise ValueError(f"PositionConfig(enabled=True) does not apply to family {info.name!r}: "
+                             f"{info.family.positions_unsupported}")
