@@ -687,7 +687,8 @@ def model_info(pipe) -> ModelInfo:
 
 
 def last_call(pipe) -> CallRecord | None:
-    """Summary of the last finished call of an applied pipeline (None if none ran)."""
+    """Summary of the last finished call of an applied pipeline (None if none ran, or if the last call ran no
+    denoiser step, as a strength-0 upscale does)."""
     _check_pipeline(pipe, "last_call")
     attachment = get_attachment(pipe)
     return None if attachment is None else attachment.last_call

@@ -76,6 +76,7 @@ def test_strength_zero_is_the_upscaled_picture_through_the_vae_and_one_the_whole
     out = progressive.generate(pipe, "a red circle", 128, 128, image=PICTURE, strength=0, num_inference_steps=6,
                                generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert calls == [] and [r.steps for r in progressive.last_run(pipe)] == [0]
+    assert hires.last_call(pipe) is None  # no denoiser step ran: nothing of an earlier call is reported
     # independently: bicubic 2x of the picture in [-1, 1], the VAE's mean latent, decoded
     up = F.interpolate(PICTURE * 2 - 1, size=(128, 128), mode="bicubic", align_corners=False).clamp(-1, 1)
     with torch.no_grad():
@@ -84,10 +85,15 @@ def test_strength_zero_is_the_upscaled_picture_through_the_vae_and_one_the_whole
 
     # at 4x with the default upscale (sharpening, anti-ringing clamp): one upscale straight to the request, unsharpened
     hires.apply(pipe, hires.HiresConfig(structure_guidance=SG(enabled=True)))
+    progressive.generate(pipe, "a red circle", 128, 128, image=PICTURE, strength=0.5, num_inference_steps=6,
+                         generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert hires.last_call(pipe).completed and calls
+    calls.clear()
     out = progressive.generate(pipe, "a red circle", 256, 256, image=PICTURE, strength=0, num_inference_steps=6,
                                generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert calls == []
     assert [(r.height, r.steps, r.sharpen_sigma) for r in progressive.last_run(pipe)] == [(256, 0, None)]
+    assert hires.last_call(pipe) is None  # the strength-0.5 call before it is not reported as this one
     x = PICTURE * 2 - 1
     up = resize_math.clamp_to_source_range(resize_math.resize(x, (256, 256), "bicubic"), x).clamp(-1, 1)
     with torch.no_grad():

@@ -265,6 +265,7 @@ class StageEngine:
         self._check_picture(arguments, stages)
         saved = {k: v for k, v in self.pipe.__dict__.items() if k.startswith("_") and not k.startswith("_hires")}
         self.running = True
+        self.attachment.last_call = None  # each stage's call records itself; a call of no step leaves None
         self.shadow_scheduler(any(s.stops_early or s.after_step for s in stages))
         try:
             self._run(arguments, stages)
