@@ -6,25 +6,12 @@
     hires.remove(pipe)  # the pipeline is exactly as before
 """
 
-from .config import (
-    APGConfig,
-    AttentionBackendConfig,
-    BottleneckConfig,
-    DilatedSamplingConfig,
-    EntropyScalingConfig,
-    FlowAlignmentConfig,
-    HiresConfig,
-    MemoryConfig,
-    PositionConfig,
-    RAUNetConfig,
-    RedilationConfig,
-    ScaleFusionConfig,
-    SkipResidualConfig,
-    StructureGuidanceConfig,
-    VAETilingConfig,
-    WindowAttentionConfig,
-)
+import sys
+
+from .config import CONFIG_CLASSES, HiresConfig
 from .families import FAMILIES, SUPPORTED_PIPELINES, ModelInfo
+
+globals().update(CONFIG_CLASSES)  # every technique's config class: hires.StructureGuidanceConfig, ...
 
 __version__ = "0.1.0"
 
@@ -64,37 +51,53 @@ def __getattr__(name):
 def __dir__():
     return sorted(set(globals()) | set(__all__))
 
+
+# Module paths of earlier releases, kept importable by code written against them: old name -> where it
+# lives now (the same module object). hires itself imports only the new names.
+MOVED_MODULES = {
+    "hires.memory_planner": "hires.techniques.memory.estimate",
+    "hires.planning": "hires.techniques.memory.install",
+    "hires.presets_redilation": "hires.techniques.redilation.presets",
+    "hires.sampling.bottleneck": "hires.techniques.bottleneck.slices",
+    "hires.sampling.flow_alignment": "hires.techniques.flow_alignment.alignment",
+    "hires.sampling.progressive": "hires.techniques.structure_guidance.guidance",
+    "hires.sampling.skip_residual": "hires.techniques.skip_residual.blend",
+    "hires.techniques.dispersion": "hires.techniques.redilation.dispersion",
+    "hires.techniques.guidance": "hires.denoiser.guidance",
+    "hires.techniques.tiled_vae": "hires.techniques.memory.tiled_vae",
+}
+
+
+class _MovedModule:
+    """Finds and loads an old module name as the module it moved to."""
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.util
+
+        return importlib.util.spec_from_loader(name, self) if name in MOVED_MODULES else None
+
+    def create_module(self, spec):
+        import importlib
+
+        module = importlib.import_module(MOVED_MODULES[spec.name])
+        self._own_spec = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = self._own_spec  # the import machinery set the old name's spec on it
+
+
+if not any(isinstance(finder, _MovedModule) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModule())
+
 __all__ = [
-    "APGConfig",
-    "AttentionBackendConfig",
-    "BottleneckConfig",
-    "DilatedSamplingConfig",
-    "EntropyScalingConfig",
-    "FlowAlignmentConfig",
-    "MemoryConfig",
-    "PositionConfig",
-    "RAUNetConfig",
-    "RedilationConfig",
-    "ScaleFusionConfig",
-    "SkipResidualConfig",
-    "StructureGuidanceConfig",
-    "VAETilingConfig",
-    "WindowAttentionConfig",
+    *CONFIG_CLASSES,
     "FAMILIES",
     "SUPPORTED_PIPELINES",
     "CallRecord",
     "CallState",
     "HiresConfig",
-    "HiresChromaPipeline",
-    "HiresFlux2KleinPipeline",
-    "HiresFlux2Pipeline",
-    "HiresFluxPipeline",
-    "HiresPixArtSigmaPipeline",
-    "HiresQwenImagePipeline",
-    "HiresStableDiffusion3Pipeline",
-    "HiresStableDiffusionPipeline",
-    "HiresStableDiffusionXLPipeline",
-    "HiresZImagePipeline",
+    *_READY_PIPELINES,
     "ModelInfo",
     "apply",
     "is_applied",

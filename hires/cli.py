@@ -5,9 +5,11 @@
     hires techniques                       # every technique, its families and options
     accelerate launch -m hires batch ...   # shards the items over processes / GPUs
 
-Order of work: every option and prompt-file value is checked first, then the model's configs are
-read (no weights) to check sizes and the HiresConfig, then the output location; only then are
-weights loaded. torch and diffusers are imported inside the commands, so `--help` is instant.
+Order of work: every option and prompt-file value is checked first, then the model's configs and
+files are read (no weights) to check sizes, steps and the HiresConfig, then the output location is
+proven (a probe file, name lengths, free space); only then are weights loaded. A render with
+non-finite output is never written (hires.guards). torch and diffusers are imported inside the
+commands, so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -40,6 +42,17 @@ class CliError(Exception):
 
 class Interrupted(Exception):
     """Ctrl-C: printed as one line (what was kept), exit status 130."""
+
+
+class RenderFailed(Exception):
+    """A render that produced no image worth keeping, or whose file could not be written: one line, exit
+    status 1. `kept`: where the image was kept instead, if it was; `stops_batch`: the output folder took
+    no file, so a batch stops there (a non-finite render fails only its own item)."""
+
+    def __init__(self, message: str, kept: Path | None = None, stops_batch: bool = False):
+        super().__init__(message)
+        self.kept = kept
+        self.stops_batch = stops_batch
 
 
 # -- option values ------------------------------------------------------------------------------
@@ -151,6 +164,88 @@ def check_creatable_folder(path: Path, option: str) -> None:
         raise CliError(f"{option} {str(path)!r} {what}; choose a writable folder")
 
 
+# PNG bytes of a height x width render at most: zlib never grows 8-bit RGB rows (one filter byte
+# each) by more than a little, plus the text chunks (parameters, the request record).
+PNG_TEXT_BYTES = 256 * 1024
+
+
+def png_bytes_bound(height: int, width: int) -> int:
+    raw = height * (3 * width + 1)
+    return raw + raw // 1000 + PNG_TEXT_BYTES
+
+
+def prove_output_folder(folder: Path, names: list[str], need: int, option: str, images: int = 1) -> None:
+    """Show, before any weights load, that the PNGs can be written: the folder exists (missing folders
+    are created now, and removed again if the proof fails), a probe file can be created and removed in
+    it (`os.access` says nothing on procfs or a read-only mount), every file name hires writes there
+    fits the file system's name limit, and `need` bytes are free."""
+    import shutil
+    import tempfile
+
+    from .io import longest_sibling_name
+
+    created = []
+    try:
+        missing = [p for p in [folder, *folder.parents] if not p.exists()]
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:  # another process of the same batch made it meanwhile
+                continue
+            except OSError as err:
+                raise CliError(f"{option} {str(folder)!r}: the folder {str(path)!r} cannot be created "
+                               f"({err.strerror or err}); choose a writable folder") from None
+            created.append(path)
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".hires-probe-", dir=folder)
+            try:
+                os.write(fd, b"hires")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as err:
+            raise CliError(f"{option} {str(folder)!r}: a file cannot be created there ({err.strerror or err}); "
+                           "choose a writable folder") from None
+        try:
+            name_max = os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError, AttributeError):
+            name_max = None
+        for name in names:
+            length = longest_sibling_name(name)
+            if name_max is not None and length > name_max:
+                raise CliError(f"{option} {str(folder)!r}: the file name {name!r} ({len(name.encode())} bytes) and "
+                               f"the temporary file written beside it ({length} bytes) exceed this file system's "
+                               f"limit of {name_max} bytes a name; use a file name of at most "
+                               f"{name_max - (length - len(name.encode()))} bytes")
+        free = shutil.disk_usage(folder).free
+        if need > free:
+            what = "the PNG needs" if images == 1 else f"the {images} PNGs to render need"
+            raise CliError(f"{option} {str(folder)!r}: {what} up to {_format_bytes(need)} and the file system has "
+                           f"{_format_bytes(free)} free; free some space or choose another folder")
+    except BaseException:
+        for path in reversed(created):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+def keep_render(picture, out: Path, text: dict[str, str]) -> Path | None:
+    """Where a render whose final write failed is kept instead: the temporary folder, else beside it."""
+    import tempfile
+
+    from .io import write_png_atomically
+
+    for folder in (Path(tempfile.gettempdir()) / "hires-recovered", out.parent):
+        target = folder / (out.name if folder != out.parent else f"{out.stem}.recovered{out.suffix}")
+        try:
+            write_png_atomically(picture, target, text)
+            return target
+        except OSError:
+            continue
+    return None
+
+
 def check_output_file(path: Path, option: str = "--out") -> None:
     if path.suffix.lower() != ".png":
         raise CliError(f"{option} {str(path)!r} must end in .png, e.g. {option} image.png")
@@ -204,9 +299,11 @@ def resolve_dtype(name: str, device: str):
 
 
 # -- the HiresConfig ------------------------------------------------------------------------------
-def technique_names(config) -> list[str]:
-    """HiresConfig fields that are technique sub-configs (with an `enabled` switch)."""
-    return [f.name for f in dataclasses.fields(config) if hasattr(getattr(config, f.name), "enabled")]
+def technique_names() -> list[str]:
+    """Every technique of the catalogue, built-in and registered (hires.techniques)."""
+    from .techniques import all_techniques
+
+    return [record.name for record in all_techniques()]
 
 
 def _check_json_types(cls: type, values: Any, where: str) -> None:
@@ -217,16 +314,25 @@ def _check_json_types(cls: type, values: Any, where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         field = fields.get(key)
-        if field is None:
+        nested = _technique_config_class(key) if cls.__name__ == "HiresConfig" else None
+        if field is None and nested is None:
             continue  # HiresConfig.from_dict names unknown keys with the valid ones
-        kind = str(field.type).replace(" ", "")
-        nested = next((c for c in _subconfig_classes() if c.__name__ == kind), None)
+        kind = str(field.type).replace(" ", "") if field is not None else ""
+        nested = nested or next((c for c in _subconfig_classes() if c.__name__ == kind), None)
         if nested is not None:
+            if not isinstance(value, dict):
+                raise CliError(f"{where}.{key}={json.dumps(value)} must be a JSON object of {key} options, e.g. "
+                               f'"{key}": {{"enabled": true}} (`hires techniques` lists them)')
             _check_json_types(nested, value, f"{where}.{key}")
             continue
         allowed = set(kind.split("|"))
         if value is None and "None" in allowed:
             continue
+        if allowed <= {"str", "None"} and not isinstance(value, str):
+            choices = _string_choices(cls, key)
+            raise CliError(f"{where}.{key}={json.dumps(value)} must be a JSON string"
+                           + (f", one of {choices}" if choices else "")
+                           + ("" if "None" not in allowed else " (or null)"))
         if allowed <= {"bool", "None"} and not isinstance(value, bool):
             raise CliError(f"{where}.{key}={json.dumps(value)} must be a JSON boolean (true or false)")
         numeric = allowed & {"int", "float"} and not allowed & {"bool", "Any", "str"}
@@ -234,11 +340,28 @@ def _check_json_types(cls: type, values: Any, where: str) -> None:
             raise CliError(f"{where}.{key}={json.dumps(value)} must be a number, not a JSON boolean")
 
 
-def _subconfig_classes() -> list[type]:
-    from .config import HiresConfig
+def _string_choices(cls: type, key: str) -> str | None:
+    """The values a string option accepts, as the config's own check words them (None if it names none)."""
+    try:
+        cls(**{key: "\x00"})
+    except (TypeError, ValueError) as err:
+        text = str(err)
+        if "choose one of " in text:
+            return text.split("choose one of ", 1)[1].split(";")[0].strip().rstrip(".")
+    return None
 
-    defaults = HiresConfig()
-    return [type(getattr(defaults, name)) for name in technique_names(defaults)]
+
+def _subconfig_classes() -> list[type]:
+    from .techniques import all_techniques
+
+    return [record.config_type for record in all_techniques()]
+
+
+def _technique_config_class(name: str) -> type | None:
+    """The config class of the technique `name` (a --config key), built-in or registered."""
+    from .techniques import all_techniques
+
+    return next((record.config_type for record in all_techniques() if record.name == name), None)
 
 
 def read_config_file(path: str | None) -> dict[str, Any] | None:
@@ -247,18 +370,21 @@ def read_config_file(path: str | None) -> dict[str, Any] | None:
         return None
     from .config import HiresConfig
 
+    from .io import ReadError, loads_strict, read_text
+
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise CliError(f"--config {path!r} cannot be read: {err}") from None
+        text = read_text(Path(path), "--config")
+    except ReadError as err:
+        raise CliError(str(err)) from None
     try:
-        values = json.loads(text, parse_constant=batch._raise_constant)
+        values = loads_strict(text, "HiresConfig")
     except json.JSONDecodeError as err:
         raise CliError(f"--config {path!r} is not valid JSON: {err.msg} at line {err.lineno}") from None
     except ValueError as err:
         raise CliError(f"--config {path!r}: {err}") from None
     if not isinstance(values, dict):
-        raise CliError(f"--config {path!r} must hold a JSON object of HiresConfig options, got {type(values).__name__}")
+        raise CliError(f"--config {path!r} must hold a JSON object of HiresConfig options, "
+                       f"got {type(values).__name__}")
     _check_json_types(HiresConfig, values, f"--config {path!r}: HiresConfig")
     try:
         HiresConfig.from_dict(values)  # every error it knows, before any model is read
@@ -276,7 +402,7 @@ def build_config(options: argparse.Namespace, values: dict[str, Any] | None, inf
         config = HiresConfig.from_dict(values)
     else:
         config = automatic_config(info) if options.preset == "auto" else HiresConfig()
-    techniques = technique_names(config)
+    techniques = technique_names()
     both = sorted(set(options.enable) & set(options.disable))
     if both:
         raise CliError(f"--enable and --disable both name {', '.join(both)}; choose one")
@@ -285,7 +411,7 @@ def build_config(options: argparse.Namespace, values: dict[str, Any] | None, inf
         if name not in techniques:
             raise CliError(f"--{'enable' if on else 'disable'} {name!r} is not a technique; techniques are "
                            f"{', '.join(techniques)} (closest: {closest_names(name, techniques)})")
-        changes[name] = dataclasses.replace(getattr(config, name), enabled=on)
+        changes[name] = dataclasses.replace(config.technique(name), enabled=on)
     if base_size is not None:
         changes["base_size"] = base_size[0] if base_size[0] == base_size[1] else base_size
     try:
@@ -333,9 +459,6 @@ def load_pipeline(model: str, dtype=None):
 
 def load_pipeline_skeleton(path: str | Path):
     """The pipeline with its models on the meta device: configs, tokenizers and scheduler, no weights."""
-    import importlib
-
-    import diffusers
     import torch
     import transformers
     from accelerate import init_empty_weights
@@ -343,7 +466,7 @@ def load_pipeline_skeleton(path: str | Path):
     path = Path(path).expanduser()
     if not (path / "model_index.json").is_file():
         raise CliError(f"{str(path)!r} is not a local diffusers pipeline folder (no model_index.json)")
-    index = json.loads((path / "model_index.json").read_text())
+    index = read_model_index(path)
     components: dict[str, Any] = {}
     for name, value in index.items():
         if name.startswith("_"):
@@ -355,19 +478,157 @@ def load_pipeline_skeleton(path: str | Path):
         if library is None or class_name is None:
             components[name] = None
             continue
-        component_cls = getattr(importlib.import_module(library), class_name)
+        component_cls = _named_class(path, library, class_name, f"{name} ({library}.{class_name})")
         folder = path / name
-        if issubclass(component_cls, torch.nn.Module):
-            with init_empty_weights():
-                if library == "diffusers":
-                    components[name] = component_cls.from_config(component_cls.load_config(folder))
-                else:
-                    components[name] = component_cls(transformers.AutoConfig.from_pretrained(folder))
-        else:
-            components[name] = component_cls.from_pretrained(folder)
-    pipe = getattr(diffusers, index["_class_name"])(**components)
+        is_module = issubclass(component_cls, torch.nn.Module)
+        check_component_folder(path, name, class_name, is_module)
+        try:
+            if is_module:
+                with init_empty_weights():
+                    if library == "diffusers":
+                        config = component_cls.load_config(folder)
+                        _check_config_class(path, name, component_cls, config.get("_class_name"))
+                        components[name] = component_cls.from_config(config)
+                    else:
+                        components[name] = component_cls(transformers.AutoConfig.from_pretrained(folder))
+                if library == "diffusers":  # transformers renames checkpoint keys while loading: not comparable
+                    _check_weight_shapes(path, name, components[name])
+            else:
+                components[name] = component_cls.from_pretrained(folder)
+        except (OSError, ValueError, KeyError, TypeError) as err:  # a config missing, not JSON or not this class's
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CliError(f"--model {str(path)!r}: {name}/ ({class_name}) cannot be read from its files: {first}; "
+                           "re-download or re-save the model") from None
+    pipeline_cls = _named_class(path, "diffusers", index["_class_name"], "the pipeline")
+    pipe = pipeline_cls(**components)
     pipe.register_to_config(_name_or_path=str(path))  # as from_pretrained records it (hires.json is read there)
     return pipe
+
+
+def _named_class(path: Path, library: str, class_name: str, what: str) -> type:
+    """A class model_index.json names, or one line saying it does not exist in what is installed."""
+    import importlib
+
+    if not (isinstance(library, str) and isinstance(class_name, str)):
+        raise CliError(f"--model {str(path)!r}: model_index.json names {what} as {[library, class_name]}, not "
+                       '["library", "ClassName"]; re-download or re-save the model')
+    try:
+        module = importlib.import_module(library)
+    except ImportError:
+        raise CliError(f"--model {str(path)!r}: model_index.json names {what} from the library {library!r}, which is "
+                       f"not installed; install it (pip install {library}) or check the model") from None
+    value = getattr(module, class_name, None)
+    if not isinstance(value, type):
+        version = getattr(module, "__version__", None)
+        raise CliError(f"--model {str(path)!r}: model_index.json names {what}, but {library}"
+                       f"{' ' + version if version else ''} has no class {class_name!r}; update {library} or "
+                       "check the model")
+    return value
+
+
+def _check_config_class(path: Path, name: str, cls: type, written: Any) -> None:
+    """A component's config describes the class model_index.json names (not, say, a VAE's config in unet/)."""
+    import diffusers
+
+    other = getattr(diffusers, written, None) if isinstance(written, str) else None
+    if isinstance(other, type) and not (issubclass(other, cls) or issubclass(cls, other)):
+        raise CliError(f"--model {str(path)!r}: {name}/config.json describes a {written}, but model_index.json names "
+                       f"{name} a {cls.__name__}; re-download or re-save the model")
+
+
+def _check_weight_shapes(path: Path, name: str, module) -> None:
+    """A diffusers model's weights file (its header's tensor names and shapes) fits the model its config
+    builds: weights of another model in a folder fail here, not after loading."""
+    from .io import ReadError, safetensors_shapes, weights_files
+
+    files = [f for f in weights_files(path / name) if f.name == "diffusion_pytorch_model.safetensors"]
+    if not files:
+        return  # sharded, variant or pickled weights: their loader checks them
+    try:
+        stored = safetensors_shapes(files[0])
+    except ReadError as err:
+        raise CliError(f"--model {str(path)!r}: {err}") from None
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    common = set(stored) & set(expected)
+    if not common:
+        raise CliError(f"--model {str(path)!r}: {name}/{files[0].name} holds none of the tensors its config's "
+                       f"{type(module).__name__} has (e.g. {next(iter(expected), '?')}); the file belongs to another "
+                       "model: re-download or re-save it")
+    for key in sorted(common):
+        if stored[key] != expected[key]:
+            raise CliError(f"--model {str(path)!r}: {name}/{files[0].name} does not fit {name}/config.json: {key} is "
+                           f"{list(stored[key])} in the file and {list(expected[key])} in the model; re-download or "
+                           "re-save the model")
+
+
+def read_model_index(path: Path) -> dict[str, Any]:
+    from .io import ReadError, loads_strict, read_text
+
+    try:
+        index = loads_strict(read_text(path / "model_index.json", "model index"))
+    except (ReadError, ValueError) as err:
+        raise CliError(f"--model {str(path)!r}: model_index.json cannot be read: {err}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise CliError(f"--model {str(path)!r}: model_index.json names no pipeline class (_class_name); "
+                       "re-download or re-save the model")
+    return index
+
+
+def check_component_folder(path: Path, name: str, class_name: str, is_module: bool) -> None:
+    """A component the model index lists is on disk: its folder, and for a model a whole weights file,
+    so a damaged folder is one line naming the file, not a loader's traceback after minutes."""
+    from .io import ReadError, weights_file_identity, weights_files
+
+    folder = path / name
+    if not folder.is_dir():
+        raise CliError(f"--model {str(path)!r}: model_index.json lists {name} ({class_name}) but the folder "
+                       f"{str(folder)!r} is missing; re-download or re-save the model")
+    if not is_module:
+        return
+    files = weights_files(folder)
+    if not files:
+        raise CliError(f"--model {str(path)!r}: {str(folder)!r} holds no weights file (*.safetensors, *.bin); "
+                       "re-download or re-save the model")
+    for file in files:
+        try:
+            weights_file_identity(file)
+        except ReadError as err:
+            raise CliError(f"--model {str(path)!r}: {err}") from None
+
+
+def weights_identity(path: Path) -> str:
+    """A digest of every weights file of a model folder: its name, size, mtime and (safetensors) header
+    hash. Cheap (stat and a header read per file), so a rerun that renders nothing reads no weights;
+    weights replaced in place change it, so their images are rendered again."""
+    import hashlib
+
+    from .io import ReadError, weights_file_identity, weights_files
+
+    entries = []
+    for name, value in sorted(read_model_index(path).items()):
+        folder = path / name
+        if name.startswith("_") or not isinstance(value, list) or not folder.is_dir():
+            continue
+        for file in weights_files(folder):
+            try:
+                entries.append([f"{name}/{file.name}", *weights_file_identity(file)])
+            except (ReadError, OSError) as err:
+                raise CliError(f"--model {str(path)!r}: {err}") from None
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]
+
+
+def hub_weights_identity(model: str) -> str | None:
+    """The weights' identity of a hub model already in the local cache (its snapshot folder), if found."""
+    try:
+        from diffusers import DiffusionPipeline
+
+        folder = Path(DiffusionPipeline.download(model, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a hub id: the key then holds the id alone
+        return None
+    try:
+        return weights_identity(folder)
+    except CliError:
+        return None
 
 
 @dataclasses.dataclass
@@ -378,6 +639,8 @@ class Model:
     pipe: Any  # the loaded pipeline, or its weightless skeleton
     info: Any  # hires.ModelInfo, with --base-size applied
     config: Any  # the HiresConfig
+    max_steps: int | None = None  # the scheduler's num_train_timesteps: diffusers refuses more steps
+    weights: Any = None  # the weights' identity (hires.io.weights_identity), part of every resume key
 
 
 def describe_model(options: argparse.Namespace, request: Request, config_values, pipe) -> Model:
@@ -397,7 +660,21 @@ def describe_model(options: argparse.Namespace, request: Request, config_values,
         raise CliError(f"--true-cfg {options.true_cfg}: {type(pipe).__name__} has no true classifier-free guidance "
                        "(true_cfg_scale); use --guidance, or leave --true-cfg out")
     path = local_model(options.model)
-    return Model(str(path.resolve()) if path is not None else options.model, pipe, info, config)
+    scheduler = getattr(pipe, "scheduler", None)
+    max_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+    if isinstance(max_steps, int) and max_steps < 1:
+        raise CliError(f"--model {options.model!r}: its scheduler config says num_train_timesteps={max_steps}, so no "
+                       "step can run; re-download or re-save the model")
+    return Model(str(path.resolve()) if path is not None else options.model, pipe, info, config,
+                 max_steps=max_steps if isinstance(max_steps, int) and max_steps > 0 else None)
+
+
+def check_steps_for_model(model: Model, steps: int, where: str) -> None:
+    """More steps than the scheduler's training timesteps: diffusers would refuse them after loading."""
+    if model.max_steps is not None and steps > model.max_steps:
+        raise CliError(f"{where}={steps}: this model's scheduler ({type(model.pipe.scheduler).__name__}) was trained "
+                       f"with {model.max_steps} timesteps, so at most {model.max_steps} steps can run; "
+                       f"use e.g. {min(20, model.max_steps)} to 50")
 
 
 def _check_size_multiple(info, side: str, value: int, where: str) -> None:
@@ -414,8 +691,13 @@ def resolve_size(model: Model, size: tuple[int, int] | None, scale: float | None
     info = model.info
     if scale is not None:
         unit = info.size_multiple
-        height = max(unit, round(info.base_height * scale / unit) * unit)
-        width = max(unit, round(info.base_width * scale / unit) * unit)
+        height = round(info.base_height * scale / unit) * unit
+        width = round(info.base_width * scale / unit) * unit
+        if height < unit or width < unit:
+            smallest = unit / min(info.base_height, info.base_width)
+            raise CliError(f"--scale {scale:g} of the {info.base_width}x{info.base_height} base gives "
+                           f"{width}x{height} pixels; the smallest size is {unit}x{unit} pixels "
+                           f"(--scale {smallest:g})")
     elif size is not None:
         height, width = size
     else:
@@ -426,29 +708,146 @@ def resolve_size(model: Model, size: tuple[int, int] | None, scale: float | None
     return height, width
 
 
+def _stage_plan(model: Model, height: int, width: int, steps: int, image_size: tuple[int, int] | None = None) -> list:
+    """The stages an applied pipeline's call would plan (hires.runtime.stage_plan), from the configs."""
+    from .runtime import StageRequest, stage_plan
+
+    parameters = tuple(inspect.signature(type(model.pipe).__call__).parameters)
+    request = StageRequest(height, width, steps, parameters=parameters, image_size=image_size)
+    try:
+        return stage_plan(model.info, model.config, request)
+    except ValueError as err:
+        raise CliError(f"{width}x{height}, {steps} steps: {err}") from None
+
+
 def planned_stages(model: Model, height: int, width: int, steps: int,
                    image_size: tuple[int, int] | None = None) -> list[tuple[int, int, int | None]]:
     """(height, width, steps) of every stage a call runs (steps None: the input image, not denoised)."""
-    config, info = model.config, model.info
-    stages: list[tuple[int, int, int | None]] = [(height, width, steps)]
+    stages = [(s.height, s.width, s.planned_steps) for s in _stage_plan(model, height, width, steps, image_size)]
+    return [(*image_size, None)] + stages if image_size is not None else stages
+
+
+# -- the memory planner's verdict, from the configs ------------------------------------------------
+def _uses_cfg(model: Model, guidance: float | None, true_cfg: float | None) -> bool:
+    """Whether the call runs classifier-free guidance, as the pipeline would decide it."""
+    family = model.info.family
+    if not family.runs_cfg:
+        return False
+    name = family.guidance_scale_name
+    scale = true_cfg if name == "true_cfg_scale" else guidance
+    if scale is None:
+        parameter = inspect.signature(type(model.pipe).__call__).parameters.get(name)
+        scale = parameter.default if parameter is not None and isinstance(parameter.default, (int, float)) else None
+    if scale is None or scale + family.guidance_scale_offset <= 1:
+        return False
+    # true CFG runs only with a negative prompt, which the CLI passes (empty) with --true-cfg
+    return not (family.cfg_separate and family.cfg_switch) or true_cfg is not None
+
+
+def _sequential_cfg_allowed(model: Model) -> bool:
+    """As the memory technique decides it: batched CFG may be split unless a technique needs both halves at once."""
+    from .runtime import installed_techniques
+
+    if not model.info.family.cfg_batched or model.config.memory.sequential_cfg is False:
+        return False
+    return not any("whole_cfg_batch" in record.capabilities for record, _ in installed_techniques(model.config))
+
+
+def _plan_call(model: Model, height: int, width: int, steps: int, cfg: bool, dtype, device: str, budget):
+    """The whole call's memory plan, as the memory technique plans it at run time, from the skeleton's configs."""
+    import torch
+
+    from .techniques.memory import estimate as mp
+    from .runtime import estimate_adaptations
+    from .techniques.memory.install import call_passes
+
+    info, config, pipe = model.info, model.config, model.pipe
+    denoiser = getattr(pipe, info.family.denoiser_attr)
+    stages = _stage_plan(model, height, width, steps)
+    passes, vae_passes = call_passes(info, stages, 1, pipe.vae.config.latent_channels, uses_cfg=lambda stage: cfg)
+    others = sum(mp.module_bytes(m, dtype) for name, m in pipe.components.items()
+                 if isinstance(m, torch.nn.Module) and m is not denoiser and m is not pipe.vae)
+    tiling = config.vae_tiling
+    return mp.plan_call(
+        denoiser, pipe.vae, denoiser_passes=passes, vae_passes=vae_passes, latent_factor=info.latent_factor,
+        dtype=dtype, batch=1, cfg=cfg, cfg_batched=info.family.cfg_batched, budget=budget,
+        other_weights=others,
+        tile_vae=None if not tiling.enabled or tiling.mode == "auto" else tiling.mode == "always",
+        tile_size=tiling.tile_size if tiling.enabled else None, feed_forward_chunks=config.memory.feed_forward_chunks,
+        sequential_cfg=config.memory.sequential_cfg if _sequential_cfg_allowed(model) else False,
+        name=f"{width}x{height} {info.name}", device_type=device.split(":")[0],
+        adaptations=estimate_adaptations(info, config))
+
+
+def check_memory(model: Model, height: int, width: int, steps: int, guidance: float | None, true_cfg: float | None,
+                 dtype, device: str, where: str, cache: dict | None = None) -> None:
+    """Refuse, before any weights load, what the runtime would refuse after loading them: a decoded image
+    beyond the free memory (above the base size), and, with MemoryConfig on, the planner's whole-call plan
+    (every stage, every VAE pass). One line with the numbers and command-line remedies."""
+    from .techniques.memory import estimate as mp
+
+    info, memory = model.info, model.config.memory
+    above = height * width > info.base_height * info.base_width
+    budget = memory.max_memory if memory.enabled and memory.max_memory else None
+    planned = memory.enabled and (above or not memory.above_base_only)
+    if not above and not planned:
+        return
+    cfg = _uses_cfg(model, guidance, true_cfg)
+    key = (height, width, steps, cfg)
+    if cache is not None and key in cache:
+        if cache[key] is not None:
+            raise CliError(f"{where} {width}x{height}: {cache[key]}")
+        return
+    problem = None
     try:
-        if config.structure_guidance.enabled:
-            from .sampling import progressive, schedules
+        if above:
+            mp.check_request(height, width, device, budget, "the request")
+        if planned:
+            _plan_call(model, height, width, steps, cfg, dtype, device, budget)
+    except mp.MemoryBudgetError as err:
+        problem = _memory_remedies(model, str(err), height, width, steps, cfg, dtype, device, budget)
+    except ValueError as err:  # e.g. no budget given and no way to read this device's free memory
+        problem = f"the memory planner cannot plan it on {device}: {err}"
+    if cache is not None:
+        cache[key] = problem
+    if problem is not None:
+        raise CliError(f"{where} {width}x{height}: {problem}")
 
-            sizes = progressive.stage_sizes(info, config.structure_guidance, height, width, start=image_size)
-            renoise = progressive.per_stage(config.structure_guidance, "renoise", len(sizes) - 1)
-            stages = [(*sizes[0], None if image_size else steps)] + [
-                (h, w, schedules.stage_steps(steps, progressive.stage_renoise(r, steps)))
-                for (h, w), r in zip(sizes[1:], renoise)]
-        if config.bottleneck.enabled and stages[0][2] is not None:
-            from .sampling import bottleneck
 
-            base_h, base_w, base_steps = stages[0]
-            plans = bottleneck.plan_stages(info, config.bottleneck, base_h, base_w, base_steps)
-            stages = [(p.height, p.width, p.steps) for p in plans] + stages[1:]
-    except ValueError as err:
-        raise CliError(f"{width}x{height}, {steps} steps: {err}") from None
-    return stages
+def _memory_remedies(model: Model, refusal: str, height: int, width: int, steps: int, cfg: bool, dtype, device: str,
+                     budget) -> str:
+    """The planner's numbers without its Python advice, and what to do on the command line."""
+    import torch
+
+    from .techniques.memory import estimate as mp
+
+    numbers = refusal.split("; try ")[0].split("; ask for at most")[0]
+    unit = model.info.size_multiple
+
+    def side(value: float) -> int:  # round sides: the planner's tiled estimates are fastest on them
+        step = 256 if value >= 512 and 256 % unit == 0 else unit
+        return max(unit, int(value) // step * step)
+
+    fitting = None
+    for attempt in range(1, 7):  # sides x 0.7, 0.49, ...: a size that fits, verified by the same plan
+        h, w = side(height * 0.7 ** attempt), side(width * 0.7 ** attempt)
+        try:
+            mp.check_request(h, w, device, budget, "the request")
+            if model.config.memory.enabled:
+                _plan_call(model, h, w, steps, cfg, dtype, device, budget)
+            fitting = (w, h)
+            break
+        except (mp.MemoryBudgetError, CliError):
+            continue
+    remedies = [f"--size {fitting[0]}x{fitting[1]} fits" if fitting else "a much smaller --size"]
+    if dtype == torch.float32 and "decoded image alone" not in numbers:  # the float32 image floor stays
+        remedies.append("--dtype bfloat16 halves the weights and activations")
+    if budget is not None:
+        remedies.append("a larger memory.max_memory in --config, if that much will be free")
+    else:
+        remedies.append('if more memory will be free when it runs, say how much in --config, e.g. {"memory": '
+                        '{"enabled": true, "max_memory": "48GiB"}}')
+    return f"does not fit in memory: {numbers}; try " + "; or ".join(remedies)
 
 
 # -- progress -----------------------------------------------------------------------------------
@@ -541,8 +940,8 @@ class Job:
         """What decides the image's pixels (its key is their hash); the device does not change the request."""
         from . import __version__
 
-        return {**dataclasses.asdict(self), "model": model.id, "dtype": dtype, "config": model.config.to_dict(),
-                "image": image_digest, "hires_version": __version__}
+        return {**dataclasses.asdict(self), "model": model.id, "weights": model.weights, "dtype": dtype,
+                "config": model.config.to_dict(), "image": image_digest, "hires_version": __version__}
 
     def parameters_text(self, model: str, family: str) -> str:
         """The A1111-style 'parameters' text chunk."""
@@ -588,23 +987,57 @@ class Renderer:
             call.setdefault("negative_prompt", "")  # true CFG runs only with a negative prompt
         if "use_resolution_binning" in self.call_parameters:
             call["use_resolution_binning"] = False  # --size is the size rendered: PixArt's bins would resize it
-        if image is not None:
-            from .sampling import progressive
+        from .guards import NonFiniteOutputError
 
-            result = progressive.generate(self.pipe, image=image, **call)
-        else:
-            result = self.pipe(**call)
+        try:
+            if image is not None:
+                from .techniques.structure_guidance import guidance as progressive
+
+                result = progressive.generate(self.pipe, image=image, **call)
+            else:
+                result = self.pipe(**call)
+        except NonFiniteOutputError as err:
+            raise RenderFailed(non_finite_message(err, job, self.model, self.dtype)) from None
         picture = result.images[0]
         config = self.model.config
         parameters = job.parameters(self.model, self.dtype, image_digest)
         record = {**dataclasses.asdict(job), "key": batch.parameters_key(parameters), "model": self.model.id,
                   "family": self.model.info.name, "dtype": self.dtype, "device": self.device,
-                  "hires": {name: dataclasses.asdict(getattr(config, name)) for name in config.enabled_techniques()},
+                  "hires": {name: dataclasses.asdict(config.technique(name)) for name in config.enabled_techniques()},
                   "request": parameters, **(extra or {})}
         from .io import write_png_atomically
 
-        write_png_atomically(picture, out, {"parameters": job.parameters_text(self.model.id, self.model.info.name),
-                                            batch.PNG_JSON_KEY: batch.dumps(record)})
+        text = {"parameters": job.parameters_text(self.model.id, self.model.info.name),
+                batch.PNG_JSON_KEY: batch.dumps(record)}
+        try:
+            write_png_atomically(picture, out, text)
+        except OSError as err:
+            kept = keep_render(picture, out, text)
+            where = f"the render is kept at {kept}" if kept else "it could not be kept anywhere either"
+            raise RenderFailed(f"{out} could not be written ({err.strerror or err}); {where}", kept,
+                               stops_batch=True) from None
+
+
+# Each call argument the guard may blame, as the command line spells it.
+CLI_OPTIONS = {"guidance_scale": "--guidance", "true_cfg_scale": "--true-cfg"}
+
+
+def non_finite_message(err, job: Job, model: Model, dtype: str) -> str:
+    """A NonFiniteOutputError in the command line's words: its options and remedies."""
+    nan, inf, total = err.counts
+    what = "non-finite latents" if err.stage == "latents" else "a non-finite decoded image"
+    head = (f"the render of {job.width}x{job.height} (seed {job.seed}) ended with {what} ({nan} NaN and "
+            f"{inf} infinite of {total} values); no PNG was written")
+    if err.kind == "guidance":
+        cause = f"{CLI_OPTIONS.get(err.parameter, err.parameter)} {err.value!r} overflows; use a scale of 1 to 20"
+    elif err.kind == "weights":
+        cause = (f"the weights of {err.component} hold NaN or infinity ({err.component}.{err.tensor}): the files of "
+                 f"--model {model.id!r} are damaged or come from a diverged training run; re-download or re-save them")
+    elif err.kind == "float16":
+        cause = "float16 arithmetic overflowed; use --dtype bfloat16 (or --dtype float32)"
+    else:
+        cause = str(err).split("likely cause: ", 1)[-1]
+    return f"{head}; likely cause: {cause}"
 
 
 def _is_skeleton(pipe) -> bool:
@@ -620,7 +1053,10 @@ def read_image(path: str):
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
+    except Image.DecompressionBombError:
+        raise CliError(f"--image {path!r} declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, as a decompression "
+                       "bomb does; scale it down first (hires upscales it)") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:  # PIL's ways of saying "damaged"
         raise CliError(f"--image {path!r} cannot be read as an image: {err}") from None
 
 
@@ -635,7 +1071,9 @@ def model_for(options: argparse.Namespace, request: Request, config_values, dtyp
     loaded), else from the loaded pipeline (a hub id must be downloaded before its configs can be read)."""
     path = local_model(options.model)
     pipe = load_pipeline_skeleton(path) if path is not None else load_pipeline(options.model, dtype)
-    return describe_model(options, request, config_values, pipe)
+    model = describe_model(options, request, config_values, pipe)
+    model.weights = weights_identity(path) if path is not None else hub_weights_identity(options.model)
+    return model
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -660,9 +1098,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return print_plan(args, request, config_values, device, dtype,
                               None if image is None else (image.height, image.width))
         model = model_for(args, request, config_values, dtype)
+        check_steps_for_model(model, request.steps, "--steps")
+        unit = model.info.size_multiple
+        if image is not None and min(image.width, image.height) < unit:
+            raise CliError(f"--image {args.image!r} is {image.width}x{image.height} pixels; an upscale starts from at "
+                           f"least {unit}x{unit} (this model's size multiple)")
         height, width = resolve_size(model, request.size, request.scale, "--size")
         stages = planned_stages(model, height, width, request.steps,
                                 None if image is None else (image.height, image.width))
+        if image is None:  # an upscale's own passes start from the picture: the runtime plans those
+            check_memory(model, height, width, request.steps, request.guidance, request.true_cfg, dtype, device,
+                         "--size")
+        prove_output_folder(out.parent, [out.name], png_bytes_bound(height, width), f"--out {str(out)!r}: its folder")
         renderer = Renderer(model, device, dtype)
         job = Job(args.prompt, args.negative, height, width, request.steps, request.guidance, request.seed,
                   request.true_cfg)
@@ -674,7 +1121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             progress.close()
             raise Interrupted(f"interrupted; {out} was not written") from None
-        progress.close()
+        finally:
+            progress.close()
     if not args.quiet:
         print(f"wrote {out} ({width}x{height}, {model.info.name}, seed {request.seed}, {device})")
     return 0
@@ -682,13 +1130,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def print_plan(args, request: Request, config_values, device: str, dtype, image_size) -> int:
     """--dry-run: the stages, steps and memory estimate of a request, without loading weights."""
-    from .memory_planner import MemoryBudgetError, format_bytes, plan
+    from .runtime import estimate_adaptations
+    from .techniques.memory.estimate import MemoryBudgetError, format_bytes, plan
 
     path = local_model(args.model)
     if path is None:
         raise CliError(f"--dry-run reads configs only from a local pipeline folder; --model {args.model!r} is not one "
                        "(no model_index.json)")
     model = describe_model(args, request, config_values, load_pipeline_skeleton(path))
+    check_steps_for_model(model, request.steps, "--steps")
     info, config = model.info, model.config
     height, width = resolve_size(model, request.size, None, "--size")
     stages = planned_stages(model, height, width, request.steps, image_size)
@@ -699,20 +1149,29 @@ def print_plan(args, request: Request, config_values, device: str, dtype, image_
           f"device {device}")
     print(f"techniques: {', '.join(config.enabled_techniques()) or 'none'}")
     # Flux.2 [dev] never runs CFG; true-CFG families run its halves as separate calls
-    cfg = info.family.guidance_layout != "none" and (request.guidance is None or request.guidance > 1)
+    cfg = info.family.runs_cfg and (request.guidance is None or request.guidance > 1)
     budget = config.memory.max_memory
+    adaptations = estimate_adaptations(info, config)  # what the techniques make the denoiser do (SD3's table)
     status = 0
     for number, (h, w, steps) in enumerate(stages):
         label = "input image" if steps is None else f"{steps} steps"
         try:
             estimate = plan(denoiser, model.pipe.vae, height=h, width=w, latent_factor=info.latent_factor, dtype=dtype,
-                            cfg=cfg, cfg_batched=info.family.guidance_layout == "batched", budget=budget,
-                            name=info.name, device_type=device.split(":")[0]).summary()
+                            cfg=cfg, cfg_batched=info.family.cfg_batched, budget=budget,
+                            name=info.name, device_type=device.split(":")[0], adaptations=adaptations).summary()
         except MemoryBudgetError as err:
             estimate, status = f"DOES NOT FIT: {err}", 2
         except ValueError as err:  # e.g. no budget given and no such device to measure
             raise CliError(f"--dry-run on --device {device}: {err}") from None
         print(f"stage {number}: {w}x{h}, {label}; memory {estimate}")
+    if image_size is None:
+        try:  # the same check a run makes before it loads the weights
+            check_memory(model, height, width, request.steps, request.guidance, request.true_cfg, dtype, device,
+                         "--size")
+            print("verdict: a run would load the weights and render (the whole-call memory check passes)")
+        except CliError as err:
+            print(f"verdict: a run would stop before loading the weights: {err}")
+            status = 2
     if budget is None:
         print(f"(budget: free memory of this machine's {'GPU' if device.startswith('cuda') else 'RAM'}; "
               f"set HiresConfig.memory.max_memory to plan for another device, e.g. {format_bytes(80 * 2**30)})")
@@ -743,21 +1202,68 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if state.num_processes > 1 and (args.device is None or args.device == state.device.type):
             device = str(state.device)  # each rank its own GPU
         model = model_for(args, request, config_values, dtype)
-        jobs = [_batch_job(args, request, model, item) for item in items]  # every item checked before any render
+        verdicts: dict = {}  # one memory plan per distinct size, steps and guidance
+        jobs = [_batch_job(args, request, model, item, dtype, device, verdicts)
+                for item in items]  # every item checked before any render
         keys = [batch.parameters_key(job.parameters(model, str(dtype).removeprefix("torch."))) for job in jobs]
         entries = [(item, key, job.parameters(model, str(dtype).removeprefix("torch.")))
                    for item, key, job in zip(items, keys, jobs)]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rendered, elsewhere = _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys, entries)
-        state.wait_for_everyone()
-        manifest = batch.write_manifest(out_dir, entries, str(args.file))
-    if state.is_main_process and not args.quiet:
-        busy = f", {elsewhere} being rendered by another process" if elsewhere else ""
-        print(f"{manifest['done']}/{manifest['total']} items done in {out_dir} (rendered {rendered} here{busy})")
-    return 0
+        records = {item.filename: batch.read_png_record(out_dir / item.filename) for item in items}
+        for item in items:  # hires replaces its own renders only, never a file it did not write
+            target = out_dir / item.filename
+            if records[item.filename] is None and (target.exists() or target.is_symlink()):
+                raise CliError(f"{item.where}: {str(target)!r} exists and is not a hires render (it carries no hires "
+                               "record); move it away or give the item another 'name'")
+        pending = [(item, job) for item, key, job in zip(items, keys, jobs)
+                   if (records[item.filename] or {}).get("key") != key]
+        prove_output_folder(out_dir, [item.filename for item in items] + [batch.MANIFEST],
+                            sum(png_bytes_bound(job.height, job.width) for _, job in pending) + 2**20, "--out",
+                            images=len(pending))
+        lease = batch.lease_folder(out_dir, batch.parameters_fingerprint(entries),
+                                   {"file": str(Path(args.file).absolute()), "options": _batch_options(args, model)})
+        try:
+            rendered, elsewhere, lost = _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
+                                                      entries)
+            state.wait_for_everyone()
+            manifest = _write_manifest(out_dir, entries, str(args.file), lost)
+        finally:
+            lease.release()
+    failed = [e for e in manifest["items"] if e["status"] == "failed"]
+    if state.is_main_process:
+        if not args.quiet:
+            busy = f", {elsewhere} being rendered by another process" if elsewhere else ""
+            print(f"{manifest['done']}/{manifest['total']} items done in {out_dir} (rendered {rendered} here{busy})")
+        for entry in failed:
+            print(f"hires batch: error: {args.file}:{entry['line']}: {entry['error'].get('error', '?')}",
+                  file=sys.stderr)
+        if failed:
+            print(f"hires batch: {len(failed)} of {manifest['total']} items failed (no PNG written; see "
+                  f"{out_dir / batch.MANIFEST}); the same command retries them", file=sys.stderr)
+    if lost is not None:
+        raise lost
+    return 1 if failed else 0
 
 
-def _batch_job(args, request: Request, model: Model, item: batch.BatchItem) -> Job:
+def _batch_options(args, model: Model) -> dict[str, Any]:
+    """The options a batch's items share, for telling a second batch on its folder what differs."""
+    return {"--steps": args.steps, "--seed": args.seed, "--size": args.size, "--scale": args.scale,
+            "--guidance": args.guidance, "--true-cfg": args.true_cfg, "--negative": args.negative,
+            "--model": model.id, "weights": model.weights, "--dtype": args.dtype,
+            "config": batch.parameters_key(model.config.to_dict())}
+
+
+def _write_manifest(out_dir: Path, entries, source: str, lost: RenderFailed | None) -> dict[str, Any]:
+    try:
+        return batch.write_manifest(out_dir, entries, source)
+    except OSError as err:
+        if lost is None:
+            raise RenderFailed(f"{out_dir / batch.MANIFEST} could not be written ({err.strerror or err}); the PNGs "
+                               "stay, and the same command rewrites it") from None
+        raise lost from None
+
+
+def _batch_job(args, request: Request, model: Model, item: batch.BatchItem, dtype=None, device: str = "cpu",
+               verdicts: dict | None = None) -> Job:
     size = item.overrides.get("size")
     if size is not None:
         height, width = resolve_size(model, parse_size(size, "size"), None, f"{item.where}: size")
@@ -768,17 +1274,28 @@ def _batch_job(args, request: Request, model: Model, item: batch.BatchItem) -> J
         seed = _check(check_seed, request.seed + item.index, f"{item.where}: seed (--seed {request.seed} + item "
                                                               f"index {item.index})")
     steps = item.overrides.get("steps", request.steps)
+    check_steps_for_model(model, steps, f"{item.where}: steps" if "steps" in item.overrides else "--steps")
     planned_stages(model, height, width, steps)  # a plan the sampling layer would refuse, refused now
-    return Job(item.prompt, item.overrides.get("negative", args.negative), height, width, steps,
-               item.overrides.get("guidance", request.guidance), seed, request.true_cfg)
+    job = Job(item.prompt, item.overrides.get("negative", args.negative), height, width, steps,
+              item.overrides.get("guidance", request.guidance), seed, request.true_cfg)
+    if dtype is not None:
+        check_memory(model, height, width, steps, job.guidance, job.true_cfg, dtype, device,
+                     f"{item.where}: {'size' if size is not None else '--size'}", verdicts)
+    return job
 
 
-def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys, entries) -> tuple[int, int]:
-    """Render this process's share of the items that are not done; returns (rendered, claimed elsewhere)."""
+def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys, entries):
+    """Render this process's share of the items that are not done; returns (rendered, claimed elsewhere,
+    the RenderFailed that stopped it or None). An item whose render is non-finite is recorded as failed
+    and the others go on; a PNG that cannot be written stops the batch (its folder took no more)."""
     with state.split_between_processes(list(range(len(items)))) as mine:
-        todo = [i for i in mine if not batch.is_finished(out_dir, items[i], keys[i])]
+        done = {i for i in mine if batch.is_finished(out_dir, items[i], keys[i])}
+        for i in done:
+            if batch.has_leftovers(out_dir, items[i]):
+                batch.clean_leftovers(out_dir, items[i])
+        todo = [i for i in mine if i not in done]
     if not todo:
-        return 0, 0
+        return 0, 0, None
     renderer = Renderer(model, device, dtype)
     plans = {i: planned_stages(model, jobs[i].height, jobs[i].width, jobs[i].steps) for i in todo}
     progress = Progress(sum(s or 0 for i in todo for *_, s in plans[i]), args.quiet, position=state.process_index)
@@ -798,9 +1315,20 @@ def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
                 batch.remove_temporaries(out_dir, item)
                 rank = f"[{state.process_index}] " if state.num_processes > 1 else ""
                 progress.begin(f"{rank}item {number}/{len(todo)} ", len(plans[i]))
-                renderer.render(jobs[i], out_dir / item.filename, progress,
-                                {"index": item.index, "line": item.line, "process": state.process_index,
-                                 "pid": os.getpid()})
+                start = progress.bar.n
+                try:
+                    renderer.render(jobs[i], out_dir / item.filename, progress,
+                                    {"index": item.index, "line": item.line, "process": state.process_index,
+                                     "pid": os.getpid()})
+                except RenderFailed as err:
+                    progress.skip(max(0, steps - (progress.bar.n - start)))
+                    extra = {"kept": str(err.kept)} if err.kept else {}
+                    batch.record_failure(out_dir, item, keys[i], str(err), **extra)
+                    if err.stops_batch:
+                        return rendered, elsewhere, RenderFailed(f"{item.where}: {err}; the batch stopped there "
+                                                                 "(the same command resumes)", err.kept)
+                    continue
+                batch.clear_failure(out_dir, item)
                 rendered += 1
             finally:
                 claim.release()
@@ -809,25 +1337,23 @@ def _render_shard(args, state, model, device, dtype, out_dir, items, jobs, keys,
         manifest = batch.write_manifest(out_dir, entries, str(args.file))
         raise Interrupted(f"interrupted; {manifest['done']}/{manifest['total']} finished PNGs kept in {out_dir} "
                           "(the same command resumes)") from None
-    progress.close()
-    return rendered, elsewhere
+    finally:
+        progress.close()
+    return rendered, elsewhere, None
 
 
 def cmd_techniques(args: argparse.Namespace) -> int:
     """Every technique: its config class, the families it applies to and its options with defaults."""
-    from .config import HiresConfig
-    from .families import FAMILIES, ModelInfo
+    from .families import FAMILIES, nominal_info
+    from .techniques import all_techniques
 
-    defaults = HiresConfig()
-    probes = [ModelInfo(family=f, base_height=1024, base_width=1024, latent_factor=8,
-                        patch_size=1 if f.architecture == "unet" else 2,
-                        prediction_type="flow" if f.prediction_source == "flow" else "epsilon") for f in FAMILIES]
-    for name in technique_names(defaults):
-        sub = getattr(defaults, name)
+    probes = [nominal_info(f) for f in FAMILIES]
+    for record in all_techniques():
+        name, sub = record.name, record.config_type()
         families = []
         for info in probes:
             try:
-                type(sub)(enabled=True).validate_for(info)
+                getattr(type(sub)(enabled=True), "validate_for", lambda info: None)(info)
                 families.append(info.name)
             except (TypeError, ValueError):
                 pass
@@ -869,7 +1395,8 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
                              "runs a negative pass, with --negative or an empty negative prompt; default: off)")
     parser.add_argument("--guidance", default=None,
                         help="classifier-free guidance scale, a finite number >= 0 (default: the pipeline's own)")
-    parser.add_argument("--seed", default=0, help="random seed in [0, 2**63); batch items without one get seed + index")
+    parser.add_argument("--seed", default=0,
+                        help="random seed in [0, 2**63); batch items without one get seed + index")
     parser.add_argument("--preset", default="auto", choices=("auto", "none"),
                         help="auto: the family's automatic preset (hires.presets); none: every technique off")
     parser.add_argument("--config", default=None, help="a JSON file of HiresConfig options (replaces --preset); "
@@ -905,9 +1432,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bat = sub.add_parser("batch", help="render every prompt of a .txt / .jsonl / .csv file; a rerun resumes",
                          formatter_class=_HelpFormatter, allow_abbrev=False,
-                         description="A rerun keeps each PNG whose parameters (prompt, negative, seed, size, steps, "
-                                     "guidance, model, dtype, config, hires version) are unchanged and renders the "
-                                     "rest; several runs on one folder share the work.")
+                         description="A rerun keeps each PNG whose parameters (prompt, negative, seed, size, "
+                                     "steps, guidance, model and its weights, dtype, config, hires version) are "
+                                     "unchanged and renders the rest; several runs of one parameter set on one "
+                                     "folder share the work. Exit status: 0 all done, 1 a render failed (see "
+                                     "manifest.json), 2 an input error.")
     bat.add_argument("file", help="prompt file: .txt (a prompt a line), .jsonl or .csv (prompt + overrides)")
     bat.add_argument("--out", required=True, help="output folder (PNGs and manifest.json)")
     _common_options(bat)
@@ -924,6 +1453,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except CliError as err:
+        print(f"hires {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RenderFailed as err:
+        print(f"hires {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except batch.FolderBusy as err:
         print(f"hires {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:

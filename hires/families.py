@@ -55,36 +55,163 @@ _SDXL_RAU_NET = RAUNetFacts(
 
 
 @dataclasses.dataclass(frozen=True)
+class LatentLayout:
+    """How a family's pipeline hands its latents to the denoiser and gets them back, and turns its denoiser's
+    latent z into the VAE's own latent v (read from the pipeline's decode and img2img encode code: the VAE
+    config's fields count only where that code reads them).
+
+    hires' hooks work on (B, C, h, w) latents: `hires.sampling.latents.adapter_for` gives the one adapter of
+    each layout (pack / unpack, the token grid of a denoiser call, the pipeline's latent output) and
+    `hires.sampling.latent_space` the VAE conversions. A new family of an existing layout names one of the
+    layouts below.
+    """
+
+    # Patch side in latent pixels: an int, or the denoiser config key that holds it.
+    patch_size: int | str = 1
+    # None: the denoiser takes (B, C, h, w). Else the pipeline packs 2x2 patches into (B, h/2 * w/2, 4C)
+    # tokens and the denoiser reads their grid from this argument: "img_ids" (a row and a column id per
+    # token: Flux) or "img_shapes" ((frames, rows, cols) per image: Qwen-Image).
+    packed_grid: str | None = None
+    # RoPE families: which image side each position-id axis counts (None: an axis that is not a side).
+    id_axes: tuple[str | None, ...] = ()
+    # Z-Image: the denoiser takes a list of (C, 1, h, w) latents and the time 1 - sigma, and returns a list of
+    # negated velocities; hires' hooks see a (B, C, h, w) tensor, sigma and the velocity (hires.sampling.latents).
+    frame_list: bool = False
+    # What output_type="latent" returns: the latents as the denoiser sees them, or (True) the VAE's own
+    # latent (Flux2KleinPipeline).
+    returns_vae_latent: bool = False
+    # v = z / scaling_factor + shift_factor (SD3, Flux, Chroma, Z-Image); SD 1.x/2.x, SDXL and PixArt
+    # pipelines never read shift_factor, whatever the VAE config holds.
+    shift: bool = False
+    # Per-channel latents_mean / latents_std where the VAE config has them: v = z * std / scaling_factor + mean
+    # (SDXL), or without the scaling factor v = z * std + mean (Qwen-Image).
+    channel_statistics: bool = False
+    statistics_scaled: bool = True
+    # Flux.2: v is z patchified 2x2, denormalised by the VAE's batch-norm running statistics, un-patchified.
+    batch_norm_patches: bool = False
+
+    @property
+    def packed(self) -> bool:
+        return self.packed_grid is not None
+
+    @property
+    def sub_grids_refused(self) -> str | None:
+        """Why the denoiser cannot take a sub-grid of the latent on its own (dilated sampling's sub-lattices
+        and windows need position ids built per grid), or None where it can."""
+        if self.frame_list:
+            return "its denoiser takes a list of latents and builds their position ids itself"
+        if self.packed and self.packed_grid != "img_ids":
+            return f"its token grid comes from {self.packed_grid}, for which hires builds no per-grid ids"
+        if self.packed and not {"height", "width"} <= set(self.id_axes):
+            return "its position ids do not say which axes count the height and the width (LatentLayout.id_axes)"
+        return None
+
+
+# The layouts of the supported families.
+SPATIAL = LatentLayout()  # SD 1.x / 2.x
+SPATIAL_CHANNEL_STATISTICS = LatentLayout(channel_statistics=True)  # SDXL
+PATCHED = LatentLayout(patch_size="patch_size")  # PixArt-Sigma: patchified inside the transformer
+PATCHED_SHIFTED = LatentLayout(patch_size="patch_size", shift=True)  # SD3
+# Flux and Chroma: FluxPipeline._prepare_latent_image_ids: axis 0 is zero for text and image, axis 1 the row,
+# axis 2 the column of the packed latent grid.
+PACKED_IDS = LatentLayout(patch_size=2, packed_grid="img_ids", id_axes=(None, "height", "width"), shift=True)
+# Flux.2: four id axes (Flux2Pipeline._prepare_latent_ids): time (0 for the image, 10, 20, ... for reference
+# images), row, column, and a layer axis that is 0 for image tokens; batch-norm statistics per 2x2 patch.
+PACKED_IDS_BATCH_NORM = LatentLayout(patch_size=2, packed_grid="img_ids", id_axes=(None, "height", "width", None),
+                                     batch_norm_patches=True)
+# Qwen-Image: axis 0 counts frames (0 for an image); unscaled per-channel statistics.
+PACKED_SHAPES = LatentLayout(patch_size=2, packed_grid="img_shapes", id_axes=(None, "height", "width"),
+                             channel_statistics=True, statistics_scaled=False)
+# Z-Image: patchified 2x2 inside the transformer; RoPE ids: axis 0 the sequence, axes 1 and 2 row and column.
+FRAME_LIST = LatentLayout(patch_size=2, id_axes=(None, "height", "width"), frame_list=True, shift=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEKind:
+    """What hires needs to know about a VAE class (matched by class name, subclasses too)."""
+
+    class_names: tuple[str, ...]
+    # it takes (B, C, frames, H, W) latents and images (a video VAE: Qwen-Image's causal 3D VAE)
+    frame_axis: bool = False
+    # why hires cannot tile it (None: it can): VAETilingConfig and MemoryConfig refuse with it
+    untileable: str | None = None
+
+
+STANDARD_VAE = VAEKind(("AutoencoderKL", "AutoencoderKLFlux2"))  # and any VAE hires does not list
+QWEN_IMAGE_VAE = VAEKind(
+    ("AutoencoderKLQwenImage",), frame_axis=True,
+    untileable=("Qwen-Image's VAE (AutoencoderKLQwenImage) is a causal 3D VAE of CausalConv3d blocks with a frame "
+                "cache, which hires' whole-image-statistics tiled decode does not cover; decode untiled (the "
+                "default), or use diffusers' own pipe.vae.enable_tiling(), which blends overlapping tiles"),
+)
+VAE_KINDS: tuple[VAEKind, ...] = (QWEN_IMAGE_VAE, STANDARD_VAE)
+
+
+def vae_kind(vae) -> VAEKind:
+    """The kind of the VAE module `vae` (a class hires does not list counts as a standard image VAE)."""
+    names = {cls.__name__ for cls in type(vae).__mro__}
+    return next((kind for kind in VAE_KINDS if names & set(kind.class_names)), STANDARD_VAE)
+
+
+@dataclasses.dataclass(frozen=True)
+class APGPreset:
+    """APG's defaults for a family (hires.techniques.apg)."""
+
+    eta: float
+    momentum: float
+    # r as a root-mean-square per element: the threshold is rms * sqrt(elements per sample), so the
+    # same share of the update is clipped at every size (a plain L2 norm grows with sqrt(area)).
+    rms_threshold_x0: float
+    rms_threshold_output: float
+    source: str
+
+
+_APG_ETA_SOURCE = "eta 0: the paper's setting in most experiments (shared/references/attention_guidance.md (b))"
+_APG_MOMENTUM_SOURCE = ("momentum -0.5: diffusers AdaptiveProjectedMixGuidance default (HunyuanImage 2.1), within "
+                        "the paper-era -0.5..-0.75")
+_APG_THRESHOLD_SOURCE = ("r: ComfyUI nodes_apg default 5 (x0) / diffusers AdaptiveProjectedGuidance default 15 "
+                         "(output), per element at a 4x128x128 latent; no per-family values are published, to be "
+                         "tuned on the testbed")
+# ComfyUI's APG node (acts on the denoised x0) defaults to norm_threshold 5; diffusers' guider (acts on the
+# raw output) to 15. Both are read as norms on an SDXL-size latent (4 x 128 x 128 = 65536 elements, sqrt =
+# 256) and turned into per-element values. Every CFG family shares them until the testbed says otherwise.
+PUBLISHED_APG = APGPreset(eta=0.0, momentum=-0.5, rms_threshold_x0=5.0 / 256.0, rms_threshold_output=15.0 / 256.0,
+                          source="; ".join((_APG_ETA_SOURCE, _APG_MOMENTUM_SOURCE, _APG_THRESHOLD_SOURCE)))
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     name: str
     # diffusers pipeline classes (by name) of this family; subclasses are recognised too.
     pipeline_classes: tuple[str, ...]
     denoiser_attr: str  # "unet" or "transformer"
+    denoiser_class: str  # the diffusers class of the denoiser (by name; the memory planner's input builders)
     architecture: str  # "unet" or "dit"
     # Where the base latent side is read: ("denoiser_config", "sample_size") or ("pipeline", "default_sample_size").
     base_size_source: tuple[str, str]
-    # Patch side in latent pixels: an int, or the denoiser config key that holds it.
-    patch_size: int | str
     # "scheduler" (eps / v from scheduler.config.prediction_type) or "flow" (velocity).
     prediction_source: str
-    # How the denoiser receives latents: "spatial" (B, C, h, w) or "packed" (B, h/2*w/2, 4C) with img_ids.
-    latent_layout: str
+    # How latents reach the denoiser and the VAE (packing, patch size, position ids, the VAE convention).
+    layout: LatentLayout
     # The denoiser gets `timestep * timestep_input_scale` for a scheduler timestep (Flux divides by 1000).
     timestep_input_scale: float
     # How image positions are encoded: "none", "sincos_interpolated", "sincos_cropped_table", "rope".
     position_encoding: str
+    # The longest text sequence the pipeline's encoders hand the denoiser (tokens): what the memory
+    # planner's estimate feeds it.
+    text_tokens: int = 77
     # How the pipeline runs classifier-free guidance: "batched" (one denoiser call on [uncond, cond],
     # combined as uncond + w*(cond - uncond)) or "separate" (Flux's true CFG: a cond call, then an
     # uncond call, combined the same way) or "none" (the pipeline never runs CFG: Flux.2 [dev]). The
     # scale is the __call__ local named guidance_scale_name.
     guidance_layout: str = "batched"
     guidance_scale_name: str = "guidance_scale"
+    # APG's defaults (None: the family runs no CFG).
+    apg: APGPreset | None = PUBLISHED_APG
     # A multiple the pipeline's own check_inputs demands whatever the VAE factor (SD/SDXL/PixArt: 8).
     pipeline_size_multiple: int = 1
     # Extra recognition rule on the denoiser config (sd15 vs sd21 share pipeline classes).
     denoiser_config_match: tuple[tuple[str, Any], ...] = ()
-    # RoPE families: which image side each position-id axis counts (None: an axis that is not a side).
-    rope_axis_sides: tuple[str | None, ...] = ()
     # UNets: where and when RAU-Net acts (None: RAU-Net needs explicit modules and steps).
     rau_net: RAUNetFacts | None = None
     # "separate" layout: the __call__ local that says whether this call runs CFG (Flux: do_true_cfg);
@@ -94,24 +221,15 @@ class Family:
     # scheduler config's base/max shift, Flux and SD3) or "flux2_empirical" (Flux.2's
     # compute_empirical_mu, which also depends on the step count).
     shift_rule: str = "linear"
-    # What the pipeline returns for output_type="latent": "denoiser" (the latents as its denoiser sees
-    # them, packed for packed layouts) or "vae" (the VAE's own latent: Flux2KleinPipeline).
-    latent_output: str = "denoiser"
     # Why the denoiser's attention mask rules out scale fusion and dilated sampling (None: the pipeline passes
     # no mask). Window attention cuts a mask to its windows; the fused branches and the sub-lattice pass do not.
     attention_masked: str | None = None
-    # Packed families: the denoiser argument that tells the token grid: "img_ids" (Flux: a row and a
-    # column id per token) or "img_shapes" (Qwen-Image: (frames, rows, cols) per image).
-    packed_grid_source: str = "img_ids"
-    # Why hires cannot tile this family's VAE (None: it can): VAETilingConfig and MemoryConfig refuse with it.
-    vae_untileable: str | None = None
+    # The pipeline's VAE class (its facts: a frame axis, whether hires can tile it).
+    vae: VAEKind = STANDARD_VAE
     # Why hires cannot rewrite this family's attention (None: it can): entropy scaling and windows refuse with it.
     attention_unsupported: str | None = None
-    # The denoiser's timestep parameter, and how it takes latents: "tensor", or "frame_list" (Z-Image: a
-    # list of (C, 1, h, w) latents in, a list out, time 1 - sigma, output the negated velocity), which
-    # hires' hooks see as a (B, C, h, w) tensor, timestep sigma and the velocity (hires.runtime).
+    # The denoiser's timestep parameter (Z-Image's transformer calls it `t`).
     timestep_argument: str = "timestep"
-    denoiser_io: str = "tensor"
     # Batched CFG: whether the pipeline stacks [cond, uncond] (Z-Image) instead of [uncond, cond], and
     # what it adds to guidance_scale to get w in uncond + w (cond - uncond) (Z-Image combines
     # cond + s (cond - uncond), i.e. w = s + 1).
@@ -120,6 +238,32 @@ class Family:
     # Latent base side used when the pipeline has no `base_size_source` attribute (ZImagePipeline has no
     # default_sample_size; its __call__ defaults to 1024 px).
     base_latent_default: int | None = None
+    # The family whose automatic preset (hires.presets.PRESETS) this one runs, where that family's evidence
+    # stands for it; None: the preset of its own name.
+    automatic_preset: str | None = None
+
+    @property
+    def is_unet(self) -> bool:
+        return self.architecture == "unet"
+
+    @property
+    def predicts_flow(self) -> bool:
+        return self.prediction_source == "flow"
+
+    @property
+    def runs_cfg(self) -> bool:
+        """Whether the pipeline ever combines a CFG pair (Flux.2 [dev]'s guidance_scale feeds an embedding)."""
+        return self.guidance_layout != "none"
+
+    @property
+    def cfg_batched(self) -> bool:
+        """CFG as one denoiser call on both halves."""
+        return self.guidance_layout == "batched"
+
+    @property
+    def cfg_separate(self) -> bool:
+        """CFG as a cond call, then an uncond call (true CFG)."""
+        return self.guidance_layout == "separate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +304,11 @@ FAMILIES: tuple[Family, ...] = (
         name="sd15",
         pipeline_classes=_SD_PIPELINES,
         denoiser_attr="unet",
+        denoiser_class="UNet2DConditionModel",
         architecture="unet",
         base_size_source=("denoiser_config", "sample_size"),
-        patch_size=1,
         prediction_source="scheduler",
-        latent_layout="spatial",
+        layout=SPATIAL,
         timestep_input_scale=1.0,
         position_encoding="none",
         pipeline_size_multiple=8,
@@ -176,16 +320,17 @@ FAMILIES: tuple[Family, ...] = (
         name="sd21",
         pipeline_classes=_SD_PIPELINES,
         denoiser_attr="unet",
+        denoiser_class="UNet2DConditionModel",
         architecture="unet",
         base_size_source=("denoiser_config", "sample_size"),
-        patch_size=1,
         prediction_source="scheduler",
-        latent_layout="spatial",
+        layout=SPATIAL,
         timestep_input_scale=1.0,
         position_encoding="none",
         pipeline_size_multiple=8,
         rau_net=_SD_RAU_NET,
         denoiser_config_match=(("use_linear_projection", True),),
+        automatic_preset="sd15",
     ),
     Family(
         name="sdxl",
@@ -196,11 +341,11 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusionXLControlNetImg2ImgPipeline",
         ),
         denoiser_attr="unet",
+        denoiser_class="UNet2DConditionModel",
         architecture="unet",
         base_size_source=("denoiser_config", "sample_size"),
-        patch_size=1,
         prediction_source="scheduler",
-        latent_layout="spatial",
+        layout=SPATIAL_CHANNEL_STATISTICS,
         timestep_input_scale=1.0,
         position_encoding="none",
         pipeline_size_multiple=8,
@@ -210,11 +355,12 @@ FAMILIES: tuple[Family, ...] = (
         name="pixart",
         pipeline_classes=("PixArtSigmaPipeline",),
         denoiser_attr="transformer",
+        denoiser_class="PixArtTransformer2DModel",
         architecture="dit",
         base_size_source=("denoiser_config", "sample_size"),
-        patch_size="patch_size",
         prediction_source="scheduler",
-        latent_layout="spatial",
+        layout=PATCHED,
+        text_tokens=300,
         timestep_input_scale=1.0,
         position_encoding="sincos_interpolated",
         pipeline_size_multiple=8,
@@ -227,11 +373,12 @@ FAMILIES: tuple[Family, ...] = (
             "StableDiffusion3ControlNetPipeline",
         ),
         denoiser_attr="transformer",
+        denoiser_class="SD3Transformer2DModel",
         architecture="dit",
         base_size_source=("denoiser_config", "sample_size"),
-        patch_size="patch_size",
         prediction_source="flow",
-        latent_layout="spatial",
+        layout=PATCHED_SHIFTED,
+        text_tokens=77 + 256,  # CLIP's 77 and T5's 256
         timestep_input_scale=1.0,
         position_encoding="sincos_cropped_table",
     ),
@@ -246,16 +393,14 @@ FAMILIES: tuple[Family, ...] = (
             "FluxControlNetImg2ImgPipeline",
         ),
         denoiser_attr="transformer",
+        denoiser_class="FluxTransformer2DModel",
         architecture="dit",
         base_size_source=("pipeline", "default_sample_size"),
-        patch_size=2,
         prediction_source="flow",
-        latent_layout="packed",
+        layout=PACKED_IDS,
+        text_tokens=512,
         timestep_input_scale=1.0 / 1000.0,
         position_encoding="rope",
-        # FluxPipeline._prepare_latent_image_ids: axis 0 is zero for text and image, axis 1 the row,
-        # axis 2 the column of the packed latent grid.
-        rope_axis_sides=(None, "height", "width"),
         # FluxPipeline's guidance_scale feeds the distilled guidance embedding; true CFG is separate.
         guidance_layout="separate",
         guidance_scale_name="true_cfg_scale",
@@ -270,17 +415,19 @@ FAMILIES: tuple[Family, ...] = (
         name="flux2",
         pipeline_classes=("Flux2Pipeline",),
         denoiser_attr="transformer",
+        denoiser_class="Flux2Transformer2DModel",
         architecture="dit",
         base_size_source=("pipeline", "default_sample_size"),
-        patch_size=2,
         prediction_source="flow",
-        latent_layout="packed",
+        layout=PACKED_IDS_BATCH_NORM,
+        text_tokens=512,
         timestep_input_scale=1.0 / 1000.0,
         position_encoding="rope",
-        rope_axis_sides=(None, "height", "width", None),
         guidance_layout="none",
         guidance_scale_name="guidance_scale",
+        apg=None,
         shift_rule="flux2_empirical",
+        automatic_preset="flux",  # a flow DiT of Flux's design: the testbed's Flux evidence stands for it
     ),
     # Flux.2 [klein]: the Flux.2 transformer without a guidance embedding and a Qwen3 text encoder. The
     # base models run true CFG (a cond call, then a call on the empty prompt, at guidance_scale > 1);
@@ -289,18 +436,18 @@ FAMILIES: tuple[Family, ...] = (
         name="flux2_klein",
         pipeline_classes=("Flux2KleinPipeline",),
         denoiser_attr="transformer",
+        denoiser_class="Flux2Transformer2DModel",
         architecture="dit",
         base_size_source=("pipeline", "default_sample_size"),
-        patch_size=2,
         prediction_source="flow",
-        latent_layout="packed",
+        layout=dataclasses.replace(PACKED_IDS_BATCH_NORM, returns_vae_latent=True),
+        text_tokens=512,
         timestep_input_scale=1.0 / 1000.0,
         position_encoding="rope",
-        rope_axis_sides=(None, "height", "width", None),
         guidance_layout="separate",
         guidance_scale_name="guidance_scale",
         shift_rule="flux2_empirical",
-        latent_output="vae",
+        automatic_preset="flux",
     ),
     # Chroma: Flux's packing and 3-axis RoPE ids, a T5 encoder only (no CLIP, no guidance embedding), and
     # true CFG with a negative prompt at guidance_scale > 1 (a cond call, then an uncond call).
@@ -308,14 +455,14 @@ FAMILIES: tuple[Family, ...] = (
         name="chroma",
         pipeline_classes=("ChromaPipeline", "ChromaImg2ImgPipeline"),
         denoiser_attr="transformer",
+        denoiser_class="ChromaTransformer2DModel",
         architecture="dit",
         base_size_source=("pipeline", "default_sample_size"),
-        patch_size=2,
         prediction_source="flow",
-        latent_layout="packed",
+        layout=PACKED_IDS,
+        text_tokens=512,
         timestep_input_scale=1.0 / 1000.0,
         position_encoding="rope",
-        rope_axis_sides=(None, "height", "width"),
         guidance_layout="separate",
         guidance_scale_name="guidance_scale",
         attention_masked=(
@@ -323,6 +470,7 @@ FAMILIES: tuple[Family, ...] = (
             "fusion's global and local branches and dilated sampling's sub-lattice pass (a base-size token count) "
             "do not carry it"
         ),
+        automatic_preset="flux",
     ),
     # Qwen-Image: latents packed 2x2 by the pipeline (as Flux), the grid given to the transformer as
     # img_shapes; base side from the pipeline's default_sample_size (128: 1024 px, diffusers' default).
@@ -338,23 +486,18 @@ FAMILIES: tuple[Family, ...] = (
             "QwenImageControlNetPipeline",
         ),
         denoiser_attr="transformer",
+        denoiser_class="QwenImageTransformer2DModel",
         architecture="dit",
         base_size_source=("pipeline", "default_sample_size"),
-        patch_size=2,
         prediction_source="flow",
-        latent_layout="packed",
+        layout=PACKED_SHAPES,
+        text_tokens=512,
         timestep_input_scale=1.0 / 1000.0,
         position_encoding="rope_centred",
-        rope_axis_sides=(None, "height", "width"),
         guidance_layout="separate",
         guidance_scale_name="true_cfg_scale",
         cfg_switch="do_true_cfg",
-        packed_grid_source="img_shapes",
-        vae_untileable=(
-            "Qwen-Image's VAE (AutoencoderKLQwenImage) is a causal 3D VAE of CausalConv3d blocks with a frame "
-            "cache, which hires' whole-image-statistics tiled decode does not cover; decode untiled (the "
-            "default), or use diffusers' own pipe.vae.enable_tiling(), which blends overlapping tiles"
-        ),
+        vae=QWEN_IMAGE_VAE,
     ),
     # Z-Image: single-stream DiT. Latents spatial (patchified 2x2 inside the transformer); 3-axis RoPE looked
     # up in per-axis tables by integer ids: axis 0 the sequence (caption 1..L, image at L + 1), axes 1 and 2
@@ -363,17 +506,16 @@ FAMILIES: tuple[Family, ...] = (
         name="zimage",
         pipeline_classes=("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageControlNetPipeline"),
         denoiser_attr="transformer",
+        denoiser_class="ZImageTransformer2DModel",
         architecture="dit",
         base_size_source=("pipeline", "default_sample_size"),
         base_latent_default=128,
-        patch_size=2,
         prediction_source="flow",
-        latent_layout="spatial",
+        layout=FRAME_LIST,
+        text_tokens=512,
         timestep_input_scale=1.0 / 1000.0,
         position_encoding="rope_id_tables",
-        rope_axis_sides=(None, "height", "width"),
         timestep_argument="t",
-        denoiser_io="frame_list",
         cfg_cond_first=True,
         guidance_scale_offset=1.0,
         attention_unsupported=(
@@ -416,6 +558,20 @@ class ModelInfo:
     def base_tokens(self) -> int:
         """Image tokens (latent pixels for UNets) at the base size."""
         return (self.base_height // self.token_side) * (self.base_width // self.token_side)
+
+
+def denoiser_family(denoiser) -> Family | None:
+    """The first family whose denoiser class `denoiser` is (or subclasses), or None."""
+    names = {cls.__name__ for cls in type(denoiser).__mro__}
+    return next((family for family in FAMILIES if family.denoiser_class in names), None)
+
+
+def nominal_info(family: Family) -> ModelInfo:
+    """`family` at a nominal 1024 px base with an 8x VAE (patch 2 where the model config would say it): for
+    checks that need no model, such as which techniques apply (`hires techniques`)."""
+    patch = family.layout.patch_size if isinstance(family.layout.patch_size, int) else 2
+    return ModelInfo(family=family, base_height=1024, base_width=1024, latent_factor=8, patch_size=patch,
+                     prediction_type="flow" if family.predicts_flow else "epsilon")
 
 
 def round_to(value: float, multiple: int) -> int:
@@ -497,10 +653,10 @@ def read_model_info(pipe, base_size: int | tuple[int, int] | None = None) -> Mod
                              "give HiresConfig(base_size=...)")
         base_h, base_w = (side, side) if isinstance(side, int) else tuple(side)
 
-    patch = family.patch_size
+    patch = family.layout.patch_size
     patch = int(_config_value(denoiser.config, patch)) if isinstance(patch, str) else patch
 
-    if family.prediction_source == "flow":
+    if family.predicts_flow:
         prediction = "flow"
     else:
         prediction = _config_value(pipe.scheduler.config, "prediction_type") or "epsilon"

@@ -11,6 +11,8 @@ they also reject sizes diffusers would silently replace (0 means "default" to di
 
 from __future__ import annotations
 
+import inspect
+
 from diffusers import (
     ChromaPipeline,
     Flux2KleinPipeline,
@@ -36,10 +38,16 @@ class HiresPipelineMixin:
         elif attachment is None:
             apply(self)
         info = get_attachment(self).info
+        # By name or by position: diffusers turns height=0 into its default size before hires sees it.
+        base_call = super().__call__
+        try:
+            given = inspect.signature(base_call).bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            given = kwargs  # the pipeline's own call raises the argument error
         for side in ("height", "width"):
-            if kwargs.get(side) is not None:
-                validate_size(side, kwargs[side], info.size_multiple, info.name)
-        return super().__call__(*args, **kwargs)
+            if given.get(side) is not None:
+                validate_size(side, given[side], info.size_multiple, info.name)
+        return base_call(*args, **kwargs)
 
 
 class HiresStableDiffusionPipeline(HiresPipelineMixin, StableDiffusionPipeline):

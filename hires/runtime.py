@@ -7,7 +7,9 @@ How hires attaches (DESIGN.md's patching rule):
   (to validate the requested size before any work) and `progress_bar` (every supported pipeline
   runs its denoising loop inside `with self.progress_bar(...)`, which gives a call boundary that is
   also crossed when the call raises). Pipelines are not `nn.Module`s, so no hook registry exists
-  for them; deleting the two attributes restores the class's methods exactly.
+  for them; deleting the two attributes restores the class's methods exactly;
+- the finite-output guard (hires.guards) checks the loop's final latents as that boundary closes
+  and shadows `image_processor.postprocess` to check the decoded image, one ledger entry.
 
 Per-call state (`CallState`) is built at the first denoiser call inside that boundary, from the
 latent the denoiser actually receives and the scheduler's timesteps, and dropped when the loop
@@ -18,15 +20,15 @@ One owner per question:
   arguments" for plain pipelines, subclasses, the ready pipelines and community pipelines;
 - the attachment's ledger (`shadow` / `wrap_method` / `unshadow`) is the only way hires overrides
   an attribute of the pipeline, its scheduler or a module, so `remove` restores from one list;
-- `TECHNIQUE_MODULES` lists the technique modules; each declares a `hires.registry.Technique`
-  record (config type, installer, order, capabilities) and installers run in record order.
+- the catalogue (`hires.techniques`) lists the techniques' records (config type, installer, order,
+  relations), extensions registered with `hires.registry.register` beside them; installers run in
+  record order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import inspect
 import sys
 import zlib
@@ -35,28 +37,16 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from . import registry
+from . import guards, registry
 from .config import HiresConfig, validate_size
 from .families import ModelInfo, read_model_info
+from .sampling.latents import adapter_for
+from .sampling.stages import StageEngine, StageRequest, plan_stages
+from .techniques import all_techniques
 
 HOOK_PREFIX = "hires."
 CALL_STATE_HOOK = HOOK_PREFIX + "call_state"
 _ATTACHMENT_ATTR = "_hires_attachment"
-# Modules declaring the built-in techniques (a `TECHNIQUE` record, or `TECHNIQUES` for several).
-TECHNIQUE_MODULES = (
-    "hires.sampling.progressive",
-    "hires.sampling.flow_alignment",
-    "hires.sampling.bottleneck",
-    "hires.techniques.redilation",
-    "hires.techniques.rau_net",
-    "hires.techniques.attention",
-    "hires.techniques.scale_fusion",
-    "hires.techniques.apg",
-    "hires.techniques.positions",
-    "hires.planning",
-    "hires.sampling.skip_residual",
-    "hires.techniques.dilated_sampling",
-)
 # Values of the pipeline's __call__ that techniques read, as the pipeline resolved them.
 _CALL_LOCALS = ("generator", "guidance_scale", "true_cfg_scale", "do_true_cfg", "num_inference_steps")
 
@@ -74,14 +64,19 @@ class CallState:
     # The pipeline __call__'s own values of _CALL_LOCALS (those it has), read when the loop starts.
     call_locals: dict[str, Any] = dataclasses.field(default_factory=dict)
     # The stage engine's stage this call runs (None for a call that is not a stage), and the per-stage
-    # settings it pushed, keyed by technique name (e.g. {"apg": APGConfig(...)}).
+    # settings it pushed, by their type (read with `stage_setting`).
     stage: Any = None
-    stage_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stage_settings: dict[type, Any] = dataclasses.field(default_factory=dict)
     # Notes kept in `hires.last_call(pipe).notes` for inspection (key "log.<technique>...").
     log: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Tokens the denoiser's image sequence carries after the image itself (Flux.2's reference images).
     trailing_tokens: int = 0
     _slots: dict[type, Any] = dataclasses.field(default_factory=dict)
+
+    def stage_setting(self, kind: type):
+        """The setting of type `kind` the stage engine pushed onto this stage's call (e.g. an APGConfig
+        of StructureGuidanceConfig.apg), or None."""
+        return self.stage_settings.get(kind)
 
     def slot(self, kind: type):
         """This call's instance of a technique's per-call dataclass `kind`, created on first use."""
@@ -128,9 +123,9 @@ class CallState:
     def guidance_scale(self) -> float | None:
         """The classifier-free guidance scale the pipeline combines with (None if not running CFG)."""
         family = self.info.family
-        if family.guidance_layout == "none":
+        if not family.runs_cfg:
             return None
-        if family.guidance_layout == "separate" and family.cfg_switch and not self.call_locals.get(family.cfg_switch, False):
+        if family.cfg_separate and family.cfg_switch and not self.call_locals.get(family.cfg_switch, False):
             return None
         scale = self.call_locals.get(family.guidance_scale_name)
         if scale is None:
@@ -283,71 +278,6 @@ class _CallStateHook(ModelHook):
         return args, kwargs
 
 
-FRAME_LIST_HOOK = HOOK_PREFIX + "frame_list"
-
-
-class _FrameListView:
-    """What the two halves of the frame-list adapter share during one denoiser call."""
-
-    def __init__(self):
-        self.sample = self.time = self.frames = self.model_time = None
-        self.velocity = self.raw_output = None
-
-
-def _output_list(output):
-    return output[0] if isinstance(output, tuple) else output.sample
-
-
-def _with_output(output, value):
-    if isinstance(output, tuple):
-        return (value, *output[1:])
-    return dataclasses.replace(output, sample=value)
-
-
-class _FrameListTensorView(ModelHook):
-    """Z-Image's transformer takes a list of (C, 1, h, w) latents and the time 1 - sigma, and returns a
-    list of negated velocities. Hooks below this one see (B, C, h, w), sigma and the velocity; an
-    unchanged view is handed back as the very objects the pipeline passed or the model returned, so a
-    call no technique touches is bit-identical."""
-
-    def __init__(self, view: _FrameListView):
-        super().__init__()
-        self.view = view
-
-    def new_forward(self, module, x, t, *args, **kwargs):
-        if not isinstance(x, list) or not x or not isinstance(x[0], torch.Tensor):
-            return self.fn_ref.original_forward(x, t, *args, **kwargs)  # omni inputs: nothing hires sees
-        view = self.view
-        view.frames, view.model_time = x, t
-        view.sample = torch.stack([frame[:, 0] for frame in x])
-        view.time = 1 - t
-        view.velocity = view.raw_output = None
-        output = self.fn_ref.original_forward(view.sample, view.time, *args, **kwargs)
-        velocity = _output_list(output)
-        if velocity is view.velocity:
-            return view.raw_output
-        return _with_output(output, [frame[:, None] for frame in (-velocity).unbind(0)])
-
-
-class _FrameListCall(ModelHook):
-    """The inner half: the denoiser's own list form, from the view's tensors (or the originals)."""
-
-    def __init__(self, view: _FrameListView):
-        super().__init__()
-        self.view = view
-
-    def new_forward(self, module, sample, time, *args, **kwargs):
-        view = self.view
-        if not isinstance(sample, torch.Tensor) or view.sample is None:
-            return self.fn_ref.original_forward(sample, time, *args, **kwargs)
-        frames = view.frames if sample is view.sample else [latent[:, None] for latent in sample.unbind(0)]
-        model_time = view.model_time if time is view.time else 1 - time
-        output = self.fn_ref.original_forward(frames, model_time, *args, **kwargs)
-        view.raw_output = output
-        view.velocity = -torch.stack([frame[:, 0] for frame in _output_list(output)])
-        return _with_output(output, view.velocity)
-
-
 class _CallScope:
     """Wraps the pipeline's own progress bar: entering starts a call, exiting ends it."""
 
@@ -362,23 +292,18 @@ class _CallScope:
         return self.bar.__enter__()
 
     def __exit__(self, exc_type, exc, tb):
+        completed = False
         try:
-            return self.bar.__exit__(exc_type, exc, tb)
+            result = self.bar.__exit__(exc_type, exc, tb)
+            if exc_type is None:  # before any decode: non-finite latents raise (one reduction per call)
+                guards.check_latents(self.attachment, self.frame, self.call_locals)
+                completed = True
+            return result
         finally:
-            self.attachment.end_call(completed=exc_type is None)
+            self.attachment.end_call(completed=completed)
             if self.attachment.stages is not None:
                 self.attachment.stages.call_ended(self.frame)
             self.frame = None
-
-
-def technique_records() -> list[registry.Technique]:
-    """Every technique, built-in and registered, in install order."""
-    records = []
-    for name in TECHNIQUE_MODULES:
-        module = importlib.import_module(name)
-        records.extend(getattr(module, "TECHNIQUES", None) or [module.TECHNIQUE])
-    records.extend(registry.extensions())
-    return sorted(records, key=lambda r: r.order)
 
 
 class Attachment:
@@ -393,7 +318,9 @@ class Attachment:
         self.state: CallState | None = None
         self.last_call: CallRecord | None = None
         self.stages = None  # the stage engine (hires.sampling.stages), when a staged technique is on
+        self.latents = adapter_for(info)  # between the denoiser's latents and (B, C, h, w) (hires.sampling.latents)
         self.techniques: list[tuple[registry.Technique, Any]] = []  # enabled (record, config), in order
+        self.estimate_adaptations: tuple = ()  # for the memory planner's estimates (Technique.adapts_estimate)
         self._in_call = False
         self._call_timesteps: torch.Tensor | None = None
         self._call_locals: dict[str, Any] = {}
@@ -451,21 +378,29 @@ class Attachment:
 
     def attach(self) -> None:
         self._check_modules_not_shared()
-        self.techniques = [(record, sub) for record in technique_records()
-                           if (sub := self.config.technique_config(record)) is not None and sub.enabled]
-        frame_list = self.info.family.denoiser_io == "frame_list"
-        if frame_list:  # innermost: back to the denoiser's own list form
-            view = _FrameListView()
-            self.add_hook(self.denoiser, _FrameListCall(view), FRAME_LIST_HOOK + ".call")
+        self.techniques = installed_techniques(self.config)
+        self.estimate_adaptations = estimate_adaptations(self.info, self.config)
+        view = self.latents.denoiser_view()  # a denoiser that does not take tensors (Z-Image's list of latents)
+        if view is not None:  # innermost: back to the denoiser's own form
+            self.add_hook(self.denoiser, *view[0])
+        planners = [(record.name, record.make_planner(self.info, sub, self)) for record, sub in self.techniques
+                    if record.planner is not None]
+        if planners:
+            self.stages = StageEngine(self)
+            for name, planner in planners:
+                self.stages.add_planner(name, planner)
         for record, sub in self.techniques:
-            record.install(self, sub)
+            install = record.installer()
+            if install is not None:
+                install(self, sub)
         # Registered last, so it is the outermost hook: the state is current before technique hooks run.
         self.add_hook(self.denoiser, _CallStateHook(self), CALL_STATE_HOOK)
-        if frame_list:  # outside everything: every hires hook sees the tensor view
-            self.add_hook(self.denoiser, _FrameListTensorView(view), FRAME_LIST_HOOK + ".view")
+        if view is not None:  # outside everything: every hires hook sees the tensor view
+            self.add_hook(self.denoiser, *view[1])
         if hasattr(type(self.pipe), "check_inputs"):  # ZImagePipeline has none: it checks sizes itself, first
             self.wrap_method(self.pipe, "check_inputs", self._make_check_inputs)
         self.wrap_method(self.pipe, "progress_bar", self._make_progress_bar)
+        guards.install(self)  # decoded images are checked before the pipeline turns them into its output
 
     def _check_modules_not_shared(self) -> None:
         """Pipelines made with `from_pipe` share their modules; one module carries one attachment's hooks."""
@@ -473,7 +408,8 @@ class Attachment:
             registry_ = getattr(module, "_diffusers_hook", None) if module is not None else None
             if registry_ is not None and any(n.startswith(HOOK_PREFIX) for n in registry_.hooks):
                 raise ValueError(
-                    f"{type(module).__name__} of this {type(self.pipe).__name__} already carries hires hooks of another "
+                    f"{type(module).__name__} of this {type(self.pipe).__name__} "
+                    f"already carries hires hooks of another "
                     "pipeline (pipelines made with from_pipe share their modules); call hires.remove() on the other "
                     "pipeline first, or give this one its own copy of the module")
 
@@ -503,12 +439,14 @@ class Attachment:
                     f"{type(self.pipe).__name__}.__call__ got unknown keyword argument(s) "
                     f"{', '.join(f'{k}={v!r}' for k, v in swallowed.items())}; valid arguments are: {', '.join(valid)}"
                 )
+            guards.check_arguments(call)
             bound = signature.bind_partial(*args, **kwargs).arguments
             for side in ("height", "width"):
                 if bound.get(side) is not None:
                     validate_size(side, bound[side], self.info.size_multiple, self.info.name)
             height, width = bound.get("height"), bound.get("width")
-            if height is not None and width is not None and height * width > self.info.base_height * self.info.base_width:
+            base_area = self.info.base_height * self.info.base_width
+            if height is not None and width is not None and height * width > base_area:
                 self._check_memory_floor(height, width)
             return original(*args, **kwargs)
 
@@ -517,7 +455,7 @@ class Attachment:
     def _check_memory_floor(self, height: int, width: int) -> None:
         """Above the base size, refuse before any work a size that cannot fit whatever hires does."""
         from .config import parse_bytes
-        from .memory_planner import check_request
+        from .techniques.memory.estimate import check_request
 
         memory = self.config.memory
         budget = parse_bytes(memory.max_memory, "MemoryConfig.max_memory") if memory.enabled and memory.max_memory \
@@ -527,7 +465,8 @@ class Attachment:
     def _make_progress_bar(self, original):
         def progress_bar(iterable=None, total=None):
             call = self.calls.called_by(sys._getframe(1))
-            if iterable is None and call is not None and self.stages is not None and self.stages.decodes_only(call.frame):
+            decodes_only = call is not None and self.stages is not None and self.stages.decodes_only(call.frame)
+            if iterable is None and decodes_only:
                 bar = self._silent(original, total)  # its stages showed the steps; an empty bar would not
             else:
                 bar = original(iterable=iterable, total=total)
@@ -586,37 +525,50 @@ class Attachment:
 
     def _new_state(self, arguments: dict) -> CallState:
         info = self.info
-        latents = next(iter(v for k, v in arguments.items() if k != "self"))
-        trailing = 0  # image-sequence tokens after the image's own (Flux.2's reference images)
-        if info.family.latent_layout == "packed" and info.family.packed_grid_source == "img_shapes":
-            # Qwen-Image: per batch item (frames, rows, cols), or a list of them led by the image's
-            # (ControlNet pipelines pass the bare tuples).
-            shape = arguments["img_shapes"][0]
-            _, rows, cols = shape[0] if isinstance(shape, list) else shape
-            latent_h, latent_w = int(rows) * info.patch_size, int(cols) * info.patch_size
-        elif info.family.latent_layout == "packed":
-            # Packed latents carry their grid in img_ids (row in column 1, column in column 2).
-            ids = arguments["img_ids"]
-            ids = ids[0] if ids.ndim == 3 else ids
-            own = ids[:, 0] == 0  # Flux.2 appends reference images' tokens at time ids 10, 20, ...
-            trailing = int((~own).sum())
-            ids = ids[own]
-            rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
-            latent_h, latent_w = rows * info.patch_size, cols * info.patch_size
-        else:
-            latent_h, latent_w = latents.shape[-2:]
+        # trailing: image-sequence tokens after the image's own (Flux.2's reference images)
+        latent_h, latent_w, trailing = self.latents.grid(arguments)
         height, width = int(latent_h) * info.latent_factor, int(latent_w) * info.latent_factor
         validate_size("height", height, info.size_multiple, info.name)
         validate_size("width", width, info.size_multiple, info.name)
         timesteps = self._call_timesteps if self._call_timesteps is not None else torch.zeros(0, dtype=torch.float64)
         stage = self.stages.current if self.stages is not None else None
         return CallState(info=info, height=height, width=width, timesteps=timesteps, call_locals=self._call_locals,
-                         stage=stage, stage_overrides=dict(stage.overrides) if stage is not None else {},
+                         stage=stage, stage_settings=dict(stage.settings) if stage is not None else {},
                          trailing_tokens=trailing)
 
     def _step_index(self, timestep) -> int:
         t = torch.as_tensor(timestep).detach().flatten()[0].double().cpu() / self.info.family.timestep_input_scale
         return int(torch.argmin((self.state.timesteps - t).abs()))
+
+
+def stage_plan(info: ModelInfo, config: HiresConfig, request: StageRequest) -> list:
+    """The stages a call of `request` runs with `config`, planned without a pipeline (a dry run): the
+    same planners, in the same order, as an applied pipeline's call."""
+    planners = [(record.name, record.make_planner(info, sub)) for record, sub in installed_techniques(config)
+                if record.planner is not None]
+    return plan_stages(planners, request)
+
+
+def estimate_adaptations(info: ModelInfo, config: HiresConfig) -> tuple:
+    """What the memory planner's meta-device denoiser must do to run as the techniques `config` installs
+    make the real one run (Technique.adapts_estimate), in install order."""
+    found = (record.estimate_adaptation(info, sub) for record, sub in installed_techniques(config))
+    return tuple(adaptation for adaptation in found if adaptation is not None)
+
+
+def installed_techniques(config: HiresConfig) -> list[tuple[registry.Technique, Any]]:
+    """(record, config) of every technique `config` installs, in install order: the enabled ones, and those
+    only another technique's per-stage settings switch on (StructureGuidanceConfig.apg), which install
+    with their own, disabled, config and act in those stages only."""
+    staged = config.stage_settings()
+    found = []
+    for record in all_techniques():
+        sub = config.technique_config(record)
+        if sub is None:
+            continue
+        if sub.enabled or any(entry.enabled for entry in staged.get(record.name, ())):
+            found.append((record, sub))
+    return found
 
 
 def get_attachment(pipe) -> Attachment | None:
@@ -653,8 +605,17 @@ def apply(pipe, config: HiresConfig | None = None):
     return pipe
 
 
+def _check_pipeline(pipe, function: str) -> None:
+    from diffusers import DiffusionPipeline
+
+    if not isinstance(pipe, DiffusionPipeline):
+        raise TypeError(f"hires.{function}(pipe={pipe!r}): pipe must be a diffusers pipeline (a DiffusionPipeline "
+                        f"such as StableDiffusionPipeline), not {type(pipe).__name__}")
+
+
 def remove(pipe):
     """Take everything hires attached out of `pipe`; a no-op on a pipeline never applied."""
+    _check_pipeline(pipe, "remove")
     attachment = pipe.__dict__.pop(_ATTACHMENT_ATTR, None)
     if attachment is not None:
         attachment.detach()
@@ -668,5 +629,6 @@ def model_info(pipe) -> ModelInfo:
 
 def last_call(pipe) -> CallRecord | None:
     """Summary of the last finished call of an applied pipeline (None if none ran)."""
+    _check_pipeline(pipe, "last_call")
     attachment = get_attachment(pipe)
     return None if attachment is None else attachment.last_call

@@ -28,7 +28,8 @@ import benchmarks  # noqa: E402
 
 def sections() -> list[str]:
     # common holds shared code; _-prefixed modules are helpers (e.g. subprocess workers), not sections.
-    return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name != "common" and not m.name.startswith("_"))
+    names = (m.name for m in pkgutil.iter_modules(benchmarks.__path__))
+    return sorted(name for name in names if name != "common" and not name.startswith("_"))
 
 
 def machine() -> str:
@@ -42,7 +43,8 @@ def machine() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", default=None, help=f"sections to run (default all: {', '.join(sections())})")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help=f"sections to run (default all: {', '.join(sections())})")
     parser.add_argument("--runs", type=int, default=5, help="timed rounds per measurement")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench.md"))
     options = parser.parse_args(argv)

@@ -12,7 +12,7 @@ round by round: plain diffusers ("direct"), `hires.apply(pipe)` (the automatic p
 with window attention, and `HiresConfig()` (everything off; its time over direct is the plugin's own
 overhead, ≈1.00×). Seconds are wall-clock around each call with the device synchronised, one warm-up
 call per row excluded, median of `--runs`; peak is `torch.cuda.max_memory_allocated()` reset before
-each call (max over runs); the planner column is `hires.memory_planner.plan(...)` for the same size.
+each call (max over runs); the planner column is `hires.techniques.memory.estimate.plan(...)` for the same size.
 A call that runs out of memory is an "OOM" row (another torch error: an "error: ..." row); direct and
 everything-off calls the planner says cannot fit are skipped.
 
@@ -43,7 +43,7 @@ for path in (ROOT, ROOT / "scripts", ROOT / "tests"):
         sys.path.insert(0, str(path))
 
 import hires  # noqa: E402
-from hires import memory_planner  # noqa: E402
+from hires.techniques.memory import estimate as memory_planner  # noqa: E402
 
 MODELS = ("sdxl", "flux")
 GPU_SIZES = (2048, 4096, 8192)
@@ -90,7 +90,8 @@ def architecture(model: str, scale: str) -> Architecture:
 
     tiny = tiny_models.build(model)
     denoiser = tiny.unet if model == "sdxl" else tiny.transformer
-    return Architecture(memory_planner.meta_copy(denoiser, torch.float32), memory_planner.meta_copy(tiny.vae, torch.float32),
+    return Architecture(memory_planner.meta_copy(denoiser, torch.float32),
+                        memory_planner.meta_copy(tiny.vae, torch.float32),
                         tiny.scheduler, text_tokens=tiny_models.TEXT_LEN,
                         default_sample_size=getattr(tiny, "default_sample_size", None) if model == "flux" else None)
 
@@ -124,7 +125,8 @@ def build_pipeline(model: str, scale: str, device: torch.device, dtype: torch.dt
     arch = architecture(model, scale)
     denoiser, vae = randomise(arch.denoiser, device, dtype, seed=0), randomise(arch.vae, device, dtype, seed=1)
     if model == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None,
+                                         tokenizer=None, tokenizer_2=None,
                                          unet=denoiser, scheduler=arch.scheduler, force_zeros_for_empty_prompt=True)
     else:
         pipe = FluxPipeline(scheduler=arch.scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
@@ -157,7 +159,8 @@ def prompt_embeddings(config, model: str, text_tokens: int, device: torch.device
 def row_configs(pipe) -> dict[str, hires.HiresConfig | None]:
     """Each row's config; None: plain diffusers (hires removed)."""
     preset = hires.presets.automatic_config(hires.model_info(pipe))  # windows are part of it
-    global_attention = dataclasses.replace(preset, window_attention=dataclasses.replace(preset.window_attention, enabled=False))
+    windows_off = dataclasses.replace(preset.window_attention, enabled=False)
+    global_attention = dataclasses.replace(preset, window_attention=windows_off)
     return {"direct": None, "preset": preset, "preset without windows": global_attention,
             "everything off": hires.HiresConfig()}
 
@@ -215,7 +218,8 @@ def failure_note(error: RuntimeError) -> str:
 
 
 def measure_size(pipe, model: str, call: dict, side: int, steps: int, runs: int, budget: int,
-                 call_fn: Callable = generate, device: torch.device | None = None) -> tuple[list[Measurement], memory_planner.MemoryPlan]:
+                 call_fn: Callable = generate,
+                 device: torch.device | None = None) -> tuple[list[Measurement], memory_planner.MemoryPlan]:
     """The four rows at one size: one warm-up call each, then `runs` rounds, rows interleaved."""
     device = device or next((pipe.unet if model == "sdxl" else pipe.transformer).parameters()).device
     cuda = device.type == "cuda"
@@ -307,14 +311,19 @@ def report(options, device: torch.device, dtype: torch.dtype, rows: list[list[st
             f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  \n"
             f"Machine: {machine(device)}  \n"
             f"Models: {scale}; {str(dtype).removeprefix('torch.')}, batch 1, text encoders left out (random "
-            f"prompt embeddings of the real shapes). SDXL guidance 5 (batched CFG), Flux guidance 3.5 (no true CFG).  \n"
-            f"Timing: {'CUDA-synchronised ' if device.type == 'cuda' else ''}wall clock per call, one warm-up call per "
-            f"row excluded, median of {options.runs} run(s), rows interleaved round by round.  \n"
-            f"Rows: direct = plain diffusers; preset = `hires.apply(pipe)` (window attention included); preset without "
-            f"windows = the preset with `WindowAttentionConfig(enabled=False)`; everything off = `hires.apply(pipe, HiresConfig())` (its × direct "
+            f"prompt embeddings of the real shapes). SDXL guidance "
+            f"5 (batched CFG), Flux guidance 3.5 (no true CFG).  \n"
+            f"Timing: {'CUDA-synchronised ' if device.type == 'cuda' else ''}wall clock per call, one warm-up call "
+            f"per row excluded, median of {options.runs} run(s), rows interleaved round by round.  \n"
+            f"Rows: direct = plain diffusers; preset = `hires.apply(pipe)` "
+            f"(window attention included); preset without "
+            f"windows = the preset with `WindowAttentionConfig(enabled=False)`; "
+            f"everything off = `hires.apply(pipe, HiresConfig())` (its × direct "
             f"is the plugin's own overhead).  \n"
-            f"Peak: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, max over runs (n/a on CPU). "
-            f"Planner: `hires.memory_planner.plan(...)` for a plain call at that size (untiled VAE, no chunking, "
+            f"Peak: `torch.cuda.max_memory_allocated()` after "
+            f"`reset_peak_memory_stats()`, max over runs (n/a on CPU). "
+            f"Planner: `hires.techniques.memory.estimate.plan(...)` "
+            f"for a plain call at that size (untiled VAE, no chunking, "
             f"batched CFG; weights + max(one denoiser forward, one decode)); direct and everything off are skipped "
             f"where it exceeds the budget ({budget}).\n\n"
             + markdown_table(rows))
@@ -333,7 +342,8 @@ def parse(argv):
                         help=f"denoising steps (default SDXL {DEFAULT_STEPS['sdxl']}, Flux {DEFAULT_STEPS['flux']}; "
                              f"--quick {QUICK_STEPS}; --smoke {SMOKE_STEPS})")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps and one run")
-    parser.add_argument("--runs", type=int, default=None, help="timed runs per row after the warm-up (default 3; --quick 1)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="timed runs per row after the warm-up (default 3; --quick 1)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="default bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--budget", default=None,
@@ -379,7 +389,8 @@ def main(argv=None, call_fn: Callable = generate) -> int:
         start = time.perf_counter()
         pipe, text_tokens = build_pipeline(model, scale, device, dtype)
         denoiser = pipe.unet if model == "sdxl" else pipe.transformer
-        call = dict(prompt_embeddings(denoiser.config, model, text_tokens, device, dtype), guidance_scale=GUIDANCE[model])
+        call = dict(prompt_embeddings(denoiser.config, model, text_tokens, device, dtype),
+                    guidance_scale=GUIDANCE[model])
         weights = memory_planner.pipeline_weights(pipe, device)
         budgets[model] = options.budget or memory_planner.detect_budget(device) + weights
         print(f"[bench_gpu] {model}: built in {time.perf_counter() - start:.1f} s, weights "

@@ -95,7 +95,8 @@ def technique_options(family: str, technique: str) -> dict:
         return {"memory": options}
     if technique == "memory_staged":  # the automatic preset's kind of call, planned whole before its base stage
         return {"memory": {"enabled": True, "max_memory": "64GiB"},
-                "structure_guidance": {"enabled": True, "space": "latent", "upscale_space": "pixel", "ladder": "doubling"}}
+                "structure_guidance": {"enabled": True, "space": "latent",
+                                       "upscale_space": "pixel", "ladder": "doubling"}}
     if technique == "attention_backend":
         return {"attention_backend": {"enabled": True, "backend": "native"}}
     if technique == "rau_net" and family == "sdxl":
@@ -130,7 +131,7 @@ def techniques_for(family: str) -> list[str]:
         names.append("dype")
     names.append("skip_residual")
     record = _family_record(family)
-    if record.packed_grid_source == "img_ids" and record.denoiser_io == "tensor" and family not in MASKED_ATTENTION:
+    if record.layout.sub_grids_refused is None and family not in MASKED_ATTENTION:
         names += ["dilated_sampling", "dilated_sampling_local"]
     if family not in UNTILEABLE_VAE:
         names += ["vae_tiling", "memory", "memory_staged"]

@@ -8,8 +8,8 @@ import torch
 
 import hires
 from hires.runtime import get_attachment
-from hires.techniques.apg import PRESETS, adaptive_projected_guidance, resolve, x0_coefficients
-from hires.techniques.guidance import ensure_guidance_hook
+from hires.techniques.apg.combiner import adaptive_projected_guidance, resolve, x0_coefficients
+from hires.denoiser.guidance import ensure_guidance_hook
 from test_guidance import TRUE_CFG, Recorder, cfg_kwargs
 from tiny_models import build, generate
 
@@ -132,7 +132,8 @@ def _vp_check(scheduler, prediction, step):
 def test_x0_from_ddim_alphas(prediction):
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction)
     scheduler.set_timesteps(10)
     for step in (0, 4, 9):
         _vp_check(scheduler, prediction, step)
@@ -244,7 +245,9 @@ def test_the_scheduler_receives_the_apg_prediction(family, space):
     plain = generate(pipe, family, 64, steps=3, **cfg_kwargs(family))
     eta, beta = 0.2, -0.5
     r = CLIP_AT_SOME_STEPS[family, space]
-    hires.apply(pipe, hires.HiresConfig(apg=hires.APGConfig(enabled=True, eta=eta, momentum=beta, norm_threshold=r, space=space)))
+    hires.apply(pipe,
+                hires.HiresConfig(apg=hires.APGConfig(enabled=True, eta=eta, momentum=beta,
+                                                      norm_threshold=r, space=space)))
     rec = Recorder(pipe, family)
     out = generate(pipe, family, 64, steps=3, **cfg_kwargs(family))
     rec.close()
@@ -264,7 +267,7 @@ def test_the_scheduler_receives_the_apg_prediction(family, space):
 def test_presets_scale_the_threshold_with_the_latent_size(family):
     pipe = build(family)
     config = hires.APGConfig(enabled=True)
-    preset = PRESETS[family]
+    preset = hires.model_info(pipe).family.apg
     settings = resolve(config, get_attachment(hires.apply(pipe, hires.HiresConfig(apg=config))).info)
     assert (settings.eta, settings.momentum) == (preset.eta, preset.momentum)
     assert settings.threshold_for(torch.zeros(2, 4, 16, 16)) == pytest.approx(preset.rms_threshold_x0 * 32)
@@ -291,8 +294,9 @@ def test_active_range_leaves_other_steps_as_plain_cfg():
     assert hires.last_call(pipe).notes["log.apg.steps"] == [1, 2]
     assert torch.equal(rec.stepped[0], rec_plain.stepped[0])  # untouched before start
     assert not torch.equal(rec.stepped[1], rec_plain.stepped[1])
-    preset = PRESETS[family]
-    expected = _expected_predictions(pipe, family, rec, 5.0, preset.eta, lambda t: preset.rms_threshold_x0 * math.sqrt(t[0].numel()),
+    preset = hires.model_info(pipe).family.apg
+    expected = _expected_predictions(pipe, family, rec, 5.0, preset.eta,
+                                     lambda t: preset.rms_threshold_x0 * math.sqrt(t[0].numel()),
                                      preset.momentum, "x0", active=lambda step: step in (1, 2))
     for want, got in zip(expected, rec.stepped):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -305,7 +309,8 @@ def test_off_plain_cfg_settings_and_removal_are_bit_identical(family):
     hires.apply(pipe, hires.HiresConfig(apg=hires.APGConfig(enabled=False)))
     assert torch.equal(generate(pipe, family, 64, steps=3, **cfg_kwargs(family)), plain)
     # eta 1, no clipping, no momentum is CFG itself: the model's outputs pass through untouched
-    hires.apply(pipe, hires.HiresConfig(apg=hires.APGConfig(enabled=True, eta=1.0, momentum=0.0, norm_threshold=math.inf)))
+    hires.apply(pipe,
+                hires.HiresConfig(apg=hires.APGConfig(enabled=True, eta=1.0, momentum=0.0, norm_threshold=math.inf)))
     assert torch.equal(generate(pipe, family, 64, steps=3, **cfg_kwargs(family)), plain)
     hires.apply(pipe, hires.HiresConfig(apg=hires.APGConfig(enabled=True)))
     assert not torch.equal(generate(pipe, family, 64, steps=3, **cfg_kwargs(family)), plain)
@@ -405,15 +410,17 @@ def test_under_model_cpu_offload_apg_gives_the_same_prediction():
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_structure_guidance_stages_take_their_own_apg(family):
-    from hires.sampling import progressive
+    from hires.techniques.structure_guidance import guidance as progressive
 
     eta, beta, r = 0.2, -0.5, CLIP_AT_SOME_STEPS[family, "output"]
     own = hires.APGConfig(enabled=True, eta=eta, momentum=beta, norm_threshold=r, space="output")
     off = hires.APGConfig(enabled=False)
     # guided_steps=0: no low-band swap, so the scheduler sees exactly the combined CFG pair
     cases = [
-        (hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True, guided_steps=0, apg=own)), (False, True)),
-        (hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True, guided_steps=0, apg=off), apg=own), (True, False)),
+        (hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True, guided_steps=0, apg=own)),
+         (False, True)),
+        (hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True, guided_steps=0, apg=off),
+                           apg=own), (True, False)),
     ]
     scale = _scale(family)
     for config, apg_in_stage in cases:
@@ -443,7 +450,8 @@ def test_stage_apg_needs_cfg_only_in_its_stages():
     pipe = build("sd15")
     stage_only = hires.StructureGuidanceConfig(enabled=True, apg=hires.APGConfig(enabled=True), guidance_scale=1.0)
     hires.apply(pipe, hires.HiresConfig(structure_guidance=stage_only))
-    with pytest.raises(ValueError, match=r"StructureGuidanceConfig\.apg needs classifier-free guidance.*guidance_scale=1\.0"):
+    with pytest.raises(ValueError,
+                       match=r"StructureGuidanceConfig\.apg needs classifier-free guidance.*guidance_scale=1\.0"):
         generate(pipe, "sd15", 128, steps=4)
     # off in the later stage: that stage may run without CFG, the base stage keeps the call's APG
     base_only = hires.StructureGuidanceConfig(enabled=True, apg=hires.APGConfig(enabled=False), guidance_scale=1.0)
@@ -454,18 +462,23 @@ def test_stage_apg_needs_cfg_only_in_its_stages():
     with pytest.raises(ValueError, match=r"StructureGuidanceConfig\.apg=.*needs one value per stage"):
         hires.apply(pipe, hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(
             enabled=True, stages=(96,), apg=(hires.APGConfig(enabled=True),))))
-    config = hires.HiresConfig.from_dict({"structure_guidance": {"enabled": True, "apg": [None, {"enabled": True, "eta": 0.5}]}})
+    config = hires.HiresConfig.from_dict({"structure_guidance": {"enabled": True,
+                                                                 "apg": [None, {"enabled": True, "eta": 0.5}]}})
     assert config.structure_guidance.apg == (None, hires.APGConfig(enabled=True, eta=0.5))
     assert hires.HiresConfig.from_dict(config.to_dict()) == config
 
 
 def test_with_structure_guidance_the_guided_steps_keep_the_guides_low_band():
     """The swap acts on what the scheduler receives: APG's combined x0 carries the guide's low band."""
-    from hires.sampling import progressive, wavelets
+    from hires.sampling import wavelets
+    from hires.techniques.structure_guidance import guidance as progressive
 
     pipe = build("sd15")
-    structure = hires.StructureGuidanceConfig(enabled=True, space="latent", guided_steps=2, renoise=0.5, sharpen_alpha=0.0)
-    hires.apply(pipe, hires.HiresConfig(structure_guidance=structure, apg=hires.APGConfig(enabled=True, eta=0.2, momentum=-0.5)))
+    structure = hires.StructureGuidanceConfig(enabled=True, space="latent", guided_steps=2,
+                                              renoise=0.5, sharpen_alpha=0.0,
+                                              handover="hard")  # whole swaps: the low band is exactly the guide's
+    hires.apply(pipe, hires.HiresConfig(structure_guidance=structure,
+                                        apg=hires.APGConfig(enabled=True, eta=0.2, momentum=-0.5)))
     attachment, seen = get_attachment(pipe), []
     step = pipe.scheduler.step
 

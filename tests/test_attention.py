@@ -12,7 +12,9 @@ import hires
 from hires.config import AttentionBackendConfig, EntropyScalingConfig, WindowAttentionConfig
 from hires.families import FAMILIES, ModelInfo
 from hires.runtime import CallState
-from hires.techniques import attention as A
+from hires.denoiser import attention as A
+from hires.techniques.entropy_scaling import scaling as E
+from hires.techniques.window_attention import windows as W
 from tiny_models import CALL_KWARGS, build, generate
 
 ENTROPY = EntropyScalingConfig(enabled=True)
@@ -50,11 +52,11 @@ def _heads(x, heads):
 # -- pure math ------------------------------------------------------------------------------
 
 def test_entropy_factor_formula_and_clamp():
-    assert A.entropy_factor(4096, 4096) == 1.0
-    assert A.entropy_factor(16384, 4096) == pytest.approx(math.sqrt(14 / 12))
-    assert A.entropy_factor(1024, 4096) == pytest.approx(math.sqrt(10 / 12))
-    assert A.entropy_factor(1, 1) == 1.0  # both clamped to 2
-    assert A.entropy_factor(64, 1) == pytest.approx(math.sqrt(math.log(64) / math.log(2)))
+    assert E.entropy_factor(4096, 4096) == 1.0
+    assert E.entropy_factor(16384, 4096) == pytest.approx(math.sqrt(14 / 12))
+    assert E.entropy_factor(1024, 4096) == pytest.approx(math.sqrt(10 / 12))
+    assert E.entropy_factor(1, 1) == 1.0  # both clamped to 2
+    assert E.entropy_factor(64, 1) == pytest.approx(math.sqrt(math.log(64) / math.log(2)))
 
 
 def test_layer_grids_follow_stride_two_downsampling():
@@ -68,7 +70,7 @@ def test_layer_grids_follow_stride_two_downsampling():
 
 @pytest.mark.parametrize("length,window", [(16, 4), (17, 4), (7, 3), (5, 8), (12, 5)])
 def test_window_runs_partition_exactly(length, window):
-    runs = A.window_runs(length, window)
+    runs = W.window_runs(length, window)
     covered = [i for start, count, size in runs for i in range(start, start + count * size)]
     assert covered == list(range(length))
     sizes = [size for _, count, size in runs for _ in range(count)]
@@ -113,7 +115,7 @@ def test_windowed_attention_equals_per_window_reference(grid, window, offset, te
     tokens = text_before + grid[0] * grid[1] + text_after
     q, k, v = (torch.randn(2, 3, tokens, 8, dtype=torch.float64) for _ in range(3))
     scale = 1.3 / math.sqrt(8)
-    out = A.windowed_attention(q, k, v, grid, window, offset, image_start=text_before, scale=scale)
+    out = W.windowed_attention(q, k, v, grid, window, offset, image_start=text_before, scale=scale)
     ref = _window_reference(q, k, v, grid, window, offset, text_before, scale)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
@@ -125,7 +127,9 @@ def _double(module):
 
 
 def _wrapped(module, attachment, layer="layer", entropy=ENTROPY, window=None):
-    return A._wrapper_class(type(module.processor))(module.processor, layer, attachment, entropy=entropy, window=window)
+    changes = ([W.WindowAttention(window)] if window is not None else []) + (
+        [E.EntropyScaling(entropy)] if entropy is not None else [])
+    return A._wrapper_class(type(module.processor))(module.processor, layer, attachment, tuple(changes))
 
 
 @pytest.mark.parametrize("family,path", [("sd15", "down_blocks.0.attentions.0.transformer_blocks.0.attn1"),
@@ -143,10 +147,11 @@ def test_self_attention_processor_equals_explicit_softmax(family, path):
     factor = math.sqrt(math.log(tokens) / math.log(base))
     out = _wrapped(attn, attachment)(attn, x)
     heads = attn.heads
-    ref = _softmax_attention(_heads(attn.to_q(x), heads), _heads(attn.to_k(x), heads), _heads(attn.to_v(x), heads), factor)
+    ref = _softmax_attention(_heads(attn.to_q(x), heads), _heads(attn.to_k(x), heads),
+                             _heads(attn.to_v(x), heads), factor)
     ref = attn.to_out[0](ref.flatten(2))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    assert attachment.state.log[A.LOG_FACTORS]["layer"] == pytest.approx(factor)
+    assert attachment.state.log[E.LOG_FACTORS]["layer"] == pytest.approx(factor)
     # no call state (outside a pipeline call): the processor is the original one, bit for bit
     plain = attn.processor(attn, x)
     assert torch.equal(_wrapped(attn, types.SimpleNamespace(state=None))(attn, x), plain)
@@ -171,7 +176,7 @@ def test_sd3_joint_processor_equals_explicit_softmax(text_tokens):
     ref = _softmax_attention(q, k, v, factor).flatten(2)
     torch.testing.assert_close(img, attn.to_out[0](ref[:, :n_img]), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(txt, attn.to_add_out(ref[:, n_img:]), rtol=1e-10, atol=1e-10)
-    assert attachment.state.log[A.LOG_KEYS]["layer"] == (n_img + extra, 16 + extra)
+    assert attachment.state.log[E.LOG_KEYS]["layer"] == (n_img + extra, 16 + extra)
 
 
 @pytest.mark.parametrize("text_tokens", ["exclude", "include"])
@@ -189,8 +194,10 @@ def test_flux_dispatcher_processors_equal_explicit_softmax(text_tokens):
     c = torch.randn(1, n_txt, attn.query_dim, dtype=torch.float64)
     img, txt = _wrapped(attn, attachment, entropy=entropy)(attn, x, c)
     d = attn.head_dim
-    q = torch.cat([attn.norm_added_q(attn.add_q_proj(c).unflatten(-1, (-1, d))), attn.norm_q(attn.to_q(x).unflatten(-1, (-1, d)))], 1)
-    k = torch.cat([attn.norm_added_k(attn.add_k_proj(c).unflatten(-1, (-1, d))), attn.norm_k(attn.to_k(x).unflatten(-1, (-1, d)))], 1)
+    q = torch.cat([attn.norm_added_q(attn.add_q_proj(c).unflatten(-1, (-1, d))),
+                   attn.norm_q(attn.to_q(x).unflatten(-1, (-1, d)))], 1)
+    k = torch.cat([attn.norm_added_k(attn.add_k_proj(c).unflatten(-1, (-1, d))),
+                   attn.norm_k(attn.to_k(x).unflatten(-1, (-1, d)))], 1)
     v = torch.cat([attn.add_v_proj(c).unflatten(-1, (-1, d)), attn.to_v(x).unflatten(-1, (-1, d))], 1)
     ref = _softmax_attention(q, k, v, factor).flatten(2)
     torch.testing.assert_close(img, attn.to_out[0](ref[:, n_txt:]), rtol=1e-10, atol=1e-10)
@@ -229,7 +236,7 @@ def test_windowed_processor_equals_per_window_reference():
     attachment = _attachment("sd15", 1, 96, 160)
     x = torch.randn(1, 240, attn.to_q.in_features, dtype=torch.float64)
     out = _wrapped(attn, attachment, entropy=None, window=WINDOWS)(attn, x)
-    record = attachment.state.log[A.LOG_WINDOWS]["layer"]
+    record = attachment.state.log[W.LOG_WINDOWS]["layer"]
     assert record["grid"] == (12, 20) and record["windows"] == 4 and record["window"] == (6, 10)
     h = attn.heads
     q, k, v = (_heads(p(x), h).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v))
@@ -246,13 +253,16 @@ def test_windowed_flux_joint_processor_keeps_text_global():
     x = torch.randn(1, n_img, attn.query_dim, dtype=torch.float64)
     c = torch.randn(1, n_txt, attn.query_dim, dtype=torch.float64)
     img, txt = _wrapped(attn, attachment, entropy=None, window=WINDOWS)(attn, x, c)
-    record = attachment.state.log[A.LOG_WINDOWS]["layer"]
+    record = attachment.state.log[W.LOG_WINDOWS]["layer"]
     assert record["windows"] == 9 and any(record["offset"])
-    q = torch.cat([attn.norm_added_q(attn.add_q_proj(c).unflatten(-1, (-1, d))), attn.norm_q(attn.to_q(x).unflatten(-1, (-1, d)))], 1)
-    k = torch.cat([attn.norm_added_k(attn.add_k_proj(c).unflatten(-1, (-1, d))), attn.norm_k(attn.to_k(x).unflatten(-1, (-1, d)))], 1)
+    q = torch.cat([attn.norm_added_q(attn.add_q_proj(c).unflatten(-1, (-1, d))),
+                   attn.norm_q(attn.to_q(x).unflatten(-1, (-1, d)))], 1)
+    k = torch.cat([attn.norm_added_k(attn.add_k_proj(c).unflatten(-1, (-1, d))),
+                   attn.norm_k(attn.to_k(x).unflatten(-1, (-1, d)))], 1)
     v = torch.cat([attn.add_v_proj(c).unflatten(-1, (-1, d)), attn.to_v(x).unflatten(-1, (-1, d))], 1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    ref = _window_reference(q, k, v, (8, 12), (3, 5), record["offset"], n_txt, 1 / math.sqrt(d)).transpose(1, 2).flatten(2)
+    ref = _window_reference(q, k, v, (8, 12), (3, 5), record["offset"], n_txt,
+                            1 / math.sqrt(d)).transpose(1, 2).flatten(2)
     torch.testing.assert_close(img, attn.to_out[0](ref[:, n_txt:]), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(txt, attn.to_add_out(ref[:, :n_txt]), rtol=1e-10, atol=1e-10)
 
@@ -318,9 +328,9 @@ def test_base_size_is_bit_identical_with_features_on(family):
     plain = generate(pipe, family, 64)
     hires.apply(pipe, hires.HiresConfig(entropy_scaling=ENTROPY, window_attention=WINDOWS))
     assert torch.equal(generate(pipe, family, 64), plain)
-    factors = hires.last_call(pipe).notes[A.LOG_FACTORS]
+    factors = hires.last_call(pipe).notes[E.LOG_FACTORS]
     assert factors and set(factors.values()) == {1.0}
-    assert A.LOG_WINDOWS not in hires.last_call(pipe).notes
+    assert W.LOG_WINDOWS not in hires.last_call(pipe).notes
 
 
 def test_recorded_factors_equal_sqrt_log_ratio_at_2x_and_4x(family):
@@ -334,12 +344,15 @@ def test_recorded_factors_equal_sqrt_log_ratio_at_2x_and_4x(family):
         now = _observed_image_keys(pipe, family, size)
         assert now.pop("text") == text
         for text_tokens in ("exclude", "include"):
-            hires.apply(pipe, hires.HiresConfig(entropy_scaling=EntropyScalingConfig(enabled=True, text_tokens=text_tokens)))
+            hires.apply(pipe,
+                        hires.HiresConfig(entropy_scaling=EntropyScalingConfig(enabled=True, text_tokens=text_tokens)))
             out = generate(pipe, family, size)
-            factors = hires.last_call(pipe).notes[A.LOG_FACTORS]
-            joint = family in ("sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage") and text_tokens == "include"
+            factors = hires.last_call(pipe).notes[E.LOG_FACTORS]
+            joint = family in ("sd3", "flux", "flux2", "flux2_klein", "chroma",
+                               "qwenimage") and text_tokens == "include"
             extra = text if joint else 0
-            expected = {layer: math.sqrt(math.log(now[layer] + extra) / math.log(base[layer] + extra)) for layer in now}
+            expected = {layer: math.sqrt(math.log(now[layer] + extra) / math.log(base[layer] + extra))
+                        for layer in now}
             assert factors == pytest.approx(expected, rel=1e-12), (family, size, text_tokens)
             assert all(f > 1 for f in factors.values())
             assert not torch.equal(out, plain)
@@ -351,7 +364,7 @@ def test_cross_attention_layers_have_factor_one_with_all_layers():
     pipe = build("sd15")
     hires.apply(pipe, hires.HiresConfig(entropy_scaling=EntropyScalingConfig(enabled=True, layers="all")))
     generate(pipe, "sd15", 128)
-    factors = hires.last_call(pipe).notes[A.LOG_FACTORS]
+    factors = hires.last_call(pipe).notes[E.LOG_FACTORS]
     cross = {k: v for k, v in factors.items() if k.endswith("attn2")}
     assert len(cross) == 7 and set(cross.values()) == {1.0}
     assert all(v > 1 for k, v in factors.items() if k.endswith("attn1"))
@@ -374,16 +387,16 @@ def test_windows_in_pipelines_are_seeded_and_removable(family):
     plain = generate(pipe, family, size)
     hires.apply(pipe, hires.HiresConfig(window_attention=WINDOWS))
     first = generate(pipe, family, size, seed=1)
-    offsets = hires.last_call(pipe).notes[A.LOG_WINDOW_OFFSETS]
+    offsets = hires.last_call(pipe).notes[W.LOG_WINDOW_OFFSETS]
     assert torch.equal(generate(pipe, family, size, seed=1), first)  # same seed, same image
     assert not torch.equal(first, plain)
     generate(pipe, family, size, seed=2)
-    assert hires.last_call(pipe).notes[A.LOG_WINDOW_OFFSETS] != offsets  # other seed, other shifts
-    windows = hires.last_call(pipe).notes[A.LOG_WINDOWS]
+    assert hires.last_call(pipe).notes[W.LOG_WINDOW_OFFSETS] != offsets  # other seed, other shifts
+    windows = hires.last_call(pipe).notes[W.LOG_WINDOWS]
     assert windows and all(w["windows"] > 1 for w in windows.values())
     # the offsets come from the call's derived "windows" generator
     state = _attachment(family, 1, 64, 64, steps=3, seed=2).state
-    assert hires.last_call(pipe).notes[A.LOG_WINDOW_OFFSETS] == [
+    assert hires.last_call(pipe).notes[W.LOG_WINDOW_OFFSETS] == [
         tuple(r) for r in torch.rand((3, 2), generator=state.generator("windows"), dtype=torch.float64).tolist()]
     hires.remove(pipe)
     assert torch.equal(generate(pipe, family, size), plain)
@@ -433,7 +446,7 @@ def test_no_attention_matrix_is_materialised(family, size, mode):
         _latents(pipe, family, size)
     assert hires.last_call(pipe).completed
     if mode == "entropy":
-        assert max(hires.last_call(pipe).notes[A.LOG_FACTORS].values()) > 1
+        assert max(hires.last_call(pipe).notes[E.LOG_FACTORS].values()) > 1
     attention_matrix = batch * heads * tokens**2
     assert recorder.largest * 16 < attention_matrix, (recorder.largest, attention_matrix)
 
@@ -446,7 +459,8 @@ def test_native_backend_is_bit_identical_and_removable(family):
     plain = generate(pipe, family, size)
     hires.apply(pipe, hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="native")))
     assert torch.equal(generate(pipe, family, size), plain)
-    hires.apply(pipe, hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="_native_math")))
+    hires.apply(pipe,
+                hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="_native_math")))
     torch.testing.assert_close(generate(pipe, family, size), plain, rtol=1e-4, atol=1e-4)
     hires.remove(pipe)
     assert torch.equal(generate(pipe, family, size), plain)
@@ -490,7 +504,7 @@ def test_flux_entropy_scaling_runs_on_any_dispatcher_backend():
         hires.apply(pipe, hires.HiresConfig(entropy_scaling=ENTROPY,
                                             attention_backend=AttentionBackendConfig(enabled=True, backend=backend)))
         results[backend] = generate(pipe, "flux", 128)
-        assert max(hires.last_call(pipe).notes[A.LOG_FACTORS].values()) > 1
+        assert max(hires.last_call(pipe).notes[E.LOG_FACTORS].values()) > 1
     hires.remove(pipe)
     plain = generate(pipe, "flux", 128)
     torch.testing.assert_close(results["flex"], results["native"], rtol=1e-4, atol=1e-4)
@@ -510,7 +524,8 @@ def test_backend_errors_name_the_problem():
                                             attention_backend=AttentionBackendConfig(enabled=True, backend="flex")))
     assert not hires.is_applied(flux)
     with pytest.raises(ValueError, match="backend='xformers' cannot run here"):
-        hires.apply(flux, hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="xformers")))
+        hires.apply(flux,
+                    hires.HiresConfig(attention_backend=AttentionBackendConfig(enabled=True, backend="xformers")))
     with pytest.raises(ValueError, match="backend"):
         AttentionBackendConfig(enabled=True, backend="fastest")
     with pytest.raises(ValueError, match="window"):

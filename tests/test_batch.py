@@ -33,7 +33,8 @@ def test_three_formats_with_per_line_overrides(tmp_path):
     txt = batch.read_prompt_file(write(tmp_path, "p.txt", "a red circle\n\n# comment\na blue square\n"))
     assert [(i.prompt, i.line, i.overrides) for i in txt] == [("a red circle", 1, {}), ("a blue square", 4, {})]
     jsonl = batch.read_prompt_file(write(tmp_path, "p.jsonl",
-                                         '{"prompt": "a red circle", "seed": 7, "size": "128x64"}\n\n{"prompt": "x", "name": "mine"}\n'))
+                                         '{"prompt": "a red circle", "seed": 7, "size": '
+                                         '"128x64"}\n\n{"prompt": "x", "name": "mine"}\n'))
     assert jsonl[0].overrides == {"seed": 7, "size": "128x64"} and jsonl[1].filename == "mine.png"
     csv_items = batch.read_prompt_file(write(tmp_path, "p.csv", "prompt,seed,guidance\na red circle,3,\nb,,2.5\n"))
     assert csv_items[0].overrides == {"seed": 3} and csv_items[1].overrides == {"guidance": 2.5}
@@ -46,7 +47,8 @@ def test_three_formats_with_per_line_overrides(tmp_path):
         ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "bad",\n', r"p.jsonl:2: not valid JSON"),
         ("p.jsonl", '{"prompt": "ok", "sede": 3}\n', r"p.jsonl:1: unknown override key 'sede'.*closest: 'seed'"),
         ("p.jsonl", '["a list"]\n', r"p.jsonl:1: each line must be a JSON object"),
-        ("p.jsonl", '{"prompt": "ok", "steps": "many"}\n', r"p.jsonl:1: steps='many' must be a whole number of denoising steps >= 1"),
+        ("p.jsonl", '{"prompt": "ok", "steps": "many"}\n',
+         r"p.jsonl:1: steps='many' must be a whole number of denoising steps >= 1"),
         ("p.csv", "text,seed\na,1\n", r"p.csv:1: the header row needs a 'prompt' column"),
         ("p.csv", "prompt,seed\na,1\nb,2,extra\n", r"p.csv:3: more fields than header columns"),
         ("p.txt", "\n# only comments\n", r"holds no prompts"),
@@ -62,14 +64,15 @@ def test_malformed_prompt_files_name_the_line_and_the_remedy(tmp_path, name, tex
 def test_unreadable_prompt_file(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(batch.PromptFileError, match="cannot read prompt file"):
+    with pytest.raises(batch.PromptFileError, match="is UTF-16-encoded .*save it as UTF-8"):
         batch.read_prompt_file(path)
     with pytest.raises(batch.PromptFileError, match="cannot read prompt file"):
         batch.read_prompt_file(tmp_path / "missing.txt")
 
 
 def test_batch_renders_each_item_once_and_a_rerun_skips_finished_ones(tmp_path, capsys):
-    prompts = write(tmp_path, "p.jsonl", '{"prompt": "a red circle"}\n{"prompt": "a blue square", "seed": 5, "size": "128x64"}\n')
+    prompts = write(tmp_path, "p.jsonl",
+                    '{"prompt": "a red circle"}\n{"prompt": "a blue square", "seed": 5, "size": "128x64"}\n')
     out = tmp_path / "out"
     assert main(["batch", str(prompts), "--out", str(out), *FAST]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -121,7 +124,8 @@ def test_a_batch_killed_mid_image_resumes_to_exactly_one_valid_png_per_item(tmp_
     rerun = subprocess.run(command, check=False, env=_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["00000-a-red-circle.png", "00001-a-blue-square.png", "00002-a-green-triangle.png", "manifest.json"]
+    assert files == ["00000-a-red-circle.png", "00001-a-blue-square.png",
+                     "00002-a-green-triangle.png", "manifest.json"]
     for name in files[:3]:
         assert batch.read_png_record(out / name, verify=True) is not None
     manifest = json.loads((out / "manifest.json").read_text())

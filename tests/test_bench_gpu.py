@@ -36,7 +36,7 @@ def by_key(rows):
 
 
 def test_smoke_run_writes_every_row_with_numeric_seconds(tmp_path):
-    from hires.sampling import progressive
+    from hires.techniques.structure_guidance import guidance as progressive
 
     calls = set()  # (model's denoiser class, side, techniques on, stage sides) of every call
 
@@ -83,7 +83,8 @@ def test_planner_skip_and_oom_are_rows_not_crashes(tmp_path):
     def call_or_oom(pipe, call, side, steps):
         seen["pipe"] = pipe
         attachment = hires.runtime.get_attachment(pipe)
-        if attachment is not None and attachment.config.structure_guidance.enabled and not attachment.config.window_attention.enabled:
+        config = attachment.config if attachment is not None else None
+        if config is not None and config.structure_guidance.enabled and not config.window_attention.enabled:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
         return bench_gpu.generate(pipe, call, side, steps)
 
@@ -145,6 +146,7 @@ def test_real_size_architectures_and_embeddings_have_the_public_shapes():
         arch = bench_gpu.architecture(model, "real")
         assert arch.denoiser.device.type == "meta"
         assert abs(sum(p.numel() for p in arch.denoiser.parameters()) / parameters - 1) < 1e-3
-        call = bench_gpu.prompt_embeddings(arch.denoiser.config, model, arch.text_tokens, torch.device("cpu"), torch.float32)
+        call = bench_gpu.prompt_embeddings(arch.denoiser.config, model, arch.text_tokens,
+                                           torch.device("cpu"), torch.float32)
         assert call["prompt_embeds"].shape == (1, tokens, width)
         assert call["pooled_prompt_embeds"].shape == (1, pooled)

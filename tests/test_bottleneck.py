@@ -11,7 +11,10 @@ import torch.nn.functional as F
 
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
-from hires.sampling import bottleneck, progressive, schedules, stages
+from hires.sampling import latents, schedules, stages
+from hires.sampling import resize as resize_math
+from hires.techniques.bottleneck import slices as bottleneck
+from hires.techniques.structure_guidance import guidance as progressive
 from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate
 
 BN = hires.BottleneckConfig
@@ -40,7 +43,7 @@ class _Denoiser:
             state = attachment.state
             self.sizes.append((state.height, state.width))
             timestep = signature.bind_partial(module, *args, **kwargs).arguments[family.timestep_argument]
-            if family.denoiser_io == "frame_list":  # Z-Image's transformer takes 1 - sigma
+            if family.layout.frame_list:  # Z-Image's transformer takes 1 - sigma
                 timestep = 1 - timestep
             self.timesteps.append(round(float(torch.as_tensor(timestep).flatten()[0]) / scale, 2))
 
@@ -68,7 +71,7 @@ def test_time_shift_equals_the_exponential_mu_shift():
     t = torch.linspace(1, 0.02, 50, dtype=torch.float64)
     for s in (0.5, 1.0, 3.0, 6.0):
         mu = math.log(s)
-        assert torch.allclose(bottleneck.time_shift(t, s), math.exp(mu) / (math.exp(mu) + (1 / t - 1)))
+        assert torch.allclose(schedules.time_shift(t, s), math.exp(mu) / (math.exp(mu) + (1 / t - 1)))
 
 
 def _schedulers():
@@ -118,7 +121,10 @@ def test_clean_estimate_and_transition_follow_each_convention(name):
         reference = (1 - sigma) * up + sigma * noise
     else:
         a = float(scheduler.alphas_cumprod[int(start)])
-        reference = up + math.sqrt((1 - a) / a) * noise if name == "euler" else math.sqrt(a) * up + math.sqrt(1 - a) * noise
+        if name == "euler":
+            reference = up + math.sqrt((1 - a) / a) * noise
+        else:
+            reference = math.sqrt(a) * up + math.sqrt(1 - a) * noise
     assert torch.allclose(moved, reference, atol=1e-4)
 
 
@@ -137,7 +143,8 @@ def test_plans_round_sizes_and_slice_the_schedule():
     plan = bottleneck.plan_stages(info, BN(enabled=True), 200, 96, 20)
     assert [(p.height, p.width) for p in plan] == [(200, 96), (96, 48), (200, 96)]  # 100 -> 96, 48 -> 48
     assert [(p.start, p.end) for p in plan] == [(0, 2), (2, 16), (16, 20)]
-    plan = bottleneck.plan_stages(info, BN(enabled=True, scales=(1, 0.5, 0.25, 0.5, 1), renoise=(0.9, 0.7, 0.5, 0.3)), 128, 128, 20)
+    plan = bottleneck.plan_stages(info, BN(enabled=True, scales=(1, 0.5, 0.25, 0.5, 1),
+                                           renoise=(0.9, 0.7, 0.5, 0.3)), 128, 128, 20)
     assert [p.height for p in plan] == [128, 64, 32, 64, 128]
     # renoise r restarts a stage where a fraction r of the schedule is still ahead
     assert [(p.start, p.end) for p in plan] == [(0, 2), (2, 7), (6, 12), (10, 16), (14, 20)]
@@ -210,7 +217,8 @@ def test_flux_slices_follow_the_pipeline_schedule_at_each_stage_size():
     u = np.linspace(1.0, 1 / 10, 10)
     for stage, (start, end) in zip(run, [(0, 1), (1, 8), (8, 10)]):
         tokens = (stage.height // 16) * (stage.width // 16)
-        mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+        mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len,
+                             config.base_shift, config.max_shift)
         expected = math.exp(mu) / (math.exp(mu) + (1 / u - 1)) * 1000
         assert np.allclose(stage.timesteps, expected[start:end], atol=1e-2)
 
@@ -256,12 +264,12 @@ def test_each_stage_starts_from_the_resized_clean_estimate_of_the_last(family_na
     _call(pipe, family_name, 64, steps=10)
     assert len(records) == 10
     packed = family_name == "flux"
-    spatial = (lambda x, side: progressive.unpack(x, side, side, 2)) if packed else (lambda x, side: x)
+    spatial = (lambda x, side: latents.unpack(x, side, side, 2)) if packed else (lambda x, side: x)
     for last, first, side, next_side in [(0, 1, 8, 4), (7, 8, 4, 8)]:
         output, _, sample, sigma = records[last]
         x0 = spatial(sample, side) - sigma * spatial(output, side)
         _, _, start, next_sigma = records[first]
-        expected = progressive.resize(x0, (next_side, next_side), "lanczos")
+        expected = resize_math.resize(x0, (next_side, next_side), "lanczos")
         if packed:  # flow: (1 - sigma) x0 + sigma * 0
             expected = (1 - next_sigma) * expected
         assert torch.allclose(spatial(start, next_side), expected, atol=1e-4)

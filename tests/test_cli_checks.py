@@ -47,7 +47,8 @@ def generate(tmp_path, *args):
         (["--size", "0x64"], "--size='0x64': width and height must be positive"),
         (["--size", "64x64", "--scale", "2"], "--size 64x64 and --scale 2 conflict"),
         (["--size", "64x64", "--device", "foo"], "--device 'foo' is not a torch device; available here: cpu"),
-        (["--size", "64x64", "--device", "meta"], "--device 'meta' is not available on this machine; available here: cpu"),
+        (["--size", "64x64", "--device", "meta"],
+         "--device 'meta' is not available on this machine; available here: cpu"),
     ],
 )
 def test_bad_values_are_refused_before_the_model_is_read(tmp_path, capsys, no_model, args, message):
@@ -80,8 +81,8 @@ def test_an_absurd_size_is_refused_at_once_with_the_numbers(tmp_path, capsys, no
 def test_size_errors_come_from_the_configs_before_the_weights(tmp_path, capsys, no_weights):
     assert generate(tmp_path, "--size", "100x128") == 2
     assert "--size 100x128: width=100 is not a multiple of 8" in capsys.readouterr().err
-    assert generate(tmp_path, "--scale", "10000") == 2  # 640000 px sides: refused by the same bound
-    assert "needs" in capsys.readouterr().err
+    assert generate(tmp_path, "--scale", "10000") == 2  # refused where it is parsed: at most 256x the base side
+    assert "--scale=10000.0 must be a finite number > 0 and at most 256" in capsys.readouterr().err
 
 
 def test_unknown_and_abbreviated_options_are_errors(tmp_path, capsys):
@@ -125,7 +126,8 @@ def test_output_file_checks_come_first(tmp_path, capsys, no_model):
     assert f"--out {str(folder)!r} is a folder; give a file name" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main(["generate", "--prompt", "x", "--size", "64x64", "--out", str(blocker / "a" / "o.png"), "--quiet"]) == 2
+    assert main(["generate", "--prompt", "x", "--size", "64x64",
+                 "--out", str(blocker / "a" / "o.png"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "cannot be created" in err and "is a file, not a folder" in err
     assert not (blocker.parent / "a").exists()
@@ -152,9 +154,10 @@ def test_a_missing_output_folder_is_created_only_when_writing(tmp_path, capsys):
 @pytest.mark.parametrize(
     "name, text, message",
     [
-        ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "steps": true}\n', "p.jsonl:2: steps=True must be a whole number"),
+        ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "steps": true}\n',
+         "p.jsonl:2: steps=True must be a whole number"),
         ("p.jsonl", '{"prompt": "a", "seed": 9223372036854775808}\n', "p.jsonl:1: seed=9223372036854775808 must be"),
-        ("p.jsonl", '{"prompt": "a", "guidance": NaN}\n', "p.jsonl:1: NaN is not a number JSON allows"),
+        ("p.jsonl", '{"prompt": "a", "guidance": NaN}\n', "p.jsonl:1: guidance=NaN is not a number JSON allows"),
         ("p.jsonl", '{"prompt": "a", "guidance": "5"}\n', "p.jsonl:1: guidance='5' must be a finite number >= 0"),
         ("p.jsonl", '{"prompt": "a", "size": [64, 64]}\n', "p.jsonl:1: size=[64, 64] must look like WIDTHxHEIGHT"),
         ("p.jsonl", '{"prompt": "a", "negative": 3}\n', "p.jsonl:1: negative=3 must be a string"),
@@ -176,9 +179,9 @@ def test_a_bad_size_on_a_late_line_stops_the_batch_before_the_first_render(tmp_p
                        '{"prompt": "d", "size": "96x70"}\n')
     assert main(["batch", str(prompts), "--out", str(tmp_path / "out"), "--quiet", "--size", "64x64"]) == 2
     assert "p.jsonl:4: size 96x70: height=70 is not a multiple of 8" in capsys.readouterr().err
-    prompts.write_text('{"prompt": "a"}\n{"prompt": "c", "size": "6400000x64000"}\n')
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "c", "size": "640000x64000"}\n')
     assert main(["batch", str(prompts), "--out", str(tmp_path / "out"), "--quiet", "--size", "64x64"]) == 2
-    assert "p.jsonl:2: size 6400000x64000: the decoded image alone needs" in capsys.readouterr().err
+    assert "p.jsonl:2: size 640000x64000: the decoded image alone needs" in capsys.readouterr().err
     two = tmp_path / "p.txt"
     two.write_text("a\nb\n")
     assert main(["batch", str(two), "--out", str(tmp_path / "out"), "--quiet", "--seed", str(2**63 - 1)]) == 2

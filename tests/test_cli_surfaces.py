@@ -33,7 +33,8 @@ def test_help_is_fast_and_imports_no_torch():
     assert result.returncode == 0 and "generate" in result.stdout and "techniques" in result.stdout
     assert elapsed < 2, elapsed
     probe = ("import sys\nfrom hires.cli import main\nfor argv in (['--help'], ['generate', '--help'], "
-             "['batch', '--help'], ['--version']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "['batch', '--help'], ['--version']):\n    try:\n     "
+             "   main(argv)\n    except SystemExit:\n        pass\n"
              "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], env=_env(), capture_output=True, text=True, check=False,
                             timeout=60)
@@ -60,14 +61,15 @@ def test_techniques_lists_every_technique_its_families_and_options(capsys):
     assert main(["techniques"]) == 0
     out = capsys.readouterr().out
     config = hires.HiresConfig()
-    for name in cli.technique_names(config):
-        sub = getattr(config, name)
+    for name in cli.technique_names():
+        sub = config.technique(name)
         assert f"{name} ({type(sub).__name__}):" in out
         for field in dataclasses.fields(sub):
             assert f"  {name}.{field.name}: " in out
     families = dict(re.findall(r"^(\w+) \(\w+\):.*\n  families: (.*)$", out, flags=re.MULTILINE))
     assert families["redilation"] == "sd15, sd21, sdxl"  # UNet convolutions only
-    assert families["positions"] == "pixart, sd3, flux, flux2, flux2_klein, chroma, qwenimage, zimage"  # DiT positions only
+    # DiT positions only
+    assert families["positions"] == "pixart, sd3, flux, flux2, flux2_klein, chroma, qwenimage, zimage"
     # Z-Image's padded single-stream attention is refused; Qwen-Image's VAE is never tiled
     assert families["entropy_scaling"] == "sd15, sd21, sdxl, pixart, sd3, flux, flux2, flux2_klein, chroma, qwenimage"
     assert "qwenimage" not in families["vae_tiling"] and "zimage" in families["vae_tiling"]

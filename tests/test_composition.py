@@ -11,7 +11,8 @@ from tiny_models import build, generate
 def test_structure_guidance_keeps_the_position_shift_policy_across_calls(family):
     pipe = build(family)
     plain = generate(pipe, family, 128, steps=6)
-    hires.apply(pipe, hires.HiresConfig(positions=hires.PositionConfig(enabled=True, timestep_shift="static", shift=2.0),
+    hires.apply(pipe,
+                hires.HiresConfig(positions=hires.PositionConfig(enabled=True, timestep_shift="static", shift=2.0),
                                         structure_guidance=hires.StructureGuidanceConfig(enabled=True)))
     first = generate(pipe, family, 128, steps=6)
     assert "set_timesteps" in pipe.scheduler.__dict__, "the shift policy's wrapper must outlive a progressive call"

@@ -12,8 +12,8 @@ import torch
 
 import hires
 from hires import presets
-from hires.config import _SUBCONFIG_TYPES
-from hires.sampling import progressive
+from hires.techniques import BUILT_IN
+from hires.techniques.structure_guidance import guidance as progressive
 from tiny_models import build, generate
 
 BAD = [
@@ -60,12 +60,11 @@ def test_from_dict_rejects_string_booleans_and_takes_json_lists_for_tuples():
 
 
 def test_defaults_and_every_preset_still_construct_and_round_trip():
-    for cls in _SUBCONFIG_TYPES.values():
+    for cls in (record.config_type for record in BUILT_IN):
         default = cls()
         assert cls(**{f.name: getattr(default, f.name) for f in dataclasses.fields(cls)}) == default
     for config in presets.AUTOMATIC.values():
-        values = json.loads(json.dumps(dataclasses.asdict(config)))
-        values.pop("extensions")
+        values = json.loads(json.dumps(config.to_dict()))
         assert hires.HiresConfig.from_dict(values) == config
 
 
@@ -110,3 +109,58 @@ def test_the_shipped_flux_testbed_reads_its_training_size():
 
     info = hires.model_info(FluxPipeline.from_pretrained(ASSETS / "testbed_flux"))
     assert (info.base_height, info.base_width) == (64, 64)
+
+
+# -- every number finite and in its range, choices listed, config files answered in their own words ------
+def _float_fields():
+    for record in BUILT_IN:
+        for field in dataclasses.fields(record.config_type):
+            annotation = field.type if isinstance(field.type, str) else ""
+            if "float" in annotation:
+                yield record.config_type, field
+
+
+def test_every_float_field_declares_its_range_and_refuses_inf_and_nan():
+    from hires.validation import BOUNDS
+
+    fields = list(_float_fields())
+    assert len(fields) > 25  # the rule reads every technique's configs
+    for cls, field in fields:
+        bounds = field.metadata.get(BOUNDS)
+        assert bounds is not None, f"{cls.__name__}.{field.name} declares no range (hires.validation.option)"
+        pair = field.type.startswith("tuple[float, float]")
+        for bad in (math.inf, -math.inf, math.nan):
+            if bad == math.inf and bounds.high == math.inf and not bounds.high_open:
+                continue  # APGConfig.norm_threshold: math.inf turns clipping off
+            value = (bad, bad) if pair else ((bad,) * 3 if field.type.startswith("tuple") else bad)
+            with pytest.raises((ValueError, TypeError), match=rf"{cls.__name__}\.{field.name}=.*(must be|not valid)"):
+                cls(**{field.name: value})
+
+
+def test_a_number_out_of_range_from_a_config_file_names_the_key_the_value_and_the_range():
+    values = json.loads('{"structure_guidance": {"sharpen_alpha": 1e309}}')  # JSON reads 1e309 as inf
+    with pytest.raises(ValueError, match=r"StructureGuidanceConfig\.sharpen_alpha=inf must be a finite number >= 0"):
+        hires.HiresConfig.from_dict(values)
+    with pytest.raises(ValueError, match=r"FlowAlignmentConfig\.cutoff=1\.5 must be in \(0, 1\]"):
+        hires.HiresConfig.from_dict({"flow_alignment": {"cutoff": 1.5}})
+    with pytest.raises(ValueError, match=r"StructureGuidanceConfig\.guidance_scale=inf: each value must be a finite"):
+        hires.StructureGuidanceConfig(guidance_scale=math.inf)
+    with pytest.raises(ValueError, match=r"RedilationConfig\.dilations\['mid_block'\]=inf must be a finite number"):
+        hires.RedilationConfig(dilations={"mid_block": math.inf})
+    with pytest.raises(ValueError, match=r"MemoryConfig\.max_memory='infGiB'"):
+        hires.MemoryConfig(max_memory="infGiB")
+
+
+def test_a_choice_error_lists_the_choices_whatever_the_value():
+    with pytest.raises(TypeError, match=r"StructureGuidanceConfig\.space=3 is not valid.*'latent', 'pixel'"):
+        hires.HiresConfig.from_dict({"structure_guidance": {"space": 3}})
+    with pytest.raises(ValueError, match=r"StructureGuidanceConfig\.space='lattice' is not valid; choose one of "
+                                         r"'latent', 'pixel'"):
+        hires.StructureGuidanceConfig(space="lattice")
+
+
+@pytest.mark.parametrize("value,words", [(True, "true"), (None, "null"), ([1, 2], r"\[1, 2\]"), ("on", '"on"')])
+def test_a_technique_given_no_object_is_answered_in_json_words(value, words):
+    with pytest.raises(TypeError, match=rf'HiresConfig\.structure_guidance={words} is not valid: expected an object '
+                                        r'of options such as \{"enabled": true\}'):
+        hires.HiresConfig.from_dict({"structure_guidance": value})

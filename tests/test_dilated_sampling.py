@@ -15,8 +15,11 @@ import hires
 import hires.families
 import tiny_models
 from hires.runtime import get_attachment
-from hires.sampling import schedules, stages
-from hires.techniques import dilated_sampling as ds
+from hires.sampling import schedules
+from hires.families import read_model_info
+from hires.sampling import latents
+from hires.sampling.latents import adapter_for
+from hires.techniques.dilated_sampling import lattices as ds
 from tiny_models import build, generate
 
 DS = hires.DilatedSamplingConfig
@@ -81,7 +84,8 @@ def test_blur_is_demofusions_gaussian_renormalised(strides, sigma):
 def test_flux_ids_are_the_base_grid_of_the_pipeline():
     expected = FluxPipeline._prepare_latent_image_ids(1, 4, 6, "cpu", torch.float32)
     template = FluxPipeline._prepare_latent_image_ids(1, 8, 12, "cpu", torch.float32)
-    assert torch.equal(ds.grid_ids(template, 4, 6, (None, "height", "width")), expected)
+    flux = read_model_info(build("flux"))
+    assert torch.equal(adapter_for(flux).ids_for_grid(template, 4, 6), expected)
 
 
 def test_fusion_is_the_convex_combination():
@@ -106,7 +110,7 @@ def _loop_prediction(pipe, family_name, arguments, size, strides, sigma):
     name = "hidden_states" if "hidden_states" in arguments else "sample"
     lat = size // 8
     sample = arguments[name]
-    spatial = stages.unpack(sample, lat, lat, 2) if flux else sample
+    spatial = latents.unpack(sample, lat, lat, 2) if flux else sample
     blurred = _blur_2d(spatial.float(), strides, sigma)
     multiple = 2 if family_name in ("flux", "sd3", "pixart") else 1
     padded = math.ceil(lat / (strides[0] * multiple)) * strides[0] * multiple
@@ -118,17 +122,17 @@ def _loop_prediction(pipe, family_name, arguments, size, strides, sigma):
             x = blurred[:, :, i::strides[0], j::strides[1]]
             kwargs = {k: v for k, v in arguments.items() if k != name}
             if flux:
-                x = stages.pack(x, 2)
+                x = latents.pack(x, 2)
                 kwargs["img_ids"] = FluxPipeline._prepare_latent_image_ids(1, sub // 2, sub // 2, "cpu", torch.float32)
             out = forward(denoiser, **{name: x}, **kwargs)
             out = out[0] if isinstance(out, tuple) else out.sample
-            pieces[(i, j)] = stages.unpack(out, sub, sub, 2) if flux else out
+            pieces[(i, j)] = latents.unpack(out, sub, sub, 2) if flux else out
     channels = pieces[(0, 0)].shape[1]
     merged = torch.zeros(sample.shape[0], channels, padded, padded)
     for (i, j), out in pieces.items():
         merged[:, :, i::strides[0], j::strides[1]] = out.float()
     merged = merged[:, :, :lat, :lat]
-    return stages.pack(merged, 2) if flux else merged
+    return latents.pack(merged, 2) if flux else merged
 
 
 class _Calls:
@@ -155,7 +159,7 @@ def _unhooked(pipe, arguments) -> torch.Tensor:
 
 def _splittable(name: str) -> bool:
     family = next(f for f in hires.families.FAMILIES if f.name == name)
-    return family.packed_grid_source == "img_ids" and family.denoiser_io == "tensor" and not family.attention_masked
+    return family.layout.sub_grids_refused is None and not family.attention_masked
 
 
 SPLITTABLE = [f for f in tiny_models.FAMILY_NAMES if _splittable(f)]
@@ -228,7 +232,8 @@ def test_composes_with_structure_guidance_and_skip_residual():
     hires.apply(pipe, config)
     image = generate(pipe, "flux", 128, steps=4, seed=0)
     assert hires.last_call(pipe).notes["log.dilated_sampling"]["strides"] == (2, 2)  # the 128 px stage
-    from hires.sampling import progressive, skip_residual
+    from hires.techniques.structure_guidance import guidance as progressive
+    from hires.techniques.skip_residual import blend as skip_residual
 
     assert len(progressive.last_run(pipe)) == 2 and skip_residual.last_run(pipe)
     assert torch.isfinite(image).all()
@@ -245,8 +250,9 @@ def test_errors_name_the_option():
     with pytest.raises(TypeError, match="max_batch"):
         DS(enabled=True, max_batch=2.5)
     info = hires.model_info(build("flux"))
-    no_axes = dataclasses.replace(info, family=dataclasses.replace(info.family, rope_axis_sides=()))
-    with pytest.raises(ValueError, match="rope_axis_sides"):
+    no_axes = dataclasses.replace(info, family=dataclasses.replace(
+        info.family, layout=dataclasses.replace(info.family.layout, id_axes=())))
+    with pytest.raises(ValueError, match="id_axes"):
         DS(enabled=True).validate_for(no_axes)
 
 
@@ -327,23 +333,23 @@ def _loop_windows(pipe, family_name, arguments, size, boxes):
     name = "hidden_states" if "hidden_states" in arguments else "sample"
     lat = size // 8
     sample = arguments[name]
-    spatial = stages.unpack(sample, lat, lat, 2) if flux else sample
+    spatial = latents.unpack(sample, lat, lat, 2) if flux else sample
     value, cover = None, torch.zeros(1, 1, lat, lat)
     for top, left in boxes:
         x = spatial[:, :, top:top + 8, left:left + 8]
         kwargs = {k: v for k, v in arguments.items() if k != name}
         if flux:
-            x = stages.pack(x, 2)
+            x = latents.pack(x, 2)
             kwargs["img_ids"] = FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
         out = forward(denoiser, **{name: x}, **kwargs)
         out = (out[0] if isinstance(out, tuple) else out.sample).float()
-        out = stages.unpack(out, 8, 8, 2) if flux else out
+        out = latents.unpack(out, 8, 8, 2) if flux else out
         if value is None:
             value = torch.zeros(out.shape[0], out.shape[1], lat, lat)
         value[:, :, top:top + 8, left:left + 8] += out
         cover[:, :, top:top + 8, left:left + 8] += 1
     merged = value / cover
-    return stages.pack(merged, 2) if flux else merged
+    return latents.pack(merged, 2) if flux else merged
 
 
 @pytest.mark.parametrize("family_name", ["sd15", "sdxl", "sd3", "flux"])
@@ -386,7 +392,8 @@ def test_local_windows_run_between_strides_and_are_seeded():
 
 def test_hooks_that_read_the_call_size_see_the_sub_lattice_size():
     pipe = build("flux")
-    hires.apply(pipe, hires.HiresConfig(dilated_sampling=DS(enabled=True), positions=hires.PositionConfig(enabled=True)))
+    hires.apply(pipe, hires.HiresConfig(dilated_sampling=DS(enabled=True),
+                                        positions=hires.PositionConfig(enabled=True)))
     attachment = get_attachment(pipe)
     seen = []
     handle = pipe.transformer.pos_embed.register_forward_pre_hook(

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import hires
-from hires.techniques import dispersion
-from hires.techniques.redilation import dispersed_conv
+from hires.techniques.redilation import dispersion
+from hires.techniques.redilation.dilation import dispersed_conv
 from tiny_models import build, generate
 
 

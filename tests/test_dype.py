@@ -13,7 +13,7 @@ import torch
 
 import hires
 from hires.config import HiresConfig, PositionConfig
-from hires.techniques import positions as P
+from hires.techniques.positions import encodings as P
 from tiny_models import build, generate
 
 

@@ -29,7 +29,8 @@ def test_sizes_the_family_cannot_do(family, size, message):
 
 def test_unknown_call_arguments_are_errors_even_where_the_pipeline_swallows_them():
     pipe = hires.apply(build("pixart"), hires.HiresConfig())
-    with pytest.raises(TypeError, match=r"unknown keyword argument\(s\) callback_on_step_end=.*valid arguments are:.*callback"):
+    with pytest.raises(TypeError,
+                       match=r"unknown keyword argument\(s\) callback_on_step_end=.*valid arguments are:.*callback"):
         generate(pipe, "pixart", 64, callback_on_step_end=lambda *a: {})
     pipe = hires.apply(build("sd15"))
     with pytest.raises(TypeError, match="sharpness_factor"):
@@ -48,8 +49,12 @@ def test_unknown_config_options_and_wrong_config_types():
 
 
 def test_position_options_that_contradict_each_other():
-    with pytest.raises(ValueError, match=r"yarn_beta_fast/yarn_beta_slow=\(2.0, None\) act only with rope='yarn' \(got rope='ntk'\)"):
+    with pytest.raises(ValueError,
+                       match=r"yarn_beta_fast/yarn_beta_slow=\(2.0, None\) "
+                             r"act only with rope='yarn' \(got rope='ntk'\)"):
         hires.PositionConfig(rope="ntk", yarn_beta_fast=2.0)
-    with pytest.raises(ValueError, match=r"needs yarn_beta_fast > yarn_beta_slow > 0 .*got yarn_beta_fast=0.5, yarn_beta_slow=1.0"):
+    with pytest.raises(ValueError,
+                       match=r"needs yarn_beta_fast > yarn_beta_slow > 0 .*got yarn_beta_fast=0.5, "
+                             r"yarn_beta_slow=1.0"):
         hires.PositionConfig(yarn_beta_fast=0.5, yarn_beta_slow=1.0)
     hires.PositionConfig(rope="yarn", yarn_beta_fast=1.25, yarn_beta_slow=0.75)

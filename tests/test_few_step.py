@@ -6,7 +6,8 @@ import torch
 
 import hires
 import tiny_models
-from hires.sampling import progressive, schedules
+from hires.sampling import schedules
+from hires.techniques.structure_guidance import guidance as progressive
 
 STEPS = 4
 
@@ -62,6 +63,6 @@ def test_automatic_preset_on_a_few_step_model_at_4x_area(family):
     assert not torch.equal(image, plain)
     run = progressive.last_run(pipe)
     assert [(r.height, r.steps) for r in run] == [(64, STEPS), (128, 2)]
-    assert run[1].guided_steps == (0,)  # round(2 / 3) = 1 guided step
+    assert run[1].guided_steps == (0, 1)  # the preset guides every step, the guide's weight fading 1, 1/2
     hires.remove(pipe)
     assert torch.equal(_call(pipe, family, 128), plain)

@@ -13,8 +13,8 @@ import torch
 import hires
 from hires.config import FlowAlignmentConfig, HiresConfig, StructureGuidanceConfig
 from hires.runtime import HOOK_PREFIX, get_attachment
-from hires.sampling import flow_alignment as FA
-from hires.sampling.stages import unpack
+from hires.techniques.flow_alignment import alignment as FA
+from hires.sampling.latents import unpack
 from tiny_models import build, generate
 
 FLOW_FAMILIES = ("flux", "sd3")
@@ -116,8 +116,10 @@ def test_weights_decay_and_defaults():
     assert [FA.decayed(1.0, i, 4) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]
     config = FlowAlignmentConfig(enabled=True)
     assert FA.stage_weights(config, 3) == [(1.0, 0.5), (0.25, 0.5), (0.25, 0.5)]
-    assert FA.stage_weights(FlowAlignmentConfig(enabled=True, alphas=(0.5, 0.1), betas=0.0), 2) == [(0.5, 0.0), (0.1, 0.0)]
-    with pytest.raises(ValueError, match=r"FlowAlignmentConfig.alphas=\(0.5, 0.1\) has 2 values but structure guidance "
+    assert FA.stage_weights(FlowAlignmentConfig(enabled=True, alphas=(0.5, 0.1), betas=0.0),
+                            2) == [(0.5, 0.0), (0.1, 0.0)]
+    with pytest.raises(ValueError,
+                       match=r"FlowAlignmentConfig.alphas=\(0.5, 0.1\) has 2 values but structure guidance "
                                          r"plans 1 stage"):
         FA.stage_weights(FlowAlignmentConfig(enabled=True, alphas=(0.5, 0.1)), 1)
 
@@ -230,7 +232,8 @@ def test_off_base_size_and_remove_are_bit_identical(family):
     plain_up = generate(pipe, family, 128, steps=4)
     hires.apply(pipe, HiresConfig(structure_guidance=_SG))
     guided = generate(pipe, family, 128, steps=4)
-    hires.apply(pipe, HiresConfig(structure_guidance=_SG, flow_alignment=FlowAlignmentConfig(enabled=False, betas=0.9)))
+    hires.apply(pipe, HiresConfig(structure_guidance=_SG,
+                                  flow_alignment=FlowAlignmentConfig(enabled=False, betas=0.9)))
     assert torch.equal(generate(pipe, family, 128, steps=4), guided)
     hires.apply(pipe, _config())
     assert torch.equal(generate(pipe, family, 64, steps=4), plain_base)  # no stage at the base size
@@ -246,7 +249,8 @@ def test_off_base_size_and_remove_are_bit_identical(family):
 @pytest.mark.parametrize("family", ["sd15", "pixart"])
 def test_families_that_do_not_predict_flow_refuse_it(family):
     pipe = build(family)
-    with pytest.raises(ValueError, match=rf"FlowAlignmentConfig aligns a flow-matching model's velocity; family {family!r}"):
+    with pytest.raises(ValueError,
+                       match=rf"FlowAlignmentConfig aligns a flow-matching model's velocity; family {family!r}"):
         hires.apply(pipe, _config())
     assert not hires.is_applied(pipe)
 

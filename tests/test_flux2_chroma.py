@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 import hires
 from hires.sampling import latent_space, schedules
-from hires.sampling.stages import unpack
-from hires.techniques import attention as A
+from hires.sampling.latents import unpack
+from hires.techniques.entropy_scaling import scaling as E
+from hires.techniques.window_attention import windows as W
 from surface_support import technique_options, techniques_for
 from tiny_models import build, generate
 
@@ -128,6 +129,10 @@ def test_non_square_sizes(new_family, technique, size):
     assert (record.height, record.width) == size and record.completed
 
 
+def pipe_convention(pipe):
+    return hires.model_info(pipe).family.layout
+
+
 # -- Flux.2's latent normalisation ---------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["flux2", "flux2_klein"])
 def test_latent_space_is_what_the_pipeline_decodes(family):
@@ -146,23 +151,27 @@ def test_latent_space_is_what_the_pipeline_decodes(family):
     generate(pipe, family, 64, steps=2, callback_on_step_end=keep)
     del pipe.vae.decode
     z = unpack(final[-1], 8, 8, 2)  # the denoiser's latents on the 8x8 latent grid
-    torch.testing.assert_close(latent_space.to_vae(pipe.vae, z), decoded[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(latent_space.from_vae(pipe.vae, decoded[0]), z, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(latent_space.to_vae(pipe_convention(pipe), pipe.vae, z),
+                               decoded[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(latent_space.from_vae(pipe_convention(pipe), pipe.vae, decoded[0]),
+                               z, rtol=1e-4, atol=1e-5)
     # independently: channel 4c + 2i + j of the patchified latent is pixel (2y + i, 2x + j) of channel c
     bn = pipe.vae.bn
     mean, std = bn.running_mean, torch.sqrt(bn.running_var + pipe.vae.config.batch_norm_eps)
     c, i, j, y, x = 1, 1, 0, 2, 3
     k = 4 * c + 2 * i + j
-    assert math.isclose(float(decoded[0][0, c, 2 * y + i, 2 * x + j]), float(z[0, c, 2 * y + i, 2 * x + j] * std[k] + mean[k]),
+    assert math.isclose(float(decoded[0][0, c, 2 * y + i, 2 * x + j]),
+                        float(z[0, c, 2 * y + i, 2 * x + j] * std[k] + mean[k]),
                         rel_tol=1e-5, abs_tol=1e-6)
 
 
-def test_latent_space_of_autoencoder_kl_families_is_scale_and_shift():
-    vae = build("chroma").vae
+def test_latent_space_of_chroma_is_scale_and_shift():
+    pipe = build("chroma")
+    vae = pipe.vae
     z = torch.randn(1, 4, 8, 8)
     expected = z / vae.config.scaling_factor + vae.config.shift_factor
-    torch.testing.assert_close(latent_space.to_vae(vae, z), expected)
-    torch.testing.assert_close(latent_space.from_vae(vae, expected), z)
+    torch.testing.assert_close(latent_space.to_vae(pipe_convention(pipe), vae, z), expected)
+    torch.testing.assert_close(latent_space.from_vae(pipe_convention(pipe), vae, expected), z)
 
 
 # -- Flux.2's shift and positions ------------------------------------------------------------------------------
@@ -207,7 +216,7 @@ def test_flux2_reference_image_tokens_are_not_counted_as_the_image():
     out = generate(pipe, "flux2", SIZE, image=reference)
     record = hires.last_call(pipe)
     assert out.shape == (1, 3, SIZE, SIZE) and (record.height, record.width) == (SIZE, SIZE)
-    windows = record.notes[A.LOG_WINDOWS]
+    windows = record.notes[W.LOG_WINDOWS]
     assert all(w["grid"] == (8, 8) and w["windows"] == 4 for w in windows.values()), windows
 
 
@@ -233,10 +242,10 @@ def test_windowed_attention_with_a_mask_against_one_masked_attention():
     allowed = is_text[:, None] | is_text[None, :] | (window_id[:, None] == window_id[None, :])
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=additive.masked_fill(~allowed, float("-inf")))
 
-    got = A.windowed_attention(q, k, v, (rows, cols), window, offset, image_start=text, attn_mask=additive)
+    got = W.windowed_attention(q, k, v, (rows, cols), window, offset, image_start=text, attn_mask=additive)
     rows_ok = keep[:, :, None].expand(-1, -1, 8)[:, None].expand(-1, 2, -1, -1)  # padded query rows are NaN in both
     torch.testing.assert_close(got[rows_ok], expected[rows_ok], rtol=1e-5, atol=1e-5)
-    boolean = A.windowed_attention(q, k, v, (rows, cols), window, offset, image_start=text, attn_mask=pad)
+    boolean = W.windowed_attention(q, k, v, (rows, cols), window, offset, image_start=text, attn_mask=pad)
     torch.testing.assert_close(boolean[rows_ok], expected[rows_ok], rtol=1e-5, atol=1e-5)
 
 
@@ -255,7 +264,8 @@ def test_structure_guidance_stages_keep_flux2s_own_base_shift(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(FlowMatchEulerDiscreteScheduler, "set_timesteps", record)
-    pipe = hires.apply(build("flux2"), hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True)))
+    pipe = hires.apply(build("flux2"),
+                       hires.HiresConfig(structure_guidance=hires.StructureGuidanceConfig(enabled=True)))
     generate(pipe, "flux2", SIZE, steps=3)
     base_mu = schedules.flux2_empirical_mu(16, 3)
     assert schedules.flux2_empirical_mu(64, 3) > base_mu  # so the 2x stage is capped
@@ -273,6 +283,6 @@ def test_chroma_img2img_runs_a_technique_and_is_plain_after_remove():
     plain = generate(pipe, "chroma", SIZE, image=image, strength=0.7)
     hires.apply(pipe, hires.HiresConfig(entropy_scaling=hires.EntropyScalingConfig(enabled=True)))
     assert not torch.equal(generate(pipe, "chroma", SIZE, image=image, strength=0.7), plain)
-    assert any(f > 1 for f in hires.last_call(pipe).notes[A.LOG_FACTORS].values())
+    assert any(f > 1 for f in hires.last_call(pipe).notes[E.LOG_FACTORS].values())
     hires.remove(pipe)
     assert torch.equal(generate(pipe, "chroma", SIZE, image=image, strength=0.7), plain)

@@ -5,7 +5,7 @@ import torch
 
 import hires
 from hires.runtime import get_attachment
-from hires.techniques.guidance import GUIDANCE_HOOK, GuidanceCall, ensure_guidance_hook, prediction_channels
+from hires.denoiser.guidance import GUIDANCE_HOOK, GuidanceCall, ensure_guidance_hook, prediction_channels
 from tiny_models import CFG_ARGUMENTS, FAMILY_NAMES, NO_CFG, SEPARATE_CFG, build, generate
 
 TRUE_CFG = CFG_ARGUMENTS["flux"]
@@ -105,7 +105,8 @@ def test_the_scheduler_receives_exactly_the_combiners_prediction(family):
         assert received.shape == expected.shape
         torch.testing.assert_close(received, expected, rtol=1e-5, atol=1e-5)
         # and it is not plain CFG (the check can fail)
-        assert not torch.allclose(received, pipeline_rescale(family, uncond + scale * (cond - uncond), cond), atol=1e-3)
+        assert not torch.allclose(received, pipeline_rescale(family, uncond + scale * (cond - uncond), cond),
+                                  atol=1e-3)
 
 
 @pytest.mark.parametrize("family", ["sd15", "pixart", "flux"])

@@ -80,8 +80,10 @@ def controlnet_pipeline(family):
     else:
         controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
         cls = StableDiffusionXLControlNetPipeline if family == "sdxl" else StableDiffusionControlNetPipeline
-        components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor", "safety_checker")}
-        extra = {} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        left_out = ("image_encoder", "feature_extractor", "safety_checker")
+        components = {k: v for k, v in pipe.components.items() if k not in left_out}
+        extra = {} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None,
+                                             "requires_safety_checker": False}
         result = cls(**components, controlnet=controlnet, **extra)
     result.set_progress_bar_config(disable=True)
     return result
@@ -105,7 +107,7 @@ def test_controlnet_pipeline_apply_generate_remove_is_bit_identical(family):
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_controlnet_image_follows_each_progressive_stage(family):
     """Each stage is a pipeline call at its own size; the pipeline resizes the control image to it."""
-    from hires.sampling import progressive
+    from hires.techniques.structure_guidance import guidance as progressive
 
     pipe = controlnet_pipeline(family)
     seen = []

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 import hires
 import tiny_models
-from hires import memory_planner
+from hires.techniques.memory import estimate as memory_planner
 from hires.config import HiresConfig, MemoryConfig
-from hires.memory_planner import MemoryBudgetError
-from hires.techniques import memory as memory_technique
+from hires.techniques.memory.estimate import MemoryBudgetError
+from hires.techniques.memory import chunking as memory_technique
 
 
 # -- counting live bytes, against hand-counted allocations ------------------------------------
@@ -115,14 +115,16 @@ def test_impossible_budget_is_refused_with_the_numbers():
 
 def test_fitting_budget_plans_without_tiling_and_a_tight_one_tiles_the_vae():
     pipe, denoiser = _models()
-    roomy = memory_planner.plan(denoiser, pipe.vae, height=512, width=512, dtype=torch.float32, budget=2**34, tile_size=8)
+    roomy = memory_planner.plan(denoiser, pipe.vae, height=512, width=512,
+                                dtype=torch.float32, budget=2**34, tile_size=8)
     assert not roomy.tile_vae and roomy.feed_forward_chunks == 1 and not roomy.sequential_cfg
     assert roomy.peak <= roomy.budget
     tiled = memory_planner.vae_peak_bytes(pipe.vae, "decode", (1, 4, 64, 64), torch.float32, tiled=True, tile_size=8)
     assert roomy.denoiser_peak < tiled < roomy.vae_untiled_peak
     # The untiled decode does not fit, the denoiser and a tiled decode do.
     budget = roomy.weights + (tiled + roomy.vae_untiled_peak) // 2
-    tight = memory_planner.plan(denoiser, pipe.vae, height=512, width=512, dtype=torch.float32, budget=budget, tile_size=8)
+    tight = memory_planner.plan(denoiser, pipe.vae, height=512, width=512,
+                                dtype=torch.float32, budget=budget, tile_size=8)
     assert tight.tile_vae and tight.tile_size == 8 and tight.vae_peak == tiled and tight.peak <= budget
 
 
@@ -157,7 +159,7 @@ def test_chunk_size_divides_every_sequence():
 # -- inside tiny pipelines -----------------------------------------------------------------------
 def test_memory_technique_with_room_is_bit_identical_and_logs_its_plan(family):
     pipe = tiny_models.build(family)
-    if hires.model_info(pipe).family.vae_untileable:  # the planner could not tile this VAE: refused up front
+    if hires.model_info(pipe).family.vae.untileable:  # the planner could not tile this VAE: refused up front
         with pytest.raises(ValueError, match=r"MemoryConfig\(enabled=True\) does not apply to family.*causal 3D VAE"):
             hires.apply(pipe, HiresConfig(memory=MemoryConfig(enabled=True, max_memory="64GiB")))
         assert not hires.is_applied(pipe)
@@ -201,7 +203,8 @@ def test_sequential_cfg_refuses_guidance_that_needs_both_halves():
 
     pipe = tiny_models.build("sd15")
     with pytest.raises(ValueError, match="sequential_cfg=True cannot be combined with apg"):
-        hires.apply(pipe, HiresConfig(apg=APGConfig(enabled=True), memory=MemoryConfig(enabled=True, sequential_cfg=True)))
+        hires.apply(pipe, HiresConfig(apg=APGConfig(enabled=True),
+                                      memory=MemoryConfig(enabled=True, sequential_cfg=True)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -215,30 +218,40 @@ def test_a_cuda_budget_without_cuda_asks_for_an_explicit_budget():
 _PRESET_GUIDANCE = dict(enabled=True, space="latent", upscale_space="pixel", ladder="doubling")
 
 
-def test_structure_guidance_passes_count_every_decode_and_encode():
-    from hires import planning
+def _passes(info, guidance, side: int, batch: int = 1, decodes: bool = True):
+    """The call's passes from the stage plan an applied pipeline would make (hires.runtime.stage_plan)."""
+    from hires.config import HiresConfig
+    from hires.runtime import StageRequest, stage_plan
+    from hires.techniques.memory import install as planning
+
+    stages = stage_plan(info, HiresConfig(structure_guidance=guidance), StageRequest(side, side, 20))
+    return planning.call_passes(info, stages, batch, latent_channels=4, decodes=decodes)
+
+
+def test_structure_guidance_stages_count_every_decode_and_encode():
     from hires.config import StructureGuidanceConfig
     from hires.families import read_model_info
 
     pipe = tiny_models.build("sdxl")
     info = read_model_info(pipe)
     preset = StructureGuidanceConfig(**_PRESET_GUIDANCE)
-    denoiser, vae = planning.structure_guidance_passes(info, preset, 256, 256, batch=1, latent_channels=4)
+    denoiser, vae = _passes(info, preset, 256)
     assert [(p.height, p.width) for p in denoiser] == [(64, 64), (128, 128), (256, 256)]
-    # per stage after the base: decode the previous result at its size, encode the upscaled image; then the call's decode
+    # per stage after the base: decode the previous result at its size, encode the upscaled image; then the call's
+    # decode
     assert [(p.kind, p.shape) for p in vae] == [
         ("decode", (1, 4, 8, 8)), ("encode", (1, 3, 128, 128)),
         ("decode", (1, 4, 16, 16)), ("encode", (1, 3, 256, 256)),
         ("decode", (1, 4, 32, 32))]
     pixel = StructureGuidanceConfig(enabled=True, space="pixel", ladder="doubling")
-    _, pixel_passes = planning.structure_guidance_passes(info, pixel, 256, 256, batch=2, latent_channels=4, decodes=False)
+    _, pixel_passes = _passes(info, pixel, 256, batch=2, decodes=False)
     # and each guided step decodes and encodes at the stage's size
     assert [(p.kind, p.shape[-1]) for p in pixel_passes] == [
         ("decode", 8), ("encode", 128), ("decode", 16), ("encode", 128),
         ("decode", 16), ("encode", 256), ("decode", 32), ("encode", 256)]
     assert all(p.shape[0] == 2 for p in pixel_passes)
     latent = StructureGuidanceConfig(enabled=True, space="latent", ladder="doubling")
-    assert [p.what for p in planning.structure_guidance_passes(info, latent, 256, 256, 1, 4)[1]] == ["the call's decode"]
+    assert [p.what for p in _passes(info, latent, 256)[1]] == ["the call's decode"]
 
 
 def test_call_plan_counts_encodes_and_the_float32_upcast():
@@ -269,7 +282,8 @@ def test_call_plan_tiles_only_the_passes_that_need_it_and_says_so():
     roomy = memory_planner.plan_call(unet, vae, vae_passes=[small, large], budget=2**34, **kwargs)
     assert all(p.tiling is None for p in roomy.vae_passes())
     small_pass, large_pass = roomy.vae_passes()
-    tiled = memory_planner.vae_peak_bytes(vae, "decode", large[1], torch.float32, tiled=True, tile_size=4, device_type="cuda")
+    tiled = memory_planner.vae_peak_bytes(vae, "decode", large[1], torch.float32,
+                                          tiled=True, tile_size=4, device_type="cuda")
     assert small_pass.untiled < tiled < large_pass.untiled
     budget = large_pass.resident + max(tiled, small_pass.untiled, roomy.denoiser_passes()[0].activations) + 1
     tight = memory_planner.plan_call(unet, vae, vae_passes=[small, large], budget=budget, **kwargs)
@@ -302,7 +316,7 @@ def _preset_config(max_memory, **tiling):
 def test_the_preset_call_is_planned_whole_and_tiles_each_pass_as_planned(monkeypatch):
     """Structure guidance as the automatic preset runs it, a budget that only tiled VAE passes fit:
     every decode and encode is decided on its own, as the whole-call plan predicted."""
-    from hires import planning
+    from hires.techniques.memory import install as planning
 
     pipe = tiny_models.build("sd15")
     hires.apply(pipe, _preset_config("64GiB", tile_size=4))
@@ -311,7 +325,8 @@ def test_the_preset_call_is_planned_whole_and_tiles_each_pass_as_planned(monkeyp
     assert [p.kind for p in roomy.vae_passes()] == ["decode", "encode", "decode", "encode", "decode"]
     resident = roomy.vae_passes()[0].resident
     largest = max(roomy.vae_passes(), key=lambda p: p.untiled)
-    tiled = memory_planner.vae_peak_bytes(pipe.vae, largest.kind, largest.shape, torch.float32, tiled=True, tile_size=4,
+    tiled = memory_planner.vae_peak_bytes(pipe.vae, largest.kind, largest.shape,
+                                          torch.float32, tiled=True, tile_size=4,
                                           device_type="cpu")
     needed = max(tiled, *(p.activations for p in roomy.denoiser_passes()))
     assert needed < largest.untiled
@@ -334,8 +349,41 @@ def test_a_staged_call_that_cannot_fit_is_refused_before_its_first_stage():
     forwards = []
     pipe.unet.register_forward_pre_hook(lambda module, args: forwards.append(1))
     hires.apply(pipe, _preset_config("1MiB"))
-    with pytest.raises(MemoryBudgetError, match=r"256x256 sdxl in 3 stages float32 batch 1 needs ≈.* budget 1\.0 MiB") as error:
+    with pytest.raises(MemoryBudgetError,
+                       match=r"256x256 sdxl in 3 stages float32 batch 1 needs ≈.* budget 1\.0 MiB") as error:
         tiny_models.generate(pipe, "sdxl", size=256, steps=2)
     assert forwards == []
     assert "stage 3" in str(error.value) and "try" in str(error.value)
     hires.remove(pipe)
+
+
+# -- the estimate follows what the installed techniques make the denoiser do -----------------------
+def test_the_automatic_preset_plans_sd3_past_its_position_table():
+    """SD3's patch embedding refuses grids past pos_embed_max_size; with PositionConfig (in SD3's automatic
+    preset) hires extends the table, and the planner's meta-device estimate must run the same way: the
+    preset at 4x the tiny SD3's side (a 16-patch grid, table 12) raised in the planner before."""
+    pipe = tiny_models.build("sd3")
+    side = 4 * hires.model_info(pipe).base_height
+    table = pipe.transformer.pos_embed.pos_embed_max_size
+    assert side // 8 // 2 > table  # the request is past the table
+    hires.apply(pipe)
+    image = tiny_models.generate(pipe, "sd3", size=side, steps=2, output_type="pt")
+    assert image.shape[-2:] == (side, side)
+    notes = hires.last_call(pipe).notes
+    assert notes["log.positions.table"][1:] == (side // 16, side // 16, table)
+    assert f"{side}x{side}" in notes["log.memory_call_plan"]
+    hires.remove(pipe)
+
+
+def test_a_denoiser_estimate_past_sd3s_table_runs_with_the_positions_adaptation():
+    from hires.techniques.positions.encodings import TableExtension
+
+    transformer = tiny_models.build("sd3").transformer
+    latent = 2 * 2 * transformer.pos_embed.pos_embed_max_size  # twice the table's side in patches
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        memory_planner.denoiser_peak_bytes(transformer, latent, latent, torch.float32, 1, device_type="cpu")
+    extended = memory_planner.denoiser_peak_bytes(transformer, latent, latent, torch.float32, 1, device_type="cpu",
+                                                  adaptations=(TableExtension("interpolate"),))
+    at_table = memory_planner.denoiser_peak_bytes(transformer, latent // 2, latent // 2, torch.float32, 1,
+                                                  device_type="cpu")
+    assert extended > at_table  # four times the image tokens (the text tokens stay)

@@ -16,7 +16,7 @@ import hires
 from hires.config import HiresConfig, PositionConfig
 from hires.runtime import HOOK_PREFIX
 from hires.sampling import schedules
-from hires.techniques import positions as P
+from hires.techniques.positions import encodings as P
 from tiny_models import build, generate
 
 DIT_FAMILIES = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")
@@ -152,7 +152,8 @@ def test_yarn_frequencies_ramp_and_attention_factor():
 def test_interpolation_frequencies_and_rotary_layout():
     freqs, mscale = P.axis_frequencies("interpolation", 8, 10000.0, 4.0, 64, 1.25, 0.75)
     assert mscale == 1.0
-    torch.testing.assert_close(freqs, torch.tensor([10000 ** (-k / 8) / 4 for k in range(0, 8, 2)], dtype=torch.float64))
+    torch.testing.assert_close(freqs, torch.tensor([10000 ** (-k / 8) / 4 for k in range(0, 8, 2)],
+                                                   dtype=torch.float64))
     cos, sin = P.rotary_cos_sin(torch.tensor([0.0, 3.0]), freqs, 1.5)
     angle = 3.0 * freqs[1].item()
     assert cos[1, 2].item() == pytest.approx(1.5 * math.cos(angle), rel=1e-6) == pytest.approx(cos[1, 3].item())
@@ -169,9 +170,10 @@ def test_timestep_shift_math():
         assert got == calculate_shift(tokens, 256, 4096, 0.5, 1.15)  # same float operations
     sigma = np.linspace(1.0, 0.05, 7)
     for shift in (3.0, 6.0):
-        exponential = math.exp(P.mu_for_shift(shift, "exponential"))
-        np.testing.assert_allclose(exponential / (exponential + (1 / sigma - 1)), shift * sigma / (1 + (shift - 1) * sigma))
-        linear = P.mu_for_shift(shift, "linear")
+        exponential = math.exp(schedules.mu_for_shift(shift, "exponential"))
+        np.testing.assert_allclose(exponential / (exponential + (1 / sigma - 1)),
+                                   shift * sigma / (1 + (shift - 1) * sigma))
+        linear = schedules.mu_for_shift(shift, "linear")
         np.testing.assert_allclose(linear / (linear + (1 / sigma - 1)), shift * sigma / (1 + (shift - 1) * sigma))
 
 
@@ -189,7 +191,8 @@ def position_variants(pipe) -> dict[str, PositionConfig]:
         "sincos_interpolated": {"model_scale": {}},
     }.get("rope" if encoding in ("rope_centred", "rope_id_tables") else encoding, {})
     if encoding == "sincos_interpolated":
-        own = P._find_module(getattr(pipe, info.family.denoiser_attr), PatchEmbed, "patch embedding").interpolation_scale
+        own = P._find_module(getattr(pipe, info.family.denoiser_attr),
+                             PatchEmbed, "patch embedding").interpolation_scale
         options["double_range"] = {"interpolation_scale": own / 2}
     if info.prediction_type == "flow":
         options.update({f"shift_{policy}": {"timestep_shift": policy} for policy in ("dynamic", "clamp", "static")})
@@ -265,7 +268,8 @@ def test_pixart_uses_the_configured_interpolation_scale(size):
     generate(pipe, "pixart", size, steps=2)
     [h.remove() for h in handles]
     rows, cols = size[0] // 16, size[1] // 16
-    expected = _sincos_table(module.pos_embed.shape[-1], _positions_sincos(rows, 4, 0.5), _positions_sincos(cols, 4, 0.5))
+    expected = _sincos_table(module.pos_embed.shape[-1], _positions_sincos(rows, 4, 0.5),
+                             _positions_sincos(cols, 4, 0.5))
     default = _sincos_table(module.pos_embed.shape[-1], _positions_sincos(rows, 4, 1), _positions_sincos(cols, 4, 1))
     assert len(seen) == 2
     for table in seen:
@@ -409,7 +413,8 @@ def test_flux_rotary_positions_are_the_configured_ones(method, size):
     assert len(seen) == 2
     ids, (cos, sin) = seen[0]
     expected_cos, expected_sin = _flux_expected(method, ids, module.axes_dim, scales, 4,
-                                                fast=options.get("yarn_beta_fast", 1.25), slow=options.get("yarn_beta_slow", 0.75))
+                                                fast=options.get("yarn_beta_fast", 1.25),
+                                                slow=options.get("yarn_beta_slow", 0.75))
     torch.testing.assert_close(cos, expected_cos, atol=1e-6, rtol=0)
     torch.testing.assert_close(sin, expected_sin, atol=1e-6, rtol=0)
     assert torch.equal(seen[1][1][0], cos) and torch.equal(seen[1][1][1], sin)  # the second step reuses them
@@ -437,7 +442,8 @@ def test_flux_timestep_shift_policy(policy, shift):
     steps = 4
     generate(pipe, "flux", 256, steps=steps)  # 256 tokens: diffusers' mu = 1.15; base (16 tokens): 0.5
     exponent = {"dynamic": 1.15, "clamp": 0.5, "static": 0.5 if shift is None else math.log(6.0)}[policy]
-    np.testing.assert_allclose(pipe.scheduler.sigmas[:-1].numpy(), _expected_sigmas(steps, math.exp(exponent)), rtol=1e-5)
+    np.testing.assert_allclose(pipe.scheduler.sigmas[:-1].numpy(),
+                               _expected_sigmas(steps, math.exp(exponent)), rtol=1e-5)
     notes = hires.last_call(pipe).notes
     if policy != "dynamic":
         assert notes["log.positions.timestep_shift"]["applied_mu"] == pytest.approx(exponent)
@@ -486,7 +492,8 @@ def test_positions_on_a_unet_family_is_an_error(family):
     ("sd3", {"rope": "ntk"}, r"PositionConfig.rope='ntk' does not apply to family 'sd3'"),
     ("flux", {"table": "extrapolate"}, r"PositionConfig.table='extrapolate' does not apply to family 'flux'"),
     ("flux", {"interpolation_scale": 2.0}, r"PositionConfig.interpolation_scale=2.0 does not apply"),
-    ("pixart", {"timestep_shift": "clamp"}, r"PositionConfig.timestep_shift='clamp' does not apply to family 'pixart'.*flow"),
+    ("pixart", {"timestep_shift": "clamp"},
+     r"PositionConfig.timestep_shift='clamp' does not apply to family 'pixart'.*flow"),
     ("flux", {"rope": "ntk", "yarn_beta_fast": 4.0}, r"act only with rope='yarn'"),
     ("flux", {"yarn_beta_fast": 1.0, "yarn_beta_slow": 2.0}, r"yarn_beta_fast > yarn_beta_slow"),
 ])
@@ -526,7 +533,8 @@ def test_sd3_tables_at_real_sizes():
     table = P.sincos_2d_embedding(dim, P.sincos_positions(side, base, 1.0), P.sincos_positions(side, base, 1.0))[None]
     for pixels in (3072, 4096, 8192):
         patches = pixels // 16
-        for built in (P.interpolate_table(table, side, patches, patches), P.extrapolate_table(dim, side, base, 1.0, patches, patches)):
+        for built in (P.interpolate_table(table, side, patches, patches),
+                      P.extrapolate_table(dim, side, base, 1.0, patches, patches)):
             assert built.shape == (1, patches * patches, dim) and torch.isfinite(built).all()
     # at the table's own size both meet diffusers' crop (the whole table)
     assert torch.equal(P.interpolate_table(table, side, side, side), table)
@@ -536,7 +544,8 @@ def test_sd3_tables_at_real_sizes():
 @pytest.mark.parametrize("family,names", [
     ("pixart", {"plain", "model_scale", "double_range"}),
     ("sd3", {"plain", "table_interpolate", "table_extrapolate", "shift_dynamic", "shift_clamp", "shift_static"}),
-    ("flux", {"plain", "rope_none", "rope_interpolation", "rope_ntk", "rope_yarn", "shift_dynamic", "shift_clamp", "shift_static"}),
+    ("flux", {"plain", "rope_none", "rope_interpolation", "rope_ntk",
+              "rope_yarn", "shift_dynamic", "shift_clamp", "shift_static"}),
     ("qwenimage", {"plain", "rope_none", "rope_interpolation", "rope_ntk", "rope_yarn", "shift_dynamic", "shift_clamp",
                    "shift_static"}),
     ("zimage", {"plain", "rope_none", "rope_interpolation", "rope_ntk", "rope_yarn", "shift_dynamic", "shift_clamp",

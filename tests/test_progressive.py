@@ -9,7 +9,10 @@ import torch
 
 import hires
 from hires.runtime import HOOK_PREFIX, get_attachment
-from hires.sampling import latent_space, progressive, schedules, wavelets
+from hires.sampling import latent_space, schedules, wavelets
+from hires.sampling import resize as resize_math
+from hires.sampling.latents import pack, unpack
+from hires.techniques.structure_guidance import guidance as progressive
 from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate
 
 SG = hires.StructureGuidanceConfig
@@ -22,10 +25,10 @@ def _call(pipe, family, size, steps=6, seed=0, output_type="latent", **extra):
 def _spatial(pipe, family, latents, size):
     """Flux returns packed latents for output_type='latent'; Flux.2 [klein] the VAE's own latent."""
     family_record = hires.model_info(pipe).family
-    if family_record.latent_output == "vae":
-        return latent_space.from_vae(pipe.vae, latents)
-    if family_record.latent_layout == "packed":
-        return progressive.unpack(latents, size // 8, size // 8, 2)
+    if family_record.layout.returns_vae_latent:
+        return latent_space.from_vae(family_record.layout, pipe.vae, latents)
+    if family_record.layout.packed:
+        return unpack(latents, size // 8, size // 8, 2)
     return latents
 
 
@@ -50,30 +53,30 @@ def _reference_unsharp(x: np.ndarray, alpha: float, sigma: float) -> np.ndarray:
 @pytest.mark.parametrize("alpha,sigma", [(1.0, 0.1), (1.0, 1.3), (2.0, 2.0), (0.5, 0.7)])
 def test_sharpening_equals_unsharp_mask_reference(alpha, sigma):
     x = torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(0))
-    ours = progressive.unsharp_mask(x, alpha, sigma)
+    ours = resize_math.unsharp_mask(x, alpha, sigma)
     assert np.abs(ours.numpy() - _reference_unsharp(x.double().numpy(), alpha, sigma)).max() < 1e-5
-    assert torch.equal(progressive.unsharp_mask(x, 0.0, sigma), x)
+    assert torch.equal(resize_math.unsharp_mask(x, 0.0, sigma), x)
 
 
 def test_lanczos_resize_matches_pillow_in_the_interior():
     from PIL import Image
 
     x = torch.rand(1, 1, 12, 10, generator=torch.Generator().manual_seed(1))
-    ours = progressive.resize(x, (36, 30), "lanczos")[0, 0].numpy()
+    ours = resize_math.resize(x, (36, 30), "lanczos")[0, 0].numpy()
     ref = np.asarray(Image.fromarray(x[0, 0].numpy(), mode="F").resize((30, 36), Image.LANCZOS))
     # Pillow renormalises the taps that fall outside the image; hires repeats edge samples instead.
     assert np.abs(ours[9:-9, 9:-9] - ref[9:-9, 9:-9]).max() < 1e-4
     constant = torch.full((1, 2, 5, 6), 0.25)
-    assert torch.allclose(progressive.resize(constant, (17, 11), "lanczos"), torch.full((1, 2, 17, 11), 0.25))
+    assert torch.allclose(resize_math.resize(constant, (17, 11), "lanczos"), torch.full((1, 2, 17, 11), 0.25))
 
 
 def test_pack_and_unpack_equal_fluxs_own_layout():
     from diffusers import FluxPipeline
 
     z = torch.randn(2, 4, 6, 8)
-    packed = progressive.pack(z, 2)
+    packed = pack(z, 2)
     assert torch.equal(packed, FluxPipeline._pack_latents(z, 2, 4, 6, 8))
-    assert torch.equal(progressive.unpack(packed, 6, 8, 2), z)
+    assert torch.equal(unpack(packed, 6, 8, 2), z)
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "flow", "sample"])
@@ -92,7 +95,8 @@ def test_x0_conversions_match_the_forward_process(prediction):
 
 
 def _schedulers():
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                           FlowMatchEulerDiscreteScheduler)
 
     betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     return {
@@ -210,28 +214,61 @@ def _reference_source_range_clamp(up: np.ndarray, src: np.ndarray) -> np.ndarray
     return out
 
 
+def test_guide_weight_fades_linearly_over_the_guided_steps():
+    """fade: 1 - k/g in guided step k (from 0) of g, 0 after; hard: 1 in every guided step, 0 after."""
+    for g in (1, 3, 6):
+        for k in range(g + 3):
+            assert math.isclose(progressive.guide_weight(k, g, "fade"), (g - k) / g if k < g else 0.0)
+            assert progressive.guide_weight(k, g, "hard") == (1.0 if k < g else 0.0)
+    assert progressive.guide_weight(0, 0, "fade") == 0.0
+
+
+def test_a_fading_step_moves_the_low_band_part_of_the_way(monkeypatch):
+    """In periodization mode the swap is exact, so the faded prediction's LL band is the blend
+    (1 - w) LL(x0) + w LL(guide) and its detail bands are x0's own, for a CFG pair as for one sample."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(progressive, "WAVELET_MODE", "periodization")
+    generator = torch.Generator().manual_seed(0)
+    x0, target = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(1, 4, 16, 16, generator=generator)
+    guide = wavelets.low_band(target, "db4", 1, "periodization")
+    planner = progressive.StructureGuidance.__new__(progressive.StructureGuidance)
+    planner.config = SG(enabled=True, space="latent", handover="fade")
+    for k, weight in ((0, 1.0), (1, 2 / 3), (2, 1 / 3)):
+        state = SimpleNamespace(step_index=k, stage=SimpleNamespace(data=SimpleNamespace(guide=guide, guided_steps=3)))
+        out = planner._swap(x0, state)
+        ll, details = wavelets.dwt2(out, "db4", "periodization")
+        ll0, details0 = wavelets.dwt2(x0, "db4", "periodization")
+        torch.testing.assert_close(ll, (1 - weight) * ll0 + weight * guide.expand_as(ll0), rtol=1e-5, atol=1e-5)
+        for band, band0 in zip(details, details0):
+            torch.testing.assert_close(band, band0, rtol=1e-5, atol=1e-5)
+
+
 def test_anti_ringing_clamp_matches_loops_and_removes_bicubic_overshoot():
     src = torch.rand(1, 2, 7, 9, generator=torch.Generator().manual_seed(3))
-    up = progressive.unsharp_mask(progressive.resize(src, (21, 27)), 1.0, 1.0)
-    ours = progressive.clamp_to_source_range(up, src)
+    up = resize_math.unsharp_mask(resize_math.resize(src, (21, 27)), 1.0, 1.0)
+    ours = resize_math.clamp_to_source_range(up, src)
     assert np.abs(ours.numpy() - _reference_source_range_clamp(up.numpy(), src.numpy())).max() < 1e-6
     # A step edge: bicubic plus sharpening ring past both levels; the clamp keeps the edge inside them.
     edge = torch.zeros(1, 1, 8, 8)
     edge[..., 4:] = 1.0
-    ringing = progressive.unsharp_mask(progressive.resize(edge, (32, 32)), 1.0, 1.0)
+    ringing = resize_math.unsharp_mask(resize_math.resize(edge, (32, 32)), 1.0, 1.0)
     assert ringing.max() > 1.05 and ringing.min() < -0.05
-    clamped = progressive.clamp_to_source_range(ringing, edge)
+    clamped = resize_math.clamp_to_source_range(ringing, edge)
     assert clamped.max() <= 1.0 and clamped.min() >= 0.0
     assert torch.all(clamped[..., :, 20:] == 1) and torch.all(clamped[..., :, :12] == 0)  # flat sides stay flat
     assert torch.equal(clamped[..., :, 14:18], ringing[..., :, 14:18].clamp(0, 1))  # the edge itself keeps its slope
 
 
 @pytest.mark.parametrize("upscale_space,decodes,encodes", [("pixel", 1, 1), ("latent", 0, 0)])
-def test_latent_guidance_upscales_in_pixels_with_one_round_trip_per_stage(upscale_space, decodes, encodes, monkeypatch):
+def test_latent_guidance_upscales_in_pixels_with_one_round_trip_per_stage(upscale_space, decodes,
+                                                                          encodes, monkeypatch):
     calls = {"decode": 0, "encode": 0}
     stand_in = _InvertibleVAE()
-    monkeypatch.setattr(progressive.VAECodec, "decode", lambda self, z: calls.__setitem__("decode", calls["decode"] + 1) or stand_in.decode(z))
-    monkeypatch.setattr(progressive.VAECodec, "encode", lambda self, x: calls.__setitem__("encode", calls["encode"] + 1) or stand_in.encode(x))
+    monkeypatch.setattr(latent_space.VAECodec, "decode", lambda self,
+                        z: calls.__setitem__("decode", calls["decode"] + 1) or stand_in.decode(z))
+    monkeypatch.setattr(latent_space.VAECodec, "encode", lambda self,
+                        x: calls.__setitem__("encode", calls["encode"] + 1) or stand_in.encode(x))
     pipe = _apply(build("sd15"), guided_steps=2, renoise=0.5, space="latent", upscale_space=upscale_space)
     _call(pipe, "sd15", 192, steps=6)  # two stages after the base
     assert calls == {"decode": 2 * decodes, "encode": 2 * encodes}
@@ -247,6 +284,7 @@ def test_latent_guidance_upscales_in_pixels_with_one_round_trip_per_stage(upscal
     (dict(stages=(128,), renoise=(0.3, 0.3, 0.3)), "renoise=.*needs one value per stage after the base: 2"),
     (dict(space="pixel", upscale_space="latent"), "upscale_space='latent' cannot feed space='pixel'"),
     (dict(ladder="geometric"), "ladder='geometric' is not valid.*'doubling'"),
+    (dict(handover="soft"), "handover='soft' is not valid.*'fade'"),
 ])
 def test_bad_options_are_clear_errors_at_apply_time(options, message):
     pipe = build("sd15")
@@ -347,24 +385,26 @@ def test_the_invertible_stand_in_inverts():
 def test_guidance_pulls_the_low_band_toward_the_upscaled_base(family, space, monkeypatch):
     stand_in = _InvertibleVAE()
     if space == "pixel":
-        monkeypatch.setattr(progressive.VAECodec, "decode", lambda self, z: stand_in.decode(z))
-        monkeypatch.setattr(progressive.VAECodec, "encode", lambda self, x: stand_in.encode(x))
+        monkeypatch.setattr(latent_space.VAECodec, "decode", lambda self, z: stand_in.decode(z))
+        monkeypatch.setattr(latent_space.VAECodec, "encode", lambda self, x: stand_in.encode(x))
     pipe = build(family)
     base = _spatial(pipe, family, _call(pipe, family, 64, steps=10), 64)
     distances = {}
-    for guided in (0, 3):
-        _apply(pipe, guided_steps=guided, renoise=0.5, sharpen_alpha=0.0, space=space)
+    for guided, handover in ((0, "hard"), (3, "hard"), (3, "fade")):
+        _apply(pipe, guided_steps=guided, renoise=0.5, sharpen_alpha=0.0, space=space, handover=handover)
         out = _spatial(pipe, family, _call(pipe, family, 128, steps=10), 128)
         hires.remove(pipe)
         if space == "latent":
-            ours, reference = out, progressive.clamp_to_source_range(progressive.resize(base, (16, 16)), base)
+            ours, reference = out, resize_math.clamp_to_source_range(resize_math.resize(base, (16, 16)), base)
         else:
             ours = stand_in.decode(out)
             source = stand_in.decode(base)
-            reference = progressive.clamp_to_source_range(progressive.resize(source, (128, 128)), source).clamp(-1, 1)
+            reference = resize_math.clamp_to_source_range(resize_math.resize(source, (128, 128)), source).clamp(-1, 1)
         low, ref_low = wavelets.low_band(ours), wavelets.low_band(reference)
-        distances[guided] = float((low - ref_low).norm() / ref_low.norm())
-    assert distances[3] < 0.75 * distances[0], distances
+        distances[guided, handover] = float((low - ref_low).norm() / ref_low.norm())
+    # DiffuseHigh's hard swap pulls hardest; the fading hand-over pulls part of the way
+    assert distances[3, "hard"] < 0.75 * distances[0, "hard"], distances
+    assert distances[3, "hard"] < distances[3, "fade"] < 0.95 * distances[0, "hard"], distances
 
 
 @pytest.mark.parametrize("family_name", ["sd15", "flux"])

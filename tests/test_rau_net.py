@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import hires
 from hires.families import FAMILIES
-from hires.techniques.rau_net import in_window, pool_features, steps_for_size, strided_conv
+from hires.techniques.rau_net.blocks import in_window, pool_features, steps_for_size, strided_conv
 from tiny_models import build, generate
 
 UNET_FAMILIES = ("sd15", "sd21", "sdxl")

@@ -14,7 +14,8 @@ import hires
 import tiny_models
 from hires.config import HiresConfig, PositionConfig
 from hires.families import detect_family
-from hires.sampling import latent_space, progressive
+from hires.sampling import latent_space
+from hires.techniques.structure_guidance import guidance as progressive
 from surface_support import PRESET, call_arguments, technique_options, techniques_for
 
 NEW_FAMILIES = ("qwenimage", "zimage")
@@ -146,15 +147,16 @@ def test_structure_guidance_codec_decodes_as_the_pipeline_does():
     packed = _generate(pipe, "qwenimage", 64, output_type="latent")
     image = _generate(pipe, "qwenimage", 64)  # postprocessed to [0, 1]
     latent = pipe._unpack_latents(packed, 64, 64, pipe.vae_scale_factor)[:, :, 0]
-    codec = progressive.VAECodec(pipe)
+    convention = hires.model_info(pipe).family.layout
+    codec = latent_space.VAECodec(pipe, convention)
     decoded = codec.decode(latent)
     torch.testing.assert_close((decoded / 2 + 0.5).clamp(0, 1), image, atol=1e-6, rtol=0)
     # the per-channel statistics the codec converts with (hires.sampling.latent_space): z = (x - mean) / std
-    zero = latent_space.to_vae(pipe.vae, torch.zeros(1, 4, 2, 2))
-    unit = latent_space.to_vae(pipe.vae, torch.ones(1, 4, 2, 2)) - zero
+    zero = latent_space.to_vae(convention, pipe.vae, torch.zeros(1, 4, 2, 2))
+    unit = latent_space.to_vae(convention, pipe.vae, torch.ones(1, 4, 2, 2)) - zero
     assert torch.equal(zero[0, :, 0, 0], torch.tensor(pipe.vae.config.latents_mean))
     torch.testing.assert_close(unit[0, :, 0, 0], torch.tensor(pipe.vae.config.latents_std))
-    torch.testing.assert_close(latent_space.from_vae(pipe.vae, zero + unit), torch.ones(1, 4, 2, 2))
+    torch.testing.assert_close(latent_space.from_vae(convention, pipe.vae, zero + unit), torch.ones(1, 4, 2, 2))
 
 
 # -- variants -------------------------------------------------------------------------------------------
@@ -254,7 +256,8 @@ def test_zimage_hooks_see_a_tensor_view_and_the_pipeline_gets_its_lists_back():
     class Look(ModelHook):
         def new_forward(self, module, sample, time, *args, **kwargs):
             output = self.fn_ref.original_forward(sample, time, *args, **kwargs)
-            seen.append((sample.shape, float(time.flatten()[0]), output[0] if isinstance(output, tuple) else output.sample))
+            seen.append((sample.shape, float(time.flatten()[0]),
+                         output[0] if isinstance(output, tuple) else output.sample))
             return output
 
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(Look(), "test.look")
@@ -266,7 +269,11 @@ def test_zimage_hooks_see_a_tensor_view_and_the_pipeline_gets_its_lists_back():
     registry.register_hook(Look(), "test.look")
     registry.register_hook(view, "hires.frame_list.view")
     original_step = pipe.scheduler.step
-    pipe.scheduler.step = lambda model_output, *a, **k: stepped.append(model_output.clone()) or original_step(model_output, *a, **k)
+    def step(model_output, *args, **kwargs):
+        stepped.append(model_output.clone())
+        return original_step(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = step
     try:
         _generate(pipe, "zimage", 128, steps=2, guidance_scale=0.0)
     finally:

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 import hires
 from hires.config import RedilationConfig
-from hires.presets_redilation import PRESETS, map_to_depth, preset_for
-from hires.techniques import redilation
-from hires.techniques.redilation import (active_step_count, dilatable_convs, dilation_for_step, resolve_preset_names,
+from hires.techniques.redilation.presets import PRESETS, map_to_depth, preset_for
+from hires.techniques.redilation import dilation as redilation
+from hires.techniques.redilation.dilation import (active_step_count, dilatable_convs,
+                                                  dilation_for_step, resolve_preset_names,
                                          run_dilated)
 from tiny_models import build, generate
 
@@ -334,7 +335,8 @@ def test_noise_damped_guidance_is_weak_uncond_plus_w_strong_difference(family):
 def test_noise_damped_guidance_without_cfg_is_an_error_at_call_time():
     pipe = build("sd15")
     hires.apply(pipe, _config(noise_damped_guidance=True))  # fine: CFG is known per call
-    with pytest.raises(ValueError, match=r"noise_damped_guidance=True needs classifier-free guidance.*guidance_scale=1"):
+    with pytest.raises(ValueError,
+                       match=r"noise_damped_guidance=True needs classifier-free guidance.*guidance_scale=1"):
         generate(pipe, "sd15", 256, guidance_scale=1.0)
     generate(pipe, "sd15", 256, steps=2)  # the failed call left nothing behind: CFG calls work
     assert hires.last_call(pipe).notes["log.redilation.ndcfg_steps"]
@@ -348,7 +350,8 @@ ROWS = {  # each switch on its own, as the testbed's rows use them (scripts/test
     "re-dilation (preset)": RedilationConfig(enabled=True, noise_damped_guidance=False, dispersion_modules=()),
     "re-dilation + dispersion (mid block)": RedilationConfig(
         enabled=True, noise_damped_guidance=False, dispersion_modules=("mid_block",)),
-    "re-dilation + noise-damped guidance": RedilationConfig(enabled=True, noise_damped_guidance=True, dispersion_modules=()),
+    "re-dilation + noise-damped guidance": RedilationConfig(enabled=True, noise_damped_guidance=True,
+                                                            dispersion_modules=()),
     "ScaleCrafter preset (every switch from the preset)": RedilationConfig(enabled=True),
 }
 

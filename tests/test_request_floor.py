@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hires
-from hires.memory_planner import FLOOR_BYTES_PER_PIXEL, MemoryBudgetError, check_request
+from hires.techniques.memory.estimate import FLOOR_BYTES_PER_PIXEL, MemoryBudgetError, check_request
 from tiny_models import build, generate
 
 
@@ -32,7 +32,7 @@ def test_the_floor_uses_the_memory_budget_and_passes_what_fits():
 
 
 def test_the_floor_reads_the_free_memory_and_leaves_base_size_calls_alone(monkeypatch):
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     pipe = build("sd15")
     plain = generate(pipe, "sd15", 64, output_type="pt")

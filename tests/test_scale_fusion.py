@@ -8,7 +8,7 @@ import torch
 
 import hires
 import hires.families
-from hires.techniques import scale_fusion as S
+from hires.techniques.scale_fusion import fusion as S
 from test_attention import _LargestOutput, _latents
 from tiny_models import FAMILY_NAMES, build, generate
 

@@ -9,7 +9,10 @@ import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 import hires
-from hires.sampling import progressive, schedules, skip_residual, stages
+from hires.sampling import schedules, stages
+from hires.sampling import latents
+from hires.techniques.structure_guidance import guidance as progressive
+from hires.techniques.skip_residual import blend as skip_residual
 from tiny_models import build, generate
 
 SG = hires.StructureGuidanceConfig
@@ -55,7 +58,8 @@ def test_weights_on_sdxl_schedule_are_demofusions_cosine():
         assert schedules.cosine_factor(scheduler, "epsilon", t) == pytest.approx(_cosf(t), abs=1e-6)
     # the reference file's values of c1 = cosf ** 3
     for t, c1 in ((781, 0.70), (581, 0.25), (481, 0.10)):
-        assert skip_residual.skip_weight(schedules.cosine_factor(scheduler, "epsilon", t), 3) == pytest.approx(c1, abs=0.012)
+        assert skip_residual.skip_weight(schedules.cosine_factor(scheduler, "epsilon", t),
+                                         3) == pytest.approx(c1, abs=0.012)
     # FreeScale's exponent 2 at its restart t = 681 and at 281
     assert skip_residual.skip_weight(_cosf(681), 2) == pytest.approx(0.59, abs=0.01)
     assert skip_residual.skip_weight(_cosf(281), 2) == pytest.approx(0.03, abs=0.005)
@@ -124,7 +128,7 @@ def test_each_step_starts_from_the_blend_toward_the_noised_start(family_name, mo
     lh = lw = 16
 
     def spatial(sample):
-        return stages.unpack(sample, lh, lw, 2) if flux else sample
+        return latents.unpack(sample, lh, lw, 2) if flux else sample
 
     def noised(t):
         if flux:
@@ -170,7 +174,8 @@ def test_every_family_changes_its_upscaled_stage_and_records_weights(family):
 
 def test_only_upscaling_stages_blend_with_bottleneck():
     pipe = build("sd15")
-    hires.apply(pipe, hires.HiresConfig(bottleneck=hires.BottleneckConfig(enabled=True), skip_residual=SR(enabled=True)))
+    hires.apply(pipe, hires.HiresConfig(bottleneck=hires.BottleneckConfig(enabled=True),
+                                        skip_residual=SR(enabled=True)))
     generate(pipe, "sd15", 128, steps=10, seed=0)
     records = skip_residual.last_run(pipe)
     # high -> low -> high: only the last slice starts from an upscaled result
@@ -187,7 +192,8 @@ def test_errors_name_the_option():
     with pytest.raises(ValueError, match="structure_guidance"):
         hires.apply(pipe, hires.HiresConfig(skip_residual=SR(enabled=True)))
     assert not hires.is_applied(pipe)
-    assert hires.HiresConfig.from_dict({"skip_residual": {"enabled": True, "exponent": 2.0}}).skip_residual.exponent == 2.0
+    assert hires.HiresConfig.from_dict({"skip_residual": {"enabled": True,
+                                                          "exponent": 2.0}}).skip_residual.exponent == 2.0
 
 
 def test_off_and_removed_are_bit_identical():

@@ -27,10 +27,12 @@ import hires
 import tiny_models
 from hires.presets import AUTOMATIC
 from hires.runtime import get_attachment
-from hires.sampling import bottleneck, progressive
-from hires.techniques import tiled_vae
+from hires.techniques.bottleneck import slices as bottleneck
+from hires.techniques.structure_guidance import guidance as progressive
+from hires.techniques.memory import tiled_vae
 from surface_support import (
-    BASE, NO_ATTENTION_REWRITE, PIPELINE_BASE, PRESET, PROMPT, READY, REPO, SEED, SIZE, STEPS, TRUE_CFG, call_arguments,
+    BASE, NO_ATTENTION_REWRITE, PIPELINE_BASE, PRESET, PROMPT,
+    READY, REPO, SEED, SIZE, STEPS, TRUE_CFG, call_arguments,
     has_base_size_option, options_of, technique_options, techniques_for,
 )
 
@@ -163,7 +165,8 @@ def _assert_ran(result: Result, plain: Result, family: str, technique: str) -> N
         stages = result.structure_stages
         assert stages is not None, "progressive.last_run(pipe) is None: no structure guidance ran"
         assert len(stages) > 1
-        assert (stages[0].height, stages[0].width) == (BASE, BASE) and (stages[-1].height, stages[-1].width) == (SIZE, SIZE)
+        assert (stages[0].height, stages[0].width) == (BASE, BASE) and (stages[-1].height,
+                                                                        stages[-1].width) == (SIZE, SIZE)
         assert all(stage.guided_steps for stage in stages[1:]), stages  # the low-band swap happened
     if technique == "bottleneck":
         stages = result.bottleneck_stages
@@ -209,8 +212,10 @@ def _assert_ran(result: Result, plain: Result, family: str, technique: str) -> N
 
 
 def _assert_same_image(result: Result, reference: Result) -> None:
-    difference = float((result.image - reference.image).abs().max()) if result.image.shape == reference.image.shape else None
-    assert torch.equal(result.image, reference.image), f"differs from hires.apply's image (max abs difference {difference})"
+    same_shape = result.image.shape == reference.image.shape
+    difference = float((result.image - reference.image).abs().max()) if same_shape else None
+    assert torch.equal(result.image,
+                       reference.image), f"differs from hires.apply's image (max abs difference {difference})"
 
 
 # -- the technique table --------------------------------------------------------------------------------
@@ -235,7 +240,8 @@ def test_the_technique_table_is_what_validate_for_accepts(family):
 # -- (a) hires.apply on the plain pipeline ---------------------------------------------------------------
 @pytest.mark.parametrize("family, technique", _cases("apply"))
 def test_apply_runs_the_technique_above_the_base_size(saved, family, technique):
-    _assert_ran(_reference(saved, family, technique), _reference(saved, family, technique, plain=True), family, technique)
+    _assert_ran(_reference(saved, family, technique),
+                _reference(saved, family, technique, plain=True), family, technique)
 
 
 def test_apg_on_flux_without_true_cfg_is_a_clear_error(saved):
@@ -390,7 +396,8 @@ def test_cli_generate_equals_apply(saved, cli_root, family, technique):
 def test_ready_pipeline_with_everything_off_equals_plain_diffusers(saved, family):
     ready = _prepare(getattr(hires, READY[family][0]).from_pretrained(saved[family]), family)
     result = _generate(ready, family, PRESET, hires_config=hires.HiresConfig())
-    assert hires.is_applied(ready) and result.record is not None and (result.record.height, result.record.width) == (SIZE, SIZE)
+    assert hires.is_applied(ready) and result.record is not None and (result.record.height,
+                                                                      result.record.width) == (SIZE, SIZE)
     _assert_same_image(result, _reference(saved, family, PRESET, plain=True))
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import hires
 import tiny_models
 from hires.config import HiresConfig, MemoryConfig, VAETilingConfig
-from hires.techniques import tiled_vae
+from hires.techniques.memory import tiled_vae
 
 # float32 tolerance: differences come only from summation order (per-tile convolutions, our
 # GroupNorm in float32 vs torch's fused kernel); relative to the output's largest magnitude.
@@ -149,8 +149,9 @@ def count_tiled(monkeypatch):
 
 def test_tiled_decode_inside_every_family_and_remove_is_bit_identical(family, count_tiled):
     pipe = tiny_models.build(family)
-    if hires.model_info(pipe).family.vae_untileable:  # Qwen-Image's causal 3D VAE: refused, never seamed
-        with pytest.raises(ValueError, match=r"VAETilingConfig\(enabled=True\) does not apply to family.*causal 3D VAE"):
+    if hires.model_info(pipe).family.vae.untileable:  # Qwen-Image's causal 3D VAE: refused, never seamed
+        with pytest.raises(ValueError,
+                           match=r"VAETilingConfig\(enabled=True\) does not apply to family.*causal 3D VAE"):
             hires.apply(pipe, HiresConfig(vae_tiling=VAETilingConfig(enabled=True, mode="always", tile_size=3)))
         assert not hires.is_applied(pipe) and not hasattr(pipe.vae, "_diffusers_hook")
         return
@@ -188,7 +189,7 @@ def test_encode_through_the_installed_hook():
 
 
 def test_auto_mode_tiles_only_when_the_untiled_decode_does_not_fit(count_tiled):
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     pipe = tiny_models.build("sd15")
     latent = (1, 4, 16, 16)
@@ -233,13 +234,14 @@ def test_lean_attention_equals_the_processor_and_the_formula():
         d = q.shape[-1] // attn.heads
         heads = [torch.softmax(q[..., i * d:(i + 1) * d] @ k[..., i * d:(i + 1) * d].transpose(1, 2) / d**0.5, -1)
                  @ v[..., i * d:(i + 1) * d] for i in range(attn.heads)]
-        formula = (attn.to_out[0](torch.cat(heads, -1)).transpose(1, 2).reshape(x.shape) + x) / attn.rescale_output_factor
+        formula = (attn.to_out[0](torch.cat(heads, -1)).transpose(1,
+                                                                  2).reshape(x.shape) + x) / attn.rescale_output_factor
     assert relative_error(ours, theirs) < REL_TOL
     assert relative_error(ours, formula) < REL_TOL
 
 
 def test_lean_parts_hold_less_than_the_stock_mid_block(monkeypatch):
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     monkeypatch.setattr(tiled_vae, "ATTENTION_QUERY_CHUNK", 1024)  # 16 chunks, as 2**16 at SDXL's 8192 px
     vae = memory_planner.meta_copy(tiny_models.make_vae(), torch.float32)
@@ -271,11 +273,13 @@ def test_bfloat16_held_tiles_stay_close_to_the_float32_tiled_pass(kind):
 
 
 def test_bfloat16_held_tiles_are_estimated_smaller():
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     vae = tiny_models.make_vae()
     for kind, shape in (("decode", (1, 4, 64, 64)), ("encode", (1, 3, 512, 512))):
-        exact = memory_planner.vae_peak_bytes(vae, kind, shape, torch.float32, tiled=True, tile_size=8, grouping="level")
-        held = memory_planner.vae_peak_bytes(vae, kind, shape, torch.float32, tiled=True, tile_size=8, grouping="level",
+        exact = memory_planner.vae_peak_bytes(vae, kind, shape, torch.float32,
+                                              tiled=True, tile_size=8, grouping="level")
+        held = memory_planner.vae_peak_bytes(vae, kind, shape, torch.float32,
+                                             tiled=True, tile_size=8, grouping="level",
                                              storage=torch.bfloat16)
         assert held < 0.9 * exact

@@ -7,8 +7,9 @@ import torch
 
 import hires
 import tiny_models
-from hires.sampling.progressive import VAECodec
-from hires.techniques import tiled_vae
+from hires.families import LatentLayout
+from hires.sampling import latent_space
+from hires.sampling.latent_space import VAECodec
 
 
 def overflowing_vae(force_upcast: bool):
@@ -34,7 +35,7 @@ class _Pipe:
 def test_structure_guidance_codec_follows_force_upcast(force_upcast):
     vae = overflowing_vae(force_upcast)
     before = {k: v.clone() for k, v in vae.state_dict().items()}
-    codec = VAECodec(_Pipe(vae))
+    codec = VAECodec(_Pipe(vae), LatentLayout())
     z, image = latent_and_image()
     with torch.no_grad():
         finite = torch.isfinite(codec.decode(z)).all() and torch.isfinite(codec.encode(image)).all()
@@ -58,9 +59,9 @@ def test_tiled_decode_and_encode_follow_force_upcast(force_upcast):
 
 
 def test_needs_upcast_only_for_float16_with_the_flag():
-    assert tiled_vae.needs_upcast(overflowing_vae(True))
-    assert not tiled_vae.needs_upcast(overflowing_vae(False))
-    assert not tiled_vae.needs_upcast(overflowing_vae(True).float())
+    assert latent_space.needs_upcast(overflowing_vae(True))
+    assert not latent_space.needs_upcast(overflowing_vae(False))
+    assert not latent_space.needs_upcast(overflowing_vae(True).float())
 
 
 @pytest.mark.parametrize("space", ["pixel", "latent"])

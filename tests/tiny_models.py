@@ -18,7 +18,8 @@ from transformers import (
     T5EncoderModel,
 )
 
-WORDS = "a an the red green blue yellow circle square triangle photo of on white black background big small cat dog".split()
+WORDS = ("a an the red green blue yellow circle square triangle photo of on white black background big small cat "
+         "dog").split()
 BASE_LATENT = 8  # latent side at the base size; x8 VAE factor -> 64 px
 TEXT_LEN = 16
 
@@ -159,7 +160,8 @@ def sdxl_pipeline():
         tokenizer_2=make_tokenizer(),
         unet=unet,
         scheduler=EulerDiscreteScheduler(
-            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading"
+            beta_schedule="scaled_linear", beta_start=0.00085,
+            beta_end=0.012, steps_offset=1, timestep_spacing="leading"
         ),
         force_zeros_for_empty_prompt=True,
     )

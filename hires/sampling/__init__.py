@@ -1,1 +1,2 @@
-"""Sampling layer: progressive stages (structure guidance), schedules and re-noising, wavelets."""
+"""What techniques build on: the stage engine, schedule / wavelet / resize math, the latent layouts' adapters
+and the VAE codec."""

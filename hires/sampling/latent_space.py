@@ -1,9 +1,11 @@
 """Between a pipeline's latent space (what its denoiser sees, unpacked to (B, C, h, w)) and what its
-VAE decodes, for every supported family.
+VAE decodes, as the family's pipeline converts (`hires.families.LatentLayout`'s convention fields): a
+VAE config field counts only where the pipeline's own code reads it.
 
-- AutoencoderKL families: z = (vae latent - shift_factor) * scaling_factor.
-- VAEs with per-channel latents_mean / latents_std (Qwen-Image's AutoencoderKLQwenImage):
-  z = (vae latent - mean) / std.
+- scaling only (SD 1.x/2.x, PixArt; SDXL without per-channel statistics): z = v * scaling_factor;
+- with the shift (SD3, Flux, Chroma, Z-Image): z = (v - shift_factor) * scaling_factor;
+- per-channel statistics: z = (v - mean) * scaling_factor / std (SDXL, when the VAE config has
+  latents_mean / latents_std) or z = (v - mean) / std (Qwen-Image's AutoencoderKLQwenImage);
 - Flux.2 (AutoencoderKLFlux2): the pipeline patchifies the VAE latent 2x2 (channel c*4 + 2*row + col,
   the order `hires.sampling.stages.pack` uses) and normalises each of those channels by the VAE's
   batch-norm running statistics; z is that normalised latent, un-patchified.
@@ -11,12 +13,11 @@ VAE decodes, for every supported family.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-
-def _batch_norm(vae):
-    bn = getattr(vae, "bn", None)
-    return bn if isinstance(bn, torch.nn.BatchNorm2d) and bn.running_mean is not None else None
+from ..families import vae_kind
 
 
 def _patchify(z: torch.Tensor, patch: int) -> torch.Tensor:
@@ -31,7 +32,8 @@ def _unpatchify(z: torch.Tensor, patch: int) -> torch.Tensor:
     return z.reshape(b, c // (patch * patch), h * patch, w * patch)
 
 
-def _statistics(vae, bn, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_norm_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    bn = vae.bn
     mean = bn.running_mean.view(1, -1, 1, 1).to(like.device, torch.float32)
     std = torch.sqrt(bn.running_var.view(1, -1, 1, 1).to(like.device, torch.float32) + vae.config.batch_norm_eps)
     return mean, std
@@ -52,33 +54,83 @@ def _channel_statistics(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return mean, std
 
 
-def to_vae(vae, z: torch.Tensor) -> torch.Tensor:
-    """The VAE's own latent (float32) of a pipeline latent `z`."""
+def _affine(convention, vae, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """(offset, gain) with v = z * gain + offset, for the conventions that are affine per channel."""
+    config = vae.config
+    scaling = 1.0 if convention.channel_statistics and not convention.statistics_scaled else config.scaling_factor
+    channels = _channel_statistics(vae, like) if convention.channel_statistics else None
+    if channels is not None:
+        mean, std = channels
+        return mean, std / scaling
+    shift = (config.get("shift_factor", None) or 0.0) if convention.shift else 0.0
+    return shift, 1.0 / scaling
+
+
+def to_vae(convention, vae, z: torch.Tensor) -> torch.Tensor:
+    """The VAE's own latent (float32) of a pipeline latent `z` (`convention`: the family's LatentLayout)."""
     z = z.float()
-    bn = _batch_norm(vae)
-    if bn is not None:
+    if convention.batch_norm_patches:
         patch = _patch(vae)
-        mean, std = _statistics(vae, bn, z)
+        mean, std = _batch_norm_statistics(vae, z)
         return _unpatchify(_patchify(z, patch) * std + mean, patch)
-    channels = _channel_statistics(vae, z)
-    if channels is not None:
-        mean, std = channels
-        return z * std + mean
-    config = vae.config
-    return z / config.scaling_factor + (config.get("shift_factor", None) or 0.0)
+    offset, gain = _affine(convention, vae, z)
+    return z * gain + offset
 
 
-def from_vae(vae, latent: torch.Tensor) -> torch.Tensor:
-    """The pipeline latent (float32) of the VAE's own latent."""
+def from_vae(convention, vae, latent: torch.Tensor) -> torch.Tensor:
+    """The pipeline latent (float32) of the VAE's own latent (inverse of `to_vae`)."""
     latent = latent.float()
-    bn = _batch_norm(vae)
-    if bn is not None:
+    if convention.batch_norm_patches:
         patch = _patch(vae)
-        mean, std = _statistics(vae, bn, latent)
+        mean, std = _batch_norm_statistics(vae, latent)
         return _unpatchify((_patchify(latent, patch) - mean) / std, patch)
-    channels = _channel_statistics(vae, latent)
-    if channels is not None:
-        mean, std = channels
-        return (latent - mean) / std
-    config = vae.config
-    return (latent - (config.get("shift_factor", None) or 0.0)) * config.scaling_factor
+    offset, gain = _affine(convention, vae, latent)
+    return (latent - offset) / gain
+
+
+# -- running the VAE as the pipeline does ------------------------------------------------------------
+def needs_upcast(vae) -> bool:
+    """True where the VAE asks to run in float32 (`config.force_upcast`) but sits in float16: the
+    stock SDXL VAE overflows to NaN in float16, which is why diffusers' pipelines upcast it."""
+    return bool(getattr(vae.config, "force_upcast", False)) and vae.dtype == torch.float16
+
+
+@contextlib.contextmanager
+def vae_precision(vae):
+    """Run the VAE in float32 inside the block where `needs_upcast(vae)`, as diffusers' pipelines do
+    around their decode, and put it back in float16 after (exact: float16 values survive float32)."""
+    if not needs_upcast(vae):
+        yield vae.dtype
+        return
+    vae.to(torch.float32)
+    try:
+        yield torch.float32
+    finally:
+        vae.to(torch.float16)
+
+
+class VAECodec:
+    """Decode / encode between the denoiser's latent space and pixels in [-1, 1], in float32 out, in the
+    latent convention of the family's pipeline (`convention`: its `hires.families.LatentLayout`); a VAE with
+    a frame axis (`hires.families.vae_kind`) gets and gives one frame."""
+
+    def __init__(self, pipe, convention):
+        self.pipe = pipe
+        self.convention = convention
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        with vae_precision(vae) as dtype:
+            x = to_vae(self.convention, vae, z).to(dtype)
+            if vae_kind(vae).frame_axis:
+                return vae.decode(x[:, :, None], return_dict=False)[0][:, :, 0].float()
+            return vae.decode(x, return_dict=False)[0].float()
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        with vae_precision(vae) as dtype:
+            if vae_kind(vae).frame_axis:
+                x = vae.encode(image.to(dtype)[:, :, None]).latent_dist.mode()[:, :, 0]
+            else:
+                x = vae.encode(image.to(dtype)).latent_dist.mode()
+        return from_vae(self.convention, vae, x)

@@ -18,6 +18,7 @@ is its own.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -135,6 +136,11 @@ def dynamic_shift_mu(tokens: int, base_seq_len: int, max_seq_len: int, base_shif
     return tokens * m + b
 
 
+def time_shift(t, shift: float):
+    """The SD3 / Flux static time shift of sigma (or t in [0, 1]): s t / (1 + (s - 1) t)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def mu_for_shift(shift: float, time_shift_type: str) -> float:
     """The mu whose time shift equals the static shift s*sigma / (1 + (s-1) sigma)."""
     return math.log(shift) if time_shift_type == "exponential" else float(shift)
@@ -142,7 +148,8 @@ def mu_for_shift(shift: float, time_shift_type: str) -> float:
 
 def scheduler_shift_mu(scheduler_config, tokens: int) -> float:
     """mu the flow pipelines compute for `tokens` image tokens from the scheduler's config."""
-    get = scheduler_config.get if hasattr(scheduler_config, "get") else lambda k, d=None: getattr(scheduler_config, k, d)
+    get = scheduler_config.get if hasattr(scheduler_config,
+                                          "get") else lambda k, d=None: getattr(scheduler_config, k, d)
     return dynamic_shift_mu(tokens, get("base_image_seq_len", 256), get("max_image_seq_len", 4096),
                             get("base_shift", 0.5), get("max_shift", 1.15))
 
@@ -161,18 +168,67 @@ def flux2_empirical_mu(tokens: int, steps: int) -> float:
     return float(at_200(tokens) + slope * (steps - 200))
 
 
+def _flux2_rule(scheduler_config, tokens: int, steps: int | None) -> float:
+    if steps is None:
+        raise ValueError("Flux.2's shift depends on the step count; num_inference_steps is unknown here")
+    return flux2_empirical_mu(tokens, int(steps))
+
+
+# The families' mu rules (hires.families.Family.shift_rule).
+SHIFT_RULES = {
+    "linear": lambda scheduler_config, tokens, steps: scheduler_shift_mu(scheduler_config, tokens),
+    "flux2_empirical": _flux2_rule,
+}
+
+
 def pipeline_shift_mu(rule: str, scheduler_config, tokens: int, steps: int | None) -> float:
     """mu a family's pipeline computes for `tokens` image tokens (`hires.families.Family.shift_rule`)."""
-    if rule == "linear":
-        return scheduler_shift_mu(scheduler_config, tokens)
-    if rule == "flux2_empirical":
-        if steps is None:
-            raise ValueError("Flux.2's shift depends on the step count; num_inference_steps is unknown here")
-        return flux2_empirical_mu(tokens, int(steps))
-    raise ValueError(f"shift rule {rule!r}: expected 'linear' or 'flux2_empirical'")
+    if rule not in SHIFT_RULES:
+        raise ValueError(f"shift rule {rule!r}: expected one of {', '.join(map(repr, SHIFT_RULES))}")
+    return SHIFT_RULES[rule](scheduler_config, tokens, steps)
 
 
-def clean_estimate(scheduler, prediction: str, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+def base_size_mu(info, scheduler_config, steps: int | None) -> float:
+    """mu the family's pipeline computes for the base size's token count (`info`: a hires.ModelInfo)."""
+    return pipeline_shift_mu(info.family.shift_rule, scheduler_config, info.base_tokens, steps)
+
+
+def clamped_mu(mu: float, info, scheduler_config, steps: int | None) -> float:
+    """The flow-shift clamp: a pipeline's dynamic mu capped at its base-size value (HiFlow, DyPE). diffusers'
+    mu is linear in the token count without a cap, which at 3-4K puts every step but the last at sigma > 0.97."""
+    return min(mu, base_size_mu(info, scheduler_config, steps))
+
+
+def static_shift_mu(scheduler, shift: float) -> float:
+    """The mu of a dynamically shifting scheduler that gives the static shift `shift`."""
+    return mu_for_shift(shift, scheduler.config.get("time_shift_type", "exponential"))
+
+
+@contextlib.contextmanager
+def static_shift(scheduler, shift: float):
+    """Inside the block, a statically shifting scheduler's shift is `shift`; yields the one it had."""
+    before = scheduler.shift
+    scheduler.set_shift(shift)
+    try:
+        yield before
+    finally:
+        scheduler.set_shift(before)
+
+
+def set_timesteps_with_shift(scheduler, set_timesteps, args, kwargs, shift: float | None) -> None:
+    """`set_timesteps(*args, **kwargs)` with the static time shift s t / (1 + (s - 1) t) (None: as given),
+    through mu where the scheduler shifts dynamically, else through its own shift."""
+    if shift is None:
+        set_timesteps(*args, **kwargs)
+    elif scheduler.config.get("use_dynamic_shifting", False):
+        set_timesteps(*args, **{**kwargs, "mu": static_shift_mu(scheduler, shift)})
+    else:
+        with static_shift(scheduler, shift):
+            set_timesteps(*args, **kwargs)
+
+
+def clean_estimate(scheduler, prediction: str, model_output: torch.Tensor,
+                   timestep, sample: torch.Tensor) -> torch.Tensor:
     """The predicted x0 of one scheduler step's inputs (float32), for any prediction type.
 
     Euler-type VP schedulers keep x0 + sigma eps; the denoiser saw it scaled by `scale_model_input`,

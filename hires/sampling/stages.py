@@ -1,10 +1,13 @@
 """The stage engine: every multi-stage method (structure guidance, bottleneck sampling) runs here.
 
-A staged technique is a *planner*: given the user's call and the plan so far, it returns the plan
-it wants, a list of `Stage`s. The engine starts from the trivial plan (one stage at the requested
-size, from pure noise, the pipeline's own schedule) and asks each planner in install order, so
-composition is explicit: structure guidance turns the trivial plan into its ladder, then bottleneck
-sampling replaces every stage that samples from pure noise with its high-low-high slices.
+A staged technique is a *planner*: given the call (`StageRequest`) and the plan so far, it returns
+the plan it wants, a list of `Stage`s. `plan_stages` starts from the trivial plan (one stage at the
+requested size, from pure noise, the pipeline's own schedule) and asks each planner in install
+order, so composition is explicit: structure guidance turns the trivial plan into its ladder, then
+bottleneck sampling replaces every stage that samples from pure noise with its high-low-high slices.
+The plan is data first (sizes, planned steps, the VAE passes each stage runs, per-stage settings),
+so the same derivation serves a running call, the memory planner (which plans every pass of the
+plan) and `hires generate --dry-run` (planners built without a pipeline: hires.runtime.stage_plan).
 
 How a call runs. When the user's call reaches `encode_prompt` (the first method every supported
 pipeline calls after validating its inputs), the engine reads the call's arguments from its frame
@@ -12,7 +15,7 @@ pipeline calls after validating its inputs), the engine reads the call's argumen
 runs every stage as a nested call of the same pipeline at the stage's size with
 `output_type="latent"`. While a stage runs, the engine
 - passes the stage's own call arguments (guidance scale, size conditioning) and pushes its
-  per-technique settings onto the stage call's state (`CallState.stage`, `.stage_overrides`);
+  per-technique settings onto the stage call's state (`CallState.stage`, `.stage_setting(type)`);
 - lets the stage shape the schedule the pipeline builds (`Stage.schedule`: truncate, slice, shift);
 - returns from `prepare_latents` the stage's start: `Stage.start(stage, previous)` gives a clean
   latent which is noised to the stage's first timestep with the call's generator;
@@ -31,31 +34,17 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import latent_space, schedules
+from . import schedules
 
 # __call__ arguments that resize the request inside the pipeline; stages pass exact sizes instead.
 RESIZING_ARGUMENTS = {"use_resolution_binning": False}
-
-
-def pack(latents: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/p * w/p, C p p): Flux's packed token layout."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
-
-
-def unpack(tokens: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
-    """Inverse of `pack` for a latent grid of height x width."""
-    b, _, d = tokens.shape
-    c = d // (patch * patch)
-    x = tokens.view(b, height // patch, width // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c, height, width)
+ENGINE_ATTRIBUTE = "_hires_stage_engine"
 
 
 def tile_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -76,6 +65,29 @@ def replace_latents(result, tensor):
     return (tensor, *result[1:]) if isinstance(result, tuple) else tensor
 
 
+@dataclasses.dataclass(frozen=True)
+class StageRequest:
+    """What planners see of a call."""
+
+    height: int
+    width: int
+    steps: int | None  # num_inference_steps
+    arguments: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the call's named arguments
+    parameters: tuple[str, ...] = ()  # the names the pipeline's __call__ takes
+    generator: Any = None
+    image_size: tuple[int, int] | None = None  # a picture the stages start from instead of a base generation
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEPass:
+    """A VAE decode (of a latent for an image of height x width pixels) or encode (of such an image)."""
+
+    kind: str  # "decode" or "encode"
+    height: int
+    width: int
+    what: str
+
+
 @dataclasses.dataclass(eq=False)
 class Stage:
     """One nested pipeline call of a plan."""
@@ -85,7 +97,13 @@ class Stage:
     owner: str  # the technique that planned it ("call": the trivial plan's stage)
     generator: Any = None
     call_arguments: dict = dataclasses.field(default_factory=dict)  # __call__ arguments of this stage
-    overrides: dict = dataclasses.field(default_factory=dict)  # pushed onto the stage call's CallState
+    # settings of other techniques for this stage, by their type: CallState.stage_setting(type) reads them
+    settings: dict = dataclasses.field(default_factory=dict)
+    planned_steps: int | None = None  # the denoising steps it will run, for a schedule of the request's steps
+    vae_passes: tuple[VAEPass, ...] = ()  # what its start runs through the VAE (the call's own decode aside)
+    # it re-runs the tail of the schedule from the previous stage's upscaled, finished result (structure
+    # guidance's later stages): techniques that guide such a refinement toward that result act on it
+    refines: bool = False
     # schedule(stage, scheduler, set_timesteps, args, kwargs) builds this stage's schedule by calling
     # set_timesteps itself; None: the pipeline's own.
     schedule: Callable | None = None
@@ -115,6 +133,10 @@ class Stage:
     def trivial(self) -> bool:
         return self.start is None and self.schedule is None and not self.stops_early and not self.after_step
 
+    def set(self, setting: Any) -> None:
+        """Push `setting` (of its type) onto this stage's call."""
+        self.settings[type(setting)] = setting
+
     def drop_tensors(self) -> None:
         """Let go of the latents once the run is over (`last_run` keeps the record, not the tensors)."""
         self.x0 = self.noise = self.result = self.output = self.target = None
@@ -139,19 +161,21 @@ class StageEngine:
         self.attachment = attachment
         self.pipe = attachment.pipe
         self.info = attachment.info
+        self.latents = attachment.latents  # the layout's adapter (hires.sampling.latents)
         self.planners: list[tuple[str, Any]] = []
         self.current: Stage | None = None
         self.running = False
         self.pending: _Pending | None = None
         self.last_run: tuple[Stage, ...] | None = None
         self._scheduler_shadows: list = []
+        attachment.shadow(self.pipe, ENGINE_ATTRIBUTE, self)  # found by `planner_of`, taken out by hires.remove
         attachment.wrap_method(self.pipe, "encode_prompt", self._wrap_encode_prompt)
         attachment.wrap_method(self.pipe, "prepare_latents", self._wrap_prepare_latents)
         if hasattr(self.pipe, "prepare_image") and "control_image" in attachment.calls.parameters:
             attachment.wrap_method(self.pipe, "prepare_image", _wrap_prepare_image)
 
     def add_planner(self, name: str, planner) -> None:
-        """`planner.plan(call_arguments, stages) -> stages`; planners run in the order they were added."""
+        """`planner.plan(request, stages) -> stages`; planners run in the order they were added."""
         self.planners.append((name, planner))
 
     def planner(self, name: str):
@@ -162,7 +186,8 @@ class StageEngine:
     def _wrap_encode_prompt(self, original):
         def encode_prompt(*args, **kwargs):
             call = self.attachment.calls.called_by(sys._getframe(1))
-            if call is not None and not self.running and (self.pending is None or self.pending.frame is not call.frame):
+            new_call = call is not None and (self.pending is None or self.pending.frame is not call.frame)
+            if new_call and not self.running:
                 self._abandon()
                 self._maybe_run(call)
             return original(*args, **kwargs)
@@ -201,9 +226,10 @@ class StageEngine:
         height, width = arguments.get("height"), arguments.get("width")
         if height is None or width is None:
             return
-        stages = [Stage(int(height), int(width), owner="call", generator=arguments.get("generator"))]
-        for _, planner in self.planners:
-            stages = planner.plan(arguments, stages)
+        steps = arguments.get("num_inference_steps")
+        request = StageRequest(int(height), int(width), steps, arguments, tuple(self.attachment.calls.parameters),
+                               arguments.get("generator"))
+        stages = plan_stages(self.planners, request)
         if len(stages) == 1 and stages[0].trivial:
             return  # nothing to stage: a plain call
         self._check_latents(arguments, stages)
@@ -219,7 +245,7 @@ class StageEngine:
             self.running = False
             self.current = None
             self.pipe.__dict__.update(saved)  # the user's call set its own state before encode_prompt
-        self.pending = _Pending(call.frame, self._as_denoiser_latents(stages[-1].output))
+        self.pending = _Pending(call.frame, self.latents.output_to_latents(stages[-1].output, self.pipe.vae))
         for stage in stages:
             stage.drop_tensors()
         self.last_run = tuple(stages)
@@ -268,28 +294,15 @@ class StageEngine:
         spatial = self._spatial(latents, stage, returned=False)
         for hook in stage.after_step:
             spatial = hook(stage, index, spatial)
-        if self.info.family.latent_layout == "packed":
-            spatial = pack(spatial, self.info.patch_size)
-        return _with_latents(output, spatial.to(latents.dtype))
+        return _with_latents(output, self.latents.from_spatial(spatial).to(latents.dtype))
 
     def _spatial(self, latents: torch.Tensor, stage: Stage, returned: bool = True) -> torch.Tensor:
         """(B, C, h, w) denoiser latents of a stage's output (`returned`: what the pipeline returned for
         output_type="latent"; else latents as the denoiser sees them)."""
-        info = self.info
-        if returned and info.family.latent_output == "vae":
-            return latent_space.from_vae(self.pipe.vae, latents)
-        if info.family.latent_layout != "packed":
-            return latents
-        f = info.latent_factor
-        return unpack(latents, stage.height // f, stage.width // f, info.patch_size)
-
-    def _as_denoiser_latents(self, output: torch.Tensor) -> torch.Tensor:
-        """A pipeline's output_type="latent" result as its prepare_latents returns latents."""
-        info = self.info
-        if info.family.latent_output != "vae":
-            return output
-        latents = latent_space.from_vae(self.pipe.vae, output)
-        return pack(latents, info.patch_size).to(output.dtype) if info.family.latent_layout == "packed" else latents
+        f = self.info.latent_factor
+        if returned:
+            return self.latents.output_to_spatial(latents, stage.height // f, stage.width // f, self.pipe.vae)
+        return self.latents.to_spatial(latents, stage.height // f, stage.width // f)
 
     def _fill(self, stage: Stage) -> None:
         """Write the stage's start, noised to its first timestep, into the tensor its loop starts from."""
@@ -299,9 +312,7 @@ class StageEngine:
         noisy = schedules.renoise(self.pipe.scheduler, x0, noise, stage.start_timestep)
         if stage.after_step:
             stage.noise = noise
-        if self.info.family.latent_layout == "packed":
-            noisy = pack(noisy, self.info.patch_size)
-        target.copy_(noisy.to(target.dtype))
+        target.copy_(self.latents.from_spatial(noisy).to(target.dtype))
         stage.target = None
 
     def _maybe_finish(self) -> None:
@@ -323,9 +334,10 @@ class StageEngine:
     # -- the scheduler during a run ---------------------------------------------------------
     def _shadow_scheduler(self, capture_steps: bool) -> None:
         scheduler = self.pipe.scheduler
-        self._scheduler_shadows.append(self.attachment.wrap_method(scheduler, "set_timesteps", self._wrap_set_timesteps))
+        wrap = self.attachment.wrap_method
+        self._scheduler_shadows.append(wrap(scheduler, "set_timesteps", self._wrap_set_timesteps))
         if capture_steps:
-            self._scheduler_shadows.append(self.attachment.wrap_method(scheduler, "step", self._wrap_step))
+            self._scheduler_shadows.append(wrap(scheduler, "step", self._wrap_step))
 
     def _unshadow_scheduler(self) -> None:
         for entry in reversed(self._scheduler_shadows):
@@ -406,17 +418,24 @@ def _wrap_prepare_image(original):
     return prepare_image
 
 
-def engine_of(attachment) -> StageEngine:
-    """The attachment's stage engine, created on first use (by the first staged technique's installer)."""
-    if attachment.stages is None:
-        attachment.stages = StageEngine(attachment)
-    return attachment.stages
+def plan_stages(planners, request: StageRequest) -> list[Stage]:
+    """The stages of a call: the trivial plan, then each (name, planner) in turn."""
+    stages = [Stage(request.height, request.width, owner="call", generator=request.generator,
+                    planned_steps=request.steps)]
+    for _, planner in planners:
+        stages = planner.plan(request, stages)
+    return stages
 
 
-def last_run_of(attachment, owner: str) -> list[Stage] | None:
+def planner_of(pipe, name: str):
+    """The planner added as `name` to the stage engine attached to `pipe`, or None."""
+    engine = pipe.__dict__.get(ENGINE_ATTRIBUTE)
+    return engine.planner(name) if engine is not None else None
+
+
+def last_run_of(engine: StageEngine | None, owner: str) -> list[Stage] | None:
     """The stages `owner` planned in the last staged call (a stage sliced by another planner counts
     once, as its parent), or None if none ran."""
-    engine = attachment.stages if attachment is not None else None
     if engine is None or engine.last_run is None:
         return None
     found = []

@@ -189,7 +189,8 @@ def swap_low_band(sample: torch.Tensor, guide_low: torch.Tensor, wavelet: str = 
     work = sample.to(_work_dtype(sample))
     coeffs = wavedec2(work, wavelet, level, mode)
     if coeffs[0].shape != guide_low.shape:
-        raise ValueError(f"guide low band has shape {tuple(guide_low.shape)}, the sample's is {tuple(coeffs[0].shape)}; "
+        raise ValueError(f"guide low band has shape {tuple(guide_low.shape)}, "
+                         f"the sample's is {tuple(coeffs[0].shape)}; "
                          "the guide must be the low band of an image of the sample's size")
     coeffs[0] = guide_low.to(work.dtype)
     out = waverec2(coeffs, wavelet, mode)[..., : sample.shape[-2], : sample.shape[-1]]

@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--way", choices=WAYS, required=True)
     parser.add_argument("--size", type=int, default=2048, help="output side in pixels")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tile", type=int, default=None, help="tile side in latent pixels (ours, and diffusers' when given)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tile side in latent pixels (ours, and diffusers' when given)")
     parser.add_argument("--grouping", default="unit", help="our segment grouping: unit or level")
     parser.add_argument("--latent", default=None, help="a .pt latent to decode (default: random)")
     parser.add_argument("--save", default=None, help="write the decoded image here (.pt)")
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
     if options.latent:
         latent = torch.load(options.latent)
     else:
-        latent = torch.randn(1, REAL_VAE["latent_channels"], latent_side, latent_side, generator=torch.Generator().manual_seed(1))
+        latent = torch.randn(1, REAL_VAE["latent_channels"], latent_side,
+                             latent_side, generator=torch.Generator().manual_seed(1))
     if options.way == "diffusers":
         vae.enable_tiling()
         if options.tile:
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
         return vae.decode(z).sample
 
     if options.way == "ours":
-        from hires.techniques.tiled_vae import tiled_decode
+        from hires.techniques.memory.tiled_vae import tiled_decode
 
         def decode(z):
             return tiled_decode(vae, z, tile_size=options.tile, grouping=options.grouping)  # z as vae.decode gets it

@@ -62,7 +62,7 @@ def saturation_stats(decoded: torch.Tensor) -> dict[str, float]:
 
 def _call_kwargs(pipe, guidance: float) -> dict:
     info = hires.model_info(pipe)
-    if info.family.guidance_layout == "separate":  # Flux: true CFG needs a negative prompt
+    if info.family.cfg_separate:  # Flux: true CFG needs a negative prompt
         return {info.family.guidance_scale_name: guidance, "negative_prompt": ""}
     return {info.family.guidance_scale_name: guidance}
 
@@ -95,7 +95,8 @@ def compare_saturation(pipe, prompts: list[str], seeds: list[int], *, guidance: 
                     if colours is not None:
                         import testbed_common as tc
 
-                        image = ((decoded[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                        image = ((decoded[0] / 2 + 0.5).clamp(0, 1).permute(1, 2,
+                                                                            0).numpy() * 255).round().astype(np.uint8)
                         ones.append(tc.count_objects(image, colours[j]).n_objects == 1)
         finally:
             if config is not None:
@@ -138,7 +139,8 @@ def overhead_table(runs: int, sizes=(128, 256), steps: int = 4) -> Table:
         loop = _loop(pipe, size, steps)
         # apply/remove is outside the timed loop's cost in practice; here it is a few microseconds.
         functions = {name: _with(pipe, config, loop) for name, config in configs.items()}
-        for clock, measure in (("wall", interleaved_times), ("CPU", functools.partial(interleaved_times, clock=time.process_time))):
+        for clock, measure in (("wall", interleaved_times),
+                               ("CPU", functools.partial(interleaved_times, clock=time.process_time))):
             times = measure(functions, runs)
             hires.remove(pipe)
             rows.append([f"{size}x{size} (latent {size // 8}^2)", clock, fmt(float(np.median(times["CFG"])), 3),
@@ -175,7 +177,7 @@ def _sd15_unet_flops(latent: int) -> float:
 
 def cost_table(runs: int, latents=(64, 128, 256)) -> Table:
     """APG's own time per step (measured) and its work next to the real SD1.5 UNet's FLOPs."""
-    from hires.techniques.apg import adaptive_projected_guidance
+    from hires.techniques.apg.combiner import adaptive_projected_guidance
 
     rows = []
     for latent in latents:
@@ -240,7 +242,7 @@ def main(argv=None) -> int:
 
     pipe = DiffusionPipeline.from_pretrained(options.model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    extra = {"max_sequence_length": 8} if hires.model_info(pipe).family.guidance_layout == "separate" else {}
+    extra = {"max_sequence_length": 8} if hires.model_info(pipe).family.cfg_separate else {}
     try:
         import testbed_common as tc
 
@@ -256,7 +258,8 @@ def main(argv=None) -> int:
     print(f"{options.model}: guidance {options.guidance}, {options.steps} steps, {len(prompts)} prompts x "
           f"{options.seeds} seeds ({time.time() - start:.0f} s)")
     for name, row in res.items():
-        print(f"  {name:4s} " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        cells = (f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        print(f"  {name:4s} " + "  ".join(cells))
     return 0
 
 

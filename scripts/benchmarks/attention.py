@@ -84,7 +84,8 @@ def flop_table() -> Table:
     from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel, UNet2DConditionModel
 
     from hires.config import WindowAttentionConfig
-    from hires.techniques.attention import LOG_WINDOWS, install_window_attention
+    from hires.techniques.window_attention.windows import LOG_WINDOWS
+    from hires.techniques.window_attention.windows import install as install_window_attention
 
     rows = []
     specs = (("SDXL UNet", "sdxl", 1, lambda: UNet2DConditionModel(**FULL_SIZE_UNETS["sdxl"]), _sdxl_inputs),
@@ -165,7 +166,8 @@ def overhead_table(runs: int) -> Table:
                                  generator=torch.Generator().manual_seed(0), **CALL_KWARGS[family])
 
             with torch.no_grad():
-                times = interleaved_times({"plain": call(pipe), "entropy": call(scaled), "windows": call(windowed)}, runs)
+                times = interleaved_times({"plain": call(pipe), "entropy": call(scaled),
+                                           "windows": call(windowed)}, runs)
             factors = hires.last_call(scaled).notes["log.entropy_factors"]
             tokens = (size // 8) ** 2 if family == "sd15" else (size // 16) ** 2
             rows.append([family + "-style mid-size", f"{size}² ({tokens} image tokens)",
@@ -176,9 +178,11 @@ def overhead_table(runs: int) -> Table:
         torch.set_num_threads(threads)
     return Table(
         title="Overhead of entropy scaling (and windows) vs plain attention, equal size",
-        what=(f"Median wall time of a 1-step pipeline call (latents out), {runs} interleaved rounds after one warm-up, "
+        what=(f"Median wall time of a 1-step pipeline call (latents "
+              f"out), {runs} interleaved rounds after one warm-up, "
               "CPU, 1 torch thread; ratio of medians within the run. Target for entropy scaling: <= 1.02x. "
-              "Models: random-weight mid-size SD-style UNet and Flux-style transformer on the tiny pipelines (64 px base)."),
+              "Models: random-weight mid-size SD-style UNet and "
+              "Flux-style transformer on the tiny pipelines (64 px base)."),
         header=["model", "size", "entropy factors", "plain median s", "entropy / plain", "windows / plain"],
         rows=rows,
     )

@@ -1,7 +1,7 @@
 """Bottleneck sampling: denoiser FLOPs of high-low-high stages against full-size sampling at the same step
 count, on real-size Flux.1-dev and SDXL architectures built on the meta device (public configs from
 benchmarks/attention.py), counted with torch.utils.flop_counter.FlopCounterMode. The stage sizes and
-step counts come from hires.sampling.bottleneck.plan_stages, the code a real call runs."""
+step counts come from hires.techniques.bottleneck.slices.plan_stages, the code a real call runs."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def _model(family_name: str):
     from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     with torch.device("meta"):
-        return FluxTransformer2DModel(**FLUX_DEV) if family_name == "flux" else UNet2DConditionModel(**FULL_SIZE_UNETS["sdxl"])
+        if family_name == "flux":
+            return FluxTransformer2DModel(**FLUX_DEV)
+        return UNet2DConditionModel(**FULL_SIZE_UNETS["sdxl"])
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +58,7 @@ def step_flops(family_name: str, height: int, width: int) -> int:
 
 def run_flops(family_name: str, size: int, steps: int, options: dict) -> tuple[int, list]:
     from hires.config import BottleneckConfig
-    from hires.sampling.bottleneck import plan_stages
+    from hires.techniques.bottleneck.slices import plan_stages
 
     plan = plan_stages(_info(family_name), BottleneckConfig(enabled=True, **options), size, size, steps)
     return sum(stage.steps * step_flops(family_name, stage.height, stage.width) for stage in plan), plan

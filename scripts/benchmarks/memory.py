@@ -87,7 +87,8 @@ def exactness_table(workdir: Path) -> Table:
     results, images = {}, {}
     for way in ("untiled", "diffusers", "ours"):
         out = workdir / f"eq_{way}.pt"
-        results[way] = worker(["--way", way, "--size", str(EQ_SIZE), "--tile", str(EQ_TILE), "--latent", str(latent_path), "--save", str(out)])
+        results[way] = worker(["--way", way, "--size", str(EQ_SIZE), "--tile", str(EQ_TILE),
+                               "--latent", str(latent_path), "--save", str(out)])
         images[way] = torch.load(out)
     reference = images["untiled"]
     scale = float(reference.abs().max())
@@ -100,13 +101,15 @@ def exactness_table(workdir: Path) -> Table:
                      fmt(seam_ratio(reference, periods[way])), fmt(results[way]["seconds"], 1),
                      fmt(results[way]["peak_above_baseline"] / 2**30, 2)])
     return Table(
-        title=f"Tiled VAE decode: exactness and seams ({EQ_SIZE}x{EQ_SIZE} photograph, real-size SDXL VAE, random weights)",
+        title=f"Tiled VAE decode: exactness and seams ({EQ_SIZE}x{EQ_SIZE} "
+              f"photograph, real-size SDXL VAE, random weights)",
         what=(f"scikit-image astronaut {EQ_SIZE}x{EQ_SIZE}, encoded untiled; decoded untiled, with diffusers' tiling "
               f"(vae.enable_tiling(), tile {EQ_TILE} latent px, 25% overlap blend) and with hires' tiling (tile "
               f"{EQ_TILE} latent px, whole-image GroupNorm statistics); float32 on CPU, 1 run each. Seam ratio: mean "
               f"|neighbour step| across the method's tile borders / elsewhere (max over directions); the untiled "
               f"image's ratio at the same borders is the baseline (no seam = equal)."),
-        header=["decode", "max abs error vs untiled", "relative to max |untiled|", "seam ratio", "untiled at same borders",
+        header=["decode", "max abs error vs untiled", "relative to max |untiled|",
+                "seam ratio", "untiled at same borders",
                 "seconds", "peak RSS above baseline (GiB)"],
         rows=rows,
     )
@@ -118,7 +121,7 @@ def memory_table() -> Table:
     from _vae_rss_worker import REAL_VAE
 
     from diffusers import AutoencoderKL
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     with torch.device("meta"):
         meta_vae = AutoencoderKL(**REAL_VAE)
@@ -140,12 +143,14 @@ def memory_table() -> Table:
                                                    tile_size=tile, grouping=grouping, device_type="cpu")
             estimate = f"{bytes_ / 2**30:.2f} ({100 * (bytes_ / peak - 1):+.0f}%)"
         label = way if way != "ours" else f"ours (tile {tile}, {grouping})"
-        rows.append([f"{side}x{side}", label, fmt(peak / 2**30, 2), fmt(peak / untiled, 3), estimate, fmt(result["seconds"], 0)])
+        rows.append([f"{side}x{side}", label, fmt(peak / 2**30, 2),
+                     fmt(peak / untiled, 3), estimate, fmt(result["seconds"], 0)])
     return Table(
         title="Peak memory of a real-size SDXL VAE decode (float32, CPU, peak RSS of a subprocess)",
         what=("Peak RSS (VmHWM) above the process's RSS before decoding (model and latent loaded), real computation, "
               "random latent, 1 run each, torch threads 2; glibc mmap threshold fixed at 1 MiB. Planner: "
-              "hires.memory_planner.vae_peak_bytes(..., device_type='cpu') (architecture on the meta device; CPU "
+              "hires.techniques.memory.estimate.vae_peak_bytes(..., "
+              "device_type='cpu') (architecture on the meta device; CPU "
               "convolutions hold oneDNN's copy of their input), difference to measured in brackets; it does not model "
               "diffusers' own tiling. Tile in latent px. Seconds: wall time of the decode while the exactness "
               "table's workers shared the CPU."),

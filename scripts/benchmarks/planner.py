@@ -48,7 +48,7 @@ def _choice(p, cfg: bool) -> str:
 
 
 def planner_table() -> Table:
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     rows = []
     for family, side, cfg in CASES:
@@ -59,15 +59,20 @@ def planner_table() -> Table:
                                         cfg_batched=family not in SEPARATE_CFG, budget=budget, name=family,
                                         device_type="cuda")
                 rows.append([family, f"{side}x{side}", f"{budget / 2**30:.0f}", fmt(p.weights / 2**30, 1),
-                             fmt(p.denoiser_peak / 2**30, 1), fmt(p.vae_peak / 2**30, 1), fmt(p.vae_untiled_peak / 2**30, 1),
+                             fmt(p.denoiser_peak / 2**30, 1), fmt(p.vae_peak / 2**30, 1),
+                             fmt(p.vae_untiled_peak / 2**30, 1),
                              fmt(p.peak / 2**30, 1), _choice(p, cfg)])
             except memory_planner.MemoryBudgetError as error:
-                rows.append([family, f"{side}x{side}", f"{budget / 2**30:.0f}", "-", "-", "-", "-", "-", f"refused: {error}"])
+                rows.append([family, f"{side}x{side}", f"{budget / 2**30:.0f}",
+                             "-", "-", "-", "-", "-", f"refused: {error}"])
     return Table(
         title="Memory planner on real-size architectures (bf16, batch 1, a CUDA device; estimates, not measurements)",
-        what=("hires.memory_planner.plan(..., device_type='cuda') on SDXL base (CFG), FLUX.1-dev (no true CFG), "
-              "FLUX.2-dev (no CFG) and Qwen-Image (true CFG: two calls a step; its causal 3D VAE is never tiled) built "
-              "on the meta device from public config values; weights = denoiser + VAE only (text encoders offloaded or "
+        what=("hires.techniques.memory.estimate.plan(..., device_type='cuda') "
+              "on SDXL base (CFG), FLUX.1-dev (no true CFG), "
+              "FLUX.2-dev (no CFG) and Qwen-Image (true CFG: two "
+              "calls a step; its causal 3D VAE is never tiled) built "
+              "on the meta device from public config values; weights "
+              "= denoiser + VAE only (text encoders offloaded or "
               "counted by the caller). Attention counted as a memory-efficient kernel; CUDA convolution workspaces "
               "are not modelled. GiB."),
         header=["family", "size", "budget", "weights", "denoiser activations", "VAE (as planned)", "VAE untiled",
@@ -86,14 +91,15 @@ def text_encoder_bytes(family: str, dtype: torch.dtype) -> int:
     """Weights of the family's text encoders (public config values, meta device), kept on the device."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                   projection_dim=768, vocab_size=49408, max_position_embeddings=77)
     with torch.device("meta"):
         encoders = [CLIPTextModel(CLIPTextConfig(**clip_l))]
         if family == "sdxl":  # OpenCLIP bigG
-            encoders.append(CLIPTextModel(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            encoders.append(CLIPTextModel(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                         num_hidden_layers=32,
                                                          num_attention_heads=20, projection_dim=1280, vocab_size=49408,
                                                          max_position_embeddings=77)))
         else:  # T5-v1.1-XXL encoder
@@ -104,18 +110,21 @@ def text_encoder_bytes(family: str, dtype: torch.dtype) -> int:
 
 def preset_call_plan(family: str, side: int, dtype: torch.dtype, budget: int):
     """The whole-call plan of the automatic preset at side x side on a CUDA device (or the refusal)."""
-    from hires import memory_planner, planning
-    from hires.config import StructureGuidanceConfig
+    from hires.config import HiresConfig, StructureGuidanceConfig
     from hires.families import FAMILIES, ModelInfo
+    from hires.runtime import StageRequest, stage_plan
+    from hires.techniques.memory import estimate as memory_planner
+    from hires.techniques.memory import install as planning
 
     record = next(f for f in FAMILIES if f.name == family)
     info = ModelInfo(record, 1024, 1024, 8, 1 if family == "sdxl" else 2, "epsilon" if family == "sdxl" else "flow")
     guidance = StructureGuidanceConfig(enabled=True, space="latent", upscale_space="pixel", ladder="doubling")
     denoiser, vae = real_size_models(family)
-    denoiser_passes, vae_passes = planning.structure_guidance_passes(info, guidance, side, side, 1,
-                                                                     vae.config.latent_channels)
+    stages = stage_plan(info, HiresConfig(structure_guidance=guidance), StageRequest(side, side, 50))
+    denoiser_passes, vae_passes = planning.call_passes(info, stages, 1, vae.config.latent_channels)
     return memory_planner.plan_call(denoiser, vae, denoiser_passes=denoiser_passes, vae_passes=vae_passes, dtype=dtype,
-                                    cfg=family == "sdxl", budget=budget, other_weights=text_encoder_bytes(family, dtype),
+                                    cfg=family == "sdxl", budget=budget,
+                                    other_weights=text_encoder_bytes(family, dtype),
                                     name=f"{family} {side}x{side}", device_type="cuda")
 
 
@@ -128,24 +137,27 @@ def _pass_choices(plan) -> str:
 
 
 def preset_table() -> Table:
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     rows = []
     for family, side, dtype, budget in PRESET_CASES:
-        label = f"{'SDXL' if family == 'sdxl' else 'Flux'} {side}² automatic preset, {str(dtype).removeprefix('torch.')}, " \
-                f"{budget / 1e9:.0f} GB"
+        model = "SDXL" if family == "sdxl" else "Flux"
+        label = f"{model} {side}² automatic preset, {str(dtype).removeprefix('torch.')}, {budget / 1e9:.0f} GB"
         try:
             plan = preset_call_plan(family, side, dtype, budget)
         except memory_planner.MemoryBudgetError as error:
             message = str(error)
-            rows.append([label, "-", fmt(budget / 1e9, 0), "-", "-", f"refused: {message.split(';')[0]}; try {message.split('try ')[-1]}"])
+            rows.append([label, "-", fmt(budget / 1e9, 0), "-", "-",
+                         f"refused: {message.split(';')[0]}; try {message.split('try ')[-1]}"])
             continue
         peak = plan.peak_pass
         rows.append([label, fmt(plan.peak / 1e9, 2), fmt(budget / 1e9, 0),
                      f"{peak.what} ({peak.kind}, {peak.choice()})", str(len(plan.vae_passes())), _pass_choices(plan)])
     return Table(
-        title="Memory planner: the automatic preset's whole call on real-size architectures (estimates, a CUDA device)",
-        what=("hires.memory_planner.plan_call over hires.planning.structure_guidance_passes (structure guidance with "
+        title="Memory planner: the automatic preset's whole call on real-size architectures (estimates, a CUDA "
+              "device)",
+        what=("hires.techniques.memory.estimate.plan_call over hires.runtime.stage_plan's "
+              "stages and their VAE passes (structure guidance with "
               "space='latent', upscale_space='pixel', ladder='doubling': per stage after the base one decode at the "
               "previous size and one encode at the stage's, then the call's decode), batch 1, SDXL with CFG, Flux "
               "without true CFG. Resident: denoiser and text encoders in the dtype, the VAE in float32 during its "

@@ -20,11 +20,12 @@ from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 from hires.config import PositionConfig
 from hires.families import FAMILIES
 from hires.sampling import schedules
-from hires.techniques import positions as P
+from hires.techniques.positions import encodings as P
 
 from .common import Table, fmt, interleaved_times, ratio
 
-FLUX_SCHEDULER = dict(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
+FLUX_SCHEDULER = dict(use_dynamic_shifting=True, base_image_seq_len=256,
+                      max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
 FLUX_STEPS = 28
 BASE_PX = 1024
 
@@ -38,7 +39,7 @@ def _schedule_table() -> Table:
         tokens = (px // 16) ** 2
         mu = schedules.scheduler_shift_mu(scheduler.config, tokens)
         row = [str(px), str(tokens), fmt(mu, 2)]
-        for applied in (mu, min(mu, base_mu), P.mu_for_shift(6.0, "exponential")):
+        for applied in (mu, min(mu, base_mu), schedules.mu_for_shift(6.0, "exponential")):
             scheduler.set_timesteps(sigmas=sigmas, mu=applied)
             schedule = scheduler.sigmas[:-1]
             row += [fmt(float(schedule[-1]), 3), str(int((schedule > 0.9).sum()))]
@@ -97,12 +98,14 @@ def _rope_table(runs: int) -> Table:
         times = interleaved_times(functions, runs)
         plain_ms = 1000 * sorted(times["plain"])[len(times["plain"]) // 2]
         rows.append([str(px), str(len(ids)), fmt(plain_ms, 1)]
-                    + [fmt(ratio(times, m, "plain"), 2) for m in ("interpolation", "ntk", "yarn", "yarn, later steps")])
+                    + [fmt(ratio(times, m, "plain"),
+                           2) for m in ("interpolation", "ntk", "yarn", "yarn, later steps")])
     return Table(
         title="Flux RoPE module: hires options vs diffusers (once per denoiser call)",
         what=f"FluxPosEmbed(axes (16, 56, 56)) on 512 text + (px/16)^2 image ids, CPU, {runs} interleaved rounds; "
              "ratio of median times to plain (first step of a call; later steps reuse the call's tables).",
-        header=["px", "ids", "plain ms", "interpolation / plain", "ntk / plain", "yarn / plain", "yarn later steps / plain"],
+        header=["px", "ids", "plain ms", "interpolation / plain",
+                "ntk / plain", "yarn / plain", "yarn later steps / plain"],
         rows=rows,
     )
 
@@ -114,7 +117,8 @@ def _sd3_table(runs: int) -> Table:
     functions = {
         "plain crop 3072 px": lambda: embed.cropped_pos_embed(384, 384),
         "interpolate 4096 px": lambda: P.interpolate_table(embed.pos_embed, side, 256, 256),
-        "extrapolate 4096 px": lambda: P.extrapolate_table(dim, side, embed.base_size, embed.interpolation_scale, 256, 256),
+        "extrapolate 4096 px": lambda: P.extrapolate_table(dim, side, embed.base_size,
+                                                           embed.interpolation_scale, 256, 256),
     }
     times = interleaved_times(functions, runs)
     rows = [[name, fmt(1000 * sorted(t)[len(t) // 2], 1)] for name, t in times.items()]

@@ -70,7 +70,7 @@ def _models(family: str):
 def denoiser_step_flops(family: str, height: int, width: int, windows: bool) -> int:
     """One denoising step at height x width px (the CFG batch included)."""
     from hires.config import WindowAttentionConfig
-    from hires.techniques.attention import install_window_attention
+    from hires.techniques.window_attention.windows import install as install_window_attention
 
     spec = SPECS[family]
     model, _ = _models(family)
@@ -100,20 +100,21 @@ def _tiling_overhead_per_pixel(family: str, kind: str) -> float:
     """Extra FLOPs per output pixel of hires' tiled VAE (it recomputes each segment's prefix once per
     GroupNorm): measured at 2048 px, where counting tiles on meta is quick; the overhead is local
     work, so it scales with the area (measured 1024 -> 2048 -> 4096: x4.1, x4.05 per doubling)."""
-    from hires.techniques import tiled_vae
+    from hires.techniques.memory import tiled_vae
 
     _, vae = _models(family)
     side = 2048
     channels = SPECS[family].latent_channels
     if kind == "decode":
-        tiled = _flops(lambda: tiled_vae.tiled_decode(vae, torch.empty(1, channels, side // 8, side // 8, device="meta")))
+        tiled = _flops(lambda: tiled_vae.tiled_decode(vae, torch.empty(1, channels, side // 8,
+                                                                       side // 8, device="meta")))
     else:
         tiled = _flops(lambda: tiled_vae.tiled_encode(vae, torch.empty(1, 3, side, side, device="meta")))
     return (tiled - _untiled_vae_flops(family, kind, side)) / side**2
 
 
 def _tiles(family: str, kind: str, side: int) -> bool:
-    from hires import memory_planner
+    from hires.techniques.memory import estimate as memory_planner
 
     _, vae = _models(family)
     channels = SPECS[family].latent_channels
@@ -144,11 +145,13 @@ class StageCost:
 
 def preset_plan(family: str, config, side: int) -> list[StageCost]:
     """The stages `config` runs for a side x side request, as hires' planner lays them out."""
-    from hires.sampling import progressive, schedules
+    from hires.sampling import schedules
+    from hires.techniques.structure_guidance import guidance as progressive
 
     enabled = set(config.enabled_techniques())
     if enabled - MODELLED:
-        raise NotImplementedError(f"the preset enables {sorted(enabled - MODELLED)}, whose FLOPs this count does not model")
+        raise NotImplementedError(f"the preset enables {sorted(enabled - MODELLED)}, whose FLOPs this count does not "
+                                  "model")
     spec = SPECS[family]
     info = _fake_attachment(_models(family)[0], family, spec.patch, side).state.info
     sg = config.structure_guidance
@@ -193,13 +196,16 @@ def preset_table() -> Table:
             vae = sum(s.vae for s in stages)
             direct = direct_flops(family, side)
             ladder = " -> ".join(f"{s.side}:{s.steps}" for s in stages)
-            tiled = sorted({f"{k} {s}" for st in stages for k, sides in (("decode", st.decodes), ("encode", st.encodes))
+            tiled = sorted({f"{k} {s}" for st in stages for k,
+                            sides in (("decode", st.decodes), ("encode", st.encodes))
                             for s in sides if vae_flops(family, k, s)[1]})
-            rows.append([spec.label, f"{side}²", ladder, fmt(direct / 1e15, 2), fmt(denoiser / 1e15, 2), fmt(vae / 1e15, 2),
+            rows.append([spec.label, f"{side}²", ladder, fmt(direct / 1e15, 2),
+                         fmt(denoiser / 1e15, 2), fmt(vae / 1e15, 2),
                          fmt((denoiser + vae) / 1e15, 2), fmt((denoiser + vae) / direct), ", ".join(tiled) or "none"])
     return Table(
         title="FLOPs of the automatic preset at real size (denoiser + VAE), against direct generation",
-        what=("Stages, steps and VAE passes from hires' own planner for `hires.apply(pipe)` (hires.presets.AUTOMATIC); "
+        what=("Stages, steps and VAE passes from hires' own planner "
+              "for `hires.apply(pipe)` (hires.presets.AUTOMATIC); "
               "each denoiser step and VAE pass counted by torch FlopCounterMode on the real-size SDXL base UNet / "
               "FLUX.1-dev transformer and their VAEs built on the meta device (public config values), window "
               "attention installed where the preset enables it; SDXL denoiser batch 2 (CFG), Flux batch 1 "

@@ -53,7 +53,8 @@ def unet_step_flops(side: int) -> int:
     z = side // 8
     kwargs = dict(
         encoder_hidden_states=torch.empty(2, 77, 2048, device="meta"),
-        added_cond_kwargs={"text_embeds": torch.empty(2, 1280, device="meta"), "time_ids": torch.empty(2, 6, device="meta")},
+        added_cond_kwargs={"text_embeds": torch.empty(2, 1280, device="meta"),
+                           "time_ids": torch.empty(2, 6, device="meta")},
     )
     return _flops(lambda: unet(torch.empty(2, 4, z, z, device="meta"), torch.tensor(500.0, device="meta"), **kwargs))
 

@@ -56,7 +56,8 @@ def _timing_tables(options) -> list[Table]:
     size = 8 * 8 * 4  # the timing model's base latent is 8: 4x the side, 16x the area (a "2048^2" request)
     plain_pipe, dilated_pipe, ndcfg_pipe = (_timing_pipeline(width) for _ in range(3))
     # Every step dilated, so the ratio is the per-step cost of dilation itself.
-    dilated = hires.RedilationConfig(enabled=True, stop_fraction=1.0, noise_damped_guidance=False, dispersion_modules=())
+    dilated = hires.RedilationConfig(enabled=True, stop_fraction=1.0,
+                                     noise_damped_guidance=False, dispersion_modules=())
     hires.apply(dilated_pipe, hires.HiresConfig(redilation=dilated))
     hires.apply(ndcfg_pipe, hires.HiresConfig(redilation=hires.RedilationConfig(
         enabled=True, stop_fraction=1.0, noise_damped_guidance=True, ndcfg_stop_fraction=1.0, dispersion_modules=())))
@@ -143,11 +144,12 @@ def _dispersion_effect_table() -> Table:
     )
 
 
-def _conv_flops(unet, latent: tuple[int, int], dilations: dict[str, float], dispersed: set[str]) -> tuple[float, float]:
+def _conv_flops(unet, latent: tuple[int, int], dilations: dict[str, float],
+                dispersed: set[str]) -> tuple[float, float]:
     """(plain, re-dilated) FLOPs of the dilatable convs for one batch-2 pass, counted on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hires.techniques.redilation import DISPERSED_KERNEL, dilatable_convs
+    from hires.techniques.redilation.dilation import DISPERSED_KERNEL, dilatable_convs
 
     shapes = {}
     handles = [m.register_forward_hook(lambda mod, args, out, n=n: shapes.__setitem__(n, args[0].shape))
@@ -181,8 +183,8 @@ def _conv_flops(unet, latent: tuple[int, int], dilations: dict[str, float], disp
 
 
 def _flops_table() -> Table:
-    from hires.presets_redilation import family_presets
-    from hires.techniques.redilation import dilatable_convs, resolve_preset_names
+    from hires.techniques.redilation.presets import family_presets
+    from hires.techniques.redilation.dilation import dilatable_convs, resolve_preset_names
 
     rows = []
     for family, base in (("sd15", 64), ("sdxl", 128)):
