@@ -92,7 +92,7 @@ def build_vae(args):
         in_channels=3, out_channels=3, latent_channels=args.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=tuple(args.vae_channels), layers_per_block=args.vae_layers, norm_num_groups=16,
-        sample_size=tc.IMAGE_SIZE,
+        sample_size=tc.IMAGE_SIZE, mid_block_add_attention=args.vae_attention,
     )
 
 
@@ -310,6 +310,38 @@ def texture_survival(vae, n: int = 96) -> dict:
     }
 
 
+ROUND_TRIP_SIZES = {64: 24, 128: 12, 256: 6, 512: 3}  # side -> drawn pictures: the sizes the eval decodes
+
+
+def round_trip_by_size(vae) -> dict:
+    """Halo, clipped share, colour and texture of round trips of drawn pictures at each of the eval's
+    sizes, beside the drawn pictures' own: a VAE that only works at its training size would put its
+    own halo and colour drift into every large sample."""
+    import testbed_metrics as tm
+
+    out = {}
+    for size, n in ROUND_TRIP_SIZES.items():
+        pics = [tc.make_sample(424_242, i, size, *tc.all_prompts()[i % 12][1:]) for i in range(n)]
+        back = []
+        for p in pics:  # one at a time: a 512 px picture's activations are large
+            with torch.no_grad():
+                y = vae.decode(vae.encode(images_to_tensor(p.image[None])).latent_dist.mean).sample
+            back.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()[0])
+        kept = tm.texture_retention([p.image for p in pics], back, [p.colour for p in pics])
+        out[str(size)] = {
+            "n": n,
+            "halo_drawn": tm.nanmean(tm.halo(p.image, p.colour) for p in pics),
+            "halo": tm.nanmean(tm.halo(b, p.colour) for b, p in zip(back, pics)),
+            "clipped_drawn": float(np.mean([tm.clipped(p.image) for p in pics])),
+            "clipped": float(np.mean([tm.clipped(b) for b in back])),
+            "hue_error_drawn": tm.nanmean(tm.colour_drift(p.image, p.colour)[0] for p in pics),
+            "hue_error": tm.nanmean(tm.colour_drift(b, p.colour)[0] for b, p in zip(back, pics)),
+            "colour_correct": float(np.mean([tm.colour_correct(b, p.colour) for b, p in zip(back, pics)])),
+            **{f"texture_{k}": v for k, v in kept.items()},
+        }
+    return out
+
+
 def ring_gain(size: int, period: float, sigma: float = 0.35) -> torch.Tensor:
     """The log-Gabor ring of testbed_metrics.ring_filter as an FFT-domain gain (size x size)."""
     f = torch.fft.fftfreq(size)
@@ -328,16 +360,56 @@ def texture_band_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (gain * err.abs() ** 2).mean() / (gain.mean() * size * size)
 
 
+LARGE_POOL_BYTES = 48e6  # per size: 1024 pictures at 128 px, 244 at 256, 64 at 512
+
+
+def large_pictures(args) -> list[torch.Tensor]:
+    """Drawn pictures larger than the training size (uint8 NCHW, one tensor per --large-sizes entry).
+    GroupNorm normalises over the whole picture, and a larger scene has fewer edge pixels per area:
+    a VAE trained at 64 px alone (or on 64 px crops) overshoots edges and texture in whole larger
+    pictures, so some steps train on those."""
+    pools = []
+    for k, size in enumerate(args.crop_sizes if args.crop_share > 0 and args.crop_sizes else args.large_sizes):
+        n = min(args.n_data // 8, max(64, int(LARGE_POOL_BYTES // (3 * size * size))))
+        pools.append(torch.from_numpy(tc.make_dataset(args.seed + 2 + k, n, size)[0]).permute(0, 3, 1, 2))
+    return pools
+
+
+def vae_batch(x_all: torch.Tensor, pools: list[torch.Tensor], args, g: torch.Generator) -> torch.Tensor:
+    """The step's batch: training pictures, or with probability --large-share whole pictures of one of
+    --large-sizes, as many as hold about the same number of pixels (at least one). With --crop-share
+    instead, that share of every batch is 64 px crops of the larger pictures (kept for the records of
+    runs made so)."""
+    if pools and args.crop_share > 0:
+        n_crop = round(args.batch_size * args.crop_share)
+        parts = [x_all[torch.randint(0, len(x_all), (args.batch_size - n_crop,), generator=g)]]
+        for _ in range(n_crop):
+            pool = pools[int(torch.randint(0, len(pools), (1,), generator=g))]
+            i = int(torch.randint(0, len(pool), (1,), generator=g))
+            y0, x0 = torch.randint(0, pool.shape[-1] - tc.IMAGE_SIZE + 1, (2,), generator=g).tolist()
+            crop = pool[i, :, y0 : y0 + tc.IMAGE_SIZE, x0 : x0 + tc.IMAGE_SIZE]
+            parts.append(crop[None].float().div(127.5).sub(1.0))
+        return torch.cat(parts)
+    if pools and float(torch.rand(1, generator=g)) < args.large_share:
+        pool = pools[int(torch.randint(0, len(pools), (1,), generator=g))]
+        n = max(1, round(args.batch_size * (tc.IMAGE_SIZE / pool.shape[-1]) ** 2))
+        return pool[torch.randint(0, len(pool), (n,), generator=g)].float().div(127.5).sub(1.0)
+    return x_all[torch.randint(0, len(x_all), (args.batch_size,), generator=g)]
+
+
 def train_vae(args, out: Path, work: Path):
     images, _ = tc.make_dataset(args.seed, args.n_data)
     x_all = images_to_tensor(images)
-    vae = build_vae(args).train()
+    pools = large_pictures(args) if args.large_share > 0 or args.crop_share > 0 else []
+    vae = build_vae(args)
+    load_init_weights(vae, args, "")
+    vae.train()
     tr = Trainer(vae, args, work)
+    offset = draws_offset(args)
     t0 = time.time()
     while not finished(tr, args):
-        g = step_generator(args.seed, tr.step)
-        idx = torch.randint(0, len(x_all), (args.batch_size,), generator=g)
-        x = x_all[idx]
+        g = step_generator(args.seed, offset + tr.step)
+        x = vae_batch(x_all, pools, args, g)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
@@ -356,6 +428,7 @@ def train_vae(args, out: Path, work: Path):
     vae.save_pretrained(out, safe_serialization=True)
     write_record(out, args, tr, time.time() - t0, {
         **texture_survival(vae),
+        "round_trip_by_size": round_trip_by_size(vae),
         "latent_mean": float(z.mean()), "latent_std": float(z.std()),
         "latent_channel_std": [round(float(v), 4) for v in z.std(dim=(0, 2, 3))],
     })
@@ -486,14 +559,15 @@ def train_flux(args, out: Path, work: Path):
 # ---------------------------------------------------------------- CLI
 
 DEFAULTS = {
-    "vae": {"steps": 800, "batch_size": 32, "lr": 1e-3, "warmup": 50, "n_data": 8192},
+    "vae": {"steps": 4000, "batch_size": 32, "lr": 1e-3, "warmup": 100, "n_data": 8192},
     "sd15": {"steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup": 100, "n_data": 16384},
     "flux": {"steps": 3000, "batch_size": 64, "lr": 5e-4, "warmup": 100, "n_data": 16384},
 }
 
 
 # Options a record made before they existed ran with (its args lack them).
-LEGACY = {"latent_channels": 4, "vae_layers": 1, "texture_weight": 0.0}
+LEGACY = {"latent_channels": 4, "vae_layers": 1, "texture_weight": 0.0, "vae_attention": True, "large_share": 0.0,
+          "large_sizes": [128, 256, 512], "crop_share": 0.0, "crop_sizes": None}
 
 
 def parse(argv=None):
@@ -515,7 +589,14 @@ def parse(argv=None):
     p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 32])
     p.add_argument("--vae-layers", type=int, default=1, help="VAE resnet layers per block")
     p.add_argument("--latent-channels", type=int, default=16)
-    p.add_argument("--texture-weight", type=float, default=0.0, help="weight of the texture-band loss (VAE)")
+    p.add_argument("--texture-weight", type=float, default=1.0, help="weight of the texture-band loss (VAE)")
+    p.add_argument("--vae-attention", action=argparse.BooleanOptionalAction, default=False,
+                   help="attention in the VAE's mid block (v2 had it; without it the VAE is convolutional only)")
+    p.add_argument("--large-share", type=float, default=0.5, help="share of VAE steps on whole larger pictures")
+    p.add_argument("--large-sizes", type=int, nargs="+", default=[128, 256, 512], help="sides of those pictures")
+    p.add_argument("--crop-share", type=float, default=0.0,
+                   help="share of every VAE batch cropped (64 px) from larger pictures instead (overrides --large-share)")
+    p.add_argument("--crop-sizes", type=int, nargs="+", help="sides of the pictures cropped from (with --crop-share)")
     p.add_argument("--latent-size", type=int, default=16)
     p.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 64])
     p.add_argument("--layers-per-block", type=int, default=1)
@@ -529,7 +610,7 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--init-from", type=str,
-                   help="exported pipeline (sd15, flux) whose weights to continue training; its batches are not redrawn")
+                   help="exported VAE or pipeline (sd15, flux) whose weights to continue training; its batches are not redrawn")
     p.add_argument("--reproduce", type=Path, help="training.json whose args to rerun and compare")
     p.add_argument("--stop-after", type=int, help="stop after this many steps (for --reproduce)")
     args = p.parse_args(argv)
@@ -545,8 +626,9 @@ def parse(argv=None):
             setattr(args, k, v)
     if args.stage != "vae" and not args.vae:
         p.error(f"--vae is required for stage {args.stage}")
-    if args.init_from and (args.stage == "vae" or not (Path(args.init_from) / "training.json").exists()):
-        p.error(f"--init-from {args.init_from!r}: needs an exported sd15/flux pipeline folder with its training.json")
+    if args.init_from and not (Path(args.init_from) / "training.json").exists():
+        p.error(f"--init-from {args.init_from!r}: needs an exported folder of this stage (a VAE, or an sd15/flux "
+                "pipeline) with its training.json")
     if args.work_dir is None:
         args.work_dir = Path(f"/tmp/hires_testbed/work_{args.stage}")
     return args

@@ -327,6 +327,23 @@ def test_shipped_vae_keeps_the_texture_through_its_round_trip(sd15_pipe):
                for im, p in zip(back, pics))
 
 
+@pytest.mark.parametrize("size, n", [(64, 12), (128, 6), (256, 3), (512, 2)])
+def test_shipped_vae_round_trip_adds_no_halo_clipping_or_colour_drift_at_any_size(sd15_pipe, size, n):
+    # The eval decodes samples up to 512 px: a VAE that only works at its 64 px training size puts
+    # its own halo, clipped pixels and hue shift into every large sample (v2's turned a 512 px red
+    # circle orange with a green rim). Drawn pictures at each size, prompts spread over the colours.
+    prompts = tc.all_prompts()
+    pics = [tc.make_sample(424_242, i, size, *prompts[(5 * i) % 12][1:]) for i in range(n)]
+    back = [_round_trip(sd15_pipe.vae, p.image[None])[0] for p in pics]
+    drawn_halo = tm.nanmean(tm.halo(p.image, p.colour) for p in pics)
+    halo = tm.nanmean(tm.halo(b, p.colour) for b, p in zip(back, pics))
+    clipped = float(np.mean([tm.clipped(b) for b in back]))
+    hue = [tm.colour_drift(b, p.colour)[0] - tm.colour_drift(p.image, p.colour)[0] for b, p in zip(back, pics)]
+    assert drawn_halo <= 0.02 and halo <= 0.02, (drawn_halo, halo)
+    assert clipped <= 0.002, clipped
+    assert all(tm.colour_correct(b, p.colour) for b, p in zip(back, pics)) and max(hue) <= 3.0, hue
+
+
 def test_shipped_models_share_one_vae(sd15_pipe):
     from safetensors.torch import load_file
 
