@@ -275,10 +275,34 @@ def score_model(family: str, parts: list[dict], args) -> dict:
                   f"colour={st['colour']:.2f} shape={st['shape']:.2f} detail={st['detail']:.2f}/{st['detail_bg']:.2f} "
                   f"stripes={st['stripes']:.2f} halo={st['halo']:.3f} hue={st['hue_error']:.1f} "
                   f"time={cells[-1]['time_ratio']:.2f}x")
+    attach_baselines(cells, reference_settings)
     if sheet:
         write_sheet(sheet, args.sheet_dir / f"testbed_sheet_{family}.png")
     return {"model": family, "cells": cells, "reference": ref.as_dict(), "n": images_per_cell(args),
             "seconds": sum(p["seconds"] for p in parts), "record": model_record(family, args)}
+
+
+BASELINE_KEYS = ("one", "colour", "detail", "detail_bg")
+
+
+def attach_baselines(cells: list[dict], reference_settings) -> None:
+    """Give each scored cell the trivial baseline's measures (base size + bicubic upscale) at its size and
+    settings, or at the reference settings where no trivial row samples as it does, so every row reads
+    beside what an upscale of the base image gives."""
+    def key(c, settings=None):
+        return tuple(settings if settings is not None else c.get("settings", reference_settings)), c["size"]
+    trivial_cells = {key(c): c for c in cells if c["kind"] == trows.TRIVIAL and "error" not in c}
+    for c in cells:
+        if "error" in c or c["kind"] == trows.TRIVIAL:
+            continue
+        base = trivial_cells.get(key(c)) or trivial_cells.get(key(c, reference_settings))
+        if base is not None:
+            c["baseline"] = {k: base[k] for k in BASELINE_KEYS} | {"row": base["row"]}
+
+
+def _baseline_text(c: dict) -> str:
+    b = c.get("baseline")
+    return " / ".join(_f(b[k], ".2f") for k in BASELINE_KEYS) if b else "—"
 
 
 def write_sheet(sheet: dict, path: Path, gap: int = 6):
@@ -443,7 +467,9 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
         "largest saturated object against the prompted colour's trained hue and saturation (a green object for "
         "\"red\" reads ~130); *speckle* = share of saturated pixels outside counted objects; *clip* = share of "
         "pixels with a channel at 0 or 255; *time* = seconds per image over plain's at the same size and "
-        "settings (the testbed's plain row where the table has no plain cell at those settings)."),
+        "settings (the testbed's plain row where the table has no plain cell at those settings); *bicubic* = "
+        "the trivial baseline's one / colour / detail / bg detail at the row's size and settings (at the "
+        "testbed's steps and guidance where no baseline row samples as the row does)."),
         ("- Shares carry a 95% Wilson interval (in brackets); n = images per cell. Image i of a cell uses prompt "
         "i mod 12 (the 12 colour x shape captions) and seed base + 1000*(i mod 12) + i//12, the same in every "
         f"row; base {SEED_SETS['report']} is the reported set (`--seeds report`, the default), base "
@@ -475,11 +501,11 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
         for m in r["models"]:
             lines += [f"## {m['model']}" + (f" (run {i + 1})" if len(runs) > 1 else ""), "",
                       ("| row | size | n | one [95%] | colour [95%] | shape [95%] | count | detail | bg detail | stripes "
-                      "| halo | hue | sat | speckle | clip | time |"),
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "| halo | hue | sat | speckle | clip | time | bicubic: one / colour / detail / bg |"),
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for c in m["cells"]:
                 if "error" in c:
-                    lines.append(f"| {c['row']} | {c['label']} | 0 | failed: {c['error'][:160]} |" + " |" * 12)
+                    lines.append(f"| {c['row']} | {c['label']} | 0 | failed: {c['error'][:160]} |" + " |" * 13)
                     continue
                 colour = f"{c['colour']:.2f} [{_ci(c['colour_ci'])}]" if "colour" in c else "—"  # v2 runs lack it
                 lines.append(
@@ -488,7 +514,7 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
                     f"{_f(c['detail_bg'], '.2f')} | {_f(c.get('stripes'), '.2f')} | {_f(c['halo'], '.3f')} | "
                     f"{_f(c['hue_error'], '.1f')} | "
                     f"{_f(c['sat_error'], '.3f')} | {c['speckle']:.4f} | {c['clipped']:.4f} | "
-                    f"{c['time_ratio']:.2f} |")
+                    f"{c['time_ratio']:.2f} | {_baseline_text(c)} |")
             if i:  # contact sheets are written by the first run only
                 lines.append("")
                 continue

@@ -48,17 +48,22 @@ STANDING = [
 
 
 def defaults_rows(family: str) -> list[Row]:
-    """Plain and the preset at the CLI's defaults; the family's preset at the family's default steps."""
+    """Plain, the trivial baseline and the preset at the CLI's defaults; the family's preset and the
+    trivial baseline at the family's default steps (each row's baseline samples as the row does)."""
     cli = f"the CLI's defaults ({CLI_STEPS} steps, the pipeline's own guidance)"
     at_cli = {"group": "defaults", "steps": CLI_STEPS, "guidance": PIPELINE_GUIDANCE}
     rows = [Row(f"plain diffusers at {cli}", PLAIN, sizes=("1x", "4x", "16x"), **at_cli),
+            Row(f"trivial baseline at {cli}", TRIVIAL, **at_cli),
             Row(f"automatic preset at {cli}", PRESET, **at_cli)]
     steps = FAMILY_STEPS[family]
+    at_family = {"group": "defaults", "steps": steps}
     if family == "sd15":
         rows.append(Row(f"SDXL analogue: the sdxl preset (renoise {AUTOMATIC['sdxl'].structure_guidance.renoise:g}) "
-                        f"at SDXL's {steps} steps", CONFIG, AUTOMATIC["sdxl"], group="defaults", steps=steps))
+                        f"at SDXL's {steps} steps", CONFIG, AUTOMATIC["sdxl"], **at_family))
+        rows.append(Row(f"trivial baseline at SDXL's {steps} steps", TRIVIAL, **at_family))
     else:
-        rows.append(Row(f"automatic preset at Flux's {steps} steps", PRESET, group="defaults", steps=steps))
+        rows.append(Row(f"automatic preset at Flux's {steps} steps", PRESET, **at_family))
+        rows.append(Row(f"trivial baseline at Flux's {steps} steps", TRIVIAL, **at_family))
     return rows
 
 _ENTROPY = hires.EntropyScalingConfig(enabled=True)

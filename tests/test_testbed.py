@@ -479,3 +479,33 @@ def test_rows_run_in_any_order_score_against_the_plain_row(tmp_path):
     assert scored["cells"][3]["error"] == "x" and "measures" not in preset16
     with pytest.raises(RuntimeError, match="plain 1x failed"):
         ev.score_model("sd15", [{**plain, "cells": [{"kind": "plain", "size": "1x", "error": "boom"}]}], args)
+
+
+def test_every_row_reads_beside_the_trivial_baseline_at_its_own_settings():
+    # A row at the CLI's defaults is set beside the baseline sampled at those defaults; a row whose
+    # settings no baseline row shares falls back to the baseline at the testbed's own settings.
+    import eval_coherence as ev
+    import testbed_rows as trows
+
+    def cell(kind, size, settings, one, detail, error=None):
+        c = {"kind": kind, "row": f"{kind} {settings}", "size": size, "settings": list(settings)}
+        return {**c, "error": error} if error else {**c, "one": one, "colour": 1.0, "detail": detail, "detail_bg": 0.5}
+
+    ref, cli, family = (None, None), (20, trows.PIPELINE_GUIDANCE), (50, None)
+    cells = [cell("plain", "1x", ref, 1.0, 1.0), cell("trivial", "16x", ref, 0.9, 0.2),
+             cell("trivial", "16x", cli, 0.8, 0.3), cell("preset", "16x", ref, 0.7, 0.9),
+             cell("preset", "16x", cli, 0.6, 0.8), cell("config", "16x", family, 0.5, 0.7),
+             cell("preset", "64x", ref, 0.4, 0.6), cell("trivial", "4x", ref, 0, 0, error="boom"),
+             cell("preset", "4x", ref, 0.3, 0.5)]
+    ev.attach_baselines(cells, list(ref))
+    one = {(c["kind"], c["size"], tuple(c["settings"])): c.get("baseline", {}).get("one") for c in cells}
+    assert one[("preset", "16x", ref)] == 0.9 and one[("preset", "16x", cli)] == 0.8
+    assert one[("config", "16x", family)] == 0.9  # no baseline at 50 steps: the testbed's own
+    assert one[("plain", "1x", ref)] is None and one[("preset", "64x", ref)] is None  # none at that size
+    assert one[("preset", "4x", ref)] is None and "baseline" not in cells[1]  # a failed baseline is no baseline
+    assert ev._baseline_text(cells[4]) == "0.80 / 1.00 / 0.30 / 0.50" and ev._baseline_text(cells[0]) == "—"
+    # each settings group of the rows has its own baseline row
+    for family_name in trows.ROWS:
+        rows = trows.ROWS[family_name]()
+        trivial_settings = {r.settings for r in rows if r.kind == trows.TRIVIAL}
+        assert {r.settings for r in rows if r.group in ("standing", "defaults")} == trivial_settings
