@@ -373,11 +373,11 @@ def test_shipped_sd15_draws_one_striped_object_of_the_prompted_colour(sd15_pipe)
     bad = [(p, n) for (p, _, _), n in zip(prompts, counts) if n != 1]
     assert not bad, f"prompts without exactly one object of their colour: {bad}"
     assert all(tm.colour_correct(im, colour) for im, (_, colour, _) in zip(images, prompts))
-    # the samples draw the stripes: at least half the drawn pictures' texture power, prompt by prompt
+    # the samples draw the stripes: at least 0.8 of the drawn pictures' texture power, prompt by prompt
     drawn = [tm.measure(p.image, p.colour, p.shape) for p in tc.drawn_pictures(48)]
     ref = tm.Reference.of(drawn, drawn)
     stripes = tm.summarise([tm.measure(im, c, s) for im, (_, c, s) in zip(images, prompts)], ref)["stripes"]
-    assert stripes >= 0.5, stripes
+    assert stripes >= 0.8, stripes
 
 
 def test_shipped_flux_loads_and_samples_native_size():
@@ -401,14 +401,14 @@ def test_shipped_flux_loads_and_samples_native_size():
 
 def _cell(kind, size, **values):
     return {"kind": kind, "size": size, "row": kind, "n": 8, "one": 0.0, "detail": 0.0, "stripes": 0.0,
-            "colour": 0.0, "hue_error": 0.0, **values}
+            "colour": 0.0, "hue_error": 0.0, "halo": 0.0, "clipped": 0.0, **values}
 
 
 def test_model_checks_read_the_acceptance_cells():
     import eval_coherence as ev
 
     good = {"model": "m", "cells": [
-        _cell("plain", "1x", one=0.96, stripes=0.6, colour=1.0, hue_error=2.0),
+        _cell("plain", "1x", one=0.96, stripes=0.85, colour=1.0, hue_error=2.0, halo=0.01, clipped=0.001),
         _cell("plain", "16x", one=0.25, detail=0.85),
         _cell("trivial", "16x", one=1.0, detail=0.1), _cell("preset", "16x", one=0.0)]}
     rows = ev.model_checks(good)
@@ -417,14 +417,15 @@ def test_model_checks_read_the_acceptance_cells():
     # row at other settings (the CLI's defaults) that comes first
     bad = {"model": "m", "cells": [
         _cell("plain", "1x", group="defaults", one=1.0, stripes=1.0, colour=1.0),
-        _cell("plain", "1x", one=0.94, stripes=0.4, colour=0.95, hue_error=6.0),
+        _cell("plain", "1x", one=0.94, stripes=0.75, colour=0.95, hue_error=6.0, halo=0.03, clipped=0.003),
         _cell("plain", "16x", one=0.5, detail=0.7),
         _cell("trivial", "16x", one=0.8, detail=0.4), _cell("plain", "4x", error="RuntimeError")]}
     assert [r.endswith("| no |") for r in ev.model_checks(bad)] == [True] * len(ev.MODEL_CHECKS)
     assert ev.model_checks({"model": "m", "cells": [_cell("plain", "1x", error="x")]}) == []
     # a v2 run's cells lack the v3 measures: those checks are left out, not failed
-    v2 = {k: v for k, v in _cell("plain", "1x", one=1.0).items() if k not in ("stripes", "colour", "hue_error")}
-    assert len(ev.model_checks({"model": "m", "cells": [v2]})) == 1
+    v2 = {k: v for k, v in _cell("plain", "1x", one=1.0, halo=0.0, clipped=0.0).items()
+          if k not in ("stripes", "colour", "hue_error")}
+    assert len(ev.model_checks({"model": "m", "cells": [v2]})) == 3  # one, halo, clipped
 
 
 def test_images_per_cell_text_reads_old_and_grouped_runs():
