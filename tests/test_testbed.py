@@ -299,6 +299,12 @@ def test_stripes_column_reads_drawn_pictures_as_one_and_flat_objects_as_zero():
     assert math.isnan(tm.summarise(others, tm.Reference.of(drawn))["stripes"])  # no drawn pictures given
 
 
+# The shipped models predate testbed v3: their VAE keeps about 0.04 of the stripes' power and makes halos and
+# clipped pixels above 64 px. The v3 VAE (scripts/testbed_v3_vae, made by train_testbed.py, its record beside it)
+# passes these; they turn green, and strict xfail turns red, when models retrained on it ship.
+PREDATES_V3 = pytest.mark.xfail(strict=True, reason="shipped testbed models predate the v3 VAE")
+
+
 @pytest.fixture(scope="module")
 def sd15_pipe():
     from diffusers import StableDiffusionPipeline
@@ -309,6 +315,13 @@ def sd15_pipe():
     return pipe
 
 
+@pytest.fixture(scope="module")
+def v3_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(REPO / "scripts" / "testbed_v3_vae", local_files_only=True)
+
+
 def _round_trip(vae, images: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
@@ -316,25 +329,44 @@ def _round_trip(vae, images: np.ndarray) -> np.ndarray:
     return ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
+@PREDATES_V3
 def test_shipped_vae_keeps_the_texture_through_its_round_trip(sd15_pipe):
+    _check_texture_kept(sd15_pipe.vae)
+
+
+def test_v3_vae_keeps_the_texture_through_its_round_trip(v3_vae):
+    _check_texture_kept(v3_vae)
+
+
+def _check_texture_kept(vae):
     # Held-out drawn pictures (seeds no model trained on): the stripes and the grain survive the
     # round trip in power and in phase, so samples can carry them and the detail columns can see them.
     pics = tc.drawn_pictures(48)
-    back = _round_trip(sd15_pipe.vae, np.stack([p.image for p in pics]))
+    back = _round_trip(vae, np.stack([p.image for p in pics]))
     kept = tm.texture_retention([p.image for p in pics], back, [p.colour for p in pics])
     assert all(kept[k] >= 0.8 for k in ("object", "background", "object_in_phase", "background_in_phase")), kept
     assert all(tm.colour_correct(im, p.colour) and tc.count_objects(im, p.colour).n_objects == 1
                for im, p in zip(back, pics))
 
 
+@PREDATES_V3
 @pytest.mark.parametrize("size, n", [(64, 12), (128, 6), (256, 3), (512, 2)])
 def test_shipped_vae_round_trip_adds_no_halo_clipping_or_colour_drift_at_any_size(sd15_pipe, size, n):
+    _check_round_trip_clean(sd15_pipe.vae, size, n)
+
+
+@pytest.mark.parametrize("size, n", [(64, 12), (128, 6), (256, 3), (512, 2)])
+def test_v3_vae_round_trip_adds_no_halo_clipping_or_colour_drift_at_any_size(v3_vae, size, n):
+    _check_round_trip_clean(v3_vae, size, n)
+
+
+def _check_round_trip_clean(vae, size: int, n: int):
     # The eval decodes samples up to 512 px: a VAE that only works at its 64 px training size puts
     # its own halo, clipped pixels and hue shift into every large sample (v2's turned a 512 px red
     # circle orange with a green rim). Drawn pictures at each size, prompts spread over the colours.
     prompts = tc.all_prompts()
     pics = [tc.make_sample(424_242, i, size, *prompts[(5 * i) % 12][1:]) for i in range(n)]
-    back = [_round_trip(sd15_pipe.vae, p.image[None])[0] for p in pics]
+    back = [_round_trip(vae, p.image[None])[0] for p in pics]
     drawn_halo = tm.nanmean(tm.halo(p.image, p.colour) for p in pics)
     halo = tm.nanmean(tm.halo(b, p.colour) for b, p in zip(back, pics))
     clipped = float(np.mean([tm.clipped(b) for b in back]))
@@ -361,6 +393,7 @@ def test_shipped_tokenizer_round_trips(sd15_pipe):
     assert tok("a purple circle").input_ids[1] == tok.unk_token_id
 
 
+@PREDATES_V3
 def test_shipped_sd15_draws_one_striped_object_of_the_prompted_colour(sd15_pipe):
     prompts = tc.all_prompts()
     gens = [torch.Generator().manual_seed(10_000 + i) for i in range(len(prompts))]
