@@ -1,18 +1,24 @@
-"""Coherence testbed v2: one object *and* native-scale detail, beside the trivial baseline.
+"""Coherence testbed v3: one object of the right colour *and* native-scale detail, beside the trivial baseline.
 
 For each model (testbed_sd15, testbed_flux), each row (scripts/testbed_rows.py: plain diffusers, the
-trivial baseline = base size + bicubic upscale, the automatic preset, every technique alone, the best
-combinations) and each size (4x, 16x, 64x the 64x64 training area, a 2:1 and a 1:3 aspect), generate
-n images and score them with testbed_metrics.measure: objects of the prompted colour, shape of the
-largest, texture detail at the training period relative to 1x plain samples, halo, colour drift,
-speckle, clipping, and seconds per image as a ratio to plain at the same size.
+trivial baseline = base size + bicubic upscale, the automatic preset, the same at the CLI's and the
+family's default steps, every technique alone, the best combinations) and each size (4x, 16x, 64x the
+64x64 training area, a 2:1 and a 1:3 aspect), generate n images and score them with
+testbed_metrics.measure: objects of the prompted colour, shape of the largest, whether the largest
+object has the prompted colour and its hue error, texture detail at the training period relative to
+1x plain samples and the stripes' power relative to drawn pictures, halo, speckle, clipping, and
+seconds per image as a ratio to plain at the same size.
 
     python scripts/eval_coherence.py                  # both models, docs/testbed.md + contact sheets
     python scripts/eval_coherence.py --models sd15 --json /tmp/sd15.json --md /tmp/sd15.md
+    python scripts/eval_coherence.py --seeds tune --md /tmp/tune.md      # tuning: not the reported seeds
+    python scripts/eval_coherence.py --only-rows "automatic preset (hires.apply(pipe))" --sizes 16x --n 4
     python scripts/eval_coherence.py --from-json /tmp/sd15.json /tmp/flux.json   # table from saved runs
 
-Determinism: image i of a cell uses prompt i mod 12 and seed seed + 1000*(i mod 12) + i // 12, the
-same in every row, so rows differ only by what the configuration changes.
+Seeds: `--seeds report` (the default, what docs/testbed.md reports) or `--seeds tune` (a disjoint set for
+choosing settings, so reported numbers are never the ones tuned on). Image i of a cell uses prompt
+i mod 12 and seed base + 1000*(i mod 12) + i // 12, the same in every row, so rows differ only by what
+the configuration changes.
 """
 
 from __future__ import annotations
@@ -49,16 +55,19 @@ SIZES = [
     ("2:1", "2:1 wide, 8x (128x256)", 128, 256),
     ("1:3", "1:3 tall, 6.75x (288x96)", 288, 96),
 ]
-# Images per cell, chosen so every row of both models fits 30 minutes on the 2-core CPU, two
+# Images per cell, chosen so every row of both models fits about an hour on the 2-core CPU, two
 # single-threaded worker processes sharing the rows (docs/testbed.md gives the run's own time). The
-# standing rows (plain, trivial baseline, preset: what the acceptance reads) are three of the 26 rows
-# per model, so they get many images; the rows of one technique each get few, and most of the run is
-# their 64x cells (one 512x512 image at 15 steps: ~20-45 s on the UNet, ~40-60 s on the DiT, with both
-# cores busy). The run's time follows the host's speed: on a slower host pass --n or --only-rows.
+# standing rows (plain, trivial baseline, preset: what the acceptance reads) and the rows at the CLI's
+# and the family's defaults are six of the 29 rows per model, so they get many images (12 at 64x);
+# the rows of one technique each get few. The run's time follows the host's speed: on a slower host
+# pass --n, --sizes or --only-rows.
 N_DEFAULT = {
-    "standing": {"1x": 96, "4x": 8, "16x": 8, "64x": 3, "2:1": 4, "1:3": 4},
+    "standing": {"1x": 96, "4x": 8, "16x": 12, "64x": 12, "2:1": 4, "1:3": 4},
+    "defaults": {"1x": 48, "4x": 8, "16x": 12, "64x": 12, "2:1": 4, "1:3": 4},
     "technique": {"4x": 3, "16x": 3, "64x": 1, "2:1": 2, "1:3": 2},
 }
+SEED_SETS = {"report": 0, "tune": 500_000}  # base seeds: the reported set and a disjoint one for tuning
+DRAWN_N = 96  # drawn pictures (testbed_common.drawn_pictures) the stripes column is judged against
 SHEET_SIZES = ("16x", "64x")
 SHEET_ROWS = (trows.PLAIN, trows.TRIVIAL, trows.PRESET)
 
@@ -85,6 +94,11 @@ def base_size(height: int, width: int) -> tuple[int, int]:
     return max(32, round(height / s / 16) * 16), max(32, round(width / s / 16) * 16)
 
 
+def seed_base(args) -> int:
+    """The seed set's base (--seeds), unless --seed names one."""
+    return SEED_SETS[args.seeds] if args.seed is None else args.seed
+
+
 def cell_items(n: int, seed: int) -> list[tuple[int, str, str, str, int]]:
     """(i, prompt, colour, shape, seed) of the cell's n images."""
     prompts = tc.all_prompts()
@@ -96,27 +110,38 @@ def cell_items(n: int, seed: int) -> list[tuple[int, str, str, str, int]]:
     return out
 
 
-def generate(pipe, family, prompts, seeds, height, width, args) -> list[np.ndarray]:
+def sampling_arguments(row: trows.Row, family: str, args, batch: int) -> dict:
+    """The call's steps and guidance: the row's own where it names them, else the eval's. With
+    PIPELINE_GUIDANCE nothing is passed (as `hires generate` does): SD's guidance_scale default 7.5, and
+    for Flux no true CFG (true_cfg_scale 1; this DiT has no guidance embedding)."""
+    kw = {"num_inference_steps": row.steps or args.steps}
+    if family == "flux":
+        kw["max_sequence_length"] = MAX_SEQUENCE_LENGTH
+    if row.guidance == trows.PIPELINE_GUIDANCE:
+        return kw
+    scale = args.guidance[family] if row.guidance is None else row.guidance
+    if family == "flux":
+        return {**kw, "negative_prompt": [""] * batch, "true_cfg_scale": scale}
+    return {**kw, "guidance_scale": scale}
+
+
+def generate(pipe, family, prompts, seeds, height, width, args, row: trows.Row = trows.STANDING[0]) -> list[np.ndarray]:
     """uint8 images, each from its own generator (independent of batching)."""
     out = []
     for a in range(0, len(prompts), args.batch):
         ps, ss = prompts[a : a + args.batch], seeds[a : a + args.batch]
-        kw = {"prompt": ps, "height": height, "width": width, "num_inference_steps": args.steps,
-              "generator": [torch.Generator().manual_seed(s) for s in ss], "output_type": "np"}
-        if family == "flux":
-            kw.update(negative_prompt=[""] * len(ps), true_cfg_scale=args.guidance[family],
-                      max_sequence_length=MAX_SEQUENCE_LENGTH)
-        else:
-            kw.update(guidance_scale=args.guidance[family])
+        kw = {"prompt": ps, "height": height, "width": width,
+              "generator": [torch.Generator().manual_seed(s) for s in ss], "output_type": "np",
+              **sampling_arguments(row, family, args, len(ps))}
         with torch.no_grad():
             imgs = pipe(**kw).images
         out.extend((np.clip(imgs, 0, 1) * 255).round().astype(np.uint8))
     return out
 
 
-def trivial(pipe, family, prompts, seeds, height, width, args) -> list[np.ndarray]:
+def trivial(pipe, family, prompts, seeds, height, width, args, row: trows.Row = trows.STANDING[1]) -> list[np.ndarray]:
     bh, bw = base_size(height, width)
-    small = generate(pipe, family, prompts, seeds, bh, bw, args)
+    small = generate(pipe, family, prompts, seeds, bh, bw, args, row)
     return [np.asarray(Image.fromarray(im).resize((width, height), Image.BICUBIC)) for im in small]
 
 
@@ -147,15 +172,35 @@ def pipeline(family: str, args):
 
 
 def model_rows(family: str, args) -> list[trows.Row]:
+    """The model's rows, or with --only-rows those named, the reference plain row (the first) and the
+    plain row at each named row's settings."""
     rows = trows.ROWS[family]()
     if args.only_rows:
-        rows = [r for r in rows if r.kind == trows.PLAIN or r.name in args.only_rows]
+        named = [r for r in rows if r.name in args.only_rows]
+        settings = {r.settings for r in named}
+        rows = [r for i, r in enumerate(rows)
+                if i == 0 or r in named or (r.kind == trows.PLAIN and r.settings in settings)]
     return rows
 
 
 def images_per_cell(args) -> dict:
-    n_for = {kind: {k: args.n or N_DEFAULT[kind][k] for k, *_ in SIZES[1:]} for kind in N_DEFAULT}
-    return {"1x": args.n_1x or N_DEFAULT["standing"]["1x"], **n_for}
+    """Images per cell: per row group and size; 1x is the reference (plain rows only)."""
+    sizes = [k for k, *_ in SIZES]
+    out = {kind: {k: args.n or N_DEFAULT[kind][k] for k in sizes[1:]} for kind in N_DEFAULT}
+    for kind in out:
+        if "1x" in N_DEFAULT[kind]:
+            out[kind] = {"1x": args.n_1x or N_DEFAULT[kind]["1x"], **out[kind]}
+    return out
+
+
+def row_group(row: trows.Row) -> str:
+    return row.group if row.group in ("standing", "defaults") else "technique"  # combinations count as techniques
+
+
+def row_sizes(row: trows.Row, args) -> list[str]:
+    """Sizes a row runs: 1x for plain rows only (the reference), the rest as --sizes asks, within the row's own."""
+    wanted = (["1x"] if row.kind == trows.PLAIN else []) + list(args.sizes)
+    return [k for k, *_ in SIZES if k in wanted and (row.sizes is None or k in row.sizes)]
 
 
 def run_row(family: str, index: int, args) -> dict:
@@ -163,23 +208,21 @@ def run_row(family: str, index: int, args) -> dict:
     reference and plain's seconds come from the plain row, which may run in another process)."""
     pipe = pipeline(family, args)
     row = model_rows(family, args)[index]
-    n = images_per_cell(args)
-    n_kind = "standing" if row.group == "standing" else "technique"  # combinations count as techniques
+    n = images_per_cell(args)[row_group(row)]
     t_row = time.perf_counter()
     cells, sheet = [], {}
     with applied(pipe, row):
         for key, label, h, w in SIZES:
-            wanted = row.kind == trows.PLAIN if key == "1x" else key in args.sizes  # 1x: plain's reference only
-            if not wanted:
+            if key not in row_sizes(row, args):
                 continue
-            items = cell_items(n["1x"] if key == "1x" else n[n_kind][key], args.seed)
+            items = cell_items(n[key], seed_base(args))
             prompts, seeds = [it[1] for it in items], [it[4] for it in items]
             make = trivial if row.kind == trows.TRIVIAL else generate
             cell = {"model": family, "row": row.name, "group": row.group, "kind": row.kind,
-                    "size": key, "label": label, "height": h, "width": w}
+                    "settings": list(row.settings), "size": key, "label": label, "height": h, "width": w}
             t0 = time.perf_counter()
             try:
-                imgs = make(pipe, family, prompts, seeds, h, w, args)
+                imgs = make(pipe, family, prompts, seeds, h, w, args, row)
             except (ValueError, RuntimeError) as err:  # a row that cannot run here is a result too
                 cells.append({**cell, "n": 0, "error": f"{type(err).__name__}: {err}"})
                 print(f"{family} | {row.name} | {key}: {type(err).__name__}: {err}", flush=True)
@@ -187,22 +230,37 @@ def run_row(family: str, index: int, args) -> dict:
             secs = (time.perf_counter() - t0) / len(imgs)
             cells.append({**cell, "seconds_per_image": secs,
                           "measures": [tm.measure(im, it[2], it[3]) for im, it in zip(imgs, items)]})
-            if key in SHEET_SIZES and row.kind in SHEET_ROWS:
+            if key in SHEET_SIZES and row.kind in SHEET_ROWS and row.group == "standing":
                 sheet[(row.kind, key)] = imgs[: args.sheet_n]
             print(f"{family} | {row.name[:44]:44s} | {key:4s} n={len(imgs):2d} t={secs:.1f}s", flush=True)
     return {"model": family, "index": index, "cells": cells, "sheet": sheet,
             "seconds": time.perf_counter() - t_row}
 
 
+def drawn_measures(n: int = DRAWN_N) -> list[tm.Measure]:
+    """Measures of held-out drawn pictures, picture i of prompt i mod 12: the data's own stripes."""
+    return [tm.measure(p.image, p.colour, p.shape) for p in tc.drawn_pictures(n)]
+
+
 def score_model(family: str, parts: list[dict], args) -> dict:
-    """One model's cells in row order, scored against its plain row's 1x reference and seconds."""
+    """One model's cells in row order, scored against its reference plain row's 1x images (the first
+    row's) and against drawn pictures, and timed against plain at the same size and settings (the
+    reference plain row where no plain row has them)."""
     parts = sorted(parts, key=lambda p: p["index"])
     plain = next(c for p in parts for c in p["cells"] if c["kind"] == trows.PLAIN and c["size"] == "1x")
     if "error" in plain:
         raise RuntimeError(f"{family}: plain 1x failed, so nothing can be scored: {plain['error']}")
-    ref = tm.Reference.of(plain["measures"])
-    plain_secs = {c["size"]: c["seconds_per_image"] for p in parts for c in p["cells"]
-                  if c["kind"] == trows.PLAIN and "error" not in c}
+    ref = tm.Reference.of(plain["measures"], drawn_measures())
+    reference_settings = plain.get("settings", [None, None])
+    plain_secs = {}
+    for p in parts:
+        for c in p["cells"]:
+            if c["kind"] == trows.PLAIN and "error" not in c:
+                plain_secs.setdefault((tuple(c.get("settings", reference_settings)), c["size"]), c["seconds_per_image"])
+
+    def plain_seconds(c) -> float:
+        own = (tuple(c.get("settings", reference_settings)), c["size"])
+        return plain_secs.get(own) or plain_secs[(tuple(reference_settings), c["size"])]
     cells, sheet = [], {}
     for part in parts:
         sheet.update(part["sheet"])
@@ -212,14 +270,39 @@ def score_model(family: str, parts: list[dict], args) -> dict:
                 continue
             c = dict(c)
             st = tm.summarise(c.pop("measures"), ref)
-            cells.append({**c, "time_ratio": c["seconds_per_image"] / plain_secs[c["size"]], **st})
+            cells.append({**c, "time_ratio": c["seconds_per_image"] / plain_seconds(c), **st})
             print(f"{family} | {c['row'][:44]:44s} | {c['size']:4s} n={st['n']:2d} one={st['one']:.2f} "
-                  f"shape={st['shape']:.2f} detail={st['detail']:.2f}/{st['detail_bg']:.2f} "
-                  f"halo={st['halo']:.3f} hue={st['hue_error']:.1f} time={cells[-1]['time_ratio']:.2f}x")
+                  f"colour={st['colour']:.2f} shape={st['shape']:.2f} detail={st['detail']:.2f}/{st['detail_bg']:.2f} "
+                  f"stripes={st['stripes']:.2f} halo={st['halo']:.3f} hue={st['hue_error']:.1f} "
+                  f"time={cells[-1]['time_ratio']:.2f}x")
+    attach_baselines(cells, reference_settings)
     if sheet:
         write_sheet(sheet, args.sheet_dir / f"testbed_sheet_{family}.png")
     return {"model": family, "cells": cells, "reference": ref.as_dict(), "n": images_per_cell(args),
             "seconds": sum(p["seconds"] for p in parts), "record": model_record(family, args)}
+
+
+BASELINE_KEYS = ("one", "colour", "detail", "detail_bg")
+
+
+def attach_baselines(cells: list[dict], reference_settings) -> None:
+    """Give each scored cell the trivial baseline's measures (base size + bicubic upscale) at its size and
+    settings, or at the reference settings where no trivial row samples as it does, so every row reads
+    beside what an upscale of the base image gives."""
+    def key(c, settings=None):
+        return tuple(settings if settings is not None else c.get("settings", reference_settings)), c["size"]
+    trivial_cells = {key(c): c for c in cells if c["kind"] == trows.TRIVIAL and "error" not in c}
+    for c in cells:
+        if "error" in c or c["kind"] == trows.TRIVIAL:
+            continue
+        base = trivial_cells.get(key(c)) or trivial_cells.get(key(c, reference_settings))
+        if base is not None:
+            c["baseline"] = {k: base[k] for k in BASELINE_KEYS} | {"row": base["row"]}
+
+
+def _baseline_text(c: dict) -> str:
+    b = c.get("baseline")
+    return " / ".join(_f(b[k], ".2f") for k in BASELINE_KEYS) if b else "—"
 
 
 def write_sheet(sheet: dict, path: Path, gap: int = 6):
@@ -267,9 +350,16 @@ def model_record(family: str, args) -> str:
     chain.reverse()
     secs = sum(r.get("train_seconds_training_run", r["train_seconds_this_run"]) for r in chain)
     steps = " + ".join(f"{r['steps_done']} (lr {r['args']['lr']:g})" for r in chain)
-    vae = (f"VAE channels {v.get('args', {}).get('vae_channels')}, latent factor 4, {v.get('steps_done')} steps, "
-           f"texture kept through its round trip: objects {v.get('recon_object_detail_ratio', float('nan')):.2f}, "
-           f"background {v.get('recon_background_detail_ratio', float('nan')):.2f}")
+    va = v.get("args", {})
+    if "recon_texture_object" in v:
+        kept = (f"texture power kept through its round trip on {v['round_trip_pictures']} held-out drawn pictures: "
+                f"objects {v['recon_texture_object']:.2f} (in phase {v['recon_texture_object_in_phase']:.2f}), "
+                f"background {v['recon_texture_background']:.2f}")
+    else:  # a v2 record: detail ratios of the whole-picture ring, on training pictures
+        kept = (f"texture kept through its round trip: objects {v.get('recon_object_detail_ratio', float('nan')):.2f}, "
+                f"background {v.get('recon_background_detail_ratio', float('nan')):.2f}")
+    vae = (f"VAE channels {va.get('vae_channels')}, {va.get('latent_channels', 4)} latent channels, latent factor 4, "
+           f"{v.get('steps_done')} steps, {kept}")
     return (f"`{folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder}`: {arch}; "
             f"{steps} steps of batch {a['batch_size']} on {a['n_data']} images, each run a fresh warm-up and "
             f"cosine decay, final loss {rec['final_loss']:.4f}, {secs:.0f} s training; {vae}.")
@@ -293,7 +383,7 @@ def run(args) -> dict:
         parts = [run_row(f, i, args) for f, i in jobs]
     models = [score_model(f, [p for p in parts if p["model"] == f], args) for f in args.models]
     return {"models": models, "wall": time.time() - t_all, "argv": sys.argv[1:], "steps": args.steps,
-            "guidance": args.guidance, "seed": args.seed,
+            "guidance": args.guidance, "seed": seed_base(args), "seeds": args.seeds if args.seed is None else "custom",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
             f"{args.jobs} process(es) x {args.threads} thread(s)",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -307,9 +397,14 @@ def _f(x, fmt) -> str:
     return "—" if x is None or math.isnan(x) else format(x, fmt)
 
 
-# What the testbed's models must show (issue: testbed v2): (row kind, size, measure, test, bound).
+# What the testbed's models must show (issue 26: testbed v3): (standing row kind, size, measure, test, bound).
 MODEL_CHECKS = (
     ("plain", "1x", "one", ">=", 0.95),
+    ("plain", "1x", "stripes", ">=", 0.8),  # the samples really draw the stripes (power against drawn pictures)
+    ("plain", "1x", "colour", ">=", 0.97),
+    ("plain", "1x", "hue_error", "<=", 5.0),
+    ("plain", "1x", "halo", "<=", 0.02),  # drawn pictures and the VAE's round trips stay under these
+    ("plain", "1x", "clipped", "<=", 0.002),
     ("plain", "16x", "one", "<=", 0.3),
     ("plain", "16x", "detail", ">=", 0.8),
     ("trivial", "16x", "one", ">=", 0.9),
@@ -318,11 +413,12 @@ MODEL_CHECKS = (
 
 
 def model_checks(m: dict) -> list[str]:
-    """Markdown rows: each check of MODEL_CHECKS against this run's cell of model `m`."""
+    """Markdown rows: each check of MODEL_CHECKS against this run's standing cell of model `m`."""
     out = []
     for kind, size, key, op, bound in MODEL_CHECKS:
-        cell = next((c for c in m["cells"] if c["kind"] == kind and c["size"] == size and "error" not in c), None)
-        if cell is None:
+        cell = next((c for c in m["cells"] if c["kind"] == kind and c["size"] == size and "error" not in c
+                     and c.get("group", "standing") == "standing"), None)
+        if cell is None or key not in cell:  # a v2 run lacks the v3 measures
             continue
         value = cell[key]
         ok = value >= bound if op == ">=" else value <= bound
@@ -332,22 +428,24 @@ def model_checks(m: dict) -> list[str]:
 
 
 def _n_text(n: dict) -> str:
-    """Images per cell as the run recorded them: per size, or per row group and size."""
+    """Images per cell as the run recorded them: per size, or per row group and size (with the 1x
+    reference's count at the top, as v2 runs recorded it, or inside each group)."""
     flat = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
     if not any(isinstance(v, dict) for v in n.values()):
         return f"n per size: {flat(n)}"
     groups = "; ".join(f"{g} rows {flat(v)}" for g, v in n.items() if isinstance(v, dict))
-    return f"n: 1x reference {n['1x']}; {groups} (technique counts also for combinations)"
+    head = f"1x reference {n['1x']}; " if "1x" in n else ""
+    return f"n: {head}{groups} (technique counts also for combinations)"
 
 
 def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
     lines = [
-        "# Coherence testbed v2 results",
+        "# Coherence testbed v3 results",
         "",
         *([notes.read_text().rstrip(), ""] if notes else []),
         ("Generated by `scripts/eval_coherence.py`; do not edit by hand. What the testbed asks: one coherent "
-        "subject *and* detail at the output's own pixel scale, beside the trivial baseline (base size + "
-        "bicubic upscale), with no halo and no colour drift."),
+        "subject of the prompted colour *and* detail at the output's own pixel scale, beside the trivial "
+        "baseline (base size + bicubic upscale), with no halo and no colour drift."),
         "",
         "## How it was measured",
         "",
@@ -357,24 +455,38 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
         "size keeps these periods; an upscaled base image shows them k times too coarse."),
         ("- Metrics (`scripts/testbed_metrics.py`, the same code the tests check on drawn pictures): "
         "*one* = share of images with exactly one object of the prompted colour (8-connected, at least "
-        "max(24 px, 0.05% of the image)); *shape* = share whose largest object has the prompted shape "
-        "(bounding-box fill ratio); *detail* / *bg detail* = contrast of the texture at its training period "
-        "(log-Gabor ring) inside the objects / in the background, divided by the mean of 1x plain samples "
-        "of the same model (for objects: of the same prompt, image by image, since the stripes' contrast "
-        "differs several-fold between colours; 1.0 = as detailed as native); *halo* = luminance overshoot "
-        "just outside the largest object's edge beyond the background, as a share of the object/background contrast; "
-        "*hue* = |hue error| in degrees and *sat* = |saturation error| of the largest object against the "
-        "trained colour; *speckle* = share of saturated pixels outside counted objects; *clip* = share of "
-        "pixels with a channel at 0 or 255; *time* = seconds per image over plain's at the same size."),
+        "max(24 px, 0.05% of the image)); *colour* = share whose largest saturated object, whatever its hue, "
+        "has the hue nearest the prompted colour among the testbed's four; *shape* = share whose largest "
+        "object has the prompted shape (bounding-box fill ratio); *detail* / *bg detail* = RMS contrast of "
+        "each region's own texture (the region minus its local mean, zero outside it, so the object's edge "
+        "and the other region's texture stay out) in a log-Gabor ring at the training period, inside the "
+        "objects / in the background, divided by the mean of 1x plain samples of the same model (for "
+        "objects: of the same prompt, image by image; 1.0 = as detailed as native); *stripes* = the objects' "
+        f"texture power divided by that of {DRAWN_N} held-out drawn pictures of the same prompt (1.0 = as "
+        "striped as the training data; a model that draws no stripes reads ~0 here even where *detail* reads 1); "
+        "*halo* = luminance overshoot just outside the largest object's edge beyond the background, as a share "
+        "of the object/background contrast; *hue* = |hue error| in degrees and *sat* = |saturation error| of the "
+        "largest saturated object against the prompted colour's trained hue and saturation (a green object for "
+        "\"red\" reads ~130); *speckle* = share of saturated pixels outside counted objects; *clip* = share of "
+        "pixels with a channel at 0 or 255; *time* = seconds per image over plain's at the same size and "
+        "settings (the testbed's plain row where the table has no plain cell at those settings); *bicubic* = "
+        "the trivial baseline's one / colour / detail / bg detail at the row's size and settings (at the "
+        "testbed's steps and guidance where no baseline row samples as the row does)."),
         ("- Shares carry a 95% Wilson interval (in brackets); n = images per cell. Image i of a cell uses prompt "
-        "i mod 12 (the 12 colour x shape captions) and seed 1000*(i mod 12) + i//12, the same in every row."),
+        "i mod 12 (the 12 colour x shape captions) and seed base + 1000*(i mod 12) + i//12, the same in every "
+        f"row; base {SEED_SETS['report']} is the reported set (`--seeds report`, the default), base "
+        f"{SEED_SETS['tune']} the tuning set (`--seeds tune`)."),
+        ("- Rows sample at the run's steps and guidance unless their name says otherwise: at the CLI's defaults "
+        "(`hires generate`: 20 steps and no guidance argument, so SD's guidance_scale 7.5 and, on Flux, no true "
+        "CFG) and at the family's default steps (SDXL's 50, as the sdxl preset's analogue on the UNet; Flux's 28)."),
         ("- The trivial baseline generates at the training area with the request's aspect (sides multiples "
         "of 16: 64x64 for square sizes, 48x96 for 2:1, 112x32 for 1:3), then bicubic-upscales."),
         "",
     ]
     for i, r in enumerate(runs):
         lines += [f"### Run {i + 1}: `python scripts/eval_coherence.py {' '.join(r['argv'])}`", "",
-                  (f"- {r['date']}, {r['machine']}; wall time {r['wall']:.0f} s; {r['steps']} steps; "
+                  (f"- {r['date']}, {r['machine']}; wall time {r['wall']:.0f} s; seed set {r.get('seeds', 'report')} "
+                  f"(base {r['seed']}); {r['steps']} steps; "
                   f"sd15: DDIM, guidance_scale {r['guidance']['sd15']}; flux: flow-match Euler with Flux's "
                   f"size-dependent shift, true_cfg_scale {r['guidance']['flux']} (negative prompt \"\"), "
                   f"max_sequence_length {MAX_SEQUENCE_LENGTH}. Seconds on a CPU are indicative; "
@@ -390,19 +502,21 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
     for i, r in enumerate(runs):
         for m in r["models"]:
             lines += [f"## {m['model']}" + (f" (run {i + 1})" if len(runs) > 1 else ""), "",
-                      ("| row | size | n | one [95%] | shape [95%] | count | detail | bg detail | halo | hue | sat "
-                      "| speckle | clip | time |"),
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      ("| row | size | n | one [95%] | colour [95%] | shape [95%] | count | detail | bg detail | stripes "
+                      "| halo | hue | sat | speckle | clip | time | bicubic: one / colour / detail / bg |"),
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for c in m["cells"]:
                 if "error" in c:
-                    lines.append(f"| {c['row']} | {c['label']} | 0 | failed: {c['error'][:160]} |" + " |" * 10)
+                    lines.append(f"| {c['row']} | {c['label']} | 0 | failed: {c['error'][:160]} |" + " |" * 13)
                     continue
+                colour = f"{c['colour']:.2f} [{_ci(c['colour_ci'])}]" if "colour" in c else "—"  # v2 runs lack it
                 lines.append(
-                    f"| {c['row']} | {c['label']} | {c['n']} | {c['one']:.2f} [{_ci(c['one_ci'])}] | "
+                    f"| {c['row']} | {c['label']} | {c['n']} | {c['one']:.2f} [{_ci(c['one_ci'])}] | {colour} | "
                     f"{c['shape']:.2f} [{_ci(c['shape_ci'])}] | {c['count']:.2f} | {_f(c['detail'], '.2f')} | "
-                    f"{_f(c['detail_bg'], '.2f')} | {_f(c['halo'], '.3f')} | {_f(c['hue_error'], '.1f')} | "
+                    f"{_f(c['detail_bg'], '.2f')} | {_f(c.get('stripes'), '.2f')} | {_f(c['halo'], '.3f')} | "
+                    f"{_f(c['hue_error'], '.1f')} | "
                     f"{_f(c['sat_error'], '.3f')} | {c['speckle']:.4f} | {c['clipped']:.4f} | "
-                    f"{c['time_ratio']:.2f} |")
+                    f"{c['time_ratio']:.2f} | {_baseline_text(c)} |")
             if i:  # contact sheets are written by the first run only
                 lines.append("")
                 continue
@@ -419,11 +533,13 @@ def parse(argv=None):
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--model-dir", nargs=2, action="append", metavar=("FAMILY", "PATH"), default=[],
                    help="evaluate another folder for a family, e.g. --model-dir sd15 /tmp/x")
-    p.add_argument("--n", type=int, help="images per cell at every size above 1x (default: per model and size)")
+    p.add_argument("--n", type=int, help="images per cell at every size above 1x (default: per row group and size)")
     p.add_argument("--n-1x", type=int, help="images in the 1x reference cell")
     p.add_argument("--sizes", nargs="+", default=[k for k, *_ in SIZES[1:]], choices=[k for k, *_ in SIZES[1:]])
     p.add_argument("--only-rows", nargs="+", metavar="ROW", help="evaluate only these rows (plain always runs)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", choices=sorted(SEED_SETS), default="report",
+                   help="seed set: report (the default; what docs/testbed.md shows) or tune (disjoint, for choosing settings)")
+    p.add_argument("--seed", type=int, help="a custom base seed instead of --seeds")
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--guidance-sd15", type=float, default=5.0)
     p.add_argument("--guidance-flux", type=float, default=4.0)

@@ -104,11 +104,16 @@ def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.nda
     return m.reshape(size, ss, size, ss).mean(axis=(1, 3)).astype(np.float32)
 
 
-def make_sample(seed: int, index: int, size: int = IMAGE_SIZE) -> Sample:
-    """Deterministic sample `index` of the data set with base seed `seed`."""
+def make_sample(seed: int, index: int, size: int = IMAGE_SIZE, colour: str | None = None,
+                shape: str | None = None) -> Sample:
+    """Deterministic sample `index` of the data set with base seed `seed`; `colour` / `shape` force
+    the prompt (the draws stay the same, so the rest of the picture does too)."""
     rng = np.random.default_rng([seed, index])
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
-    shape = SHAPES[rng.integers(len(SHAPES))]
+    drawn_colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    drawn_shape = SHAPES[rng.integers(len(SHAPES))]
+    colour, shape = colour or drawn_colour, shape or drawn_shape
+    if colour not in COLOURS or shape not in SHAPES:
+        raise ValueError(f"colour={colour!r}, shape={shape!r}: need one of {tuple(COLOURS)} and one of {SHAPES}")
     img = _background(rng, size)
     r = rng.uniform(0.12, 0.24) * size  # half-extent: objects span 24%..48% of the side
     cx = rng.uniform(r + 1, size - r - 1)
@@ -118,6 +123,13 @@ def make_sample(seed: int, index: int, size: int = IMAGE_SIZE) -> Sample:
     stripes = 0.9 + OBJECT_TEXTURE * diagonal_wave((size, size), OBJECT_PERIOD, rng.uniform(0, 2 * np.pi), 1)
     img = img * (1 - cov) + np.clip(col * stripes[..., None], 1, 254) * cov
     return Sample(img.round().astype(np.uint8), colour, shape, caption(colour, shape))
+
+
+def drawn_pictures(n: int, seed: int = 424_242, size: int = IMAGE_SIZE) -> list[Sample]:
+    """n held-out drawn pictures, picture i of prompt i mod 12 (the order of all_prompts): the data's
+    own texture, per prompt, for judging samples and VAE round trips (seed unused in training)."""
+    prompts = all_prompts()
+    return [make_sample(seed, i, size, *prompts[i % len(prompts)][1:]) for i in range(n)]
 
 
 def make_dataset(seed: int, n: int, size: int = IMAGE_SIZE):

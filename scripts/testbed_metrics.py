@@ -1,16 +1,24 @@
-"""Coherence testbed v2 metrics: one object, native-scale detail, halo, colour drift, speckle, clipping.
+"""Coherence testbed metrics: one object, colour, native-scale detail, halo, speckle, clipping.
 
 One implementation used by eval_coherence.py, train_testbed.py's checks and tests/test_testbed.py.
 Every measure takes a uint8 HxWx3 picture and the prompt's colour (and shape); none knows how the
 picture was made, so the trivial baseline (base size + bicubic upscale) is judged like any row.
 
 - detail: contrast of the texture at its training period *in pixels* (testbed_common.OBJECT_PERIOD
-  inside the objects, BACKGROUND_PERIOD in the background), from a log-Gabor ring filter. An
-  upscaled base image carries the same texture k times coarser, outside the ring; dividing by the
-  mean of 1x plain samples (of the same prompt, for objects) gives "1.0 = as detailed as native".
+  inside the objects, BACKGROUND_PERIOD in the background), from a log-Gabor ring filter applied to
+  each region's own texture (the region minus its local mean, zero outside it). Filtering the
+  region's texture rather than the whole picture keeps the object's edge and the other region's
+  texture out of the ring: measured on the whole picture, a flat object read 0.22 of a striped one's
+  power. An upscaled base image carries the texture k times coarser, outside the ring; dividing by
+  the mean of 1x plain samples (of the same prompt, for objects) gives "1.0 = as detailed as native".
+- stripes: the objects' texture power against drawn pictures of the same prompt (1.0 = as striped
+  as the training data), so a model whose samples carry no stripes cannot score 1 against itself.
+- texture retention: the share of a drawn picture's texture power a copy keeps (a VAE round trip),
+  in the drawn picture's own regions.
 - halo: overshoot of the luminance in a band just outside the largest object's edge, beyond the
   background level, as a share of the object/background contrast (blur alone scores 0).
-- colour drift: hue (degrees) and saturation error of the largest object against the trained colour.
+- colour: whether the largest saturated object's hue is nearest the prompted colour among the
+  testbed's colours, and its hue (degrees) and saturation error against the trained colour.
 - speckle: share of saturated pixels that belong to no counted object of the prompted colour.
 - clipped: share of pixels with a channel at 0 or 255 (the data set stays within 1..254).
 """
@@ -18,6 +26,7 @@ picture was made, so the trivial baseline (base size + bicubic upscale) is judge
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -26,8 +35,9 @@ import testbed_common as tc
 from scipy import ndimage
 
 RING_SIGMA = 0.35  # log-frequency width of the ring: an octave below the period passes at exp(-2)
-OBJECT_ERODE = 2  # px trimmed inside the object so its edge's broadband step stays out
-BORDER = 4  # px at the picture's border left out of background detail (FFT wrap-around)
+OBJECT_ERODE = 2  # px trimmed inside the object: its anti-aliased edge is neither object nor background
+BORDER = 4  # px at the picture's border left out of background detail
+REGION_SMOOTH = 0.5  # sigma of a region's local mean, in texture periods: passes the texture at exp(-4.9)
 HALO_GAP = 2  # px between the object's mask and the halo band (anti-aliased edge pixels)
 SHAPE_FILL = {"triangle": 0.5, "circle": math.pi / 4, "square": 1.0}  # area / bounding-box area
 _EIGHT = np.ones((3, 3), bool)
@@ -50,12 +60,23 @@ def ring_filter(lum: np.ndarray, period: float) -> np.ndarray:
     return np.real(np.fft.ifft2(np.fft.fft2(lum - lum.mean()) * gain))
 
 
-def band_contrast(lum: np.ndarray, mask: np.ndarray, period: float) -> float:
-    """RMS of the ring-filtered luminance over `mask`, over the mask's mean luminance (nan if empty)."""
-    if mask.sum() < 4:
+def region_texture(lum: np.ndarray, region: np.ndarray, period: float) -> np.ndarray:
+    """Ring-filtered texture of `lum` inside `region` alone: the luminance minus its local mean over the
+    region (normalised convolution, so the region's edge is no step), zero outside the region."""
+    inside = region.astype(np.float32)
+    sigma = REGION_SMOOTH * period
+    weight = ndimage.gaussian_filter(inside, sigma)
+    local = ndimage.gaussian_filter(lum * inside, sigma) / np.maximum(weight, 1e-6)
+    return ring_filter((lum - local) * inside, period)
+
+
+def texture_power(lum: np.ndarray, region: np.ndarray, core: np.ndarray, period: float) -> float:
+    """Mean square of the region's texture over `core`, over the core's mean luminance squared: the
+    texture's relative power (nan if the core has under 4 pixels)."""
+    if core.sum() < 4:
         return float("nan")
-    band = ring_filter(lum, period)
-    return float(np.sqrt(np.mean(band[mask] ** 2)) / max(float(lum[mask].mean()), 1e-3))
+    tex = region_texture(lum, region, period)
+    return float(np.mean(tex[core] ** 2) / max(float(lum[core].mean()), 1e-3) ** 2)
 
 
 def objects_mask(image: np.ndarray, colour: str) -> tuple[np.ndarray, np.ndarray]:
@@ -87,14 +108,49 @@ def background_mask(image: np.ndarray) -> np.ndarray:
     return inner & ~near
 
 
-def object_detail(image: np.ndarray, colour: str) -> float:
+def object_regions(image: np.ndarray, colour: str) -> tuple[np.ndarray, np.ndarray]:
+    """(region, core) of the counted objects: the mask without its anti-aliased rim, and that eroded
+    again so the ring's reach past the region's edge (where it sees zeros) is left out."""
     counted, _ = objects_mask(image, colour)
-    core = ndimage.binary_erosion(counted, _EIGHT, iterations=OBJECT_ERODE)
-    return band_contrast(luminance(image), core, tc.OBJECT_PERIOD)
+    region = ndimage.binary_erosion(counted, _EIGHT, iterations=OBJECT_ERODE // 2)
+    return region, ndimage.binary_erosion(counted, _EIGHT, iterations=OBJECT_ERODE)
+
+
+def background_regions(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    region = background_mask(image)
+    return region, ndimage.binary_erosion(region, _EIGHT, iterations=1)
+
+
+def object_detail(image: np.ndarray, colour: str) -> float:
+    """RMS relative contrast of the objects' texture at OBJECT_PERIOD (the square root of its power)."""
+    return math.sqrt(texture_power(luminance(image), *object_regions(image, colour), tc.OBJECT_PERIOD))
 
 
 def background_detail(image: np.ndarray) -> float:
-    return band_contrast(luminance(image), background_mask(image), tc.BACKGROUND_PERIOD)
+    return math.sqrt(texture_power(luminance(image), *background_regions(image), tc.BACKGROUND_PERIOD))
+
+
+def texture_retention(originals, copies, colours) -> dict:
+    """Share of the drawn pictures' texture power their copies keep (e.g. through a VAE round trip),
+    objects at OBJECT_PERIOD and background at BACKGROUND_PERIOD, each in the original's regions.
+
+    `power` sums the copies' power over the originals' (noise counts as texture there); `in_phase`
+    is the projection of each copy's texture on its original's (sum <copy, original> / sum
+    <original, original>), which invented or shifted stripes do not earn."""
+    sums = {k: np.zeros(3) for k in ("object", "background")}  # <o,o>, <c,c>, <c,o>
+    for orig, copy, colour in zip(originals, copies, colours, strict=True):
+        lo, lc = luminance(orig), luminance(copy)
+        for key, (region, core), period in (
+            ("object", object_regions(orig, colour), tc.OBJECT_PERIOD),
+            ("background", background_regions(orig), tc.BACKGROUND_PERIOD),
+        ):
+            to, tcopy = region_texture(lo, region, period)[core], region_texture(lc, region, period)[core]
+            sums[key] += (float(to @ to), float(tcopy @ tcopy), float(tcopy @ to))
+    out = {}
+    for key, (oo, cc, co) in sums.items():
+        out[key] = cc / oo if oo > 0 else float("nan")
+        out[f"{key}_in_phase"] = co / oo if oo > 0 else float("nan")
+    return out
 
 
 def halo_width(height: int, width: int) -> int:
@@ -132,17 +188,53 @@ def trained_hue_sat(colour: str) -> tuple[float, float]:
     return h * 360.0, s
 
 
-def colour_drift(image: np.ndarray, colour: str) -> tuple[float, float]:
-    """(|hue error| in degrees, |saturation error|) of the largest object's pixels of its colour."""
-    _, largest = objects_mask(image, colour)
-    sel = largest & tc.colour_mask(image, colour)
-    if sel.sum() < 4:
+def largest_saturated_object(image: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of saturated pixels, whatever its hue (empty if none reaches
+    the object size): the object a viewer sees, even when it has the wrong colour."""
+    h, w = image.shape[:2]
+    labels, n = ndimage.label(saturated(image), structure=_EIGHT)
+    if n == 0:
+        return np.zeros((h, w), bool)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    biggest = int(np.argmax(sizes))
+    return labels == biggest if sizes[biggest] >= tc.min_object_area(h, w) else np.zeros((h, w), bool)
+
+
+def object_hue(image: np.ndarray) -> tuple[float, float]:
+    """Circular mean hue (degrees) and mean saturation of the largest saturated object (nan if none)."""
+    sel = largest_saturated_object(image)
+    if not sel.any():
         return float("nan"), float("nan")
     hue, sat, _ = tc.hsv(image)
     angle = np.deg2rad(hue[sel])
-    mean_hue = math.degrees(math.atan2(np.sin(angle).mean(), np.cos(angle).mean()))
+    return math.degrees(math.atan2(np.sin(angle).mean(), np.cos(angle).mean())) % 360.0, float(sat[sel].mean())
+
+
+def hue_distance(a: float, b: float) -> float:
+    return abs((a - b + 180.0) % 360.0 - 180.0)
+
+
+def nearest_colour(hue: float) -> str | None:
+    """The testbed colour whose trained hue is nearest `hue` (None for nan)."""
+    if math.isnan(hue):
+        return None
+    return min(tc.COLOURS, key=lambda c: hue_distance(hue, trained_hue_sat(c)[0]))
+
+
+def colour_correct(image: np.ndarray, colour: str) -> bool:
+    """The largest saturated object's hue is nearest the prompted colour among the testbed's colours."""
+    return nearest_colour(object_hue(image)[0]) == colour
+
+
+def colour_drift(image: np.ndarray, colour: str) -> tuple[float, float]:
+    """(|hue error| in degrees, |saturation error|) of the largest saturated object against the
+    prompted colour's trained hue and saturation: a green circle for "red" reads about 120 degrees."""
+    hue, sat = object_hue(image)
+    if math.isnan(hue):
+        return float("nan"), float("nan")
     want_h, want_s = trained_hue_sat(colour)
-    return abs((mean_hue - want_h + 180.0) % 360.0 - 180.0), abs(float(sat[sel].mean()) - want_s)
+    return hue_distance(hue, want_h), abs(sat - want_s)
 
 
 def speckle(image: np.ndarray, colour: str) -> float:
@@ -170,6 +262,7 @@ class Measure:
     shape: str
     n_objects: int
     shape_ok: bool  # the largest object has the prompted shape
+    colour_ok: bool  # the largest saturated object's hue is nearest the prompted colour
     object_detail: float  # raw band contrast (divide by the 1x plain reference)
     background_detail: float
     halo: float
@@ -189,6 +282,7 @@ def measure(image: np.ndarray, colour: str, shape: str) -> Measure:
         shape=shape,
         n_objects=tc.count_objects(image, colour).n_objects,
         shape_ok=classify_shape(largest) == shape,
+        colour_ok=colour_correct(image, colour),
         object_detail=object_detail(image, colour),
         background_detail=background_detail(image),
         halo=halo(image, colour),
@@ -215,34 +309,51 @@ def nanmean(values) -> float:
     return float(v.mean()) if v.size else float("nan")
 
 
+def _by_prompt(measures, value) -> dict[tuple[str, str], float]:
+    groups: dict[tuple[str, str], list[float]] = {}
+    for m in measures:
+        groups.setdefault((m.colour, m.shape), []).append(value(m))
+    return {k: nanmean(v) for k, v in groups.items()}
+
+
 @dataclass(frozen=True)
 class Reference:
-    """Mean raw detail of 1x plain samples: what "native" means for one model.
+    """What "native" means for one model (mean raw detail of its 1x plain samples) and what the data
+    holds (mean object texture power of drawn pictures).
 
-    Object detail is kept per prompt, because the stripes' luminance contrast differs several-fold
-    between colours (yellow's is a quarter of blue's): a cell holding only some prompts, as a small
-    cell does, would otherwise be judged against other colours' texture."""
+    Both are kept per prompt, so a cell holding only some prompts, as a small cell does, is judged
+    against its own prompts' texture (models draw some colours' stripes weaker than others)."""
 
     object_detail: float  # over every sample: the fallback for a prompt the reference lacks
     background_detail: float
     object_by_prompt: dict[tuple[str, str], float]  # (colour, shape) -> mean raw object detail
+    drawn_power: float = float("nan")  # mean object texture power of drawn pictures (nan: none given)
+    drawn_power_by_prompt: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def of(cls, measures: list[Measure]) -> Reference:
-        by_prompt: dict[tuple[str, str], list[float]] = {}
-        for m in measures:
-            by_prompt.setdefault((m.colour, m.shape), []).append(m.object_detail)
+    def of(cls, measures: list[Measure], drawn: list[Measure] = ()) -> Reference:
         return cls(nanmean(m.object_detail for m in measures), nanmean(m.background_detail for m in measures),
-                   {k: nanmean(v) for k, v in by_prompt.items()})
+                   _by_prompt(measures, lambda m: m.object_detail),
+                   nanmean(m.object_detail**2 for m in drawn), _by_prompt(drawn, lambda m: m.object_detail**2))
+
+    @staticmethod
+    def _for(m: Measure, table: dict, fallback: float) -> float:
+        ref = table.get((m.colour, m.shape), float("nan"))
+        return ref if math.isfinite(ref) and ref > 0 else fallback
 
     def object_native(self, m: Measure) -> float:
         """Native raw object detail for `m`'s prompt."""
-        ref = self.object_by_prompt.get((m.colour, m.shape), float("nan"))
-        return ref if math.isfinite(ref) and ref > 0 else self.object_detail
+        return self._for(m, self.object_by_prompt, self.object_detail)
+
+    def drawn_object_power(self, m: Measure) -> float:
+        """Object texture power of drawn pictures of `m`'s prompt (nan without drawn pictures)."""
+        return self._for(m, self.drawn_power_by_prompt, self.drawn_power)
 
     def as_dict(self) -> dict:
         return {"object_detail": self.object_detail, "background_detail": self.background_detail,
-                "object_by_prompt": {f"{c} {s}": v for (c, s), v in self.object_by_prompt.items()}}
+                "object_by_prompt": {f"{c} {s}": v for (c, s), v in self.object_by_prompt.items()},
+                "drawn_power": self.drawn_power,
+                "drawn_power_by_prompt": {f"{c} {s}": v for (c, s), v in self.drawn_power_by_prompt.items()}}
 
 
 def summarise(measures: list[Measure], ref: Reference) -> dict:
@@ -252,13 +363,16 @@ def summarise(measures: list[Measure], ref: Reference) -> dict:
     n = len(measures)
     one = sum(m.n_objects == 1 for m in measures)
     shape = sum(m.shape_ok for m in measures)
+    colour = sum(m.colour_ok for m in measures)
     return {
         "n": n,
         "one": one / n, "one_ci": wilson(one, n),
         "shape": shape / n, "shape_ci": wilson(shape, n),
+        "colour": colour / n, "colour_ci": wilson(colour, n),
         "count": float(np.mean([m.n_objects for m in measures])),
         "detail": nanmean(m.object_detail / ref.object_native(m) for m in measures),
         "detail_bg": nanmean(m.background_detail for m in measures) / ref.background_detail,
+        "stripes": nanmean(m.object_detail**2 / ref.drawn_object_power(m) for m in measures),
         "halo": nanmean(m.halo for m in measures),
         "hue_error": nanmean(m.hue_error for m in measures),
         "sat_error": nanmean(m.sat_error for m in measures),

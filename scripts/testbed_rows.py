@@ -1,7 +1,10 @@
 """The coherence testbed's rows: what eval_coherence.py compares, built from hires' public API only.
 
 A row is plain diffusers, the trivial baseline (generate at the base size, bicubic-upscale to the
-request), the automatic preset (`hires.apply(pipe)` with no config), or one `hires.HiresConfig`.
+request), the automatic preset (`hires.apply(pipe)` with no config), or one `hires.HiresConfig`,
+sampled at the testbed's steps and guidance unless the row names its own: the "defaults" rows run
+where users run, at the CLI's defaults (what `hires generate` passes: 20 steps, no guidance argument,
+so the pipeline's own default) and at the family's default steps (SDXL's 50, Flux's 28).
 The rows live here, not in the library, so the library carries no benchmark definitions.
 """
 
@@ -11,8 +14,12 @@ import dataclasses
 from dataclasses import dataclass
 
 import hires
+from hires.presets import AUTOMATIC
 
 PLAIN, TRIVIAL, PRESET, CONFIG = "plain", "trivial", "preset", "config"
+PIPELINE_GUIDANCE = "pipeline"  # pass no guidance argument: the pipeline's own default, as the CLI does
+CLI_STEPS = 20  # hires generate's --steps default (hires/cli.py)
+FAMILY_STEPS = {"sd15": 50, "flux": 28}  # SDXL's pipeline default (the UNet's row is its analogue), Flux's
 
 
 @dataclass(frozen=True)
@@ -20,7 +27,17 @@ class Row:
     name: str
     kind: str  # PLAIN, TRIVIAL, PRESET or CONFIG
     config: hires.HiresConfig | None = None
-    group: str = "technique"  # "standing" (plain, baseline, preset), "technique" (one alone), "combination"
+    # "standing" (plain, baseline, preset), "defaults" (at the CLI's / family's defaults),
+    # "technique" (one alone), "combination"
+    group: str = "technique"
+    steps: int | None = None  # None: the eval's --steps
+    guidance: float | str | None = None  # None: the eval's --guidance-*; PIPELINE_GUIDANCE: none passed
+    sizes: tuple[str, ...] | None = None  # None: every size the eval runs (1x only for plain rows)
+
+    @property
+    def settings(self) -> tuple:
+        """What the row samples with besides its technique: rows with equal settings share a plain row."""
+        return (self.steps, self.guidance)
 
 
 STANDING = [
@@ -28,6 +45,26 @@ STANDING = [
     Row("trivial baseline (base size + bicubic upscale)", TRIVIAL, group="standing"),
     Row("automatic preset (hires.apply(pipe))", PRESET, group="standing"),
 ]
+
+
+def defaults_rows(family: str) -> list[Row]:
+    """Plain, the trivial baseline and the preset at the CLI's defaults; the family's preset and the
+    trivial baseline at the family's default steps (each row's baseline samples as the row does)."""
+    cli = f"the CLI's defaults ({CLI_STEPS} steps, the pipeline's own guidance)"
+    at_cli = {"group": "defaults", "steps": CLI_STEPS, "guidance": PIPELINE_GUIDANCE}
+    rows = [Row(f"plain diffusers at {cli}", PLAIN, sizes=("1x", "4x", "16x"), **at_cli),
+            Row(f"trivial baseline at {cli}", TRIVIAL, **at_cli),
+            Row(f"automatic preset at {cli}", PRESET, **at_cli)]
+    steps = FAMILY_STEPS[family]
+    at_family = {"group": "defaults", "steps": steps}
+    if family == "sd15":
+        rows.append(Row(f"SDXL analogue: the sdxl preset (renoise {AUTOMATIC['sdxl'].structure_guidance.renoise:g}) "
+                        f"at SDXL's {steps} steps", CONFIG, AUTOMATIC["sdxl"], **at_family))
+        rows.append(Row(f"trivial baseline at SDXL's {steps} steps", TRIVIAL, **at_family))
+    else:
+        rows.append(Row(f"automatic preset at Flux's {steps} steps", PRESET, **at_family))
+        rows.append(Row(f"trivial baseline at Flux's {steps} steps", TRIVIAL, **at_family))
+    return rows
 
 _ENTROPY = hires.EntropyScalingConfig(enabled=True)
 _WINDOWS = hires.WindowAttentionConfig(enabled=True)
@@ -89,7 +126,7 @@ def _every_family_rows() -> list[Row]:
 def unet_rows() -> list[Row]:
     """Rows for the UNet testbed model (StableDiffusionPipeline)."""
     redil = hires.RedilationConfig
-    return STANDING + [
+    return STANDING + defaults_rows("sd15") + [
         _one("re-dilation", redilation=redil(enabled=True, noise_damped_guidance=False, dispersion_modules=())),
         _one("re-dilation + dispersion (mid block)", redilation=redil(
             enabled=True, noise_damped_guidance=False, dispersion_modules=("mid_block",))),
@@ -109,7 +146,7 @@ def unet_rows() -> list[Row]:
 def dit_rows() -> list[Row]:
     """Rows for the DiT testbed model (FluxPipeline)."""
     pos = hires.PositionConfig
-    return STANDING + [
+    return STANDING + defaults_rows("flux") + [
         _one("positions: YaRN RoPE (default)", positions=pos(enabled=True)),
         _one("positions: NTK RoPE", positions=pos(enabled=True, rope="ntk")),
         _one("positions: interpolation (PI)", positions=pos(enabled=True, rope="interpolation")),

@@ -89,14 +89,14 @@ def build_vae(args):
     n = len(args.vae_channels)
     torch.manual_seed(args.seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4,
+        in_channels=3, out_channels=3, latent_channels=args.latent_channels,
         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(args.vae_channels), layers_per_block=1, norm_num_groups=16,
-        sample_size=tc.IMAGE_SIZE,
+        block_out_channels=tuple(args.vae_channels), layers_per_block=args.vae_layers, norm_num_groups=16,
+        sample_size=tc.IMAGE_SIZE, mid_block_add_attention=args.vae_attention,
     )
 
 
-def build_unet(args, cross_dim: int):
+def build_unet(args, cross_dim: int, latent_channels: int):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(args.seed)
@@ -109,21 +109,21 @@ def build_unet(args, cross_dim: int):
     up = ["CrossAttnUpBlock2D"] * n
     up[0] = up[-1] = "UpBlock2D"
     return UNet2DConditionModel(
-        sample_size=args.latent_size, in_channels=4, out_channels=4, block_out_channels=ch,
+        sample_size=args.latent_size, in_channels=latent_channels, out_channels=latent_channels, block_out_channels=ch,
         down_block_types=tuple(down), up_block_types=tuple(up),
         layers_per_block=args.layers_per_block, cross_attention_dim=cross_dim,
         attention_head_dim=args.unet_heads, norm_num_groups=16,
     )
 
 
-def build_flux(args, joint_dim: int, pooled_dim: int):
+def build_flux(args, joint_dim: int, pooled_dim: int, latent_channels: int):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(args.seed)
     head = args.flux_head_dim
     rope = (head // 4, 3 * head // 8, 3 * head // 8)  # (text/time axis, y, x) sums to head dim
     return FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=args.flux_double, num_single_layers=args.flux_single,
+        patch_size=1, in_channels=4 * latent_channels, num_layers=args.flux_double, num_single_layers=args.flux_single,
         attention_head_dim=head, num_attention_heads=args.flux_heads, joint_attention_dim=joint_dim,
         pooled_projection_dim=pooled_dim, guidance_embeds=False, axes_dims_rope=rope,
     )
@@ -288,52 +288,149 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def texture_survival(images: np.ndarray, recon: torch.Tensor, seed: int) -> dict:
-    """Native-scale detail of VAE reconstructions relative to their originals (1.0 = kept): the
-    texture's period is a few pixels at latent factor 4, so the round trip must be checked."""
+def texture_survival(vae, n: int = 96) -> dict:
+    """Texture power the VAE keeps through its round trip (encode to the latent mean, decode) on held-out
+    drawn pictures (testbed_metrics.texture_retention: 1.0 = kept; a bicubic-upscaled base keeps ~0.02).
+    The texture's period is a few pixels at latent factor 4, so the round trip must be checked."""
     import testbed_metrics as tm
 
-    rec = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    caps = [tc.make_sample(seed, i) for i in range(len(images))]  # colour/shape of each original
-    orig = [tm.measure(im, c.colour, c.shape) for im, c in zip(images, caps)]
-    back = [tm.measure(im, c.colour, c.shape) for im, c in zip(rec, caps)]
+    pics = tc.drawn_pictures(n)
+    x = images_to_tensor(np.stack([p.image for p in pics]))
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+    back = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    kept = tm.texture_retention([p.image for p in pics], back, [p.colour for p in pics])
     return {
-        "recon_object_detail_ratio": tm.nanmean(m.object_detail for m in back) / tm.nanmean(m.object_detail for m in orig),
-        "recon_background_detail_ratio": tm.nanmean(m.background_detail for m in back)
-        / tm.nanmean(m.background_detail for m in orig),
-        "recon_one_object_share": float(np.mean([m.n_objects == 1 for m in back])),
+        "round_trip_pictures": n,
+        **{f"recon_texture_{k}": v for k, v in kept.items()},
+        "recon_mse": float(F.mse_loss(recon, x)),
+        "recon_one_object_share": float(np.mean([tc.count_objects(im, p.colour).n_objects == 1
+                                                 for im, p in zip(back, pics)])),
+        "recon_colour_correct_share": float(np.mean([tm.colour_correct(im, p.colour) for im, p in zip(back, pics)])),
     }
+
+
+ROUND_TRIP_SIZES = {64: 24, 128: 12, 256: 6, 512: 3}  # side -> drawn pictures: the sizes the eval decodes
+
+
+def round_trip_by_size(vae) -> dict:
+    """Halo, clipped share, colour and texture of round trips of drawn pictures at each of the eval's
+    sizes, beside the drawn pictures' own: a VAE that only works at its training size would put its
+    own halo and colour drift into every large sample."""
+    import testbed_metrics as tm
+
+    out = {}
+    for size, n in ROUND_TRIP_SIZES.items():
+        pics = [tc.make_sample(424_242, i, size, *tc.all_prompts()[i % 12][1:]) for i in range(n)]
+        back = []
+        for p in pics:  # one at a time: a 512 px picture's activations are large
+            with torch.no_grad():
+                y = vae.decode(vae.encode(images_to_tensor(p.image[None])).latent_dist.mean).sample
+            back.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()[0])
+        kept = tm.texture_retention([p.image for p in pics], back, [p.colour for p in pics])
+        out[str(size)] = {
+            "n": n,
+            "halo_drawn": tm.nanmean(tm.halo(p.image, p.colour) for p in pics),
+            "halo": tm.nanmean(tm.halo(b, p.colour) for b, p in zip(back, pics)),
+            "clipped_drawn": float(np.mean([tm.clipped(p.image) for p in pics])),
+            "clipped": float(np.mean([tm.clipped(b) for b in back])),
+            "hue_error_drawn": tm.nanmean(tm.colour_drift(p.image, p.colour)[0] for p in pics),
+            "hue_error": tm.nanmean(tm.colour_drift(b, p.colour)[0] for b, p in zip(back, pics)),
+            "colour_correct": float(np.mean([tm.colour_correct(b, p.colour) for b, p in zip(back, pics)])),
+            **{f"texture_{k}": v for k, v in kept.items()},
+        }
+    return out
+
+
+def ring_gain(size: int, period: float, sigma: float = 0.35) -> torch.Tensor:
+    """The log-Gabor ring of testbed_metrics.ring_filter as an FFT-domain gain (size x size)."""
+    f = torch.fft.fftfreq(size)
+    radius = torch.sqrt(f[:, None] ** 2 + f[None, :] ** 2).clamp_min(1e-9)
+    gain = torch.exp(-torch.log(radius * period) ** 2 / (2 * sigma**2))
+    gain[0, 0] = 0.0
+    return gain
+
+
+def texture_band_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Squared error in the textures' rings (OBJECT_PERIOD and BACKGROUND_PERIOD), scaled so a white
+    error scores its MSE: the band that the per-pixel losses leave to the last decimals."""
+    size = x.shape[-1]
+    gain = torch.maximum(ring_gain(size, tc.OBJECT_PERIOD), ring_gain(size, tc.BACKGROUND_PERIOD))
+    err = torch.fft.fft2(rec - x)
+    return (gain * err.abs() ** 2).mean() / (gain.mean() * size * size)
+
+
+LARGE_POOL_BYTES = 48e6  # per size: 1024 pictures at 128 px, 244 at 256, 64 at 512
+
+
+def large_pictures(args) -> list[torch.Tensor]:
+    """Drawn pictures larger than the training size (uint8 NCHW, one tensor per --large-sizes entry).
+    GroupNorm normalises over the whole picture, and a larger scene has fewer edge pixels per area:
+    a VAE trained at 64 px alone (or on 64 px crops) overshoots edges and texture in whole larger
+    pictures, so some steps train on those."""
+    pools = []
+    for k, size in enumerate(args.crop_sizes if args.crop_share > 0 and args.crop_sizes else args.large_sizes):
+        n = min(args.n_data // 8, max(64, int(LARGE_POOL_BYTES // (3 * size * size))))
+        pools.append(torch.from_numpy(tc.make_dataset(args.seed + 2 + k, n, size)[0]).permute(0, 3, 1, 2))
+    return pools
+
+
+def vae_batch(x_all: torch.Tensor, pools: list[torch.Tensor], args, g: torch.Generator) -> torch.Tensor:
+    """The step's batch: training pictures, or with probability --large-share whole pictures of one of
+    --large-sizes, as many as hold about the same number of pixels (at least one). With --crop-share
+    instead, that share of every batch is 64 px crops of the larger pictures (kept for the records of
+    runs made so)."""
+    if pools and args.crop_share > 0:
+        n_crop = round(args.batch_size * args.crop_share)
+        parts = [x_all[torch.randint(0, len(x_all), (args.batch_size - n_crop,), generator=g)]]
+        for _ in range(n_crop):
+            pool = pools[int(torch.randint(0, len(pools), (1,), generator=g))]
+            i = int(torch.randint(0, len(pool), (1,), generator=g))
+            y0, x0 = torch.randint(0, pool.shape[-1] - tc.IMAGE_SIZE + 1, (2,), generator=g).tolist()
+            crop = pool[i, :, y0 : y0 + tc.IMAGE_SIZE, x0 : x0 + tc.IMAGE_SIZE]
+            parts.append(crop[None].float().div(127.5).sub(1.0))
+        return torch.cat(parts)
+    if pools and float(torch.rand(1, generator=g)) < args.large_share:
+        pool = pools[int(torch.randint(0, len(pools), (1,), generator=g))]
+        n = max(1, round(args.batch_size * (tc.IMAGE_SIZE / pool.shape[-1]) ** 2))
+        return pool[torch.randint(0, len(pool), (n,), generator=g)].float().div(127.5).sub(1.0)
+    return x_all[torch.randint(0, len(x_all), (args.batch_size,), generator=g)]
 
 
 def train_vae(args, out: Path, work: Path):
     images, _ = tc.make_dataset(args.seed, args.n_data)
     x_all = images_to_tensor(images)
-    vae = build_vae(args).train()
+    pools = large_pictures(args) if args.large_share > 0 or args.crop_share > 0 else []
+    vae = build_vae(args)
+    load_init_weights(vae, args, "")
+    vae.train()
     tr = Trainer(vae, args, work)
+    offset = draws_offset(args)
     t0 = time.time()
     while not finished(tr, args):
-        g = step_generator(args.seed, tr.step)
-        idx = torch.randint(0, len(x_all), (args.batch_size,), generator=g)
-        x = x_all[idx]
+        g = step_generator(args.seed, offset + tr.step)
+        x = vae_batch(x_all, pools, args, g)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.kl_weight * kl
+        if args.texture_weight:
+            loss = loss + args.texture_weight * texture_band_loss(rec, x)
         tr.update(loss)
     tr.save_checkpoint()
     vae = tr.ema_model()
     with torch.no_grad():
         z = torch.cat([vae.encode(x_all[i : i + 256]).latent_dist.mean for i in range(0, min(2048, len(x_all)), 256)])
-        recon = vae.decode(z[:256]).sample
     # Latent normalisation in the config, as SD/Flux VAEs carry it.
     vae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=float(z.mean()))
     out.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out, safe_serialization=True)
     write_record(out, args, tr, time.time() - t0, {
-        "recon_mse_first256": float(F.mse_loss(recon, x_all[:256])),
-        **texture_survival(images[:256], recon, args.seed),
+        **texture_survival(vae),
+        "round_trip_by_size": round_trip_by_size(vae),
         "latent_mean": float(z.mean()), "latent_std": float(z.std()),
+        "latent_channel_std": [round(float(v), 4) for v in z.std(dim=(0, 2, 3))],
     })
 
 
@@ -366,7 +463,7 @@ def train_sd15(args, out: Path, work: Path):
     tok = build_tokenizer(args.max_length)
     te = build_clip(args.seed + 7, len(tok), args.max_length)
     betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
-    unet = build_unet(args, te.config.hidden_size)
+    unet = build_unet(args, te.config.hidden_size, vae.config.latent_channels)
     load_init_weights(unet, args, "unet")
     sched = DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
@@ -407,7 +504,7 @@ def train_flux(args, out: Path, work: Path):
     tok, tok2 = build_tokenizer(args.max_length), build_tokenizer(args.max_length)
     te = build_clip(args.seed + 7, len(tok), args.max_length)
     te2 = build_t5(args.seed + 11, len(tok2))
-    tf = build_flux(args, te2.config.d_model, te.config.hidden_size)
+    tf = build_flux(args, te2.config.d_model, te.config.hidden_size, vae.config.latent_channels)
     load_init_weights(tf, args, "transformer")
     n_tok = (args.latent_size // 2) ** 2
     # Real Flux shifts sigmas by image size; the same rule here, anchored at the training size.
@@ -422,7 +519,7 @@ def train_flux(args, out: Path, work: Path):
     with torch.no_grad():
         cond, pooled, txt_ids = pipe.encode_prompt(prompts, None, max_sequence_length=args.max_length)
         uncond, upooled, _ = pipe.encode_prompt([""], None, max_sequence_length=args.max_length)
-    h = w = args.latent_size
+    c, h, w = vae.config.latent_channels, args.latent_size, args.latent_size
     img_ids = FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
     tf.train()
     tr = Trainer(tf, args, work)
@@ -444,8 +541,8 @@ def train_flux(args, out: Path, work: Path):
         sigma = torch.where(torch.rand(B, generator=g) < 0.5, u, ln)
         s = sigma[:, None, None, None]
         xt = (1 - s) * x0 + s * noise
-        packed = FluxPipeline._pack_latents(xt, B, 4, h, w)
-        target = FluxPipeline._pack_latents(noise - x0, B, 4, h, w)
+        packed = FluxPipeline._pack_latents(xt, B, c, h, w)
+        target = FluxPipeline._pack_latents(noise - x0, B, c, h, w)
         pred = tf(hidden_states=packed, timestep=sigma, pooled_projections=pool, encoder_hidden_states=ctx,
                   txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         tr.update(F.mse_loss(pred, target))
@@ -462,10 +559,15 @@ def train_flux(args, out: Path, work: Path):
 # ---------------------------------------------------------------- CLI
 
 DEFAULTS = {
-    "vae": {"steps": 800, "batch_size": 32, "lr": 1e-3, "warmup": 50, "n_data": 8192},
+    "vae": {"steps": 4000, "batch_size": 32, "lr": 1e-3, "warmup": 100, "n_data": 8192},
     "sd15": {"steps": 2000, "batch_size": 64, "lr": 1e-3, "warmup": 100, "n_data": 16384},
     "flux": {"steps": 3000, "batch_size": 64, "lr": 5e-4, "warmup": 100, "n_data": 16384},
 }
+
+
+# Options a record made before they existed ran with (its args lack them).
+LEGACY = {"latent_channels": 4, "vae_layers": 1, "texture_weight": 0.0, "vae_attention": True, "large_share": 0.0,
+          "large_sizes": [128, 256, 512], "crop_share": 0.0, "crop_sizes": None}
 
 
 def parse(argv=None):
@@ -485,6 +587,16 @@ def parse(argv=None):
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--kl-weight", type=float, default=1e-4)
     p.add_argument("--vae-channels", type=int, nargs="+", default=[16, 32, 32])
+    p.add_argument("--vae-layers", type=int, default=1, help="VAE resnet layers per block")
+    p.add_argument("--latent-channels", type=int, default=16)
+    p.add_argument("--texture-weight", type=float, default=1.0, help="weight of the texture-band loss (VAE)")
+    p.add_argument("--vae-attention", action=argparse.BooleanOptionalAction, default=False,
+                   help="attention in the VAE's mid block (v2 had it; without it the VAE is convolutional only)")
+    p.add_argument("--large-share", type=float, default=0.5, help="share of VAE steps on whole larger pictures")
+    p.add_argument("--large-sizes", type=int, nargs="+", default=[128, 256, 512], help="sides of those pictures")
+    p.add_argument("--crop-share", type=float, default=0.0,
+                   help="share of every VAE batch cropped (64 px) from larger pictures instead (overrides --large-share)")
+    p.add_argument("--crop-sizes", type=int, nargs="+", help="sides of the pictures cropped from (with --crop-share)")
     p.add_argument("--latent-size", type=int, default=16)
     p.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 64])
     p.add_argument("--layers-per-block", type=int, default=1)
@@ -495,17 +607,17 @@ def parse(argv=None):
     p.add_argument("--flux-single", type=int, default=4)
     p.add_argument("--cond-dropout", type=float, default=0.1)
     p.add_argument("--max-length", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--init-from", type=str,
-                   help="exported pipeline (sd15, flux) whose weights to continue training; its batches are not redrawn")
+                   help="exported VAE or pipeline (sd15, flux) whose weights to continue training; its batches are not redrawn")
     p.add_argument("--reproduce", type=Path, help="training.json whose args to rerun and compare")
     p.add_argument("--stop-after", type=int, help="stop after this many steps (for --reproduce)")
     args = p.parse_args(argv)
     if args.reproduce:
         rec = json.loads(args.reproduce.read_text())
         cli_vae = args.vae  # the recorded VAE path may be gone; each pipeline ships a copy in vae/
-        for k, v in rec["args"].items():
+        for k, v in {**LEGACY, **rec["args"]}.items():
             setattr(args, k, v)
         args.vae = cli_vae or args.vae
         args.no_resume = True
@@ -514,8 +626,9 @@ def parse(argv=None):
             setattr(args, k, v)
     if args.stage != "vae" and not args.vae:
         p.error(f"--vae is required for stage {args.stage}")
-    if args.init_from and (args.stage == "vae" or not (Path(args.init_from) / "training.json").exists()):
-        p.error(f"--init-from {args.init_from!r}: needs an exported sd15/flux pipeline folder with its training.json")
+    if args.init_from and not (Path(args.init_from) / "training.json").exists():
+        p.error(f"--init-from {args.init_from!r}: needs an exported folder of this stage (a VAE, or an sd15/flux "
+                "pipeline) with its training.json")
     if args.work_dir is None:
         args.work_dir = Path(f"/tmp/hires_testbed/work_{args.stage}")
     return args

@@ -1,9 +1,10 @@
-"""The coherence testbed: its metrics (objects, native-scale detail, halo, drift, speckle, clipping),
-its data, and the shipped tiny models."""
+"""The coherence testbed: its metrics (objects, colour, native-scale detail, texture retention, halo,
+speckle, clipping), its data, and the shipped tiny models (their VAE's round trip included)."""
 
 from __future__ import annotations
 
 import colorsys
+import math
 import sys
 from pathlib import Path
 
@@ -170,8 +171,36 @@ def test_colour_drift_scores_hue_and_saturation_shifts():
     hue1, _ = tm.colour_drift(_tinted_circle(hue_shift_deg=20.0), "green")
     _, sat1 = tm.colour_drift(_tinted_circle(sat_scale=0.65), "green")
     assert hue0 <= 2.0 and sat0 <= 0.02, (hue0, sat0)
-    assert hue1 >= 15.0, hue1
+    assert hue1 == pytest.approx(20.0, abs=2.0), hue1
     assert sat1 >= 0.2, sat1
+    # beyond the prompted colour's hue band the error keeps growing: a red circle read as "green"
+    hue_red, _ = tm.colour_drift(_tinted_circle(hue_shift_deg=-tm.trained_hue_sat("green")[0]), "green")
+    assert hue_red == pytest.approx(tm.trained_hue_sat("green")[0], abs=2.0), hue_red
+
+
+def test_colour_correct_reads_the_largest_object_whatever_its_hue():
+    # Every drawn picture is correct for its own prompt and wrong for every other colour.
+    for s in tc.drawn_pictures(24):
+        assert tm.colour_correct(s.image, s.colour), s.caption
+        assert not any(tm.colour_correct(s.image, c) for c in tc.COLOURS if c != s.colour), s.caption
+    # A green circle asked for as red, a red patch inside a green circle (green still dominates),
+    # and a hue shifted past half-way to yellow.
+    assert not tm.colour_correct(_tinted_circle(), "red")
+    patched = _tinted_circle()
+    patched[44:52, 44:52] = tc.COLOURS["red"]
+    assert tm.colour_correct(patched, "green") and not tm.colour_correct(patched, "red")
+    assert not tm.colour_correct(_tinted_circle(hue_shift_deg=-45.0), "green")
+    assert tm.colour_correct(_tinted_circle(hue_shift_deg=-25.0), "green")
+    # no object at all is not a correct colour
+    assert not tm.colour_correct(_canvas(96, 96).astype(np.uint8), "green")
+
+
+def test_colour_share_is_a_wilson_interval_column():
+    ref = tm.Reference.of([tm.measure(s.image, s.colour, s.shape) for s in tc.drawn_pictures(12)])
+    wrong = [tm.measure(_tinted_circle(), "red", "circle")] * 3
+    right = [tm.measure(s.image, s.colour, s.shape) for s in tc.drawn_pictures(9)]
+    st = tm.summarise(wrong + right, ref)
+    assert st["colour"] == pytest.approx(0.75) and st["colour_ci"] == pytest.approx(tm.wilson(9, 12))
 
 
 def test_speckle_clipping_and_shape():
@@ -197,6 +226,85 @@ def test_wilson_interval_matches_closed_form():
     assert tm.wilson(12, 12) == pytest.approx((0.75751, 1.0), abs=1e-4)
 
 
+def _without_stripes(seed, i, size=tc.IMAGE_SIZE, **prompt):
+    old = tc.OBJECT_TEXTURE
+    tc.OBJECT_TEXTURE = 0.0
+    try:
+        return tc.make_sample(seed, i, size, **prompt)
+    finally:
+        tc.OBJECT_TEXTURE = old
+
+
+def test_object_detail_sees_stripes_not_the_edge():
+    # The same pictures with flat objects: the ring applied to the whole picture read 0.22 of the
+    # striped power there (the object's edge and the background grain); each region's own texture reads ~0.
+    striped = [tc.make_sample(3, i) for i in range(12)]
+    flat = [_without_stripes(3, i) for i in range(12)]
+    s = np.mean([tm.object_detail(p.image, p.colour) ** 2 for p in striped])
+    f = np.mean([tm.object_detail(p.image, p.colour) ** 2 for p in flat])
+    assert f <= 0.01 * s, (f, s)
+    # the stripes' power is the same for every colour: they scale the colour's value by 0.9 +- 0.18
+    by_colour = {c: np.mean([tm.object_detail(p.image, c) ** 2 for p in tc.drawn_pictures(24) if p.colour == c])
+                 for c in tc.COLOURS}
+    assert max(by_colour.values()) <= 1.3 * min(by_colour.values()), by_colour
+
+
+def _down_up(img, k):
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    small = Image.fromarray(img).resize((w // k, h // k), Image.BICUBIC)
+    return np.asarray(small.resize((w, h), Image.BICUBIC))
+
+
+def test_texture_retention_on_drawn_copies():
+    pics = tc.drawn_pictures(24)
+    orig, colours = [p.image for p in pics], [p.colour for p in pics]
+    same = tm.texture_retention(orig, orig, colours)
+    assert all(v == pytest.approx(1.0) for v in same.values()), same
+    # the same scenes with flat objects (the draws are the same, only the stripes are gone)
+    flat = [_without_stripes(424_242, i, colour=p.colour, shape=p.shape).image for i, p in enumerate(pics)]
+    gone = tm.texture_retention(orig, flat, colours)
+    assert gone["object"] <= 0.01 and gone["background"] == pytest.approx(1.0, abs=0.01), gone
+    # a base image of a quarter the side, bicubic-upscaled: what a VAE that keeps no texture returns
+    up = tm.texture_retention(orig, [_down_up(im, 4) for im in orig], colours)
+    assert up["object"] <= 0.3 and up["background"] <= 0.3, up
+
+
+def test_texture_retention_tells_power_from_phase():
+    pics = tc.drawn_pictures(12)
+    orig, colours = [p.image for p in pics], [p.colour for p in pics]
+    # the same scenes with the stripes drawn half a period off: full power, opposite phase
+    import unittest.mock as mock
+
+    real = tc.diagonal_wave
+
+    def opposite(size_hw, period, phase, sign):
+        return real(size_hw, period, phase + (np.pi if period == tc.OBJECT_PERIOD else 0.0), sign)
+
+    with mock.patch.object(tc, "diagonal_wave", opposite):
+        flipped = [s.image for s in tc.drawn_pictures(12)]
+    kept = tm.texture_retention(orig, flipped, colours)
+    assert kept["object"] == pytest.approx(1.0, abs=0.05), kept
+    assert kept["object_in_phase"] <= -0.9 and kept["background_in_phase"] == pytest.approx(1.0, abs=0.01), kept
+
+
+def test_stripes_column_reads_drawn_pictures_as_one_and_flat_objects_as_zero():
+    drawn = [tm.measure(s.image, s.colour, s.shape) for s in tc.drawn_pictures(24)]
+    ref = tm.Reference.of(drawn, drawn)
+    others = [tm.measure(s.image, s.colour, s.shape) for s in (tc.make_sample(9, i) for i in range(24))]
+    flat = [tm.measure(f.image, f.colour, f.shape) for f in (_without_stripes(9, i) for i in range(24))]
+    assert tm.summarise(others, ref)["stripes"] == pytest.approx(1.0, abs=0.2)
+    assert tm.summarise(flat, ref)["stripes"] <= 0.02
+    assert math.isnan(tm.summarise(others, tm.Reference.of(drawn))["stripes"])  # no drawn pictures given
+
+
+# The shipped models predate testbed v3: their VAE keeps about 0.04 of the stripes' power and makes halos and
+# clipped pixels above 64 px. The v3 VAE (scripts/testbed_v3_vae, made by train_testbed.py, its record beside it)
+# passes these; they turn green, and strict xfail turns red, when models retrained on it ship.
+PREDATES_V3 = pytest.mark.xfail(strict=True, reason="shipped testbed models predate the v3 VAE")
+
+
 @pytest.fixture(scope="module")
 def sd15_pipe():
     from diffusers import StableDiffusionPipeline
@@ -205,6 +313,75 @@ def sd15_pipe():
     pipe = StableDiffusionPipeline.from_pretrained(SD15, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def v3_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(REPO / "scripts" / "testbed_v3_vae", local_files_only=True)
+
+
+def _round_trip(vae, images: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@PREDATES_V3
+def test_shipped_vae_keeps_the_texture_through_its_round_trip(sd15_pipe):
+    _check_texture_kept(sd15_pipe.vae)
+
+
+def test_v3_vae_keeps_the_texture_through_its_round_trip(v3_vae):
+    _check_texture_kept(v3_vae)
+
+
+def _check_texture_kept(vae):
+    # Held-out drawn pictures (seeds no model trained on): the stripes and the grain survive the
+    # round trip in power and in phase, so samples can carry them and the detail columns can see them.
+    pics = tc.drawn_pictures(48)
+    back = _round_trip(vae, np.stack([p.image for p in pics]))
+    kept = tm.texture_retention([p.image for p in pics], back, [p.colour for p in pics])
+    assert all(kept[k] >= 0.8 for k in ("object", "background", "object_in_phase", "background_in_phase")), kept
+    assert all(tm.colour_correct(im, p.colour) and tc.count_objects(im, p.colour).n_objects == 1
+               for im, p in zip(back, pics))
+
+
+@PREDATES_V3
+@pytest.mark.parametrize("size, n", [(64, 12), (128, 6), (256, 3), (512, 2)])
+def test_shipped_vae_round_trip_adds_no_halo_clipping_or_colour_drift_at_any_size(sd15_pipe, size, n):
+    _check_round_trip_clean(sd15_pipe.vae, size, n)
+
+
+@pytest.mark.parametrize("size, n", [(64, 12), (128, 6), (256, 3), (512, 2)])
+def test_v3_vae_round_trip_adds_no_halo_clipping_or_colour_drift_at_any_size(v3_vae, size, n):
+    _check_round_trip_clean(v3_vae, size, n)
+
+
+def _check_round_trip_clean(vae, size: int, n: int):
+    # The eval decodes samples up to 512 px: a VAE that only works at its 64 px training size puts
+    # its own halo, clipped pixels and hue shift into every large sample (v2's turned a 512 px red
+    # circle orange with a green rim). Drawn pictures at each size, prompts spread over the colours.
+    prompts = tc.all_prompts()
+    pics = [tc.make_sample(424_242, i, size, *prompts[(5 * i) % 12][1:]) for i in range(n)]
+    back = [_round_trip(vae, p.image[None])[0] for p in pics]
+    drawn_halo = tm.nanmean(tm.halo(p.image, p.colour) for p in pics)
+    halo = tm.nanmean(tm.halo(b, p.colour) for b, p in zip(back, pics))
+    clipped = float(np.mean([tm.clipped(b) for b in back]))
+    hue = [tm.colour_drift(b, p.colour)[0] - tm.colour_drift(p.image, p.colour)[0] for b, p in zip(back, pics)]
+    assert drawn_halo <= 0.02 and halo <= 0.02, (drawn_halo, halo)
+    assert clipped <= 0.002, clipped
+    assert all(tm.colour_correct(b, p.colour) for b, p in zip(back, pics)) and max(hue) <= 3.0, hue
+
+
+def test_shipped_models_share_one_vae(sd15_pipe):
+    from safetensors.torch import load_file
+
+    flux_vae = load_file(REPO / "hires" / "assets" / "testbed_flux" / "vae" / "diffusion_pytorch_model.safetensors")
+    sd15_vae = sd15_pipe.vae.state_dict()
+    assert flux_vae.keys() == sd15_vae.keys() and all(torch.equal(flux_vae[k], sd15_vae[k]) for k in flux_vae)
 
 
 def test_shipped_tokenizer_round_trips(sd15_pipe):
@@ -216,7 +393,8 @@ def test_shipped_tokenizer_round_trips(sd15_pipe):
     assert tok("a purple circle").input_ids[1] == tok.unk_token_id
 
 
-def test_shipped_sd15_draws_one_object_of_the_prompted_colour(sd15_pipe):
+@PREDATES_V3
+def test_shipped_sd15_draws_one_striped_object_of_the_prompted_colour(sd15_pipe):
     prompts = tc.all_prompts()
     gens = [torch.Generator().manual_seed(10_000 + i) for i in range(len(prompts))]
     images = sd15_pipe(
@@ -227,6 +405,12 @@ def test_shipped_sd15_draws_one_object_of_the_prompted_colour(sd15_pipe):
     counts = [tc.count_objects(im, colour).n_objects for im, (_, colour, _) in zip(images, prompts)]
     bad = [(p, n) for (p, _, _), n in zip(prompts, counts) if n != 1]
     assert not bad, f"prompts without exactly one object of their colour: {bad}"
+    assert all(tm.colour_correct(im, colour) for im, (_, colour, _) in zip(images, prompts))
+    # the samples draw the stripes: at least 0.8 of the drawn pictures' texture power, prompt by prompt
+    drawn = [tm.measure(p.image, p.colour, p.shape) for p in tc.drawn_pictures(48)]
+    ref = tm.Reference.of(drawn, drawn)
+    stripes = tm.summarise([tm.measure(im, c, s) for im, (_, c, s) in zip(images, prompts)], ref)["stripes"]
+    assert stripes >= 0.8, stripes
 
 
 def test_shipped_flux_loads_and_samples_native_size():
@@ -249,23 +433,32 @@ def test_shipped_flux_loads_and_samples_native_size():
 
 
 def _cell(kind, size, **values):
-    return {"kind": kind, "size": size, "row": kind, "n": 8, "one": 0.0, "detail": 0.0, **values}
+    return {"kind": kind, "size": size, "row": kind, "n": 8, "one": 0.0, "detail": 0.0, "stripes": 0.0,
+            "colour": 0.0, "hue_error": 0.0, "halo": 0.0, "clipped": 0.0, **values}
 
 
 def test_model_checks_read_the_acceptance_cells():
     import eval_coherence as ev
 
     good = {"model": "m", "cells": [
-        _cell("plain", "1x", one=0.96), _cell("plain", "16x", one=0.25, detail=0.85),
+        _cell("plain", "1x", one=0.96, stripes=0.85, colour=1.0, hue_error=2.0, halo=0.01, clipped=0.001),
+        _cell("plain", "16x", one=0.25, detail=0.85),
         _cell("trivial", "16x", one=1.0, detail=0.1), _cell("preset", "16x", one=0.0)]}
     rows = ev.model_checks(good)
     assert len(rows) == len(ev.MODEL_CHECKS) and all(r.endswith("| yes |") for r in rows)
-    # each bound fails on the wrong side, and a failed cell is skipped rather than read
+    # each bound fails on the wrong side, a failed cell is skipped rather than read, and so is a plain
+    # row at other settings (the CLI's defaults) that comes first
     bad = {"model": "m", "cells": [
-        _cell("plain", "1x", one=0.94), _cell("plain", "16x", one=0.5, detail=0.7),
+        _cell("plain", "1x", group="defaults", one=1.0, stripes=1.0, colour=1.0),
+        _cell("plain", "1x", one=0.94, stripes=0.75, colour=0.95, hue_error=6.0, halo=0.03, clipped=0.003),
+        _cell("plain", "16x", one=0.5, detail=0.7),
         _cell("trivial", "16x", one=0.8, detail=0.4), _cell("plain", "4x", error="RuntimeError")]}
-    assert [r.endswith("| no |") for r in ev.model_checks(bad)] == [True] * 5
+    assert [r.endswith("| no |") for r in ev.model_checks(bad)] == [True] * len(ev.MODEL_CHECKS)
     assert ev.model_checks({"model": "m", "cells": [_cell("plain", "1x", error="x")]}) == []
+    # a v2 run's cells lack the v3 measures: those checks are left out, not failed
+    v2 = {k: v for k, v in _cell("plain", "1x", one=1.0, halo=0.0, clipped=0.0).items()
+          if k not in ("stripes", "colour", "hue_error")}
+    assert len(ev.model_checks({"model": "m", "cells": [v2]})) == 3  # one, halo, clipped
 
 
 def test_images_per_cell_text_reads_old_and_grouped_runs():
@@ -274,13 +467,15 @@ def test_images_per_cell_text_reads_old_and_grouped_runs():
     assert ev._n_text({"1x": 48, "4x": 3}) == "n per size: 1x 48, 4x 3"
     grouped = ev._n_text({"1x": 48, "standing": {"16x": 8}, "technique": {"16x": 3}})
     assert grouped.startswith("n: 1x reference 48; standing rows 16x 8; technique rows 16x 3")
+    v3 = ev._n_text({"standing": {"1x": 96, "64x": 12}, "technique": {"64x": 1}})
+    assert v3.startswith("n: standing rows 1x 96, 64x 12; technique rows 64x 1")
 
 
 def test_object_detail_is_judged_against_its_own_prompt():
     # Two prompts whose native stripes differ 4x in raw contrast: each image is divided by its own
     # prompt's 1x mean, so a cell holding only the weak prompt still reads 1.0 at native detail.
     def m(colour, detail):
-        return tm.Measure(colour, "circle", 1, True, detail, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return tm.Measure(colour, "circle", 1, True, True, detail, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0)
 
     ref = tm.Reference.of([m("yellow", 0.02), m("yellow", 0.04), m("blue", 0.12)])
     assert ref.object_by_prompt == {("yellow", "circle"): pytest.approx(0.03), ("blue", "circle"): 0.12}
@@ -297,7 +492,7 @@ def test_rows_run_in_any_order_score_against_the_plain_row(tmp_path):
     import eval_coherence as ev
 
     def m(detail):
-        return tm.Measure("red", "circle", 1, True, detail, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return tm.Measure("red", "circle", 1, True, True, detail, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0)
 
     def cell(kind, size, secs, details):
         return {"model": "sd15", "row": kind, "group": "standing", "kind": kind, "size": size,
@@ -318,3 +513,33 @@ def test_rows_run_in_any_order_score_against_the_plain_row(tmp_path):
     assert scored["cells"][3]["error"] == "x" and "measures" not in preset16
     with pytest.raises(RuntimeError, match="plain 1x failed"):
         ev.score_model("sd15", [{**plain, "cells": [{"kind": "plain", "size": "1x", "error": "boom"}]}], args)
+
+
+def test_every_row_reads_beside_the_trivial_baseline_at_its_own_settings():
+    # A row at the CLI's defaults is set beside the baseline sampled at those defaults; a row whose
+    # settings no baseline row shares falls back to the baseline at the testbed's own settings.
+    import eval_coherence as ev
+    import testbed_rows as trows
+
+    def cell(kind, size, settings, one, detail, error=None):
+        c = {"kind": kind, "row": f"{kind} {settings}", "size": size, "settings": list(settings)}
+        return {**c, "error": error} if error else {**c, "one": one, "colour": 1.0, "detail": detail, "detail_bg": 0.5}
+
+    ref, cli, family = (None, None), (20, trows.PIPELINE_GUIDANCE), (50, None)
+    cells = [cell("plain", "1x", ref, 1.0, 1.0), cell("trivial", "16x", ref, 0.9, 0.2),
+             cell("trivial", "16x", cli, 0.8, 0.3), cell("preset", "16x", ref, 0.7, 0.9),
+             cell("preset", "16x", cli, 0.6, 0.8), cell("config", "16x", family, 0.5, 0.7),
+             cell("preset", "64x", ref, 0.4, 0.6), cell("trivial", "4x", ref, 0, 0, error="boom"),
+             cell("preset", "4x", ref, 0.3, 0.5)]
+    ev.attach_baselines(cells, list(ref))
+    one = {(c["kind"], c["size"], tuple(c["settings"])): c.get("baseline", {}).get("one") for c in cells}
+    assert one[("preset", "16x", ref)] == 0.9 and one[("preset", "16x", cli)] == 0.8
+    assert one[("config", "16x", family)] == 0.9  # no baseline at 50 steps: the testbed's own
+    assert one[("plain", "1x", ref)] is None and one[("preset", "64x", ref)] is None  # none at that size
+    assert one[("preset", "4x", ref)] is None and "baseline" not in cells[1]  # a failed baseline is no baseline
+    assert ev._baseline_text(cells[4]) == "0.80 / 1.00 / 0.30 / 0.50" and ev._baseline_text(cells[0]) == "—"
+    # each settings group of the rows has its own baseline row
+    for family_name in trows.ROWS:
+        rows = trows.ROWS[family_name]()
+        trivial_settings = {r.settings for r in rows if r.kind == trows.TRIVIAL}
+        assert {r.settings for r in rows if r.group in ("standing", "defaults")} == trivial_settings
