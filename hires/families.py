@@ -282,6 +282,15 @@ class Family:
     # math.sqrt of the area ratio, and its transformer pads non-square grids to `max_seq` tokens
     # (HiDreamImagePipeline): with a technique on, hires has it denoise the size asked for.
     resizes_to_base_area: bool = False
+    # The diffusers classes (classic or modular) that hires.pipelines gives a ready `Hires<class>`; None: the
+    # first pipeline class and every modular class.
+    ready_classes: tuple[str, ...] | None = None
+
+    @property
+    def ready_base_classes(self) -> tuple[str, ...]:
+        if self.ready_classes is not None:
+            return self.ready_classes
+        return self.pipeline_classes[:1] + self.modular_classes
 
     @property
     def is_unet(self) -> bool:
@@ -604,6 +613,7 @@ FAMILIES: tuple[Family, ...] = (
             "token grid hires rescales is not what every layer sees"
         ),
         automatic_preset="flux3",
+        ready_classes=("Flux3ModularPipeline", "Flux3DistilledModularPipeline"),
     ),
     # ERNIE-Image: single-stream DiT over [image, text] on the Flux.2 VAE latent the pipeline patchifies 2x2
     # (pipe.vae_scale_factor 16, transformer patch 1); RoPE ids (text length, row, column), theta 256; CFG batched
@@ -711,6 +721,20 @@ FAMILIES: tuple[Family, ...] = (
 SUPPORTED_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.pipeline_classes))
 SUPPORTED_MODULAR_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.modular_classes))
 
+
+def ready_class_name(base_class: str) -> str:
+    """The name of the ready class of the diffusers class `base_class` (hires.pipelines)."""
+    return f"Hires{base_class}"
+
+
+def ready_classes(families: tuple[Family, ...] | None = None) -> dict[str, tuple[Family, ...]]:
+    """Every diffusers class given a ready class, with the families that name it (sd15 and sd21 share one)."""
+    found: dict[str, tuple[Family, ...]] = {}
+    for family in FAMILIES if families is None else families:
+        for base in family.ready_base_classes:
+            found[base] = found.get(base, ()) + (family,)
+    return found
+
 # Pipelines of a supported model that hires refuses, and why.
 REFUSED_PIPELINES = {
     "Flux2KleinKVPipeline": (
@@ -798,7 +822,7 @@ def _config_value(config, key: str):
 def detect_family(pipe) -> Family:
     """The family of `pipe`; any other pipeline raises `TypeError` listing the supported classes. The class
     nearest in `pipe`'s class hierarchy decides (Flux2KleinModularPipeline subclasses Flux2ModularPipeline)."""
-    order = [cls.__name__ for cls in type(pipe).__mro__ if cls.__module__.startswith("diffusers")]
+    order = [cls.__name__ for cls in type(pipe).__mro__]
     refused = next((n for n in order if n in REFUSED_PIPELINES), None)
     if refused is not None:
         raise TypeError(f"pipe={type(pipe).__name__} is not supported by hires: {REFUSED_PIPELINES[refused]}")
