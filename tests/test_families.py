@@ -200,3 +200,10 @@ def test_every_family_runs_the_automatic_preset_it_ran_before():
 
     assert AUTOMATIC == AUTOMATIC_BY_FAMILY
     assert {f.name: automatic_config(nominal_info(f)) for f in FAMILIES} == AUTOMATIC_BY_FAMILY
+
+
+def test_every_family_with_a_classic_pipeline_has_a_tiny_model():
+    from hires.families import FAMILIES
+    from tiny_models import BUILDERS, CALL_KWARGS
+
+    assert list(BUILDERS) == [f.name for f in FAMILIES if f.pipeline_classes] == list(CALL_KWARGS)
