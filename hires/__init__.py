@@ -48,7 +48,7 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_ready_names()))
 
 
 # Module paths of earlier releases, kept importable by code written against them: old name -> where it
