@@ -71,16 +71,11 @@ PRESET = "preset"  # hires.apply(pipe) without a config / no hires_config / --pr
 
 # Options per family that make PositionConfig change the computation at 2x (its defaults do not for
 # PixArt-Sigma and SD3 at 2x: PixArt's sin-cos positions stay the model's own, and SD3's 8x8 token
-# grid is inside its 12x12 table).
+# grid is inside its 12x12 table). The RoPE families take its defaults (Flux: YaRN RoPE and the clamped
+# timestep shift).
 _POSITIONS = {
     "pixart": {"enabled": True, "interpolation_scale": 2.0},
     "sd3": {"enabled": True, "timestep_shift": "static", "shift": 6.0},
-    "flux": {"enabled": True},  # YaRN RoPE and the clamped timestep shift
-    "flux2": {"enabled": True},
-    "flux2_klein": {"enabled": True},
-    "chroma": {"enabled": True},
-    "qwenimage": {"enabled": True},
-    "zimage": {"enabled": True},
 }
 
 
