@@ -742,6 +742,7 @@ def ready_classes(families: tuple[Family, ...] | None = None) -> dict[str, tuple
             found[base] = found.get(base, ()) + (family,)
     return found
 
+
 # Pipelines of a supported model that hires refuses, and why.
 REFUSED_PIPELINES = {
     "Flux2KleinKVPipeline": (
