@@ -15,32 +15,17 @@ globals().update(CONFIG_CLASSES)  # every technique's config class: hires.Struct
 
 __version__ = "0.1.0"
 
-_READY_PIPELINES = (
-    "HiresChromaPipeline",
-    "HiresErnieImagePipeline",
-    "HiresFlux2KleinPipeline",
-    "HiresFlux2Pipeline",
-    "HiresFluxPipeline",
-    "HiresHiDreamImagePipeline",
-    "HiresKrea2Pipeline",
-    "HiresPixArtSigmaPipeline",
-    "HiresQwenImagePipeline",
-    "HiresStableDiffusion3Pipeline",
-    "HiresStableDiffusionPipeline",
-    "HiresStableDiffusionXLPipeline",
-    "HiresZImagePipeline",
-    # Modular Diffusers
-    "HiresFlux2KleinBaseModularPipeline",
-    "HiresFlux2KleinModularPipeline",
-    "HiresFlux2ModularPipeline",
-    "HiresFlux3DistilledModularPipeline",
-    "HiresFlux3ModularPipeline",
-    "HiresFluxModularPipeline",
-    "HiresQwenImageModularPipeline",
-    "HiresStableDiffusion3ModularPipeline",
-    "HiresStableDiffusionXLModularPipeline",
-    "HiresZImageModularPipeline",
-)
+
+
+def _ready_names() -> tuple[str, ...]:
+    """The ready pipeline classes of the family records (hires.pipelines), classic then Modular Diffusers."""
+    from .families import ready_class_name, ready_classes
+
+    names = (ready_class_name(base) for base in ready_classes())
+    return tuple(sorted(names, key=lambda name: (name.endswith("ModularPipeline"), name)))
+
+
+_READY_PIPELINES = _ready_names()
 
 
 # The runtime imports torch and diffusers (seconds): loaded on first use, so `import hires` and
@@ -55,7 +40,7 @@ def __getattr__(name):
     if name in _RUNTIME_NAMES:
         return getattr(importlib.import_module(".runtime", __name__), name)
     # The ready pipelines import five diffusers pipeline modules: load them only when asked for.
-    if name in _READY_PIPELINES:
+    if name in _READY_PIPELINES or name in _ready_names():
         return getattr(importlib.import_module(".pipelines", __name__), name)
     if importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule, e.g. hires.runtime
         return importlib.import_module(f".{name}", __name__)
@@ -63,7 +48,7 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_ready_names()))
 
 
 # Module paths of earlier releases, kept importable by code written against them: old name -> where it

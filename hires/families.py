@@ -267,8 +267,8 @@ class Family:
     # Latent base side used when the pipeline has no `base_size_source` attribute (ZImagePipeline has no
     # default_sample_size; its __call__ defaults to 1024 px).
     base_latent_default: int | None = None
-    # The family whose automatic preset (hires.presets.PRESETS) this one runs, where that family's evidence
-    # stands for it; None: the preset of its own name.
+    # The family whose evidence chose this one's automatic preset (hires.presets), where it was not measured on
+    # its own; None: its own. The preset leaves out what the record refuses (windows, the planner).
     automatic_preset: str | None = None
     # Modular Diffusers pipeline classes (diffusers.ModularPipeline subclasses, by name) of this family
     # (hires.modular attaches to them); subclasses are recognised too.
@@ -282,6 +282,20 @@ class Family:
     # math.sqrt of the area ratio, and its transformer pads non-square grids to `max_seq` tokens
     # (HiDreamImagePipeline): with a technique on, hires has it denoise the size asked for.
     resizes_to_base_area: bool = False
+    # The diffusers classes (classic or modular) that hires.pipelines gives a ready `Hires<class>`; None: the
+    # first pipeline class and every modular class.
+    ready_classes: tuple[str, ...] | None = None
+
+    @property
+    def ready_base_classes(self) -> tuple[str, ...]:
+        if self.ready_classes is not None:
+            return self.ready_classes
+        return self.pipeline_classes[:1] + self.modular_classes
+
+    @property
+    def sincos_positions(self) -> bool:
+        """Positions from a sin-cos table (PixArt-Sigma, SD3): the automatic preset turns PositionConfig on."""
+        return self.position_encoding.startswith("sincos")
 
     @property
     def is_unet(self) -> bool:
@@ -549,6 +563,7 @@ FAMILIES: tuple[Family, ...] = (
             "QwenImageModularPipeline passes its text padding mask (encoder_hidden_states_mask) to every attention "
             "call; scale fusion's global and local branches do not carry it"
         ),
+        automatic_preset="flux",  # not measured; Flux's evidence stands for it
     ),
     # Z-Image: single-stream DiT. Latents spatial (patchified 2x2 inside the transformer); 3-axis RoPE looked
     # up in per-axis tables by integer ids: axis 0 the sequence (caption 1..L, image at L + 1), axes 1 and 2
@@ -575,6 +590,7 @@ FAMILIES: tuple[Family, ...] = (
             "token grid and key counts hires rescales are not what the layer sees"
         ),
         modular_classes=("ZImageModularPipeline",),
+        automatic_preset="flux",  # not measured; Flux's evidence stands for it
     ),
     # Flux 3: only a Modular Diffusers pipeline (Flux3ModularPipeline; Flux3DistilledModularPipeline, the flow-map
     # distilled model, subclasses it). Flux.2's latent layout (the VAE's 32 channels patchified 2x2 into 128-channel
@@ -603,7 +619,8 @@ FAMILIES: tuple[Family, ...] = (
             "mode blocks alike, and its single blocks attend over text, image and reference tokens, so the image "
             "token grid hires rescales is not what every layer sees"
         ),
-        automatic_preset="flux3",
+        automatic_preset="flux",  # not measured; Flux's evidence stands for it
+        ready_classes=("Flux3ModularPipeline", "Flux3DistilledModularPipeline"),
     ),
     # ERNIE-Image: single-stream DiT over [image, text] on the Flux.2 VAE latent the pipeline patchifies 2x2
     # (pipe.vae_scale_factor 16, transformer patch 1); RoPE ids (text length, row, column), theta 256; CFG batched
@@ -636,7 +653,7 @@ FAMILIES: tuple[Family, ...] = (
             "ERNIE-Image's RoPE (ErnieImageEmbedND3) hands its attention raw angles of (text length, row, column) "
             "ids, which none of hires' position hooks rescales"
         ),
-        automatic_preset="zimage",  # Flux's preset without windows (its attention cannot be rewritten)
+        automatic_preset="flux",  # not measured; Flux's evidence stands for it
         latents_drawn_inline=True,
     ),
     # Krea-2: single-stream DiT over [text, image] with a Qwen3-VL text encoder whose tapped layers its own text
@@ -674,7 +691,7 @@ FAMILIES: tuple[Family, ...] = (
             "Krea-2's RoPE embedder (Krea2RotaryPosEmbed, theta 1000) is none of the embedders hires' RoPE hook "
             "replaces (FluxPosEmbed, Flux2PosEmbed)"
         ),
-        automatic_preset="krea2",
+        automatic_preset="flux",  # not measured; Flux's evidence stands for it
     ),
     # HiDream-I1: double-stream then single-stream sparse (MoE) DiT with two CLIPs, T5 and Llama-3.1 text
     # encoders; 3-axis RoPE ids (0, row, column) as 2x2 rotation matrices. The transformer takes the spatial
@@ -703,13 +720,28 @@ FAMILIES: tuple[Family, ...] = (
             "HiDream-I1's RoPE (HiDreamImageEmbedND) hands its attention 2x2 rotation matrices of (0, row, column) "
             "ids, which none of hires' position hooks rescales"
         ),
-        automatic_preset="zimage",  # Flux's preset without windows (its attention cannot be rewritten)
+        automatic_preset="flux",  # not measured; Flux's evidence stands for it
         resizes_to_base_area=True,
     ),
 )
 
 SUPPORTED_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.pipeline_classes))
 SUPPORTED_MODULAR_PIPELINES: tuple[str, ...] = tuple(dict.fromkeys(c for f in FAMILIES for c in f.modular_classes))
+
+
+def ready_class_name(base_class: str) -> str:
+    """The name of the ready class of the diffusers class `base_class` (hires.pipelines)."""
+    return f"Hires{base_class}"
+
+
+def ready_classes(families: tuple[Family, ...] | None = None) -> dict[str, tuple[Family, ...]]:
+    """Every diffusers class given a ready class, with the families that name it (sd15 and sd21 share one)."""
+    found: dict[str, tuple[Family, ...]] = {}
+    for family in FAMILIES if families is None else families:
+        for base in family.ready_base_classes:
+            found[base] = found.get(base, ()) + (family,)
+    return found
+
 
 # Pipelines of a supported model that hires refuses, and why.
 REFUSED_PIPELINES = {
@@ -798,7 +830,7 @@ def _config_value(config, key: str):
 def detect_family(pipe) -> Family:
     """The family of `pipe`; any other pipeline raises `TypeError` listing the supported classes. The class
     nearest in `pipe`'s class hierarchy decides (Flux2KleinModularPipeline subclasses Flux2ModularPipeline)."""
-    order = [cls.__name__ for cls in type(pipe).__mro__ if cls.__module__.startswith("diffusers")]
+    order = [cls.__name__ for cls in type(pipe).__mro__]
     refused = next((n for n in order if n in REFUSED_PIPELINES), None)
     if refused is not None:
         raise TypeError(f"pipe={type(pipe).__name__} is not supported by hires: {REFUSED_PIPELINES[refused]}")

@@ -19,33 +19,10 @@ from __future__ import annotations
 
 import inspect
 
-from diffusers import (
-    ChromaPipeline,
-    ErnieImagePipeline,
-    Flux2KleinBaseModularPipeline,
-    Flux2KleinModularPipeline,
-    Flux2KleinPipeline,
-    Flux2ModularPipeline,
-    Flux2Pipeline,
-    Flux3DistilledModularPipeline,
-    Flux3ModularPipeline,
-    FluxModularPipeline,
-    FluxPipeline,
-    HiDreamImagePipeline,
-    Krea2Pipeline,
-    PixArtSigmaPipeline,
-    QwenImageModularPipeline,
-    QwenImagePipeline,
-    StableDiffusion3ModularPipeline,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLModularPipeline,
-    StableDiffusionXLPipeline,
-    ZImageModularPipeline,
-    ZImagePipeline,
-)
+import diffusers
 
 from .config import HiresConfig, validate_size
+from .families import FAMILIES, ready_class_name, ready_classes
 from .runtime import apply, get_attachment
 
 
@@ -74,75 +51,6 @@ class HiresPipelineMixin:
         return base_call(*args, **kwargs)
 
 
-class HiresStableDiffusionPipeline(HiresPipelineMixin, StableDiffusionPipeline):
-    """StableDiffusionPipeline (SD 1.x and 2.x) with hires."""
-
-
-class HiresStableDiffusionXLPipeline(HiresPipelineMixin, StableDiffusionXLPipeline):
-    """StableDiffusionXLPipeline with hires."""
-
-
-class HiresPixArtSigmaPipeline(HiresPipelineMixin, PixArtSigmaPipeline):
-    """PixArtSigmaPipeline with hires."""
-
-
-class HiresStableDiffusion3Pipeline(HiresPipelineMixin, StableDiffusion3Pipeline):
-    """StableDiffusion3Pipeline with hires."""
-
-
-class HiresFluxPipeline(HiresPipelineMixin, FluxPipeline):
-    """FluxPipeline with hires."""
-
-
-class HiresFlux2Pipeline(HiresPipelineMixin, Flux2Pipeline):
-    """Flux2Pipeline (Flux.2 [dev]) with hires."""
-
-
-class HiresFlux2KleinPipeline(HiresPipelineMixin, Flux2KleinPipeline):
-    """Flux2KleinPipeline (Flux.2 [klein]) with hires."""
-
-
-class HiresChromaPipeline(HiresPipelineMixin, ChromaPipeline):
-    """ChromaPipeline with hires."""
-
-
-class HiresQwenImagePipeline(HiresPipelineMixin, QwenImagePipeline):
-    """QwenImagePipeline with hires."""
-
-
-class HiresZImagePipeline(HiresPipelineMixin, ZImagePipeline):
-    """ZImagePipeline (Z-Image and Z-Image Turbo) with hires."""
-
-
-class HiresErnieImagePipeline(HiresPipelineMixin, ErnieImagePipeline):
-    """ErnieImagePipeline (ERNIE-Image) with hires."""
-
-
-class HiresKrea2Pipeline(HiresPipelineMixin, Krea2Pipeline):
-    """Krea2Pipeline (Krea-2) with hires."""
-
-
-class HiresHiDreamImagePipeline(HiresPipelineMixin, HiDreamImagePipeline):
-    """HiDreamImagePipeline (HiDream-I1) with hires."""
-
-
-READY_PIPELINES = (
-    HiresStableDiffusionPipeline,
-    HiresStableDiffusionXLPipeline,
-    HiresPixArtSigmaPipeline,
-    HiresStableDiffusion3Pipeline,
-    HiresFluxPipeline,
-    HiresFlux2Pipeline,
-    HiresFlux2KleinPipeline,
-    HiresChromaPipeline,
-    HiresQwenImagePipeline,
-    HiresZImagePipeline,
-    HiresErnieImagePipeline,
-    HiresKrea2Pipeline,
-    HiresHiDreamImagePipeline,
-)
-
-
 class HiresModularPipelineMixin:
     """A Modular Diffusers pipeline class plus `hires_config`, kept as for the classic ones. hires attaches on the
     first call, so the graph may be edited and the components loaded (`load_components`) in between."""
@@ -155,55 +63,50 @@ class HiresModularPipelineMixin:
         return super().__call__(state, output, **kwargs)
 
 
-class HiresStableDiffusionXLModularPipeline(HiresModularPipelineMixin, StableDiffusionXLModularPipeline):
-    """StableDiffusionXLModularPipeline with hires."""
+def _pipeline_class(name: str) -> type:
+    """The diffusers pipeline class `name`, or a loaded subclass of a diffusers pipeline class of that name (a
+    family registered for a pipeline of its own)."""
+    found = getattr(diffusers, name, None)
+    pending = [diffusers.DiffusionPipeline, diffusers.ModularPipeline]
+    while found is None and pending:
+        cls = pending.pop()
+        found = cls if cls.__name__ == name else None
+        pending.extend(cls.__subclasses__())
+    if found is None:
+        raise ValueError(f"pipeline class {name!r} is neither in diffusers nor a loaded diffusers pipeline subclass")
+    return found
 
 
-class HiresStableDiffusion3ModularPipeline(HiresModularPipelineMixin, StableDiffusion3ModularPipeline):
-    """StableDiffusion3ModularPipeline with hires."""
+def ready_class(base: type | str) -> type:
+    """The ready class of the diffusers pipeline class `base` (a class, or its name in diffusers): `base` plus
+    `hires_config`, named `Hires<base>` in this module (made on first use), so that pickling and diffusers'
+    save_pretrained / from_pretrained find it by name as any class of its own module."""
+    base = _pipeline_class(base) if isinstance(base, str) else base
+    name = ready_class_name(base.__name__)
+    made = globals().get(name)
+    if made is not None:
+        if base not in made.__bases__:
+            raise ValueError(f"base={base.__qualname__}: {__name__}.{name} already exists for "
+                             f"{made.__bases__[-1].__module__}.{made.__bases__[-1].__qualname__}")
+        return made
+    mixin = HiresModularPipelineMixin if issubclass(base, diffusers.ModularPipeline) else HiresPipelineMixin
+    families = ready_classes().get(base.__name__, ())
+    about = f" (family {', '.join(f.name for f in families)})" if families else ""
+    made = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name,
+                                      "__doc__": f"{base.__name__}{about} with hires."})
+    globals()[name] = made
+    return made
 
 
-class HiresFluxModularPipeline(HiresModularPipelineMixin, FluxModularPipeline):
-    """FluxModularPipeline with hires."""
+# One ready class per family record that names it (Family.ready_base_classes), in the records' order.
+_READY = tuple(ready_class(base) for base in ready_classes(FAMILIES))
+READY_PIPELINES = tuple(c for c in _READY if issubclass(c, HiresPipelineMixin))
+READY_MODULAR_PIPELINES = tuple(c for c in _READY if issubclass(c, HiresModularPipelineMixin))
 
 
-class HiresFlux2ModularPipeline(HiresModularPipelineMixin, Flux2ModularPipeline):
-    """Flux2ModularPipeline (Flux.2 [dev]) with hires."""
-
-
-class HiresFlux2KleinModularPipeline(HiresModularPipelineMixin, Flux2KleinModularPipeline):
-    """Flux2KleinModularPipeline (Flux.2 [klein], step-distilled) with hires."""
-
-
-class HiresFlux2KleinBaseModularPipeline(HiresModularPipelineMixin, Flux2KleinBaseModularPipeline):
-    """Flux2KleinBaseModularPipeline (Flux.2 [klein] base) with hires."""
-
-
-class HiresQwenImageModularPipeline(HiresModularPipelineMixin, QwenImageModularPipeline):
-    """QwenImageModularPipeline with hires."""
-
-
-class HiresZImageModularPipeline(HiresModularPipelineMixin, ZImageModularPipeline):
-    """ZImageModularPipeline with hires."""
-
-
-class HiresFlux3ModularPipeline(HiresModularPipelineMixin, Flux3ModularPipeline):
-    """Flux3ModularPipeline with hires."""
-
-
-class HiresFlux3DistilledModularPipeline(HiresModularPipelineMixin, Flux3DistilledModularPipeline):
-    """Flux3DistilledModularPipeline (Flux 3's flow-map distilled model) with hires."""
-
-
-READY_MODULAR_PIPELINES = (
-    HiresStableDiffusionXLModularPipeline,
-    HiresStableDiffusion3ModularPipeline,
-    HiresFluxModularPipeline,
-    HiresFlux2ModularPipeline,
-    HiresFlux2KleinModularPipeline,
-    HiresFlux2KleinBaseModularPipeline,
-    HiresQwenImageModularPipeline,
-    HiresZImageModularPipeline,
-    HiresFlux3ModularPipeline,
-    HiresFlux3DistilledModularPipeline,
-)
+def __getattr__(name):
+    # The ready class of a family added after this module was imported (a record registered from outside).
+    base = next((b for b in ready_classes() if ready_class_name(b) == name), None)
+    if base is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return ready_class(base)

@@ -35,12 +35,15 @@ Earlier evidence (coherence testbed v2, 15 steps, 2026-12-02; one-object share /
   re-runs 0.25 of the schedule per stage (13 of 50 steps) instead of 0.3 to stay within 5 PFLOPs
   at 4096^2; on the earlier testbed UNet that analogue kept 11 of 12 at 16x in exploration, 5 of 6
   at 16x and 1 of 3 at 64x.
-- SD3 keeps PositionConfig: without it SD3 cannot run past its table (3072 px for SD3/3.5-Large).
-  PixArt-Sigma keeps it too: at its defaults it changes no position, and it turns the pipeline's
-  silent resolution binning into an error that says how to turn binning off. Neither is measured
-  on the testbed (its DiT is a Flux). Z-Image's preset has no windows (its padded attention cannot
-  be windowed; ERNIE-Image and HiDream-I1 run it too) and Qwen-Image's no planner (its causal 3D VAE cannot be tiled);
-  Krea-2's has neither.
+- Each family's preset is that one, less what its record says hires cannot do there (hires.families):
+  no window attention where its attention cannot be rewritten (`attention_unsupported`: Z-Image's padded
+  attention, Flux 3, ERNIE-Image, Krea-2, HiDream-I1), no memory planner where its VAE cannot be tiled
+  (`VAEKind.untileable`: Qwen-Image's causal 3D VAE, Krea-2). Families with sin-cos position tables (SD3,
+  PixArt-Sigma) keep PositionConfig: without it SD3 cannot run past its table (3072 px for SD3/3.5-Large),
+  and at its defaults PixArt's positions do not change while its pipeline's silent resolution binning
+  becomes an error that says how to turn binning off. Neither is measured on the testbed (its DiT is a Flux).
+  The families not measured run the preset of the one whose evidence stands for them
+  (`Family.automatic_preset`: Flux's for every flow DiT).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import HiresConfig, MemoryConfig, PositionConfig, StructureGuidanceConfig, WindowAttentionConfig
-from .families import FAMILIES
+from .families import FAMILIES, Family
 
 STRUCTURE = StructureGuidanceConfig(enabled=True, space="latent", upscale_space="pixel", ladder="doubling",
                                     guided_fraction=1.0, handover="fade")
@@ -61,28 +64,24 @@ def _preset(structure: StructureGuidanceConfig = STRUCTURE, positions: bool = Fa
                        positions=PositionConfig(enabled=True) if positions else PositionConfig())
 
 
-# The presets, by the family whose evidence chose them; a family runs the one its record names
-# (Family.automatic_preset; its own name where it has one of its own).
-PRESETS: dict[str, HiresConfig] = {
-    "sd15": _preset(),
-    "sdxl": _preset(dataclasses.replace(STRUCTURE, renoise=0.25)),
-    "pixart": _preset(positions=True),
-    "sd3": _preset(positions=True),
-    "flux": _preset(),
-    # Not measured on the testbed; as Flux's (the testbed's flow DiT) where the family allows it: Qwen-Image's
-    # causal 3D VAE cannot be tiled (no memory planner), Z-Image's padded attention cannot be windowed.
-    "qwenimage": _preset(memory=False),
-    "zimage": _preset(windows=False),
-    # Flux 3: not measured; as Flux's without the windows, which its shared attention processor cannot take.
-    "flux3": _preset(windows=False),
-    # Krea-2: as Flux's, less the windows (its attention cannot be rewritten) and the planner (Qwen-Image's VAE).
-    "krea2": _preset(windows=False, memory=False),
-}
+# Structure guidance as the evidence chose it for a family (by the name its records' `automatic_preset` give);
+# every other family runs STRUCTURE. SDXL re-runs a quarter of the schedule per stage to keep 4096^2 within
+# 5 PFLOPs (above).
+STRUCTURE_BY_EVIDENCE: dict[str, StructureGuidanceConfig] = {"sdxl": dataclasses.replace(STRUCTURE, renoise=0.25)}
+
+
+def family_preset(family: Family) -> HiresConfig:
+    """The automatic preset of `family`: its evidence's structure guidance, windows, the memory planner and
+    positions where its record allows them."""
+    structure = STRUCTURE_BY_EVIDENCE.get(family.automatic_preset or family.name, STRUCTURE)
+    return _preset(structure, positions=family.sincos_positions, windows=family.attention_unsupported is None,
+                   memory=family.vae.untileable is None)
+
+
 # Every family's automatic preset.
-AUTOMATIC: dict[str, HiresConfig] = {family.name: PRESETS[family.automatic_preset or family.name]
-                                     for family in FAMILIES}
+AUTOMATIC: dict[str, HiresConfig] = {family.name: family_preset(family) for family in FAMILIES}
 
 
 def automatic_config(info) -> HiresConfig:
     """The automatic preset of `info`'s family (a `hires.ModelInfo`)."""
-    return PRESETS[info.family.automatic_preset or info.name]
+    return family_preset(info.family)

@@ -15,6 +15,8 @@ import math
 import sys
 from pathlib import Path
 
+from hires.families import FAMILIES, ready_class_name
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle"
 BASE = 64  # the tiny models' base side (tiny_models.BASE_LATENT x VAE factor 8)
@@ -24,59 +26,56 @@ SIZE = 2 * BASE  # every request: 2x the base side
 STEPS = 3
 SEED = 7
 
+# The facts these tables hold are the family records' (hires.families, no torch); every family with a classic
+# pipeline class has a tiny model (tiny_models.BUILDERS).
+RECORDS = tuple(f for f in FAMILIES if f.pipeline_classes)
+
+
+def _names(fact) -> tuple[str, ...]:
+    return tuple(f.name for f in RECORDS if fact(f))
+
+
+def _community_file(class_name: str) -> str:
+    """The file under pipelines/ that loads the ready class `class_name` (test_pipelines checks its content)."""
+    found = [p.name for p in sorted((REPO / "pipelines").glob("*.py"))
+             if f"from hires.pipelines import {class_name}\n" in p.read_text(encoding="utf-8")]
+    return found[0] if found else f"<no file under pipelines/ imports {class_name}>"
+
+
 # family -> (ready pipeline class, community-pipeline file under pipelines/)
-READY = {
-    "sd15": ("HiresStableDiffusionPipeline", "hires_sd.py"),
-    "sd21": ("HiresStableDiffusionPipeline", "hires_sd.py"),
-    "sdxl": ("HiresStableDiffusionXLPipeline", "hires_sdxl.py"),
-    "pixart": ("HiresPixArtSigmaPipeline", "hires_pixart.py"),
-    "sd3": ("HiresStableDiffusion3Pipeline", "hires_sd3.py"),
-    "flux": ("HiresFluxPipeline", "hires_flux.py"),
-    "flux2": ("HiresFlux2Pipeline", "hires_flux2.py"),
-    "flux2_klein": ("HiresFlux2KleinPipeline", "hires_flux2_klein.py"),
-    "chroma": ("HiresChromaPipeline", "hires_chroma.py"),
-    "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
-    "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
-    "ernie_image": ("HiresErnieImagePipeline", "hires_ernie_image.py"),
-    "krea2": ("HiresKrea2Pipeline", "hires_krea2.py"),
-    "hidream": ("HiresHiDreamImagePipeline", "hires_hidream.py"),
-}
-UNETS = ("sd15", "sd21", "sdxl")
+READY = {f.name: (ready_class_name(f.ready_base_classes[0]),
+                  _community_file(ready_class_name(f.ready_base_classes[0]))) for f in RECORDS}
+UNETS = _names(lambda f: f.is_unet)
 # The DiTs whose positions PositionConfig rescales (ERNIE-Image's, Krea-2's and HiDream-I1's RoPE it does not know).
-DITS = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")
+DITS = _names(lambda f: not f.is_unet and f.positions_unsupported is None)
 # Pipelines that hard-code their base (default_sample_size 128: 1024 px) where the tiny models' is 64 px:
 # a copy loaded from disk needs the tiny model's 64 px base set on it (or given as HiresConfig.base_size).
-PIPELINE_BASE = ("flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage", "ernie_image", "krea2", "hidream")
+PIPELINE_BASE = _names(lambda f: f.base_size_source[0] == "pipeline")
 FIXED_BASE = PIPELINE_BASE  # fam-flux2's name for the same set
 # Families whose pipeline never runs classifier-free guidance (APG does not apply).
-NO_CFG = ("flux2",)
+NO_CFG = _names(lambda f: not f.runs_cfg)
 # Families that run CFG only as true CFG: APG needs true_cfg_scale and a negative prompt.
-TRUE_CFG = ("flux", "qwenimage")
+TRUE_CFG = _names(lambda f: f.guidance_scale_name == "true_cfg_scale")
 # Families whose VAE hires cannot tile (VAETilingConfig and MemoryConfig refuse them).
-UNTILEABLE_VAE = ("qwenimage", "krea2")
+UNTILEABLE_VAE = _names(lambda f: f.vae.untileable is not None)
 # Families whose attention hires cannot rewrite (EntropyScalingConfig and WindowAttentionConfig refuse them).
-NO_ATTENTION_REWRITE = ("zimage", "ernie_image", "krea2", "hidream")
+NO_ATTENTION_REWRITE = _names(lambda f: f.attention_unsupported is not None)
 # Families whose pipeline passes an attention mask (ScaleFusionConfig and DilatedSamplingConfig refuse them).
-MASKED_ATTENTION = ("chroma", "ernie_image", "krea2")
+MASKED_ATTENTION = _names(lambda f: f.attention_masked is not None)
 # Families whose blocks have no diffusers feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 there).
 NO_FEED_FORWARD_CHUNKS = ("flux", "flux2", "flux2_klein", "chroma", "zimage", "ernie_image", "hidream")
 # Families whose pipeline rescales every request to its base area (HiDreamImagePipeline): plain diffusers
 # denoises a size above it only with its default_sample_size set to that size (`plain_at`).
-RESCALES_TO_BASE_AREA = ("hidream",)
+RESCALES_TO_BASE_AREA = _names(lambda f: f.resizes_to_base_area)
 PRESET = "preset"  # hires.apply(pipe) without a config / no hires_config / --preset auto
 
 # Options per family that make PositionConfig change the computation at 2x (its defaults do not for
 # PixArt-Sigma and SD3 at 2x: PixArt's sin-cos positions stay the model's own, and SD3's 8x8 token
-# grid is inside its 12x12 table).
+# grid is inside its 12x12 table). The RoPE families take its defaults (Flux: YaRN RoPE and the clamped
+# timestep shift).
 _POSITIONS = {
     "pixart": {"enabled": True, "interpolation_scale": 2.0},
     "sd3": {"enabled": True, "timestep_shift": "static", "shift": 6.0},
-    "flux": {"enabled": True},  # YaRN RoPE and the clamped timestep shift
-    "flux2": {"enabled": True},
-    "flux2_klein": {"enabled": True},
-    "chroma": {"enabled": True},
-    "qwenimage": {"enabled": True},
-    "zimage": {"enabled": True},
 }
 
 
@@ -165,8 +164,6 @@ def denoised_size(family: str, height: int, width: int, base: int = BASE) -> tup
 
 
 def _family_record(family: str):
-    from hires.families import FAMILIES
-
     return next(f for f in FAMILIES if f.name == family)
 
 

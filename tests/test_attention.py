@@ -17,7 +17,7 @@ from hires.denoiser import attention as A
 from hires.techniques.entropy_scaling import scaling as E
 from hires.techniques.window_attention import windows as W
 from surface_support import RESCALES_TO_BASE_AREA, plain_at
-from tiny_models import CALL_KWARGS, build, generate
+from tiny_models import CALL_KWARGS, JOINT_ATTENTION, build, generate
 
 ENTROPY = EntropyScalingConfig(enabled=True)
 WINDOWS = WindowAttentionConfig(enabled=True)
@@ -351,8 +351,7 @@ def test_recorded_factors_equal_sqrt_log_ratio_at_2x_and_4x(family):
                         hires.HiresConfig(entropy_scaling=EntropyScalingConfig(enabled=True, text_tokens=text_tokens)))
             out = generate(pipe, family, size)
             factors = hires.last_call(pipe).notes[E.LOG_FACTORS]
-            joint = family in ("sd3", "flux", "flux2", "flux2_klein", "chroma",
-                               "qwenimage") and text_tokens == "include"
+            joint = family in JOINT_ATTENTION and text_tokens == "include"
             extra = text if joint else 0
             expected = {layer: math.sqrt(math.log(now[layer] + extra) / math.log(base[layer] + extra))
                         for layer in now}

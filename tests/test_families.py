@@ -161,3 +161,51 @@ def test_sd35_medium_dual_attention_blocks_get_windows_too():
     assert {"transformer_blocks.0.attn", "transformer_blocks.0.attn2"} <= set(windowed)
     hires.remove(pipe)
     assert torch.equal(generate(pipe, "sd3", 64, steps=2), plain)
+
+
+def _automatic(renoise: float | None = None, positions: bool = False, windows: bool = True, memory: bool = True):
+    """The automatic preset as hires 0.1.0 wrote it out per family, field by field."""
+    return hires.HiresConfig(
+        structure_guidance=hires.StructureGuidanceConfig(enabled=True, space="latent", upscale_space="pixel",
+                                                         ladder="doubling", guided_fraction=1.0, handover="fade",
+                                                         renoise=renoise),
+        window_attention=hires.WindowAttentionConfig(enabled=windows),
+        memory=hires.MemoryConfig(enabled=memory, above_base_only=True),
+        positions=hires.PositionConfig(enabled=positions),
+    )
+
+
+AUTOMATIC_BY_FAMILY = {
+    "sd15": _automatic(),
+    "sd21": _automatic(),
+    "sdxl": _automatic(renoise=0.25),
+    "pixart": _automatic(positions=True),
+    "sd3": _automatic(positions=True),
+    "flux": _automatic(),
+    "flux2": _automatic(),
+    "flux2_klein": _automatic(),
+    "chroma": _automatic(),
+    "qwenimage": _automatic(memory=False),
+    "zimage": _automatic(windows=False),
+    "flux3": _automatic(windows=False),
+    "ernie_image": _automatic(windows=False),
+    "krea2": _automatic(windows=False, memory=False),
+    "hidream": _automatic(windows=False),
+}
+
+
+def test_every_family_runs_the_automatic_preset_it_ran_before():
+    from hires.families import FAMILIES, nominal_info
+    from hires.presets import AUTOMATIC, automatic_config
+
+    # The families of hires 0.1.0 (a family added later needs no line here).
+    assert {name: AUTOMATIC[name] for name in AUTOMATIC_BY_FAMILY} == AUTOMATIC_BY_FAMILY
+    records = {f.name: f for f in FAMILIES}
+    assert {name: automatic_config(nominal_info(records[name])) for name in AUTOMATIC_BY_FAMILY} == AUTOMATIC_BY_FAMILY
+
+
+def test_every_family_with_a_classic_pipeline_has_a_tiny_model():
+    from hires.families import FAMILIES
+    from tiny_models import BUILDERS, CALL_KWARGS
+
+    assert list(BUILDERS) == [f.name for f in FAMILIES if f.pipeline_classes] == list(CALL_KWARGS)

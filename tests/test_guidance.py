@@ -6,7 +6,8 @@ import torch
 import hires
 from hires.runtime import get_attachment
 from hires.denoiser.guidance import GUIDANCE_HOOK, GuidanceCall, ensure_guidance_hook, prediction_channels
-from tiny_models import CFG_ARGUMENTS, FAMILY_NAMES, NO_CFG, SEPARATE_CFG, build, generate
+from hires.families import FAMILIES
+from tiny_models import CALL_KWARGS, CFG_ARGUMENTS, FAMILY_NAMES, NO_CFG, SEPARATE_CFG, build, generate
 
 TRUE_CFG = CFG_ARGUMENTS["flux"]
 CFG_FAMILIES = tuple(f for f in FAMILY_NAMES if f not in NO_CFG)
@@ -19,9 +20,9 @@ def cfg_kwargs(family):
 def cfg_scale(family):
     """The CFG scale of `family`'s call with cfg_kwargs (uncond + w (cond - uncond)); Z-Image's
     guidance_scale 3 combines cond + 3 (cond - uncond): w = 4 (Krea-2's 4.5 likewise: 5.5)."""
-    return (TRUE_CFG["true_cfg_scale"] if family in CFG_ARGUMENTS
-            else {"pixart": 4.5, "flux2_klein": 4.0, "zimage": 4.0, "ernie_image": 4.0,
-                  "krea2": 5.5}.get(family, 5.0))
+    if family in CFG_ARGUMENTS:
+        return TRUE_CFG["true_cfg_scale"]
+    return CALL_KWARGS[family]["guidance_scale"] + RECORDS[family].guidance_scale_offset
 
 
 def pipeline_rescale(family, guided, cond):
@@ -32,8 +33,12 @@ def pipeline_rescale(family, guided, cond):
     return guided * (cond.norm(dim=-1, keepdim=True) / guided.norm(dim=-1, keepdim=True))
 
 
-FRAME_LIST = ("zimage",)  # a list of (C, 1, h, w) latents in and negated velocities out, [cond, uncond]
-NEGATED_OUTPUT = ("hidream",)  # the negated velocity out (the pipeline flips it back)
+RECORDS = {f.name: f for f in FAMILIES}
+# A list of (C, 1, h, w) latents in and negated velocities out (Z-Image); the negated velocity out (HiDream-I1: the
+# pipeline flips it back); [cond, uncond] batches (Z-Image).
+FRAME_LIST = tuple(f for f in FAMILY_NAMES if RECORDS[f].layout.frame_list)
+NEGATED_OUTPUT = tuple(f for f in FAMILY_NAMES if RECORDS[f].layout.negated_output)
+COND_FIRST = tuple(f for f in FAMILY_NAMES if RECORDS[f].cfg_cond_first)
 
 
 class Recorder:
@@ -83,7 +88,7 @@ class Recorder:
                 out = self.raw(i)
                 half = out.shape[0] // 2
                 first, second = cut(out[:half]), cut(out[half:])
-                pairs.append((second, first) if self.family in FRAME_LIST else (first, second))
+                pairs.append((second, first) if self.family in COND_FIRST else (first, second))
         return pairs
 
 

@@ -6,26 +6,63 @@ import pytest
 import torch
 
 import hires
+from hires.families import FAMILIES, ready_class_name
 from hires.presets import automatic_config
 from surface_support import FIXED_BASE
+from surface_support import READY as READY_CLASSES
 from tiny_models import build, generate
 
 ROOT = Path(__file__).resolve().parents[1]
-READY = {
-    "sd15": ("HiresStableDiffusionPipeline", "hires_sd.py"),
-    "sdxl": ("HiresStableDiffusionXLPipeline", "hires_sdxl.py"),
-    "pixart": ("HiresPixArtSigmaPipeline", "hires_pixart.py"),
-    "sd3": ("HiresStableDiffusion3Pipeline", "hires_sd3.py"),
-    "flux": ("HiresFluxPipeline", "hires_flux.py"),
-    "flux2": ("HiresFlux2Pipeline", "hires_flux2.py"),
-    "flux2_klein": ("HiresFlux2KleinPipeline", "hires_flux2_klein.py"),
-    "chroma": ("HiresChromaPipeline", "hires_chroma.py"),
-    "qwenimage": ("HiresQwenImagePipeline", "hires_qwenimage.py"),
-    "zimage": ("HiresZImagePipeline", "hires_zimage.py"),
-    "ernie_image": ("HiresErnieImagePipeline", "hires_ernie_image.py"),
-    "krea2": ("HiresKrea2Pipeline", "hires_krea2.py"),
-    "hidream": ("HiresHiDreamImagePipeline", "hires_hidream.py"),
-}
+# family -> (its ready class, its community-pipeline file), from the records: one family per ready class
+# (sd21 shares sd15's) and the file under pipelines/ that names the class.
+READY = {family: (cls, file) for family, (cls, file) in READY_CLASSES.items() if family != "sd21"}
+
+
+def _community_file(class_name: str) -> str:
+    """The text every community-pipeline file holds but its first line, for the ready class `class_name`."""
+    return ("\n"
+            '    DiffusionPipeline.from_pretrained(path, custom_pipeline="pipelines/{file}", '
+            'trust_remote_code=True)\n'
+            "\n"
+            "The logic lives in the installed `hires` package; this file only names the class to load.\n"
+            '"""\n'
+            "\n"
+            f"from hires.pipelines import {class_name}\n"
+            "\n"
+            f'__all__ = ["{class_name}"]\n')
+
+
+def test_every_family_record_has_its_ready_classes_and_community_files():
+    classic = {ready_class_name(c) for f in FAMILIES for c in f.ready_base_classes if c in f.pipeline_classes}
+    modular = {ready_class_name(c) for f in FAMILIES for c in f.ready_base_classes if c not in f.pipeline_classes}
+    assert {c.__name__ for c in hires.pipelines.READY_PIPELINES} == classic
+    assert {c.__name__ for c in hires.pipelines.READY_MODULAR_PIPELINES} == modular
+    assert "HiresFlux3DistilledModularPipeline" in modular and "HiresStableDiffusionPipeline" in classic
+    for name in classic | modular:
+        ready = getattr(hires, name)
+        assert ready is getattr(hires.pipelines, name) and name in dir(hires) and name in hires.__all__
+        assert (ready.__module__, ready.__qualname__) == ("hires.pipelines", name)
+        assert ready.__bases__[-1].__name__ == name.removeprefix("Hires") and ready.__doc__.endswith("with hires.")
+    files = {path.name: path.read_text(encoding="utf-8") for path in (ROOT / "pipelines").glob("*.py")}
+    named = {name: [f for f, text in files.items() if f"import {name}\n" in text] for name in classic}
+    assert all(len(found) == 1 for found in named.values()), named  # one file per ready class
+    assert len(files) == len(classic)  # and no file for a class that is not ready
+    for name, (file,) in named.items():
+        first, rest = files[file].split("\n", 1)
+        assert first.startswith('"""hires for ') and first.endswith(" as a diffusers community pipeline.")
+        assert rest == _community_file(name).format(file=file)
+
+
+def test_a_ready_class_pickles_by_name_and_makes_no_second_class():
+    import pickle
+
+    from diffusers import FluxPipeline
+
+    assert pickle.loads(pickle.dumps(hires.HiresFluxPipeline)) is hires.HiresFluxPipeline
+    assert hires.pipelines.ready_class(FluxPipeline) is hires.pipelines.ready_class("FluxPipeline") is (
+        hires.HiresFluxPipeline)
+    with pytest.raises(AttributeError, match="HiresNotAPipeline"):
+        hires.pipelines.HiresNotAPipeline  # noqa: B018
 
 
 @pytest.mark.parametrize("family", sorted(READY))

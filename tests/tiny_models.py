@@ -8,6 +8,7 @@ second on a CPU. Base sizes are 64 px (latent 8x8) so 2x and 4x runs stay cheap.
 from __future__ import annotations
 
 import torch
+from hires.families import FAMILIES
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPTextConfig,
@@ -673,8 +674,8 @@ FAMILY_NAMES = tuple(BUILDERS)
 # one denoiser call per step on [uncond, cond] ("batched" families), a cond call then an uncond call
 # (SEPARATE_CFG: Flux and Qwen-Image only with true CFG arguments, Klein and Chroma at guidance_scale > 1),
 # or none. Z-Image batches [cond, uncond].
-SEPARATE_CFG = ("flux", "flux2_klein", "chroma", "qwenimage", "krea2")
-NO_CFG = ("flux2",)  # Flux.2 [dev]: guidance_scale feeds the distilled guidance embedding
+SEPARATE_CFG = tuple(f.name for f in FAMILIES if f.name in BUILDERS and f.cfg_separate)
+NO_CFG = tuple(f.name for f in FAMILIES if f.name in BUILDERS and not f.runs_cfg)  # Flux.2 [dev]'s feeds an embedding
 # Extra call arguments that turn CFG on where the default call runs none (Flux, Qwen-Image: true CFG).
 CFG_ARGUMENTS = {"flux": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"},
                  "qwenimage": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}}

@@ -249,7 +249,7 @@ def _sd3_inputs(model, family, batch, latent_h, latent_w, dtype):
 
 
 def _packed_ids_inputs(model, family, batch, latent_h, latent_w, dtype):
-    """Flux, Flux.2, Chroma: packed tokens with a position id per token on the layout's id axes."""
+    """Flux, Flux.2, Chroma, Flux 3: packed tokens with a position id per token on the layout's id axes."""
     config = model.config
     patch, axes, text = family.layout.patch_size, len(family.layout.id_axes), family.text_tokens
     tokens = (latent_h // patch) * (latent_w // patch)
@@ -264,16 +264,10 @@ def _packed_ids_inputs(model, family, batch, latent_h, latent_w, dtype):
         kwargs["pooled_projections"] = torch.empty(batch, config.pooled_projection_dim, dtype=dtype)
     if getattr(config, "guidance_embeds", False):
         kwargs["guidance"] = torch.empty(batch)
+    if getattr(config, "flow_map", False):  # Flux 3's distilled model also takes the step's target timestep
+        kwargs["target_timestep"] = torch.empty(batch)
     if family.attention_masked:  # ChromaPipeline passes its text padding mask; the model expands it per block
         kwargs["attention_mask"] = torch.empty(batch, text + tokens, dtype=dtype)
-    return kwargs
-
-
-def _flux3_inputs(model, family, batch, latent_h, latent_w, dtype):
-    """Flux 3: Flux's packed inputs; the flow-map (distilled) model also takes the step's target timestep."""
-    kwargs = _packed_ids_inputs(model, family, batch, latent_h, latent_w, dtype)
-    if getattr(model.config, "flow_map", False):
-        kwargs["target_timestep"] = torch.empty(batch)
     return kwargs
 
 
@@ -364,7 +358,6 @@ DENOISER_INPUTS = {
     "PixArtTransformer2DModel": _pixart_inputs,
     "SD3Transformer2DModel": _sd3_inputs,
     "ZImageTransformer2DModel": _zimage_inputs,
-    "Flux3Transformer2DModel": _flux3_inputs,
     "ErnieImageTransformer2DModel": _ernie_image_inputs,
     "HiDreamImageTransformer2DModel": _hidream_inputs,
 }
