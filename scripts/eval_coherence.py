@@ -397,7 +397,7 @@ def _f(x, fmt) -> str:
     return "—" if x is None or math.isnan(x) else format(x, fmt)
 
 
-# What the testbed's models must show (issue 26: testbed v3): (standing row kind, size, measure, test, bound).
+# What the testbed's models must show (testbed v3): (standing row kind, size, measure, test, bound).
 MODEL_CHECKS = (
     ("plain", "1x", "one", ">=", 0.95),
     ("plain", "1x", "stripes", ">=", 0.8),  # the samples really draw the stripes (power against drawn pictures)

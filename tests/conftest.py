@@ -20,3 +20,25 @@ def family(request):
 @pytest.fixture
 def make_pipe():
     return tiny_models.build
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading a model's weights in the command line fails the test: the error under test must come first."""
+    from hires import cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the error")
+
+    monkeypatch.setattr(cli, "load_pipeline", refuse)
+
+
+@pytest.fixture
+def no_model(no_weights, monkeypatch):
+    """Neither weights nor the model's configs may be read by the command line."""
+    from hires import cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was read before the error")
+
+    monkeypatch.setattr(cli, "load_pipeline_skeleton", refuse)

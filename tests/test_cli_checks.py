@@ -9,27 +9,9 @@ import pytest
 from hires import cli
 from hires.cli import main
 
-
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Loading weights fails the test: every error below must come before it."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded before the error")
-
-    monkeypatch.setattr(cli, "load_pipeline", refuse)
+from cli_support import generate
 
 
-@pytest.fixture
-def no_model(no_weights, monkeypatch):
-    """Neither weights nor the model's configs may be read."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was read before the error")
-
-    monkeypatch.setattr(cli, "load_pipeline_skeleton", refuse)
-
-
-def generate(tmp_path, *args):
-    return main(["generate", "--prompt", "x", "--out", str(tmp_path / "o.png"), "--quiet", *args])
 
 
 @pytest.mark.parametrize(

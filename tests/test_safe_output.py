@@ -1,4 +1,4 @@
-"""Issue 30: no wrong image is ever returned or saved as done (Python API half; the command line's
+"""No wrong image is ever returned or saved as done (Python API half; the command line's
 half is tests/test_cli_safe_output.py)."""
 
 import re
