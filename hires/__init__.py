@@ -24,6 +24,7 @@ _READY_PIPELINES = (
     "HiresHiDreamImagePipeline",
     "HiresKrea2Pipeline",
     "HiresPixArtSigmaPipeline",
+    "HiresQwenImage21Pipeline",
     "HiresQwenImagePipeline",
     "HiresStableDiffusion3Pipeline",
     "HiresStableDiffusionPipeline",

@@ -35,6 +35,7 @@ from diffusers import (
     Krea2Pipeline,
     PixArtSigmaPipeline,
     QwenImageModularPipeline,
+    QwenImage21Pipeline,
     QwenImagePipeline,
     StableDiffusion3ModularPipeline,
     StableDiffusion3Pipeline,
@@ -126,6 +127,10 @@ class HiresHiDreamImagePipeline(HiresPipelineMixin, HiDreamImagePipeline):
     """HiDreamImagePipeline (HiDream-I1) with hires."""
 
 
+class HiresQwenImage21Pipeline(HiresPipelineMixin, QwenImage21Pipeline):
+    """QwenImage21Pipeline (Qwen-Image 2.1) with hires."""
+
+
 READY_PIPELINES = (
     HiresStableDiffusionPipeline,
     HiresStableDiffusionXLPipeline,
@@ -140,6 +145,7 @@ READY_PIPELINES = (
     HiresErnieImagePipeline,
     HiresKrea2Pipeline,
     HiresHiDreamImagePipeline,
+    HiresQwenImage21Pipeline,
 )
 
 

@@ -40,22 +40,25 @@ READY = {
     "ernie_image": ("HiresErnieImagePipeline", "hires_ernie_image.py"),
     "krea2": ("HiresKrea2Pipeline", "hires_krea2.py"),
     "hidream": ("HiresHiDreamImagePipeline", "hires_hidream.py"),
+    "qwenimage21": ("HiresQwenImage21Pipeline", "hires_qwenimage21.py"),
 }
 UNETS = ("sd15", "sd21", "sdxl")
-# The DiTs whose positions PositionConfig rescales (ERNIE-Image's, Krea-2's and HiDream-I1's RoPE it does not know).
+# The DiTs whose positions PositionConfig rescales (ERNIE-Image's, Krea-2's and HiDream-I1's RoPE it does not know;
+# Qwen-Image 2.1's text keys are cached post-RoPE).
 DITS = ("pixart", "sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage")
 # Pipelines that hard-code their base (default_sample_size 128: 1024 px) where the tiny models' is 64 px:
 # a copy loaded from disk needs the tiny model's 64 px base set on it (or given as HiresConfig.base_size).
-PIPELINE_BASE = ("flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage", "ernie_image", "krea2", "hidream")
+PIPELINE_BASE = ("flux", "flux2", "flux2_klein", "chroma", "qwenimage", "zimage", "ernie_image", "krea2", "hidream",
+                 "qwenimage21")
 FIXED_BASE = PIPELINE_BASE  # fam-flux2's name for the same set
 # Families whose pipeline never runs classifier-free guidance (APG does not apply).
 NO_CFG = ("flux2",)
 # Families that run CFG only as true CFG: APG needs true_cfg_scale and a negative prompt.
-TRUE_CFG = ("flux", "qwenimage")
+TRUE_CFG = ("flux", "qwenimage", "qwenimage21")
 # Families whose VAE hires cannot tile (VAETilingConfig and MemoryConfig refuse them).
-UNTILEABLE_VAE = ("qwenimage", "krea2")
+UNTILEABLE_VAE = ("qwenimage", "krea2", "qwenimage21")
 # Families whose attention hires cannot rewrite (EntropyScalingConfig and WindowAttentionConfig refuse them).
-NO_ATTENTION_REWRITE = ("zimage", "ernie_image", "krea2", "hidream")
+NO_ATTENTION_REWRITE = ("zimage", "ernie_image", "krea2", "hidream", "qwenimage21")
 # Families whose pipeline passes an attention mask (ScaleFusionConfig and DilatedSamplingConfig refuse them).
 MASKED_ATTENTION = ("chroma", "ernie_image", "krea2")
 # Families whose blocks have no diffusers feed-forward chunking (MemoryConfig refuses feed_forward_chunks=2 there).

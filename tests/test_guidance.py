@@ -182,6 +182,7 @@ def test_inactive_steps_and_removal_are_bit_identical(family):
         ("chroma", {"guidance_scale": 1.0}, r"guidance_scale=1\.0.*pass guidance_scale > 1"),
         ("qwenimage", {}, r"true_cfg_scale=1\.0.*negative_prompt"),
         ("qwenimage", {"true_cfg_scale": 3.0}, r"negative prompt given: False.*negative_prompt"),
+        ("qwenimage21", {}, r"true_cfg_scale=1\.0.*negative_prompt"),
     ],
 )
 def test_a_combiner_without_cfg_raises_naming_the_parameter(family, overrides, match):

@@ -25,6 +25,7 @@ READY = {
     "ernie_image": ("HiresErnieImagePipeline", "hires_ernie_image.py"),
     "krea2": ("HiresKrea2Pipeline", "hires_krea2.py"),
     "hidream": ("HiresHiDreamImagePipeline", "hires_hidream.py"),
+    "qwenimage21": ("HiresQwenImage21Pipeline", "hires_qwenimage21.py"),
 }
 
 

@@ -18,7 +18,7 @@ from hires.sampling import latent_space
 from hires.techniques.structure_guidance import guidance as progressive
 from surface_support import DITS, PRESET, call_arguments, plain_at, technique_options, techniques_for
 
-NEW_FAMILIES = ("qwenimage", "zimage", "ernie_image", "krea2", "hidream")
+NEW_FAMILIES = ("qwenimage", "zimage", "ernie_image", "krea2", "hidream", "qwenimage21")
 # the default backend by name, the tiled VAE, the planner with room: the same computation up to rounding
 EXACT_BY_DESIGN = ("attention_backend", "vae_tiling", "memory")
 TRUE_CFG = {"true_cfg_scale": 4.0, "negative_prompt": "blue square"}
