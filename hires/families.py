@@ -153,7 +153,7 @@ PATCHED_SHIFTED_NEGATED = LatentLayout(patch_size="patch_size", shift=True, nega
                                        text_batch_second_axis=True)
 # Qwen-Image 2.1: one token per latent pixel (patch 1), img_shapes ((frames, rows, cols) per image, the generated
 # image last) give the grid; its first denoiser call of a prompt returns the text rows before the image's.
-PACKED_SHAPES_PREFIXED = LatentLayout(patch_size="patch_size", packed_grid="img_shapes",
+PACKED_SHAPES_PREFIXED = LatentLayout(patch_size=1, packed_grid="img_shapes",
                                       id_axes=(None, "height", "width"), channel_statistics=True,
                                       statistics_scaled=False, prefixed_output=True)
 # ERNIE-Image: the Flux.2 VAE latent patchified 2x2 and normalised by the pipeline itself (ErnieImagePipeline's

@@ -34,6 +34,7 @@ def pipeline_rescale(family, guided, cond):
 
 FRAME_LIST = ("zimage",)  # a list of (C, 1, h, w) latents in and negated velocities out, [cond, uncond]
 NEGATED_OUTPUT = ("hidream",)  # the negated velocity out (the pipeline flips it back)
+PREFIXED_OUTPUT = ("qwenimage21",)  # text rows first on the KV-cache prefill call (the pipeline cuts them)
 
 
 class Recorder:
@@ -68,6 +69,8 @@ class Recorder:
             out = -torch.stack([frame[:, 0] for frame in out]).float()
         if self.family in NEGATED_OUTPUT:
             out = -out
+        if self.family in PREFIXED_OUTPUT:
+            out = out[:, -kwargs["hidden_states"].shape[1]:]
         return out
 
     def raw_pairs(self):

@@ -756,6 +756,8 @@ NO_CFG = ("flux2",)  # Flux.2 [dev]: guidance_scale feeds the distilled guidance
 CFG_ARGUMENTS = {"flux": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"},
                  "qwenimage": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"},
                  "qwenimage21": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}}
+# Families whose VAE decodes other than 3 channels (Qwen-Image 2.1: RGBA).
+IMAGE_CHANNELS = {"qwenimage21": 4}
 # Families whose attention is joint text-image attention (text keys beside image keys).
 JOINT_ATTENTION = ("sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage")
 

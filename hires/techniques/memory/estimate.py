@@ -359,6 +359,11 @@ def _ernie_image_inputs(model, family, batch, latent_h, latent_w, dtype):
 
 # Denoisers whose inputs are their own; the others take their layout's (a new family of Flux's layout
 # needs no entry here).
+def _qwenimage21_inputs(model, family, batch, latent_h, latent_w, dtype):
+    raise TypeError(f"denoiser={type(model).__name__} has no memory model: it lays out its joint sequence from the "
+                    "values of its img_mask (a boolean scatter), which the meta device holds none of")
+
+
 DENOISER_INPUTS = {
     "UNet2DConditionModel": _unet_inputs,
     "PixArtTransformer2DModel": _pixart_inputs,
@@ -367,6 +372,7 @@ DENOISER_INPUTS = {
     "Flux3Transformer2DModel": _flux3_inputs,
     "ErnieImageTransformer2DModel": _ernie_image_inputs,
     "HiDreamImageTransformer2DModel": _hidream_inputs,
+    "QwenImage21Transformer2DModel": _qwenimage21_inputs,
 }
 LAYOUT_INPUTS = {"img_ids": _packed_ids_inputs, "img_shapes": _packed_shapes_inputs,
                  "position_ids": _packed_position_ids_inputs}
