@@ -40,7 +40,7 @@ Earlier evidence (coherence testbed v2, 15 steps, 2026-12-02; one-object share /
   silent resolution binning into an error that says how to turn binning off. Neither is measured
   on the testbed (its DiT is a Flux). Z-Image's preset has no windows (its padded attention cannot
   be windowed; ERNIE-Image and HiDream-I1 run it too) and Qwen-Image's no planner (its causal 3D VAE cannot be tiled);
-  Krea-2's has neither.
+  Krea-2's has neither (Qwen-Image 2.1 runs it too).
 """
 
 from __future__ import annotations
