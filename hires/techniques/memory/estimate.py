@@ -357,13 +357,13 @@ def _ernie_image_inputs(model, family, batch, latent_h, latent_w, dtype):
     )
 
 
-# Denoisers whose inputs are their own; the others take their layout's (a new family of Flux's layout
-# needs no entry here).
 def _qwenimage21_inputs(model, family, batch, latent_h, latent_w, dtype):
     raise TypeError(f"denoiser={type(model).__name__} has no memory model: it lays out its joint sequence from the "
                     "values of its img_mask (a boolean scatter), which the meta device holds none of")
 
 
+# Denoisers whose inputs are their own; the others take their layout's (a new family of Flux's layout
+# needs no entry here).
 DENOISER_INPUTS = {
     "UNet2DConditionModel": _unet_inputs,
     "PixArtTransformer2DModel": _pixart_inputs,
