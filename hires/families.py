@@ -101,6 +101,9 @@ class LatentLayout:
     negated_output: bool = False
     # HiDream-I1: one text argument holds its batch on the second axis ((layers, batch, tokens, width) Llama states).
     text_batch_second_axis: bool = False
+    # Qwen-Image 2.1: the denoiser returns rows for its text (and condition images) before the latent's own on the
+    # call that fills its KV cache; hires' hooks see the latent's rows only (the pipeline keeps the same ones).
+    prefixed_output: bool = False
 
     @property
     def packed(self) -> bool:
@@ -148,6 +151,11 @@ FRAME_LIST = LatentLayout(patch_size=2, id_axes=(None, "height", "width"), frame
 # HiDream-I1: patchified 2x2 inside the transformer, which returns the negated velocity; SD3's VAE convention.
 PATCHED_SHIFTED_NEGATED = LatentLayout(patch_size="patch_size", shift=True, negated_output=True,
                                        text_batch_second_axis=True)
+# Qwen-Image 2.1: one token per latent pixel (patch 1), img_shapes ((frames, rows, cols) per image, the generated
+# image last) give the grid; its first denoiser call of a prompt returns the text rows before the image's.
+PACKED_SHAPES_PREFIXED = LatentLayout(patch_size=1, packed_grid="img_shapes",
+                                      id_axes=(None, "height", "width"), channel_statistics=True,
+                                      statistics_scaled=False, prefixed_output=True)
 # ERNIE-Image: the Flux.2 VAE latent patchified 2x2 and normalised by the pipeline itself (ErnieImagePipeline's
 # decode: z * sqrt(running_var + 1e-5) + running_mean, then un-patchified); the denoiser takes it spatial.
 PATCHIFIED_BATCH_NORM = LatentLayout(batch_norm_patches=True, patchified=True, batch_norm_eps=1e-5)
@@ -171,7 +179,13 @@ QWEN_IMAGE_VAE = VAEKind(
                 "cache, which hires' whole-image-statistics tiled decode does not cover; decode untiled (the "
                 "default), or use diffusers' own pipe.vae.enable_tiling(), which blends overlapping tiles"),
 )
-VAE_KINDS: tuple[VAEKind, ...] = (QWEN_IMAGE_VAE, STANDARD_VAE)
+QWEN_IMAGE21_VAE = VAEKind(
+    ("AutoencoderKLQwenImage21",), frame_axis=True,
+    untileable=("Qwen-Image 2.1's VAE (AutoencoderKLQwenImage21) has per-pixel RMS norms and no GroupNorm head, "
+                "which hires' whole-image-statistics tiled decode is built on; decode untiled (the default), or use "
+                "diffusers' own pipe.vae.enable_tiling(), which blends overlapping tiles"),
+)
+VAE_KINDS: tuple[VAEKind, ...] = (QWEN_IMAGE_VAE, QWEN_IMAGE21_VAE, STANDARD_VAE)
 
 
 def vae_kind(vae) -> VAEKind:
@@ -722,6 +736,43 @@ FAMILIES: tuple[Family, ...] = (
         ),
         automatic_preset="flux",  # not measured; Flux's evidence stands for it
         resizes_to_base_area=True,
+    ),
+    # Qwen-Image 2.1: single-stream DiT over [text, image] with block-causal attention (text causal, the image's
+    # queries against every key) and a Qwen3-VL text encoder; RoPE from tables built at init, text first, the
+    # image's rows and columns centred. The prefix's keys and values (post-RoPE) are cached on the first step
+    # ("extract") and reused after ("cached"). True CFG as a cond call, then an uncond call; dynamic shift; a
+    # x16 VAE with RGBA images. The pipeline floors sizes to 32 (a vision slot is 2x2 tokens) with a warning and
+    # has no default_sample_size: its base is output_resolution, 1024 px.
+    Family(
+        name="qwenimage21",
+        pipeline_classes=("QwenImage21Pipeline",),
+        denoiser_attr="transformer",
+        denoiser_class="QwenImage21Transformer2DModel",
+        architecture="dit",
+        base_size_source=("pipeline", "default_sample_size"),
+        base_latent_default=64,
+        prediction_source="flow",
+        layout=PACKED_SHAPES_PREFIXED,
+        text_tokens=512,
+        timestep_input_scale=1.0 / 1000.0,
+        position_encoding="rope_tables_text_first",
+        guidance_layout="separate",
+        guidance_scale_name="true_cfg_scale",
+        cfg_switch="do_true_cfg",
+        pipeline_size_multiple=32,
+        vae=QWEN_IMAGE21_VAE,
+        attention_unsupported=(
+            "Qwen-Image 2.1's attention (QwenImage21AttnProcessor) is block-causal: its image queries attend to "
+            "[text, image] keys and its text queries to their causal prefix, so queries are a subset of the keys, "
+            "where hires' windows, entropy scaling and scale fusion rewrite one sequence shared by both (and its "
+            "text keys, cached at the first step, would keep a rescaled prefix)"
+        ),
+        positions_unsupported=(
+            "Qwen-Image 2.1's RoPE (QwenImage21Rope) is looked up in tables built at init, its text rows carry "
+            "row and column ids too, and the text keys are cached post-RoPE at the first step, so positions "
+            "changed per step (DyPE) or rescaled would leave the cached text rotations stale"
+        ),
+        automatic_preset="flux",  # not measured; Flux's evidence stands for it
     ),
 )
 

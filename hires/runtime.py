@@ -437,7 +437,7 @@ class Attachment:
                 install(self, sub)
         # Registered last, so it is the outermost hook: the state is current before technique hooks run.
         self.add_hook(self.denoiser, _CallStateHook(self), CALL_STATE_HOOK)
-        if view is not None:  # outside everything: every hires hook sees the tensor view
+        if view is not None and view[1] is not None:  # outside everything: every hires hook sees the tensor view
             self.add_hook(self.denoiser, *view[1])
         if is_modular:  # the loop blocks' progress bars, and a stages block on the graph (hires.modular)
             modular.attach(self, lambda bar, call_locals, loop: _CallScope(self, bar, call_locals, loop))

@@ -46,7 +46,8 @@ def _community_file(class_name: str) -> str:
 READY = {f.name: (ready_class_name(f.ready_base_classes[0]),
                   _community_file(ready_class_name(f.ready_base_classes[0]))) for f in RECORDS}
 UNETS = _names(lambda f: f.is_unet)
-# The DiTs whose positions PositionConfig rescales (ERNIE-Image's, Krea-2's and HiDream-I1's RoPE it does not know).
+# The DiTs whose positions PositionConfig rescales (ERNIE-Image's, Krea-2's and HiDream-I1's RoPE it does not know;
+# Qwen-Image 2.1's text keys are cached after RoPE).
 DITS = _names(lambda f: not f.is_unet and f.positions_unsupported is None)
 # Pipelines that hard-code their base (default_sample_size 128: 1024 px) where the tiny models' is 64 px:
 # a copy loaded from disk needs the tiny model's 64 px base set on it (or given as HiresConfig.base_size).

@@ -15,7 +15,7 @@ from hires.sampling import latents, schedules, stages
 from hires.sampling import resize as resize_math
 from hires.techniques.bottleneck import slices as bottleneck
 from hires.techniques.structure_guidance import guidance as progressive
-from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate
+from tiny_models import CFG_ARGUMENTS, IMAGE_CHANNELS, SEPARATE_CFG, build, generate
 
 BN = hires.BottleneckConfig
 
@@ -185,7 +185,7 @@ def test_every_family_runs_its_stages_at_their_sizes_and_step_counts(family):
     pipe = _apply(build(family))
     seen = _Denoiser(pipe)
     image = _call(pipe, family, 64, steps=10)
-    assert image.shape == (1, 3, 64, 64)
+    assert image.shape == (1, IMAGE_CHANNELS.get(family, 3), 64, 64)
     # one denoiser call per step (batched CFG; Flux is guidance-distilled), two with true CFG (Klein,
     # Chroma), at each stage's size
     calls = 2 if family in SEPARATE_CFG and family not in CFG_ARGUMENTS else 1
@@ -201,7 +201,7 @@ def test_every_family_runs_its_stages_at_their_sizes_and_step_counts(family):
 
     seen.sizes.clear()
     image = _call(pipe, family, (128, 64), steps=6)  # 2x the base side, another aspect ratio
-    assert image.shape == (1, 3, 128, 64)
+    assert image.shape == (1, IMAGE_CHANNELS.get(family, 3), 128, 64)
     # 6 steps at 10/70/20: 0.6, 4.2, 1.2 -> 1, 4, 1
     assert seen.sizes == per_call([(128, 64)] + [(64, 32)] * 4 + [(128, 64)])
     seen.handle.remove()

@@ -39,6 +39,14 @@ def test_krea2_sizes_are_checked_before_the_pipeline_rounds_them_up():
         generate(pipe, "krea2", (64, 72), hires_config=hires.HiresConfig())
 
 
+def test_qwenimage21_sizes_are_checked_before_the_pipeline_floors_them():
+    # QwenImage21Pipeline floors a size to its multiple of 32 (with a warning) before anything hires wraps; the
+    # ready pipeline checks the request first.
+    pipe = hires.HiresQwenImage21Pipeline.from_pipe(build("qwenimage21"))
+    with pytest.raises(ValueError, match=r"width=80 is not a multiple of 32.*qwenimage21.*use 64 or 96"):
+        generate(pipe, "qwenimage21", (64, 80), hires_config=hires.HiresConfig())
+
+
 def test_unknown_call_arguments_are_errors_even_where_the_pipeline_swallows_them():
     pipe = hires.apply(build("pixart"), hires.HiresConfig())
     with pytest.raises(TypeError,

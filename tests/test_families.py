@@ -22,9 +22,11 @@ EXPECTED = {
     "ernie_image": (64, 16, "flow"),
     "krea2": (64, 16, "flow"),
     "hidream": (64, 16, "flow"),
+    "qwenimage21": (64, 32, "flow"),  # QwenImage21Pipeline floors sizes to 32 (a vision slot of 2x2 tokens)
 }
-# Families whose pipeline's vae_scale_factor counts a 2x2 patchify beside the VAE's own 8x (ERNIE-Image).
-X16_LATENT = ("ernie_image",)
+# Families whose pipeline's vae_scale_factor is 16: a 2x2 patchify beside the VAE's own 8x (ERNIE-Image), or a
+# x16 VAE (Qwen-Image 2.1).
+X16_LATENT = ("ernie_image", "qwenimage21")
 
 
 def test_each_family_is_recognised_with_facts_read_from_its_configs(family):

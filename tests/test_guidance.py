@@ -39,6 +39,8 @@ RECORDS = {f.name: f for f in FAMILIES}
 FRAME_LIST = tuple(f for f in FAMILY_NAMES if RECORDS[f].layout.frame_list)
 NEGATED_OUTPUT = tuple(f for f in FAMILY_NAMES if RECORDS[f].layout.negated_output)
 COND_FIRST = tuple(f for f in FAMILY_NAMES if RECORDS[f].cfg_cond_first)
+# Text rows first on the KV-cache prefill call (Qwen-Image 2.1: the pipeline cuts them).
+PREFIXED_OUTPUT = tuple(f for f in FAMILY_NAMES if RECORDS[f].layout.prefixed_output)
 
 
 class Recorder:
@@ -73,6 +75,8 @@ class Recorder:
             out = -torch.stack([frame[:, 0] for frame in out]).float()
         if self.family in NEGATED_OUTPUT:
             out = -out
+        if self.family in PREFIXED_OUTPUT:
+            out = out[:, -kwargs["hidden_states"].shape[1]:]
         return out
 
     def raw_pairs(self):
@@ -187,6 +191,7 @@ def test_inactive_steps_and_removal_are_bit_identical(family):
         ("chroma", {"guidance_scale": 1.0}, r"guidance_scale=1\.0.*pass guidance_scale > 1"),
         ("qwenimage", {}, r"true_cfg_scale=1\.0.*negative_prompt"),
         ("qwenimage", {"true_cfg_scale": 3.0}, r"negative prompt given: False.*negative_prompt"),
+        ("qwenimage21", {}, r"true_cfg_scale=1\.0.*negative_prompt"),
     ],
 )
 def test_a_combiner_without_cfg_raises_naming_the_parameter(family, overrides, match):

@@ -142,8 +142,17 @@ def test_sequential_cfg_is_chosen_when_the_batched_call_does_not_fit(monkeypatch
     assert chosen.sequential_cfg
 
 
+# Denoisers with no meta-device model: Qwen-Image 2.1's transformer lays out its joint sequence from the values of
+# its img_mask (a boolean scatter), which the meta device has none of. Its planner is refused (its VAE).
+NO_MEMORY_MODEL = ("qwenimage21",)
+
+
 def test_every_family_denoiser_has_a_memory_model(family):
     pipe, denoiser = _models(family)
+    if family in NO_MEMORY_MODEL:
+        with pytest.raises(TypeError, match=f"denoiser={type(denoiser).__name__} has no memory model"):
+            memory_planner.denoiser_peak_bytes(denoiser, 8, 8, torch.float32, batch=1)
+        return
     small = memory_planner.denoiser_peak_bytes(denoiser, 8, 8, torch.float32, batch=1)
     large = memory_planner.denoiser_peak_bytes(denoiser, 16, 16, torch.float32, batch=1)
     assert 0 < small < large
@@ -160,7 +169,8 @@ def test_chunk_size_divides_every_sequence():
 def test_memory_technique_with_room_is_bit_identical_and_logs_its_plan(family):
     pipe = tiny_models.build(family)
     if hires.model_info(pipe).family.vae.untileable:  # the planner could not tile this VAE: refused up front
-        with pytest.raises(ValueError, match=r"MemoryConfig\(enabled=True\) does not apply to family.*causal 3D VAE"):
+        with pytest.raises(ValueError,
+                           match=r"MemoryConfig\(enabled=True\) does not apply to family.*VAE \(AutoencoderKLQwen"):
             hires.apply(pipe, HiresConfig(memory=MemoryConfig(enabled=True, max_memory="64GiB")))
         assert not hires.is_applied(pipe)
         return

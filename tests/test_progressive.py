@@ -13,7 +13,7 @@ from hires.sampling import latent_space, schedules, wavelets
 from hires.sampling import resize as resize_math
 from hires.sampling.latents import pack, unpack
 from hires.techniques.structure_guidance import guidance as progressive
-from tiny_models import CFG_ARGUMENTS, SEPARATE_CFG, build, generate
+from tiny_models import CFG_ARGUMENTS, IMAGE_CHANNELS, SEPARATE_CFG, build, generate
 
 SG = hires.StructureGuidanceConfig
 
@@ -28,7 +28,8 @@ def _spatial(pipe, family, latents, size):
     if family_record.layout.returns_vae_latent:
         return latent_space.from_vae(family_record.layout, pipe.vae, latents)
     if family_record.layout.packed:
-        return unpack(latents, size // 8, size // 8, 2)
+        info = hires.model_info(pipe)
+        return unpack(latents, size // info.latent_factor, size // info.latent_factor, info.patch_size)
     return latents
 
 
@@ -340,7 +341,7 @@ def test_two_and_three_stage_runs_have_the_right_sizes_and_exact_guided_steps(fa
         counter.heights.clear()
         swaps.clear()
         image = _call(pipe, family, size, steps=6, output_type="pt")
-        assert image.shape == (1, 3, size, size)
+        assert image.shape == (1, IMAGE_CHANNELS.get(family, 3), size, size)
         run = progressive.last_run(pipe)
         expected = [64, 128] if name == "two" else [64, 128, 192]
         assert [r.height for r in run] == expected and [r.width for r in run] == expected

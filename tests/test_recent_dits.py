@@ -18,7 +18,7 @@ from hires.sampling import latent_space
 from hires.techniques.structure_guidance import guidance as progressive
 from surface_support import DITS, PRESET, call_arguments, plain_at, technique_options, techniques_for
 
-NEW_FAMILIES = ("qwenimage", "zimage", "ernie_image", "krea2", "hidream")
+NEW_FAMILIES = ("qwenimage", "zimage", "ernie_image", "krea2", "hidream", "qwenimage21")
 # the default backend by name, the tiled VAE, the planner with room: the same computation up to rounding
 EXACT_BY_DESIGN = ("attention_backend", "vae_tiling", "memory")
 TRUE_CFG = {"true_cfg_scale": 4.0, "negative_prompt": "blue square"}
@@ -337,3 +337,50 @@ def test_zimage_base_size_is_1024_unless_the_pipeline_says_otherwise():
     del pipe.default_sample_size  # ZImagePipeline has none: its __call__'s 1024 px
     assert (hires.model_info(pipe).base_height, hires.model_info(pipe).base_width) == (1024, 1024)
     assert hires.model_info(pipe).size_multiple == 16
+
+
+@pytest.mark.parametrize("options, reason", [
+    ({"entropy_scaling": {"enabled": True}}, r"block-causal.*queries are a subset of the keys"),
+    ({"window_attention": {"enabled": True}}, r"block-causal.*queries are a subset of the keys"),
+    ({"scale_fusion": {"enabled": True}}, r"block-causal.*queries are a subset of the keys"),
+    ({"positions": {"enabled": True}}, r"QwenImage21Rope.*cached post-RoPE"),
+    ({"positions": {"enabled": True, "timestep_dependent": True}}, r"cached post-RoPE.*per step \(DyPE\)"),
+    ({"dilated_sampling": {"enabled": True}}, r"cannot be split into sub-lattices.*img_shapes"),
+    ({"vae_tiling": {"enabled": True}}, r"AutoencoderKLQwenImage21.*no GroupNorm head"),
+    ({"memory": {"enabled": True}}, r"AutoencoderKLQwenImage21.*no GroupNorm head"),
+], ids=["entropy", "windows", "scale_fusion", "positions", "dype", "dilated", "vae_tiling", "memory"])
+def test_qwenimage21_refuses_what_cannot_apply_by_name_with_the_reason(options, reason):
+    pipe = tiny_models.build("qwenimage21")
+    with pytest.raises(ValueError, match=r"qwenimage21.*" + reason):
+        hires.apply(pipe, HiresConfig.from_dict(options))
+    assert not hires.is_applied(pipe)
+
+
+def test_qwenimage21_hooks_see_the_latent_rows_of_its_kv_cache_prefill_output():
+    # On the step that fills its KV cache the transformer returns the text rows before the image's; the
+    # pipeline keeps the last rows. Under hires every hook (and so anything outside them) sees those rows only.
+    pipe = tiny_models.build("qwenimage21")
+    rows = []
+    handle = pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: rows.append((kwargs["hidden_states"].shape[1], out[0].shape[1])),
+        with_kwargs=True)
+    plain = _generate(pipe, "qwenimage21", 128)
+    assert rows[0][1] > rows[0][0] and all(latent == out for latent, out in rows[1:])  # the prefill's text rows
+    rows.clear()
+    hires.apply(pipe, HiresConfig())
+    assert torch.equal(_generate(pipe, "qwenimage21", 128), plain)
+    assert rows and all(latent == out for latent, out in rows)
+    hires.remove(pipe)
+    handle.remove()
+
+
+def test_qwenimage21_condition_images_are_refused_while_hires_is_attached():
+    from PIL import Image
+
+    pipe = tiny_models.build("qwenimage21")
+    picture = Image.new("RGB", (64, 64), (200, 30, 30))
+    hires.apply(pipe, HiresConfig())
+    with pytest.raises(ValueError, match=r"img_shapes lists 1 condition image\(s\).*without image="):
+        _generate(pipe, "qwenimage21", 64, image=picture)
+    assert hires.last_call(pipe) is None or not hires.last_call(pipe).completed
+    hires.remove(pipe)

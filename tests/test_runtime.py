@@ -189,6 +189,8 @@ def test_sequential_cpu_offload_with_apply():
         ("zimage", {}, 4.0),
         ("zimage", {"guidance_scale": 0.5}, 1.5),
         ("zimage", {"guidance_scale": 0.0}, None),  # Turbo
+        ("qwenimage21", {}, None),  # true CFG only
+        ("qwenimage21", {"true_cfg_scale": 2.5, "negative_prompt": "a blue square"}, 2.5),
     ],
 )
 def test_call_state_knows_the_guidance_scale_the_pipeline_combines_with(family, overrides, expected):

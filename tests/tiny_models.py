@@ -15,6 +15,8 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     PreTrainedTokenizerFast,
+    ProcessorMixin,  # noqa: F401  (diffusers reloads this module's Qwen3-VL processor by that base)
+    Qwen3VLProcessor,
     T5Config,
     T5EncoderModel,
 )
@@ -547,11 +549,13 @@ def ernie_image_pipeline():
     return pipe
 
 
-def make_qwen3_vl_model(hidden: int = 16, layers: int = 3):
-    """Qwen3VLModel (Krea-2's text encoder: the pipeline taps several of its hidden states) from a small config."""
-    from transformers import Qwen3VLConfig, Qwen3VLModel
+def make_qwen3_vl_model(hidden: int = 16, layers: int = 3, conditional: bool = False, vocab: int | None = None,
+                        **token_ids):
+    """Qwen3-VL from a small config: Qwen3VLModel (Krea-2's text encoder: the pipeline taps several of its hidden
+    states) or Qwen3VLForConditionalGeneration (Qwen-Image 2.1's, with the vision token ids of its tokenizer)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLModel
 
-    text = dict(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
+    text = dict(vocab_size=vocab or len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                 max_position_embeddings=1024, pad_token_id=0,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
@@ -559,7 +563,8 @@ def make_qwen3_vl_model(hidden: int = 16, layers: int = 3):
     vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
                   patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                   deepstack_visual_indexes=[0])
-    return Qwen3VLModel(Qwen3VLConfig(text_config=text, vision_config=vision)).eval()
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **token_ids)
+    return (Qwen3VLForConditionalGeneration if conditional else Qwen3VLModel)(config).eval()
 
 
 KREA2_TEXT_LAYERS = (1, 2, 3)  # the hidden states Krea2Pipeline taps (0 is the embedding output)
@@ -631,6 +636,75 @@ def hidream_pipeline():
     return pipe
 
 
+QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                       "<|vision_end|>"]
+# A chat template that renders a system message given as a list of parts, as QwenImage21Pipeline's __init__ asks.
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|> {% endfor %}"
+)
+
+
+def make_qwen_vl_tokenizer(max_length: int = 4096) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer that knows Qwen's chat and vision special tokens (one token each)."""
+    specials = ["<pad>", "<unk>", "<s>", "</s>"] + QWEN_SPECIAL_TOKENS
+    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(specials + WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>", model_max_length=max_length,
+                                        additional_special_tokens=QWEN_SPECIAL_TOKENS)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+class TextImageQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3VLProcessor of an image processor and a tokenizer only: without torchvision, transformers exports no
+    video processor base class, so a Qwen3VLProcessor cannot be built (ProcessorMixin reads the sub-processors from
+    this signature). diffusers reloads it from this module, which imports ProcessorMixin (its loading rule)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def make_qwen3_vl_processor() -> TextImageQwen3VLProcessor:
+    """The PIL image processor (the default one needs torchvision) and the word-level tokenizer."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return TextImageQwen3VLProcessor(image_processor=Qwen2VLImageProcessorPil(patch_size=16, merge_size=2),
+                                     tokenizer=make_qwen_vl_tokenizer(), chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def qwenimage21_pipeline():
+    from diffusers import AutoencoderKLQwenImage21, FlowMatchEulerDiscreteScheduler, QwenImage21Pipeline
+    from diffusers import QwenImage21Transformer2DModel
+
+    _seed(0)
+    processor = make_qwen3_vl_processor()
+    tokenizer = processor.tokenizer
+    vision_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text_encoder = make_qwen3_vl_model(16, layers=2, conditional=True, vocab=len(tokenizer), **vision_ids)
+    transformer = QwenImage21Transformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    vae = AutoencoderKLQwenImage21(base_dim=8, decoder_base_dim=8, z_dim=4, dim_mult=[1, 1, 2, 2, 2],
+                                   num_res_blocks=1, temperal_downsample=[False, True, True, True],
+                                   latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 2.0, 1.2, 0.8]).eval()
+    pipe = QwenImage21Pipeline(
+        # Qwen-Image 2.1's dynamic shift (256 to 4096 tokens: max at its 1024 px base), scaled to the tiny base's 16.
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=1,
+                                                  max_image_seq_len=16, base_shift=0.5, max_shift=1.15),
+        vae=vae, text_encoder=text_encoder, processor=processor, transformer=transformer,
+    )
+    # QwenImage21Pipeline has none (its base is output_resolution, 1024 px); the x16 latent of this tiny model's
+    # 64 px base is 4 tokens a side.
+    pipe.default_sample_size = BASE_LATENT // 2
+    return pipe
+
+
 BUILDERS = {
     "sd15": lambda: sd_pipeline(linear_projection=False),
     "sd21": lambda: sd_pipeline(linear_projection=True, prediction_type="v_prediction"),
@@ -646,6 +720,7 @@ BUILDERS = {
     "ernie_image": ernie_image_pipeline,
     "krea2": krea2_pipeline,
     "hidream": hidream_pipeline,
+    "qwenimage21": qwenimage21_pipeline,
 }
 
 # Call arguments each family needs on top of prompt/size/steps (text lengths kept tiny).
@@ -667,6 +742,8 @@ CALL_KWARGS = {
     # Krea-2 combines cond + s (cond - uncond): CFG runs at any s > 0.
     "krea2": {"guidance_scale": 4.5, "max_sequence_length": TEXT_LEN},
     "hidream": {"guidance_scale": 5.0, "max_sequence_length": TEXT_LEN},
+    # Qwen-Image 2.1 runs CFG only as true CFG (a negative prompt and true_cfg_scale > 1).
+    "qwenimage21": {"true_cfg_scale": 1.0},
 }
 
 FAMILY_NAMES = tuple(BUILDERS)
@@ -678,7 +755,10 @@ SEPARATE_CFG = tuple(f.name for f in FAMILIES if f.name in BUILDERS and f.cfg_se
 NO_CFG = tuple(f.name for f in FAMILIES if f.name in BUILDERS and not f.runs_cfg)  # Flux.2 [dev]'s feeds an embedding
 # Extra call arguments that turn CFG on where the default call runs none (Flux, Qwen-Image: true CFG).
 CFG_ARGUMENTS = {"flux": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"},
-                 "qwenimage": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}}
+                 "qwenimage": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"},
+                 "qwenimage21": {"true_cfg_scale": 3.0, "negative_prompt": "a blue square"}}
+# Families whose VAE decodes other than 3 channels (Qwen-Image 2.1: RGBA).
+IMAGE_CHANNELS = {"qwenimage21": 4}
 # Families whose attention is joint text-image attention (text keys beside image keys).
 JOINT_ATTENTION = ("sd3", "flux", "flux2", "flux2_klein", "chroma", "qwenimage")
 

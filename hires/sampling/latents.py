@@ -8,6 +8,8 @@ pipeline hand around and the (B, C, h, w) latents every hires hook works on.
   `img_shapes` ((frames, rows, cols) per image);
 - a negated output (HiDream-I1): the spatial layout, its denoiser's output negated between the model and
   every hires hook (named hooks innermost and outermost), so the hooks see the velocity;
+- an output led by text rows (Qwen-Image 2.1, on the call that fills its KV cache): cut to the latent's rows
+  by a named hook innermost;
 - a list of latents (Z-Image): the transformer takes a list of (C, 1, h, w) latents and the time
   1 - sigma and returns a list of negated velocities; two named hooks around every hires hook
   (`denoiser_view`) present it as a (B, C, h, w) tensor, sigma and the velocity, and hand back the
@@ -27,6 +29,7 @@ from . import latent_space
 
 FRAME_LIST_HOOK = "hires.frame_list"
 NEGATED_OUTPUT_HOOK = "hires.negated_output"
+PREFIXED_OUTPUT_HOOK = "hires.latent_rows"
 
 
 def pack(latents: torch.Tensor, patch: int) -> torch.Tensor:
@@ -83,8 +86,8 @@ class LatentAdapter:
         return {}
 
     def denoiser_view(self):
-        """((inner hook, name), (outer hook, name)) around every hires hook where the denoiser's own
-        inputs are not tensors, else None."""
+        """((inner hook, name), (outer hook, name) or None) around every hires hook where the denoiser's own
+        inputs or outputs are not the latent's tensors, else None."""
         return None
 
 
@@ -178,6 +181,31 @@ class _Negate(ModelHook):
         return with_tensor(output, -output_tensor(output))
 
 
+class PrefixedOutput(PackedByShapes):
+    """Patch-1 tokens whose grid is img_shapes' last image, from a denoiser whose output can lead with rows of its
+    text (Qwen-Image 2.1's KV-cache prefill): every hires hook sees the latent's rows only. The pipeline keeps the
+    same last rows of the output itself, so the cut hands it its own values."""
+
+    def grid(self, arguments):
+        shapes = arguments["img_shapes"][0]
+        if len(shapes) > 1:
+            raise ValueError(f"img_shapes lists {len(shapes) - 1} condition image(s) before the generated one: hires "
+                             "runs this pipeline's text-to-image calls only; call it without image= (or remove "
+                             "hires with hires.remove(pipe) for image-conditioned calls)")
+        _, rows, cols = shapes[-1]
+        return int(rows) * self.patch, int(cols) * self.patch, 0
+
+    def denoiser_view(self):
+        return (_LatentRowsOnly(), PREFIXED_OUTPUT_HOOK), None
+
+
+class _LatentRowsOnly(ModelHook):
+    def new_forward(self, module, *args, **kwargs):
+        latents = args[0] if args else kwargs["hidden_states"]
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        return with_tensor(output, output_tensor(output)[:, -latents.shape[1]:])
+
+
 class FrameList(LatentAdapter):
     """Z-Image: a list of (C, 1, h, w) latents in, a list of negated velocities out, time 1 - sigma."""
 
@@ -197,6 +225,8 @@ def adapter_for(info) -> LatentAdapter:
     kind = FrameList if layout.frame_list else _PACKED.get(layout.packed_grid, LatentAdapter)
     if layout.negated_output:
         kind = NegatedOutput
+    if layout.prefixed_output:
+        kind = PrefixedOutput
     return kind(info)
 
 

@@ -351,6 +351,11 @@ def _ernie_image_inputs(model, family, batch, latent_h, latent_w, dtype):
     )
 
 
+def _qwenimage21_inputs(model, family, batch, latent_h, latent_w, dtype):
+    raise TypeError(f"denoiser={type(model).__name__} has no memory model: it lays out its joint sequence from the "
+                    "values of its img_mask (a boolean scatter), which the meta device holds none of")
+
+
 # Denoisers whose inputs are their own; the others take their layout's (a new family of Flux's layout
 # needs no entry here).
 DENOISER_INPUTS = {
@@ -360,6 +365,7 @@ DENOISER_INPUTS = {
     "ZImageTransformer2DModel": _zimage_inputs,
     "ErnieImageTransformer2DModel": _ernie_image_inputs,
     "HiDreamImageTransformer2DModel": _hidream_inputs,
+    "QwenImage21Transformer2DModel": _qwenimage21_inputs,
 }
 LAYOUT_INPUTS = {"img_ids": _packed_ids_inputs, "img_shapes": _packed_shapes_inputs,
                  "position_ids": _packed_position_ids_inputs}
