@@ -37,13 +37,13 @@ Earlier evidence (coherence testbed v2, 15 steps, 2026-12-02; one-object share /
   at 16x and 1 of 3 at 64x.
 - Each family's preset is that one, less what its record says hires cannot do there (hires.families):
   no window attention where its attention cannot be rewritten (`attention_unsupported`: Z-Image's padded
-  attention, Flux 3, ERNIE-Image, Krea-2, HiDream-I1), no memory planner where its VAE cannot be tiled
-  (`VAEKind.untileable`: Qwen-Image's causal 3D VAE, Krea-2). Families with sin-cos position tables (SD3,
-  PixArt-Sigma) keep PositionConfig: without it SD3 cannot run past its table (3072 px for SD3/3.5-Large),
-  and at its defaults PixArt's positions do not change while its pipeline's silent resolution binning
-  becomes an error that says how to turn binning off. Neither is measured on the testbed (its DiT is a Flux).
-  The families not measured run the preset of the one whose evidence stands for them
-  (`Family.automatic_preset`: Flux's for every flow DiT).
+  attention, Flux 3, ERNIE-Image, Krea-2, HiDream-I1, Qwen-Image 2.1), no memory planner where its VAE cannot
+  be tiled (`VAEKind.untileable`: Qwen-Image's causal 3D VAE, Krea-2, Qwen-Image 2.1's RGBA VAE). Families
+  with sin-cos position tables (SD3, PixArt-Sigma) keep PositionConfig: without it SD3 cannot run past its
+  table (3072 px for SD3/3.5-Large), and at its defaults PixArt's positions do not change while its
+  pipeline's silent resolution binning becomes an error that says how to turn binning off. Neither is
+  measured on the testbed (its DiT is a Flux). The families not measured run the preset of the one whose
+  evidence stands for them (`Family.automatic_preset`: Flux's for every flow DiT).
 """
 
 from __future__ import annotations
