@@ -242,6 +242,16 @@ def _structure_config():
                              base_size=BASE)
 
 
+def _applied_stages_image(family: str):
+    """The family's shared pipeline, the stages config, and the image `hires.apply` gives with it at SIZE
+    (hires removed again)."""
+    applied, config = pipeline(family), _structure_config()
+    hires.apply(applied, config)
+    expected = run(applied, family, size=SIZE)
+    hires.remove(applied)
+    return applied, config, expected
+
+
 @pytest.mark.parametrize("family", BY_HAND)
 def test_the_stages_block_inserted_by_hand_equals_apply(family):
     from hires.modular import HiresStagesStep
@@ -272,11 +282,7 @@ def test_the_stages_block_loads_from_a_custom_block_folder(tmp_path):
     from hires.modular import HiresStagesStep, save_block_folder
 
     family = "sdxl"
-    applied = pipeline(family)
-    config = _structure_config()
-    hires.apply(applied, config)
-    expected = run(applied, family, size=SIZE)
-    hires.remove(applied)
+    applied, config, expected = _applied_stages_image(family)
 
     folder = save_block_folder(tmp_path / "hires_stages", config)
     assert sorted(p.name for p in folder.iterdir())[-1] == "modular_config.json"
@@ -404,11 +410,7 @@ def test_the_stages_block_survives_a_workflow_selection():
     from hires.modular import HiresStagesStep
 
     family = "sdxl"
-    applied = pipeline(family)
-    config = _structure_config()
-    hires.apply(applied, config)
-    expected = run(applied, family, size=SIZE)
-    hires.remove(applied)
+    applied, config, expected = _applied_stages_image(family)
     graph = tmod.blocks(family)
     graph.sub_blocks["denoise"] = HiresStagesStep(graph.sub_blocks["denoise"], config)
     workflow = graph.get_workflow("text2image")
