@@ -147,13 +147,24 @@ def draws_offset(args) -> int:
     return rec["steps_done"] + rec.get("draws_offset", 0) if rec else 0
 
 
-def load_init_weights(model, args, subfolder: str):
-    """Start from the weights of an exported pipeline (same architecture) instead of random ones."""
+def load_init_weights(model, args, subfolder: str) -> list[str]:
+    """Start from the weights of an exported pipeline instead of random ones. Tensors whose shape differs (the
+    latent-facing layers, when the new VAE has another latent channel count) keep their fresh init and are
+    returned by name; any other difference in the state dict is an error."""
     if not args.init_from:
-        return
+        return []
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(Path(args.init_from) / subfolder / "diffusion_pytorch_model.safetensors"))
+    loaded = load_file(Path(args.init_from) / subfolder / "diffusion_pytorch_model.safetensors")
+    own = model.state_dict()
+    if set(loaded) != set(own):
+        raise SystemExit(f"--init-from {args.init_from!r}: {subfolder} has other tensors than this architecture "
+                         f"(missing {sorted(set(own) - set(loaded))[:4]}, extra {sorted(set(loaded) - set(own))[:4]})")
+    fresh = sorted(k for k in own if loaded[k].shape != own[k].shape)
+    model.load_state_dict({k: (own[k] if k in fresh else v) for k, v in loaded.items()})
+    if fresh:
+        print(f"kept fresh (shape differs from --init-from): {fresh}", flush=True)
+    return fresh
 
 
 class Trainer:
@@ -464,7 +475,7 @@ def train_sd15(args, out: Path, work: Path):
     te = build_clip(args.seed + 7, len(tok), args.max_length)
     betas = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
     unet = build_unet(args, te.config.hidden_size, vae.config.latent_channels)
-    load_init_weights(unet, args, "unet")
+    fresh = load_init_weights(unet, args, "unet")
     sched = DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -494,7 +505,8 @@ def train_sd15(args, out: Path, work: Path):
     pipe.unet = tr.ema_model()
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    write_record(out, args, tr, time.time() - t0, {"params_unet": sum(p.numel() for p in unet.parameters())})
+    write_record(out, args, tr, time.time() - t0, {"params_unet": sum(p.numel() for p in unet.parameters()),
+                                                   **({"init_fresh": fresh} if fresh else {})})
 
 
 def train_flux(args, out: Path, work: Path):
@@ -505,7 +517,7 @@ def train_flux(args, out: Path, work: Path):
     te = build_clip(args.seed + 7, len(tok), args.max_length)
     te2 = build_t5(args.seed + 11, len(tok2))
     tf = build_flux(args, te2.config.d_model, te.config.hidden_size, vae.config.latent_channels)
-    load_init_weights(tf, args, "transformer")
+    fresh = load_init_weights(tf, args, "transformer")
     n_tok = (args.latent_size // 2) ** 2
     # Real Flux shifts sigmas by image size; the same rule here, anchored at the training size.
     sched = FlowMatchEulerDiscreteScheduler(
@@ -553,6 +565,7 @@ def train_flux(args, out: Path, work: Path):
     write_record(out, args, tr, time.time() - t0, {
         "params_transformer": sum(p.numel() for p in tf.parameters()),
         "max_sequence_length": args.max_length,
+        **({"init_fresh": fresh} if fresh else {}),
     })
 
 
