@@ -28,7 +28,7 @@ class Row:
     kind: str  # PLAIN, TRIVIAL, PRESET or CONFIG
     config: hires.HiresConfig | None = None
     # "standing" (plain, baseline, preset), "defaults" (at the CLI's / family's defaults),
-    # "technique" (one alone), "combination"
+    # "technique" (one alone), "combination", "ablation" (the preset with one switch changed)
     group: str = "technique"
     steps: int | None = None  # None: the eval's --steps
     guidance: float | str | None = None  # None: the eval's --guidance-*; PIPELINE_GUIDANCE: none passed
@@ -123,10 +123,30 @@ def _every_family_rows() -> list[Row]:
     ]
 
 
+def ablation_rows(family: str) -> list[Row]:
+    """The family's automatic preset with one switch of its path changed: what each contributes to colour,
+    halo, clipping and detail (the fidelity issue's list; VAE precision is a GPU float16 matter, absent on CPU)."""
+    preset = AUTOMATIC[family]
+    sg = preset.structure_guidance
+
+    def changed(name: str, **fields) -> Row:
+        return Row(f"preset, {name}", CONFIG, dataclasses.replace(preset, **fields), group="ablation")
+
+    return [
+        changed("no anti-ringing", structure_guidance=dataclasses.replace(sg, anti_ringing=False)),
+        changed("no sharpening of the guide", structure_guidance=dataclasses.replace(sg, sharpen_alpha=0.0)),
+        changed("guide band: wavelet level 2", structure_guidance=dataclasses.replace(sg, wavelet_level=2)),
+        changed("renoise 0.3", structure_guidance=dataclasses.replace(sg, renoise=0.3)),
+        changed("renoise 0.7", structure_guidance=dataclasses.replace(sg, renoise=0.7)),
+        changed("hard hand-over", structure_guidance=dataclasses.replace(sg, handover="hard")),
+        changed("no window attention", window_attention=hires.WindowAttentionConfig(enabled=False)),
+    ]
+
+
 def unet_rows() -> list[Row]:
     """Rows for the UNet testbed model (StableDiffusionPipeline)."""
     redil = hires.RedilationConfig
-    return STANDING + defaults_rows("sd15") + [
+    return STANDING + defaults_rows("sd15") + ablation_rows("sd15") + [
         _one("re-dilation", redilation=redil(enabled=True, noise_damped_guidance=False, dispersion_modules=())),
         _one("re-dilation + dispersion (mid block)", redilation=redil(
             enabled=True, noise_damped_guidance=False, dispersion_modules=("mid_block",))),
@@ -146,7 +166,7 @@ def unet_rows() -> list[Row]:
 def dit_rows() -> list[Row]:
     """Rows for the DiT testbed model (FluxPipeline)."""
     pos = hires.PositionConfig
-    return STANDING + defaults_rows("flux") + [
+    return STANDING + defaults_rows("flux") + ablation_rows("flux") + [
         _one("positions: YaRN RoPE (default)", positions=pos(enabled=True)),
         _one("positions: NTK RoPE", positions=pos(enabled=True, rope="ntk")),
         _one("positions: interpolation (PI)", positions=pos(enabled=True, rope="interpolation")),
