@@ -58,7 +58,7 @@ SIZES = [
 # Images per cell, chosen so every row of both models fits about an hour on the 2-core CPU, two
 # single-threaded worker processes sharing the rows (docs/testbed.md gives the run's own time). The
 # standing rows (plain, trivial baseline, preset: what the acceptance reads) and the rows at the CLI's
-# and the family's defaults are eight of the 38 rows per model, so they get many images (12 at 64x);
+# and the family's defaults are eight of some forty rows per model, so they get many images (12 at 64x);
 # the rows of one technique, one combination or one switch of the preset changed each get few. The run's time follows the host's speed: on a slower host
 # pass --n, --sizes or --only-rows.
 N_DEFAULT = {

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import hires
 from hires.presets import AUTOMATIC
+from hires.techniques.structure_guidance.guidance import DEFAULT_RENOISE
 
 PLAIN, TRIVIAL, PRESET, CONFIG = "plain", "trivial", "preset", "config"
 PIPELINE_GUIDANCE = "pipeline"  # pass no guidance argument: the pipeline's own default, as the CLI does
@@ -136,8 +137,8 @@ def ablation_rows(family: str) -> list[Row]:
         changed("no anti-ringing", structure_guidance=dataclasses.replace(sg, anti_ringing=False)),
         changed("no sharpening of the guide", structure_guidance=dataclasses.replace(sg, sharpen_alpha=0.0)),
         changed("guide band: wavelet level 2", structure_guidance=dataclasses.replace(sg, wavelet_level=2)),
-        changed("renoise 0.3", structure_guidance=dataclasses.replace(sg, renoise=0.3)),
-        changed("renoise 0.7", structure_guidance=dataclasses.replace(sg, renoise=0.7)),
+        *(changed(f"renoise {r:g}", structure_guidance=dataclasses.replace(sg, renoise=r))
+          for r in (0.15, 0.5, 0.7) if r != (DEFAULT_RENOISE if sg.renoise is None else sg.renoise)),
         changed("hard hand-over", structure_guidance=dataclasses.replace(sg, handover="hard")),
         changed("no window attention", window_attention=hires.WindowAttentionConfig(enabled=False)),
     ]
