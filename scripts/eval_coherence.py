@@ -59,8 +59,8 @@ SIZES = [
 # single-threaded worker processes sharing the rows (docs/testbed.md gives the run's own time). The
 # standing rows (plain, trivial baseline, preset: what the acceptance reads) and the rows at the CLI's
 # and the family's defaults are eight of some forty rows per model, so they get many images (12 at 64x);
-# the rows of one technique, one combination or one switch of the preset changed each get few. The run's time follows the host's speed: on a slower host
-# pass --n, --sizes or --only-rows.
+# the rows of one technique, one combination or one switch of the preset changed each get few. The run's
+# time follows the host's speed: on a slower host pass --n, --sizes or --only-rows.
 N_DEFAULT = {
     "standing": {"1x": 96, "4x": 8, "16x": 12, "64x": 12, "2:1": 4, "1:3": 4},
     "defaults": {"1x": 48, "4x": 8, "16x": 12, "64x": 12, "2:1": 4, "1:3": 4},

@@ -126,7 +126,8 @@ def _every_family_rows() -> list[Row]:
 
 def ablation_rows(family: str) -> list[Row]:
     """The family's automatic preset with one switch of its path changed: what each contributes to colour,
-    halo, clipping and detail (the fidelity issue's list; VAE precision is a GPU float16 matter, absent on CPU)."""
+    halo, clipping and detail (the fidelity issue's list; VAE precision is no switch of the preset:
+    scripts/testbed_vae_precision.py decodes the preset's latents in each dtype)."""
     preset = AUTOMATIC[family]
     sg = preset.structure_guidance
 
