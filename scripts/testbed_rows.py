@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import hires
 from hires.presets import AUTOMATIC
-from hires.techniques.structure_guidance.guidance import DEFAULT_RENOISE
+from hires.techniques.structure_guidance.guidance import stage_renoise
 
 PLAIN, TRIVIAL, PRESET, CONFIG = "plain", "trivial", "preset", "config"
 PIPELINE_GUIDANCE = "pipeline"  # pass no guidance argument: the pipeline's own default, as the CLI does
@@ -130,6 +130,7 @@ def ablation_rows(family: str) -> list[Row]:
     scripts/testbed_vae_precision.py decodes the preset's latents in each dtype)."""
     preset = AUTOMATIC[family]
     sg = preset.structure_guidance
+    own_renoise = stage_renoise(sg.renoise, CLI_STEPS)  # the value the preset's stages run
 
     def changed(name: str, **fields) -> Row:
         return Row(f"preset, {name}", CONFIG, dataclasses.replace(preset, **fields), group="ablation")
@@ -139,7 +140,7 @@ def ablation_rows(family: str) -> list[Row]:
         changed("no sharpening of the guide", structure_guidance=dataclasses.replace(sg, sharpen_alpha=0.0)),
         changed("guide band: wavelet level 2", structure_guidance=dataclasses.replace(sg, wavelet_level=2)),
         *(changed(f"renoise {r:g}", structure_guidance=dataclasses.replace(sg, renoise=r))
-          for r in (0.15, 0.5, 0.7) if r != (DEFAULT_RENOISE if sg.renoise is None else sg.renoise)),
+          for r in (0.15, 0.5, 0.7) if r != own_renoise),
         changed("hard hand-over", structure_guidance=dataclasses.replace(sg, handover="hard")),
         changed("no window attention", window_attention=hires.WindowAttentionConfig(enabled=False)),
     ]
