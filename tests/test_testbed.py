@@ -376,6 +376,30 @@ def _check_round_trip_clean(vae, size: int, n: int):
     assert all(tm.colour_correct(b, p.colour) for b, p in zip(back, pics)) and max(hue) <= 3.0, hue
 
 
+# Found on the v3 candidates: structure guidance encodes the base image bicubic-upscaled, a smoother picture
+# than any the v3 VAE trained on, and its round trip tints the bottom border with the object's colour (the 4 px
+# strip off by 12 / 17 levels at 2x / 4x; top, left and right 3.5-7), which the preset's samples then carry.
+# Strict: it turns red once scripts/testbed_v3_vae loses the fault (likely by also training on upscaled pictures).
+UPSCALED_BORDER_FAULT = pytest.mark.xfail(strict=True, reason="v3 VAE tints the bottom border of upscaled pictures")
+
+
+@UPSCALED_BORDER_FAULT
+@pytest.mark.parametrize("factor", [2, 4])
+def test_v3_vae_round_trip_of_an_upscaled_picture_keeps_its_borders(v3_vae, factor):
+    prompts = tc.all_prompts()
+    pics = [tc.make_sample(424_242, i, 64, *prompts[(5 * i) % 12][1:]) for i in range(6)]
+    x = torch.from_numpy(np.stack([p.image for p in pics])).permute(0, 3, 1, 2).float()
+    side = 64 * factor
+    up = torch.nn.functional.interpolate(x, size=(side, side), mode="bicubic").clamp(0, 255).round()
+    up = up.byte().permute(0, 2, 3, 1).numpy()
+    back = _round_trip(v3_vae, up).astype(np.float64)
+    strips = {"top": np.s_[:, :4], "bottom": np.s_[:, -4:], "left": np.s_[:, :, :4], "right": np.s_[:, :, -4:]}
+    # per picture and strip: the largest channel shift of the strip's mean colour, averaged over pictures
+    shift = {name: float(np.mean(np.abs(back[sl].mean((1, 2)) - up[sl].astype(np.float64).mean((1, 2))).max(-1)))
+             for name, sl in strips.items()}
+    assert max(shift.values()) <= 10.0, shift
+
+
 def test_shipped_models_share_one_vae(sd15_pipe):
     from safetensors.torch import load_file
 
