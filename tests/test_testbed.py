@@ -377,8 +377,8 @@ def _check_round_trip_clean(vae, size: int, n: int):
 
 
 # Found on the v3 candidates: structure guidance encodes the base image bicubic-upscaled, a smoother picture
-# than any the v3 VAE trained on, and its round trip tints the bottom border with the object's colour (the 4 px
-# strip off by 12 / 17 levels at 2x / 4x; top, left and right 3.5-7), which the preset's samples then carry.
+# than any the v3 VAE trained on, and its round trip puts a warm strip along the bottom border (the 4 px strip
+# off by 12 / 17 levels at 2x / 4x; top, left and right 3.5-7), which the preset's samples then carry.
 # Strict: it turns red once scripts/testbed_v3_vae loses the fault (likely by also training on upscaled pictures).
 UPSCALED_BORDER_FAULT = pytest.mark.xfail(strict=True, reason="v3 VAE tints the bottom border of upscaled pictures")
 
