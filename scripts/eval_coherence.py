@@ -547,13 +547,15 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
     p.add_argument("--jobs", type=int, default=2, help="worker processes taking (model, row) jobs from one queue")
     p.add_argument("--md", type=Path, default=REPO / "docs" / "testbed.md")
-    p.add_argument("--sheet-dir", type=Path, default=REPO / "docs")
+    p.add_argument("--sheet-dir", type=Path, help="contact sheets; default: beside --md (so a run that does not "
+                   "write docs/testbed.md does not overwrite its sheets either)")
     p.add_argument("--sheet-n", type=int, default=2, help="images per size in the contact sheets")
     p.add_argument("--json", type=Path, help="also write the numbers as JSON here")
     p.add_argument("--from-json", type=Path, nargs="+", help="write --md from saved runs, generating nothing")
     p.add_argument("--notes", type=Path, help="hand-written findings (Markdown) placed under the title")
     args = p.parse_args(argv)
     args.model_dir = dict(args.model_dir)
+    args.sheet_dir = args.sheet_dir or args.md.parent
     args.guidance = {"sd15": args.guidance_sd15, "flux": args.guidance_flux}
     return args
 
