@@ -52,6 +52,8 @@ LEASE_PREFIX, LEASE_SUFFIX = ".hires-batch.", ".lease"  # a live batch's claim o
 # A claim file with no owner written yet is taken over only after this long: its creator may be
 # between creating it and locking it.
 UNWRITTEN_CLAIM_AGE_S = 10.0
+CLAIM_POLL_S = 0.05  # how often a claimant looks again at such a claim meanwhile
+_HELD, _UNWRITTEN, _FREED = "held", "unwritten", "freed"  # what a claimant finds in an existing claim file
 
 
 class PromptFileError(ValueError):
@@ -428,13 +430,20 @@ def claim_path(out_dir: Path, item: BatchItem) -> Path:
 def try_claim(out_dir: Path, item: BatchItem) -> Claim | None:
     """Claim `item` for this process, or None if a live process holds it."""
     path = claim_path(out_dir, item)
-    for _ in range(5):
+    takeovers = 0
+    while takeovers < 5:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
         except FileExistsError:
-            if _take_over_if_stale(path):
-                continue
-            return None
+            state = _claim_state(path)
+            if state == _HELD:
+                return None
+            if state == _UNWRITTEN:
+                # Its creator locks it within moments, or was killed first: then it ages out (bounded wait).
+                time.sleep(CLAIM_POLL_S)
+            else:
+                takeovers += 1
+            continue
         try:
             _lock(fd, blocking=True)  # a takeover check may hold it for a moment
             try:
@@ -453,29 +462,30 @@ def try_claim(out_dir: Path, item: BatchItem) -> Claim | None:
     return None
 
 
-def _take_over_if_stale(path: Path) -> bool:
-    """Remove a claim whose owner is gone; True when the caller should try to create it again."""
+def _claim_state(path: Path) -> str:
+    """Look at an existing claim file: _HELD by a live process, _UNWRITTEN (just created, not locked yet; left
+    alone until UNWRITTEN_CLAIM_AGE_S), or _FREED (gone, replaced, or a dead owner's and removed here)."""
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
-        return True  # released meanwhile
+        return _FREED  # released meanwhile
     try:
         if fcntl is None:
-            return False
+            return _HELD
         if not _lock(fd, blocking=False):
-            return False  # its owner is alive and rendering
+            return _HELD  # its owner is alive and rendering
         # We hold the lock of this claim file: nobody else decides about it now.
         try:
             current = os.stat(path)
         except FileNotFoundError:
-            return True
+            return _FREED
         if current.st_ino != os.fstat(fd).st_ino:
-            return True  # already replaced by a fresh claim: look at that one
+            return _FREED  # already replaced by a fresh claim: look at that one
         written = os.read(fd, 4096)
         if not written and time.time() - current.st_mtime < UNWRITTEN_CLAIM_AGE_S:
-            return False  # just created; its owner is about to lock it
+            return _UNWRITTEN
         path.unlink()
-        return True
+        return _FREED
     finally:
         os.close(fd)
 

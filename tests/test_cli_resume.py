@@ -144,15 +144,58 @@ def test_a_killed_processs_claim_is_taken_over(tmp_path):
     taken.release()
 
 
-def test_an_empty_claim_is_left_to_its_creator_for_a_while(tmp_path):
+def test_an_empty_claim_is_waited_for_and_left_to_its_creator_once_it_locks_it(tmp_path, monkeypatch):
+    import fcntl
+    import threading
+
+    monkeypatch.setattr(batch, "UNWRITTEN_CLAIM_AGE_S", 30.0)
     path = batch.claim_path(tmp_path, item(tmp_path))
-    path.write_bytes(b"")  # created, not yet locked and written
-    assert batch.try_claim(tmp_path, item(tmp_path)) is None
-    old = time.time() - batch.UNWRITTEN_CLAIM_AGE_S - 1
-    os.utime(path, (old, old))  # its creator died before writing
+    path.write_bytes(b"")  # created by a live process that has not locked it yet
+    creator = os.open(path, os.O_RDWR)
+    locker = threading.Timer(0.3, fcntl.flock, (creator, fcntl.LOCK_EX))
+    started = time.monotonic()
+    locker.start()
+    try:
+        assert batch.try_claim(tmp_path, item(tmp_path)) is None
+        assert 0.3 <= time.monotonic() - started < 10  # it waited for the creator, not for the whole age
+    finally:
+        locker.join()
+        os.close(creator)
+
+
+def test_an_empty_claim_nobody_locks_is_taken_once_it_ages_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch, "UNWRITTEN_CLAIM_AGE_S", 0.5)
+    path = batch.claim_path(tmp_path, item(tmp_path))
+    path.write_bytes(b"")  # its creator was killed between creating and locking it
+    started = time.monotonic()
     taken = batch.try_claim(tmp_path, item(tmp_path))
     assert taken is not None
+    assert time.monotonic() - started >= 0.4  # not at once: its creator might still have locked it
+    assert batch.claim_owner(tmp_path, item(tmp_path))["pid"] == os.getpid()
     taken.release()
+    old = time.time() - batch.UNWRITTEN_CLAIM_AGE_S - 1
+    path.write_bytes(b"")
+    os.utime(path, (old, old))  # already old: taken without waiting
+    started = time.monotonic()
+    taken = batch.try_claim(tmp_path, item(tmp_path))
+    assert taken is not None and time.monotonic() - started < 0.4
+    taken.release()
+
+
+def test_a_rerun_right_after_a_kill_between_claiming_and_locking_renders_that_item(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(batch, "UNWRITTEN_CLAIM_AGE_S", 1.0)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "out"
+    assert main(["batch", str(prompts), "--out", str(out), *FAST]) == 0
+    (out / "00001-a-blue-square.png").unlink()
+    (out / ".00001-a-blue-square.png.claim").write_bytes(b"")  # what such a kill leaves
+    capsys.readouterr()
+    assert main(["batch", str(prompts), "--out", str(out), "--steps", "2", "--size", "64x64"]) == 0
+    assert "2/2 items done" in capsys.readouterr().out
+    assert batch.read_png_record(out / "00001-a-blue-square.png", verify=True) is not None
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert [e["status"] for e in strict_json((out / "manifest.json").read_text())["items"]] == ["done"] * 2
 
 
 def test_two_concurrent_batches_on_one_folder_render_each_item_once(tmp_path):
