@@ -16,6 +16,7 @@ losses and a loss curve go to `training.json` next to the weights; rerun the fir
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -386,6 +387,37 @@ def large_pictures(args) -> list[torch.Tensor]:
     return pools
 
 
+def bicubic_upscaled(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Pictures in [-1, 1] upscaled as structure guidance upscales a base image, through uint8 as a PNG."""
+    side = x.shape[-1] * factor
+    up = F.interpolate((x + 1) * 127.5, size=(side, side), mode="bicubic").clamp(0, 255).round()
+    return up.div(127.5).sub(1.0)
+
+
+def upscaled_batch(x_all: torch.Tensor, args, g: torch.Generator) -> torch.Tensor:
+    """Training pictures bicubic-upscaled by one of --upscale-factors, as many as hold about a batch's pixels."""
+    factor = args.upscale_factors[int(torch.randint(0, len(args.upscale_factors), (1,), generator=g))]
+    n = max(1, round(args.batch_size / factor**2))
+    return bicubic_upscaled(x_all[torch.randint(0, len(x_all), (n,), generator=g)], factor)
+
+
+def upscaled_border_shift(vae, n: int = 6) -> dict:
+    """Largest channel shift (levels) of the mean colour of each 4 px border strip through a round trip of
+    held-out pictures bicubic-upscaled by 2 and 4, averaged over pictures (tests/test_testbed.py checks it)."""
+    pics = [tc.make_sample(424_242, i, tc.IMAGE_SIZE, *tc.all_prompts()[(5 * i) % 12][1:]) for i in range(n)]
+    x = images_to_tensor(np.stack([p.image for p in pics]))
+    strips = {"top": np.s_[..., :4, :], "bottom": np.s_[..., -4:, :], "left": np.s_[..., :4], "right": np.s_[..., -4:]}
+    out = {}
+    for factor in (2, 4):
+        up = bicubic_upscaled(x, factor)
+        with torch.no_grad():
+            back = vae.decode(vae.encode(up).latent_dist.mean).sample.clamp(-1, 1)
+        levels = lambda t: ((t + 1) * 127.5).round()  # noqa: E731
+        out[str(factor)] = {name: float((levels(back)[sl].mean((2, 3)) - levels(up)[sl].mean((2, 3))).abs()
+                                        .amax(1).mean()) for name, sl in strips.items()}
+    return out
+
+
 def vae_batch(x_all: torch.Tensor, pools: list[torch.Tensor], args, g: torch.Generator) -> torch.Tensor:
     """The step's batch: training pictures, or with probability --large-share whole pictures of one of
     --large-sizes, as many as hold about the same number of pixels (at least one). With --crop-share
@@ -414,13 +446,22 @@ def train_vae(args, out: Path, work: Path):
     pools = large_pictures(args) if args.large_share > 0 or args.crop_share > 0 else []
     vae = build_vae(args)
     load_init_weights(vae, args, "")
+    reference = None
+    if args.encoder_only:
+        # The decoder (what turns every generated latent into a picture) stays as trained, and so do the
+        # latent normalisation and, by --hold-weight, the drawn pictures' latents: models trained on this
+        # VAE's latents keep working with the new encoder.
+        reference = copy.deepcopy(vae).eval().requires_grad_(False)
+        vae.decoder.requires_grad_(False)
+        vae.post_quant_conv.requires_grad_(False)
     vae.train()
     tr = Trainer(vae, args, work)
     offset = draws_offset(args)
     t0 = time.time()
     while not finished(tr, args):
         g = step_generator(args.seed, offset + tr.step)
-        x = vae_batch(x_all, pools, args, g)
+        upscaled = args.upscaled_share > 0 and float(torch.rand(1, generator=g)) < args.upscaled_share
+        x = upscaled_batch(x_all, args, g) if upscaled else vae_batch(x_all, pools, args, g)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = vae.decode(z).sample
@@ -428,20 +469,37 @@ def train_vae(args, out: Path, work: Path):
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.kl_weight * kl
         if args.texture_weight:
             loss = loss + args.texture_weight * texture_band_loss(rec, x)
+        if reference is not None and args.hold_weight and not upscaled:
+            with torch.no_grad():
+                held = reference.encode(x).latent_dist.mean
+            loss = loss + args.hold_weight * F.mse_loss(post.mean, held) / held.var()
         tr.update(loss)
     tr.save_checkpoint()
     vae = tr.ema_model()
     with torch.no_grad():
         z = torch.cat([vae.encode(x_all[i : i + 256]).latent_dist.mean for i in range(0, min(2048, len(x_all)), 256)])
-    # Latent normalisation in the config, as SD/Flux VAEs carry it.
-    vae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=float(z.mean()))
+    if reference is None:  # latent normalisation in the config, as SD/Flux VAEs carry it
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=float(z.mean()))
+    else:  # bit for bit the init's (the EMA's arithmetic rounds even tensors that never trained)
+        vae.decoder.load_state_dict(reference.decoder.state_dict())
+        vae.post_quant_conv.load_state_dict(reference.post_quant_conv.state_dict())
+        init = json.loads((Path(args.init_from) / "config.json").read_text())
+        vae.register_to_config(scaling_factor=init["scaling_factor"], shift_factor=init["shift_factor"])
     out.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out, safe_serialization=True)
+    extra = {}
+    if reference is not None:
+        with torch.no_grad():
+            z_ref = torch.cat([reference.encode(x_all[i : i + 256]).latent_dist.mean
+                               for i in range(0, min(2048, len(x_all)), 256)])
+        extra["latent_drift_vs_init"] = float((z - z_ref).pow(2).mean() / z_ref.var())  # relative MSE
     write_record(out, args, tr, time.time() - t0, {
         **texture_survival(vae),
         "round_trip_by_size": round_trip_by_size(vae),
+        "upscaled_border_shift": upscaled_border_shift(vae),
         "latent_mean": float(z.mean()), "latent_std": float(z.std()),
         "latent_channel_std": [round(float(v), 4) for v in z.std(dim=(0, 2, 3))],
+        **extra,
     })
 
 
@@ -583,7 +641,8 @@ DEFAULTS = {
 
 # Options a record made before they existed ran with (its args lack them).
 LEGACY = {"latent_channels": 4, "vae_layers": 1, "texture_weight": 0.0, "vae_attention": True, "large_share": 0.0,
-          "large_sizes": [128, 256, 512], "crop_share": 0.0, "crop_sizes": None}
+          "large_sizes": [128, 256, 512], "crop_share": 0.0, "crop_sizes": None, "encoder_only": False,
+          "upscaled_share": 0.0, "upscale_factors": [2, 4], "hold_weight": 0.0}
 
 
 def parse(argv=None):
@@ -613,6 +672,13 @@ def parse(argv=None):
     p.add_argument("--crop-share", type=float, default=0.0,
                    help="share of every VAE batch cropped (64 px) from larger pictures instead (overrides --large-share)")
     p.add_argument("--crop-sizes", type=int, nargs="+", help="sides of the pictures cropped from (with --crop-share)")
+    p.add_argument("--encoder-only", action="store_true",
+                   help="VAE: train the encoder alone (with --init-from); decoder and latent normalisation kept")
+    p.add_argument("--upscaled-share", type=float, default=0.0,
+                   help="share of VAE steps on training pictures bicubic-upscaled (what structure guidance encodes)")
+    p.add_argument("--upscale-factors", type=int, nargs="+", default=[2, 4], help="factors of those pictures")
+    p.add_argument("--hold-weight", type=float, default=0.0,
+                   help="with --encoder-only: weight of keeping drawn pictures' latents where the init encoder put them")
     p.add_argument("--latent-size", type=int, default=16)
     p.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64, 64])
     p.add_argument("--layers-per-block", type=int, default=1)
@@ -645,6 +711,8 @@ def parse(argv=None):
     if args.init_from and not (Path(args.init_from) / "training.json").exists():
         p.error(f"--init-from {args.init_from!r}: needs an exported folder of this stage (a VAE, or an sd15/flux "
                 "pipeline) with its training.json")
+    if args.encoder_only and not (args.stage == "vae" and args.init_from):
+        p.error("--encoder-only trains an existing VAE's encoder: it needs stage vae and --init-from")
     if args.work_dir is None:
         args.work_dir = Path(f"/tmp/hires_testbed/work_{args.stage}")
     return args
