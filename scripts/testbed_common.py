@@ -125,11 +125,12 @@ def make_sample(seed: int, index: int, size: int = IMAGE_SIZE, colour: str | Non
     return Sample(img.round().astype(np.uint8), colour, shape, caption(colour, shape))
 
 
-def drawn_pictures(n: int, seed: int = 424_242, size: int = IMAGE_SIZE) -> list[Sample]:
-    """n held-out drawn pictures, picture i of prompt i mod 12 (the order of all_prompts): the data's
-    own texture, per prompt, for judging samples and VAE round trips (seed unused in training)."""
+def drawn_pictures(n: int, seed: int = 424_242, size: int = IMAGE_SIZE, stride: int = 1) -> list[Sample]:
+    """n held-out drawn pictures, picture i of prompt stride * i mod 12 (the order of all_prompts; stride 5
+    spreads a few pictures over the colours): the data's own texture, per prompt, for judging samples and VAE
+    round trips (seed unused in training)."""
     prompts = all_prompts()
-    return [make_sample(seed, i, size, *prompts[i % len(prompts)][1:]) for i in range(n)]
+    return [make_sample(seed, i, size, *prompts[(stride * i) % len(prompts)][1:]) for i in range(n)]
 
 
 def make_dataset(seed: int, n: int, size: int = IMAGE_SIZE):

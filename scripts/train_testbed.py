@@ -333,7 +333,7 @@ def round_trip_by_size(vae) -> dict:
 
     out = {}
     for size, n in ROUND_TRIP_SIZES.items():
-        pics = [tc.make_sample(424_242, i, size, *tc.all_prompts()[i % 12][1:]) for i in range(n)]
+        pics = tc.drawn_pictures(n, size=size)
         back = []
         for p in pics:  # one at a time: a 512 px picture's activations are large
             with torch.no_grad():
@@ -404,17 +404,15 @@ def upscaled_batch(x_all: torch.Tensor, args, g: torch.Generator) -> torch.Tenso
 def upscaled_border_shift(vae, n: int = 6) -> dict:
     """Largest channel shift (levels) of the mean colour of each 4 px border strip through a round trip of
     held-out pictures bicubic-upscaled by 2 and 4, averaged over pictures (tests/test_testbed.py checks it)."""
-    pics = [tc.make_sample(424_242, i, tc.IMAGE_SIZE, *tc.all_prompts()[(5 * i) % 12][1:]) for i in range(n)]
-    x = images_to_tensor(np.stack([p.image for p in pics]))
+    x = images_to_tensor(np.stack([p.image for p in tc.drawn_pictures(n, stride=5)]))
     strips = {"top": np.s_[..., :4, :], "bottom": np.s_[..., -4:, :], "left": np.s_[..., :4], "right": np.s_[..., -4:]}
     out = {}
     for factor in (2, 4):
         up = bicubic_upscaled(x, factor)
         with torch.no_grad():
             back = vae.decode(vae.encode(up).latent_dist.mean).sample.clamp(-1, 1)
-        levels = lambda t: ((t + 1) * 127.5).round()  # noqa: E731
-        out[str(factor)] = {name: float((levels(back)[sl].mean((2, 3)) - levels(up)[sl].mean((2, 3))).abs()
-                                        .amax(1).mean()) for name, sl in strips.items()}
+        shift = ((back + 1) * 127.5).round() - ((up + 1) * 127.5).round()
+        out[str(factor)] = {name: float(shift[sl].mean((2, 3)).abs().amax(1).mean()) for name, sl in strips.items()}
     return out
 
 
@@ -438,6 +436,12 @@ def vae_batch(x_all: torch.Tensor, pools: list[torch.Tensor], args, g: torch.Gen
         n = max(1, round(args.batch_size * (tc.IMAGE_SIZE / pool.shape[-1]) ** 2))
         return pool[torch.randint(0, len(pool), (n,), generator=g)].float().div(127.5).sub(1.0)
     return x_all[torch.randint(0, len(x_all), (args.batch_size,), generator=g)]
+
+
+def latent_means(vae, x: torch.Tensor) -> torch.Tensor:
+    """The encoder's latent means of pictures x, 256 at a time."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(x[i : i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
 
 
 def train_vae(args, out: Path, work: Path):
@@ -476,8 +480,8 @@ def train_vae(args, out: Path, work: Path):
         tr.update(loss)
     tr.save_checkpoint()
     vae = tr.ema_model()
-    with torch.no_grad():
-        z = torch.cat([vae.encode(x_all[i : i + 256]).latent_dist.mean for i in range(0, min(2048, len(x_all)), 256)])
+    z = latent_means(vae, x_all[:2048])
+    extra = {}
     if reference is None:  # latent normalisation in the config, as SD/Flux VAEs carry it
         vae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=float(z.mean()))
     else:  # bit for bit the init's (the EMA's arithmetic rounds even tensors that never trained)
@@ -485,14 +489,10 @@ def train_vae(args, out: Path, work: Path):
         vae.post_quant_conv.load_state_dict(reference.post_quant_conv.state_dict())
         init = json.loads((Path(args.init_from) / "config.json").read_text())
         vae.register_to_config(scaling_factor=init["scaling_factor"], shift_factor=init["shift_factor"])
+        z_ref = latent_means(reference, x_all[:2048])
+        extra["latent_drift_vs_init"] = float((z - z_ref).pow(2).mean() / z_ref.var())  # relative MSE
     out.mkdir(parents=True, exist_ok=True)
     vae.save_pretrained(out, safe_serialization=True)
-    extra = {}
-    if reference is not None:
-        with torch.no_grad():
-            z_ref = torch.cat([reference.encode(x_all[i : i + 256]).latent_dist.mean
-                               for i in range(0, min(2048, len(x_all)), 256)])
-        extra["latent_drift_vs_init"] = float((z - z_ref).pow(2).mean() / z_ref.var())  # relative MSE
     write_record(out, args, tr, time.time() - t0, {
         **texture_survival(vae),
         "round_trip_by_size": round_trip_by_size(vae),
@@ -515,9 +515,7 @@ def encode_dataset(vae, args):
         if c["key"] == key:
             return c["z"], c["cap_idx"], prompts
     images, caps = tc.make_dataset(args.seed + 1, args.n_data)  # data seed differs from the VAE's
-    x_all = images_to_tensor(images)
-    with torch.no_grad():
-        z = torch.cat([vae.encode(x_all[i : i + 256]).latent_dist.mean for i in range(0, len(x_all), 256)])
+    z = latent_means(vae, images_to_tensor(images))
     cap_idx = torch.tensor([prompts.index(c) for c in caps])
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"key": key, "z": z, "cap_idx": cap_idx}, cache.with_suffix(".tmp"))

@@ -360,17 +360,11 @@ def test_v3_vae_round_trip_adds_no_halo_clipping_or_colour_drift_at_any_size(v3_
     _check_round_trip_clean(v3_vae, size, n)
 
 
-def _pictures_over_the_colours(size: int, n: int) -> list:
-    """n held-out drawn pictures of side `size`, their prompts spread over the colours."""
-    prompts = tc.all_prompts()
-    return [tc.make_sample(424_242, i, size, *prompts[(5 * i) % 12][1:]) for i in range(n)]
-
-
 def _check_round_trip_clean(vae, size: int, n: int):
     # The eval decodes samples up to 512 px: a VAE that only works at its 64 px training size puts
     # its own halo, clipped pixels and hue shift into every large sample (v2's turned a 512 px red
     # circle orange with a green rim). Drawn pictures at each size, prompts spread over the colours.
-    pics = _pictures_over_the_colours(size, n)
+    pics = tc.drawn_pictures(n, size=size, stride=5)
     back = [_round_trip(vae, p.image[None])[0] for p in pics]
     drawn_halo = tm.nanmean(tm.halo(p.image, p.colour) for p in pics)
     halo = tm.nanmean(tm.halo(b, p.colour) for b, p in zip(back, pics))
@@ -387,7 +381,7 @@ def _check_round_trip_clean(vae, size: int, n: int):
 # is also trained on such pictures (train_testbed.py --encoder-only --upscaled-share).
 @pytest.mark.parametrize("factor", [2, 4])
 def test_v3_vae_round_trip_of_an_upscaled_picture_keeps_its_borders(v3_vae, factor):
-    pics = _pictures_over_the_colours(64, 6)
+    pics = tc.drawn_pictures(6, size=64, stride=5)
     x = torch.from_numpy(np.stack([p.image for p in pics])).permute(0, 3, 1, 2).float()
     side = 64 * factor
     up = torch.nn.functional.interpolate(x, size=(side, side), mode="bicubic").clamp(0, 255).round()
