@@ -1663,7 +1663,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", default=None,
                      help="with --image: how much of the picture is redrawn, 0 (the upscaled picture through the VAE) "
                           "to 1 (regenerated from noise, guided by the picture's low band); default: structure "
-                          "guidance's renoise (0.3, 0.5 at 8 steps or fewer)")
+                          "guidance's renoise (the family preset's, hires.presets; 0.5 or more at 8 steps or fewer)")
     gen.add_argument("--dry-run", action="store_true",
                      help="print the plan (stages, steps, memory estimate) from the model's configs, load no weights")
     _common_options(gen)

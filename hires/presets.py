@@ -9,6 +9,20 @@ the memory planner with VAE tiling where a pass would not fit, on calls above th
 leaves a call at the model's base size unchanged (structure guidance runs one stage there, the windows
 cover the whole grid, the planner changes nothing that fits), so the preset only acts above the base size.
 
+Evidence for how deep a stage re-noises and in how many steps (2026-12-07, testbed v3 candidates: the 9,000-step
+wide UNet and the 6,000-step wide DiT with the v3 VAE; tuning seeds 500000+, n = 12 per cell, 15 steps; object
+detail / background detail / halo against plain 1x): on the UNet at 16x the previous renoise 0.3 gave
+0.64 / 0.57 / 0.012, renoise 0.5 0.98 / 0.82 / 0.010, 0.7 1.23 / 0.98 / 0.009 (at 64x 0.72 / 0.63 against
+1.25 / 1.02; one object 11 of 12 and the prompted colour 12 of 12 in each); renoise 0.7 in the steps of 0.3
+(`step_fraction=0.3`, the same cost) 1.08 / 0.89 / 0.010. On the DiT at 16x renoise 0.3 0.29 / 0.51 / 0.009,
+0.5 0.41 / 0.65 / 0.003, 0.5 in the steps of 0.3 0.41 / 0.62 / 0.006 (at 64x renoise 0.5 halved nothing of the
+one-object share, 10 of 12, and took the halo from 0.014 to 0.001; 0.7 lost objects there, 9 of 12). So the
+UNet re-runs 0.7 of its schedule, SDXL 0.7 in a quarter of the call's steps (its cost as before) and the flow
+DiTs 0.5 in 0.3 of them (as before: 0.125x direct at Flux 4096^2, 0.200x with every step of 0.5).
+On the UNet at SDXL's 50 steps (the sdxl preset's analogue), 13 steps per stage either way: renoise 0.25 gave
+0.60 / 0.60 / 0.016 at 16x and 0.70 / 0.65 / 0.016 at 64x, 0.7 in those steps 1.20 / 0.96 / 0.013 and
+1.23 / 1.00 / 0.008 (one object 12 of 12 in all four).
+
 Evidence for the fading hand-over (2026-12-06, testbed v2 UNet, tuning seeds 7000+, not the report seeds):
 with the previous rule (60% of the steps guided, then none) a 20-step call (6-step stage) handed the low band
 back at t = 51 and the CFG-extrapolated prediction of that step turned 3 of README command 1's seeds 0-7 green
@@ -32,9 +46,9 @@ Earlier evidence (coherence testbed v2, 15 steps, 2026-12-02; one-object share /
   0.00), DiT 0.75 / 0.75 / 0.00 (plain 0.00 / 0.00 / 0.00). The preset was not re-chosen on them.
 - Cost (scripts/benchmarks/preset.py, real-size architectures on the meta device): SDXL 4096^2
   4.96 PFLOPs (0.170x direct) and 8192^2 22.3 PFLOPs (0.064x), Flux.1-dev 4096^2 0.125x direct. SDXL
-  re-runs 0.25 of the schedule per stage (13 of 50 steps) instead of 0.3 to stay within 5 PFLOPs
-  at 4096^2; on the earlier testbed UNet that analogue kept 11 of 12 at 16x in exploration, 5 of 6
-  at 16x and 1 of 3 at 64x.
+  runs 0.25 of the call's steps per stage (13 of 50; then 0.25 of the schedule, now 0.7 of it respaced into
+  those steps) instead of 0.3 to stay within 5 PFLOPs at 4096^2; on the earlier testbed UNet the shallow
+  analogue kept 11 of 12 at 16x in exploration, 5 of 6 at 16x and 1 of 3 at 64x.
 - Each family's preset is that one, less what its record says hires cannot do there (hires.families):
   no window attention where its attention cannot be rewritten (`attention_unsupported`: Z-Image's padded
   attention, Flux 3, ERNIE-Image, Krea-2, HiDream-I1, Qwen-Image 2.1), no memory planner where its VAE cannot
@@ -65,9 +79,14 @@ def _preset(structure: StructureGuidanceConfig = STRUCTURE, positions: bool = Fa
 
 
 # Structure guidance as the evidence chose it for a family (by the name its records' `automatic_preset` give);
-# every other family runs STRUCTURE. SDXL re-runs a quarter of the schedule per stage to keep 4096^2 within
-# 5 PFLOPs (above).
-STRUCTURE_BY_EVIDENCE: dict[str, StructureGuidanceConfig] = {"sdxl": dataclasses.replace(STRUCTURE, renoise=0.25)}
+# every other family runs STRUCTURE. How deep a stage re-noises is the detail it can draw at its own scale, more
+# than how many steps it takes there (above): the UNet re-runs 0.7 of its schedule; SDXL and the flow DiT start as
+# deep (0.7, 0.5) in a quarter / 0.3 of the call's steps, to keep SDXL 4096^2 within 5 PFLOPs and Flux within 0.15x.
+STRUCTURE_BY_EVIDENCE: dict[str, StructureGuidanceConfig] = {
+    "sd15": dataclasses.replace(STRUCTURE, renoise=0.7),
+    "sdxl": dataclasses.replace(STRUCTURE, renoise=0.7, step_fraction=0.25),
+    "flux": dataclasses.replace(STRUCTURE, renoise=0.5, step_fraction=0.3),
+}
 
 
 def family_preset(family: Family) -> HiresConfig:

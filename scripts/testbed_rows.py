@@ -59,8 +59,15 @@ def defaults_rows(family: str) -> list[Row]:
     steps = FAMILY_STEPS[family]
     at_family = {"group": "defaults", "steps": steps}
     if family == "sd15":
-        rows.append(Row(f"SDXL analogue: the sdxl preset (renoise {AUTOMATIC['sdxl'].structure_guidance.renoise:g}) "
-                        f"at SDXL's {steps} steps", CONFIG, AUTOMATIC["sdxl"], **at_family))
+        sdxl = AUTOMATIC["sdxl"]
+        sg = sdxl.structure_guidance
+        rows.append(Row(f"SDXL analogue: the sdxl preset (renoise {sg.renoise:g}, step fraction {sg.step_fraction:g}) "
+                        f"at SDXL's {steps} steps", CONFIG, sdxl, **at_family))
+        # the same steps per stage as a shallow renoise (the sdxl preset before step_fraction)
+        shallow = dataclasses.replace(sg, renoise=sg.step_fraction, step_fraction=None)
+        rows.append(Row(f"SDXL analogue, shallow: renoise {sg.step_fraction:g} in as many steps, at SDXL's {steps} "
+                        "steps", CONFIG, dataclasses.replace(sdxl, structure_guidance=shallow), group="ablation",
+                        steps=steps))
         rows.append(Row(f"trivial baseline at SDXL's {steps} steps", TRIVIAL, **at_family))
     else:
         rows.append(Row(f"automatic preset at Flux's {steps} steps", PRESET, **at_family))
@@ -140,8 +147,12 @@ def ablation_rows(family: str) -> list[Row]:
         changed("no sharpening of the guide", structure_guidance=dataclasses.replace(sg, sharpen_alpha=0.0)),
         changed("guide band: wavelet level 2", structure_guidance=dataclasses.replace(sg, wavelet_level=2)),
         *(changed(f"renoise {r:g}", structure_guidance=dataclasses.replace(sg, renoise=r))
-          for r in (0.15, 0.5, 0.7) if r != own_renoise),
+          for r in (0.15, 0.3, 0.5, 0.7) if r != own_renoise),
+        # the same renoised depth in the steps of a shallower one: what depth contributes apart from steps
+        *(changed(f"step fraction {f:g}", structure_guidance=dataclasses.replace(sg, step_fraction=f))
+          for f in (0.15, 0.3) if f < own_renoise and f != sg.step_fraction),
         changed("hard hand-over", structure_guidance=dataclasses.replace(sg, handover="hard")),
+        changed("guide fading over half the steps", structure_guidance=dataclasses.replace(sg, guided_fraction=0.5)),
         changed("no window attention", window_attention=hires.WindowAttentionConfig(enabled=False)),
     ]
 

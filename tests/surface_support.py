@@ -86,6 +86,8 @@ def technique_options(family: str, technique: str) -> dict:
         return {"structure_guidance": {"enabled": True, "space": "latent"}}
     if technique == "structure_guidance_pixel":
         return {"structure_guidance": {"enabled": True, "space": "pixel"}}
+    if technique == "structure_guidance_respaced":  # renoise's 3 steps respaced to 2 (the few-step floor)
+        return {"structure_guidance": {"enabled": True, "space": "latent", "renoise": 1.0, "step_fraction": 0.3}}
     if technique == "positions":
         return {"positions": dict(_POSITIONS.get(family, {"enabled": True}))}
     if technique == "flow_alignment":  # HiFlow's guidance acts in structure guidance's upscaled stages
@@ -121,7 +123,7 @@ def technique_options(family: str, technique: str) -> dict:
 
 def techniques_for(family: str) -> list[str]:
     """Every technique that applies to `family` (test_surfaces checks this against validate_for)."""
-    names = ["structure_guidance_latent", "structure_guidance_pixel", "bottleneck"]
+    names = ["structure_guidance_latent", "structure_guidance_pixel", "structure_guidance_respaced", "bottleneck"]
     if _family_record(family).prediction_source == "flow":
         names.append("flow_alignment")
     if family in UNETS:

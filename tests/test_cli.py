@@ -50,7 +50,8 @@ def test_dry_run_prints_stages_and_memory_without_weights(tmp_path, capsys, monk
     out = capsys.readouterr().out
     assert code == 0
     assert "family sd15, base 64x64" in out
-    assert "stage 0: 64x64, 20 steps" in out and "stage 2: 256x256, 6 steps" in out  # the preset doubles per stage
+    # the preset doubles per stage and re-runs 0.7 of the UNet's schedule
+    assert "stage 0: 64x64, 20 steps" in out and "stage 2: 256x256, 14 steps" in out
     assert "memory 256x256 float32 batch 1" in out
     assert not (tmp_path / "o.png").exists()
 

@@ -20,8 +20,8 @@ from hires.sampling.stages import ENGINE_ATTRIBUTE
 BASE, SIZE, STEPS = 64, 128, 2
 # Every family's modular pipeline runs every technique that applies to it.
 TECHNIQUE_FAMILIES = tmod.FAMILIES
-STAGED = ("structure_guidance_latent", "structure_guidance_pixel", "bottleneck", "flow_alignment", "skip_residual",
-          "memory_staged")
+STAGED = ("structure_guidance_latent", "structure_guidance_pixel", "structure_guidance_respaced", "bottleneck",
+          "flow_alignment", "skip_residual", "memory_staged")
 
 _PIPES: dict = {}
 
@@ -108,8 +108,8 @@ def modular_techniques(family: str) -> list[str]:
     (tests/surface_support.py), APG only where the pipeline has a CFG guider; Flux 3's own list."""
     record = _record(family)
     if record.name == "flux3":
-        names = ["structure_guidance_latent", "structure_guidance_pixel", "bottleneck", "flow_alignment",
-                 "attention_backend", "positions", "dype", "skip_residual", "dilated_sampling",
+        names = ["structure_guidance_latent", "structure_guidance_pixel", "structure_guidance_respaced", "bottleneck",
+                 "flow_alignment", "attention_backend", "positions", "dype", "skip_residual", "dilated_sampling",
                  "dilated_sampling_local", "vae_tiling", "memory", "memory_staged", "apg"]
     else:
         names = [n for n in surface_support.techniques_for(record.name) if n != surface_support.PRESET]
@@ -130,8 +130,8 @@ def technique_config(family: str, technique: str) -> hires.HiresConfig:
 TECHNIQUE_CASES = [(family, technique) for family in TECHNIQUE_FAMILIES for technique in modular_techniques(family)]
 
 
-ALL_TECHNIQUES = ("structure_guidance_latent", "structure_guidance_pixel", "bottleneck", "flow_alignment",
-                  "redilation", "rau_net", "entropy_scaling", "window_attention", "scale_fusion",
+ALL_TECHNIQUES = ("structure_guidance_latent", "structure_guidance_pixel", "structure_guidance_respaced", "bottleneck",
+                  "flow_alignment", "redilation", "rau_net", "entropy_scaling", "window_attention", "scale_fusion",
                   "attention_backend", "apg", "positions", "dype", "skip_residual", "dilated_sampling",
                   "dilated_sampling_local", "vae_tiling", "memory", "memory_staged")
 

@@ -39,7 +39,7 @@ from surface_support import (
 
 FAMILIES = tiny_models.FAMILY_NAMES
 HAS_BASE_SIZE = has_base_size_option()
-STAGED = ("structure_guidance_latent", "structure_guidance_pixel", "bottleneck")
+STAGED = ("structure_guidance_latent", "structure_guidance_pixel", "structure_guidance_respaced", "bottleneck")
 
 def _cases(surface: str, constructions=(None,)) -> list:
     params = []

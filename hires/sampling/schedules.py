@@ -31,6 +31,44 @@ def stage_steps(num_steps: int, renoise: float) -> int:
     return max(1, min(num_steps, int(math.floor(renoise * num_steps + 0.5))))
 
 
+def schedule_call_of(args: tuple, kwargs: dict, num_steps: int) -> tuple[tuple, dict]:
+    """The arguments of the pipeline's `set_timesteps(*args, **kwargs)` call for a schedule of `num_steps`
+    steps: the step count replaced, or a given `sigmas` list (flow pipelines pass their unshifted
+    sigmas) resampled linearly over its index, so the schedule keeps its first and last sigma and its shape."""
+    if kwargs.get("timesteps") is not None:
+        raise ValueError("StructureGuidanceConfig.step_fraction cannot respace a pipeline's custom `timesteps` list; "
+                         "pass num_inference_steps instead, or leave step_fraction None")
+    sigmas = kwargs.get("sigmas")
+    if sigmas is not None:
+        given = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
+        where = torch.linspace(0, len(given) - 1, num_steps, dtype=torch.float64)
+        low = where.floor().long().clamp(max=len(given) - 1)
+        high = (low + 1).clamp(max=len(given) - 1)
+        resampled = torch.lerp(given[low], given[high], where - low)
+        kwargs = {**kwargs, "sigmas": resampled.tolist()}
+        if kwargs.get("num_inference_steps") is not None:
+            kwargs["num_inference_steps"] = num_steps
+        return args, kwargs
+    if "num_inference_steps" in kwargs or not args:
+        return args, {**kwargs, "num_inference_steps": num_steps}
+    return (num_steps, *args[1:]), kwargs
+
+
+def respace_schedule(scheduler, set_timesteps, args: tuple, kwargs: dict, steps: int, start: float,
+                     longest: int) -> int:
+    """Rebuild the scheduler with the pipeline's own schedule (`set_timesteps(*args, **kwargs)` respaced by
+    `schedule_call_of`) of the length, from `steps` to `longest`, whose last `steps` steps start nearest to
+    timestep `start`: the same renoised depth in fewer, evenly spaced steps. Returns that length."""
+    def start_of(length: int) -> float:
+        call_args, call_kwargs = schedule_call_of(args, kwargs, length)
+        set_timesteps(*call_args, **call_kwargs)
+        return float(scheduler.timesteps[len(scheduler.timesteps) - steps])
+
+    best = min(range(steps, longest + 1), key=lambda length: (abs(start_of(length) - start), length))
+    start_of(best)
+    return len(scheduler.timesteps)
+
+
 def truncate_schedule(scheduler, start: int) -> None:
     """Keep the scheduler's steps from index `start` on, as if those were its whole schedule.
 

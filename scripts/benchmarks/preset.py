@@ -1,7 +1,7 @@
 """The automatic preset's cost at real size: every stage of hires' own plan, denoiser and VAE FLOPs.
 
 The stage list, each stage's steps and its VAE passes come from the code that runs them
-(`hires.presets.automatic_config`, `progressive.stage_sizes`, `schedules.stage_steps`, the guided
+(`hires.presets.automatic_config`, `progressive.stage_sizes`, `progressive.stage_step_count`, the guided
 fraction); the FLOPs of one denoiser step and of one VAE pass at each size are counted by
 FlopCounterMode on real-size architectures built on the meta device (public config values), with
 the preset's window attention installed where the preset enables it. A preset that turns on a
@@ -145,7 +145,6 @@ class StageCost:
 
 def preset_plan(family: str, config, side: int) -> list[StageCost]:
     """The stages `config` runs for a side x side request, as hires' planner lays them out."""
-    from hires.sampling import schedules
     from hires.techniques.structure_guidance import guidance as progressive
 
     enabled = set(config.enabled_techniques())
@@ -158,11 +157,13 @@ def preset_plan(family: str, config, side: int) -> list[StageCost]:
     sizes = progressive.stage_sizes(info, sg, side, side) if sg.enabled else [(side, side)]
     later = len(sizes) - 1
     renoise = progressive.per_stage(sg, "renoise", later)
+    fractions = progressive.per_stage(sg, "step_fraction", later)
     guided = progressive.per_stage(sg, "guided_steps", later)
     upscale_in_pixels = (sg.upscale_space or sg.space) == "pixel"
     stages = [StageCost(sizes[0][0], spec.steps, [], [])]
     for i, (h, _) in enumerate(sizes[1:]):
-        steps = schedules.stage_steps(spec.steps, progressive.stage_renoise(renoise[i], spec.steps))
+        steps = progressive.stage_step_count(spec.steps, progressive.stage_renoise(renoise[i], spec.steps),
+                                             fractions[i])
         n_guided = guided[i] if guided[i] is not None else progressive.guided_steps_for(steps, sg)
         decodes = [sizes[i][0]] if upscale_in_pixels else []
         encodes = [h] if upscale_in_pixels else []

@@ -26,6 +26,11 @@ class StructureGuidanceConfig:
     # fraction of the schedule re-run at each stage, in (0, 1] (DiffuseHigh: 15/50); None: 0.3. On schedules of
     # 8 steps or fewer (distilled models) at least 0.5, so a stage runs two of four steps rather than one
     renoise: Any = None
+    # share of the call's steps each stage runs (at most renoise's), spaced as the pipeline's own schedule of
+    # proportionally fewer steps over the stage's renoised part: a deep renoise at the cost of few steps. None:
+    # renoise's (the schedule's own steps there; a call's strength runs strength x steps, as diffusers' img2img).
+    # On schedules of 8 steps or fewer at least 0.5, as renoise
+    step_fraction: Any = None
     guided_steps: Any = None  # steps at the start of each stage that get the low-band swap (DiffuseHigh: 5)
     # where guided_steps is None: this share of each stage's steps (DiffuseHigh: 5 of 15)
     guided_fraction: float = option(1 / 3, low=0, high=1, low_open=True)
@@ -69,6 +74,9 @@ class StructureGuidanceConfig:
             object.__setattr__(self, "stages", stages)
         object.__setattr__(self, "renoise", per_stage(owner, "renoise", self.renoise, Bounds(0, 1, low_open=True),
                                                       "a fraction of the schedule in (0, 1]"))
+        object.__setattr__(self, "step_fraction", per_stage(owner, "step_fraction", self.step_fraction,
+                                                            Bounds(0, 1, low_open=True),
+                                                            "a fraction of the call's steps in (0, 1]"))
         object.__setattr__(self, "guided_steps", per_stage(owner, "guided_steps", self.guided_steps,
                                                            lambda v: isinstance(v, int) and v >= 0,
                                                            "a whole number of steps >= 0"))

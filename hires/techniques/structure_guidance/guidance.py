@@ -85,6 +85,15 @@ def takes_picture(parameters) -> bool:
     return "image" in parameters and "strength" in parameters
 
 
+def stage_step_count(total_steps: int, renoise: float, step_fraction: float | None) -> int:
+    """The steps a stage runs of a `total_steps`-step call: renoise's (as the stage runs it), or fewer where
+    `step_fraction` asks for fewer (with the few-step floor)."""
+    steps = schedules.stage_steps(total_steps, renoise)
+    if step_fraction is None:
+        return steps
+    return min(steps, schedules.stage_steps(total_steps, stage_renoise(step_fraction, total_steps)))
+
+
 def stage_renoise(renoise: float | None, total_steps: int) -> float:
     """The re-noised fraction a stage runs: `renoise` (None: the default), at least half the
     schedule when it has FEW_STEPS steps or fewer."""
@@ -178,7 +187,7 @@ def validate(config: StructureGuidanceConfig, info) -> None:
                                  f"which {info.name} requires; use {lower} or {lower + m}")
     base = (info.base_height, info.base_width)
     _check_increasing([base] + [_explicit_stage(e, base, m) for e in config.stages], "the stage list")
-    for name in ("renoise", "guided_steps", "guidance_scale", "apg"):
+    for name in ("renoise", "step_fraction", "guided_steps", "guidance_scale", "apg"):
         value = getattr(config, name)
         if isinstance(value, tuple) and len(value) != len(config.stages) + 1:
             raise ValueError(f"StructureGuidanceConfig.{name}={value!r} needs one value per stage after the base: "
@@ -204,6 +213,7 @@ class _Guide:
     """Structure guidance's own part of a stage (`Stage.data`)."""
 
     renoise: float | None = None  # None: the default (stage_renoise); the base stage has no schedule hook
+    step_fraction: float | None = None  # None (also under a call's strength): the schedule's own steps there
     exact: bool = False  # renoise is the call's strength: no few-step floor
     guided_steps: int | None = None
     guidance_scale: float | None = None
@@ -270,6 +280,7 @@ class StructureGuidance:
             sizes = [sizes[0], sizes[-1]]
         later = len(sizes) - 1
         renoise = [float(strength)] * later if exact else per_stage(config, "renoise", later)
+        fractions = per_stage(config, "step_fraction", later)
         guided = per_stage(config, "guided_steps", later)
         scales = per_stage(config, "guidance_scale", later)
         # per-stage settings of other techniques (StructureGuidanceConfig.apg), pushed onto each stage's call
@@ -285,13 +296,14 @@ class StructureGuidance:
                               planned_steps=request.steps, data=_Guide()))
         for i, (h, w) in enumerate(sizes[1:]):
             denoises = not (exact and renoise[i] == 0)
-            guide = _Guide(renoise=renoise[i], exact=exact, guided_steps=guided[i],
+            guide = _Guide(renoise=renoise[i], exact=exact, step_fraction=None if exact else fractions[i],
+                           guided_steps=guided[i],
                            guidance_scale=scales[i], sharpens=denoises)
             call_arguments = dict(conditioning)
             if scales[i] is not None:
                 call_arguments[info.family.guidance_scale_name] = scales[i]
-            steps = None if request.steps is None else 0 if not denoises else schedules.stage_steps(
-                request.steps, renoise[i] if exact else stage_renoise(renoise[i], request.steps))
+            steps = None if request.steps is None else 0 if not denoises else stage_step_count(
+                request.steps, renoise[i] if exact else stage_renoise(renoise[i], request.steps), guide.step_fraction)
             stage = Stage(h, w, owner=TECHNIQUE_NAME, generator=generator, call_arguments=call_arguments,
                           schedule=self._schedule, start=self._start, data=guide, planned_steps=steps, refines=True,
                           denoises=denoises,
@@ -351,7 +363,7 @@ class StructureGuidance:
         return wavelets.low_band(x.float(), self.config.wavelet, self.config.wavelet_level, WAVELET_MODE)
 
     def _schedule(self, stage, scheduler, set_timesteps, args, kwargs) -> None:
-        """The pipeline's own schedule, keeping its last `renoise` fraction."""
+        """The pipeline's own schedule, keeping its last `renoise` fraction (respaced to `step_fraction`'s steps)."""
         guide = stage.data
         if kwargs.get("mu") is not None:  # flow: the base size's shift (see the module docstring)
             sigmas = kwargs.get("sigmas")
@@ -360,7 +372,11 @@ class StructureGuidance:
         set_timesteps(*args, **kwargs)
         total = len(scheduler.timesteps)
         guide.renoise = guide.renoise if guide.exact else stage_renoise(guide.renoise, total)
-        steps = schedules.stage_steps(total, guide.renoise)
+        steps = stage_step_count(total, guide.renoise, guide.step_fraction)
+        own = schedules.stage_steps(total, guide.renoise)
+        if steps != own:
+            start = float(scheduler.timesteps[total - own])
+            total = schedules.respace_schedule(scheduler, set_timesteps, args, kwargs, steps, start, total)
         if guide.guided_steps is None:
             guide.guided_steps = guided_steps_for(steps, self.config)
         if guide.guided_steps > steps:
@@ -368,7 +384,7 @@ class StructureGuidance:
                              f"exceeds the {steps} steps of the "
                              f"{stage.height}x{stage.width} stage (renoise "
                              f"{guide.renoise} of {total}); lower it or raise "
-                             "renoise / num_inference_steps")
+                             "renoise / step_fraction / num_inference_steps")
         schedules.truncate_schedule(scheduler, total - steps)
 
     # -- the denoiser-side guidance -----------------------------------------------------------
