@@ -15,8 +15,10 @@ detail / background detail / halo against plain 1x): on the UNet at 16x the prev
 0.64 / 0.57 / 0.012, renoise 0.5 0.98 / 0.82 / 0.010, 0.7 1.23 / 0.98 / 0.009 (at 64x 0.72 / 0.63 against
 1.25 / 1.02; one object 11 of 12 and the prompted colour 12 of 12 in each); renoise 0.7 in the steps of 0.3
 (`step_fraction=0.3`, the same cost) 1.08 / 0.89 / 0.010. On the DiT at 16x renoise 0.3 0.29 / 0.51 / 0.009,
-0.5 0.41 / 0.65 / 0.003, 0.5 in the steps of 0.3 0.41 / 0.62 / 0.006 (at 64x renoise 0.5 halved nothing of the
-one-object share, 10 of 12, and took the halo from 0.014 to 0.001; 0.7 lost objects there, 9 of 12). So the
+0.5 0.41 / 0.65 / 0.003, 0.5 in the steps of 0.3 0.41 / 0.62 / 0.006 (at 64x renoise 0.5 kept the one-object
+share, 10 of 12 either way, and took the halo from 0.014 to 0.001; 0.7 lost objects there on the 3,000-step DiT,
+9 of 12 against 11). A guide fading over half of each stage's steps instead of all gave the UNet 12 of 12 and
+1.26 / 0.99 / 0.008, the DiT 9 of 12 (against 12) and 0.44 / 0.65 / 0.002: the preset keeps the whole stage. So the
 UNet re-runs 0.7 of its schedule, SDXL 0.7 in a quarter of the call's steps (its cost as before) and the flow
 DiTs 0.5 in 0.3 of them (as before: 0.125x direct at Flux 4096^2, 0.200x with every step of 0.5).
 On the UNet at SDXL's 50 steps (the sdxl preset's analogue), 13 steps per stage either way: renoise 0.25 gave

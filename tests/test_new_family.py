@@ -41,6 +41,8 @@ RECORD = families.Family(
 @pytest.fixture
 def my_flux(monkeypatch):
     """The tiny model: the tiny Flux's components in MyFluxPipeline, with the record registered."""
+    import hires.pipelines  # noqa: F401  its table of shipped ready classes is built before the record is added
+
     monkeypatch.setattr(families, "FAMILIES", families.FAMILIES + (RECORD,))
     tiny = build("flux")
     pipe = MyFluxPipeline(**tiny.components)
