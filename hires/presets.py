@@ -24,6 +24,12 @@ DiTs 0.5 in 0.3 of them (as before: 0.125x direct at Flux 4096^2, 0.200x with ev
 On the UNet at SDXL's 50 steps (the sdxl preset's analogue), 13 steps per stage either way: renoise 0.25 gave
 0.60 / 0.60 / 0.016 at 16x and 0.70 / 0.65 / 0.016 at 64x, 0.7 in those steps 1.20 / 0.96 / 0.013 and
 1.23 / 1.00 / 0.008 (one object 12 of 12 in all four).
+Positions on the DiT (same models and seeds): without PositionConfig its stages above 2x drew a warm band along the
+bottom border (the background's bottom 4 rows off the middle's by 15.4 levels on average, 29.6 at most, at 16x;
+3.6 in plain 1x), which no halo or clip measure sees; with RoPE positions interpolated into the base grid's range
+(`PositionConfig(rope="interpolation")`) 4.5 (8.0 at most), one object 12 of 12 at 16x and 64x (10 of 12 without
+at 64x), halo 0.000 at both (0.006 / 0.005), object detail 0.38 / 0.30 (0.41 / 0.29), background detail 0.52 / 0.49
+(0.62 / 0.62). The flow DiTs' preset interpolates their positions where their record allows it.
 
 Evidence for the fading hand-over (2026-12-06, testbed v2 UNet, tuning seeds 7000+, not the report seeds):
 with the previous rule (60% of the steps guided, then none) a 20-step call (6-step stage) handed the low band
@@ -54,7 +60,8 @@ Earlier evidence (coherence testbed v2, 15 steps, 2026-12-02; one-object share /
 - Each family's preset is that one, less what its record says hires cannot do there (hires.families):
   no window attention where its attention cannot be rewritten (`attention_unsupported`: Z-Image's padded
   attention, Flux 3, ERNIE-Image, Krea-2, HiDream-I1, Qwen-Image 2.1), no memory planner where its VAE cannot
-  be tiled (`VAEKind.untileable`: Qwen-Image's causal 3D VAE, Krea-2, Qwen-Image 2.1's RGBA VAE). Families
+  be tiled (`VAEKind.untileable`: Qwen-Image's causal 3D VAE, Krea-2, Qwen-Image 2.1's RGBA VAE), no positions
+  where they cannot be rescaled (`positions_unsupported`: ERNIE-Image, Krea-2, HiDream-I1, Qwen-Image 2.1). Families
   with sin-cos position tables (SD3, PixArt-Sigma) keep PositionConfig: without it SD3 cannot run past its
   table (3072 px for SD3/3.5-Large), and at its defaults PixArt's positions do not change while its
   pipeline's silent resolution binning becomes an error that says how to turn binning off. Neither is
@@ -73,11 +80,10 @@ STRUCTURE = StructureGuidanceConfig(enabled=True, space="latent", upscale_space=
                                     guided_fraction=1.0, handover="fade")
 
 
-def _preset(structure: StructureGuidanceConfig = STRUCTURE, positions: bool = False, windows: bool = True,
-            memory: bool = True) -> HiresConfig:
+def _preset(structure: StructureGuidanceConfig = STRUCTURE, positions: PositionConfig = PositionConfig(),
+            windows: bool = True, memory: bool = True) -> HiresConfig:
     return HiresConfig(structure_guidance=structure, window_attention=WindowAttentionConfig(enabled=windows),
-                       memory=MemoryConfig(enabled=memory, above_base_only=True),
-                       positions=PositionConfig(enabled=True) if positions else PositionConfig())
+                       memory=MemoryConfig(enabled=memory, above_base_only=True), positions=positions)
 
 
 # Structure guidance as the evidence chose it for a family (by the name its records' `automatic_preset` give);
@@ -91,11 +97,25 @@ STRUCTURE_BY_EVIDENCE: dict[str, StructureGuidanceConfig] = {
 }
 
 
+# Positions as the evidence chose them: the flow DiT's RoPE positions interpolated into the base grid's range (above:
+# without it the testbed DiT tinted the bottom border and lost objects at 64x); the sin-cos tables as
+# PositionConfig's defaults (SD3 cannot run past its table without it).
+POSITIONS_BY_EVIDENCE: dict[str, PositionConfig] = {"flux": PositionConfig(enabled=True, rope="interpolation")}
+
+
+def _positions(family: Family) -> PositionConfig:
+    if family.sincos_positions:
+        return PositionConfig(enabled=True)
+    if family.positions_unsupported is not None:
+        return PositionConfig()
+    return POSITIONS_BY_EVIDENCE.get(family.automatic_preset or family.name, PositionConfig())
+
+
 def family_preset(family: Family) -> HiresConfig:
-    """The automatic preset of `family`: its evidence's structure guidance, windows, the memory planner and
-    positions where its record allows them."""
+    """The automatic preset of `family`: its evidence's structure guidance and positions, windows and the memory
+    planner, each where its record allows it."""
     structure = STRUCTURE_BY_EVIDENCE.get(family.automatic_preset or family.name, STRUCTURE)
-    return _preset(structure, positions=family.sincos_positions, windows=family.attention_unsupported is None,
+    return _preset(structure, positions=_positions(family), windows=family.attention_unsupported is None,
                    memory=family.vae.untileable is None)
 
 

@@ -180,7 +180,11 @@ def unet_rows() -> list[Row]:
 def dit_rows() -> list[Row]:
     """Rows for the DiT testbed model (FluxPipeline)."""
     pos = hires.PositionConfig
+    preset = AUTOMATIC["flux"]
     return STANDING + defaults_rows("flux") + ablation_rows("flux") + [
+        # positions interpolated into the base grid's range: what the preset leaves to the DiT's own extrapolation
+        Row("preset, positions: interpolation (PI)", CONFIG,
+            dataclasses.replace(preset, positions=pos(enabled=True, rope="interpolation")), group="ablation"),
         _one("positions: YaRN RoPE (default)", positions=pos(enabled=True)),
         _one("positions: NTK RoPE", positions=pos(enabled=True, rope="ntk")),
         _one("positions: interpolation (PI)", positions=pos(enabled=True, rope="interpolation")),

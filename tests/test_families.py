@@ -166,7 +166,7 @@ def test_sd35_medium_dual_attention_blocks_get_windows_too():
 
 
 def _automatic(renoise: float | None = None, step_fraction: float | None = None, positions: bool = False,
-               windows: bool = True, memory: bool = True):
+               rope: str | None = None, windows: bool = True, memory: bool = True):
     """The automatic preset as hires writes it out per family, field by field."""
     return hires.HiresConfig(
         structure_guidance=hires.StructureGuidanceConfig(enabled=True, space="latent", upscale_space="pixel",
@@ -174,25 +174,26 @@ def _automatic(renoise: float | None = None, step_fraction: float | None = None,
                                                          renoise=renoise, step_fraction=step_fraction),
         window_attention=hires.WindowAttentionConfig(enabled=windows),
         memory=hires.MemoryConfig(enabled=memory, above_base_only=True),
-        positions=hires.PositionConfig(enabled=positions),
+        positions=hires.PositionConfig(enabled=positions, rope=rope),
     )
 
 
 UNET = {"renoise": 0.7}
 FLOW_DIT = {"renoise": 0.5, "step_fraction": 0.3}  # Flux's evidence, for every flow DiT of its design
+PI = {"positions": True, "rope": "interpolation"}  # where the family's record lets hires rescale its RoPE
 AUTOMATIC_BY_FAMILY = {
     "sd15": _automatic(**UNET),
     "sd21": _automatic(**UNET),
     "sdxl": _automatic(renoise=0.7, step_fraction=0.25),
     "pixart": _automatic(positions=True),
     "sd3": _automatic(positions=True),
-    "flux": _automatic(**FLOW_DIT),
-    "flux2": _automatic(**FLOW_DIT),
-    "flux2_klein": _automatic(**FLOW_DIT),
-    "chroma": _automatic(**FLOW_DIT),
-    "qwenimage": _automatic(**FLOW_DIT, memory=False),
-    "zimage": _automatic(**FLOW_DIT, windows=False),
-    "flux3": _automatic(**FLOW_DIT, windows=False),
+    "flux": _automatic(**FLOW_DIT, **PI),
+    "flux2": _automatic(**FLOW_DIT, **PI),
+    "flux2_klein": _automatic(**FLOW_DIT, **PI),
+    "chroma": _automatic(**FLOW_DIT, **PI),
+    "qwenimage": _automatic(**FLOW_DIT, **PI, memory=False),
+    "zimage": _automatic(**FLOW_DIT, **PI, windows=False),
+    "flux3": _automatic(**FLOW_DIT, **PI, windows=False),
     "ernie_image": _automatic(**FLOW_DIT, windows=False),
     "krea2": _automatic(**FLOW_DIT, windows=False, memory=False),
     "hidream": _automatic(**FLOW_DIT, windows=False),
