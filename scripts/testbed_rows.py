@@ -151,6 +151,10 @@ def ablation_rows(family: str) -> list[Row]:
         # the same renoised depth in the steps of a shallower one: what depth contributes apart from steps
         *(changed(f"step fraction {f:g}", structure_guidance=dataclasses.replace(sg, step_fraction=f))
           for f in (0.15, 0.3) if f < own_renoise and f != sg.step_fraction),
+        *([changed("every step of its renoise", structure_guidance=dataclasses.replace(sg, step_fraction=None))]
+          if sg.step_fraction is not None else []),
+        # the DiT's positions left to its own extrapolation instead of interpolated into the base grid's range
+        *([changed("no positions", positions=hires.PositionConfig())] if preset.positions.enabled else []),
         changed("hard hand-over", structure_guidance=dataclasses.replace(sg, handover="hard")),
         changed("guide fading over half the steps", structure_guidance=dataclasses.replace(sg, guided_fraction=0.5)),
         changed("no window attention", window_attention=hires.WindowAttentionConfig(enabled=False)),
@@ -180,11 +184,7 @@ def unet_rows() -> list[Row]:
 def dit_rows() -> list[Row]:
     """Rows for the DiT testbed model (FluxPipeline)."""
     pos = hires.PositionConfig
-    preset = AUTOMATIC["flux"]
     return STANDING + defaults_rows("flux") + ablation_rows("flux") + [
-        # positions interpolated into the base grid's range: what the preset leaves to the DiT's own extrapolation
-        Row("preset, positions: interpolation (PI)", CONFIG,
-            dataclasses.replace(preset, positions=pos(enabled=True, rope="interpolation")), group="ablation"),
         _one("positions: YaRN RoPE (default)", positions=pos(enabled=True)),
         _one("positions: NTK RoPE", positions=pos(enabled=True, rope="ntk")),
         _one("positions: interpolation (PI)", positions=pos(enabled=True, rope="interpolation")),

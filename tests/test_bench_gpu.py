@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_gpu  # noqa: E402
 
 import hires  # noqa: E402
+from hires.presets import AUTOMATIC  # noqa: E402
 
 COLUMNS = {name: i for i, name in enumerate(bench_gpu.HEADER)}
 
@@ -52,12 +53,14 @@ def test_smoke_run_writes_every_row_with_numeric_seconds(tmp_path):
     assert bench_gpu.main(["--device", "cpu", "--smoke", "--out", str(out)], call_fn=recording) == 0
     # the rows ran what they say: plain, everything off, the preset (staged above the 64 px base, with windows) and
     # the preset without windows
-    for pipeline in ("StableDiffusionXLPipeline", "FluxPipeline"):
+    for pipeline, family in (("StableDiffusionXLPipeline", "sdxl"), ("FluxPipeline", "flux")):
+        preset = tuple(AUTOMATIC[family].enabled_techniques())  # Flux's includes its positions
+        assert "window_attention" in preset
         for side, stages in ((64, ()), (128, (64, 128))):
             assert {c for c in calls if c[:2] == (pipeline, side)} == {
                 (pipeline, side, None, ()), (pipeline, side, (), ()),
-                (pipeline, side, ("structure_guidance", "memory"), stages),
-                (pipeline, side, ("structure_guidance", "window_attention", "memory"), stages)}
+                (pipeline, side, tuple(t for t in preset if t != "window_attention"), stages),
+                (pipeline, side, preset, stages)}
     text = out.read_text()
     assert "torch " + torch.__version__ in text and "diffusers " in text and "Date: " in text
     rows = by_key(table(text))

@@ -86,8 +86,8 @@ def test_quiet_prints_nothing_at_all(tmp_path):
 
 
 def test_one_progress_display_runs_through_every_stage(tmp_path, capsys):
-    # 128x128 on the 64 px testbed: structure guidance runs 64 (8 steps) then 128 (an 8-step schedule is a
-    # few-step one: at least half of it, 4 steps).
+    # 128x128 on the 64 px testbed: structure guidance runs 64 (8 steps) then 128 (the UNet preset's renoise 0.7
+    # of 8 steps: 6).
     assert main(["generate", "--prompt", "a red circle", "--size", "128x128", "--steps", "8",
                  "--out", str(tmp_path / "o.png")]) == 0
     err = capsys.readouterr().err
@@ -95,8 +95,8 @@ def test_one_progress_display_runs_through_every_stage(tmp_path, capsys):
     counters = [re.search(r"(\d+)/(\d+) \[", f) for f in frames]
     counters = [(int(m[1]), int(m[2])) for m in counters if m]
     assert counters, err
-    assert {total for _, total in counters} == {12}, counters  # one display, one total: 8 + 4 steps
-    assert counters[-1] == (12, 12)
+    assert {total for _, total in counters} == {14}, counters  # one display, one total: 8 + 6 steps
+    assert counters[-1] == (14, 14)
     assert "stage 2/2" in frames[-1] and "stage 1/2" in err
     assert "it/s" not in "".join(frames)  # the pipeline's own bars are off
 
