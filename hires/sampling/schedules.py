@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
@@ -40,11 +41,8 @@ def schedule_call_of(args: tuple, kwargs: dict, num_steps: int) -> tuple[tuple, 
                          "pass num_inference_steps instead, or leave step_fraction None")
     sigmas = kwargs.get("sigmas")
     if sigmas is not None:
-        given = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu()
-        where = torch.linspace(0, len(given) - 1, num_steps, dtype=torch.float64)
-        low = where.floor().long().clamp(max=len(given) - 1)
-        high = (low + 1).clamp(max=len(given) - 1)
-        resampled = torch.lerp(given[low], given[high], where - low)
+        given = torch.as_tensor(sigmas, dtype=torch.float64).flatten().cpu().numpy()
+        resampled = np.interp(np.linspace(0, len(given) - 1, num_steps), np.arange(len(given)), given)
         kwargs = {**kwargs, "sigmas": resampled.tolist()}
         if kwargs.get("num_inference_steps") is not None:
             kwargs["num_inference_steps"] = num_steps
