@@ -20,7 +20,13 @@ share, 10 of 12 either way, and took the halo from 0.014 to 0.001; 0.7 lost obje
 9 of 12 against 11). A guide fading over half of each stage's steps instead of all gave the UNet 12 of 12 and
 1.26 / 0.99 / 0.008, the DiT 9 of 12 (against 12) and 0.44 / 0.65 / 0.002: the preset keeps the whole stage. So the
 UNet re-runs 0.7 of its schedule, SDXL 0.7 in a quarter of the call's steps (its cost as before) and the flow
-DiTs 0.5 in 0.3 of them (as before: 0.125x direct at Flux 4096^2, 0.200x with every step of 0.5).
+DiTs 0.85 in 0.3 of them (as before: 0.125x direct at Flux 4096^2; every step of 0.5 would be 0.200x). With PI (below)
+on the DiT, renoise 0.5 / 0.7 / 0.85 in 0.3 of the steps gave object detail 0.38 / 0.45 / 0.49 at 16x (background
+0.52 in each, halo 0.000, one object 12 of 12), and 0.85 at 64x 0.34 (0.30 at 0.5), one object 12 of 12, halo 0.000;
+at the CLI's 20 steps 0.85 at 64x read 0.30 / 0.51, halo 0.026, one object 12 of 12.
+Stage APG (StructureGuidanceConfig.apg) on the UNet took the clipped pixels at the CLI's guidance 7.5 and 64x from
+0.0006 to 0.0002 and its halo from 0.013 to 0.007, but raised the halo at 15 steps / guidance 5 and 64x (0.016 to
+0.023) and drew two objects for README command 1's seed 7 on the shipped model: not in the preset.
 On the UNet at SDXL's 50 steps (the sdxl preset's analogue), 13 steps per stage either way: renoise 0.25 gave
 0.60 / 0.60 / 0.016 at 16x and 0.70 / 0.65 / 0.016 at 64x, 0.7 in those steps 1.20 / 0.96 / 0.013 and
 1.23 / 1.00 / 0.008 (one object 12 of 12 in all four).
@@ -89,11 +95,11 @@ def _preset(structure: StructureGuidanceConfig = STRUCTURE, positions: PositionC
 # Structure guidance as the evidence chose it for a family (by the name its records' `automatic_preset` give);
 # every other family runs STRUCTURE. How deep a stage re-noises is the detail it can draw at its own scale, more
 # than how many steps it takes there (above): the UNet re-runs 0.7 of its schedule; SDXL and the flow DiT start as
-# deep (0.7, 0.5) in a quarter / 0.3 of the call's steps, to keep SDXL 4096^2 within 5 PFLOPs and Flux within 0.15x.
+# deep (0.7, 0.85) in a quarter / 0.3 of the call's steps, to keep SDXL 4096^2 within 5 PFLOPs and Flux within 0.15x.
 STRUCTURE_BY_EVIDENCE: dict[str, StructureGuidanceConfig] = {
     "sd15": dataclasses.replace(STRUCTURE, renoise=0.7),
     "sdxl": dataclasses.replace(STRUCTURE, renoise=0.7, step_fraction=0.25),
-    "flux": dataclasses.replace(STRUCTURE, renoise=0.5, step_fraction=0.3),
+    "flux": dataclasses.replace(STRUCTURE, renoise=0.85, step_fraction=0.3),
 }
 
 

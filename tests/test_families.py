@@ -179,7 +179,7 @@ def _automatic(renoise: float | None = None, step_fraction: float | None = None,
 
 
 UNET = {"renoise": 0.7}
-FLOW_DIT = {"renoise": 0.5, "step_fraction": 0.3}  # Flux's evidence, for every flow DiT of its design
+FLOW_DIT = {"renoise": 0.85, "step_fraction": 0.3}  # Flux's evidence, for every flow DiT of its design
 PI = {"positions": True, "rope": "interpolation"}  # where the family's record lets hires rescale its RoPE
 AUTOMATIC_BY_FAMILY = {
     "sd15": _automatic(**UNET),
