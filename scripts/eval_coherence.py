@@ -468,7 +468,8 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
         "of the object/background contrast; *hue* = |hue error| in degrees and *sat* = |saturation error| of the "
         "largest saturated object against the prompted colour's trained hue and saturation (a green object for "
         "\"red\" reads ~130); *speckle* = share of saturated pixels outside counted objects; *clip* = share of "
-        "pixels with a channel at 0 or 255; *time* = seconds per image over plain's at the same size and "
+        "pixels with a channel at 0 or 255; *border* = the largest shift, in levels, of the background's mean colour "
+        "in a 4 px strip along an edge from its mean inside (a tinted band along an edge; v3 runs only); *time* = seconds per image over plain's at the same size and "
         "settings (the testbed's plain row where the table has no plain cell at those settings); *bicubic* = "
         "the trivial baseline's one / colour / detail / bg detail at the row's size and settings (at the "
         "testbed's steps and guidance where no baseline row samples as the row does)."),
@@ -503,11 +504,11 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
         for m in r["models"]:
             lines += [f"## {m['model']}" + (f" (run {i + 1})" if len(runs) > 1 else ""), "",
                       ("| row | size | n | one [95%] | colour [95%] | shape [95%] | count | detail | bg detail | stripes "
-                      "| halo | hue | sat | speckle | clip | time | bicubic: one / colour / detail / bg |"),
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "| halo | hue | sat | speckle | clip | border | time | bicubic: one / colour / detail / bg |"),
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for c in m["cells"]:
                 if "error" in c:
-                    lines.append(f"| {c['row']} | {c['label']} | 0 | failed: {c['error'][:160]} |" + " |" * 13)
+                    lines.append(f"| {c['row']} | {c['label']} | 0 | failed: {c['error'][:160]} |" + " |" * 14)
                     continue
                 colour = f"{c['colour']:.2f} [{_ci(c['colour_ci'])}]" if "colour" in c else "—"  # v2 runs lack it
                 lines.append(
@@ -515,7 +516,7 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
                     f"{c['shape']:.2f} [{_ci(c['shape_ci'])}] | {c['count']:.2f} | {_f(c['detail'], '.2f')} | "
                     f"{_f(c['detail_bg'], '.2f')} | {_f(c.get('stripes'), '.2f')} | {_f(c['halo'], '.3f')} | "
                     f"{_f(c['hue_error'], '.1f')} | "
-                    f"{_f(c['sat_error'], '.3f')} | {c['speckle']:.4f} | {c['clipped']:.4f} | "
+                    f"{_f(c['sat_error'], '.3f')} | {c['speckle']:.4f} | {c['clipped']:.4f} | {_f(c.get('border'), '.1f')} | "
                     f"{c['time_ratio']:.2f} | {_baseline_text(c)} |")
             if i:  # contact sheets are written by the first run only
                 lines.append("")

@@ -21,6 +21,8 @@ picture was made, so the trivial baseline (base size + bicubic upscale) is judge
   testbed's colours, and its hue (degrees) and saturation error against the trained colour.
 - speckle: share of saturated pixels that belong to no counted object of the prompted colour.
 - clipped: share of pixels with a channel at 0 or 255 (the data set stays within 1..254).
+- border: the largest shift, in levels of any channel, of the background's mean colour in a BORDER-px strip
+  along one edge from the strip just inside it (a tinted band along an edge, which halo and clip do not see).
 """
 
 from __future__ import annotations
@@ -237,6 +239,24 @@ def colour_drift(image: np.ndarray, colour: str) -> tuple[float, float]:
     return hue_distance(hue, want_h), abs(sat - want_s)
 
 
+def border_tint(image: np.ndarray) -> float:
+    """Largest |mean colour of the background in a BORDER-px edge strip - that of the 2 * BORDER px just inside it|,
+    over the four edges and the three channels, in levels (nan where no pair of strips has 16 background pixels
+    each). Against the strip beside it, not the middle: the drawn backgrounds' own shading varies slowly."""
+    img = np.asarray(image, np.float64)[..., :3]
+    h, w = img.shape[:2]
+    clear = ~ndimage.binary_dilation(saturated(image), _EIGHT, iterations=4)
+    b, inside = BORDER, 3 * BORDER
+    pairs = [(np.s_[:b, :], np.s_[b:inside, :]), (np.s_[h - b :, :], np.s_[h - inside : h - b, :]),
+             (np.s_[:, :b], np.s_[:, b:inside]), (np.s_[:, w - b :], np.s_[:, w - inside : w - b])]
+    shifts = []
+    for edge, near in pairs:
+        a, c = img[edge][clear[edge]], img[near][clear[near]]
+        if len(a) >= 16 and len(c) >= 16:
+            shifts.append(float(np.abs(a.mean(0) - c.mean(0)).max()))
+    return max(shifts) if shifts else float("nan")
+
+
 def speckle(image: np.ndarray, colour: str) -> float:
     counted, _ = objects_mask(image, colour)
     return float((saturated(image) & ~counted).mean())
@@ -270,6 +290,7 @@ class Measure:
     sat_error: float
     speckle: float
     clipped: float
+    border: float = float("nan")  # nan in measures made before the column existed
 
 
 def measure(image: np.ndarray, colour: str, shape: str) -> Measure:
@@ -290,6 +311,7 @@ def measure(image: np.ndarray, colour: str, shape: str) -> Measure:
         sat_error=sat_err,
         speckle=speckle(image, colour),
         clipped=clipped(image),
+        border=border_tint(image),
     )
 
 
@@ -378,4 +400,5 @@ def summarise(measures: list[Measure], ref: Reference) -> dict:
         "sat_error": nanmean(m.sat_error for m in measures),
         "speckle": float(np.mean([m.speckle for m in measures])),
         "clipped": float(np.mean([m.clipped for m in measures])),
+        "border": nanmean(m.border for m in measures),
     }

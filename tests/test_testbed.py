@@ -289,6 +289,23 @@ def test_texture_retention_tells_power_from_phase():
     assert kept["object_in_phase"] <= -0.9 and kept["background_in_phase"] == pytest.approx(1.0, abs=0.01), kept
 
 
+def test_border_column_reads_a_tinted_edge_band_and_not_shading_or_objects():
+    pics = tc.drawn_pictures(6, size=256, stride=5)
+    assert max(tm.border_tint(p.image) for p in pics) <= 1.0
+    image = pics[0].image.astype(np.int16)
+    banded = image.copy()
+    banded[-4:] += np.array([12, 6, -3], np.int16)  # the DiT's warm band along the bottom edge
+    assert tm.border_tint(np.clip(banded, 0, 255).astype(np.uint8)) == pytest.approx(12.0, abs=0.5)
+    # a slow shading across the whole picture is no band
+    ramp = image + np.linspace(-10, 10, 256).round().astype(np.int16)[:, None, None]
+    assert tm.border_tint(np.clip(ramp, 0, 255).astype(np.uint8)) <= 1.5
+    # nor is an object's own colour at the edge: saturated pixels and their surroundings are left out
+    edged = tc.make_sample(3, 0, size=256)
+    img = edged.image.copy()
+    img[-20:, :40] = (220, 30, 30)
+    assert tm.border_tint(img) <= 1.0 + tm.border_tint(edged.image)
+
+
 def test_stripes_column_reads_drawn_pictures_as_one_and_flat_objects_as_zero():
     drawn = [tm.measure(s.image, s.colour, s.shape) for s in tc.drawn_pictures(24)]
     ref = tm.Reference.of(drawn, drawn)
