@@ -155,6 +155,10 @@ def ablation_rows(family: str) -> list[Row]:
           if sg.step_fraction is not None else []),
         # the DiT's positions left to its own extrapolation instead of interpolated into the base grid's range
         *([changed("no positions", positions=hires.PositionConfig())] if preset.positions.enabled else []),
+        # the DiT's RoPE rescaled by YaRN (high frequencies kept as trained) or DyPE instead of interpolated
+        *([changed("YaRN positions", positions=hires.PositionConfig(enabled=True, rope="yarn")),
+           changed("DyPE positions", positions=hires.PositionConfig(enabled=True, rope="yarn", timestep_dependent=True))]
+          if preset.positions.rope == "interpolation" else []),
         changed("hard hand-over", structure_guidance=dataclasses.replace(sg, handover="hard")),
         changed("guide fading over half the steps", structure_guidance=dataclasses.replace(sg, guided_fraction=0.5)),
         changed("no window attention", window_attention=hires.WindowAttentionConfig(enabled=False)),
