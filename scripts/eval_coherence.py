@@ -469,7 +469,7 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
         "largest saturated object against the prompted colour's trained hue and saturation (a green object for "
         "\"red\" reads ~130); *speckle* = share of saturated pixels outside counted objects; *clip* = share of "
         "pixels with a channel at 0 or 255; *border* = the largest shift, in levels, of the background's mean colour "
-        "in a 4 px strip along an edge from its mean inside (a tinted band along an edge; v3 runs only); *time* = seconds per image over plain's at the same size and "
+        "in a 4 px strip along an edge from the 8 px strip just inside it (a tinted band along an edge; v3 runs only); *time* = seconds per image over plain's at the same size and "
         "settings (the testbed's plain row where the table has no plain cell at those settings); *bicubic* = "
         "the trivial baseline's one / colour / detail / bg detail at the row's size and settings (at the "
         "testbed's steps and guidance where no baseline row samples as the row does)."),
