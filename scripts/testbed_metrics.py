@@ -101,13 +101,17 @@ def saturated(image: np.ndarray) -> np.ndarray:
     return (sat >= tc.MIN_SATURATION) & (val >= tc.MIN_VALUE)
 
 
+def clear_of_objects(image: np.ndarray) -> np.ndarray:
+    """Pixels at least 4 px from any saturated pixel."""
+    return ~ndimage.binary_dilation(saturated(image), _EIGHT, iterations=4)
+
+
 def background_mask(image: np.ndarray) -> np.ndarray:
     """Pixels at least 4 px from any saturated pixel and from the border."""
     h, w = image.shape[:2]
-    near = ndimage.binary_dilation(saturated(image), _EIGHT, iterations=4)
     inner = np.zeros((h, w), bool)
     inner[BORDER : h - BORDER, BORDER : w - BORDER] = True
-    return inner & ~near
+    return inner & clear_of_objects(image)
 
 
 def object_regions(image: np.ndarray, colour: str) -> tuple[np.ndarray, np.ndarray]:
@@ -245,7 +249,7 @@ def border_tint(image: np.ndarray) -> float:
     each). Against the strip beside it, not the middle: the drawn backgrounds' own shading varies slowly."""
     img = np.asarray(image, np.float64)[..., :3]
     h, w = img.shape[:2]
-    clear = ~ndimage.binary_dilation(saturated(image), _EIGHT, iterations=4)
+    clear = clear_of_objects(image)
     b, inside = BORDER, 3 * BORDER
     pairs = [(np.s_[:b, :], np.s_[b:inside, :]), (np.s_[h - b :, :], np.s_[h - inside : h - b, :]),
              (np.s_[:, :b], np.s_[:, b:inside]), (np.s_[:, w - b :], np.s_[:, w - inside : w - b])]
