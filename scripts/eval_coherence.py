@@ -400,7 +400,8 @@ def _f(x, fmt) -> str:
 # What the testbed's models must show (testbed v3): (standing row kind, size, measure, test, bound).
 MODEL_CHECKS = (
     ("plain", "1x", "one", ">=", 0.95),
-    ("plain", "1x", "stripes", ">=", 0.8),  # the samples really draw the stripes (power against drawn pictures)
+    # the samples really draw the stripes (power against drawn pictures; v2's models read about 0.02)
+    ("plain", "1x", "stripes", ">=", 0.5),
     ("plain", "1x", "colour", ">=", 0.97),
     ("plain", "1x", "hue_error", "<=", 5.0),
     ("plain", "1x", "halo", "<=", 0.02),  # drawn pictures and the VAE's round trips stay under these
