@@ -9,6 +9,16 @@ the memory planner with VAE tiling where a pass would not fit, on calls above th
 leaves a call at the model's base size unchanged (structure guidance runs one stage there, the windows
 cover the whole grid, the planner changes nothing that fits), so the preset only acts above the base size.
 
+Measured on the shipped testbed v3 models (docs/testbed.md: one run of scripts/eval_coherence.py, 2026-12-08,
+report seeds, n = 12 per cell; one object / prompted colour / object detail against plain 1x / halo, 16x and 64x):
+the UNet at 15 steps 0.92 / 0.92 / 1.24 / 0.021 and 0.92 / 0.92 / 1.33 / 0.019 (the trivial baseline misses the
+same prompt: 0.92 / 0.92 / 0.16 and 0.07), at the CLI's defaults (20 steps, guidance 7.5) 1.00 / 1.00 / 1.20 /
+0.052 and 1.00 / 1.00 / 1.34 / 0.054, the sdxl preset at 50 steps 1.00 / 1.00 / 1.21 / 0.048 and 1.00 / 1.00 /
+1.30 / 0.050 (plain 1x: halo 0.028-0.031, clipped <= 0.0001 against the preset's 0.0002-0.0025); the DiT at 15
+steps 0.92 / 0.92 / 0.39 / 0.005 and 0.75 / 0.92 / 0.32 / 0.000, at 20 steps 0.83 / 0.92 / 0.28 / 0.006 and
+0.67 / 0.92 / 0.24 / 0.064, at 28 steps 0.75 / 0.92 / 0.42 / 0.004 and 0.92 / 0.92 / 0.33 / 0.059 (plain draws
+no object above 1x). The choices below were made on earlier models and tuning seeds.
+
 Evidence for how deep a stage re-noises and in how many steps (2026-12-07, testbed v3 candidates: the 9,000-step
 wide UNet and the 6,000-step wide DiT with the v3 VAE; tuning seeds 500000+, n = 12 per cell, 15 steps; object
 detail / background detail / halo against plain 1x): on the UNet at 16x the previous renoise 0.3 gave
@@ -55,7 +65,7 @@ Earlier evidence (coherence testbed v2, 15 steps, 2026-12-02; one-object share /
   UNet 16x 0.83 / 0.47 / 0.019 against the previous preset's 0.67 / 0.54 / 0.127 (n = 6; plain 0.00,
   trivial baseline 1.00 / 0.10); 64x 0.67 (n = 3) against 0.00 (n = 1). DiT 16x 0.17 / halo 0.10
   against 0.17 / 0.60 (n = 6), 64x 0.33 against 0.00.
-- docs/testbed.md now holds one run on the retrained models (UNet trained longer, DiT v2 on the
+- A run of that time (docs/testbed.md before testbed v3) on the retrained models (UNet trained longer, DiT v2 on the
   textured pictures): UNet 4x / 16x / 64x 0.62 / 0.88 / 0.00 (n = 8 / 8 / 3; plain 0.62 / 0.00 /
   0.00), DiT 0.75 / 0.75 / 0.00 (plain 0.00 / 0.00 / 0.00). The preset was not re-chosen on them.
 - Cost (scripts/benchmarks/preset.py, real-size architectures on the meta device): SDXL 4096^2
