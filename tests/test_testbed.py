@@ -410,12 +410,15 @@ def test_shipped_sd15_draws_one_striped_object_of_the_prompted_colour(sd15_pipe)
     bad = [(p, n) for (p, _, _), n in zip(prompts, counts) if n != 1]
     assert not bad, f"prompts without exactly one object of their colour: {bad}"
     assert all(tm.colour_correct(im, colour) for im, (_, colour, _) in zip(images, prompts))
-    # the samples draw the stripes: at least half the drawn pictures' texture power, prompt by prompt (the
-    # shipped UNet reads 0.61, rising about 0.1 per 1,000 training steps on this CPU; v2's read about 0.02)
+    # the samples draw the stripes, prompt by prompt, as eval's model checks ask (0.5 of the drawn pictures'
+    # texture power: the shipped UNet reads 0.61, rising about 0.1 per 1,000 training steps on this CPU)
+    import eval_coherence as ev
+
+    bound = next(b for kind, size, key, _, b in ev.MODEL_CHECKS if (kind, size, key) == ("plain", "1x", "stripes"))
     drawn = [tm.measure(p.image, p.colour, p.shape) for p in tc.drawn_pictures(48)]
     ref = tm.Reference.of(drawn, drawn)
     stripes = tm.summarise([tm.measure(im, c, s) for im, (_, c, s) in zip(images, prompts)], ref)["stripes"]
-    assert stripes >= 0.5, stripes
+    assert bound == 0.5 and stripes >= bound, (stripes, bound)
 
 
 def test_shipped_flux_loads_and_samples_native_size():
