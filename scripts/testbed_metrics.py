@@ -335,6 +335,22 @@ def nanmean(values) -> float:
     return float(v.mean()) if v.size else float("nan")
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def mean_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of the finite values (nan, nan with none). Halo and
+    clipping are heavy-tailed per image (most read ~0, a few carry the mean), so a cell's mean moves a
+    lot with its seeds; the fixed resampling seed keeps the table reproducible."""
+    v = np.asarray([x for x in values if not math.isnan(x)], float)
+    if not v.size:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(0)
+    means = v[rng.integers(0, v.size, (BOOTSTRAP_RESAMPLES, v.size))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def _by_prompt(measures, value) -> dict[tuple[str, str], float]:
     groups: dict[tuple[str, str], list[float]] = {}
     for m in measures:
@@ -399,10 +415,11 @@ def summarise(measures: list[Measure], ref: Reference) -> dict:
         "detail": nanmean(m.object_detail / ref.object_native(m) for m in measures),
         "detail_bg": nanmean(m.background_detail for m in measures) / ref.background_detail,
         "stripes": nanmean(m.object_detail**2 / ref.drawn_object_power(m) for m in measures),
-        "halo": nanmean(m.halo for m in measures),
+        "halo": nanmean(m.halo for m in measures), "halo_ci": mean_interval([m.halo for m in measures]),
         "hue_error": nanmean(m.hue_error for m in measures),
         "sat_error": nanmean(m.sat_error for m in measures),
         "speckle": float(np.mean([m.speckle for m in measures])),
         "clipped": float(np.mean([m.clipped for m in measures])),
+        "clipped_ci": mean_interval([m.clipped for m in measures]),
         "border": nanmean(m.border for m in measures),
     }

@@ -469,6 +469,65 @@ def test_model_checks_read_the_acceptance_cells():
     assert len(ev.model_checks({"model": "m", "cells": [v2]})) == 3  # one, halo, clipped
 
 
+def test_mean_interval_brackets_the_mean_and_widens_with_a_heavy_tail():
+    flat = tm.mean_interval([0.02] * 12)
+    assert flat == pytest.approx((0.02, 0.02))
+    tail = [0.0] * 11 + [0.3]  # one image carries the mean, as halo cells do
+    lo, hi = tm.mean_interval(tail)
+    # a resample of 12 misses the one bad image with probability (11/12)^12 = 0.35, so the lower end is 0
+    assert lo == 0.0 and 0.3 / 12 < hi < 0.3
+    assert tm.mean_interval([float("nan"), 0.1]) == (0.1, 0.1)
+    assert all(math.isnan(x) for x in tm.mean_interval([float("nan")]))
+    assert tm.mean_interval(tail) == tm.mean_interval(tail)  # fixed resampling seed
+
+
+def test_preset_targets_judge_each_preset_row_against_plain_1x_at_its_settings():
+    import eval_coherence as ev
+
+    cli = ["20", "pipeline"]
+    cells = [
+        _cell("plain", "1x", group="standing", settings=[None, None], hue_error=2.0, halo=0.02, clipped=0.001),
+        _cell("plain", "1x", group="defaults", settings=cli, hue_error=1.0, halo=0.04, clipped=0.002),
+        _cell("trivial", "16x", one=1.0),
+        _cell("preset", "16x", group="standing", settings=[None, None], one=0.95, colour=0.97, hue_error=5.0,
+              halo=0.03, clipped=0.002, detail=0.8, detail_bg=0.8),
+        _cell("preset", "64x", group="standing", settings=[None, None], one=0.9, colour=1.0, hue_error=5.1,
+              halo=0.031, clipped=0.0021, detail=0.79, detail_bg=0.9),
+        # at the CLI's settings the bounds come from plain 1x at those settings
+        _cell("preset", "16x", group="defaults", settings=cli, one=1.0, colour=1.0, hue_error=3.9, halo=0.06,
+              clipped=0.004, detail=1.0, detail_bg=1.0),
+        # a family-steps config row with no plain 1x at its settings falls back to the standing plain row
+        _cell("config", "16x", group="defaults", settings=["50", None], one=0.94, colour=1.0, hue_error=1.0,
+              halo=0.01, clipped=0.0, detail=1.0, detail_bg=1.0),
+        _cell("config", "16x", group="ablation", settings=[None, None]),  # not a preset row
+        _cell("preset", "4x", group="standing", settings=[None, None]),  # not a target size
+    ]
+    judged = ev.preset_targets({"model": "m", "cells": cells})
+    assert [(c["kind"], c["size"], c["group"]) for c, _ in judged] == [
+        ("preset", "16x", "standing"), ("preset", "64x", "standing"), ("preset", "16x", "defaults"),
+        ("config", "16x", "defaults")]
+    missed = [[k for k, _, _, _, ok in checks if not ok] for _, checks in judged]
+    assert missed == [[], ["hue_error", "halo", "clipped", "detail"], [], ["one"]]
+    bounds = {k: b for k, _, _, b, _ in judged[2][1]}
+    assert bounds["hue_error"] == pytest.approx(4.0) and bounds["halo"] == pytest.approx(0.06)
+    assert bounds["clipped"] == pytest.approx(0.004) and bounds["one"] == 0.95
+    row = ev.target_rows({"model": "m", "cells": cells})[1]
+    assert row.endswith("| hue_error, halo, clipped, detail |") and "✗ (<= 0.030)" in row
+    assert ev.preset_targets({"model": "m", "cells": cells[2:]}) == []  # no plain 1x: nothing to judge by
+
+
+def test_preset_rows_get_more_images_than_plain_above_1x():
+    import eval_coherence as ev
+    import testbed_rows as trows
+
+    args = ev.parse([])
+    plain, preset = trows.STANDING[0], trows.STANDING[2]
+    assert ev.cell_n(plain, "1x", args) == ev.N_DEFAULT["standing"]["1x"]
+    assert ev.cell_n(plain, "64x", args) == ev.N_DEFAULT["plain"]["64x"] < ev.cell_n(preset, "64x", args)
+    assert ev.cell_n(preset, "16x", args) >= 24 and ev.cell_n(preset, "64x", args) >= 24
+    assert ev.cell_n(preset, "64x", ev.parse(["--n", "2"])) == 2
+
+
 def test_images_per_cell_text_reads_old_and_grouped_runs():
     import eval_coherence as ev
 
@@ -477,6 +536,9 @@ def test_images_per_cell_text_reads_old_and_grouped_runs():
     assert grouped.startswith("n: 1x reference 48; standing rows 16x 8; technique rows 16x 3")
     v3 = ev._n_text({"standing": {"1x": 96, "64x": 12}, "technique": {"64x": 1}})
     assert v3.startswith("n: standing rows 1x 96, 64x 12; technique rows 64x 1")
+    assert "plain counts" not in v3
+    assert ev._n_text({"standing": {"64x": 24}, "plain": {"64x": 4}}).endswith(
+        "(technique counts also for combinations; plain counts for plain rows above 1x)")
 
 
 def test_object_detail_is_judged_against_its_own_prompt():
