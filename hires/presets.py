@@ -10,13 +10,13 @@ leaves a call at the model's base size unchanged (structure guidance runs one st
 cover the whole grid, the planner changes nothing that fits), so the preset only acts above the base size.
 
 Measured on the shipped testbed v3 models (docs/testbed.md: one run of scripts/eval_coherence.py, 2026-12-08,
-report seeds, n = 12 per cell; one object / prompted colour / object detail against plain 1x / halo, 16x and 64x):
-the UNet at 15 steps 0.92 / 0.92 / 1.24 / 0.021 and 0.92 / 0.92 / 1.33 / 0.019 (the trivial baseline misses the
-same prompt: 0.92 / 0.92 / 0.16 and 0.07), at the CLI's defaults (20 steps, guidance 7.5) 1.00 / 1.00 / 1.20 /
-0.052 and 1.00 / 1.00 / 1.34 / 0.054, the sdxl preset at 50 steps 1.00 / 1.00 / 1.21 / 0.048 and 1.00 / 1.00 /
-1.30 / 0.050 (plain 1x: halo 0.028-0.031, clipped <= 0.0001 against the preset's 0.0002-0.0025); the DiT at 15
-steps 0.92 / 0.92 / 0.39 / 0.005 and 0.75 / 0.92 / 0.32 / 0.000, at 20 steps 0.83 / 0.92 / 0.28 / 0.006 and
-0.67 / 0.92 / 0.24 / 0.064, at 28 steps 0.75 / 0.92 / 0.42 / 0.004 and 0.92 / 0.92 / 0.33 / 0.059 (plain draws
+report seeds, n = 24 per cell; one object / prompted colour / object detail against plain 1x / halo, 16x and 64x):
+the UNet at 15 steps 0.96 / 0.96 / 1.20 / 0.022 and 0.96 / 0.96 / 1.30 / 0.023 (the trivial baseline misses the
+same prompt: 0.96 / 0.96 / 0.16 and 0.07), at the CLI's defaults (20 steps, guidance 7.5) 1.00 / 1.00 / 1.17 /
+0.039 and 1.00 / 1.00 / 1.31 / 0.040, the sdxl preset at 50 steps 1.00 / 1.00 / 1.15 / 0.035 and 1.00 / 1.00 /
+1.27 / 0.038 (plain 1x: halo 0.028-0.031, clipped <= 0.0001 against the preset's 0.0001-0.0013); the DiT at 15
+steps 0.96 / 0.92 / 0.38 / 0.026 and 0.83 / 0.92 / 0.33 / 0.000, at 20 steps 0.88 / 0.96 / 0.27 / 0.003 and
+0.79 / 0.92 / 0.22 / 0.061, at 28 steps 0.83 / 0.92 / 0.40 / 0.018 and 0.92 / 0.92 / 0.34 / 0.029 (plain draws
 no object above 1x). The choices below were made on earlier models and tuning seeds.
 
 Evidence for how deep a stage re-noises and in how many steps (2026-12-07, testbed v3 candidates: the 9,000-step

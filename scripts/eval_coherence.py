@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -501,8 +502,8 @@ TARGET_FORMATS = {"one": ".2f", "colour": ".2f", "hue_error": ".1f", "halo": ".3
 
 
 def target_rows(m: dict) -> list[str]:
-    """Markdown rows: each preset row's value per target, its bound in brackets, a cross where it misses,
-    and for the heavy-tailed means (halo, clip) their 95% bootstrap interval."""
+    """Markdown rows: each preset row's value per target with its interval where the run has one, its
+    bound in parentheses and a cross where it misses."""
     out = []
     for c, checks in preset_targets(m):
         texts = []
@@ -562,7 +563,7 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
         "the trivial baseline's one / colour / detail / bg detail at the row's size and settings (at the "
         "testbed's steps and guidance where no baseline row samples as the row does)."),
         ("- Shares carry a 95% Wilson interval (in brackets), halo and clip a 95% percentile-bootstrap interval of "
-        "the mean (v3 runs after 2026-12-08); n = images per cell. Image i of a cell uses prompt "
+        "the mean (runs from 2026-12-08 on); n = images per cell. Image i of a cell uses prompt "
         "i mod 12 (the 12 colour x shape captions) and seed base + 1000*(i mod 12) + i//12, the same in every "
         f"row; base {SEED_SETS['report']} is the reported set (`--seeds report`, the default), base "
         f"{SEED_SETS['tune']} the tuning set (`--seeds tune`)."),
@@ -574,7 +575,7 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
         "",
     ]
     for i, r in enumerate(runs):
-        lines += [f"### Run {i + 1}: `python scripts/eval_coherence.py {' '.join(r['argv'])}`", "",
+        lines += [f"### Run {i + 1}: `python scripts/eval_coherence.py {shlex.join(r['argv'])}`", "",
                   (f"- {r['date']}, {r['machine']}; wall time {r['wall']:.0f} s; seed set {r.get('seeds', 'report')} "
                   f"(base {r['seed']}); {r['steps']} steps; "
                   f"sd15: DDIM, guidance_scale {r['guidance']['sd15']}; flux: flow-match Euler with Flux's "
@@ -594,8 +595,8 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
         lines += ["## The preset's fidelity targets (run 1)", "",
                   ("Each entry: the value, its 95% interval in brackets (Wilson for shares, a bootstrap of the mean "
                    "for halo and clip), the bound in parentheses, a cross where it misses. Bounds: one object "
-                   ">= 0.95 at 16x and >= 0.90 at 64x, colour-correct >= 0.97, hue error <= plain 1x's + 3 degrees, halo <= 1.5x and clipped pixels <= 2x plain 1x's, object and "
-                   "background detail >= 0.8 of native; plain 1x at the row's settings, the testbed's where no "
+                   ">= 0.95 at 16x and >= 0.90 at 64x, colour-correct >= 0.97, hue error <= plain 1x's + 3 "
+                   "degrees, halo <= 1.5x and clipped pixels <= 2x plain 1x's, object and background detail >= 0.8 of native; plain 1x at the row's settings, the testbed's where no "
                    "plain 1x cell samples as the row does."), "",
                   "| model | row | size | n | one | colour | hue | halo | clip | detail | bg detail | missed |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|", *targets, ""]
