@@ -431,16 +431,26 @@ MODEL_CHECKS = (
 )
 
 
+def standing_cell(m: dict, kind: str, size: str) -> dict | None:
+    """Model `m`'s cell of the standing row of `kind` at `size` (None where it is missing or failed)."""
+    return next((c for c in m["cells"] if c["kind"] == kind and c["size"] == size and "error" not in c
+                 and c.get("group", "standing") == "standing"), None)
+
+
+def meets(value: float, op: str, bound: float) -> bool:
+    """`value op bound` for op ">=" or "<="; a nan value meets neither."""
+    return value >= bound if op == ">=" else value <= bound
+
+
 def model_checks(m: dict) -> list[str]:
     """Markdown rows: each check of MODEL_CHECKS against this run's standing cell of model `m`."""
     out = []
     for kind, size, key, op, bound in MODEL_CHECKS:
-        cell = next((c for c in m["cells"] if c["kind"] == kind and c["size"] == size and "error" not in c
-                     and c.get("group", "standing") == "standing"), None)
+        cell = standing_cell(m, kind, size)
         if cell is None or key not in cell:  # a v2 run lacks the v3 measures
             continue
         value = cell[key]
-        ok = value >= bound if op == ">=" else value <= bound
+        ok = meets(value, op, bound)
         out.append(f"| {m['model']} | {cell['row']} | {size} | {key} | {op} {bound:g} | {value:.2f} | {cell['n']} "
                    f"| {'yes' if ok else 'no'} |")
     return out
@@ -479,8 +489,7 @@ def preset_targets(m: dict) -> list[tuple[dict, list[tuple[str, str, float, floa
     """Each preset row's cell at TARGET_SIZES with (measure, test, value, bound, holds) per target."""
     plains = {tuple(c.get("settings", ())): c for c in m["cells"]
               if c["kind"] == trows.PLAIN and c["size"] == "1x" and "error" not in c}
-    reference = next((c for c in m["cells"] if c["kind"] == trows.PLAIN and c["size"] == "1x"
-                      and c.get("group", "standing") == "standing" and "error" not in c), None)
+    reference = standing_cell(m, trows.PLAIN, "1x")
     out = []
     for c in m["cells"]:
         if reference is None or not is_preset_row(c) or c["size"] not in TARGET_SIZES or "error" in c:
@@ -491,10 +500,21 @@ def preset_targets(m: dict) -> list[tuple[dict, list[tuple[str, str, float, floa
             if key not in c:
                 continue
             value, bound = c[key], target_bound(key, target, c["size"], plain_1x)
-            holds = math.isfinite(value) and (value >= bound if op == ">=" else value <= bound)
-            checks.append((key, op, value, bound, holds))
+            checks.append((key, op, value, bound, meets(value, op, bound)))
         out.append((c, checks))
     return out
+
+
+def targets_text() -> str:
+    """PRESET_TARGETS in words, for the table's legend."""
+    def bound(target) -> str:
+        if isinstance(target, dict):
+            return " / ".join(f"{v:g} at {size}" for size, v in target.items())
+        if isinstance(target, tuple):
+            op, amount = target
+            return f"plain 1x's + {amount:g}" if op == "+" else f"{amount:g}x plain 1x's"
+        return f"{target:g}"
+    return ", ".join(f"{key} {op} {bound(target)}" for key, op, target in PRESET_TARGETS)
 
 
 TARGET_FORMATS = {"one": ".2f", "colour": ".2f", "hue_error": ".1f", "halo": ".3f", "clipped": ".5f",
@@ -594,10 +614,9 @@ def write_markdown(runs: list[dict], path: Path, notes: Path | None = None):
     if targets:
         lines += ["## The preset's fidelity targets (run 1)", "",
                   ("Each entry: the value, its 95% interval in brackets (Wilson for shares, a bootstrap of the mean "
-                   "for halo and clip), the bound in parentheses, a cross where it misses. Bounds: one object "
-                   ">= 0.95 at 16x and >= 0.90 at 64x, colour-correct >= 0.97, hue error <= plain 1x's + 3 "
-                   "degrees, halo <= 1.5x and clipped pixels <= 2x plain 1x's, object and background detail >= 0.8 of native; plain 1x at the row's settings, the testbed's where no "
-                   "plain 1x cell samples as the row does."), "",
+                   f"for halo and clip), the bound in parentheses, a cross where it misses. Bounds: {targets_text()}; "
+                   "plain 1x at the row's settings, the testbed's where no plain 1x cell samples as the row does."),
+                  "",
                   "| model | row | size | n | one | colour | hue | halo | clip | detail | bg detail | missed |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|", *targets, ""]
     for i, r in enumerate(runs):

@@ -514,6 +514,8 @@ def test_preset_targets_judge_each_preset_row_against_plain_1x_at_its_settings()
     row = ev.target_rows({"model": "m", "cells": cells})[1]
     assert row.endswith("| hue_error, halo, clipped, detail |") and "✗ (<= 0.030)" in row
     assert ev.preset_targets({"model": "m", "cells": cells[2:]}) == []  # no plain 1x: nothing to judge by
+    # the legend is written from the same targets
+    assert "one >= 0.95 at 16x / 0.9 at 64x" in ev.targets_text() and "halo <= 1.5x plain 1x's" in ev.targets_text()
 
 
 def test_preset_rows_get_more_images_than_plain_above_1x():
